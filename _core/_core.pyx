@@ -1,0 +1,26 @@
+# cython: language_level=3
+"""mailfilter._core: the Cython hot paths, built as ONE extension (unity build).
+
+Each concept lives in its own .pxi, included here in dependency order:
+  fold.pxi       ASCII case folding and the hash function shared by all tables
+  hashtab.pxi    open-addressing hash table over folded byte keys -> int
+  aho.pxi        Aho-Corasick automaton over bytes -> int pattern ids
+  wildmat.pxi    INN/spamcontrol wildmat matcher (case-insensitive)
+  listmatch.pxi  one control file's matcher: hash + wildmat + RE2, last-match-wins
+  cidr.pxi       longest-prefix trie for IPv4 and IPv6
+  crammd5.pxi    HMAC-MD5 (RFC 2104) from stored inner/outer MD5 states
+
+Invariants: every builder returns one flat `bytes` blob; every runtime class is
+constructed from a read-only buffer (bytes or a memoryview over an mmap) and
+uses it in place, holding a reference so the buffer outlives the object. No
+per-entry Python objects are created at load. Matchers take bytes and return
+int rule ids, -1 for "no match". Nothing here logs or raises on a miss.
+"""
+
+include "fold.pxi"
+include "hashtab.pxi"
+include "aho.pxi"
+include "wildmat.pxi"
+include "listmatch.pxi"
+include "cidr.pxi"
+include "crammd5.pxi"

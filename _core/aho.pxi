@@ -1,0 +1,1 @@
+# aho.pxi: written by its owner

@@ -1,0 +1,1 @@
+# cidr.pxi: written by its owner

@@ -1,0 +1,1 @@
+# crammd5.pxi: written by its owner

@@ -1,0 +1,1 @@
+# fold.pxi: written by its owner

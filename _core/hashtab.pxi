@@ -1,0 +1,1 @@
+# hashtab.pxi: written by its owner

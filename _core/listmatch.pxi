@@ -1,0 +1,1 @@
+# listmatch.pxi: written by its owner

@@ -1,0 +1,1 @@
+# wildmat.pxi: written by its owner
