@@ -1,0 +1,135 @@
+"""Every SMTP reply text mailfilter sends, in one table.
+
+Codes and phrases follow spamcontrol 2.7 / qmail (SPEC B §1.4, §2.11, §4.6) with
+RFC 3463 enhanced codes up front instead of qmail's trailing `(#x.y.z)`
+(SPEC A §5, B §7.2). Nothing else in the package writes reply text: code that
+needs a reply names it here (`REPLIES["badmailfrom"]`) and may only fill the
+`{}` placeholders a template declares.
+
+Invariants: every entry is one line without CR/LF; the greeting, HELO and EHLO
+replies carry no enhanced code (RFC 2034 §3); every other reply does.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Reply(NamedTuple):
+    code: int
+    enhanced: str  # RFC 3463 "x.y.z"; "" for greeting/HELO/EHLO/334 lines
+    text: str
+
+    def format(self, **fields: object) -> "Reply":
+        """A copy with the `{name}` placeholders of the text filled in."""
+        return self._replace(text=self.text.format(**fields))
+
+    def line(self) -> bytes:
+        """The reply as one CRLF-terminated line."""
+        if self.enhanced:
+            return f"{self.code} {self.enhanced} {self.text}\r\n".encode()
+        return f"{self.code} {self.text}\r\n".encode()
+
+    def __str__(self) -> str:
+        return self.line().decode().rstrip("\r\n")
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    @property
+    def temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+
+def multiline(code: int, lines: list[str], enhanced: str = "") -> bytes:
+    """`code-first` ... `code last`, RFC 5321 §4.2.1."""
+    prefix = f"{enhanced} " if enhanced else ""
+    out = []
+    for i, text in enumerate(lines):
+        sep = " " if i == len(lines) - 1 else "-"
+        out.append(f"{code}{sep}{prefix}{text}\r\n")
+    return "".join(out).encode()
+
+
+R = Reply
+
+REPLIES: dict[str, Reply] = {
+    # --- session ---------------------------------------------------------
+    "greeting": R(220, "", "{greeting} ESMTP"),
+    "helo": R(250, "", "{greeting}"),
+    "quit": R(221, "2.0.0", "{greeting}"),
+    "ok": R(250, "2.0.0", "ok"),
+    "mail_ok": R(250, "2.1.0", "ok"),
+    "rcpt_ok": R(250, "2.1.5", "ok"),
+    "rset": R(250, "2.0.0", "flushed"),
+    "noop": R(250, "2.0.0", "ok"),
+    "vrfy": R(252, "2.1.5", "send some mail, i'll try my best"),
+    "data_go": R(354, "", "go ahead"),
+    "queued": R(250, "2.0.0", "ok {stamp} qp {qid}"),
+    # --- command errors (SPEC A §6, B §1.4) -------------------------------
+    "unimplemented": R(502, "5.5.2", "unimplemented"),
+    "unrecognized": R(500, "5.5.1", "unimplemented"),
+    "line_too_long": R(500, "5.5.2", "line too long"),
+    "syntax": R(555, "5.5.4", "syntax error"),
+    "syntax_args": R(501, "5.5.4", "syntax error in parameters or arguments"),
+    "helo_syntax": R(501, "5.5.4", "syntax error, HELO/EHLO needs a domain"),
+    "param_unknown": R(555, "5.5.4", "unsupported parameter {param}"),
+    "mail_first": R(503, "5.5.1", "MAIL first"),
+    "rcpt_first": R(503, "5.5.1", "RCPT first"),
+    "nested_mail": R(503, "5.5.1", "nested MAIL command"),
+    "address_too_long": R(553, "5.1.3", "address too long"),
+    "bad_address": R(553, "5.1.3", "syntax error in mailbox address"),
+    "too_many_errors": R(421, "4.7.0", "{host} too many errors, closing connection"),
+    "timeout": R(421, "4.4.2", "{host} timeout, closing connection"),
+    "session_deadline": R(421, "4.4.2", "{host} session too long, closing connection"),
+    "shutdown": R(421, "4.3.2", "{host} service shutting down, closing connection"),
+    "too_many_conns": R(421, "4.7.0", "{host} too many connections, try again later"),
+    "too_many_conns_ip": R(421, "4.7.0", "{host} too many connections from your address, try again later"),
+    "internal_error": R(421, "4.3.0", "{host} internal error, closing connection"),
+    "bare_lf": R(451, "4.5.2", "See https://cr.yp.to/docs/smtplf.html."),
+    "non_ascii_envelope": R(553, "5.6.7", "non-ASCII address needs SMTPUTF8"),
+    # --- policy (SPEC B §2.8, §2.11) ---------------------------------------
+    "client_denied": R(553, "5.7.1", "sorry, your client address is not allowed here"),
+    "bad_helo": R(550, "5.7.1", "sorry, invalid HELO/EHLO greeting"),
+    "helo_dns_temp": R(451, "4.4.3", "DNS temporary failure"),
+    "mf_dns_temp": R(451, "4.4.3", "DNS temporary failure"),
+    "sender_must_exist": R(553, "5.1.8", "sorry, your envelope sender must exist"),
+    "badmailfrom": R(553, "5.7.1", "sorry, your envelope sender is in my badmailfrom list"),
+    "badrcptto": R(553, "5.7.1", "sorry, your envelope recipient is in my badrcptto list"),
+    "rcpthosts": R(553, "5.7.1", "sorry, that domain isn't in my list of allowed rcpthosts"),
+    "no_mailbox": R(550, "5.1.1", "sorry, no mailbox by that name"),
+    "no_mailbox_450": R(450, "4.2.1", "sorry, mailbox currently unavailable"),
+    "too_many_rcpts": R(452, "4.5.3", "sorry, too many recipients"),
+    "size_exceeded": R(552, "5.3.4", "sorry, that message size exceeds my databytes limit"),
+    "too_many_hops": R(554, "5.4.6", "too many hops, this message is looping"),
+    "bad_content": R(554, "5.3.2", "sorry, invalid message content"),
+    "notorious_data": R(503, "5.5.1", "DATA command not accepted at this time"),
+    # --- delivery (SPEC A §9, B §1.11) --------------------------------------
+    "queue_temp": R(451, "4.3.0", "{text}"),
+    "queue_perm": R(554, "5.3.0", "{text}"),
+    "store_failed": R(451, "4.3.0", "temporary failure storing message"),
+    "downstream_temp": R(451, "4.4.1", "next hop temporarily unavailable"),
+    "downstream_rejected": R(554, "5.3.0", "{text}"),
+    "downstream_rcpt_temp": R(451, "4.4.1", "{text}"),
+    # --- AUTH (SPEC B §4.6, §7.2, §7.6) -------------------------------------
+    "auth_unavailable": R(503, "5.3.3", "auth not available"),
+    "auth_already": R(503, "5.5.1", "you're already authenticated"),
+    "auth_in_mail": R(503, "5.5.1", "no auth during mail transaction"),
+    "auth_unknown_mech": R(504, "5.5.4", "auth type unimplemented"),
+    "auth_cancelled": R(501, "5.0.0", "auth exchange cancelled"),
+    "auth_malformed": R(501, "5.5.2", "malformed auth input"),
+    "auth_line_too_long": R(500, "5.5.6", "authentication exchange line is too long"),
+    "auth_ok": R(235, "2.7.0", "ok, go ahead"),
+    "auth_failed": R(535, "5.7.8", "authentication failed"),
+    "auth_temp": R(454, "4.7.0", "temporary authentication failure"),
+    "auth_locked": R(454, "4.7.0", "too many authentication failures, try again later"),
+    "auth_required": R(530, "5.7.0", "authentication required"),
+    "auth_needs_tls": R(538, "5.7.11", "encryption required for requested authentication mechanism"),
+    "auth_challenge": R(334, "", "{data}"),
+}
+
+
+def reply(name: str, **fields: object) -> Reply:
+    """The named reply, placeholders filled."""
+    r = REPLIES[name]
+    return r.format(**fields) if fields else r
