@@ -1,0 +1,248 @@
+"""The compiled rule bundle: one file, written once, mmap'ed and used in place.
+
+Layout (all integers little-endian):
+
+  header, 128 bytes
+    0  magic      8   b"MFBUNDL\\0"
+    8  version    u32 FORMAT_VERSION
+   12  byteorder  u32 0x01020304 (refuses a bundle from a big-endian writer)
+   16  n_sections u32
+   20  n_rules    u32
+   24  payload    u64 length of everything after the header
+   32  crc32      u32 of the payload
+   36  reserved   u32
+   40  fingerprint 32 SHA-256 of the source files (compiler.fingerprint)
+   72  counts     7 x u32: exact, domain+suffix+host, wildmat, regex, cidr, decorated, other
+  100  reserved to 128
+  table of contents: n_sections x 40 bytes (name 24 bytes NUL-padded, offset u64, length u64)
+  sections, each 8-byte aligned; offsets are from the start of the file.
+
+Sections are the flat blobs of compiler.py. Loading maps the file, checks
+magic, version, byte order, length and checksum, then hands memoryview slices
+to the Cython classes: no per-entry Python objects except the compiled
+regexes (stored as text, compiled at load). A bad bundle raises BundleError
+with a message that says what is wrong; load() can be called again at any time
+(SIGHUP reload) and returns a new, independent Bundle.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass
+
+from mailfilter.compiler import FLAG_ALLOW, FLAG_EXCEPTION, FLAG_NEGATED, KINDS, Compiled
+from mailfilter.core import core
+from mailfilter.regexes import compile_re2
+
+MAGIC = b"MFBUNDL\0"
+FORMAT_VERSION = 1
+BYTEORDER = 0x01020304
+HEADER = struct.Struct("<8sIIIIQII32s7I28x")
+TOC_ENTRY = struct.Struct("<24sQQ")
+assert HEADER.size == 128
+
+MODE_EXACT, MODE_ADDRESS, MODE_HOST = 0, 1, 2
+
+
+class BundleError(Exception):
+    """The bundle file cannot be used (missing, truncated, corrupt, wrong version)."""
+
+
+def _align(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def _count_summary(counts: dict[str, int]) -> tuple[int, ...]:
+    g = counts.get
+    return (
+        g("exact", 0),
+        g("domain", 0) + g("suffix", 0) + g("host", 0),
+        g("wildmat", 0),
+        g("regex", 0),
+        g("cidr", 0),
+        sum(g(k, 0) for k in ("bypass", "antispoof", "unknownhost", "wellknown", "mismatch", "heloaccept")),
+        sum(g(k, 0) for k in ("recipient", "catchall", "unchecked", "signature", "default")),
+    )
+
+
+def serialize(compiled: Compiled) -> bytes:
+    """The bundle bytes for a compiled rule set."""
+    sections = dict(compiled.sections)
+    sections["rules"] = compiled.rule_table
+    sections["meta"] = json.dumps(compiled.meta, sort_keys=True).encode()
+    names = sorted(sections)
+    toc_size = TOC_ENTRY.size * len(names)
+    offset = _align(HEADER.size + toc_size)
+    toc = bytearray()
+    body = bytearray()
+    for name in names:
+        data = sections[name]
+        if len(name.encode()) > 24:
+            raise ValueError(f"section name too long: {name}")
+        pad = _align(offset + len(body)) - (offset + len(body))
+        body += b"\0" * pad
+        toc += TOC_ENTRY.pack(name.encode(), offset + len(body), len(data))
+        body += data
+    payload = bytes(toc) + b"\0" * (offset - HEADER.size - toc_size) + bytes(body)
+    header = HEADER.pack(MAGIC, FORMAT_VERSION, BYTEORDER, len(names), compiled.n_rules,
+                         len(payload), zlib.crc32(payload), 0, compiled.fingerprint,
+                         *_count_summary(compiled.counts))
+    return header + payload
+
+
+def write(compiled: Compiled, path: str) -> int:
+    """Write the bundle atomically (temp file, fsync, rename); returns its size."""
+    data = serialize(compiled)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".bundle-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return len(data)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleRef:
+    """What the rule table says about one rule id."""
+    id: int
+    file: str
+    line: int
+    kind: str
+    flags: int
+    aux: int
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+    @property
+    def exception(self) -> bool:
+        return bool(self.flags & FLAG_EXCEPTION)
+
+    @property
+    def negated(self) -> bool:
+        return bool(self.flags & FLAG_NEGATED)
+
+    @property
+    def allow(self) -> bool:
+        return bool(self.flags & FLAG_ALLOW)
+
+
+class Bundle:
+    """A loaded bundle: matchers by name plus the rule table."""
+
+    def __init__(self, buf, source: str = "<memory>", _keep=None):
+        self.source = source
+        self._keep = _keep          # the mmap, kept alive as long as the bundle
+        mv = memoryview(buf)
+        if len(mv) < HEADER.size:
+            raise BundleError(f"{source}: truncated bundle ({len(mv)} bytes, header needs {HEADER.size})")
+        (magic, version, byteorder, n_sections, n_rules, payload_len, crc, _r,
+         fp, *counts) = HEADER.unpack_from(mv, 0)
+        if magic != MAGIC:
+            raise BundleError(f"{source}: not a mailfilter rule bundle (bad magic)")
+        if byteorder != BYTEORDER:
+            raise BundleError(f"{source}: bundle written with another byte order")
+        if version != FORMAT_VERSION:
+            raise BundleError(f"{source}: bundle format version {version}, this mailfilter reads "
+                              f"version {FORMAT_VERSION}: recompile with `mailfilter compile`")
+        if HEADER.size + payload_len != len(mv):
+            raise BundleError(f"{source}: truncated or padded bundle: header says "
+                              f"{HEADER.size + payload_len} bytes, file has {len(mv)}")
+        if zlib.crc32(mv[HEADER.size:]) != crc:
+            raise BundleError(f"{source}: checksum mismatch: the bundle is corrupt")
+        self.fingerprint = fp
+        self.n_rules = n_rules
+        self.header_counts = tuple(counts)
+        self._sections: dict[str, memoryview] = {}
+        for i in range(n_sections):
+            raw, off, length = TOC_ENTRY.unpack_from(mv, HEADER.size + i * TOC_ENTRY.size)
+            name = raw.rstrip(b"\0").decode()
+            if off < HEADER.size or off + length > len(mv):
+                raise BundleError(f"{source}: section {name} lies outside the file")
+            self._sections[name] = mv[off:off + length]
+        try:
+            self.meta = json.loads(bytes(self._sections["meta"]))
+            rules = self._sections["rules"]
+        except (KeyError, ValueError) as exc:
+            raise BundleError(f"{source}: missing or unreadable metadata ({exc})") from None
+        if len(rules) != 12 * n_rules:
+            raise BundleError(f"{source}: rule table has {len(rules)} bytes for {n_rules} rules")
+        self._rules = rules.cast("I")
+        self.files: list[str] = self.meta["files"]
+        self.dialect: str = self.meta["dialect"]
+        self.scalars: dict[str, str] = self.meta["scalars"]
+        self.integers: dict[str, int] = self.meta["integers"]
+        try:
+            self.lists = {name: self._list(name) for name in self.meta["lists"]}
+            self.tables = {name: core.HashTable(self._sections["H:" + name]) for name in self.meta["tables"]}
+            self.signatures = {name: core.AhoCorasick(self._sections["A:" + name])
+                               for name in self.meta["signatures"]}
+            self.cidr = core.CidrTrie(self._sections["C:tcp.smtp"]) if "C:tcp.smtp" in self._sections else None
+        except (KeyError, ValueError) as exc:
+            raise BundleError(f"{source}: damaged section ({exc})") from None
+        tcp = self.meta.get("tcp", {})
+        self.tcp_settings: list[dict[str, str]] = tcp.get("settings", [])
+        self.tcp_default: int = tcp.get("default", -1)
+        self.tcp_present: bool = tcp.get("present", False)
+
+    def _list(self, name: str):
+        sources = self.meta["regex"].get(name, [])
+        try:
+            regexes = [compile_re2(s) for s in sources]
+        except ValueError as exc:
+            raise BundleError(f"{self.source}: {exc}") from None
+        return core.ListMatcher(self._sections["L:" + name], regexes)
+
+    # -- rule table
+    def rule(self, rid: int) -> RuleRef:
+        if not 0 <= rid < self.n_rules:
+            raise IndexError(rid)
+        w0 = self._rules[3 * rid]
+        return RuleRef(rid, self.files[w0 >> 16], self._rules[3 * rid + 1],
+                       KINDS[(w0 >> 8) & 0xFF], w0 & 0xFF, self._rules[3 * rid + 2])
+
+    def where(self, rid: int) -> str:
+        w0 = self._rules[3 * rid]
+        return f"{self.files[w0 >> 16]}:{self._rules[3 * rid + 1]}"
+
+    def flags(self, rid: int) -> int:
+        return self._rules[3 * rid] & 0xFF
+
+    def section_sizes(self) -> dict[str, int]:
+        return {name: len(mv) for name, mv in self._sections.items()}
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(self.meta.get("counts", {}))
+
+
+def load(path: str) -> Bundle:
+    """Map and validate the bundle at `path`."""
+    try:
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot open bundle: {exc.strerror}") from None
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0:
+            raise BundleError(f"{path}: empty file, not a bundle")
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    return Bundle(mapped, source=path, _keep=mapped)
+
+
+def from_compiled(compiled: Compiled) -> Bundle:
+    """A bundle straight from memory (`check --rules`, compile at start)."""
+    return Bundle(serialize(compiled), source=compiled.meta.get("rules_dir", "<memory>"))

@@ -1,0 +1,111 @@
+"""`mailfilter check`: drive one SessionPolicy through a whole envelope.
+
+Job: the same calls the server makes (connect, HELO, MAIL, each RCPT), with
+the reply the server would send at each stage and the deciding rule as
+file:line, like `postmap -q` for a whole envelope. Verdicts that qmail
+reports later (client, HELO, sender: at RCPT, SPEC B §1.5, §2.7) are shown
+at their own stage as "pending" so the operator sees where they come from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mailfilter.bundle import Bundle
+from mailfilter.policy import Client, PolicyEngine, PolicyOptions, Verdict
+from mailfilter.replies import reply
+
+
+@dataclass
+class StageResult:
+    stage: str
+    argument: str
+    verdict: str              # accept / reject / tempfail / pending-reject
+    reply: str
+    reason: str
+    rule: str | None
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v not in (None, "")}
+
+
+@dataclass
+class CheckReport:
+    stages: list[StageResult] = field(default_factory=list)
+
+    @property
+    def all_accepted(self) -> bool:
+        return all(s.verdict in ("accept",) for s in self.stages)
+
+    def as_dict(self) -> dict:
+        return {"accepted": self.all_accepted, "stages": [s.as_dict() for s in self.stages]}
+
+    def as_text(self) -> str:
+        lines = []
+        for s in self.stages:
+            arg = f" {s.argument}" if s.argument else ""
+            rule = f"  rule={s.rule}" if s.rule else ""
+            note = f"  ({s.note})" if s.note else ""
+            lines.append(f"{s.stage}{arg}: {s.verdict} \"{s.reply}\" reason={s.reason}{rule}{note}")
+        return "\n".join(lines)
+
+
+def _result(v: Verdict, argument: str, note: str = "") -> StageResult:
+    if v.accept:
+        kind = "accept"
+    else:
+        kind = "tempfail" if v.reply.temporary else "reject"
+    if v.delay:
+        note = (note + "; " if note else "") + f"tarpit {v.delay:g} s before the reply"
+    return StageResult(v.stage, argument, kind, str(v.reply), v.reason, v.rule, note)
+
+
+def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | None = None,
+              sender: str | None = None, recipients: list[str] = (),
+              open_relay: bool = False, auth_user: str | None = None) -> CheckReport:
+    engine = PolicyEngine(bundle, PolicyOptions(open_relay=open_relay))
+    session = engine.session(Client(ip=ip, host=host))
+    report = CheckReport()
+    connect = session.connect()
+    res = _result(connect, f"{host}[{ip}]")
+    if not connect.accept:
+        res.verdict = "pending-reject"
+        res.note = "reported at every RCPT"
+    report.stages.append(res)
+    if auth_user:
+        session.auth_success(auth_user)
+    if helo is not None:
+        v = session.helo(helo)
+        res = _result(v, helo)
+        if session.helo_verdict is not None:
+            res.verdict = "pending-reject"
+            res.reason = session.helo_verdict[0]
+            res.note = "HELO gets 250; non-relay RCPTs get 550"
+        query = session.helo_dns_query()
+        if query is not None:
+            res.note = f"HELOCHECK needs a DNS {query[0]} lookup of {query[1]}: not performed by check"
+        report.stages.append(res)
+    if sender is not None:
+        v = session.mail(sender)
+        res = _result(v, f"<{sender}>")
+        if v.accept and session.sender_verdict is not None and not session.sender_bypass:
+            res.verdict = "pending-reject"
+            res.reason = session.sender_verdict[0]
+            res.note = "MAIL gets 250; every RCPT gets 553"
+        elif session.sender_bypass:
+            res.note = "sender bypasses badmailfrom (? entry)"
+        dom = session.mail_dns_query()
+        if dom is not None:
+            res.note = f"MFDNSCHECK needs an MX lookup of {dom}: not performed by check"
+        report.stages.append(res)
+        if v.accept:
+            for rcpt in recipients:
+                rv = session.rcpt(rcpt)
+                res = _result(rv, f"<{rcpt}>")
+                if rv.accept and rv.recipient != rcpt:
+                    res.note = f"delivered as <{rv.recipient}>"
+                report.stages.append(res)
+    elif recipients:
+        report.stages.append(StageResult("RCPT", "", "reject", str(reply("mail_first")),
+                                         "mail_first", None, "give --from to check recipients"))
+    return report

@@ -1,0 +1,149 @@
+"""Command line: `mailfilter compile | check | serve | run` (also `python -m mailfilter`).
+
+Exit codes: compile 0 ok / 1 diagnostics printed / 2 error; check 0 every
+recipient accepted / 1 something rejected / 2 error or diagnostics.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+DEFAULT_RULES = "rules"
+DEFAULT_BUNDLE = os.path.join("var", "rules.mfb")
+
+
+class Progress:
+    """A one-line progress bar on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self.last = 0.0
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if done < total and now - self.last < 0.1:
+            return
+        self.last = now
+        width = 30
+        filled = width * done // max(total, 1)
+        self.stream.write(f"\r{phase:<16} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        if done >= total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _print_diagnostics(diags) -> None:
+    for d in diags:
+        print(d, file=sys.stderr)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_compile(args) -> int:
+    from mailfilter import bundle, compiler, controlfiles
+
+    t0 = time.perf_counter()
+    try:
+        src = controlfiles.read_rules_dir(args.rules_dir)
+        compiled = compiler.compile_source(src, progress=Progress())
+        size = bundle.write(compiled, args.output)
+    except (OSError, ValueError) as exc:
+        print(f"mailfilter compile: {exc}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - t0
+    _print_diagnostics(compiled.diagnostics)
+    print(f"compiled {args.rules_dir} -> {args.output} "
+          f"(dialect {compiled.meta['dialect']}, {compiled.n_rules} rules, "
+          f"{_human(size)}, {elapsed:.2f} s)")
+    for kind, count in sorted(compiled.counts.items()):
+        if count:
+            print(f"  {kind:<12} {count}")
+    if compiled.diagnostics:
+        print(f"{len(compiled.diagnostics)} line(s) skipped", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _load_for_check(args):
+    from mailfilter import bundle, compiler
+
+    if args.bundle:
+        return bundle.load(args.bundle), []
+    compiled = compiler.compile_dir(args.rules)
+    return bundle.from_compiled(compiled), compiled.diagnostics
+
+
+def cmd_check(args) -> int:
+    from mailfilter.bundle import BundleError
+    from mailfilter.checkrun import run_check
+
+    try:
+        loaded, diags = _load_for_check(args)
+    except (OSError, ValueError, BundleError) as exc:
+        print(f"mailfilter check: {exc}", file=sys.stderr)
+        return 2
+    _print_diagnostics(diags)
+    report = run_check(loaded, ip=args.ip, host=args.host, helo=args.helo,
+                       sender=args.sender, recipients=args.rcpt,
+                       open_relay=args.open_relay, auth_user=args.auth_user)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(report.as_text())
+    if diags:
+        return 2
+    return 0 if report.all_accepted else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mailfilter", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile a rules directory into a bundle")
+    c.add_argument("rules_dir", nargs="?", default=DEFAULT_RULES)
+    c.add_argument("-o", "--output", default=DEFAULT_BUNDLE)
+    c.set_defaults(func=cmd_compile)
+
+    k = sub.add_parser("check", help="what the server would answer to an envelope")
+    src = k.add_mutually_exclusive_group(required=True)
+    src.add_argument("--rules", help="rules directory (compiled in memory)")
+    src.add_argument("--bundle", help="compiled bundle file")
+    k.add_argument("--ip", default="127.0.0.1", help="client IP address")
+    k.add_argument("--host", default="unknown", help="client host name (TCPREMOTEHOST)")
+    k.add_argument("--helo", default=None, help="HELO/EHLO name (omit: no HELO sent)")
+    k.add_argument("--from", dest="sender", default=None, help="envelope sender ('' for <>)")
+    k.add_argument("--rcpt", action="append", default=[], help="envelope recipient (repeatable)")
+    k.add_argument("--auth-user", default=None, help="pretend the session authenticated as USER")
+    k.add_argument("--open-relay", action="store_true", help="allow relaying without rcpthosts (SPEC A §4)")
+    k.add_argument("--json", action="store_true", help="machine-readable output")
+    k.set_defaults(func=cmd_check)
+
+    r = sub.add_parser("run", help="`make run`: compile rules/ and show the bundle summary")
+    r.add_argument("rules_dir", nargs="?", default=DEFAULT_RULES)
+    r.add_argument("-o", "--output", default=DEFAULT_BUNDLE)
+    r.set_defaults(func=cmd_compile)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

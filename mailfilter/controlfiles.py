@@ -1,0 +1,267 @@
+"""Read a rules directory written in qmail control-file syntax.
+
+Job: turn files into plain records that remember where they came from
+(file name and line number), and report malformed lines as diagnostics
+(`path:line: problem: rule skipped`). Classification of list entries into
+matcher kinds is the compiler's job; this module never imports mailfilter._core.
+
+Reading rules (SPEC B §1.3, qmail control.c):
+- list files: one entry per line; trailing spaces, tabs and CR/LF stripped,
+  leading whitespace KEPT; empty lines and lines starting with `#` skipped; a
+  last line without newline counts;
+- first-line files: only the first line, trailing whitespace stripped;
+- integer files: the first line parsed as unsigned decimal; if it does not
+  start with a digit the file counts as absent.
+A missing file means the feature is off (returns None / empty list).
+
+Bytes are decoded as Latin-1 so every byte maps to exactly one character and
+back (`text.encode("latin-1")` gives the original bytes for the matchers).
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from typing import Iterator
+
+# Files the compiler knows, by role.
+LIST_FILES = (
+    "rcpthosts", "morercpthosts", "badmailfrom", "badrcptto", "badhelo",
+    "relaymailfrom", "recipients", "badmimetypes", "badloadertypes",
+    # qregex dialect split-horizon files (SPEC B §3.1)
+    "badmailfromnorelay", "badrcpttonorelay", "badhelonorelay",
+)
+FIRST_LINE_FILES = ("me", "smtpgreeting", "localiphost", "dialect", "defaulthost")
+INT_FILES = ("databytes", "timeoutsmtpd", "maxrecipients", "timeoutsession")
+TCP_RULES_FILE = "tcp.smtp"
+DIALECTS = ("spamcontrol", "qregex")
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One significant line of a control file."""
+    file: str   # name inside the rules directory, e.g. "badmailfrom"
+    line: int   # 1-based line number
+    text: str   # Latin-1 decoded, trailing whitespace stripped
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnostic:
+    path: str
+    line: int
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.problem}: rule skipped"
+
+
+@dataclass(frozen=True, slots=True)
+class TcpRule:
+    """One tcprules line: `key:allow|deny[,VAR=value...]` (ucspi-tcp tcprules(1))."""
+    source: Line
+    kind: str              # "cidr", "host" (=name), "hostsuffix" (=.dom), "anyhost" (=), "default" (empty key)
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None
+    networks: tuple        # several networks for a last-octet range `1.2.3.37-53`
+    host: str              # lower-cased host name for host rules
+    allow: bool
+    env: tuple[tuple[str, str], ...]
+
+
+@dataclass
+class RulesSource:
+    """Everything read from one rules directory."""
+    root: str
+    lists: dict[str, list[Line]] = field(default_factory=dict)
+    scalars: dict[str, str] = field(default_factory=dict)
+    integers: dict[str, int] = field(default_factory=dict)
+    tcp_rules: list[TcpRule] = field(default_factory=list)
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    files: dict[str, bytes] = field(default_factory=dict)  # raw bytes, for the fingerprint
+
+    @property
+    def dialect(self) -> str:
+        return self.scalars.get("dialect", "spamcontrol")
+
+
+def _significant_lines(name: str, data: bytes) -> Iterator[Line]:
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        text = raw.decode("latin-1").rstrip(" \t\r\n")
+        if not text or text.startswith("#"):
+            continue
+        yield Line(name, number, text)
+
+
+def _first_line(data: bytes) -> str | None:
+    first = data.split(b"\n", 1)[0].decode("latin-1").rstrip(" \t\r\n")
+    return first or None
+
+
+def _leading_int(text: str) -> int | None:
+    digits = ""
+    for ch in text:
+        if not ch.isdigit():
+            break
+        digits += ch
+    return int(digits) if digits else None
+
+
+def read_rules_dir(root: str) -> RulesSource:
+    """Read every known file of `root`; unknown files are ignored."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"rules directory not found: {root}")
+    src = RulesSource(root=root)
+
+    def load(name: str) -> bytes | None:
+        path = os.path.join(root, name)
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            return None
+        src.files[name] = data
+        return data
+
+    for name in LIST_FILES:
+        data = load(name)
+        if data is not None:
+            src.lists[name] = list(_significant_lines(name, data))
+    for name in FIRST_LINE_FILES:
+        data = load(name)
+        if data is not None:
+            value = _first_line(data)
+            if value is not None:
+                src.scalars[name] = value
+    for name in INT_FILES:
+        data = load(name)
+        if data is not None:
+            first = _first_line(data) or ""
+            value = _leading_int(first)
+            if value is None:
+                src.diagnostics.append(Diagnostic(
+                    os.path.join(root, name), 1,
+                    f"not an unsigned decimal number: {first!r}"))
+            else:
+                src.integers[name] = value
+    if src.scalars.get("dialect", "spamcontrol") not in DIALECTS:
+        src.diagnostics.append(Diagnostic(
+            os.path.join(root, "dialect"), 1,
+            f"unknown dialect {src.scalars['dialect']!r} (expected one of {', '.join(DIALECTS)})"))
+        src.scalars["dialect"] = "spamcontrol"
+    data = load(TCP_RULES_FILE)
+    if data is not None:
+        for line in _significant_lines(TCP_RULES_FILE, data):
+            try:
+                src.tcp_rules.append(parse_tcp_rule(line))
+            except ValueError as exc:
+                src.diagnostics.append(Diagnostic(os.path.join(root, line.file), line.line, str(exc)))
+    return src
+
+
+# ---------------------------------------------------------------- tcp.smtp
+
+def _split_action(text: str) -> tuple[str, str, str]:
+    """Split `key:allow,rest` at the first `:allow`/`:deny` that ends the key.
+
+    IPv6 keys contain colons, but never the letters of `allow`/`deny`."""
+    for action in ("allow", "deny"):
+        marker = ":" + action
+        start = 0
+        while True:
+            pos = text.find(marker, start)
+            if pos < 0:
+                break
+            end = pos + len(marker)
+            if end == len(text) or text[end] == ",":
+                return text[:pos], action, text[end + 1:] if end < len(text) else ""
+            start = pos + 1
+    # tcprules also accepts a bare `key:` meaning allow with no settings? No:
+    # tcprules requires an instruction; refuse so the operator notices.
+    raise ValueError("expected KEY:allow or KEY:deny")
+
+
+def _parse_env(rest: str) -> tuple[tuple[str, str], ...]:
+    """`VAR="value",VAR2=value2`: a quote character delimits a value that may
+    contain commas (tcprules(1): any quote character, `"` and `'` here)."""
+    out: list[tuple[str, str]] = []
+    i, n = 0, len(rest)
+    while i < n:
+        eq = rest.find("=", i)
+        if eq < 0:
+            raise ValueError(f"setting without '=': {rest[i:]!r}")
+        name = rest[i:eq]
+        if not name or not all(c.isalnum() or c == "_" for c in name):
+            raise ValueError(f"bad variable name {name!r}")
+        j = eq + 1
+        if j < n and rest[j] in "\"'":
+            quote = rest[j]
+            close = rest.find(quote, j + 1)
+            if close < 0:
+                raise ValueError(f"unterminated quote in value of {name}")
+            value = rest[j + 1:close]
+            j = close + 1
+            if j < n and rest[j] != ",":
+                raise ValueError(f"junk after quoted value of {name}")
+        else:
+            close = rest.find(",", j)
+            close = n if close < 0 else close
+            value = rest[j:close]
+            j = close
+        out.append((name, value))
+        i = j + 1
+    return tuple(out)
+
+
+def _ipv4_range(key: str) -> tuple:
+    """`1.2.3.37-53`: a range in the last octet, as CIDR blocks."""
+    head, _, tail = key.rpartition(".")
+    lo_s, _, hi_s = tail.partition("-")
+    first = ipaddress.IPv4Address(f"{head}.{lo_s}")
+    last = ipaddress.IPv4Address(f"{head}.{hi_s}")
+    if last < first:
+        raise ValueError(f"empty address range {key!r}")
+    return tuple(ipaddress.summarize_address_range(first, last))
+
+
+def _network(key: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """CIDR (`10.0.0.0/8`, `2001:db8::/32`), a single address, or qmail's
+    dotted prefix (`10.`, `192.168.1.`)."""
+    if "/" in key:
+        return ipaddress.ip_network(key, strict=False)
+    if ":" in key:
+        return ipaddress.IPv6Network(key)
+    if key.endswith("."):
+        octets = key[:-1].split(".")
+        if len(octets) > 3 or not all(o.isdigit() and int(o) < 256 for o in octets):
+            raise ValueError(f"bad IPv4 prefix {key!r}")
+        padded = octets + ["0"] * (4 - len(octets))
+        return ipaddress.IPv4Network(f"{'.'.join(padded)}/{8 * len(octets)}")
+    return ipaddress.IPv4Network(key)
+
+
+def parse_tcp_rule(line: Line) -> TcpRule:
+    key, action, rest = _split_action(line.text)
+    env = _parse_env(rest) if rest else ()
+    allow = action == "allow"
+    common = dict(source=line, allow=allow, env=env)
+    if key == "":
+        return TcpRule(kind="default", network=None, networks=(), host="", **common)
+    if key.startswith("="):
+        host = key[1:].lower()
+        if host == "":
+            return TcpRule(kind="anyhost", network=None, networks=(), host="", **common)
+        kind = "hostsuffix" if host.startswith(".") else "host"
+        return TcpRule(kind=kind, network=None, networks=(), host=host, **common)
+    if "@" in key:
+        raise ValueError("user@address keys need TCPREMOTEINFO (ident), which mailfilter does not query")
+    try:
+        if "-" in key and ":" not in key:
+            nets = _ipv4_range(key)
+            return TcpRule(kind="cidr", network=None, networks=nets, host="", **common)
+        net = _network(key)
+    except ValueError as exc:
+        raise ValueError(f"bad address or network {key!r} ({exc})") from None
+    return TcpRule(kind="cidr", network=net, networks=(net,), host="", **common)
