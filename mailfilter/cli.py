@@ -1,5 +1,8 @@
 """Command line: `mailfilter compile | check | serve | run` (also `python -m mailfilter`).
 
+`run` is `serve` on the embedded defaults: rules/ compiled at start, listen
+127.0.0.1:2525, deliver to maildir:var/spool.
+
 Exit codes: compile 0 ok / 1 diagnostics printed / 2 error; check 0 every
 recipient accepted / 1 something rejected / 2 error or diagnostics.
 """
@@ -107,6 +110,17 @@ def cmd_check(args) -> int:
     return 0 if report.all_accepted else 1
 
 
+def cmd_serve(args) -> int:
+    from mailfilter.serve import StartupError, options_from, run
+
+    try:
+        opts = options_from(args)
+    except StartupError as exc:
+        print(f"mailfilter serve: {exc}", file=sys.stderr)
+        return 2
+    return run(opts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mailfilter", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -130,10 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--json", action="store_true", help="machine-readable output")
     k.set_defaults(func=cmd_check)
 
-    r = sub.add_parser("run", help="`make run`: compile rules/ and show the bundle summary")
-    r.add_argument("rules_dir", nargs="?", default=DEFAULT_RULES)
-    r.add_argument("-o", "--output", default=DEFAULT_BUNDLE)
-    r.set_defaults(func=cmd_compile)
+    from mailfilter.serve import add_arguments
+
+    s = sub.add_parser("serve", help="run the SMTP server")
+    add_arguments(s)
+    s.set_defaults(func=cmd_serve)
+    r = sub.add_parser("run", help="what `make run` starts: serve on the embedded defaults")
+    add_arguments(r)
+    r.set_defaults(func=cmd_serve)
     return p
 
 

@@ -1,0 +1,82 @@
+"""Logging: one key=value decision line per verdict, anomalies, syslog.
+
+Format (DESIGN.md, Errors and logging):
+  action=reject stage=RCPT rule=badrcptto:14 client=host[ip]:port helo=<..>
+  from=<..> to=<..> reply="553 5.7.1 .."
+Values that could carry spaces, quotes or control characters are quoted and
+escaped, so a hostile HELO cannot forge a second log line. Secrets (AUTH
+responses, passwords) are never passed to this module.
+The line is only formatted when the logger is enabled for INFO, so a quiet
+server spends nothing on it.
+"""
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import sys
+
+logger = logging.getLogger("mailfilter")
+
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_@:[]<>+/=%!")
+
+
+def quote(value) -> str:
+    text = str(value)
+    if text and all(c in _SAFE for c in text):
+        return text
+    out = []
+    for c in text:
+        if c in '"\\':
+            out.append("\\" + c)
+        elif " " <= c <= "~":
+            out.append(c)
+        else:
+            out.append(f"\\x{ord(c):02x}")
+    return '"' + "".join(out) + '"'
+
+
+def kv(**fields) -> str:
+    return " ".join(f"{k}={quote(v)}" for k, v in fields.items() if v is not None)
+
+
+def decision(verdict, *, client: str, helo=None, sender=None, rcpt=None, **extra) -> None:
+    """Log one policy verdict (policy.Verdict)."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    action = "accept" if verdict.accept else ("tempfail" if verdict.reply.temporary else "reject")
+    logger.info(kv(
+        action=action, stage=verdict.stage, reason=verdict.reason, rule=verdict.rule,
+        client=client,
+        helo=None if helo is None else f"<{helo}>",
+        **{"from": None if sender is None else f"<{sender}>"},
+        to=None if rcpt is None else f"<{rcpt}>",
+        reply=str(verdict.reply), **extra))
+
+
+def anomaly(tag: str, *, client: str, detail=None) -> None:
+    if logger.isEnabledFor(logging.WARNING):
+        logger.warning(kv(anomaly=tag, client=client, detail=detail))
+
+
+def event(**fields) -> None:
+    if logger.isEnabledFor(logging.INFO):
+        logger.info(kv(**fields))
+
+
+def setup(level: str = "info", use_syslog: bool = False, syslog_address: str = "/dev/log",
+          facility: str = "mail", ident: str = "mailfilter") -> None:
+    """stderr by default; `--syslog` sends to syslog (facility mail)."""
+    root = logging.getLogger("mailfilter")
+    root.handlers.clear()
+    root.setLevel(getattr(logging, level.upper()))
+    if use_syslog:
+        handler = logging.handlers.SysLogHandler(
+            address=syslog_address,
+            facility=logging.handlers.SysLogHandler.facility_names[facility])
+        handler.ident = f"{ident}: "
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root.addHandler(handler)
+    root.propagate = False

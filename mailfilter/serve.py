@@ -1,0 +1,266 @@
+"""`mailfilter serve`: start-up, signals, workers.
+
+Job: build the ServerState from options (compile `--rules` or load `--bundle`),
+refuse an accidental open relay (SPEC A §4), listen on every `--listen`
+address, and run until SIGTERM/SIGINT. SIGHUP recompiles (with `--rules`) or
+reloads (with `--bundle`) in a worker thread; a failure keeps the old rules and
+logs why, a success swaps them for new sessions (sessions in flight finish on
+the rules they started with). `--workers N` forks N processes that each bind
+the same ports with SO_REUSEPORT; the parent forwards SIGHUP/SIGTERM.
+
+Options may also come from a TOML file (`--config FILE`) whose keys are the
+long option names with `_` for `-` (e.g. `listen = ["127.0.0.1:2525"]`,
+`deliver = "maildir:var/spool"`); the command line wins.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import tomllib
+from dataclasses import dataclass, field
+
+from mailfilter import bundle as bundle_mod
+from mailfilter import compiler, log
+from mailfilter.delivery import Delivery
+from mailfilter.dnscheck import Resolver
+from mailfilter.policy import PolicyEngine, PolicyOptions
+from mailfilter.replies import reply
+from mailfilter.server import Limits, ServerState, SMTPProtocol
+
+logger = logging.getLogger("mailfilter")
+
+DEFAULT_LISTEN = "127.0.0.1:2525"
+DEFAULT_DELIVER = "maildir:var/spool"
+
+
+@dataclass
+class ServeOptions:
+    rules: str | None = "rules"
+    bundle: str | None = None
+    listen: list[str] = field(default_factory=lambda: [DEFAULT_LISTEN])
+    hostname: str | None = None
+    deliver: str = DEFAULT_DELIVER
+    workers: int = 1
+    loop: str = "uvloop"
+    open_relay: bool = False
+    resolver: str | None = None
+    max_connections: int = 10_000
+    max_per_ip: int = 100
+    timeout: float | None = None        # default: rules' timeoutsmtpd, else 300
+    session_deadline: float = 3600.0
+    syslog: bool = False
+    log_level: str = "info"
+
+
+class StartupError(Exception):
+    pass
+
+
+def parse_listen(spec: str) -> tuple[str, int]:
+    host, sep, port = spec.rpartition(":")
+    if not sep or not port.isdigit():
+        raise StartupError(f"--listen wants HOST:PORT, got {spec!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def load_policy(opts: ServeOptions) -> PolicyEngine:
+    """Compile or load the rules; raises StartupError with a clear message."""
+    try:
+        if opts.bundle:
+            loaded = bundle_mod.load(opts.bundle)
+        else:
+            compiled = compiler.compile_dir(opts.rules)
+            for d in compiled.diagnostics:
+                logger.warning("%s", d)
+            loaded = bundle_mod.from_compiled(compiled)
+    except (OSError, ValueError, bundle_mod.BundleError) as exc:
+        raise StartupError(str(exc)) from None
+    engine = PolicyEngine(loaded, PolicyOptions(open_relay=opts.open_relay))
+    if not engine.rcpthosts_present and not opts.open_relay:
+        raise StartupError(
+            "no rcpthosts in the rules: every recipient of non-relay clients would be refused; "
+            "add rules/rcpthosts, or start with --open-relay if you really mean to relay for everyone")
+    return engine
+
+
+def build_state(opts: ServeOptions) -> ServerState:
+    policy = load_policy(opts)
+    try:
+        delivery = Delivery.from_spec(opts.deliver)
+    except ValueError as exc:
+        raise StartupError(f"--deliver: {exc}") from None
+    timeout = opts.timeout
+    if timeout is None:
+        timeout = float(policy.bundle.integers.get("timeoutsmtpd", 300)) or 1.0
+    limits = Limits(max_connections=opts.max_connections, max_per_ip=opts.max_per_ip,
+                    idle_timeout=timeout, session_deadline=opts.session_deadline)
+    return ServerState(policy, delivery, limits=limits, resolver=Resolver(opts.resolver),
+                       hostname=opts.hostname)
+
+
+async def reload(state: ServerState, opts: ServeOptions) -> bool:
+    """SIGHUP: build new rules off the loop; keep the old ones on failure."""
+    loop = asyncio.get_running_loop()
+    try:
+        policy = await loop.run_in_executor(None, load_policy, opts)
+    except StartupError as exc:
+        logger.error("reload failed, keeping the current rules: %s", exc)
+        return False
+    state.swap_policy(policy)
+    logger.info("reload ok: %d rules from %s", policy.bundle.n_rules, policy.bundle.source)
+    return True
+
+
+def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(opts: ServeOptions, state: ServerState, ready=None, reuse_port: bool = False) -> None:
+    loop = asyncio.get_running_loop()
+    servers = []
+    for spec in opts.listen:
+        host, port = parse_listen(spec)
+        sock = _bind(host, port, reuse_port)
+        servers.append(await loop.create_server(lambda: SMTPProtocol(state), sock=sock))
+        logger.info("listening on %s:%d (pid %d, %s loop)", host, sock.getsockname()[1],
+                    os.getpid(), type(loop).__module__.split(".")[0])
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload(state, opts)))
+    if ready is not None:
+        ready([s.sockets[0].getsockname() for s in servers])
+    await stop.wait()
+    for s in servers:
+        s.close()
+    for session in list(state.sessions):
+        session._abort(reply("shutdown", host=state.engine_config.greeting.split()[0]))
+    for s in servers:
+        await s.wait_closed()
+    await state.delivery.close()
+
+
+def new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        import uvloop
+        return uvloop.new_event_loop()
+    if kind == "asyncio":
+        return asyncio.new_event_loop()
+    raise StartupError(f"--loop must be uvloop or asyncio, not {kind!r}")
+
+
+def run_process(opts: ServeOptions, reuse_port: bool) -> int:
+    try:
+        state = build_state(opts)
+        loop = new_loop(opts.loop)
+    except StartupError as exc:
+        print(f"mailfilter serve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        loop.run_until_complete(serve(opts, state, reuse_port=reuse_port))
+    except OSError as exc:
+        print(f"mailfilter serve: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        loop.close()
+    return 0
+
+
+def run(opts: ServeOptions) -> int:
+    log.setup(opts.log_level, use_syslog=opts.syslog)
+    if opts.workers <= 1:
+        return run_process(opts, reuse_port=False)
+    children: list[int] = []
+    for _ in range(opts.workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = run_process(opts, reuse_port=True)
+            finally:
+                os._exit(code)
+        children.append(pid)
+
+    def forward(signum, _frame):
+        for child in children:
+            try:
+                os.kill(child, signum)
+            except ProcessLookupError:
+                pass
+
+    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    status = 0
+    for child in children:
+        while True:
+            try:
+                _, code = os.waitpid(child, 0)
+                break
+            except InterruptedError:
+                continue
+        status = status or os.waitstatus_to_exitcode(code)
+    return status
+
+
+def options_from(args) -> ServeOptions:
+    opts = ServeOptions()
+    if getattr(args, "config", None):
+        try:
+            with open(args.config, "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise StartupError(f"--config {args.config}: {exc}") from None
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if not hasattr(opts, name):
+                raise StartupError(f"--config {args.config}: unknown setting {key!r}")
+            setattr(opts, name, value)
+    for name in ("rules", "bundle", "hostname", "deliver", "workers", "loop", "resolver",
+                 "max_connections", "max_per_ip", "timeout", "session_deadline", "log_level"):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(opts, name, value)
+    if getattr(args, "listen", None):
+        opts.listen = args.listen
+    if getattr(args, "open_relay", False):
+        opts.open_relay = True
+    if getattr(args, "syslog", False):
+        opts.syslog = True
+    if opts.bundle:
+        opts.rules = None if getattr(args, "rules", None) is None else opts.rules
+    if isinstance(opts.listen, str):
+        opts.listen = [opts.listen]
+    return opts
+
+
+def add_arguments(p) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--rules", help="rules directory, compiled at start (default rules/)")
+    src.add_argument("--bundle", help="compiled bundle file")
+    p.add_argument("--listen", action="append", help=f"HOST:PORT (repeatable; default {DEFAULT_LISTEN})")
+    p.add_argument("--hostname", help="name in the greeting (default: rules' smtpgreeting/me)")
+    p.add_argument("--deliver", help=f"maildir:DIR, qmail-queue:PROG, smtp:HOST:PORT, lmtp:HOST:PORT, discard "
+                                     f"(default {DEFAULT_DELIVER})")
+    p.add_argument("--workers", type=int, help="processes sharing the port with SO_REUSEPORT")
+    p.add_argument("--loop", choices=("uvloop", "asyncio"))
+    p.add_argument("--config", help="TOML file with the same settings")
+    p.add_argument("--open-relay", action="store_true", help="allow running without rcpthosts (SPEC A §4)")
+    p.add_argument("--resolver", help="DNS server HOST:PORT for HELOCHECK A/M and MFDNSCHECK")
+    p.add_argument("--max-connections", type=int)
+    p.add_argument("--max-per-ip", type=int)
+    p.add_argument("--timeout", type=float, help="idle seconds per command (default: timeoutsmtpd)")
+    p.add_argument("--session-deadline", type=float)
+    p.add_argument("--syslog", action="store_true", help="log to syslog, facility mail")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))

@@ -1,0 +1,475 @@
+"""The uvloop/asyncio shell: sockets in, engine + policy + delivery, replies out.
+
+Job: one SMTPProtocol per connection feeds received bytes to the sans-IO
+engine (smtpconn), answers each event from the policy (synchronously, inside
+data_received) and writes every reply produced by one read in ONE
+transport.write, so pipelined commands cost one syscall (RFC 2920).
+
+The only awaits are where the world is slow: DNS answers for HELOCHECK A/M and
+MFDNSCHECK (started when HELO/MAIL arrive, awaited at RCPT only if not yet
+done), tarpit delays, and the delivery commit after DATA. While one of those
+is in flight the connection stops reading (back-pressure) and the engine
+keeps any pipelined input buffered; nothing else on the loop waits.
+
+Invariants:
+- a session keeps the PolicyEngine (and so the bundle) it started with; a
+  SIGHUP reload swaps ServerState.policy for new sessions only;
+- "250 means stored": the reply after DATA is the delivery's reply; an
+  exception anywhere in a session is logged with its traceback and answered
+  421 4.3.0 on that connection only (DESIGN.md, Errors and logging);
+- limits: global and per-IP connection caps (421 4.7.0 at connect), an idle
+  timeout per read, a total session deadline, the engine's line and
+  bad-command limits, databytes while streaming.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections import defaultdict
+
+from mailfilter import log
+from mailfilter.content import ContentScanner
+from mailfilter.delivery import Delivery, Envelope
+from mailfilter.policy import Client, PolicyEngine, Verdict
+from mailfilter.received import received_header
+from mailfilter.replies import reply
+from mailfilter.smtpconn import (
+    NEED_DATA, PAUSED, Anomaly, AuthResponse, AuthStart, Closed, DataChunk, DataEnd,
+    DataStart, EngineConfig, Helo, Mail, Rcpt, Rset, SMTPConnection,
+)
+
+logger = logging.getLogger("mailfilter")
+
+
+@dataclasses.dataclass
+class Limits:
+    max_connections: int = 10_000
+    max_per_ip: int = 100
+    idle_timeout: float = 300.0        # per read; RFC 5321 §4.5.3.2 wants >= 5 min
+    session_deadline: float = 3600.0
+    max_bad_commands: int = 10
+
+
+class ServerState:
+    """Per-process shared state: the current policy, delivery, resolver, counters."""
+
+    def __init__(self, policy: PolicyEngine, delivery: Delivery, *, limits: Limits | None = None,
+                 resolver=None, hostname: str | None = None, features: list[str] | None = None):
+        self.policy = policy
+        self.delivery = delivery
+        self.resolver = resolver
+        self.limits = limits or Limits()
+        self.hostname = hostname
+        self.features = features or []
+        self.connections = 0
+        self.per_ip: dict[str, int] = defaultdict(int)
+        self.sessions: set["SMTPProtocol"] = set()
+        self.engine_config = self._engine_config(policy)
+
+    def _engine_config(self, policy: PolicyEngine) -> EngineConfig:
+        greeting = self.hostname or policy.greeting
+        return EngineConfig(
+            greeting=greeting,
+            databytes=policy.bundle.integers.get("databytes", 0),
+            max_bad_commands=self.limits.max_bad_commands,
+            features=[f"rules-dialect={policy.bundle.dialect}", *self.features],
+        )
+
+    def swap_policy(self, policy: PolicyEngine) -> None:
+        """Atomically switch new sessions to `policy` (SIGHUP reload)."""
+        self.policy = policy
+        self.engine_config = self._engine_config(policy)
+
+
+class SMTPProtocol(asyncio.Protocol):
+    __slots__ = (
+        "state", "transport", "engine", "sp", "client", "client_label", "loop",
+        "last_read", "idle_handle", "deadline_handle", "waiting", "task", "sink",
+        "scanner", "rcpts", "helo_dns", "mail_dns", "counted", "reading_paused",
+    )
+
+    def __init__(self, state: ServerState):
+        self.state = state
+        self.engine: SMTPConnection | None = None
+        self.transport = None
+        self.waiting = False
+        self.task: asyncio.Task | None = None
+        self.sink = None
+        self.scanner: ContentScanner | None = None
+        self.rcpts: list[str] = []
+        self.helo_dns: asyncio.Task | None = None
+        self.mail_dns: asyncio.Task | None = None
+        self.counted = False
+        self.reading_paused = False
+        self.idle_handle = None
+        self.deadline_handle = None
+
+    # ------------------------------------------------------------ connection
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        st = self.state
+        lim = st.limits
+        peer = transport.get_extra_info("peername") or ("unknown", 0)
+        local = transport.get_extra_info("sockname") or ("", 0)
+        ip = peer[0]
+        host = st.engine_config.greeting.split()[0]
+        if st.connections >= lim.max_connections:
+            transport.write(reply("too_many_conns", host=host).line())
+            transport.close()
+            log.event(action="refuse", stage="CONNECT", reason="max_connections", client=f"[{ip}]")
+            return
+        if st.per_ip[ip] >= lim.max_per_ip:
+            transport.write(reply("too_many_conns_ip", host=host).line())
+            transport.close()
+            log.event(action="refuse", stage="CONNECT", reason="max_per_ip", client=f"[{ip}]")
+            return
+        st.connections += 1
+        st.per_ip[ip] += 1
+        st.sessions.add(self)
+        self.counted = True
+        self.loop = asyncio.get_running_loop()
+        self.client = Client(ip=ip, port=peer[1], local_ip=local[0], local_port=local[1])
+        self.client_label = f"{self.client.host}[{ip}]:{peer[1]}"
+        try:
+            self.sp = st.policy.session(self.client)
+            cfg = st.engine_config
+            databytes = self.sp.databytes
+            if databytes != cfg.databytes:
+                cfg = dataclasses.replace(cfg, databytes=databytes)
+            self.engine = SMTPConnection(cfg)
+            verdict = self.sp.connect()
+            if not verdict.accept:
+                self._log(verdict)
+            self.engine.greet()
+            self._flush()
+        except Exception:
+            logger.exception("session setup failed client=%s", self.client_label)
+            transport.write(reply("internal_error", host=host).line())
+            transport.close()
+            return
+        now = self.loop.time()
+        self.last_read = now
+        self.idle_handle = self.loop.call_at(now + lim.idle_timeout, self._idle_check)
+        self.deadline_handle = self.loop.call_at(now + lim.session_deadline, self._deadline)
+
+    def connection_lost(self, exc) -> None:
+        if self.sink is not None:
+            self.sink.abort()
+            self.sink = None
+        for handle in (self.idle_handle, self.deadline_handle):
+            if handle is not None:
+                handle.cancel()
+        for task in (self.task, self.helo_dns, self.mail_dns):
+            if task is not None and not task.done():
+                task.cancel()
+        if self.counted:
+            st = self.state
+            st.connections -= 1
+            ip = self.client.ip
+            left = st.per_ip[ip] - 1
+            if left:
+                st.per_ip[ip] = left
+            else:
+                del st.per_ip[ip]
+            st.sessions.discard(self)
+            self.counted = False
+
+    def pause_writing(self) -> None:
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        if not self.waiting:
+            self._resume_reading()
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and not self.transport.is_closing():
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.reading_paused and not self.transport.is_closing():
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    # ------------------------------------------------------------ timers
+    def _idle_check(self) -> None:
+        """Re-armed lazily: one timer per connection, not one per read."""
+        lim = self.state.limits
+        due = self.last_read + lim.idle_timeout
+        now = self.loop.time()
+        if self.waiting or now < due:
+            self.idle_handle = self.loop.call_at(max(due, now + 1.0), self._idle_check)
+            return
+        log.event(action="close", reason="timeout", client=self.client_label)
+        self._abort(reply("timeout", host=self.engine.config.greeting.split()[0]))
+
+    def _deadline(self) -> None:
+        log.event(action="close", reason="session_deadline", client=self.client_label)
+        self._abort(reply("session_deadline", host=self.engine.config.greeting.split()[0]))
+
+    def _abort(self, r) -> None:
+        if self.engine is None or self.transport.is_closing():
+            return
+        if self.sink is not None:
+            self.sink.abort()
+            self.sink = None
+        self.engine.abort(r)
+        self._flush()
+
+    # ------------------------------------------------------------ input
+    def data_received(self, data: bytes) -> None:
+        engine = self.engine
+        if engine is None:
+            return
+        self.last_read = self.loop.time()
+        engine.receive_data(data)
+        if not self.waiting:
+            self._drain()
+
+    def eof_received(self):
+        if self.engine is not None:
+            self.engine.receive_data(b"")
+            if not self.waiting:
+                self._drain()
+        return False
+
+    def _drain(self) -> None:
+        """Process every complete event; replies leave in one write."""
+        engine = self.engine
+        handlers = _HANDLERS
+        try:
+            while True:
+                ev = engine.next_event()
+                if ev is NEED_DATA or ev is PAUSED:
+                    break
+                handler = handlers.get(type(ev))
+                if handler is not None:
+                    handler(self, ev)
+                    if self.waiting:
+                        break
+                if type(ev) is Closed:
+                    break
+        except Exception:
+            logger.exception("internal error client=%s", self.client_label)
+            self._abort(reply("internal_error", host=engine.config.greeting.split()[0]))
+            return
+        self._flush()
+
+    def _flush(self) -> None:
+        out = self.engine.data_to_send()
+        if out and not self.transport.is_closing():
+            self.transport.write(out)
+        if self.engine.closing and not self.transport.is_closing():
+            self.transport.close()
+
+    # ------------------------------------------------------------ async replies
+    def _later(self, coro) -> None:
+        """Answer the pending event from a coroutine; input waits meanwhile."""
+        self.waiting = True
+        self._pause_reading()
+        self.task = self.loop.create_task(self._run_later(coro))
+
+    async def _run_later(self, coro) -> None:
+        engine = self.engine
+        try:
+            r = await coro
+            if engine.pending is not None:
+                engine.send(r)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("internal error client=%s", self.client_label)
+            self.waiting = False
+            self._abort(reply("internal_error", host=engine.config.greeting.split()[0]))
+            return
+        self.waiting = False
+        self.task = None
+        if self.transport.is_closing():
+            return
+        self.last_read = self.loop.time()
+        self._resume_reading()
+        self._drain()
+
+    def _log(self, v: Verdict, rcpt: str | None = None) -> None:
+        log.decision(v, client=self.client_label, helo=self.sp.helo_name,
+                     sender=self.sp.sender, rcpt=rcpt)
+
+    # ------------------------------------------------------------ events
+    def on_helo(self, ev: Helo) -> None:
+        sp = self.sp
+        v = sp.helo(ev.name)
+        self.rcpts = []
+        if sp.helo_verdict is not None:
+            self._log(v)
+        query = sp.helo_dns_query()
+        self.helo_dns = None
+        if query is not None and self.state.resolver is not None:
+            self.helo_dns = self.loop.create_task(self.state.resolver.check(*query))
+        engine = self.engine
+        engine.send(engine.ehlo_reply() if ev.verb == "EHLO" else engine.helo_reply())
+
+    def on_mail(self, ev: Mail) -> None:
+        sp = self.sp
+        v = sp.mail(ev.address)
+        self.rcpts = []
+        if not v.accept or sp.sender_verdict is not None:
+            self._log(v)
+        self.mail_dns = None
+        domain = sp.mail_dns_query()
+        if domain is not None and self.state.resolver is not None:
+            self.mail_dns = self.loop.create_task(self.state.resolver.has_mx(domain))
+        self.engine.send(v.reply)
+
+    def on_rcpt(self, ev: Rcpt) -> None:
+        pending = [t for t in (self.helo_dns, self.mail_dns) if t is not None and not t.done()]
+        if pending:
+            self._later(self._rcpt_after_dns(ev, pending))
+            return
+        self._apply_dns()
+        v = self.sp.rcpt(ev.address)
+        if v.delay:
+            self._later(self._tarpit(ev, v))
+            return
+        self._rcpt_verdict(ev, v)
+
+    def _apply_dns(self) -> None:
+        sp = self.sp
+        for task, setter in ((self.helo_dns, sp.set_helo_dns), (self.mail_dns, sp.set_mail_dns)):
+            if task is not None:
+                setter(task.result())
+        self.helo_dns = self.mail_dns = None
+
+    async def _rcpt_after_dns(self, ev: Rcpt, pending):
+        await asyncio.gather(*pending)
+        self._apply_dns()
+        v = self.sp.rcpt(ev.address)
+        if v.delay:
+            await asyncio.sleep(v.delay)
+        self._record_rcpt(ev, v)
+        return v.reply
+
+    async def _tarpit(self, ev: Rcpt, v: Verdict):
+        await asyncio.sleep(v.delay)
+        self._record_rcpt(ev, v)
+        return v.reply
+
+    def _record_rcpt(self, ev: Rcpt, v: Verdict) -> None:
+        if v.accept:
+            self.rcpts.append(v.recipient)
+        self._log(v, ev.address)
+
+    def _rcpt_verdict(self, ev: Rcpt, v: Verdict) -> None:
+        self._record_rcpt(ev, v)
+        self.engine.send(v.reply)
+
+    def on_data_start(self, ev: DataStart) -> None:
+        sp = self.sp
+        v = sp.data()
+        if not v.accept:
+            self._log(v)
+            self.engine.send(v.reply)
+            if v.close:                      # notorious session: 503 and hang up (B §2.8)
+                self._flush()
+                self.transport.close()
+            return
+        env = Envelope(
+            sender=sp.sender or "", recipients=list(self.rcpts), helo=sp.helo_name or "",
+            client_ip=self.client.ip, client_host=self.client.host,
+            auth_user=sp.authenticated, tls=False,
+            local_host=self.engine.config.greeting.split()[0])
+        sink = self.state.delivery.open(env)
+        sink.write(received_header(env))
+        self.sink = sink
+        self.scanner = self._content_scanner()
+        self.engine.send(v.reply)
+
+    def _content_scanner(self) -> ContentScanner | None:
+        sp = self.sp
+        sigs = sp.engine.bundle.signatures
+        relay = sp.relay_client
+        mime_mode = sp.setting("BADMIMETYPE")
+        loader_mode = sp.setting("BADLOADERTYPE")
+        mime = sigs.get("badmimetypes") if mime_mode is not None and mime_mode != "-" \
+            and not (mime_mode == "+" and relay) else None
+        loader = sigs.get("badloadertypes") if loader_mode and loader_mode != "-" \
+            and not (loader_mode == "+" and relay) else None
+        if mime is None and loader is None:
+            return None
+        return ContentScanner(mime, loader, strict_whitespace=mime_mode == "!")
+
+    def on_data_chunk(self, ev: DataChunk) -> None:
+        if self.sink is not None:
+            self.sink.write(ev.data)
+        if self.scanner is not None:
+            self.scanner.feed(ev.data)
+
+    def on_data_end(self, ev: DataEnd) -> None:
+        engine = self.engine
+        sink, self.sink = self.sink, None
+        scanner, self.scanner = self.scanner, None
+        r = engine.data_end_check(ev)
+        rule = None
+        if r is None and scanner is not None:
+            scanner.finish()
+            if scanner.hit is not None:
+                kind, rid = scanner.hit
+                r = reply("bad_content")
+                rule = self.sp.engine.bundle.where(rid) if rid >= 0 else kind
+        if r is not None:
+            if sink is not None:
+                sink.abort()
+            log.event(action="reject", stage="DATA", rule=rule, client=self.client_label,
+                      size=ev.size, hops=ev.hops, reply=str(r))
+            self.rcpts = []
+            engine.send(r)
+            return
+        self._later(self._commit(sink, ev))
+
+    async def _commit(self, sink, ev: DataEnd):
+        t0 = time.monotonic()
+        try:
+            result = await sink.commit()
+        except Exception:
+            logger.exception("delivery failed client=%s", self.client_label)
+            sink.abort()
+            r = reply("store_failed")
+            log.event(action="tempfail", stage="DATA", client=self.client_label, reply=str(r))
+            return r
+        log.event(action="accept" if result.ok else ("tempfail" if result.reply.temporary else "reject"),
+                  stage="DATA", client=self.client_label, size=ev.size, rcpts=len(self.rcpts),
+                  ms=f"{(time.monotonic() - t0) * 1000:.1f}", detail=result.detail or None,
+                  reply=str(result.reply))
+        self.rcpts = []
+        return result.reply
+
+    def on_auth(self, ev) -> None:
+        self.engine.send(reply("auth_unavailable"))
+
+    def on_rset(self, ev: Rset) -> None:
+        self.sp.reset()
+        self.rcpts = []
+
+    def on_anomaly(self, ev: Anomaly) -> None:
+        log.anomaly(ev.tag, client=self.client_label, detail=ev.detail)
+
+    def on_closed(self, ev: Closed) -> None:
+        if self.sink is not None:
+            self.sink.abort()
+            self.sink = None
+
+
+_HANDLERS = {
+    Helo: SMTPProtocol.on_helo,
+    Mail: SMTPProtocol.on_mail,
+    Rcpt: SMTPProtocol.on_rcpt,
+    DataStart: SMTPProtocol.on_data_start,
+    DataChunk: SMTPProtocol.on_data_chunk,
+    DataEnd: SMTPProtocol.on_data_end,
+    AuthStart: SMTPProtocol.on_auth,
+    AuthResponse: SMTPProtocol.on_auth,
+    Rset: SMTPProtocol.on_rset,
+    Anomaly: SMTPProtocol.on_anomaly,
+    Closed: SMTPProtocol.on_closed,
+}
