@@ -1,1 +1,1 @@
-# aho.pxi: written by its owner
+# aho.pxi: in progress

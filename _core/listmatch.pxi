@@ -1,1 +1,1 @@
-# listmatch.pxi: written by its owner
+# listmatch.pxi: in progress

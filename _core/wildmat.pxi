@@ -1,1 +1,1 @@
-# wildmat.pxi: written by its owner
+# wildmat.pxi: in progress
