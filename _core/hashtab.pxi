@@ -182,6 +182,7 @@ cdef class HashTable:
         cdef Py_ssize_t n = PyBytes_GET_SIZE(key)
         cdef unsigned char stackbuf[256]
         cdef unsigned char* buf = stackbuf
+        stackbuf[0] = 0
         cdef int32_t r
         if n > 256:
             buf = <unsigned char*>malloc(n)
