@@ -1,1 +1,420 @@
-# listmatch.pxi: written by its owner
+# listmatch.pxi: one control file's matcher (hash + wildmat + RE2 regex).
+#
+# Job: answer "which rule of this file decides for this text" in time that
+# does not grow with the number of rules:
+#   - exact / @domain / .suffix / host keys: one HTAB hash table, a handful of
+#     probes chosen by the lookup mode (SPEC B §2.5 stage 2, B §1.8);
+#   - wildmat and regex entries ("pattern entries"): one AHOC automaton over
+#     their required literals yields the candidates; entries without a literal
+#     are always candidates; only candidates are evaluated.
+# Two dialects:
+#   - last_match (spamcontrol, SPEC B §2.5 "last matching line decides"): the
+#     LARGEST rule id among matching hash keys, wildmat entries and
+#     non-negated regexes; candidates are tried in descending id order and
+#     the first match (or reaching the best hash hit) ends the search.
+#   - first_fire (qregex, SPEC B §3.2 "first line that fires decides"): over
+#     regex entries only, the SMALLEST id that fires; a `!` (negated) entry
+#     fires when its regex does NOT match, and an absent required literal
+#     proves "no match" without running the regex.
+#
+# Blob layout ("LMAT", version 1; little-endian, sections 8-byte aligned):
+#   0   char[4] tag "LMAT"      4   u32 version
+#   8   u32 n_wild              12  u32 n_regex
+#   16  u32 n_nolit             20  u32 n_neglit
+#   24  u64 htab_off, 32 u64 htab_len       embedded HTAB blob
+#   40  u64 aho_off,  48 u64 aho_len        embedded AHOC blob (ids = entry index)
+#   56  u64 ent_off                         entry[n_wild + n_regex], 16 bytes:
+#         i32 rule_id, u32 kind_index (bit 31 regex, bit 30 negated,
+#         bits 0-29 index into wild patterns / regexes), u32 pat_off, u32 pat_len
+#   64  u64 nolit_off                       u32[n_nolit]  entries without literal
+#   72  u64 neglit_off                      u32[n_neglit] negated regexes with literal
+#   80  u64 pool_off, 88 u64 pool_len       folded wildmat patterns
+# Entries are sorted by rule id (ascending, distinct), so "descending id" is
+# "descending entry index"; nolit and neglit hold ascending entry indices.
+#
+# Invariants: everything above is validated at construction (offsets and
+# lengths against len(buf), entry indices and pattern ranges, automaton
+# output ids < number of entries); lookups never allocate unless the text is
+# longer than the stack buffer or yields very many distinct candidates.
+# Regex entries are run on the ORIGINAL text (compiled case-insensitive);
+# literals and wildmat run on the ASCII-folded text. Required regex literals
+# must be ASCII-safe under the regex's case folding (the compiler's job).
+
+cdef extern from *:
+    """
+    #define MF_LM_HEADER 96
+    #define MF_LM_REGEX 0x80000000u
+    #define MF_LM_NEG 0x40000000u
+    #define MF_LM_INDEX 0x3FFFFFFFu
+    #define MF_LM_STACK_TEXT 512
+    #define MF_LM_STACK_IDS 128
+    """
+    const uint32_t _LM_HEADER "MF_LM_HEADER"
+    const uint32_t _LM_REGEX "MF_LM_REGEX"
+    const uint32_t _LM_NEG "MF_LM_NEG"
+    const uint32_t _LM_INDEX "MF_LM_INDEX"
+    enum: _LM_STACK_TEXT "MF_LM_STACK_TEXT"
+    enum: _LM_STACK_IDS "MF_LM_STACK_IDS"
+
+MODE_EXACT = 0
+MODE_ADDRESS = 1
+MODE_HOST = 2
+
+ctypedef struct _LmEntry:
+    int32_t rule_id
+    uint32_t kind_index
+    uint32_t pat_off
+    uint32_t pat_len
+
+
+def listmatch_build(hash_keys, hash_ids, wild_patterns, wild_ids,
+                    regex_ids, regex_literals, regex_negated):
+    """Build an LMAT blob for one control file.
+
+    hash_keys/hash_ids: exact keys (folded here too) and their rule ids;
+    wild_patterns/wild_ids: wildmat patterns (literal via wildmat_literal);
+    regex_ids/regex_literals/regex_negated: per regex entry i its rule id,
+    required literal (b"" = none) and qregex `!` flag. Regex texts are not
+    stored. Wildmat and regex ids must be distinct non-negative int32.
+    """
+    cdef Py_ssize_t nw = len(wild_patterns), nr = len(regex_ids)
+    if len(hash_keys) != len(hash_ids):
+        raise ValueError("listmatch_build: hash_keys and hash_ids differ in length")
+    if len(wild_ids) != nw:
+        raise ValueError("listmatch_build: wild_patterns and wild_ids differ in length")
+    if len(regex_literals) != nr or len(regex_negated) != nr:
+        raise ValueError("listmatch_build: regex_ids, regex_literals, regex_negated differ in length")
+    if nw + nr >= <Py_ssize_t>_LM_INDEX:
+        raise ValueError("listmatch_build: too many pattern entries")
+    htab = hashtab_build(hash_keys, hash_ids)
+
+    # (rule_id, kind_index, folded pattern or None, folded literal)
+    cdef list ents = []
+    cdef long long rid
+    for i in range(nw):
+        pat = wild_patterns[i]
+        if not isinstance(pat, bytes):
+            raise TypeError("listmatch_build: wild patterns must be bytes")
+        rid = wild_ids[i]
+        if rid < 0 or rid > INT32_MAX:
+            raise ValueError(f"listmatch_build: id {rid} is not a non-negative int32")
+        ents.append((rid, <uint32_t>i, fold_bytes(pat), wildmat_literal(pat)))
+    for i in range(nr):
+        lit = regex_literals[i]
+        if not isinstance(lit, bytes):
+            raise TypeError("listmatch_build: regex literals must be bytes")
+        rid = regex_ids[i]
+        if rid < 0 or rid > INT32_MAX:
+            raise ValueError(f"listmatch_build: id {rid} is not a non-negative int32")
+        ents.append((rid, _LM_REGEX | (_LM_NEG if regex_negated[i] else 0) | <uint32_t>i,
+                     None, fold_bytes(lit)))
+    ents.sort(key=lambda e: e[0])
+    for i in range(1, len(ents)):
+        if ents[i][0] == ents[i - 1][0]:
+            raise ValueError(f"listmatch_build: duplicate pattern rule id {ents[i][0]}")
+
+    cdef Py_ssize_t npat = len(ents)
+    lits = []
+    lit_ids = []
+    nolit = []
+    neglit = []
+    pool_parts = []
+    cdef uint64_t pool_len = 0
+    for i in range(npat):
+        rid_, ki, pat, lit = ents[i]
+        if lit:
+            lits.append(lit)
+            lit_ids.append(i)
+            if ki & _LM_NEG:
+                neglit.append(i)
+        else:
+            nolit.append(i)
+        if pat is not None:
+            pool_parts.append(pat)
+            pool_len += len(pat)
+    if pool_len >= 0xFFFFFFFF:
+        raise ValueError("listmatch_build: wildmat patterns exceed 4 GiB")
+    aho = aho_build(lits, lit_ids, True)
+    pool = b"".join(pool_parts)
+
+    cdef uint64_t off = _LM_HEADER
+    cdef uint64_t htab_off = off
+    off = _mf_align8(off + len(htab))
+    cdef uint64_t aho_off = off
+    off = _mf_align8(off + len(aho))
+    cdef uint64_t ent_off = off
+    off = _mf_align8(off + <uint64_t>npat * sizeof(_LmEntry))
+    cdef uint64_t nolit_off = off
+    off = _mf_align8(off + <uint64_t>len(nolit) * 4)
+    cdef uint64_t neglit_off = off
+    off = _mf_align8(off + <uint64_t>len(neglit) * 4)
+    cdef uint64_t pool_off = off
+    off = _mf_align8(off + pool_len)
+
+    blob = _mf_new_blob(off)
+    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(blob)
+    memcpy(p, b"LMAT", 4)
+    _mf_wr32(p + 4, 1)
+    _mf_wr32(p + 8, <uint32_t>nw)
+    _mf_wr32(p + 12, <uint32_t>nr)
+    _mf_wr32(p + 16, <uint32_t>len(nolit))
+    _mf_wr32(p + 20, <uint32_t>len(neglit))
+    _mf_wr64(p + 24, htab_off); _mf_wr64(p + 32, len(htab))
+    _mf_wr64(p + 40, aho_off); _mf_wr64(p + 48, len(aho))
+    _mf_wr64(p + 56, ent_off)
+    _mf_wr64(p + 64, nolit_off)
+    _mf_wr64(p + 72, neglit_off)
+    _mf_wr64(p + 80, pool_off); _mf_wr64(p + 88, pool_len)
+    memcpy(p + htab_off, PyBytes_AS_STRING(htab), len(htab))
+    memcpy(p + aho_off, PyBytes_AS_STRING(aho), len(aho))
+    memcpy(p + pool_off, PyBytes_AS_STRING(pool), pool_len)
+    cdef _LmEntry* ent = <_LmEntry*>(p + ent_off)
+    cdef uint32_t* u32
+    cdef uint32_t poff = 0
+    for i in range(npat):
+        rid_, ki, pat, lit = ents[i]
+        ent[i].rule_id = <int32_t>rid_
+        ent[i].kind_index = ki
+        if pat is not None:
+            ent[i].pat_off = poff
+            ent[i].pat_len = <uint32_t>len(pat)
+            poff += <uint32_t>len(pat)
+    u32 = <uint32_t*>(p + nolit_off)
+    for i in range(len(nolit)):
+        u32[i] = nolit[i]
+    u32 = <uint32_t*>(p + neglit_off)
+    for i in range(len(neglit)):
+        u32[i] = neglit[i]
+    return blob
+
+
+cdef inline int32_t _lm_max(int32_t a, int32_t b) noexcept nogil:
+    return a if a > b else b
+
+
+cdef class ListMatcher:
+    """Matcher for one control file over an LMAT blob plus its compiled regexes.
+
+    `regexes[i]` is the compiled RE2 pattern (anything with .search(bytes))
+    of regex entry i, in builder order.
+    """
+    cdef _MfBlob _blob
+    cdef _HtView ht
+    cdef _AhoView aho
+    cdef const _LmEntry* ent
+    cdef const uint32_t* nolit
+    cdef const uint32_t* neglit
+    cdef const unsigned char* pool
+    cdef uint32_t n_wild, n_regex, n_pat, n_nolit, n_neglit
+    cdef tuple _search
+
+    def __cinit__(self, buf, regexes):
+        self._blob = _MfBlob(buf)
+        cdef const unsigned char* p = self._blob.p
+        cdef Py_ssize_t n = self._blob.n
+        _mf_check_header(p, n, b"LMAT", 1, _LM_HEADER, "ListMatcher")
+        self.n_wild = _mf_rd32(p + 8)
+        self.n_regex = _mf_rd32(p + 12)
+        self.n_nolit = _mf_rd32(p + 16)
+        self.n_neglit = _mf_rd32(p + 20)
+        if <uint64_t>self.n_wild + self.n_regex >= _LM_INDEX:
+            raise ValueError("ListMatcher: bad entry counts")
+        self.n_pat = self.n_wild + self.n_regex
+        cdef uint64_t htab_off = _lm_section(p, n, 24, 32, 0, "hash table")
+        cdef uint64_t aho_off = _lm_section(p, n, 40, 48, 0, "automaton")
+        cdef uint64_t ent_off = _lm_section(p, n, 56, 0, <uint64_t>self.n_pat * sizeof(_LmEntry), "entries")
+        cdef uint64_t nolit_off = _lm_section(p, n, 64, 0, <uint64_t>self.n_nolit * 4, "no-literal list")
+        cdef uint64_t neglit_off = _lm_section(p, n, 72, 0, <uint64_t>self.n_neglit * 4, "negated list")
+        cdef uint64_t pool_off = _lm_section(p, n, 80, 88, 0, "pattern pool")
+        cdef uint64_t pool_len = _mf_rd64(p + 88)
+        _ht_view_init(&self.ht, p + htab_off, <Py_ssize_t>_mf_rd64(p + 32))
+        _aho_view_init(&self.aho, p + aho_off, <Py_ssize_t>_mf_rd64(p + 48))
+        self.ent = <const _LmEntry*>(p + ent_off)
+        self.nolit = <const uint32_t*>(p + nolit_off)
+        self.neglit = <const uint32_t*>(p + neglit_off)
+        self.pool = p + pool_off
+        cdef uint32_t i, idx
+        cdef const _LmEntry* e
+        for i in range(self.n_pat):
+            e = &self.ent[i]
+            if e.rule_id < 0 or (i > 0 and e.rule_id <= self.ent[i - 1].rule_id):
+                raise ValueError(f"ListMatcher: entry {i}: rule ids not ascending")
+            idx = e.kind_index & _LM_INDEX
+            if e.kind_index & _LM_REGEX:
+                if idx >= self.n_regex:
+                    raise ValueError(f"ListMatcher: entry {i}: regex index out of range")
+            else:
+                if idx >= self.n_wild or (e.kind_index & _LM_NEG):
+                    raise ValueError(f"ListMatcher: entry {i}: wildmat index out of range")
+                if <uint64_t>e.pat_off + e.pat_len > pool_len:
+                    raise ValueError(f"ListMatcher: entry {i}: pattern outside the pool")
+        for i in range(self.n_nolit):
+            if self.nolit[i] >= self.n_pat or (i > 0 and self.nolit[i] <= self.nolit[i - 1]):
+                raise ValueError("ListMatcher: bad no-literal list")
+        for i in range(self.n_neglit):
+            if (self.neglit[i] >= self.n_pat or (i > 0 and self.neglit[i] <= self.neglit[i - 1])
+                    or (self.ent[self.neglit[i]].kind_index & _LM_NEG) == 0):
+                raise ValueError("ListMatcher: bad negated-literal list")
+        for i in range(self.aho.nout):
+            if <uint32_t>self.aho.outs[i].id >= self.n_pat:
+                raise ValueError("ListMatcher: automaton output outside the entries")
+        if len(regexes) != self.n_regex:
+            raise ValueError(f"ListMatcher: blob has {self.n_regex} regex entries, "
+                             f"{len(regexes)} regexes given")
+        self._search = tuple([r.search for r in regexes])
+
+    cdef int32_t _hash_best(self, const unsigned char* t, Py_ssize_t n, int mode) noexcept:
+        """Largest hash-table id among the keys `mode` derives from t (folded)."""
+        cdef int32_t best = _ht_lookup(&self.ht, t, n)
+        cdef Py_ssize_t i, at = -1
+        if mode == 1:                       # MODE_ADDRESS
+            i = n - 1
+            while i >= 0:
+                if t[i] == b'@':
+                    at = i
+                    break
+                i -= 1
+            if at < 0:
+                return best                 # no @: the address only
+            best = _lm_max(best, _ht_lookup(&self.ht, t + at, n - at))     # @domain
+            for i in range(at + 1, n):
+                if t[i] == b'.':
+                    best = _lm_max(best, _ht_lookup(&self.ht, t + i, n - i))
+        elif mode == 2:                     # MODE_HOST
+            for i in range(n):
+                if t[i] == b'.':
+                    best = _lm_max(best, _ht_lookup(&self.ht, t + i, n - i))
+        return best
+
+    def last_match(self, bytes text not None, int mode):
+        """spamcontrol dialect (SPEC B §2.5): the largest rule id of all entries
+        matching `text` (hash keys per `mode`, wildmat, non-negated regexes),
+        -1 if none."""
+        if mode < 0 or mode > 2:
+            raise ValueError(f"last_match: unknown mode {mode}")
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(text)
+        cdef unsigned char stack_text[_LM_STACK_TEXT]
+        cdef int32_t stack_ids[_LM_STACK_IDS]
+        cdef unsigned char* t = stack_text
+        cdef _IdBuf hits
+        cdef int32_t best
+        cdef Py_ssize_t hi, ni
+        cdef uint32_t e
+        cdef const _LmEntry* en
+        if n > _LM_STACK_TEXT:
+            t = <unsigned char*>malloc(n)
+            if t == NULL:
+                raise MemoryError()
+        _idbuf_init(&hits, stack_ids, _LM_STACK_IDS)
+        try:
+            fold_into(t, <const unsigned char*>PyBytes_AS_STRING(text), n)
+            best = self._hash_best(t, n, mode)
+            if self.n_pat == 0:
+                return best
+            if _aho_scan_into(&self.aho, t, n, &hits) < 0:
+                raise MemoryError()
+            hits.n = _sort_unique_i32(hits.data, hits.n)
+            hi = hits.n - 1
+            ni = <Py_ssize_t>self.n_nolit - 1
+            while hi >= 0 or ni >= 0:
+                # next candidate in descending entry (= rule id) order
+                if ni < 0 or (hi >= 0 and <uint32_t>hits.data[hi] > self.nolit[ni]):
+                    e = <uint32_t>hits.data[hi]
+                    hi -= 1
+                else:
+                    e = self.nolit[ni]
+                    ni -= 1
+                en = &self.ent[e]
+                if en.rule_id <= best:
+                    break
+                if en.kind_index & _LM_REGEX:
+                    if en.kind_index & _LM_NEG:
+                        continue
+                    if self._search[en.kind_index & _LM_INDEX](text) is not None:
+                        return en.rule_id
+                elif wm_match(self.pool + en.pat_off, en.pat_len, t, n):
+                    return en.rule_id
+            return best
+        finally:
+            _idbuf_free(&hits)
+            if t != stack_text:
+                free(t)
+
+    def first_fire(self, bytes text not None):
+        """qregex dialect (SPEC B §3.2): over regex entries only, the smallest
+        rule id that fires (normal: regex matches; `!`: regex does not match),
+        -1 if none."""
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(text)
+        cdef unsigned char stack_text[_LM_STACK_TEXT]
+        cdef int32_t stack_ids[_LM_STACK_IDS]
+        cdef unsigned char* t = stack_text
+        cdef _IdBuf hits
+        cdef Py_ssize_t hi, ni, k
+        cdef int64_t bound = -1
+        cdef uint32_t e
+        cdef const _LmEntry* en
+        cdef bint matched
+        if self.n_regex == 0:
+            return -1
+        if n > _LM_STACK_TEXT:
+            t = <unsigned char*>malloc(n)
+            if t == NULL:
+                raise MemoryError()
+        _idbuf_init(&hits, stack_ids, _LM_STACK_IDS)
+        try:
+            fold_into(t, <const unsigned char*>PyBytes_AS_STRING(text), n)
+            if _aho_scan_into(&self.aho, t, n, &hits) < 0:
+                raise MemoryError()
+            hits.n = _sort_unique_i32(hits.data, hits.n)
+            # The first negated entry whose literal is absent fires for sure.
+            hi = 0
+            for k in range(self.n_neglit):
+                e = self.neglit[k]
+                while hi < hits.n and <uint32_t>hits.data[hi] < e:
+                    hi += 1
+                if hi < hits.n and <uint32_t>hits.data[hi] == e:
+                    continue
+                bound = e
+                break
+            # Smaller candidates, ascending: the first that fires wins.
+            hi = 0
+            ni = 0
+            while hi < hits.n or ni < self.n_nolit:
+                if ni >= self.n_nolit or (hi < hits.n and <uint32_t>hits.data[hi] < self.nolit[ni]):
+                    e = <uint32_t>hits.data[hi]
+                    hi += 1
+                else:
+                    e = self.nolit[ni]
+                    ni += 1
+                if bound >= 0 and e >= bound:
+                    break
+                en = &self.ent[e]
+                if not (en.kind_index & _LM_REGEX):
+                    continue
+                matched = self._search[en.kind_index & _LM_INDEX](text) is not None
+                if matched != ((en.kind_index & _LM_NEG) != 0):
+                    return en.rule_id
+            if bound >= 0:
+                return self.ent[bound].rule_id
+            return -1
+        finally:
+            _idbuf_free(&hits)
+            if t != stack_text:
+                free(t)
+
+    def counts(self):
+        """Sizes: distinct hash keys, wildmat and regex entries, automaton states."""
+        return {"hash": self.ht.nentries, "wildmat": self.n_wild,
+                "regex": self.n_regex, "aho_states": self.aho.nstates}
+
+
+cdef int64_t _lm_section(const unsigned char* p, Py_ssize_t n, int off_at, int len_at,
+                         uint64_t fixed_len, str what) except -1:
+    """Offset of a section whose offset is stored at p+off_at and whose length
+    is stored at p+len_at (or is fixed_len when len_at == 0); checks bounds."""
+    cdef uint64_t off = _mf_rd64(p + off_at)
+    cdef uint64_t length = _mf_rd64(p + len_at) if len_at else fixed_len
+    if off & 7 or off < _LM_HEADER or off > <uint64_t>n or length > <uint64_t>n - off:
+        raise ValueError(f"ListMatcher: {what} section outside the blob "
+                         f"(offset {off}, length {length}, blob {n} bytes)")
+    return <int64_t>off
