@@ -42,6 +42,7 @@ from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_GET_SIZE,
 cdef extern from "md5.h" nogil:
     void mf_md5_init(uint32_t st[4])
     void mf_md5_compress(uint32_t st[4], const unsigned char *block)
+    void mf_md5_finish_outer16(uint32_t st[4], const uint32_t inner[4])
     void mf_md5_finish(uint32_t st[4], const unsigned char *p, size_t n,
                        uint64_t prefix_len, unsigned char out[16])
     uint32_t mf_md5_le32(const unsigned char *p)
@@ -78,14 +79,18 @@ cdef inline void _cram_hmac(const unsigned char* states,
     # RFC 2104: H(K ^ opad, H(K ^ ipad, text)), resumed after the first block
     # of each side; both continuations have 64 bytes of prefix already.
     cdef uint32_t st[4]
+    cdef uint32_t ist[4]
     cdef unsigned char inner[16]
     cdef int i
     for i in range(4):
-        st[i] = mf_md5_le32(states + 4 * i)
-    mf_md5_finish(st, msg, <size_t>n, 64, inner)
+        ist[i] = mf_md5_le32(states + 4 * i)
+    mf_md5_finish(ist, msg, <size_t>n, 64, inner)
     for i in range(4):
         st[i] = mf_md5_le32(states + 16 + 4 * i)
-    mf_md5_finish(st, inner, 16, 64, out)
+    # inner digest bytes == ist words little-endian, fed as words directly
+    mf_md5_finish_outer16(st, ist)
+    for i in range(4):
+        mf_md5_put_le32(out + 4 * i, st[i])
 
 
 def cram_states(bytes secret not None):

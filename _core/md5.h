@@ -3,9 +3,11 @@
  * Only what HMAC-MD5 / CRAM-MD5 (RFC 2104, RFC 2195) needs:
  *   mf_md5_init      the RFC 1321 §3.3 initial chaining state A, B, C, D
  *   mf_md5_compress  one 64-byte block into a chaining state (RFC 1321 §3.4)
+ *   mf_md5_compress_words  the same on 16 message words already loaded
  *   mf_md5_finish    the rest of a message plus padding and length (§3.1, §3.2),
  *                    continuing from a state that has already absorbed
  *                    `prefix_len` bytes (a multiple of 64); writes the digest (§3.5)
+ *   mf_md5_finish_outer16  HMAC's outer finish over a 16-byte inner digest
  *
  * The state is four uint32 words; the digest is those words little-endian.
  * Byte order is handled explicitly, so this is correct on any host.
@@ -26,6 +28,16 @@
 #define MF_MD5_G(x, y, z) ((y) ^ ((z) & ((x) ^ (y))))
 #define MF_MD5_H(x, y, z) ((x) ^ (y) ^ (z))
 #define MF_MD5_I(x, y, z) ((y) ^ ((x) | ~(z)))
+
+/* Round 2 step: G's two terms select disjoint bits, so their OR is their
+ * sum; adding the b-independent term first shortens the dependency chain
+ * through b (same result as MF_MD5_STEP with MF_MD5_G). */
+#define MF_MD5_STEP2(a, b, c, d, xk, s, t) do {            \
+        (a) += (xk) + (uint32_t)(t) + ((c) & ~(d));         \
+        (a) += (b) & (d);                                   \
+        (a) = MF_MD5_ROTL((a), (s));                        \
+        (a) += (b);                                         \
+    } while (0)
 
 #define MF_MD5_ROTL(v, s) (((v) << (s)) | ((v) >> (32 - (s))))
 
@@ -59,14 +71,11 @@ static inline void mf_md5_init(uint32_t st[4])
     st[3] = 0x10325476u;
 }
 
-/* RFC 1321 §3.4: process one 16-word block. T[i] = floor(2^32 * |sin(i)|). */
-static inline void mf_md5_compress(uint32_t st[4], const unsigned char *block)
+/* RFC 1321 §3.4: process one block given as 16 words X[0..15].
+ * T[i] = floor(2^32 * |sin(i)|), i = 1..64. */
+static inline void mf_md5_compress_words(uint32_t st[4], const uint32_t x[16])
 {
-    uint32_t x[16];
     uint32_t a = st[0], b = st[1], c = st[2], d = st[3];
-    int k;
-    for (k = 0; k < 16; k++)
-        x[k] = mf_md5_le32(block + 4 * k);
 
     MF_MD5_STEP(MF_MD5_F, a, b, c, d, x[ 0],  7, 0xd76aa478u);
     MF_MD5_STEP(MF_MD5_F, d, a, b, c, x[ 1], 12, 0xe8c7b756u);
@@ -85,22 +94,22 @@ static inline void mf_md5_compress(uint32_t st[4], const unsigned char *block)
     MF_MD5_STEP(MF_MD5_F, c, d, a, b, x[14], 17, 0xa679438eu);
     MF_MD5_STEP(MF_MD5_F, b, c, d, a, x[15], 22, 0x49b40821u);
 
-    MF_MD5_STEP(MF_MD5_G, a, b, c, d, x[ 1],  5, 0xf61e2562u);
-    MF_MD5_STEP(MF_MD5_G, d, a, b, c, x[ 6],  9, 0xc040b340u);
-    MF_MD5_STEP(MF_MD5_G, c, d, a, b, x[11], 14, 0x265e5a51u);
-    MF_MD5_STEP(MF_MD5_G, b, c, d, a, x[ 0], 20, 0xe9b6c7aau);
-    MF_MD5_STEP(MF_MD5_G, a, b, c, d, x[ 5],  5, 0xd62f105du);
-    MF_MD5_STEP(MF_MD5_G, d, a, b, c, x[10],  9, 0x02441453u);
-    MF_MD5_STEP(MF_MD5_G, c, d, a, b, x[15], 14, 0xd8a1e681u);
-    MF_MD5_STEP(MF_MD5_G, b, c, d, a, x[ 4], 20, 0xe7d3fbc8u);
-    MF_MD5_STEP(MF_MD5_G, a, b, c, d, x[ 9],  5, 0x21e1cde6u);
-    MF_MD5_STEP(MF_MD5_G, d, a, b, c, x[14],  9, 0xc33707d6u);
-    MF_MD5_STEP(MF_MD5_G, c, d, a, b, x[ 3], 14, 0xf4d50d87u);
-    MF_MD5_STEP(MF_MD5_G, b, c, d, a, x[ 8], 20, 0x455a14edu);
-    MF_MD5_STEP(MF_MD5_G, a, b, c, d, x[13],  5, 0xa9e3e905u);
-    MF_MD5_STEP(MF_MD5_G, d, a, b, c, x[ 2],  9, 0xfcefa3f8u);
-    MF_MD5_STEP(MF_MD5_G, c, d, a, b, x[ 7], 14, 0x676f02d9u);
-    MF_MD5_STEP(MF_MD5_G, b, c, d, a, x[12], 20, 0x8d2a4c8au);
+    MF_MD5_STEP2(a, b, c, d, x[ 1],  5, 0xf61e2562u);
+    MF_MD5_STEP2(d, a, b, c, x[ 6],  9, 0xc040b340u);
+    MF_MD5_STEP2(c, d, a, b, x[11], 14, 0x265e5a51u);
+    MF_MD5_STEP2(b, c, d, a, x[ 0], 20, 0xe9b6c7aau);
+    MF_MD5_STEP2(a, b, c, d, x[ 5],  5, 0xd62f105du);
+    MF_MD5_STEP2(d, a, b, c, x[10],  9, 0x02441453u);
+    MF_MD5_STEP2(c, d, a, b, x[15], 14, 0xd8a1e681u);
+    MF_MD5_STEP2(b, c, d, a, x[ 4], 20, 0xe7d3fbc8u);
+    MF_MD5_STEP2(a, b, c, d, x[ 9],  5, 0x21e1cde6u);
+    MF_MD5_STEP2(d, a, b, c, x[14],  9, 0xc33707d6u);
+    MF_MD5_STEP2(c, d, a, b, x[ 3], 14, 0xf4d50d87u);
+    MF_MD5_STEP2(b, c, d, a, x[ 8], 20, 0x455a14edu);
+    MF_MD5_STEP2(a, b, c, d, x[13],  5, 0xa9e3e905u);
+    MF_MD5_STEP2(d, a, b, c, x[ 2],  9, 0xfcefa3f8u);
+    MF_MD5_STEP2(c, d, a, b, x[ 7], 14, 0x676f02d9u);
+    MF_MD5_STEP2(b, c, d, a, x[12], 20, 0x8d2a4c8au);
 
     MF_MD5_STEP(MF_MD5_H, a, b, c, d, x[ 5],  4, 0xfffa3942u);
     MF_MD5_STEP(MF_MD5_H, d, a, b, c, x[ 8], 11, 0x8771f681u);
@@ -140,6 +149,32 @@ static inline void mf_md5_compress(uint32_t st[4], const unsigned char *block)
     st[1] += b;
     st[2] += c;
     st[3] += d;
+}
+
+/* One 64-byte block; words are read little-endian (RFC 1321 §2). */
+static inline void mf_md5_compress(uint32_t st[4], const unsigned char *block)
+{
+    uint32_t x[16];
+    int k;
+    for (k = 0; k < 16; k++)
+        x[k] = mf_md5_le32(block + 4 * k);
+    mf_md5_compress_words(st, x);
+}
+
+/* HMAC outer finish (RFC 2104) when the outer state has absorbed exactly one
+ * 64-byte block: the remaining message is the 16-byte inner digest, i.e. the
+ * inner state words `inner` as they are, so the final block is known word by
+ * word: digest, 0x80, zeros, bit length 8 * (64 + 16) = 640. */
+static inline void mf_md5_finish_outer16(uint32_t st[4], const uint32_t inner[4])
+{
+    uint32_t x[16] = {0};
+    x[0] = inner[0];
+    x[1] = inner[1];
+    x[2] = inner[2];
+    x[3] = inner[3];
+    x[4] = 0x80u;
+    x[14] = 640u;
+    mf_md5_compress_words(st, x);
 }
 
 /* Absorb the last `n` bytes of a message and finish it (RFC 1321 §3.1-3.2:
