@@ -14,7 +14,7 @@ Layout (all integers little-endian):
    40  fingerprint 32 SHA-256 of the source files (compiler.fingerprint)
    72  counts     7 x u32: exact, domain+suffix+host, wildmat, regex, cidr, decorated, other
   100  reserved to 128
-  table of contents: n_sections x 40 bytes (name 24 bytes NUL-padded, offset u64, length u64)
+  table of contents: n_sections x 48 bytes (name 32 bytes NUL-padded, offset u64, length u64)
   sections, each 8-byte aligned; offsets are from the start of the file.
 
 Sections are the flat blobs of compiler.py. Loading maps the file, checks
@@ -42,7 +42,7 @@ MAGIC = b"MFBUNDL\0"
 FORMAT_VERSION = 1
 BYTEORDER = 0x01020304
 HEADER = struct.Struct("<8sIIIIQII32s7I28x")
-TOC_ENTRY = struct.Struct("<24sQQ")
+TOC_ENTRY = struct.Struct("<32sQQ")
 assert HEADER.size == 128
 
 MODE_EXACT, MODE_ADDRESS, MODE_HOST = 0, 1, 2
@@ -81,7 +81,7 @@ def serialize(compiled: Compiled) -> bytes:
     body = bytearray()
     for name in names:
         data = sections[name]
-        if len(name.encode()) > 24:
+        if len(name.encode()) > 32:
             raise ValueError(f"section name too long: {name}")
         pad = _align(offset + len(body)) - (offset + len(body))
         body += b"\0" * pad
