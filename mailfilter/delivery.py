@@ -923,10 +923,12 @@ class SmtpDelivery(_SpoolingDelivery):
 
     @staticmethod
     async def _quit(conn: _Conn) -> None:
-        # Politeness only: the outcome is already decided.
+        """QUIT and wait (briefly) for the 221, so the downstream logs a clean
+        session end. Politeness only: the outcome is already decided."""
+        conn.timeout = min(conn.timeout, 5.0)
         try:
-            conn.writer.write(b"QUIT\r\n")
-        except (OSError, RuntimeError):
+            await conn.command(b"QUIT\r\n")
+        except (_Downstream, OSError, TimeoutError, ValueError):
             pass
 
 

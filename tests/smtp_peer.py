@@ -43,6 +43,8 @@ class Peer:
         self.sessions: list[Session] = []
         self._server: asyncio.AbstractServer | None = None
         self._handlers: set[asyncio.Task] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._closing = asyncio.Event()
         self.port = 0
 
     async def __aenter__(self) -> "Peer":
@@ -51,9 +53,12 @@ class Peer:
         return self
 
     async def __aexit__(self, *exc) -> None:
+        # End handlers by closing their connections (a cancelled handler task
+        # makes asyncio's start_server callback log a spurious error).
         self._server.close()
-        for t in list(self._handlers):
-            t.cancel()
+        self._closing.set()
+        for w in list(self._writers):
+            w.transport.abort()
         await asyncio.gather(*self._handlers, return_exceptions=True)
         await self._server.wait_closed()
 
@@ -71,13 +76,15 @@ class Peer:
             writer.transport.abort()
             return False
         if action == "hang":
-            await asyncio.Event().wait()  # cancelled by __aexit__
+            await self._closing.wait()   # set by __aexit__
+            return False
         writer.write(action.encode() + b"\r\n")
         await writer.drain()
         return True
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._handlers.add(asyncio.current_task())
+        self._writers.add(writer)
         s = Session()
         self.sessions.append(s)
         try:
@@ -119,6 +126,7 @@ class Peer:
                     return
         finally:
             writer.close()
+            self._writers.discard(writer)
             self._handlers.discard(asyncio.current_task())
 
     @staticmethod
@@ -127,7 +135,7 @@ class Peer:
         while True:
             line = await reader.readline()
             if not line:
-                raise ConnectionError("EOF inside DATA")
+                return   # EOF inside DATA: the session ends, nothing recorded
             wire.append(line)
             if line == b".\r\n":
                 break
