@@ -126,6 +126,11 @@ REPLIES: dict[str, Reply] = {
     "auth_required": R(530, "5.7.0", "authentication required"),
     "auth_needs_tls": R(538, "5.7.11", "encryption required for requested authentication mechanism"),
     "auth_challenge": R(334, "", "{data}"),
+    # --- delivery additions (SPEC B §1.11: qmail-queue exits whose enhanced
+    # code is not 4.3.0 / 5.3.0) ---------------------------------------------
+    "queue_temp_net": R(451, "4.4.1", "{text}"),
+    "queue_temp_comm": R(451, "4.4.2", "{text}"),
+    "queue_perm_addr": R(554, "5.1.3", "{text}"),
 }
 
 

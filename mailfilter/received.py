@@ -1,0 +1,72 @@
+"""The Received header mailfilter prepends to every accepted message.
+
+Job: reproduce qmail-smtpd's two-line trace header (SPEC B §1.12, qmail
+`received.c` + `date822fmt.c`) byte for byte, with the RFC 3848 protocol names:
+
+    Received: from <REMOTEHOST> (HELO <helo>) (<AUTHUSER>@<REMOTEIP>)
+      by <LOCAL> with ESMTP; <d> <Mon> <yyyy> <hh>:<mm>:<ss> -0000
+
+Invariants:
+- LF line ends only: the message is in qmail storage format (SPEC B §1.11).
+- `(HELO <helo>)` only when the HELO/EHLO argument differs, ASCII
+  case-insensitively, from the remote host name (qmail `case_diffs`); an empty
+  HELO means "none given" and is omitted like qmail's default helohost.
+- `<AUTHUSER>@` only for an authenticated session; it takes the place of
+  qmail's TCPREMOTEINFO.
+- Every byte of a variable part that is not `[A-Za-z0-9.@%+/=:-]` is written
+  as `?` (qmail `safeput`), so no peer-supplied byte can break the header.
+  Non-ASCII text counts per UTF-8 byte, as qmail sees bytes.
+- The date is always UTC written as `-0000`, day without leading zero,
+  English month names regardless of locale.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mailfilter.delivery import Envelope
+
+__all__ = ["received_header", "safe", "date822"]
+
+_SAFE = frozenset(
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.@%+/=:-"
+)
+# bytes.translate table: safe bytes map to themselves, every other byte to "?"
+_TABLE = bytes(b if b in _SAFE else ord("?") for b in range(256))
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
+           "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def safe(value: str) -> bytes:
+    """qmail `safeput`: unsafe bytes become `?` (SPEC B §1.12)."""
+    return value.encode("utf-8", "surrogateescape").translate(_TABLE)
+
+
+def date822(when: float) -> bytes:
+    """qmail `date822fmt`: `26 Sep 1995 04:46:54 -0000` (UTC, no leading zero)."""
+    t = time.gmtime(int(when))
+    return (f"{t.tm_mday} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} -0000").encode()
+
+
+def protocol(env: "Envelope") -> bytes:
+    """RFC 3848 §2 with-protocol: ESMTP, ESMTPA, ESMTPS, ESMTPSA."""
+    return b"ESMTP" + (b"S" if env.tls else b"") + (b"A" if env.auth_user else b"")
+
+
+def received_header(env: "Envelope", when: float | None = None) -> bytes:
+    """The two-line Received header for `env`, LF-terminated (SPEC B §1.12)."""
+    remotehost = env.client_host or "unknown"
+    out = [b"Received: from ", safe(remotehost)]
+    helo = env.helo
+    # qmail: fakehelo = case_diffs(remotehost, helohost) ? helohost : 0
+    if helo and helo.lower() != remotehost.lower():
+        out += [b" (HELO ", safe(helo), b")"]
+    out.append(b" (")
+    if env.auth_user:
+        out += [safe(env.auth_user), b"@"]
+    out += [safe(env.client_ip or "unknown"), b")\n  by ",
+            safe(env.local_host or "unknown"), b" with ", protocol(env), b"; ",
+            date822(time.time() if when is None else when), b"\n"]
+    return b"".join(out)

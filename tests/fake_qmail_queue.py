@@ -1,0 +1,39 @@
+"""A fake qmail-queue (qmail-queue(8) protocol, SPEC B §1.11) for tests.
+
+Reads the message from fd 0 to EOF, then the envelope from fd 1 to EOF, writes
+them to $FAKEQQ_OUT.msg and $FAKEQQ_OUT.env, and exits with $FAKEQQ_EXIT
+(default 0). FAKEQQ_EXIT=kill: SIGKILL itself after reading;
+FAKEQQ_EXIT=noread:N exits N without reading anything.
+"""
+import os
+import signal
+import sys
+
+
+def read_all(fd: int) -> bytes:
+    parts = []
+    while True:
+        b = os.read(fd, 65536)
+        if not b:
+            return b"".join(parts)
+        parts.append(b)
+
+
+def main() -> int:
+    how = os.environ.get("FAKEQQ_EXIT", "0")
+    if how.startswith("noread:"):
+        return int(how.split(":", 1)[1])
+    msg = read_all(0)
+    env = read_all(1)
+    out = os.environ["FAKEQQ_OUT"]
+    with open(out + ".msg", "wb") as f:
+        f.write(msg)
+    with open(out + ".env", "wb") as f:
+        f.write(env)
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return int(how)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

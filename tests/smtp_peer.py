@@ -1,0 +1,146 @@
+"""A tiny scripted SMTP/LMTP server on 127.0.0.1 for delivery tests.
+
+It records every command line and the DATA bytes exactly as received (wire
+form) plus the un-stuffed LF message, and answers per stage from a script:
+
+    Peer(script={"rcpt": {"bad@x": "550 5.1.1 no such user"}, "eod": "451 4.3.0 later"})
+
+Stages: greeting, ehlo (EHLO/HELO/LHLO), mail, rcpt, data, eod, quit. A stage
+value is a reply line (CRLF added), "drop" (close the connection at once) or
+"hang" (never answer). "rcpt" may be a dict keyed by address; for LMTP "eod"
+may be a list, one reply per accepted recipient (RFC 2033 §4.2).
+Everything is recorded before the reply to it is written, so a test that has
+awaited the delivery result can read the records without further sync.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+DEFAULTS = {
+    "greeting": "220 peer.test ESMTP",
+    "ehlo": "250 peer.test",
+    "mail": "250 2.1.0 ok",
+    "rcpt": "250 2.1.5 ok",
+    "data": "354 go ahead",
+    "eod": "250 2.0.0 ok queued",
+    "quit": "221 2.0.0 bye",
+}
+
+
+@dataclass
+class Session:
+    commands: list[str] = field(default_factory=list)
+    wire: bytes = b""        # DATA bytes as received, up to and incl. ".\r\n"
+    message: bytes = b""     # un-stuffed, CRLF -> LF
+    rcpts_ok: list[str] = field(default_factory=list)
+
+
+class Peer:
+    def __init__(self, script: dict | None = None, lmtp: bool = False) -> None:
+        self.script = dict(DEFAULTS, **(script or {}))
+        self.lmtp = lmtp
+        self.sessions: list[Session] = []
+        self._server: asyncio.AbstractServer | None = None
+        self._handlers: set[asyncio.Task] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._closing = asyncio.Event()
+        self.port = 0
+
+    async def __aenter__(self) -> "Peer":
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        # End handlers by closing their connections (a cancelled handler task
+        # makes asyncio's start_server callback log a spurious error).
+        self._server.close()
+        self._closing.set()
+        for w in list(self._writers):
+            w.transport.abort()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self._server.wait_closed()
+
+    def _action(self, stage: str, key: str | None = None, index: int = 0):
+        a = self.script[stage]
+        if isinstance(a, dict):
+            a = a.get(key, DEFAULTS[stage])
+        elif isinstance(a, list):
+            a = a[index]
+        return a
+
+    async def _say(self, writer: asyncio.StreamWriter, action: str) -> bool:
+        """Send the scripted reply; False when the connection is to end."""
+        if action == "drop":
+            writer.transport.abort()
+            return False
+        if action == "hang":
+            await self._closing.wait()   # set by __aexit__
+            return False
+        writer.write(action.encode() + b"\r\n")
+        await writer.drain()
+        return True
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._handlers.add(asyncio.current_task())
+        self._writers.add(writer)
+        s = Session()
+        self.sessions.append(s)
+        try:
+            if not await self._say(writer, self._action("greeting")):
+                return
+            while True:
+                line = await reader.readline()
+                if not line:
+                    return
+                cmd = line.decode().rstrip("\r\n")
+                s.commands.append(cmd)
+                verb = cmd.split(" ", 1)[0].upper()
+                if verb in ("EHLO", "HELO", "LHLO"):
+                    act = self._action("ehlo")
+                elif verb == "MAIL":
+                    act = self._action("mail")
+                elif verb == "RCPT":
+                    addr = cmd.split(":", 1)[1].strip().strip("<>")
+                    act = self._action("rcpt", addr)
+                    if act.startswith("2"):
+                        s.rcpts_ok.append(addr)
+                elif verb == "DATA":
+                    act = self._action("data")
+                    if not await self._say(writer, act):
+                        return
+                    if act.startswith("354"):
+                        await self._read_data(reader, s)
+                        n = len(s.rcpts_ok) if self.lmtp else 1
+                        for i in range(n):
+                            if not await self._say(writer, self._action("eod", index=i)):
+                                return
+                    continue
+                elif verb == "QUIT":
+                    await self._say(writer, self._action("quit"))
+                    return
+                else:
+                    act = "250 2.0.0 ok"
+                if not await self._say(writer, act):
+                    return
+        finally:
+            writer.close()
+            self._writers.discard(writer)
+            self._handlers.discard(asyncio.current_task())
+
+    @staticmethod
+    async def _read_data(reader: asyncio.StreamReader, s: Session) -> None:
+        wire, msg = [], []
+        while True:
+            line = await reader.readline()
+            if not line:
+                return   # EOF inside DATA: the session ends, nothing recorded
+            wire.append(line)
+            if line == b".\r\n":
+                break
+            if line.startswith(b"."):
+                line = line[1:]   # RFC 5321 §4.5.2 transparency
+            msg.append(line.replace(b"\r\n", b"\n"))
+        s.wire = b"".join(wire)
+        s.message = b"".join(msg)

@@ -1,0 +1,601 @@
+"""Delivery tests: real directories, real processes, real sockets on 127.0.0.1.
+
+SPEC A §9 "250 means stored": every test checks both the reply and where the
+bytes ended up (or that they ended up nowhere). No sleeps: every wait is on a
+real event (a result, a pipe line, a process exit) with a bounded timeout.
+"""
+from __future__ import annotations
+
+import asyncio
+import calendar
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from mailfilter.delivery import (
+    QQ_EXITS, Delivery, DiscardDelivery, Envelope, LmtpDelivery, MaildirDelivery,
+    QmailQueueDelivery, SmtpDelivery, received_header, smtp_encode,
+)
+from mailfilter.replies import reply
+from tests.smtp_peer import Peer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TIMEOUT = 30
+
+
+def run(coro, timeout: float = TIMEOUT):
+    async def bounded():
+        return await asyncio.wait_for(coro, timeout)
+    return asyncio.run(bounded())
+
+
+def env(sender="a@example.com", rcpts=("b@example.org",), **kw) -> Envelope:
+    base = dict(helo="client.test", client_ip="192.0.2.1", client_host="client.test",
+                auth_user=None, tls=False, local_host="mx.test")
+    base.update(kw)
+    return Envelope(sender, list(rcpts), **base)
+
+
+MSG = b"Subject: hi\n\nline one\n.leading dot\n..two dots\nlast\n"
+
+
+async def deliver(d: Delivery, e: Envelope, data: bytes, bytewise: bool = False):
+    sink = d.open(e)
+    if bytewise:
+        for i in range(len(data)):
+            sink.write(data[i:i + 1])
+    else:
+        sink.write(data)
+    return await sink.commit()
+
+
+def child_env() -> dict:
+    e = dict(os.environ, PYTHONPATH=ROOT, PYTHONDONTWRITEBYTECODE="1")
+    return e
+
+
+# ---------------------------------------------------------------------------
+# from_spec
+# ---------------------------------------------------------------------------
+
+def test_from_spec_kinds(tmp_path):
+    assert isinstance(Delivery.from_spec(f"maildir:{tmp_path}/m"), MaildirDelivery)
+    q = Delivery.from_spec("qmail-queue:/var/qmail/bin/qmail-queue -x  y")
+    assert isinstance(q, QmailQueueDelivery) and q.argv == ["/var/qmail/bin/qmail-queue", "-x", "y"]
+    s = Delivery.from_spec("smtp:127.0.0.1:2525")
+    assert type(s) is SmtpDelivery and (s.host, s.port) == ("127.0.0.1", 2525)
+    l6 = Delivery.from_spec("lmtp:[::1]:24")
+    assert type(l6) is LmtpDelivery and (l6.host, l6.port) == ("::1", 24)
+    assert isinstance(Delivery.from_spec("discard"), DiscardDelivery)
+    # from_spec does no I/O: the maildir is created on first open
+    assert not os.path.exists(tmp_path / "m")
+
+
+@pytest.mark.parametrize("spec", [
+    "", "maildir", "maildir:", "mbox:/x", "qmail-queue:", "qmail-queue:   ",
+    "smtp:host", "smtp:host:", "smtp::25", "smtp:host:0", "smtp:host:65536",
+    "lmtp:host:port", "discard:x",
+])
+def test_from_spec_rejects(spec):
+    with pytest.raises(ValueError) as ei:
+        Delivery.from_spec(spec)
+    assert "expected" in str(ei.value) or "needs" in str(ei.value)
+
+
+def test_discard_always_queued():
+    async def go():
+        d = Delivery.from_spec("discard")
+        res = await deliver(d, env(), MSG)
+        await d.close()
+        return res
+    res = run(go())
+    assert res.ok and res.reply.code == 250 and res.reply.enhanced == "2.0.0"
+    assert res.reply.text.startswith("ok ") and " qp P" in res.reply.text
+
+
+# ---------------------------------------------------------------------------
+# Received header (SPEC B §1.12, RFC 3848)
+# ---------------------------------------------------------------------------
+
+WHEN = calendar.timegm((1995, 9, 26, 4, 46, 54))
+
+
+def test_received_spec_example_esmtpa():
+    # SPEC B §1.12 example, with the auth user in the TCPREMOTEINFO slot.
+    e = env(helo="uunet.uu.net", client_ip="192.48.96.5", client_host="relay1.uu.net",
+            auth_user="7", local_host="silverton.berkeley.edu")
+    assert received_header(e, WHEN) == (
+        b"Received: from relay1.uu.net (HELO uunet.uu.net) (7@192.48.96.5)\n"
+        b"  by silverton.berkeley.edu with ESMTPA; 26 Sep 1995 04:46:54 -0000\n")
+
+
+@pytest.mark.parametrize("tls,auth,proto", [
+    (False, None, b"ESMTP"), (False, "u", b"ESMTPA"),
+    (True, None, b"ESMTPS"), (True, "u", b"ESMTPSA"),
+])
+def test_received_protocols(tls, auth, proto):
+    h = received_header(env(tls=tls, auth_user=auth), WHEN)
+    assert h.split(b"\n")[1] == b"  by mx.test with " + proto + b"; 26 Sep 1995 04:46:54 -0000"
+
+
+def test_received_helo_omitted_when_equal_or_absent():
+    # SPEC B §1.12: (HELO x) only when it differs case-insensitively.
+    same = env(helo="CLIENT.Test", client_host="client.test")
+    assert received_header(same, WHEN).startswith(b"Received: from client.test (192.0.2.1)\n")
+    none = env(helo="", client_host="unknown")
+    assert received_header(none, WHEN).startswith(b"Received: from unknown (192.0.2.1)\n")
+    diff = env(helo="[192.0.2.1]", client_host="unknown")
+    assert received_header(diff, WHEN).startswith(
+        b"Received: from unknown (HELO ?192.0.2.1?) (192.0.2.1)\n")
+
+
+def test_received_sanitises_every_unsafe_byte():
+    e = env(helo="evil\r\nX-Injected: yes (x)", client_host="h\u00e9st_1",
+            auth_user="joe user@example.com", client_ip="2001:db8::1",
+            local_host="mx%1+a/b=c")
+    h = received_header(e, calendar.timegm((2024, 2, 5, 7, 8, 9)))
+    # é is two UTF-8 bytes -> two '?'; CR, LF, space, '(', ')' and '_' -> '?'
+    assert h == (b"Received: from h??st?1 (HELO evil??X-Injected:?yes??x?) "
+                 b"(joe?user@example.com@2001:db8::1)\n"
+                 b"  by mx%1+a/b=c with ESMTPA; 5 Feb 2024 07:08:09 -0000\n")
+    assert h.count(b"\n") == 2 and b"\r" not in h
+
+
+# ---------------------------------------------------------------------------
+# maildir (DESIGN "Delivery"; SPEC A §9)
+# ---------------------------------------------------------------------------
+
+def listing(md):
+    return {sub: sorted(os.listdir(os.path.join(md, sub))) for sub in ("tmp", "new", "cur")}
+
+
+def test_maildir_layout_and_envelope_headers(tmp_path):
+    md = str(tmp_path / "Maildir")
+    e = env(sender="s@example.com", rcpts=["r1@example.org", "r2@example.net"])
+
+    async def go():
+        d = Delivery.from_spec("maildir:" + md)
+        sink = d.open(e)
+        hdr = received_header(e, WHEN)
+        sink.write(hdr)
+        sink.write(MSG)
+        # SPEC A §9: before commit the message is only in tmp/
+        before = listing(md)
+        res = await sink.commit()
+        await d.close()
+        return hdr, before, res
+    hdr, before, res = run(go())
+    assert before["new"] == [] and len(before["tmp"]) == 1
+    after = listing(md)
+    assert after["tmp"] == [] and after["cur"] == [] and after["new"] == before["tmp"]
+    name = after["new"][0]
+    sec, uniq, host = name.split(".", 2)
+    assert sec.isdigit() and uniq.startswith("M") and "P%d" % os.getpid() in uniq
+    assert res.ok and res.reply.code == 250
+    assert res.reply.text == f"ok {res.reply.text.split()[1]} qp {uniq}"
+    with open(os.path.join(md, "new", name), "rb") as f:
+        stored = f.read()
+    assert stored == (b"Return-Path: <s@example.com>\n"
+                      b"X-Envelope-To: <r1@example.org>\n"
+                      b"X-Envelope-To: <r2@example.net>\n" + hdr + MSG)
+    assert os.stat(os.path.join(md, "new", name)).st_mode & 0o777 == 0o600
+
+
+def test_maildir_null_sender_and_bytewise_writes(tmp_path):
+    md = str(tmp_path / "m")
+    res = run(_one(md, env(sender=""), MSG, bytewise=True))
+    assert res.ok
+    (name,) = listing(md)["new"]
+    with open(os.path.join(md, "new", name), "rb") as f:
+        assert f.read() == b"Return-Path: <>\nX-Envelope-To: <b@example.org>\n" + MSG
+
+
+async def _one(md, e, data, bytewise=False):
+    d = Delivery.from_spec("maildir:" + md)
+    try:
+        return await deliver(d, e, data, bytewise)
+    finally:
+        await d.close()
+
+
+def test_maildir_concurrent_commits_all_land(tmp_path):
+    md = str(tmp_path / "m")
+
+    async def go():
+        d = Delivery.from_spec("maildir:" + md)
+        bodies = [b"Subject: %d\n\nbody %d\n" % (i, i) for i in range(60)]
+        res = await asyncio.gather(*(deliver(d, env(rcpts=[f"r{i}@x"]), b)
+                                     for i, b in enumerate(bodies)))
+        stats = (d._committer.batches, d._committer.largest_batch)
+        await d.close()
+        return bodies, res, stats
+    bodies, res, (batches, largest) = run(go())
+    assert all(r.ok for r in res)
+    qids = {r.reply.text.split()[-1] for r in res}
+    assert len(qids) == 60
+    lst = listing(md)
+    assert lst["tmp"] == [] and len(lst["new"]) == 60
+    stored = set()
+    for name in lst["new"]:
+        with open(os.path.join(md, "new", name), "rb") as f:
+            stored.add(f.read().split(b"\n", 2)[2])
+    assert stored == set(bodies)
+    assert 1 <= batches <= 60 and largest >= 1
+
+
+def test_maildir_group_commit_one_batch(tmp_path):
+    """Group commit: 40 commits whose files are durable are renamed and made
+    durable with ONE fsync of new/; none resolves before that batch ran."""
+    md = str(tmp_path / "m")
+
+    async def go():
+        d = Delivery.from_spec("maildir:" + md)
+        committer = d._committer_for()
+        committer.pause()
+        tasks = [asyncio.ensure_future(deliver(d, env(), b"n=%d\n" % i)) for i in range(40)]
+        loop = asyncio.get_running_loop()
+        ready = await loop.run_in_executor(None, committer.wait_ready, 40, 20)
+        early = [t.done() for t in tasks]
+        in_new = listing(md)["new"]
+        committer.resume()
+        res = await asyncio.gather(*tasks)
+        stats = (committer.batches, committer.largest_batch)
+        await d.close()
+        return ready, early, in_new, res, stats
+    ready, early, in_new, res, (batches, largest) = run(go())
+    assert ready and not any(early) and in_new == []
+    assert all(r.ok for r in res)
+    assert (batches, largest) == (1, 40)
+    assert len(listing(md)["new"]) == 40 and listing(md)["tmp"] == []
+
+
+def test_maildir_parent_is_regular_file(tmp_path):
+    # Real kernel failure: ENOTDIR creating DIR/tmp under a regular file.
+    (tmp_path / "file").write_bytes(b"not a dir")
+    md = str(tmp_path / "file" / "Maildir")
+    res = run(_one(md, env(), MSG))
+    assert not res.ok
+    assert res.reply == reply("store_failed")
+    assert str(res.reply) == "451 4.3.0 temporary failure storing message"
+    assert "ENOTDIR" in res.detail
+
+
+def test_maildir_new_vanishes_before_commit(tmp_path):
+    # rename() into new/ fails (ENOENT): 451, tmp file removed, nothing stored.
+    md = str(tmp_path / "m")
+
+    async def go():
+        d = Delivery.from_spec("maildir:" + md)
+        sink = d.open(env())
+        sink.write(MSG)
+        os.rmdir(os.path.join(md, "new"))
+        res = await sink.commit()
+        await d.close()
+        return res
+    res = run(go())
+    assert res.reply == reply("store_failed") and "ENOENT" in res.detail
+    assert os.listdir(os.path.join(md, "tmp")) == []
+    assert not os.path.exists(os.path.join(md, "new"))
+
+
+def test_maildir_efbig_in_child_is_451(tmp_path):
+    # Real kernel failure: RLIMIT_FSIZE 64 KiB, SIGXFSZ ignored -> EFBIG.
+    md = str(tmp_path / "m")
+    p = subprocess.run([sys.executable, os.path.join(HERE, "maildir_child.py"),
+                        "efbig", md, str(64 * 1024), str(1024 * 1024)],
+                       capture_output=True, env=child_env(), timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr.decode()
+    out = json.loads(p.stdout)
+    assert out["ok"] is False
+    assert out["reply"] == "451 4.3.0 temporary failure storing message"
+    assert "EFBIG" in out["detail"]
+    assert out["tmp"] == [] and out["new"] == []
+
+
+def test_maildir_sigkill_mid_message_leaves_nothing_in_new(tmp_path):
+    md = str(tmp_path / "m")
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "maildir_child.py"),
+                          "stall", md, str(4 * 1024 * 1024)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env())
+    try:
+        line = p.stdout.readline()      # the child is mid-message now
+        assert line == b"WRITING 1\n"
+        p.kill()                        # SIGKILL
+        assert p.wait(timeout=TIMEOUT) == -signal.SIGKILL
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.stdin.close()
+        p.stdout.close()
+    lst = listing(md)
+    assert lst["new"] == [] and lst["cur"] == []
+    (partial,) = lst["tmp"]             # only the half-written tmp file remains
+    assert os.path.getsize(os.path.join(md, "tmp", partial)) > 0
+    # the maildir still works after the crash
+    assert run(_one(md, env(), MSG)).ok and len(listing(md)["new"]) == 1
+
+
+def test_maildir_abort_removes_tmp_and_is_idempotent(tmp_path):
+    md = str(tmp_path / "m")
+
+    async def go():
+        d = Delivery.from_spec("maildir:" + md)
+        sink = d.open(env())
+        sink.write(MSG)
+        mid = listing(md)
+        sink.abort()
+        sink.abort()
+        with pytest.raises(RuntimeError):
+            sink.write(b"more")
+        with pytest.raises(RuntimeError):
+            await sink.commit()
+        await d.close()
+        return mid
+    mid = run(go())
+    assert len(mid["tmp"]) == 1
+    assert listing(md) == {"tmp": [], "new": [], "cur": []}
+
+
+def test_maildir_abort_after_commit_keeps_message(tmp_path):
+    md = str(tmp_path / "m")
+
+    async def go():
+        d = Delivery.from_spec("maildir:" + md)
+        sink = d.open(env())
+        sink.write(MSG)
+        res = await sink.commit()
+        sink.abort()
+        with pytest.raises(RuntimeError):
+            await sink.commit()
+        await d.close()
+        return res
+    assert run(go()).ok
+    assert len(listing(md)["new"]) == 1
+
+
+def test_maildir_large_message_streams(tmp_path):
+    md = str(tmp_path / "m")
+    chunk = bytes(range(256)) * 256  # 64 KiB, every byte value
+    e = env()
+
+    async def go():
+        d = Delivery.from_spec("maildir:" + md)
+        sink = d.open(e)
+        for _ in range(48):
+            sink.write(chunk)
+        res = await sink.commit()
+        await d.close()
+        return res
+    assert run(go()).ok
+    (name,) = listing(md)["new"]
+    head = b"Return-Path: <a@example.com>\nX-Envelope-To: <b@example.org>\n"
+    assert os.path.getsize(os.path.join(md, "new", name)) == len(head) + 48 * len(chunk)
+
+
+# ---------------------------------------------------------------------------
+# qmail-queue (SPEC B §1.11)
+# ---------------------------------------------------------------------------
+
+FAKEQQ = os.path.join(HERE, "fake_qmail_queue.py")
+
+
+def qq(monkeypatch, tmp_path, how: str) -> tuple[Delivery, str]:
+    out = str(tmp_path / "qq")
+    monkeypatch.setenv("FAKEQQ_OUT", out)
+    monkeypatch.setenv("FAKEQQ_EXIT", how)
+    return Delivery.from_spec(f"qmail-queue:{sys.executable} {FAKEQQ}"), out
+
+
+def test_qq_exit0_message_and_envelope_exact(monkeypatch, tmp_path):
+    d, out = qq(monkeypatch, tmp_path, "0")
+    e = env(sender="s@example.com", rcpts=["r1@example.org", "r2@example.net"])
+    res = run(deliver(d, e, received_header(e, WHEN) + MSG))
+    assert res.ok and res.reply.code == 250
+    pid = res.reply.text.split()[-1]
+    assert pid.isdigit() and f"pid={pid} exit=0" in res.detail
+    with open(out + ".msg", "rb") as f:
+        assert f.read() == received_header(e, WHEN) + MSG
+    with open(out + ".env", "rb") as f:
+        assert f.read() == b"Fs@example.com\0Tr1@example.org\0Tr2@example.net\0\0"
+
+
+def test_qq_large_message_and_envelope_no_deadlock(monkeypatch, tmp_path):
+    # 3 MB body (> spool memory, > pipe buffer) and an envelope > 64 KiB pipe buffer.
+    d, out = qq(monkeypatch, tmp_path, "0")
+    rcpts = [f"{'r' * 240}{i}@example.org" for i in range(300)]
+    body = (b"z" * 99 + b"\n") * 30000
+    res = run(deliver(d, env(sender="", rcpts=rcpts), body))
+    assert res.ok
+    with open(out + ".msg", "rb") as f:
+        assert f.read() == body
+    with open(out + ".env", "rb") as f:
+        assert f.read() == b"F\0" + b"".join(b"T" + r.encode() + b"\0" for r in rcpts) + b"\0"
+
+
+@pytest.mark.parametrize("how,line", [
+    ("53", "451 4.3.0 qq write error or disk full"),
+    ("31", "554 5.3.0 mail server permanently rejected message"),
+    ("11", "554 5.1.3 envelope address too long for qq"),
+    ("25", "554 5.3.0 qq permanent problem"),
+    ("73", "451 4.4.1 connection to mail server rejected"),
+    ("74", "451 4.4.2 communication with mail server failed"),
+    ("99", "451 4.3.0 qq temporary problem"),
+    ("kill", "451 4.3.0 qq crashed"),
+])
+def test_qq_exit_codes(monkeypatch, tmp_path, how, line):
+    d, out = qq(monkeypatch, tmp_path, how)
+    res = run(deliver(d, env(), MSG))
+    assert not res.ok and str(res.reply) == line
+    with open(out + ".msg", "rb") as f:   # the child really got the message
+        assert f.read() == MSG
+
+
+def test_qq_exit_table_matches_spec():
+    # SPEC B §1.11 table, spot checks over the whole range
+    assert QQ_EXITS[115] == QQ_EXITS[11]
+    assert QQ_EXITS[54][1] == "qq read error" and QQ_EXITS[120][1] == "unable to exec qq"
+    assert all(QQ_EXITS[c][1] == "qq trouble creating files in queue" for c in range(62, 67))
+    assert all(QQ_EXITS[c][0].startswith("queue_perm") for c in range(11, 41))
+    assert not any(QQ_EXITS[c][0].startswith("queue_perm") for c in QQ_EXITS if c > 40 and c != 115)
+
+
+def test_qq_exit0_without_reading_is_read_error(monkeypatch, tmp_path):
+    # qmail.c: exit 0 but we could not write the message -> "qq read error".
+    d, _ = qq(monkeypatch, tmp_path, "noread:0")
+    res = run(deliver(d, env(), b"x" * (2 * 1024 * 1024)))
+    assert not res.ok and str(res.reply) == "451 4.3.0 qq read error"
+
+
+def test_qq_spawn_failure(tmp_path):
+    d = Delivery.from_spec(f"qmail-queue:{tmp_path}/no-such-qmail-queue")
+    res = run(deliver(d, env(), MSG))
+    assert not res.ok and str(res.reply) == "451 4.3.0 unable to exec qq"
+
+
+# ---------------------------------------------------------------------------
+# smtp / lmtp forwarding (DESIGN "Delivery": 250 only after downstream 250)
+# ---------------------------------------------------------------------------
+
+def test_smtp_encode_dot_stuffing_any_split():
+    # RFC 5321 §4.5.2: a line starting with "." gets one more; LF -> CRLF
+    data = b".first\nmid\n..two\n.\nend"
+    want = b"..first\r\nmid\r\n...two\r\n..\r\nend"
+    assert smtp_encode(data, True) == (want, False)
+    for i in range(len(data) + 1):
+        a, bol = smtp_encode(data[:i], True)
+        b, bol = smtp_encode(data[i:], bol)
+        assert a + b == want, i
+
+
+async def forward(peer_script, e, data, lmtp=False, **opts):
+    async with Peer(peer_script, lmtp=lmtp) as peer:
+        d = Delivery.from_spec(f"{'lmtp' if lmtp else 'smtp'}:127.0.0.1:{peer.port}", **opts)
+        res = await deliver(d, e, data)
+        await d.close()
+        return res, peer.sessions
+
+
+def test_smtp_forward_250_and_dot_round_trip():
+    e = env(rcpts=["r1@example.org", "r2@example.org"])
+    data = received_header(e, WHEN) + MSG + b".\n..\nno final newline"
+    res, (s,) = run(forward({}, e, data))
+    assert res.ok and res.reply.code == 250 and res.reply.enhanced == "2.0.0"
+    assert s.commands[:5] == ["EHLO mx.test", "MAIL FROM:<a@example.com>",
+                              "RCPT TO:<r1@example.org>", "RCPT TO:<r2@example.org>", "DATA"]
+    assert s.commands[5:] == ["QUIT"]
+    assert s.message == data + b"\n"    # un-stuffed at the peer == what we stored
+    assert b"\r\n..leading dot\r\n...two dots\r\n" in s.wire
+    assert s.wire.endswith(b"\r\n..\r\n...\r\nno final newline\r\n.\r\n")
+    assert b"\n" not in s.wire.replace(b"\r\n", b"")
+
+
+def test_smtp_large_message_spooled_to_disk():
+    body = b"".join(b".%07d\n" % i for i in range(300000))  # 2.7 MB, every line dotted
+    res, (s,) = run(forward({}, env(), body))
+    assert res.ok and s.message == body
+
+
+def test_smtp_downstream_451_at_data_end():
+    res, (s,) = run(forward({"eod": "451 4.3.0 try later"}, env(), MSG))
+    assert not res.ok and res.reply == reply("downstream_temp")
+    assert str(res.reply) == "451 4.4.1 next hop temporarily unavailable"
+    assert s.message == MSG and "eod 451" in res.detail
+
+
+def test_smtp_downstream_554_at_data_end():
+    res, _ = run(forward({"eod": "554 5.7.1 spam detected"}, env(), MSG))
+    assert str(res.reply) == "554 5.3.0 spam detected"
+
+
+def test_smtp_connection_refused():
+    async def go():
+        # a port that was just bound then closed: nothing listens there
+        srv = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        srv.close()
+        await srv.wait_closed()
+        d = Delivery.from_spec(f"smtp:127.0.0.1:{port}")
+        return await deliver(d, env(), MSG)
+    res = run(go())
+    assert not res.ok and str(res.reply) == "451 4.4.1 next hop temporarily unavailable"
+    assert "ECONNREFUSED" in res.detail
+
+
+@pytest.mark.parametrize("stage", ["greeting", "ehlo", "mail", "rcpt", "data", "eod"])
+def test_smtp_drop_at_any_stage_is_451(stage):
+    res, _ = run(forward({stage: "drop"}, env(), MSG))
+    assert not res.ok and res.reply == reply("downstream_temp")
+
+
+def test_smtp_command_timeout_is_451():
+    res, _ = run(forward({"eod": "hang"}, env(), MSG, command_timeout=0.5))
+    assert not res.ok and res.reply == reply("downstream_temp")
+
+
+def test_smtp_rcpt_550_all_is_554_no_data():
+    res, (s,) = run(forward({"rcpt": "550 5.1.1 no such user here"}, env(), MSG))
+    assert str(res.reply) == "554 5.3.0 no such user here"
+    assert "DATA" not in s.commands and s.message == b""
+
+
+def test_smtp_rcpt_partial_rejection_is_451_no_data():
+    script = {"rcpt": {"bad@example.org": "550 5.1.1 no such user"}}
+    res, (s,) = run(forward(script, env(rcpts=["ok@example.org", "bad@example.org"]), MSG))
+    assert not res.ok and res.reply.code == 451 and res.reply.enhanced == "4.4.1"
+    assert "<bad@example.org>" in res.reply.text and "no such user" in res.reply.text
+    assert "DATA" not in s.commands
+
+
+def test_smtp_rcpt_4xx_is_451():
+    script = {"rcpt": {"full@example.org": "452 4.2.2 mailbox full"}}
+    res, (s,) = run(forward(script, env(rcpts=["full@example.org", "ok@example.org"]), MSG))
+    assert str(res.reply) == "451 4.4.1 next hop deferred <full@example.org>: mailbox full"
+    assert "DATA" not in s.commands
+
+
+def test_smtp_mail_5xx_and_greeting_5xx():
+    res, _ = run(forward({"mail": "553 5.7.1 sender refused"}, env(), MSG))
+    assert str(res.reply) == "554 5.3.0 sender refused"
+    # a 554 greeting says nothing about this message: temporary
+    res, _ = run(forward({"greeting": "554 5.3.2 go away"}, env(), MSG))
+    assert res.reply == reply("downstream_temp")
+
+
+def test_smtp_ehlo_rejected_falls_back_to_helo():
+    res, (s,) = run(forward({"ehlo": "502 5.5.2 what"}, env(), MSG))
+    # the peer answers both EHLO and HELO from the same script entry -> 451
+    assert res.reply == reply("downstream_temp")
+    assert s.commands[:2] == ["EHLO mx.test", "HELO mx.test"]
+
+
+def test_lmtp_all_accepted():
+    e = env(rcpts=["a@x", "b@x"])
+    res, (s,) = run(forward({"eod": ["250 2.0.0 a ok", "250 2.0.0 b ok"]}, e, MSG, lmtp=True))
+    assert res.ok and res.reply.code == 250
+    assert s.commands[0] == "LHLO mx.test"
+    assert [(r.code, r.text) for r in res.per_recipient] == [(250, "a ok"), (250, "b ok")]
+
+
+def test_lmtp_mixed_results_per_recipient():
+    e = env(rcpts=["a@x", "b@x", "c@x"])
+    script = {"eod": ["250 2.0.0 delivered", "452 4.2.2 over quota", "550 5.1.1 gone"]}
+    res, (s,) = run(forward(script, e, MSG, lmtp=True))
+    assert s.message == MSG
+    assert not res.ok and res.reply.code == 451      # any 4xx -> 451 (dup over loss)
+    assert [(r.code, r.enhanced) for r in res.per_recipient] == [
+        (250, "2.0.0"), (452, "4.2.2"), (550, "5.1.1")]
+    assert "<b@x>" in res.reply.text
+
+
+def test_lmtp_all_5xx_is_554_and_2xx_5xx_mix_is_451():
+    e = env(rcpts=["a@x", "b@x"])
+    res, _ = run(forward({"eod": ["550 5.1.1 gone", "552 5.2.2 full"]}, e, MSG, lmtp=True))
+    assert str(res.reply) == "554 5.3.0 gone"
+    res, _ = run(forward({"eod": ["250 2.0.0 ok", "550 5.1.1 gone"]}, e, MSG, lmtp=True))
+    assert res.reply.code == 451 and "<b@x>" in res.reply.text
+    assert [r.code for r in res.per_recipient] == [250, 550]
