@@ -126,6 +126,10 @@ REPLIES: dict[str, Reply] = {
     "auth_required": R(530, "5.7.0", "authentication required"),
     "auth_needs_tls": R(538, "5.7.11", "encryption required for requested authentication mechanism"),
     "auth_challenge": R(334, "", "{data}"),
+    # --- engine additions (smtpconn: HELP, SPEC B §2.15) --------------------
+    "help": R(214, "2.0.0", "{product} {version}"),
+    "help_features": R(214, "2.0.0", "features: {features}"),
+    "help_url": R(214, "2.0.0", "{url}"),
 }
 
 
