@@ -131,6 +131,10 @@ REPLIES: dict[str, Reply] = {
     "queue_temp_net": R(451, "4.4.1", "{text}"),
     "queue_temp_comm": R(451, "4.4.2", "{text}"),
     "queue_perm_addr": R(554, "5.1.3", "{text}"),
+    # --- engine additions (smtpconn: HELP, SPEC B §2.15) --------------------
+    "help": R(214, "2.0.0", "{product} {version}"),
+    "help_features": R(214, "2.0.0", "features: {features}"),
+    "help_url": R(214, "2.0.0", "{url}"),
 }
 
 
