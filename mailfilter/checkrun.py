@@ -102,8 +102,8 @@ def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | Non
             for rcpt in recipients:
                 rv = session.rcpt(rcpt)
                 res = _result(rv, f"<{rcpt}>")
-                if rv.accept and rv.recipient != rcpt:
-                    res.note = f"delivered as <{rv.recipient}>"
+                if rv.accept and rv.recipient is not None and rv.recipient != rcpt:
+                    res.note = (res.note + "; " if res.note else "") + f"delivered as <{rv.recipient}>"
                 report.stages.append(res)
     elif recipients:
         report.stages.append(StageResult("RCPT", "", "reject", str(reply("mail_first")),

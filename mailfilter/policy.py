@@ -26,7 +26,7 @@ recipients count towards MAXRECIPIENTS (#7).
 """
 from __future__ import annotations
 
-import ipaddress
+import socket
 from dataclasses import dataclass, field
 
 from mailfilter.bundle import MODE_ADDRESS, MODE_HOST, Bundle
@@ -36,16 +36,27 @@ from mailfilter.replies import Reply, reply
 DNS_OK, DNS_FAIL, DNS_TEMP = "ok", "fail", "temp"
 
 
-@dataclass(slots=True)
 class Verdict:
-    stage: str                  # CONNECT, HELO, MAIL, RCPT, DATA
-    accept: bool
-    reply: Reply
-    reason: str                 # short tag for the decision log
-    rule: str | None = None     # deciding rule as file:line
-    delay: float = 0.0          # tarpit: seconds to wait before replying
-    close: bool = False         # close the session after this reply
-    recipient: str | None = None  # recipient as it will be delivered (RELAYCLIENT suffix)
+    """One policy answer. Accept verdicts without variable parts are shared
+    constants (built once per engine), so treat Verdicts as read-only."""
+
+    __slots__ = ("stage", "accept", "reply", "reason", "rule", "delay", "close", "recipient")
+
+    def __init__(self, stage: str, accept: bool, reply: Reply, reason: str,
+                 rule: str | None = None, delay: float = 0.0, close: bool = False,
+                 recipient: str | None = None):
+        self.stage = stage          # CONNECT, HELO, MAIL, RCPT, DATA
+        self.accept = accept
+        self.reply = reply
+        self.reason = reason        # short tag for the decision log
+        self.rule = rule            # deciding rule as file:line
+        self.delay = delay          # tarpit: seconds to wait before replying
+        self.close = close          # close the session after this reply
+        self.recipient = recipient  # as delivered (RELAYCLIENT suffix); None = as given
+
+    def __repr__(self) -> str:
+        return (f"Verdict({self.stage} {'accept' if self.accept else 'reject'} "
+                f"{self.reply} {self.reason} {self.rule})")
 
 
 @dataclass(slots=True)
@@ -80,6 +91,76 @@ def _int_setting(value: str | None, default: int = 0) -> int:
     return int(digits) if digits else default
 
 
+def pack_ip(ip: str) -> bytes | None:
+    """4 or 16 bytes for an address literal, None if it is not one."""
+    try:
+        return socket.inet_pton(socket.AF_INET, ip)
+    except OSError:
+        pass
+    try:
+        return socket.inet_pton(socket.AF_INET6, ip.split("%", 1)[0])
+    except OSError:
+        return None
+
+
+class ClientProfile:
+    """Everything a tcp.smtp rule decides, resolved once per rule per bundle.
+
+    Settings are the qmail environment names (SPEC A §3); "set" (even to "")
+    and "unset" differ, as in qmail."""
+
+    __slots__ = ("rule_id", "rule", "allowed", "settings", "relay", "relay_suffix",
+                 "helocheck", "mfdnscheck", "tarpit_count", "tarpit_delay", "recipients450",
+                 "relaymailfrom", "nobadhelo", "disable_badmailfrom", "auth_required",
+                 "databytes", "max_recipients", "connect_verdict", "relay_verdict")
+
+    def __init__(self, engine: "PolicyEngine", rule_id: int):
+        b = engine.bundle
+        settings = dict(engine.options.defaults)
+        self.rule_id = rule_id
+        self.rule = b.where(rule_id) if rule_id >= 0 else None
+        self.allowed = True
+        if rule_id >= 0:
+            ref = b.rule(rule_id)
+            self.allowed = ref.allow
+            settings.update(b.tcp_settings[ref.aux])
+        self.settings = settings
+        g = settings.get
+        self.relay = "RELAYCLIENT" in settings
+        self.relay_suffix = g("RELAYCLIENT", "")
+        self.helocheck = g("HELOCHECK")
+        self.mfdnscheck = "MFDNSCHECK" in settings
+        self.tarpit_count = _int_setting(g("TARPITCOUNT"))
+        self.tarpit_delay = _int_setting(g("TARPITDELAY"))
+        self.recipients450 = "RECIPIENTS450" in settings
+        self.relaymailfrom = "RELAYMAILFROM" in settings
+        self.nobadhelo = "NOBADHELO" in settings
+        self.disable_badmailfrom = "DISABLE_BADMAILFROM" in settings
+        self.auth_required = g("SMTPAUTH", "").startswith("!")
+        self.databytes = (_int_setting(settings["DATABYTES"]) if "DATABYTES" in settings
+                          else b.integers.get("databytes", 0))
+        self.max_recipients = (_int_setting(settings["MAXRECIPIENTS"]) if "MAXRECIPIENTS" in settings
+                               else b.integers.get("maxrecipients", 0))
+        if self.allowed:
+            self.connect_verdict = Verdict("CONNECT", True, engine.greeting_reply,
+                                           "relay_client" if self.relay else "ok", self.rule)
+        else:
+            self.connect_verdict = Verdict("CONNECT", False, reply("client_denied"),
+                                           "client_denied", self.rule)
+        self.relay_verdict = Verdict("RCPT", True, _RCPT_OK, "relay_client", self.rule)
+
+
+_RCPT_OK = reply("rcpt_ok")
+_MAIL_OK = reply("mail_ok")
+_V_MAIL_OK = Verdict("MAIL", True, _MAIL_OK, "ok")
+_V_RCPT_OK = Verdict("RCPT", True, _RCPT_OK, "ok")
+_V_RCPT_AUTH = Verdict("RCPT", True, _RCPT_OK, "relay_auth")
+_V_RCPT_SENDER = Verdict("RCPT", True, _RCPT_OK, "relay_sender")
+_V_DATA_OK = Verdict("DATA", True, reply("data_go"), "ok")
+_V_NOTORIOUS = Verdict("DATA", False, reply("notorious_data"), "notorious", close=True)
+_V_AUTH_REQUIRED_MAIL = Verdict("MAIL", False, reply("auth_required"), "auth_required")
+
+
 class PolicyEngine:
     """Immutable view of one bundle plus global options."""
 
@@ -88,14 +169,15 @@ class PolicyEngine:
         self.options = options or PolicyOptions()
         b = bundle
         self.qregex = b.dialect == "qregex"
-        self.badmailfrom = b.lists.get("badmailfrom")
-        self.badmailfromnorelay = b.lists.get("badmailfromnorelay")
-        self.badrcptto = b.lists.get("badrcptto")
-        self.badrcpttonorelay = b.lists.get("badrcpttonorelay")
-        self.badhelo = b.lists.get("badhelo")
-        self.badhelonorelay = b.lists.get("badhelonorelay")
-        self.relaymailfrom = b.lists.get("relaymailfrom")
-        self.rcpthosts = b.lists.get("rcpthosts")
+        lists = b.lists
+        self.badmailfrom = lists.get("badmailfrom")
+        self.badmailfromnorelay = lists.get("badmailfromnorelay")
+        self.badrcptto = lists.get("badrcptto")
+        self.badrcpttonorelay = lists.get("badrcpttonorelay")
+        self.badhelo = lists.get("badhelo")
+        self.badhelonorelay = lists.get("badhelonorelay")
+        self.relaymailfrom = lists.get("relaymailfrom")
+        self.rcpthosts = lists.get("rcpthosts")
         self.rcpthosts_present = bool(b.meta.get("rcpthosts_present")) or self.rcpthosts is not None
         t = b.tables
         self.helo_accept = t.get("badhelo.accept")
@@ -104,65 +186,69 @@ class PolicyEngine:
         self.mf_unknownhost = t.get("badmailfrom.unknownhost")
         self.mf_wellknown = t.get("badmailfrom.wellknown")
         self.mf_mismatch = t.get("badmailfrom.mismatch")
+        self.mf_decorated = any(x is not None for x in (
+            self.mf_bypass, self.mf_antispoof, self.mf_unknownhost, self.mf_wellknown, self.mf_mismatch))
         self.recipients = t.get("recipients")
         self.recipients_unchecked = t.get("recipients.unchecked")
         self.recipients_present = bool(b.meta.get("recipients_present"))
         self.tcp_hosts = t.get("tcp.smtp.hosts")
+        self.cidr = b.cidr
         greeting = b.scalars.get("smtpgreeting") or b.scalars.get("me") or "localhost"
         self.greeting = greeting
         self.hostname = greeting.split()[0]
+        self.greeting_reply = reply("greeting", greeting=greeting)
+        self.v_helo = Verdict("HELO", True, reply("helo", greeting=greeting), "ok")
+        self._profiles: dict[int, ClientProfile] = {}
 
     def session(self, client: Client) -> "SessionPolicy":
         return SessionPolicy(self, client)
 
+    def profile(self, rule_id: int) -> ClientProfile:
+        prof = self._profiles.get(rule_id)
+        if prof is None:
+            prof = self._profiles[rule_id] = ClientProfile(self, rule_id)
+        return prof
+
     def client_rule(self, client: Client) -> int:
         """tcp.smtp rule id for the client (tcpserver order: address prefix,
         then =host, =.suffix, =, then the empty key), -1 if none."""
-        b = self.bundle
-        if b.cidr is not None:
-            try:
-                packed = ipaddress.ip_address(client.ip).packed
-            except ValueError:
-                packed = None
+        if self.cidr is not None:
+            packed = pack_ip(client.ip)
             if packed is not None:
-                rid = b.cidr.lookup(packed)
+                rid = self.cidr.lookup(packed)
                 if rid >= 0:
                     return rid
-        if self.tcp_hosts is not None and client.host and client.host != "unknown":
-            host = client.host.lower()
-            rid = self.tcp_hosts.get(("=" + host).encode("latin-1"))
+        hosts = self.tcp_hosts
+        host = client.host
+        if hosts is not None and host and host != "unknown":
+            host = host.lower()
+            rid = hosts.get(("=" + host).encode("latin-1", "replace"))
             if rid >= 0:
                 return rid
             dot = host.find(".")
             while dot >= 0:
-                rid = self.tcp_hosts.get(("=" + host[dot:]).encode("latin-1"))
+                rid = hosts.get(("=" + host[dot:]).encode("latin-1", "replace"))
                 if rid >= 0:
                     return rid
                 dot = host.find(".", dot + 1)
-            rid = self.tcp_hosts.get(b"=")
+            rid = hosts.get(b"=")
             if rid >= 0:
                 return rid
-        return b.tcp_default
+        return self.bundle.tcp_default
 
 
 class SessionPolicy:
     """Per-connection policy state. Methods return Verdicts; nothing blocks."""
 
+    __slots__ = ("engine", "client", "profile", "authenticated", "helo_name", "helo_verdict",
+                 "helo_skip_dns", "helo_dns", "notorious", "failed_recipients", "sender",
+                 "sender_verdict", "sender_bypass", "sender_relay", "mail_dns", "rcpt_count",
+                 "accepted")
+
     def __init__(self, engine: PolicyEngine, client: Client):
         self.engine = engine
         self.client = client
-        b = engine.bundle
-        self.settings: dict[str, str] = dict(engine.options.defaults)
-        self.client_rule = engine.client_rule(client)
-        self.client_allowed = True
-        if self.client_rule >= 0:
-            ref = b.rule(self.client_rule)
-            self.client_allowed = ref.allow
-            self.settings.update(b.tcp_settings[ref.aux])
-        elif b.tcp_present:
-            # tcp.smtp exists but no line (not even the empty key) matched:
-            # tcpserver lets such clients in with no settings.
-            pass
+        self.profile = engine.profile(engine.client_rule(client))
         self.authenticated: str | None = None
         self.helo_name: str | None = None
         self.helo_verdict: tuple[str, int] | None = None   # (reason, rule id) when rejected
@@ -170,37 +256,6 @@ class SessionPolicy:
         self.helo_dns: str | None = None
         self.notorious = False
         self.failed_recipients = 0
-        self._reset_transaction()
-
-    # -- settings
-    def setting(self, name: str) -> str | None:
-        return self.settings.get(name)
-
-    @property
-    def relay_client(self) -> bool:
-        return "RELAYCLIENT" in self.settings or self.authenticated is not None or self.sender_relay
-
-    @property
-    def relay_suffix(self) -> str:
-        return self.settings.get("RELAYCLIENT", "")
-
-    @property
-    def databytes(self) -> int:
-        if "DATABYTES" in self.settings:
-            return _int_setting(self.settings["DATABYTES"])
-        return self.engine.bundle.integers.get("databytes", 0)
-
-    @property
-    def max_recipients(self) -> int:
-        if "MAXRECIPIENTS" in self.settings:
-            return _int_setting(self.settings["MAXRECIPIENTS"])
-        return self.engine.bundle.integers.get("maxrecipients", 0)
-
-    @property
-    def auth_required(self) -> bool:
-        return self.settings.get("SMTPAUTH", "").startswith("!")
-
-    def _reset_transaction(self) -> None:
         self.sender: str | None = None
         self.sender_verdict: tuple[str, int] | None = None
         self.sender_bypass = False
@@ -209,15 +264,47 @@ class SessionPolicy:
         self.rcpt_count = 0
         self.accepted = 0
 
+    # -- settings
+    @property
+    def settings(self) -> dict[str, str]:
+        return self.profile.settings
+
+    @property
+    def client_rule(self) -> int:
+        return self.profile.rule_id
+
+    def setting(self, name: str) -> str | None:
+        return self.profile.settings.get(name)
+
+    @property
+    def relay_client(self) -> bool:
+        return self.profile.relay or self.authenticated is not None or self.sender_relay
+
+    @property
+    def databytes(self) -> int:
+        return self.profile.databytes
+
+    @property
+    def max_recipients(self) -> int:
+        return self.profile.max_recipients
+
+    def _reset_transaction(self) -> None:
+        self.sender = None
+        self.sender_verdict = None
+        self.sender_bypass = False
+        self.sender_relay = False
+        self.mail_dns = None
+        self.rcpt_count = 0
+        self.accepted = 0
+
     def _rule(self, rid: int) -> str | None:
         return self.engine.bundle.where(rid) if rid >= 0 else None
 
-    def _listed(self, matcher, text: str, mode: int) -> int:
-        """Deciding rule id if `text` is listed (rejected), else -1; an `!`
+    def _listed(self, matcher, data: bytes, mode: int) -> int:
+        """Deciding rule id if `data` is listed (rejected), else -1; an `!`
         exception as last match means "not listed" (spamcontrol, B §2.5)."""
         if matcher is None:
             return -1
-        data = text.encode("latin-1", "replace")
         if self.engine.qregex:
             return matcher.first_fire(data)
         rid = matcher.last_match(data, mode)
@@ -226,11 +313,7 @@ class SessionPolicy:
         return rid
 
     def connect(self) -> Verdict:
-        rule = self._rule(self.client_rule)
-        if not self.client_allowed:
-            return Verdict("CONNECT", False, reply("client_denied"), "client_denied", rule)
-        reason = "relay_client" if "RELAYCLIENT" in self.settings else "ok"
-        return Verdict("CONNECT", True, reply("greeting", greeting=self.engine.greeting), reason, rule)
+        return self.profile.connect_verdict
 
     # -- HELO/EHLO (B §2.7): always 250, verdict kept for RCPT
     def helo(self, name: str) -> Verdict:
@@ -240,18 +323,21 @@ class SessionPolicy:
         self.helo_skip_dns = False
         self.helo_dns = None
         eng = self.engine
-        mode = self.setting("HELOCHECK")
+        prof = self.profile
         if eng.qregex:
-            if "NOBADHELO" not in self.settings:
-                rid = self._listed(eng.badhelo, name, MODE_HOST)
+            if not prof.nobadhelo:
+                data = name.encode("latin-1", "replace")
+                rid = self._listed(eng.badhelo, data, MODE_HOST)
                 if rid < 0 and not self.relay_client:
-                    rid = self._listed(eng.badhelonorelay, name, MODE_HOST)
+                    rid = self._listed(eng.badhelonorelay, data, MODE_HOST)
                 if rid >= 0:
                     self.helo_verdict = ("bad_helo", rid)
-        elif mode is not None:
-            self.helo_verdict = self._spamcontrol_helo(name, mode)
-        return Verdict("HELO", True, reply("helo", greeting=eng.greeting), "ok",
-                       self._rule(self.helo_verdict[1]) if self.helo_verdict else None)
+        elif prof.helocheck is not None:
+            self.helo_verdict = self._spamcontrol_helo(name, prof.helocheck)
+        hv = self.helo_verdict
+        if hv is not None:
+            return Verdict("HELO", True, eng.v_helo.reply, "ok", self._rule(hv[1]))
+        return eng.v_helo
 
     def _spamcontrol_helo(self, name: str, mode: str) -> tuple[str, int] | None:
         eng = self.engine
@@ -265,7 +351,7 @@ class SessionPolicy:
             if rid >= 0:                       # name!: acceptable, no DNS test
                 self.helo_skip_dns = True
                 return None
-        rid = self._listed(eng.badhelo, name, MODE_HOST)
+        rid = self._listed(eng.badhelo, key, MODE_HOST)
         if rid >= 0:
             return ("bad_helo", rid)
         if mode == "=" and name.lower() != self.client.host.lower():
@@ -274,7 +360,7 @@ class SessionPolicy:
 
     def helo_dns_query(self) -> tuple[str, str] | None:
         """(rdtype, name) the caller should resolve for HELOCHECK A/M, or None."""
-        mode = self.setting("HELOCHECK")
+        mode = self.profile.helocheck
         if (mode in ("A", "M") and self.helo_name and not self.helo_skip_dns
                 and self.helo_verdict is None and not self.relay_client and not self.engine.qregex):
             return ("A" if mode == "A" else "MX", self.helo_name)
@@ -286,27 +372,41 @@ class SessionPolicy:
     # -- MAIL (B §2.8 MAIL list)
     def mail(self, sender: str) -> Verdict:
         self._reset_transaction()
+        prof = self.profile
+        if prof.auth_required and self.authenticated is None:
+            return _V_AUTH_REQUIRED_MAIL
         self.sender = sender
+        if not sender:
+            return _V_MAIL_OK
         eng = self.engine
-        if self.auth_required and self.authenticated is None:
-            self.sender = None
-            return Verdict("MAIL", False, reply("auth_required"), "auth_required")
-        if "RELAYMAILFROM" in self.settings and sender and eng.relaymailfrom is not None:
-            rid = self._listed(eng.relaymailfrom, sender, MODE_ADDRESS)
-            if rid >= 0:
+        data = sender.encode("latin-1", "replace")
+        if prof.relaymailfrom and eng.relaymailfrom is not None:
+            if self._listed(eng.relaymailfrom, data, MODE_ADDRESS) >= 0:
                 self.sender_relay = True
-        if sender and "DISABLE_BADMAILFROM" not in self.settings:
-            self.sender_verdict = self._sender_verdict(sender)
-        return Verdict("MAIL", True, reply("mail_ok"), "ok",
-                       self._rule(self.sender_verdict[1]) if self.sender_verdict else None)
+        if prof.disable_badmailfrom:
+            return _V_MAIL_OK
+        sv = self.sender_verdict = self._sender_verdict(sender, data)
+        if sv is None:
+            return _V_MAIL_OK
+        return Verdict("MAIL", True, _MAIL_OK, "ok", self._rule(sv[1]))
 
-    def _sender_verdict(self, sender: str) -> tuple[str, int] | None:
+    def _sender_verdict(self, sender: str, data: bytes) -> tuple[str, int] | None:
         eng = self.engine
         if eng.qregex:
-            rid = self._listed(eng.badmailfrom, sender, MODE_ADDRESS)
+            rid = self._listed(eng.badmailfrom, data, MODE_ADDRESS)
             if rid < 0 and not self.relay_client:
-                rid = self._listed(eng.badmailfromnorelay, sender, MODE_ADDRESS)
+                rid = self._listed(eng.badmailfromnorelay, data, MODE_ADDRESS)
             return ("badmailfrom", rid) if rid >= 0 else None
+        if eng.mf_decorated:
+            verdict = self._decorated(sender)
+            if verdict is not None or self.sender_bypass:
+                return verdict
+        rid = self._listed(eng.badmailfrom, data, MODE_ADDRESS)
+        return ("badmailfrom", rid) if rid >= 0 else None
+
+    def _decorated(self, sender: str) -> tuple[str, int] | None:
+        """Decorated badmailfrom entries, in spamcontrol's order (B §2.6)."""
+        eng = self.engine
         folded = sender.lower()
         dom = _domain(folded)
         at_dom = ("@" + dom).encode("latin-1", "replace")
@@ -336,94 +436,105 @@ class SessionPolicy:
                     return ("badmailfrom", rid)
                 dot = part.find(".")
                 part = part[dot + 1:] if dot >= 0 else ""
-        rid = self._listed(eng.badmailfrom, sender, MODE_ADDRESS)
-        return ("badmailfrom", rid) if rid >= 0 else None
+        return None
 
     def mail_dns_query(self) -> str | None:
         """Sender domain the caller should MX-check for MFDNSCHECK, or None."""
-        if ("MFDNSCHECK" in self.settings and self.sender and not self.sender_bypass
+        if (self.profile.mfdnscheck and self.sender and not self.sender_bypass
                 and not self.relay_client):
-            dom = _domain(self.sender)
-            return dom or None
+            return _domain(self.sender) or None
         return None
 
     def set_mail_dns(self, status: str) -> None:
         self.mail_dns = status
 
     # -- RCPT (B §2.8 RCPT table, in order)
+    def _reject(self, reason: str, name: str, rid: int = -1, delay: float = 0.0) -> Verdict:
+        return Verdict("RCPT", False, reply(name), reason, self._rule(rid), delay)
+
     def rcpt(self, recipient: str) -> Verdict:
         eng = self.engine
+        prof = self.profile
         self.rcpt_count += 1
-        relay = self.relay_client
-        R = lambda reason, name, rid=-1, **kw: Verdict(  # noqa: E731
-            "RCPT", False, reply(name), reason, self._rule(rid), **kw)
-        if not self.client_allowed:
-            return R("client_denied", "client_denied", self.client_rule)
-        if self.auth_required and self.authenticated is None:
-            return R("auth_required", "auth_required")
+        relay = prof.relay or self.authenticated is not None or self.sender_relay
+        delay = 0.0
+        if not prof.allowed:
+            return self._reject("client_denied", "client_denied", prof.rule_id)
+        if prof.auth_required and self.authenticated is None:
+            return self._reject("auth_required", "auth_required")
+        data = recipient.encode("latin-1", "replace")
         if not relay:
             hv = self.helo_verdict
-            mode = self.setting("HELOCHECK")
-            if not eng.qregex and mode is not None and len(mode) == 1 and not self.helo_name:
-                return R("helo_missing", "bad_helo")
             if hv is not None:
-                return R(hv[0], "bad_helo", hv[1])
-            if self.helo_dns == DNS_FAIL:
-                return R("helo_dns", "bad_helo")
-            if self.helo_dns == DNS_TEMP:
-                return R("helo_dns_temp", "helo_dns_temp")
-            if self.mail_dns == DNS_FAIL:
-                return R("mf_dns", "sender_must_exist")
-            if self.mail_dns == DNS_TEMP:
-                return R("mf_dns_temp", "mf_dns_temp")
-            rid = self._rcpthosts(recipient)
-            if rid == -2:
-                return R("rcpthosts", "rcpthosts")
-            tarpit_count = _int_setting(self.setting("TARPITCOUNT"))
-            tarpit_delay = _int_setting(self.setting("TARPITDELAY"))
-            if eng.recipients_present and tarpit_count and self.failed_recipients >= tarpit_count:
-                if tarpit_delay == 999:
-                    self.notorious = True
-                return R("too_many_failed_rcpts", "too_many_rcpts")
-            delay = 0.0
-            if tarpit_count and self.rcpt_count > tarpit_count and 0 < tarpit_delay < 999:
-                delay = float(tarpit_delay)
-            if eng.recipients_present:
-                rid = self._recipient_known(recipient)
-                if rid == -2:
-                    self.failed_recipients += 1
-                    name = "no_mailbox_450" if "RECIPIENTS450" in self.settings else "no_mailbox"
-                    return R("no_mailbox", name, delay=delay)
-        else:
-            delay = 0.0
-        if self.sender_verdict is not None and not self.sender_bypass:
-            reason, rid = self.sender_verdict
-            return R(reason, "badmailfrom", rid, delay=delay)
-        rid = self._listed(eng.badrcptto, recipient, MODE_ADDRESS)
-        if rid < 0 and not relay:
-            rid = self._listed(eng.badrcpttonorelay, recipient, MODE_ADDRESS)
+                return self._reject(hv[0], "bad_helo", hv[1])
+            mode = prof.helocheck
+            if mode is not None and len(mode) == 1 and self.helo_name is None and not eng.qregex:
+                return self._reject("helo_missing", "bad_helo")
+            if self.helo_dns is not None or self.mail_dns is not None:
+                verdict = self._dns_verdict()
+                if verdict is not None:
+                    return verdict
+            if self._rcpthosts(recipient) == -2:
+                return self._reject("rcpthosts", "rcpthosts")
+            tarpit_count = prof.tarpit_count
+            if tarpit_count:
+                if eng.recipients_present and self.failed_recipients >= tarpit_count:
+                    if prof.tarpit_delay == 999:
+                        self.notorious = True
+                    return self._reject("too_many_failed_rcpts", "too_many_rcpts")
+                if self.rcpt_count > tarpit_count and 0 < prof.tarpit_delay < 999:
+                    delay = float(prof.tarpit_delay)
+            if eng.recipients_present and self._recipient_known(recipient) == -2:
+                self.failed_recipients += 1
+                return self._reject("no_mailbox", "no_mailbox_450" if prof.recipients450 else "no_mailbox",
+                                    delay=delay)
+        sv = self.sender_verdict
+        if sv is not None and not self.sender_bypass:
+            return self._reject(sv[0], "badmailfrom", sv[1], delay)
+        rid = self._listed(eng.badrcptto, data, MODE_ADDRESS)
+        if rid < 0 and not relay and eng.badrcpttonorelay is not None:
+            rid = self._listed(eng.badrcpttonorelay, data, MODE_ADDRESS)
         if rid >= 0:
-            return R("badrcptto", "badrcptto", rid, delay=delay)
-        limit = self.max_recipients
+            return self._reject("badrcptto", "badrcptto", rid, delay)
+        limit = prof.max_recipients
         if limit and self.accepted >= limit:
-            return R("too_many_rcpts", "too_many_rcpts", delay=delay)
+            return self._reject("too_many_rcpts", "too_many_rcpts", delay=delay)
         self.accepted += 1
-        final = recipient + self.relay_suffix if relay else recipient
-        reason = "relay_client" if relay else "ok"
-        rule = self.client_rule if "RELAYCLIENT" in self.settings else -1
-        return Verdict("RCPT", True, reply("rcpt_ok"), reason, self._rule(rule),
-                       delay=delay, recipient=final)
+        if relay:
+            if prof.relay:
+                verdict = prof.relay_verdict
+            else:
+                verdict = _V_RCPT_AUTH if self.authenticated is not None else _V_RCPT_SENDER
+            if prof.relay_suffix or delay:
+                return Verdict("RCPT", True, _RCPT_OK, verdict.reason, verdict.rule, delay,
+                               recipient=recipient + prof.relay_suffix)
+            return verdict
+        if delay:
+            return Verdict("RCPT", True, _RCPT_OK, "ok", None, delay)
+        return _V_RCPT_OK
+
+    def _dns_verdict(self) -> Verdict | None:
+        if self.helo_dns == DNS_FAIL:
+            return self._reject("helo_dns", "bad_helo")
+        if self.helo_dns == DNS_TEMP:
+            return self._reject("helo_dns_temp", "helo_dns_temp")
+        if self.mail_dns == DNS_FAIL:
+            return self._reject("mf_dns", "sender_must_exist")
+        if self.mail_dns == DNS_TEMP:
+            return self._reject("mf_dns_temp", "mf_dns_temp")
+        return None
 
     def _rcpthosts(self, recipient: str) -> int:
         """Rule id allowing the domain, -1 when no check applies, -2 = refuse."""
         eng = self.engine
         if not eng.rcpthosts_present:
             return -1 if eng.options.open_relay else -2
-        if "@" not in recipient:
+        at = recipient.rfind("@")
+        if at < 0:
             return -1            # B §1.8 step 2: addresses without @ are local
         if eng.rcpthosts is None:
             return -2            # an existing but empty rcpthosts rejects everything
-        rid = eng.rcpthosts.last_match(_domain(recipient).lower().encode("latin-1", "replace"), MODE_HOST)
+        rid = eng.rcpthosts.last_match(recipient[at + 1:].encode("latin-1", "replace"), MODE_HOST)
         return rid if rid >= 0 else -2
 
     def _recipient_known(self, recipient: str) -> int:
@@ -438,24 +549,24 @@ class SessionPolicy:
             return -1
         table = eng.recipients
         if table is not None:
-            keys = [addr]
+            rid = table.get(addr.encode("latin-1", "replace"))
+            if rid >= 0:
+                return rid
             dash = local.find("-")
             if dash >= 0:
-                keys.append(f"{local[:dash + 1]}@{dom}")
-            keys.append("@" + dom)
-            for key in keys:
-                rid = table.get(key.encode("latin-1", "replace"))
+                rid = table.get(f"{local[:dash + 1]}@{dom}".encode("latin-1", "replace"))
                 if rid >= 0:
                     return rid
+            rid = table.get(("@" + dom).encode("latin-1", "replace"))
+            if rid >= 0:
+                return rid
         if unchecked is not None and unchecked.get(b"*") >= 0:
             return -1
         return -2
 
     # -- DATA
     def data(self) -> Verdict:
-        if self.notorious:
-            return Verdict("DATA", False, reply("notorious_data"), "notorious", close=True)
-        return Verdict("DATA", True, reply("data_go"), "ok")
+        return _V_NOTORIOUS if self.notorious else _V_DATA_OK
 
     # -- AUTH success (SPEC A §7): relaying as RELAYCLIENT="" for the session
     def auth_success(self, user: str) -> None:

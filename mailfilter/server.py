@@ -357,7 +357,7 @@ class SMTPProtocol(asyncio.Protocol):
 
     def _record_rcpt(self, ev: Rcpt, v: Verdict) -> None:
         if v.accept:
-            self.rcpts.append(v.recipient)
+            self.rcpts.append(v.recipient if v.recipient is not None else ev.address)
         self._log(v, ev.address)
 
     def _rcpt_verdict(self, ev: Rcpt, v: Verdict) -> None:
