@@ -817,9 +817,7 @@ class SMTPConnection:
         buf = self._buf
         end = buf.find(_END)
         if end >= 0:
-            region = bytes(buf[:end + 2])
-            del buf[:end + 5]
-            final = True
+            cut, consume, final = end + 2, end + 5, True
         else:
             if buf.endswith(b"\r"):
                 hold = 4 if buf.endswith(b"\r\n.\r") else 1
@@ -829,29 +827,28 @@ class SMTPConnection:
                 hold = 3
             else:
                 hold = 0
-            cut = len(buf) - hold
+            cut = consume = len(buf) - hold
             if cut <= 0:
                 return
-            region = bytes(buf[:cut])
-            del buf[:cut]
             final = False
-        bare = region.count(_LF) != region.count(_CRLF)
+        with memoryview(buf) as mv:
+            region = mv[:cut].tobytes()
+        del buf[:consume]
+        out = region.replace(_CRLF, _LF)
+        # every LF came from a CRLF iff the LF count equals the CRLFs replaced
+        bare = region.count(_LF) != len(region) - len(out)
         if bare:
             region = region[:_first_bare_lf(region)]
-        self._store(region)
+            out = region.replace(_CRLF, _LF)
+        self._store(out.replace(_LFDOT, _LF))
         if bare:
             buf.clear()
             self._emit(DataEnd(self._size, self._oversized, self._hops, True))
         elif final:
             self._emit(DataEnd(self._size, self._oversized, self._hops, False))
 
-    def _store(self, region: bytes) -> None:
-        """Convert a region to the stored form, count it, queue it as a DataChunk."""
-        if self._oversized and not self._in_headers:
-            # nothing is delivered any more: only the stored size is needed
-            self._size += len(region) - region.count(_CRLF) - region.count(b"\r\n.")
-            return
-        out = region.replace(_CRLF, _LF).replace(_LFDOT, _LF)
+    def _store(self, out: bytes) -> None:
+        """Count a region in stored form and queue it as a DataChunk."""
         if self._in_headers:
             self._count_hops(out)
         if self._first:
