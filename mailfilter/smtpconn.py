@@ -302,6 +302,12 @@ _DELIVERED = b"\ndelivered"
 _MAX_ADDRESS = 900          # qmail addrparse limit (SPEC B §1.6 step 6)
 _XDIGITS = frozenset(b"0123456789ABCDEFabcdef")
 
+# Wire form of every fixed reply (no placeholders), so the hot path never formats.
+_LINES: dict = {r: r.line() for r in REPLIES.values() if "{" not in r.text}
+_NOOP_LINE = REPLIES["noop"].line()
+_RSET_LINE = REPLIES["rset"].line()
+_VRFY_LINE = REPLIES["vrfy"].line()
+
 
 class _ParseError(Exception):
     """Internal: an argument error with the reply that answers it."""
@@ -412,6 +418,8 @@ class SMTPConnection:
         self._closed: Closed | None = None
         self._close_reason: str | None = None
         self._skipping = False          # discarding the rest of an over-long line
+        self._max_line = cfg.max_line
+        self._max_auth_line = cfg.max_auth_line
         self.helo: str | None = None
         self.esmtp = False
         self.sender: str | None = None
@@ -502,7 +510,8 @@ class SMTPConnection:
         if ev is None:
             raise EngineError("send() without a pending event")
         self._pending = None
-        self._out.append(r.line())
+        line = _LINES.get(r)
+        self._out.append(line if line is not None else r.line())
         code = r.code
         if code == 421 or code == 221:
             self._close("quit" if code == 221 else "421")
@@ -591,11 +600,12 @@ class SMTPConnection:
             self._pending = ev
 
     def _answer(self, r: Reply | MultiReply) -> None:
-        self._out.append(r.line())
+        line = _LINES.get(r)
+        self._out.append(line if line is not None else r.line())
 
     def _bad(self, r: Reply, tag: str, detail: object = None) -> None:
         """Answer a client error, report it, count it; 421 at the limit."""
-        self._out.append(r.line())
+        self._answer(r)
         self._events.append(Anomaly(tag, detail))
         self.bad_commands += 1
         if self.bad_commands >= self.config.max_bad_commands:
@@ -608,7 +618,8 @@ class SMTPConnection:
         buf = self._buf
         events = self._events
         commands = _COMMANDS
-        while self._state is not CLOSED and not events:
+        # every path that closes the session also queues an event, ending the loop
+        while not events:
             if self._skipping:
                 i = buf.find(_LF)
                 if i < 0:
@@ -617,7 +628,7 @@ class SMTPConnection:
                 del buf[:i + 1]
                 self._skipping = False
                 continue
-            limit = self.config.max_auth_line if self._state is AUTH else self.config.max_line
+            limit = self._max_auth_line if self._state is AUTH else self._max_line
             i = buf.find(_LF, 0, limit)
             if i < 0:
                 if len(buf) >= limit:
@@ -713,15 +724,15 @@ class SMTPConnection:
 
     def _cmd_rset(self, arg: bytes) -> None:
         self._reset_transaction()
-        self._answer(REPLIES["rset"])
+        self._out.append(_RSET_LINE)
         self._events.append(Rset())
 
     def _cmd_noop(self, arg: bytes) -> None:
-        self._answer(REPLIES["noop"])
+        self._out.append(_NOOP_LINE)
         self._events.append(Noop())
 
     def _cmd_vrfy(self, arg: bytes) -> None:
-        self._answer(REPLIES["vrfy"])
+        self._out.append(_VRFY_LINE)
         self._events.append(Vrfy(arg.decode("latin-1")))
 
     def _cmd_help(self, arg: bytes) -> None:
