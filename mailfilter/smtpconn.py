@@ -51,7 +51,18 @@ application passes to ``send()`` for the pending event::
     any    EOF                               -> CLOSED  Closed("eof")
 
 ``MAIL+`` = MAIL or RCPT. While a reply is owed ``next_event()`` returns ``PAUSED``
-and nothing further is parsed, so replies always leave in command order.
+and nothing further is parsed, so replies always leave in command order. A 221 sent
+by the application closes like QUIT.
+
+Who answers what. The engine answers, from the reply table, everything that needs
+no policy: unknown verbs (502), over-long lines (500), syntax errors (555/501),
+bad sequence (503), ``SIZE=`` above databytes (552), unknown parameters (555),
+8-bit addresses without SMTPUTF8 (553 5.6.7), the recipient hard cap (452), NOOP,
+VRFY (252), HELP (214), RSET (250), QUIT (221), too many bad commands (421).
+Informational events (Rset, Noop, Vrfy, Help, Quit, Anomaly, DataChunk) owe
+nothing. The application answers Helo (``helo_reply()`` / ``ehlo_reply()``), Mail,
+Rcpt, DataStart (354 to go on), DataEnd (``data_end_check()`` gives the bare LF /
+hop / size verdict in qmail order), AuthStart and AuthResponse (334 to go on).
 
 DATA byte machine (SPEC B §1.11, §7.1). On 354 the engine puts a virtual CRLF in
 front of the buffered input, which turns the "first line is '.'" case into the
