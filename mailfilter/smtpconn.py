@@ -64,8 +64,8 @@ nothing. The application answers Helo (``helo_reply()`` / ``ehlo_reply()``), Mai
 Rcpt, DataStart (354 to go on), DataEnd (``data_end_check()`` gives the bare LF /
 hop / size verdict in qmail order), AuthStart and AuthResponse (334 to go on).
 
-DATA byte machine (SPEC B §1.11, §7.1). On 354 the engine puts a virtual CRLF in
-front of the buffered input, which turns the "first line is '.'" case into the
+DATA byte machine (SPEC B §1.11, §7.1). The first region gets a virtual CRLF in
+front (dropped again from the stored form), which turns the "first line is '.'" case into the
 general ``CRLF . CRLF`` search and makes the first line's dot-stuffing regular.
 Each pass takes everything buffered except a suffix that may begin an end marker
 (``\\r``, ``\\r\\n``, ``\\r\\n.``, ``\\r\\n.\\r``: at most 4 bytes carried over), so a
@@ -543,7 +543,6 @@ class SMTPConnection:
             if code == 354:
                 self._state = DATA
                 self._data_reset()
-                self._buf[0:0] = _CRLF      # virtual CRLF before the first line
             else:
                 self._reset_transaction()
         elif t is DataEnd:
@@ -837,6 +836,17 @@ class SMTPConnection:
 
     def _data_step(self) -> None:
         buf = self._buf
+        first = self._first
+        if first:
+            # the virtual CRLF before the first line: "." alone is an empty message
+            head = bytes(buf[:3])
+            if head == b".\r\n":
+                del buf[:3]
+                self._store(_LF)
+                self._emit(DataEnd(self._size, self._oversized, self._hops, False))
+                return
+            if head in (b"", b".", b".\r"):
+                return
         end = buf.find(_END)
         if end >= 0:
             cut, consume, final = end + 2, end + 5, True
@@ -856,6 +866,8 @@ class SMTPConnection:
         with memoryview(buf) as mv:
             region = mv[:cut].tobytes()
         del buf[:consume]
+        if first:
+            region = _CRLF + region
         out = region.replace(_CRLF, _LF)
         # every LF came from a CRLF iff the LF count equals the CRLFs replaced
         bare = region.count(_LF) != len(region) - len(out)
