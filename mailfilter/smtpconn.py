@@ -51,10 +51,21 @@ application passes to ``send()`` for the pending event::
     any    EOF                               -> CLOSED  Closed("eof")
 
 ``MAIL+`` = MAIL or RCPT. While a reply is owed ``next_event()`` returns ``PAUSED``
-and nothing further is parsed, so replies always leave in command order.
+and nothing further is parsed, so replies always leave in command order. A 221 sent
+by the application closes like QUIT.
 
-DATA byte machine (SPEC B §1.11, §7.1). On 354 the engine puts a virtual CRLF in
-front of the buffered input, which turns the "first line is '.'" case into the
+Who answers what. The engine answers, from the reply table, everything that needs
+no policy: unknown verbs (502), over-long lines (500), syntax errors (555/501),
+bad sequence (503), ``SIZE=`` above databytes (552), unknown parameters (555),
+8-bit addresses without SMTPUTF8 (553 5.6.7), the recipient hard cap (452), NOOP,
+VRFY (252), HELP (214), RSET (250), QUIT (221), too many bad commands (421).
+Informational events (Rset, Noop, Vrfy, Help, Quit, Anomaly, DataChunk) owe
+nothing. The application answers Helo (``helo_reply()`` / ``ehlo_reply()``), Mail,
+Rcpt, DataStart (354 to go on), DataEnd (``data_end_check()`` gives the bare LF /
+hop / size verdict in qmail order), AuthStart and AuthResponse (334 to go on).
+
+DATA byte machine (SPEC B §1.11, §7.1). The first region gets a virtual CRLF in
+front (dropped again from the stored form), which turns the "first line is '.'" case into the
 general ``CRLF . CRLF`` search and makes the first line's dot-stuffing regular.
 Each pass takes everything buffered except a suffix that may begin an end marker
 (``\\r``, ``\\r\\n``, ``\\r\\n.``, ``\\r\\n.\\r``: at most 4 bytes carried over), so a
@@ -302,6 +313,12 @@ _DELIVERED = b"\ndelivered"
 _MAX_ADDRESS = 900          # qmail addrparse limit (SPEC B §1.6 step 6)
 _XDIGITS = frozenset(b"0123456789ABCDEFabcdef")
 
+# Wire form of every fixed reply (no placeholders), so the hot path never formats.
+_LINES: dict = {r: r.line() for r in REPLIES.values() if "{" not in r.text}
+_NOOP_LINE = REPLIES["noop"].line()
+_RSET_LINE = REPLIES["rset"].line()
+_VRFY_LINE = REPLIES["vrfy"].line()
+
 
 class _ParseError(Exception):
     """Internal: an argument error with the reply that answers it."""
@@ -412,6 +429,8 @@ class SMTPConnection:
         self._closed: Closed | None = None
         self._close_reason: str | None = None
         self._skipping = False          # discarding the rest of an over-long line
+        self._max_line = cfg.max_line
+        self._max_auth_line = cfg.max_auth_line
         self.helo: str | None = None
         self.esmtp = False
         self.sender: str | None = None
@@ -502,7 +521,8 @@ class SMTPConnection:
         if ev is None:
             raise EngineError("send() without a pending event")
         self._pending = None
-        self._out.append(r.line())
+        line = _LINES.get(r)
+        self._out.append(line if line is not None else r.line())
         code = r.code
         if code == 421 or code == 221:
             self._close("quit" if code == 221 else "421")
@@ -523,7 +543,6 @@ class SMTPConnection:
             if code == 354:
                 self._state = DATA
                 self._data_reset()
-                self._buf[0:0] = _CRLF      # virtual CRLF before the first line
             else:
                 self._reset_transaction()
         elif t is DataEnd:
@@ -591,11 +610,12 @@ class SMTPConnection:
             self._pending = ev
 
     def _answer(self, r: Reply | MultiReply) -> None:
-        self._out.append(r.line())
+        line = _LINES.get(r)
+        self._out.append(line if line is not None else r.line())
 
     def _bad(self, r: Reply, tag: str, detail: object = None) -> None:
         """Answer a client error, report it, count it; 421 at the limit."""
-        self._out.append(r.line())
+        self._answer(r)
         self._events.append(Anomaly(tag, detail))
         self.bad_commands += 1
         if self.bad_commands >= self.config.max_bad_commands:
@@ -608,7 +628,8 @@ class SMTPConnection:
         buf = self._buf
         events = self._events
         commands = _COMMANDS
-        while self._state is not CLOSED and not events:
+        # every path that closes the session also queues an event, ending the loop
+        while not events:
             if self._skipping:
                 i = buf.find(_LF)
                 if i < 0:
@@ -617,7 +638,7 @@ class SMTPConnection:
                 del buf[:i + 1]
                 self._skipping = False
                 continue
-            limit = self.config.max_auth_line if self._state is AUTH else self.config.max_line
+            limit = self._max_auth_line if self._state is AUTH else self._max_line
             i = buf.find(_LF, 0, limit)
             if i < 0:
                 if len(buf) >= limit:
@@ -713,15 +734,15 @@ class SMTPConnection:
 
     def _cmd_rset(self, arg: bytes) -> None:
         self._reset_transaction()
-        self._answer(REPLIES["rset"])
+        self._out.append(_RSET_LINE)
         self._events.append(Rset())
 
     def _cmd_noop(self, arg: bytes) -> None:
-        self._answer(REPLIES["noop"])
+        self._out.append(_NOOP_LINE)
         self._events.append(Noop())
 
     def _cmd_vrfy(self, arg: bytes) -> None:
-        self._answer(REPLIES["vrfy"])
+        self._out.append(_VRFY_LINE)
         self._events.append(Vrfy(arg.decode("latin-1")))
 
     def _cmd_help(self, arg: bytes) -> None:
@@ -815,11 +836,20 @@ class SMTPConnection:
 
     def _data_step(self) -> None:
         buf = self._buf
+        first = self._first
+        if first:
+            # the virtual CRLF before the first line: "." alone is an empty message
+            head = bytes(buf[:3])
+            if head == b".\r\n":
+                del buf[:3]
+                self._store(_LF)
+                self._emit(DataEnd(self._size, self._oversized, self._hops, False))
+                return
+            if head in (b"", b".", b".\r"):
+                return
         end = buf.find(_END)
         if end >= 0:
-            region = bytes(buf[:end + 2])
-            del buf[:end + 5]
-            final = True
+            cut, consume, final = end + 2, end + 5, True
         else:
             if buf.endswith(b"\r"):
                 hold = 4 if buf.endswith(b"\r\n.\r") else 1
@@ -829,29 +859,30 @@ class SMTPConnection:
                 hold = 3
             else:
                 hold = 0
-            cut = len(buf) - hold
+            cut = consume = len(buf) - hold
             if cut <= 0:
                 return
-            region = bytes(buf[:cut])
-            del buf[:cut]
             final = False
-        bare = region.count(_LF) != region.count(_CRLF)
+        with memoryview(buf) as mv:
+            region = mv[:cut].tobytes()
+        del buf[:consume]
+        if first:
+            region = _CRLF + region
+        out = region.replace(_CRLF, _LF)
+        # every LF came from a CRLF iff the LF count equals the CRLFs replaced
+        bare = region.count(_LF) != len(region) - len(out)
         if bare:
             region = region[:_first_bare_lf(region)]
-        self._store(region)
+            out = region.replace(_CRLF, _LF)
+        self._store(out.replace(_LFDOT, _LF))
         if bare:
             buf.clear()
             self._emit(DataEnd(self._size, self._oversized, self._hops, True))
         elif final:
             self._emit(DataEnd(self._size, self._oversized, self._hops, False))
 
-    def _store(self, region: bytes) -> None:
-        """Convert a region to the stored form, count it, queue it as a DataChunk."""
-        if self._oversized and not self._in_headers:
-            # nothing is delivered any more: only the stored size is needed
-            self._size += len(region) - region.count(_CRLF) - region.count(b"\r\n.")
-            return
-        out = region.replace(_CRLF, _LF).replace(_LFDOT, _LF)
+    def _store(self, out: bytes) -> None:
+        """Count a region in stored form and queue it as a DataChunk."""
         if self._in_headers:
             self._count_hops(out)
         if self._first:

@@ -100,11 +100,16 @@ def test_helo(feed):
 
 def test_helo_without_name_is_501(feed):
     app = run(feed, b"HELO\r\nEHLO   \r\n", cfg())
-    assert app.lines == [GREETING, "501 5.5.4 syntax error, HELO/EHLO needs a domain"] * 1 + [
-        "501 5.5.4 syntax error, HELO/EHLO needs a domain"]
+    assert app.lines == [GREETING] + ["501 5.5.4 syntax error, HELO/EHLO needs a domain"] * 2
     assert app.merged() == [Anomaly("SYNTAX", "HELO"), Anomaly("SYNTAX", "EHLO")]
     assert app.conn.bad_commands == 2
     assert app.conn.helo is None
+
+
+def test_helo_eightbit_reported(feed):
+    app = run(feed, "HELO hôte.example\r\n".encode(), cfg())
+    assert app.merged() == [Anomaly("EIGHTBIT", "HELO"), Helo("HELO", "hôte.example".encode().decode("latin-1"))]
+    assert app.lines[1:] == ["250 mx.example.com"]
 
 
 def test_helo_ends_transaction(feed):
@@ -422,6 +427,32 @@ def test_data_before_mail_and_before_rcpt(feed):
     assert app.conn.bad_commands == 2
 
 
+def test_data_with_argument_is_501(feed):
+    """RFC 5321 §4.1.1.4: DATA takes no argument (SPEC A §6: RFC 5321 where qmail is lax)."""
+    app = run(feed, tx(b"")[:-2] + b" now\r\n", cfg())
+    assert app.lines[-1] == "501 5.5.4 syntax error in parameters or arguments"
+    assert app.conn.state == RCPT and app.conn.bad_commands == 1
+
+
+def test_states_through_a_transaction():
+    """The state table of the module docstring, step by step (SPEC B §1.5)."""
+    app = App(cfg(), manual=True)
+    conn = app.conn
+    seen = [conn.state]
+    conn.receive_data(tx(b"x\r\n.\r\n"))
+    for r in (reply("mail_ok"), reply("rcpt_ok"), reply("data_go")):
+        assert conn.next_event().owes_reply
+        conn.send(r)
+        seen.append(conn.state)
+    assert conn.next_event() == DataChunk(b"x\n")
+    assert isinstance(conn.next_event(), DataEnd)
+    seen.append(conn.state)
+    conn.send(reply("queued", stamp="1", qid="2"))
+    seen.append(conn.state)
+    assert seen == [IDLE, MAIL, RCPT, DATA, DATA, IDLE]
+    assert conn.sender is None and conn.recipients == []
+
+
 def test_rejected_mail_and_rcpt_do_not_open_or_count():
     """A policy rejection leaves the state as is (SPEC B §2.8)."""
     script = {Mail: [reply("badmailfrom"), reply("mail_ok")],
@@ -605,9 +636,10 @@ def test_auth_sequence_errors(feed):
     """AUTH in a transaction or after success -> 503 (RFC 4954 §4, SPEC B §4.6)."""
     script = {AuthStart: reply("auth_ok")}
     app = run(feed, b"MAIL FROM:<a@b.c>\r\nAUTH PLAIN AGEAYg==\r\nRSET\r\n"
-              b"AUTH PLAIN AGEAYg==\r\nAUTH PLAIN AGEAYg==\r\nAUTH\r\n", cfg(), script)
+              b"AUTH PLAIN AGEAYg==\r\nRSET\r\nAUTH PLAIN AGEAYg==\r\nAUTH\r\n", cfg(), script)
+    # authentication survives RSET (RFC 4954, SPEC B §4.7)
     assert app.lines[1:] == ["250 2.1.0 ok", "503 5.5.1 no auth during mail transaction",
-                             "250 2.0.0 flushed", "235 2.7.0 ok, go ahead",
+                             "250 2.0.0 flushed", "235 2.7.0 ok, go ahead", "250 2.0.0 flushed",
                              "503 5.5.1 you're already authenticated",
                              "503 5.5.1 you're already authenticated"]
     assert app.of(AuthStart) == [AuthStart("PLAIN", "AGEAYg==")]
