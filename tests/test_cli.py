@@ -1,0 +1,124 @@
+"""`mailfilter compile` and `mailfilter check` end to end, as real processes
+(issue 2, CLI). Exit codes: compile 0/1/2, check 0 accepted / 1 rejected / 2 error."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(__file__)
+ROOT = os.path.dirname(HERE)
+GOLDEN = os.path.join(HERE, "golden")
+
+
+def mf(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "mailfilter", *args], capture_output=True,
+                          text=True, cwd=cwd or ROOT, timeout=60)
+
+
+def test_compile_summary_and_bundle(tmp_path):
+    out = tmp_path / "r.mfb"
+    r = mf("compile", os.path.join(ROOT, "rules"), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.exists() and out.stat().st_size > 0
+    assert "dialect spamcontrol" in r.stdout
+    for kind in ("exact", "wildmat", "regex", "cidr", "signature"):
+        assert f"  {kind}" in r.stdout
+    assert r.stderr == ""          # not a terminal: no progress bar
+
+
+def test_compile_diagnostics_exit_1(tmp_path):
+    r = mf("compile", os.path.join(GOLDEN, "diagnostics", "rules"), "-o", str(tmp_path / "d.mfb"))
+    assert r.returncode == 1
+    assert "badmailfrom:2: unclosed '[' in wildmat: rule skipped" in r.stderr
+    assert "tcp.smtp:3: expected KEY:allow or KEY:deny: rule skipped" in r.stderr
+    assert "line(s) skipped" in r.stderr
+
+
+def test_compile_missing_dir_exit_2(tmp_path):
+    r = mf("compile", str(tmp_path / "nope"), "-o", str(tmp_path / "x.mfb"))
+    assert r.returncode == 2
+    assert "rules directory not found" in r.stderr
+
+
+def test_check_reject_names_rule(tmp_path):
+    r = mf("check", "--rules", os.path.join(ROOT, "rules"), "--ip", "203.0.113.9",
+           "--helo", "mx.other.example", "--from", "someone@spam.example.org",
+           "--rcpt", "info@example.com")
+    assert r.returncode == 1
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("RCPT <info@example.com>: reject")
+    assert "553 5.7.1 sorry, your envelope sender is in my badmailfrom list" in last
+    assert "rule=badmailfrom:" in last
+
+
+def test_check_accept_json_from_bundle(tmp_path):
+    bundle = tmp_path / "r.mfb"
+    assert mf("compile", os.path.join(ROOT, "rules"), "-o", str(bundle)).returncode == 0
+    r = mf("check", "--bundle", str(bundle), "--ip", "203.0.113.9", "--helo", "mx.other.example",
+           "--from", "a@sender.example", "--rcpt", "info@example.com", "--rcpt", "x@example.net",
+           "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["accepted"] is True
+    assert [s["stage"] for s in doc["stages"]] == ["CONNECT", "HELO", "MAIL", "RCPT", "RCPT"]
+    assert doc["stages"][0]["rule"].startswith("tcp.smtp:")
+
+
+def test_check_relay_client_and_rcpthosts():
+    rules = os.path.join(ROOT, "rules")
+    ok = mf("check", "--rules", rules, "--ip", "127.0.0.1", "--from", "a@b.example",
+            "--rcpt", "x@far.example")
+    assert ok.returncode == 0 and "reason=relay_client" in ok.stdout
+    no = mf("check", "--rules", rules, "--ip", "203.0.113.9", "--helo", "mx.other.example",
+            "--from", "a@b.example", "--rcpt", "x@far.example")
+    assert no.returncode == 1
+    assert "isn't in my list of allowed rcpthosts" in no.stdout
+
+
+def test_check_errors_exit_2(tmp_path):
+    bad = tmp_path / "bad.mfb"
+    bad.write_bytes(b"garbage" * 30)
+    r = mf("check", "--bundle", str(bad), "--rcpt", "a@b")
+    assert r.returncode == 2 and "not a mailfilter rule bundle" in r.stderr
+    r = mf("check", "--rules", os.path.join(GOLDEN, "diagnostics", "rules"),
+           "--from", "good@example.org", "--rcpt", "a@example.com")
+    assert r.returncode == 2
+    assert "rule skipped" in r.stderr
+
+
+@pytest.mark.parametrize("dialect_dir", ["qregex"])
+def test_check_qregex_dir(dialect_dir):
+    r = mf("check", "--rules", os.path.join(GOLDEN, dialect_dir, "rules"), "--ip", "203.0.113.5",
+           "--helo", "mx.ok.example", "--from", "x@exampleXcom.evil", "--rcpt", "u@example.com")
+    assert r.returncode == 1
+    assert "rule=badmailfrom:3" in r.stdout
+
+
+def test_compile_progress_bar_on_a_terminal(tmp_path):
+    # A progress bar appears only when stderr is a terminal (issue 2, CLI).
+    import pty
+    rules = tmp_path / "big"
+    rules.mkdir()
+    (rules / "rcpthosts").write_text("example.com\n")
+    (rules / "badmailfrom").write_text("".join(f"user{i}@spam{i % 97}.example\n" for i in range(60_000)))
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(ROOT)
+        os.execv(sys.executable, [sys.executable, "-m", "mailfilter", "compile", str(rules),
+                                  "-o", str(tmp_path / "big.mfb")])
+    chunks = []
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    _, status = os.waitpid(pid, 0)
+    out = b"".join(chunks).decode()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert "badmailfrom" in out and "[##############################] 60000/60000" in out
+    assert "exact        60000" in out
