@@ -152,7 +152,9 @@ def test_forward_failure_link_rejected():
     blob = bytearray(C.aho_build([b"he", b"she", b"hers"], [1, 2, 3], True))
     nstates = struct.unpack_from("<I", blob, 8)[0]
     s = 2
-    struct.pack_into("<I", blob, STATES_OFF + 16 * s + 4, nstates - 1)     # fail -> deeper state
+    off = STATES_OFF + 16 * s + 4                   # fail_label: label << 24 | fail
+    label = struct.unpack_from("<I", blob, off)[0] >> 24
+    struct.pack_into("<I", blob, off, label << 24 | (nstates - 1))   # fail -> deeper state
     with pytest.raises(ValueError, match="shallower"):
         C.AhoCorasick(bytes(blob))
 
