@@ -4,12 +4,14 @@
 # with cost independent of the number of patterns (DESIGN.md "literal
 # fragments and wildmat skeletons -> one Aho-Corasick automaton").
 #
-# Representation (memory-compact, ~17 bytes per state plus 8 per output):
+# Representation (memory-compact, 16 bytes per state plus 8 per output):
 # states are numbered in BFS order, root = 0. In BFS order the children of a
 # state are a contiguous, label-sorted range of state ids, so an edge needs no
 # target field: state s's children are ids [child_base[s], child_base[s+1])
-# and the byte on the edge into child t is labels[t]. A child is found by
-# linear scan (<= 8 children) or binary search. The root has a dense 256-entry
+# and the byte on the edge into child t is stored in t's own record (top 8
+# bits of fail_label), so scanning a child range touches the records the
+# next step needs anyway. A child is found by linear scan (<= 8 children) or
+# binary search. States are limited to 2^24 - 1 (24-bit failure links). The root has a dense 256-entry
 # goto table (0 = stay at root). Each state has a failure link and a
 # dictionary-suffix link (nearest state on its failure chain with outputs of
 # its own), so reporting walks only states that do output.
@@ -20,14 +22,15 @@
 #   16    u32 flags (bit 0: fold)  20 u32 npatterns (informational)
 #   24    u64 reserved (0)
 #   32    u32 root[256]
-#   1056  state[S+1], 16 bytes: u32 child_base, u32 fail, u32 out_start,
-#         u32 dict_link (entry S is a sentinel: child_base = S, out_start = nout)
-#   ..    u8 labels[S], padded to 8
+#   1056  state[S+1], 16 bytes: u32 child_base, u32 fail_label (bits 0-23
+#         failure link, bits 24-31 byte on the edge into the state), u32
+#         out_start, u32 dict_link (entry S is a sentinel: child_base = S,
+#         out_start = nout)
 #   ..    out[nout], 8 bytes: i32 id, u32 pattern length; sorted by id per state
 #
 # Invariants checked at construction (so a corrupt blob can never make the
 # scanner read out of bounds or loop forever): sizes fit len(buf);
-# child_base is non-decreasing from 1 to S; labels strictly increase inside
+# child_base is non-decreasing from 1 to S; edge labels strictly increase inside
 # each child range; fail[s] < s and dict_link[s] < s for s >= 1 (BFS order:
 # both point to shallower states, so every chain terminates); out_start is
 # non-decreasing and ends at nout; root entries < S; ids >= 0, lengths >= 1.
@@ -36,15 +39,25 @@ cdef extern from *:
     """
     #define MF_AHO_HEADER 32
     #define MF_AHO_STATES_OFF (32 + 256 * 4)
+    #define MF_AHO_MAX_STATES 0x00FFFFFFu
     """
     const uint32_t _AHO_HEADER "MF_AHO_HEADER"
     const uint32_t _AHO_STATES_OFF "MF_AHO_STATES_OFF"
+    const uint32_t _AHO_MAX_STATES "MF_AHO_MAX_STATES"
 
 ctypedef struct _AhoState:
     uint32_t child_base
-    uint32_t fail
+    uint32_t fail_label
     uint32_t out_start
     uint32_t dict_link
+
+cdef inline uint32_t _aho_fail(const _AhoState* s) noexcept nogil:
+    return s.fail_label & 0x00FFFFFF
+
+
+cdef inline uint8_t _aho_label(const _AhoState* s) noexcept nogil:
+    return <uint8_t>(s.fail_label >> 24)
+
 
 ctypedef struct _AhoOut:
     int32_t id
@@ -53,7 +66,6 @@ ctypedef struct _AhoOut:
 ctypedef struct _AhoView:
     const uint32_t* root
     const _AhoState* st
-    const uint8_t* labels
     const _AhoOut* outs
     uint32_t nstates
     uint32_t nout
@@ -160,7 +172,7 @@ cdef inline uint32_t _aho_child(const _AhoView* v, uint32_t s, uint8_t c) noexce
     cdef uint8_t l
     if hi - lo <= 8:
         while lo < hi:
-            l = v.labels[lo]
+            l = _aho_label(&v.st[lo])
             if l == c:
                 return lo
             if l > c:
@@ -169,7 +181,7 @@ cdef inline uint32_t _aho_child(const _AhoView* v, uint32_t s, uint8_t c) noexce
         return 0
     while lo < hi:
         mid = lo + ((hi - lo) >> 1)
-        l = v.labels[mid]
+        l = _aho_label(&v.st[mid])
         if l == c:
             return mid
         if l < c:
@@ -186,7 +198,7 @@ cdef inline uint32_t _aho_next(const _AhoView* v, uint32_t s, uint8_t c) noexcep
         t = _aho_child(v, s, c)
         if t != 0:
             return t
-        s = v.st[s].fail
+        s = _aho_fail(&v.st[s])
     return v.root[c]
 
 
@@ -224,18 +236,16 @@ cdef int _aho_view_init(_AhoView* v, const unsigned char* p, Py_ssize_t n) excep
     cdef uint32_t S = _mf_rd32(p + 8)
     cdef uint32_t nout = _mf_rd32(p + 12)
     cdef uint32_t flags = _mf_rd32(p + 16)
-    if S < 1 or S >= 0xFFFFFFF0:
+    if S < 1 or S > _AHO_MAX_STATES:
         raise ValueError(f"AhoCorasick: bad state count {S}")
     if flags > 1:
         raise ValueError(f"AhoCorasick: unknown flags {flags:#x}")
-    cdef uint64_t labels_off = _AHO_STATES_OFF + (<uint64_t>S + 1) * sizeof(_AhoState)
-    cdef uint64_t outs_off = labels_off + _mf_align8(S)
+    cdef uint64_t outs_off = _AHO_STATES_OFF + (<uint64_t>S + 1) * sizeof(_AhoState)
     cdef uint64_t need = outs_off + <uint64_t>nout * sizeof(_AhoOut)
     if need > <uint64_t>n:
         raise ValueError(f"AhoCorasick: blob truncated: {n} bytes, sizes declare {need}")
     cdef const uint32_t* root = <const uint32_t*>(p + _AHO_HEADER)
     cdef const _AhoState* st = <const _AhoState*>(p + _AHO_STATES_OFF)
-    cdef const uint8_t* labels = <const uint8_t*>(p + labels_off)
     cdef const _AhoOut* outs = <const _AhoOut*>(p + outs_off)
     cdef uint32_t s, t, c
     for c in range(256):
@@ -243,24 +253,23 @@ cdef int _aho_view_init(_AhoView* v, const unsigned char* p, Py_ssize_t n) excep
             raise ValueError("AhoCorasick: root table points outside the automaton")
     if st[0].child_base != 1 or st[S].child_base != S:
         raise ValueError("AhoCorasick: bad child ranges")
-    if st[0].fail != 0 or st[0].dict_link != 0 or st[0].out_start != 0 or st[S].out_start != nout:
+    if st[0].fail_label != 0 or st[0].dict_link != 0 or st[0].out_start != 0 or st[S].out_start != nout:
         raise ValueError("AhoCorasick: bad root or sentinel state")
     for s in range(S):
         if st[s + 1].child_base < st[s].child_base:
             raise ValueError(f"AhoCorasick: child ranges not monotonic at state {s}")
         if st[s + 1].out_start < st[s].out_start:
             raise ValueError(f"AhoCorasick: output ranges not monotonic at state {s}")
-        if s != 0 and (st[s].fail >= s or st[s].dict_link >= s):
+        if s != 0 and (_aho_fail(&st[s]) >= s or st[s].dict_link >= s):
             raise ValueError(f"AhoCorasick: failure/dictionary link of state {s} not to a shallower state")
         for t in range(st[s].child_base + 1, st[s + 1].child_base):
-            if labels[t] <= labels[t - 1]:
+            if _aho_label(&st[t]) <= _aho_label(&st[t - 1]):
                 raise ValueError(f"AhoCorasick: edge labels of state {s} not sorted")
     for t in range(nout):
         if outs[t].id < 0 or outs[t].length < 1:
             raise ValueError(f"AhoCorasick: bad output entry {t}")
     v.root = root
     v.st = st
-    v.labels = labels
     v.outs = outs
     v.nstates = S
     v.nout = nout
@@ -306,7 +315,7 @@ def aho_build(patterns, ids, bint fold):
             total_chars += plen
             if plen > maxlen:
                 maxlen = plen
-        if total_chars + 1 >= 0xFFFFFFF0:
+        if total_chars + 1 > 0xFFFFFFF0:
             raise ValueError("aho_build: patterns too large")
         order = sorted(range(npat), key=pats.__getitem__)
         return _aho_build_sorted(pats, order, idv, npat, <uint32_t>(total_chars + 1),
@@ -339,7 +348,6 @@ cdef bytes _aho_build_sorted(list pats, list order, const int32_t* idv, Py_ssize
     cdef unsigned char* p
     cdef uint32_t* root
     cdef _AhoState* st
-    cdef uint8_t* labels
     cdef _AhoOut* outs
     cdef _AhoView v
     try:
@@ -379,6 +387,8 @@ cdef bytes _aho_build_sorted(list pats, list order, const int32_t* idv, Py_ssize
             prev = pb
             prevlen = plen
         free(last_child); last_child = NULL
+        if S > _AHO_MAX_STATES:
+            raise ValueError(f"aho_build: {S} states exceed the limit of {_AHO_MAX_STATES}")
 
         # Phase 2: BFS renumbering; children of a state become a contiguous range.
         bfs = <uint32_t*>malloc(S * sizeof(uint32_t))
@@ -407,7 +417,7 @@ cdef bytes _aho_build_sorted(list pats, list order, const int32_t* idv, Py_ssize
             r = g
 
         total = (_AHO_STATES_OFF + (<uint64_t>S + 1) * sizeof(_AhoState)
-                 + _mf_align8(S) + nout * sizeof(_AhoOut))
+                 + nout * sizeof(_AhoOut))
         blob = _mf_new_blob(total)
         p = <unsigned char*>PyBytes_AS_STRING(blob)
         memcpy(p, b"AHOC", 4)
@@ -418,8 +428,7 @@ cdef bytes _aho_build_sorted(list pats, list order, const int32_t* idv, Py_ssize
         _mf_wr32(p + 20, <uint32_t>npat)
         root = <uint32_t*>(p + _AHO_HEADER)
         st = <_AhoState*>(p + _AHO_STATES_OFF)
-        labels = <uint8_t*>(p + _AHO_STATES_OFF + (<uint64_t>S + 1) * sizeof(_AhoState))
-        outs = <_AhoOut*>(<unsigned char*>labels + _mf_align8(S))
+        outs = <_AhoOut*>(p + _AHO_STATES_OFF + (<uint64_t>S + 1) * sizeof(_AhoState))
 
         bfs[0] = 0
         newid[0] = 0
@@ -432,7 +441,7 @@ cdef bytes _aho_build_sorted(list pats, list order, const int32_t* idv, Py_ssize
             while ch != 0:
                 newid[ch] = tail
                 bfs[tail] = ch
-                labels[tail] = lab[ch]
+                st[tail].fail_label = (<uint32_t>lab[ch]) << 24
                 par[ch] = head          # parent, now in new numbering
                 tail += 1
                 ch = next_sib[ch]
@@ -463,33 +472,32 @@ cdef bytes _aho_build_sorted(list pats, list order, const int32_t* idv, Py_ssize
         # Phase 4: root table, failure and dictionary links in BFS order.
         v.root = root
         v.st = st
-        v.labels = labels
         v.outs = outs
         v.nstates = S
         v.nout = <uint32_t>nout
         v.fold = fold
         for k in range(st[0].child_base, st[1].child_base):
-            root[labels[k]] = k
-        st[0].fail = 0
+            root[_aho_label(&st[k])] = k
+        st[0].fail_label = 0
         st[0].dict_link = 0
         for k in range(1, S):
             ch = bfs[k]
             node = par[ch]          # new id of the parent
-            c = labels[k]
+            c = _aho_label(&st[k])
             if node == 0:
-                st[k].fail = 0
+                pass                    # root children fail to the root
             else:
-                f = st[node].fail
+                f = _aho_fail(&st[node])
                 while True:
                     if f == 0:
-                        st[k].fail = root[c]
+                        st[k].fail_label |= root[c]
                         break
                     t = _aho_child(&v, f, <uint8_t>c)
                     if t != 0:
-                        st[k].fail = t
+                        st[k].fail_label |= t
                         break
-                    f = st[f].fail
-            f = st[k].fail
+                    f = _aho_fail(&st[f])
+            f = _aho_fail(&st[k])
             if st[f + 1].out_start != st[f].out_start:
                 st[k].dict_link = f
             else:

@@ -29,6 +29,7 @@
 #   64  u64 nolit_off                       u32[n_nolit]  entries without literal
 #   72  u64 neglit_off                      u32[n_neglit] negated regexes with literal
 #   80  u64 pool_off, 88 u64 pool_len       folded wildmat patterns
+#   96  u64 total_size                      whole blob, padding included
 # Entries are sorted by rule id (ascending, distinct), so "descending id" is
 # "descending entry index"; nolit and neglit hold ascending entry indices.
 #
@@ -42,7 +43,7 @@
 
 cdef extern from *:
     """
-    #define MF_LM_HEADER 96
+    #define MF_LM_HEADER 104
     #define MF_LM_REGEX 0x80000000u
     #define MF_LM_NEG 0x40000000u
     #define MF_LM_INDEX 0x3FFFFFFFu
@@ -165,6 +166,7 @@ def listmatch_build(hash_keys, hash_ids, wild_patterns, wild_ids,
     _mf_wr64(p + 64, nolit_off)
     _mf_wr64(p + 72, neglit_off)
     _mf_wr64(p + 80, pool_off); _mf_wr64(p + 88, pool_len)
+    _mf_wr64(p + 96, off)
     memcpy(p + htab_off, PyBytes_AS_STRING(htab), len(htab))
     memcpy(p + aho_off, PyBytes_AS_STRING(aho), len(aho))
     memcpy(p + pool_off, PyBytes_AS_STRING(pool), pool_len)
@@ -213,6 +215,9 @@ cdef class ListMatcher:
         cdef const unsigned char* p = self._blob.p
         cdef Py_ssize_t n = self._blob.n
         _mf_check_header(p, n, b"LMAT", 1, _LM_HEADER, "ListMatcher")
+        if _mf_rd64(p + 96) > <uint64_t>n:
+            raise ValueError(f"ListMatcher: blob truncated: {n} bytes, "
+                             f"header declares {_mf_rd64(p + 96)}")
         self.n_wild = _mf_rd32(p + 8)
         self.n_regex = _mf_rd32(p + 12)
         self.n_nolit = _mf_rd32(p + 16)

@@ -1,0 +1,271 @@
+"""ListMatcher (LMAT blob): last_match (spamcontrol, SPEC B §2.5) and
+first_fire (qregex, SPEC B §3.2), hand cases, differential vs the literal
+oracle, blob corruption. Semantics: _core/README.md "listmatch.pxi"."""
+import random
+import struct
+
+import pytest
+import re2
+
+from mailfilter.core import core as C
+from oracles.matchers import ListMatcherOracle, MODE_ADDRESS, MODE_EXACT, MODE_HOST
+
+re2.set_fallback_notification(re2.FALLBACK_EXCEPTION)
+
+
+def rx(pat: bytes):
+    return re2.compile(pat, re2.IGNORECASE)
+
+
+def make(hash_keys=(), hash_ids=(), wild=(), wild_ids=(), regexes=(), regex_ids=(),
+         literals=None, negated=None):
+    regexes = list(regexes)
+    literals = [b""] * len(regexes) if literals is None else list(literals)
+    negated = [False] * len(regexes) if negated is None else list(negated)
+    args = (list(hash_keys), list(hash_ids), list(wild), list(wild_ids),
+            list(regex_ids), literals, negated)
+    compiled = [rx(p) for p in regexes]
+    return C.ListMatcher(C.listmatch_build(*args), compiled), ListMatcherOracle(*args, compiled)
+
+
+def test_mode_constants():
+    assert (C.MODE_EXACT, C.MODE_ADDRESS, C.MODE_HOST) == (MODE_EXACT, MODE_ADDRESS, MODE_HOST)
+
+
+def test_address_mode_keys():
+    m, _ = make([b"joe@a.b.c", b"@a.b.c", b".b.c", b".c", b"a.b.c"], [1, 2, 3, 4, 5])
+    assert m.last_match(b"joe@a.b.c", MODE_ADDRESS) == 4        # largest of 1,2,3,4
+    assert m.last_match(b"ann@a.b.c", MODE_ADDRESS) == 4        # @dom, .b.c, .c
+    assert m.last_match(b"ann@x.c", MODE_ADDRESS) == 4          # .c only
+    assert m.last_match(b"ann@c", MODE_ADDRESS) == -1           # 'c' has no dot suffix
+    assert m.last_match(b"ann@a.b.c", MODE_EXACT) == -1
+    assert m.last_match(b"a.b.c", MODE_ADDRESS) == 5            # no @: itself only
+    m2, _ = make([b"@a.b.c", b".b.c"], [9, 1])
+    assert m2.last_match(b"JOE@A.B.C", MODE_ADDRESS) == 9
+    assert m2.last_match(b"x@y@a.b.c", MODE_ADDRESS) == 9       # domain after LAST @
+    assert m2.last_match(b"x@a.b.c@y", MODE_ADDRESS) == -1
+
+
+def test_address_without_at_does_not_try_suffixes():
+    m, _ = make([b".c"], [1])
+    assert m.last_match(b"a.b.c", MODE_ADDRESS) == -1
+    assert m.last_match(b"a.b.c", MODE_HOST) == 1
+
+
+def test_host_and_exact_modes():
+    m, _ = make([b"mx.example.com", b".example.com", b"@example.com"], [1, 2, 3])
+    assert m.last_match(b"MX.Example.Com", MODE_HOST) == 2
+    assert m.last_match(b"mx.example.com", MODE_EXACT) == 1
+    assert m.last_match(b"other.example.com", MODE_EXACT) == -1
+    assert m.last_match(b"x@example.com", MODE_HOST) == -1     # '.com' is not listed
+    with pytest.raises(ValueError):
+        m.last_match(b"x", 3)
+
+
+def test_last_match_wins_across_kinds():
+    # B §2.5: the last matching line (largest id) decides
+    m, _ = make([b"joe@example.com"], [5], [b"*@example.com", b"j*"], [2, 7],
+                [b"^joe@"], [4], [b"joe@"])
+    assert m.last_match(b"joe@example.com", MODE_ADDRESS) == 7
+    assert m.last_match(b"ann@example.com", MODE_ADDRESS) == 2
+    assert m.last_match(b"joe@other.org", MODE_ADDRESS) == 7
+    assert m.last_match(b"xjoe@other.org", MODE_ADDRESS) == -1
+    m, _ = make([b"joe@example.com"], [9], [b"*@example.com"], [2])
+    assert m.last_match(b"joe@example.com", MODE_ADDRESS) == 9  # hash hit beats older wildmat
+
+
+def test_wildmat_without_literal_is_always_a_candidate():
+    m, _ = make(wild=[b"*", b"?*?"], wild_ids=[0, 3])
+    assert m.last_match(b"", MODE_EXACT) == 0
+    assert m.last_match(b"ab", MODE_EXACT) == 3
+    assert m.counts() == {"hash": 0, "wildmat": 2, "regex": 0, "aho_states": 1}
+
+
+def test_negated_regexes_ignored_by_last_match():
+    m, _ = make(regexes=[b"spam", b"spam"], regex_ids=[1, 2], literals=[b"spam", b"spam"],
+                negated=[False, True])
+    assert m.last_match(b"SPAM", MODE_EXACT) == 1
+    assert m.last_match(b"ham", MODE_EXACT) == -1
+
+
+def test_regex_runs_on_original_text_case_insensitive():
+    m, _ = make(regexes=[b"^Joe@[a-z]+\\.com$"], regex_ids=[3], literals=[b".com"])
+    assert m.last_match(b"JOE@EXAMPLE.COM", MODE_ADDRESS) == 3
+    assert m.first_fire(b"joe@example.com") == 3
+    assert m.first_fire(b"joe@example.org") == -1
+
+
+def test_first_fire_qregex_semantics():
+    # B §3.2: first firing line wins; `!` fires when the regex does NOT match
+    m, _ = make(regexes=[b"@example\\.com$", b"^[a-z0-9.]+@", b"viagra"],
+                regex_ids=[10, 11, 12], literals=[b"@example.com", b"@", b"viagra"],
+                negated=[False, True, False])
+    assert m.first_fire(b"joe@example.com") == 10
+    assert m.first_fire(b"j_o@x.org") == 11       # required form not met -> fires
+    assert m.first_fire(b"no-at-sign") == 11      # literal '@' absent -> fires unrun
+    assert m.first_fire(b"viagra@x.org") == 12
+    assert m.first_fire(b"joe@x.org") == -1
+    # wildmat entries never take part in first_fire
+    m, _ = make(wild=[b"*"], wild_ids=[1])
+    assert m.first_fire(b"x") == -1
+
+
+def test_first_fire_negated_absent_literal_bounds_later_entries():
+    m, _ = make(regexes=[b"zzz", b"abc", b"x"], regex_ids=[1, 2, 3],
+                literals=[b"zzz", b"abc", b"x"], negated=[False, True, False])
+    assert m.first_fire(b"x") == 2          # 'abc' absent: entry 2 fires before 3
+    assert m.first_fire(b"abc x") == 3
+    assert m.first_fire(b"zzz") == 1
+
+
+def test_long_text_and_many_candidates():
+    lits = [b"k%03d" % i for i in range(400)]
+    m, o = make(regexes=[l.decode().encode() for l in lits], regex_ids=list(range(400)),
+                literals=lits)
+    text = b"".join(lits) + b"Z" * 3000              # > stack buffers
+    assert m.last_match(text, MODE_EXACT) == 399
+    assert m.first_fire(text) == 0
+    assert m.last_match(text[:-3000], MODE_EXACT) == o.last_match(text[:-3000], MODE_EXACT)
+
+
+def test_builder_and_constructor_errors():
+    with pytest.raises(ValueError, match="duplicate"):
+        C.listmatch_build([], [], [b"a*"], [1], [1], [b""], [False])
+    with pytest.raises(ValueError):
+        C.listmatch_build([b"a"], [], [], [], [], [], [])
+    with pytest.raises(ValueError):
+        C.listmatch_build([], [], [b"a"], [-2], [], [], [])
+    blob = C.listmatch_build([], [], [], [], [1, 2], [b"", b""], [False, False])
+    with pytest.raises(ValueError, match="regex"):
+        C.ListMatcher(blob, [rx(b"a")])
+
+
+def test_bad_tag_version_and_every_truncation():
+    blob = C.listmatch_build([b"a@b.c"], [1], [b"*@x*"], [2], [3], [b"zz"], [True])
+    regexes = [rx(b"zz")]
+    m = C.ListMatcher(blob, regexes)
+    assert m.last_match(b"q@xy", MODE_ADDRESS) == 2
+    with pytest.raises(ValueError, match="tag"):
+        C.ListMatcher(b"LMAX" + blob[4:], regexes)
+    with pytest.raises(ValueError, match="version"):
+        C.ListMatcher(blob[:4] + struct.pack("<I", 0) + blob[8:], regexes)
+    for cut in range(len(blob)):
+        with pytest.raises(ValueError):
+            C.ListMatcher(blob[:cut], regexes)
+
+
+def test_garbage_offsets_and_entries_rejected():
+    blob = C.listmatch_build([b"a@b.c"], [1], [b"*@x*", b"y*"], [2, 4], [3], [b"zz"], [True])
+    regexes = [rx(b"zz")]
+    for field in (24, 40, 56, 64, 72, 80):
+        bad = bytearray(blob)
+        struct.pack_into("<Q", bad, field, len(blob) + 8)
+        with pytest.raises(ValueError):
+            C.ListMatcher(bytes(bad), regexes)
+    ent_off = struct.unpack_from("<Q", blob, 56)[0]
+    bad = bytearray(blob)
+    struct.pack_into("<I", bad, ent_off + 4, 77)                # wildmat index out of range
+    with pytest.raises(ValueError, match="index"):
+        C.ListMatcher(bytes(bad), regexes)
+    bad = bytearray(blob)
+    struct.pack_into("<i", bad, ent_off + 16, 0)                # ids not ascending
+    with pytest.raises(ValueError, match="ascending"):
+        C.ListMatcher(bytes(bad), regexes)
+    bad = bytearray(blob)
+    struct.pack_into("<I", bad, ent_off + 12, 1 << 20)          # pattern outside pool
+    with pytest.raises(ValueError, match="pool"):
+        C.ListMatcher(bytes(bad), regexes)
+
+
+def test_random_corruption_never_crashes():
+    r = random.Random(3)
+    blob = C.listmatch_build([b"a@b.c", b".d"], [1, 5], [b"*@x*", b"y?z"], [2, 4],
+                             [3, 6], [b"zz", b""], [True, False])
+    regexes = [rx(b"zz"), rx(b"^q")]
+    loaded = 0
+    for _ in range(2000):
+        bad = bytearray(blob)
+        for _ in range(r.randint(1, 3)):
+            bad[r.randrange(len(bad))] = r.randrange(256)
+        try:
+            m = C.ListMatcher(bytes(bad), regexes)
+        except ValueError:
+            continue
+        loaded += 1
+        for t in (b"q@xyz", b"a@b.c", b"yaz", b""):
+            m.last_match(t, MODE_ADDRESS)
+            m.first_fire(t)
+    assert loaded > 0
+
+
+# ------------------------------------------------------------ differential
+WORDS = [b"spam", b"ham", b"mail", b"x", b"ex", b"example", b"\xe9t\xe9", b"a1", b"b2"]
+TLDS = [b"com", b"net", b"org", b"c"]
+
+
+def rand_domain(r):
+    return b".".join(r.choice(WORDS) for _ in range(r.randint(1, 3))) + b"." + r.choice(TLDS)
+
+
+def rand_address(r):
+    if r.random() < 0.1:
+        return rand_domain(r)
+    local = r.choice(WORDS) + (b"" if r.random() < 0.5 else r.choice(WORDS))
+    a = local + b"@" + rand_domain(r)
+    if r.random() < 0.3:
+        a = bytes(c - 32 if 97 <= c <= 122 and r.random() < 0.5 else c for c in a)
+    return a
+
+
+def rand_wildmat(r):
+    s = r.choice([b"*@", b"*", b"", b"?"]) + r.choice(WORDS)
+    s += r.choice([b"*", b".*", b"[a-m]*", b"?*", b"", b"*.com"])
+    if r.random() < 0.2:
+        s = r.choice([b"*", b"?*", b"[^x]*"])
+    return s
+
+
+def rand_regex(r):
+    """(pattern, required literal) with the literal truly required."""
+    w = r.choice(WORDS[:6] + [b"a1", b"b2"])
+    kind = r.randrange(5)
+    if kind == 0:
+        return re_escape(w), w
+    if kind == 1:
+        return b"^" + re_escape(w), w
+    if kind == 2:
+        return re_escape(w) + b"\\.(com|net)$", w + b"."
+    if kind == 3:
+        return b"(" + re_escape(w) + b"|zz)", b""                 # no single required literal
+    return b"@[a-z]+\\." + re_escape(r.choice(TLDS)) + b"$", b"@"
+
+
+def re_escape(b):
+    return b"".join(b"\\" + bytes([c]) if chr(c) in ".^$*+?()[]{}|\\" else bytes([c]) for c in b)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+def test_differential_random(seed):
+    r = random.Random(seed)
+    nh, nw, nr = r.randint(0, 60), r.randint(0, 30), r.randint(0, 25)
+    ids = r.sample(range(1000), nw + nr)
+    hash_keys = []
+    for _ in range(nh):
+        a = rand_address(r)
+        k = r.choice([a, b"@" + a.rsplit(b"@", 1)[-1], b"." + a.rsplit(b".", 1)[-1], a.lower()])
+        hash_keys.append(k)
+    hash_ids = [r.randrange(1000) for _ in hash_keys]
+    wild = [rand_wildmat(r) for _ in range(nw)]
+    regs = [rand_regex(r) for _ in range(nr)]
+    negated = [r.random() < 0.3 for _ in range(nr)]
+    m, o = make(hash_keys, hash_ids, wild, ids[:nw], [p for p, _ in regs], ids[nw:],
+                [l for _, l in regs], negated)
+    texts = [rand_address(r) for _ in range(300)] + hash_keys[:50] + [b"", b"@", b"."]
+    seen = set()
+    for t in texts:
+        for mode in (MODE_EXACT, MODE_ADDRESS, MODE_HOST):
+            got = m.last_match(t, mode)
+            assert got == o.last_match(t, mode), (t, mode)
+            seen.add(got)
+        assert m.first_fire(t) == o.first_fire(t), t
+    assert len(seen) > 1 or (nh + nw + nr) == 0
