@@ -1,0 +1,159 @@
+"""policy.py per-client settings and verdict order (SPEC B §2.4, §2.7, §2.8 RCPT
+table, §3.1; SPEC A §4, §7). Each test builds a small rules directory."""
+import pytest
+
+from mailfilter import bundle, compiler
+from mailfilter.policy import DNS_FAIL, DNS_OK, DNS_TEMP, Client, PolicyEngine, PolicyOptions
+
+
+def engine(tmp_path, files: dict[str, str], **opts) -> PolicyEngine:
+    d = tmp_path / "rules"
+    d.mkdir(exist_ok=True)
+    files.setdefault("rcpthosts", "example.com\n")
+    for name, text in files.items():
+        (d / name).write_text(text)
+    compiled = compiler.compile_dir(str(d))
+    assert compiled.diagnostics == []
+    return PolicyEngine(bundle.from_compiled(compiled), PolicyOptions(**opts))
+
+
+def envelope(eng, helo="mx.sender.example", sender="a@sender.example", rcpt="u@example.com",
+             ip="203.0.113.5", host="unknown"):
+    s = eng.session(Client(ip=ip, host=host))
+    if helo is not None:
+        s.helo(helo)
+    s.mail(sender)
+    return s, s.rcpt(rcpt)
+
+
+@pytest.mark.parametrize("mode,helo,expect", [
+    ("!", None, "helo_missing"),       # any one-char mode rejects a missing HELO
+    ("!", "", "helo_empty"),
+    ("!", "localhost", None),          # "!" does not look at badhelo
+    (".", "", "helo_empty"),
+    (".", "localhost", "bad_helo"),
+    ("", "localhost", "bad_helo"),
+    ("", None, None),                  # "" is not one character: no HELO required
+    ("=", "mx.sender.example", "helo_mismatch"),
+    ("=", "mail.client.example", None),
+])
+def test_helocheck_modes(tmp_path, mode, helo, expect):
+    eng = engine(tmp_path, {"badhelo": "localhost\n", "tcp.smtp": f':allow,HELOCHECK="{mode}"\n'})
+    s, v = envelope(eng, helo=helo, host="mail.client.example")
+    if expect is None:
+        assert v.accept, v
+    else:
+        assert not v.accept and v.reason == expect and v.reply.code == 550
+
+
+def test_helocheck_dns_a(tmp_path):
+    eng = engine(tmp_path, {"badhelo": "ok.example!\n", "tcp.smtp": ':allow,HELOCHECK="A"\n'})
+    s = eng.session(Client(ip="203.0.113.5"))
+    s.helo("mx.nowhere.example")
+    assert s.helo_dns_query() == ("A", "mx.nowhere.example")
+    for status, code in ((DNS_FAIL, 550), (DNS_TEMP, 451), (DNS_OK, 250)):
+        s.set_helo_dns(status)
+        s.mail("a@b.example")
+        assert s.rcpt("u@example.com").reply.code == code
+    s.helo("OK.example")                       # name!: no DNS test (B §2.6)
+    assert s.helo_dns_query() is None
+
+
+def test_mfdnscheck(tmp_path):
+    eng = engine(tmp_path, {"badmailfrom": "?vip@nxdomain.example\n",
+                            "tcp.smtp": ':allow,MFDNSCHECK=""\n127.0.0.1:allow,RELAYCLIENT="",MFDNSCHECK=""\n'})
+    s = eng.session(Client(ip="203.0.113.5"))
+    s.helo("x")
+    s.mail("a@nxdomain.example")
+    assert s.mail_dns_query() == "nxdomain.example"
+    s.set_mail_dns(DNS_FAIL)
+    v = s.rcpt("u@example.com")
+    assert (v.reply.code, v.reply.enhanced, v.reason) == (553, "5.1.8", "mf_dns")
+    s.mail("a@slow.example")
+    s.set_mail_dns(DNS_TEMP)
+    assert s.rcpt("u@example.com").reply.code == 451     # one 451, quirk B §2.14 #3 fixed
+    s.mail("vip@nxdomain.example")                      # ? bypass skips MFDNSCHECK
+    assert s.mail_dns_query() is None
+    relay = eng.session(Client(ip="127.0.0.1"))
+    relay.mail("a@nxdomain.example")
+    assert relay.mail_dns_query() is None                # relay clients skip it
+
+
+def test_relaymailfrom_needs_the_setting(tmp_path):
+    eng = engine(tmp_path, {"relaymailfrom": "@partner.example\n",
+                            "tcp.smtp": '198.51.100.:allow,RELAYMAILFROM=""\n:allow\n'})
+    _, v = envelope(eng, sender="x@partner.example", rcpt="u@far.example", ip="198.51.100.7")
+    assert v.accept and v.reason == "relay_sender"
+    _, v = envelope(eng, sender="x@partner.example", rcpt="u@far.example", ip="203.0.113.5")
+    assert not v.accept and v.reason == "rcpthosts"      # forgeable: never global
+
+
+def test_smtpauth_required(tmp_path):
+    eng = engine(tmp_path, {"tcp.smtp": ':allow,SMTPAUTH="!"\n'})
+    s = eng.session(Client(ip="203.0.113.5"))
+    v = s.mail("a@b.example")
+    assert (v.accept, v.reply.code) == (False, 530)
+    s.auth_success("alice")
+    assert s.mail("a@b.example").accept
+    v = s.rcpt("u@far.example")                         # authenticated: relay (SPEC A §7)
+    assert v.accept and v.reason == "relay_auth"
+    s.reset()
+    assert s.authenticated == "alice"                    # survives RSET (B §4.7)
+
+
+def test_recipients450_and_notorious(tmp_path):
+    eng = engine(tmp_path, {"recipients": "ok@example.com\n",
+                            "tcp.smtp": ':allow,RECIPIENTS450="",TARPITCOUNT="1",TARPITDELAY="999"\n'})
+    s = eng.session(Client(ip="203.0.113.5"))
+    s.helo("x")
+    s.mail("a@b.example")
+    v = s.rcpt("nobody@example.com")
+    assert (v.reply.code, v.reply.enhanced) == (450, "4.2.1")
+    v = s.rcpt("ok@example.com")                         # failed >= TARPITCOUNT: smart rejection
+    assert (v.reply.code, v.reason) == (452, "too_many_failed_rcpts")
+    d = s.data()
+    assert d.reply.code == 503 and d.close               # 999: notorious session
+
+
+def test_maxrecipients_counts_accepted_only(tmp_path):
+    eng = engine(tmp_path, {"badrcptto": "bad@example.com\n", "tcp.smtp": ':allow,MAXRECIPIENTS="1"\n'})
+    s = eng.session(Client(ip="203.0.113.5"))
+    s.mail("a@b.example")
+    assert s.rcpt("bad@example.com").reason == "badrcptto"
+    assert s.rcpt("good@example.com").accept              # quirk B §2.14 #7 fixed
+    assert s.rcpt("more@example.com").reply.code == 452
+
+
+def test_disable_badmailfrom(tmp_path):
+    eng = engine(tmp_path, {"badmailfrom": "@spam.example\n",
+                            "tcp.smtp": '198.51.100.:allow,DISABLE_BADMAILFROM=""\n:allow\n'})
+    assert envelope(eng, sender="x@spam.example", ip="198.51.100.1")[1].accept
+    assert not envelope(eng, sender="x@spam.example", ip="203.0.113.5")[1].accept
+
+
+def test_qregex_nobadhelo_and_norelay(tmp_path):
+    eng = engine(tmp_path, {"dialect": "qregex\n", "badhelo": "^localhost$\n",
+                            "badhelonorelay": "^bad\\.\n",
+                            "tcp.smtp": '198.51.100.:allow,NOBADHELO=""\n127.0.0.1:allow,RELAYCLIENT=""\n:allow\n'})
+    assert not envelope(eng, helo="localhost")[1].accept
+    assert envelope(eng, helo="localhost", ip="198.51.100.1")[1].accept
+    assert not envelope(eng, helo="bad.example")[1].accept
+    assert envelope(eng, helo="bad.example", ip="127.0.0.1")[1].accept   # norelay file
+
+
+def test_no_rcpthosts_refuses_unless_open_relay(tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    b = bundle.from_compiled(compiler.compile_dir(str(d)))
+    closed = PolicyEngine(b, PolicyOptions())
+    assert not closed.rcpthosts_present
+    assert envelope(closed, rcpt="u@anywhere.example")[1].reason == "rcpthosts"
+    opened = PolicyEngine(b, PolicyOptions(open_relay=True))
+    assert envelope(opened, rcpt="u@anywhere.example")[1].accept
+
+
+def test_relayclient_suffix_and_defaults(tmp_path):
+    eng = engine(tmp_path, {"tcp.smtp": '10.:allow,RELAYCLIENT="@fix"\n'}, defaults={"MAXRECIPIENTS": "5"})
+    s, v = envelope(eng, ip="10.1.1.1", rcpt="u@far.example")
+    assert v.recipient == "u@far.example@fix"            # B §1.9
+    assert s.max_recipients == 5                         # global default kept
