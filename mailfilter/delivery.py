@@ -119,6 +119,13 @@ def _local_id() -> str:
     return f"P{os.getpid()}Q{next(_counter)}"
 
 
+def _check_env(env: Envelope) -> None:
+    """A transaction without recipients is a caller bug: qmail-queue would
+    accept it and deliver to nobody, a silent loss (SPEC A §9)."""
+    if not env.recipients:
+        raise ValueError("delivery: envelope has no recipients")
+
+
 def _queued(qid: object, detail: str) -> DeliveryResult:
     return DeliveryResult(True, reply("queued", stamp=int(time.time()), qid=qid),
                           None, detail)
@@ -209,6 +216,7 @@ class DiscardDelivery(Delivery):
     spec = "discard"
 
     def open(self, env: Envelope) -> Sink:
+        _check_env(env)
         return _DiscardSink()
 
 
@@ -493,6 +501,7 @@ class MaildirDelivery(Delivery):
         return self._committer
 
     def open(self, env: Envelope) -> Sink:
+        _check_env(env)
         try:
             if not self._dirs_ok:
                 self._ensure_dirs()
@@ -583,6 +592,7 @@ class _SpoolingDelivery(Delivery):
         self.spool_dir = spool_dir
 
     def open(self, env: Envelope) -> Sink:
+        _check_env(env)
         return _SpoolSink(env, self._deliver, self.spool_max_memory, self.spool_dir)
 
     async def _deliver(self, env: Envelope, spool) -> DeliveryResult:
@@ -706,6 +716,14 @@ class QmailQueueDelivery(_SpoolingDelivery):
             transport.abort()
             return DeliveryResult(False, reply("queue_temp", text="qq timeout"), None,
                                   f"qmail-queue pid={proc.pid} timeout after {self.timeout}s")
+        except asyncio.CancelledError:
+            # The client is gone and never saw 250: stop qmail-queue if it
+            # has not committed yet (its commit is atomic; a queued copy is a
+            # duplicate on retry, never a loss). asyncio reaps the child.
+            if proc.returncode is None:
+                proc.kill()
+            transport.abort()
+            raise
         detail = f"qmail-queue pid={proc.pid} exit={status}"
         if status == 0:
             if write_error is None and env_error is None:

@@ -28,10 +28,31 @@ ROOT = os.path.dirname(HERE)
 TIMEOUT = 30
 
 
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a runtime dependency
+    uvloop = None
+
+LOOPS = {"asyncio": asyncio.new_event_loop}
+if uvloop is not None:
+    LOOPS["uvloop"] = uvloop.new_event_loop
+_loop_factory = asyncio.new_event_loop
+
+
+@pytest.fixture(autouse=True, params=sorted(LOOPS))
+def event_loop_kind(request):
+    """DESIGN "Tests": one suite, two event loops (asyncio and uvloop)."""
+    global _loop_factory
+    _loop_factory = LOOPS[request.param]
+    yield request.param
+    _loop_factory = asyncio.new_event_loop
+
+
 def run(coro, timeout: float = TIMEOUT):
     async def bounded():
         return await asyncio.wait_for(coro, timeout)
-    return asyncio.run(bounded())
+    with asyncio.Runner(loop_factory=_loop_factory) as runner:
+        return runner.run(bounded())
 
 
 def env(sender="a@example.com", rcpts=("b@example.org",), **kw) -> Envelope:
@@ -85,6 +106,18 @@ def test_from_spec_rejects(spec):
     with pytest.raises(ValueError) as ei:
         Delivery.from_spec(spec)
     assert "expected" in str(ei.value) or "needs" in str(ei.value)
+
+
+def test_runs_on_the_parametrised_loop(event_loop_kind):
+    async def loop_module():
+        return type(asyncio.get_running_loop()).__module__
+    assert run(loop_module()).startswith("uvloop" if event_loop_kind == "uvloop" else "asyncio")
+
+
+def test_empty_recipient_list_is_a_caller_bug(tmp_path):
+    for spec in (f"maildir:{tmp_path}/m", "qmail-queue:/bin/true", "smtp:127.0.0.1:25", "discard"):
+        with pytest.raises(ValueError, match="no recipients"):
+            Delivery.from_spec(spec).open(env(rcpts=[]))
 
 
 def test_discard_always_queued():

@@ -1,0 +1,50 @@
+"""Ad hoc: maildir commits/s with C concurrent committers, 1 KB messages.
+
+usage: PYTHONPATH=. python bench/maildir_commit.py [N] [C ...]
+Each commit is durable (file fsync, rename, new/ fsync shared per batch).
+Numbers are for comparison in one run, never asserted in tests.
+"""
+import asyncio
+import shutil
+import sys
+import tempfile
+import time
+
+from mailfilter.delivery import Delivery, Envelope
+
+ENV = Envelope("a@example.com", ["b@example.org"], "c.test", "192.0.2.1", "c.test",
+               None, False, "mx.test")
+BODY = (b"x" * 63 + b"\n") * 16  # 1 KB
+
+
+async def bench(n: int, c: int) -> tuple[float, int]:
+    root = tempfile.mkdtemp(dir="/var/tmp")
+    d = Delivery.from_spec(f"maildir:{root}/Maildir")
+    sem = asyncio.Semaphore(c)
+
+    async def one():
+        async with sem:
+            sink = d.open(ENV)
+            sink.write(BODY)
+            res = await sink.commit()
+            assert res.ok, res
+
+    await asyncio.gather(*(one() for _ in range(20)))  # warm-up
+    t = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(n)))
+    dt = time.perf_counter() - t
+    batches = d._committer.batches
+    await d.close()
+    shutil.rmtree(root)
+    return n / dt, batches
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    for c in [int(x) for x in sys.argv[2:]] or [1, 50]:
+        rate, batches = asyncio.run(bench(n, c))
+        print(f"c={c:3d}  {rate:7.0f} commits/s  ({batches} batches for {n + 20} commits)")
+
+
+if __name__ == "__main__":
+    main()
