@@ -484,6 +484,22 @@ def test_qq_exit0_without_reading_is_read_error(monkeypatch, tmp_path):
     assert not res.ok and str(res.reply) == "451 4.3.0 qq read error"
 
 
+def test_spool_failure_is_451_and_qq_never_runs(monkeypatch, tmp_path):
+    # Real kernel failure: the spool rolls over to disk (> spool_max_memory)
+    # inside a "directory" that is a regular file -> ENOTDIR -> 451, and
+    # qmail-queue is never started with a truncated message.
+    out = str(tmp_path / "qq")
+    monkeypatch.setenv("FAKEQQ_OUT", out)
+    monkeypatch.setenv("FAKEQQ_EXIT", "0")
+    (tmp_path / "file").write_bytes(b"")
+    d = Delivery.from_spec(f"qmail-queue:{sys.executable} {FAKEQQ}",
+                           spool_max_memory=4096, spool_dir=str(tmp_path / "file"))
+    res = run(deliver(d, env(), b"q" * 10000))
+    assert not res.ok and res.reply == reply("store_failed")
+    assert "ENOTDIR" in res.detail
+    assert not os.path.exists(out + ".msg")
+
+
 def test_qq_spawn_failure(tmp_path):
     d = Delivery.from_spec(f"qmail-queue:{tmp_path}/no-such-qmail-queue")
     res = run(deliver(d, env(), MSG))
