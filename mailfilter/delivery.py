@@ -280,6 +280,9 @@ class _Committer:
     each tmp/X -> new/X, then fsync new/ once for the whole batch, then resolve
     every future of the batch. A job whose future resolves is therefore in a
     durable new/ entry (ok) or gone from tmp/ and new/ (error).
+    While stage 2 works on one batch the next one accumulates, so the batch
+    size follows the load: 1 at c=1 (no added latency), up to c under load.
+    pause()/resume()/wait_ready() exist so tests can build an exact batch.
     """
 
     def __init__(self, newdir: str, sync_threads: int) -> None:
