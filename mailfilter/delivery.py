@@ -119,11 +119,19 @@ def _local_id() -> str:
     return f"P{os.getpid()}Q{next(_counter)}"
 
 
+_ADDR_FORBIDDEN = re.compile(r"[\r\n\0]")
+
+
 def _check_env(env: Envelope) -> None:
-    """A transaction without recipients is a caller bug: qmail-queue would
-    accept it and deliver to nobody, a silent loss (SPEC A §9)."""
+    """Caller bugs, refused loudly: no recipients (qmail-queue would accept
+    and deliver to nobody, a silent loss, SPEC A §9), or CR/LF/NUL in an
+    address (SMTP command injection downstream; NUL splits the qmail-queue
+    envelope). The SMTP parser never produces either."""
     if not env.recipients:
         raise ValueError("delivery: envelope has no recipients")
+    for addr in (env.sender, *env.recipients):
+        if _ADDR_FORBIDDEN.search(addr):
+            raise ValueError(f"delivery: CR, LF or NUL in envelope address {addr!r}")
 
 
 def _queued(qid: object, detail: str) -> DeliveryResult:

@@ -120,6 +120,15 @@ def test_empty_recipient_list_is_a_caller_bug(tmp_path):
             Delivery.from_spec(spec).open(env(rcpts=[]))
 
 
+@pytest.mark.parametrize("bad", ["a\r\nRSET@x", "a\0Tevil@x", "x\n"])
+def test_control_chars_in_addresses_are_a_caller_bug(tmp_path, bad):
+    for spec in (f"maildir:{tmp_path}/m", "qmail-queue:/bin/true", "lmtp:127.0.0.1:24"):
+        with pytest.raises(ValueError, match="CR, LF or NUL"):
+            Delivery.from_spec(spec).open(env(rcpts=["ok@x", bad]))
+        with pytest.raises(ValueError, match="CR, LF or NUL"):
+            Delivery.from_spec(spec).open(env(sender=bad))
+
+
 def test_discard_always_queued():
     async def go():
         d = Delivery.from_spec("discard")
@@ -285,6 +294,31 @@ def test_maildir_group_commit_one_batch(tmp_path):
     assert all(r.ok for r in res)
     assert (batches, largest) == (1, 40)
     assert len(listing(md)["new"]) == 40 and listing(md)["tmp"] == []
+
+
+def test_maildir_cancelled_commit_still_completes(tmp_path):
+    # The client vanished while its commit was in the batch: the commit is
+    # finished (a retry may duplicate, never lose) and close() drains it.
+    md = str(tmp_path / "m")
+
+    async def go():
+        d = Delivery.from_spec("maildir:" + md)
+        committer = d._committer_for()
+        committer.pause()
+        sink = d.open(env())
+        sink.write(MSG)
+        task = asyncio.ensure_future(sink.commit())
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, committer.wait_ready, 1, 20)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        sink.abort()            # no-op: committing mail is not ours to remove
+        committer.resume()
+        await d.close()
+    run(go())
+    lst = listing(md)
+    assert lst["tmp"] == [] and len(lst["new"]) == 1
 
 
 def test_maildir_parent_is_regular_file(tmp_path):
