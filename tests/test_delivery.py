@@ -28,10 +28,31 @@ ROOT = os.path.dirname(HERE)
 TIMEOUT = 30
 
 
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a runtime dependency
+    uvloop = None
+
+LOOPS = {"asyncio": asyncio.new_event_loop}
+if uvloop is not None:
+    LOOPS["uvloop"] = uvloop.new_event_loop
+_loop_factory = asyncio.new_event_loop
+
+
+@pytest.fixture(autouse=True, params=sorted(LOOPS))
+def event_loop_kind(request):
+    """DESIGN "Tests": one suite, two event loops (asyncio and uvloop)."""
+    global _loop_factory
+    _loop_factory = LOOPS[request.param]
+    yield request.param
+    _loop_factory = asyncio.new_event_loop
+
+
 def run(coro, timeout: float = TIMEOUT):
     async def bounded():
         return await asyncio.wait_for(coro, timeout)
-    return asyncio.run(bounded())
+    with asyncio.Runner(loop_factory=_loop_factory) as runner:
+        return runner.run(bounded())
 
 
 def env(sender="a@example.com", rcpts=("b@example.org",), **kw) -> Envelope:
@@ -85,6 +106,27 @@ def test_from_spec_rejects(spec):
     with pytest.raises(ValueError) as ei:
         Delivery.from_spec(spec)
     assert "expected" in str(ei.value) or "needs" in str(ei.value)
+
+
+def test_runs_on_the_parametrised_loop(event_loop_kind):
+    async def loop_module():
+        return type(asyncio.get_running_loop()).__module__
+    assert run(loop_module()).startswith("uvloop" if event_loop_kind == "uvloop" else "asyncio")
+
+
+def test_empty_recipient_list_is_a_caller_bug(tmp_path):
+    for spec in (f"maildir:{tmp_path}/m", "qmail-queue:/bin/true", "smtp:127.0.0.1:25", "discard"):
+        with pytest.raises(ValueError, match="no recipients"):
+            Delivery.from_spec(spec).open(env(rcpts=[]))
+
+
+@pytest.mark.parametrize("bad", ["a\r\nRSET@x", "a\0Tevil@x", "x\n"])
+def test_control_chars_in_addresses_are_a_caller_bug(tmp_path, bad):
+    for spec in (f"maildir:{tmp_path}/m", "qmail-queue:/bin/true", "lmtp:127.0.0.1:24"):
+        with pytest.raises(ValueError, match="CR, LF or NUL"):
+            Delivery.from_spec(spec).open(env(rcpts=["ok@x", bad]))
+        with pytest.raises(ValueError, match="CR, LF or NUL"):
+            Delivery.from_spec(spec).open(env(sender=bad))
 
 
 def test_discard_always_queued():
@@ -252,6 +294,31 @@ def test_maildir_group_commit_one_batch(tmp_path):
     assert all(r.ok for r in res)
     assert (batches, largest) == (1, 40)
     assert len(listing(md)["new"]) == 40 and listing(md)["tmp"] == []
+
+
+def test_maildir_cancelled_commit_still_completes(tmp_path):
+    # The client vanished while its commit was in the batch: the commit is
+    # finished (a retry may duplicate, never lose) and close() drains it.
+    md = str(tmp_path / "m")
+
+    async def go():
+        d = Delivery.from_spec("maildir:" + md)
+        committer = d._committer_for()
+        committer.pause()
+        sink = d.open(env())
+        sink.write(MSG)
+        task = asyncio.ensure_future(sink.commit())
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, committer.wait_ready, 1, 20)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        sink.abort()            # no-op: committing mail is not ours to remove
+        committer.resume()
+        await d.close()
+    run(go())
+    lst = listing(md)
+    assert lst["tmp"] == [] and len(lst["new"]) == 1
 
 
 def test_maildir_parent_is_regular_file(tmp_path):
@@ -449,6 +516,22 @@ def test_qq_exit0_without_reading_is_read_error(monkeypatch, tmp_path):
     d, _ = qq(monkeypatch, tmp_path, "noread:0")
     res = run(deliver(d, env(), b"x" * (2 * 1024 * 1024)))
     assert not res.ok and str(res.reply) == "451 4.3.0 qq read error"
+
+
+def test_spool_failure_is_451_and_qq_never_runs(monkeypatch, tmp_path):
+    # Real kernel failure: the spool rolls over to disk (> spool_max_memory)
+    # inside a "directory" that is a regular file -> ENOTDIR -> 451, and
+    # qmail-queue is never started with a truncated message.
+    out = str(tmp_path / "qq")
+    monkeypatch.setenv("FAKEQQ_OUT", out)
+    monkeypatch.setenv("FAKEQQ_EXIT", "0")
+    (tmp_path / "file").write_bytes(b"")
+    d = Delivery.from_spec(f"qmail-queue:{sys.executable} {FAKEQQ}",
+                           spool_max_memory=4096, spool_dir=str(tmp_path / "file"))
+    res = run(deliver(d, env(), b"q" * 10000))
+    assert not res.ok and res.reply == reply("store_failed")
+    assert "ENOTDIR" in res.detail
+    assert not os.path.exists(out + ".msg")
 
 
 def test_qq_spawn_failure(tmp_path):
