@@ -91,6 +91,32 @@ def test_envelope_spamcontrol_baseline(benchmark, n):
     record(benchmark, f"baseline/{n}")
 
 
+@pytest.mark.benchmark(group="envelope core only: cidr + 4 list lookups, no policy objects")
+@pytest.mark.parametrize("n", sizes(1_000, 100_000, 1_000_000))
+def test_envelope_core_lookups(benchmark, n):
+    """Lower bound for the envelope: the Cython lookups the policy makes (all
+    of them, every time), with socket.inet_pton instead of ipaddress."""
+    import socket
+    b = loaded(n)
+    cidr, bh, bmf, rh, brt = (b.cidr, b.lists["badhelo"], b.lists["badmailfrom"],
+                              b.lists["rcpthosts"], b.lists["badrcptto"])
+    envs = itertools.cycle(envelopes(n))
+    v6 = socket.AF_INET6
+    v4 = socket.AF_INET
+
+    def one():
+        ip, helo, sender, rcpt = next(envs)
+        cidr.lookup(socket.inet_pton(v6 if ":" in ip else v4, ip))
+        bh.last_match(helo.encode("latin-1"), 2)
+        bmf.last_match(sender.encode("latin-1"), 1)
+        r = rcpt.encode("latin-1")
+        rh.last_match(r[r.rfind(b"@") + 1:], 2)
+        return brt.last_match(r, 1)
+
+    benchmark(one)
+    record(benchmark, f"core/{n}")
+
+
 # ------------------------------------------------------- one list, no policy
 
 @pytest.mark.benchmark(group="list: badmailfrom last_match, per lookup")
