@@ -92,7 +92,7 @@ def test_envelope_spamcontrol_baseline(benchmark, n):
 
 
 @pytest.mark.benchmark(group="envelope core only: cidr + 4 list lookups, no policy objects")
-@pytest.mark.parametrize("n", sizes(1_000, 100_000, 1_000_000))
+@pytest.mark.parametrize("n", sizes(1_000, 10_000, 100_000, 1_000_000))
 def test_envelope_core_lookups(benchmark, n):
     """Lower bound for the envelope: the Cython lookups the policy makes (all
     of them, every time), with socket.inet_pton instead of ipaddress."""
@@ -157,7 +157,7 @@ def test_regex_stdlib_alternation(benchmark, count):
     t0 = time.perf_counter()
     alt = baseline.ReAlternation(pats)
     benchmark.extra_info["re_compile_s"] = round(time.perf_counter() - t0, 3)
-    for text, hit in queries[:300]:
+    for text, hit in queries[:60]:
         assert alt.search(text.encode()) == hit, text
     qs = itertools.cycle([t.encode() for t, _ in queries])
     benchmark(lambda: alt.search(next(qs)))
