@@ -298,3 +298,288 @@ def test_maxrecipients_452(server):
     c.close()
     [raw] = read_new(server.maildir)
     assert raw.count(b"X-Envelope-To:") == 2 and b"u3@" not in raw
+
+
+def test_tarpit_does_not_block_the_loop(server, monkeypatch):
+    """SPEC B §2.4 TARPITCOUNT/TARPITDELAY, §2.8 #11; DESIGN "nothing else on
+    the loop waits": while session 1 sits in its tarpit (2 s), session 2 runs a
+    whole transaction. Ordering is checked via events, not by timing."""
+    in_tarpit = threading.Event()
+    real = SMTPProtocol._tarpit
+
+    async def spy(self, ev, v):
+        assert v.delay == 2.0
+        in_tarpit.set()
+        return await real(self, ev, v)
+
+    monkeypatch.setattr(SMTPProtocol, "_tarpit", spy)
+    order = []
+    c1 = session(server.port, TARPIT)
+    assert first(c1.cmd("MAIL FROM:<a@sender.test>")) == "250 2.1.0 ok"
+    assert first(c1.cmd("RCPT TO:<user@example.com>")) == "250 2.1.5 ok"   # count 1: no delay
+    c1.send(b"RCPT TO:<u2@example.com>\r\n")
+    assert in_tarpit.wait(TIMEOUT)
+
+    # session 2 from a client without tarpit: its replies come while c1 waits
+    with smtp(server.port) as s:
+        s.ehlo("two.test")
+        assert s.mail("b@sender.test")[0] == 250
+        assert s.rcpt("user@example.com")[0] == 250
+        assert s.data(b"Subject: 2\r\n\r\nsecond\r\n")[0] == 250
+    order.append("session 2 done")
+    r = c1.reply()
+    order.append("session 1 tarpit reply")
+    assert first(r) == "250 2.1.5 ok"
+    assert order == ["session 2 done", "session 1 tarpit reply"]
+    c1.close()
+    assert len(read_new(server.maildir)) == 1
+
+
+# ------------------------------------------------------------------ DNS
+DNS_TABLE = {
+    ("ok.test", "MX"): ["10 mx.ok.test."],
+    ("ok.test", "A"): ["192.0.2.10"],
+    ("mxonly.test", "MX"): ["10 mx.elsewhere.test."],
+    ("aonly.test", "A"): ["192.0.2.11"],
+    ("nullmx.test", "MX"): ["0 ."],
+    ("nullmx.test", "A"): ["192.0.2.12"],
+    "nx.test": "NXDOMAIN",
+    "fail.test": "SERVFAIL",
+    ("nodata.test", "TXT"): ['"v=spf1 -all"'],
+}
+
+
+@pytest.fixture
+def dns_server(start):
+    with DnsResponder(DNS_TABLE) as dns:
+        srv = start(resolver=Resolver(dns.address, timeout=3.0))
+        srv.dns = dns
+        yield srv
+
+
+@pytest.mark.parametrize("domain,expect", [
+    ("ok.test", "250 2.1.5 ok"),
+    ("aonly.test", "250 2.1.5 ok"),                     # implicit MX (RFC 5321 §5.1)
+    ("nx.test", "553 5.1.8 sorry, your envelope sender must exist"),
+    ("nullmx.test", "553 5.1.8 sorry, your envelope sender must exist"),   # RFC 7505
+    ("nodata.test", "553 5.1.8 sorry, your envelope sender must exist"),
+    ("fail.test", "451 4.4.3 DNS temporary failure"),
+])
+def test_mfdnscheck(dns_server, decisions, domain, expect):
+    """SPEC B §2.4 MFDNSCHECK, §2.8 #8, §7.2 (5.1.8 / 4.4.3): the MX lookup is
+    started at MAIL and decided at RCPT, via the server's dnspython resolver."""
+    c = session(dns_server.port, MFDNS)
+    c.send(f"MAIL FROM:<someone@{domain}>\r\nRCPT TO:<user@example.com>\r\n".encode())
+    assert first(c.reply()) == "250 2.1.0 ok"
+    assert first(c.reply()) == expect
+    assert first(c.cmd("NOOP")) == "250 2.0.0 ok"
+    c.close()
+    assert (domain, "MX") in dns_server.dns.queries
+    if expect[0] != "2":
+        [line] = [l for l in decisions() if "stage=RCPT" in l]
+        assert ("reason=mf_dns_temp" if expect[0] == "4" else "reason=mf_dns ") in line
+
+
+def test_mfdnscheck_not_for_other_clients(dns_server):
+    """MFDNSCHECK is a per-client setting (SPEC A §3): no lookup without it."""
+    c = session(dns_server.port, PLAIN)
+    c.send(b"MAIL FROM:<someone@nx.test>\r\nRCPT TO:<user@example.com>\r\n")
+    assert [first(r) for r in c.replies(2)] == ["250 2.1.0 ok", "250 2.1.5 ok"]
+    c.close()
+    assert dns_server.dns.queries == []
+
+
+@pytest.mark.parametrize("source,helo,expect,query", [
+    (HELO_A, "ok.test", "250 2.1.5 ok", ("ok.test", "A")),
+    (HELO_A, "aonly.test", "250 2.1.5 ok", ("aonly.test", "A")),
+    (HELO_A, "nx.test", "550 5.7.1 sorry, invalid HELO/EHLO greeting", ("nx.test", "A")),
+    (HELO_A, "mxonly.test", "550 5.7.1 sorry, invalid HELO/EHLO greeting", ("mxonly.test", "AAAA")),
+    (HELO_A, "fail.test", "451 4.4.3 DNS temporary failure", ("fail.test", "A")),
+    (HELO_M, "mxonly.test", "250 2.1.5 ok", ("mxonly.test", "MX")),
+    (HELO_M, "aonly.test", "550 5.7.1 sorry, invalid HELO/EHLO greeting", ("aonly.test", "MX")),
+    (HELO_M, "nx.test", "550 5.7.1 sorry, invalid HELO/EHLO greeting", ("nx.test", "MX")),
+])
+def test_helocheck_a_and_m(dns_server, source, helo, expect, query):
+    """SPEC B §2.4 HELOCHECK A/M, §2.7 (DNS hard failure -> reject at RCPT,
+    soft failure -> 451), §2.8 #7."""
+    c = session(dns_server.port, source, helo=helo)
+    c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\n")
+    assert first(c.reply()) == "250 2.1.0 ok"
+    assert first(c.reply()) == expect
+    c.close()
+    assert query in dns_server.dns.queries
+
+
+def test_dns_unreachable_resolver_is_temporary(start):
+    """SPEC B §2.7 / dnscheck: a resolver that never answers -> 451, not 5xx."""
+    with DnsResponder({"x.test": "DROP"}) as dns:
+        srv = start(resolver=Resolver(dns.address, timeout=0.5))
+        c = session(srv.port, MFDNS)
+        c.send(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<user@example.com>\r\n")
+        assert [first(r) for r in c.replies(2)] == ["250 2.1.0 ok", "451 4.4.3 DNS temporary failure"]
+        c.close()
+
+
+# ------------------------------------------------------------------ DATA
+def test_dot_stuffing_round_trip(server):
+    """SPEC B §1.11 transparency: `..x` -> `.x`, CRLF -> LF, a lone CR kept."""
+    c = session(server.port)
+    c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
+    assert [r[0] for r in c.replies(3)] == [250, 250, 354]
+    c.send(MESSAGE)
+    assert c.reply()[0] == 250
+    c.close()
+    [raw] = read_new(server.maildir)
+    assert stored_body(raw) == (b"From: a@sender.test\nTo: user@example.com\nSubject: test\n\n"
+                                b"hello\n.leading dot\n..two dots\n")
+
+
+def test_dot_stuffing_round_trip_smtplib(server):
+    """smtplib stuffs, the server unstuffs: what was sent is what is stored."""
+    body = "Subject: dots\r\n\r\n.\r\n..\r\n.x\r\nend.\r\n"
+    with smtp(server.port) as s:
+        s.ehlo("c.test")
+        assert s.sendmail("a@sender.test", ["user@example.com"], body) == {}
+    [raw] = read_new(server.maildir)
+    assert raw.endswith(b"Subject: dots\n\n.\n..\n.x\nend.\n")
+
+
+@pytest.mark.parametrize("payload", [
+    b"Subject: s\r\n\r\nhello\n.\r\nMAIL FROM:<evil@x.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\nsmuggled\r\n.\r\n",
+    b"Subject: s\r\n\r\nhello\r\n.\nMAIL FROM:<evil@x.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\nsmuggled\r\n.\r\n",
+    b"Subject: s\r\n\r\nbare\nlf\r\n.\r\n",
+], ids=["LF.CRLF", "CRLF.LF", "bare-LF"])
+def test_smuggling_and_bare_lf_451_close_nothing_stored(server, payload):
+    """SPEC A §6, B §1.11, §7.1 (SMTP smuggling): a bare LF in DATA -> 451 and
+    the connection is dropped; nothing reaches new/, nothing is left in tmp/."""
+    c = session(server.port)
+    c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
+    assert [r[0] for r in c.replies(3)] == [250, 250, 354]
+    c.send(payload)
+    assert first(c.reply()) == "451 4.5.2 See https://cr.yp.to/docs/smtplf.html."
+    assert c.at_eof()           # no reply to any smuggled command
+    assert c.buf == b""
+    c.close()
+    server.wait_lost()
+    assert maildir_files(server.maildir) == []
+    assert maildir_files(server.maildir, "tmp") == []
+
+
+def test_databytes_exceeded_streamed_552(server):
+    """SPEC B §1.11 databytes (per-client DATABYTES, §2.4), §7.2 552 5.3.4: a
+    message far larger than the limit is streamed; 552 after the end of data,
+    nothing stored, the session goes on. EHLO advertises SIZE 2000 (§7.3)."""
+    c = RawClient(server.port, SMALL)
+    assert c.reply()[0] == 220
+    code, lines = c.cmd("EHLO big.test")
+    assert "SIZE 2000" in lines
+    c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
+    assert [r[0] for r in c.replies(3)] == [250, 250, 354]
+    c.send(b"Subject: big\r\n\r\n")
+    line = b"x" * 998 + b"\r\n"
+    for _ in range(1000):            # ~1 MB, 500x the limit
+        c.send(line * 1)
+    c.send(b".\r\n")
+    assert first(c.reply()) == "552 5.3.4 sorry, that message size exceeds my databytes limit"
+    assert first(c.cmd("NOOP")) == "250 2.0.0 ok"
+    c.close()
+    server.wait_lost()
+    assert maildir_files(server.maildir) == []
+    assert maildir_files(server.maildir, "tmp") == []
+
+
+def test_databytes_exact_limit_accepted(server):
+    """SPEC B §1.11: exactly databytes octets (as stored) are accepted."""
+    c = session(server.port, SMALL)
+    c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
+    assert [r[0] for r in c.replies(3)] == [250, 250, 354]
+    body = b"S: x\n\n" + b"y" * (2000 - 6 - 1) + b"\n"
+    assert len(body) == 2000
+    c.send(body.replace(b"\n", b"\r\n") + b".\r\n")
+    assert c.reply()[0] == 250
+    c.close()
+    [raw] = read_new(server.maildir)
+    assert raw.endswith(body)
+
+
+def test_size_parameter_too_big_552_at_mail(server):
+    """SPEC B §7.3 SIZE (RFC 1870): MAIL ... SIZE=m with m > databytes -> 552 5.3.4."""
+    c = session(server.port, SMALL)
+    assert first(c.cmd("MAIL FROM:<a@sender.test> SIZE=2001")) == \
+        "552 5.3.4 sorry, that message size exceeds my databytes limit"
+    assert first(c.cmd("MAIL FROM:<a@sender.test> SIZE=2000")) == "250 2.1.0 ok"
+    c.close()
+
+
+@pytest.mark.parametrize("hops,expect", [(99, 250), (100, 554)])
+def test_hop_count(server, hops, expect):
+    """SPEC B §1.11 hop counting: >= 100 Received/Delivered lines -> 554 5.4.6."""
+    c = session(server.port)
+    c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
+    assert [r[0] for r in c.replies(3)] == [250, 250, 354]
+    head = b"".join(b"Received: from h%d by h%d\r\n" % (i, i + 1) for i in range(hops))
+    c.send(head + b"Subject: loop\r\n\r\nbody\r\n.\r\n")
+    r = c.reply()
+    assert r[0] == expect
+    if expect == 554:
+        assert first(r) == "554 5.4.6 too many hops, this message is looping"
+    c.close()
+    server.wait_lost()
+    assert len(maildir_files(server.maildir)) == (1 if expect == 250 else 0)
+    assert maildir_files(server.maildir, "tmp") == []
+
+
+EXE_B64 = (b"TVqQAAMAAAAEAAAA//8AALgAAAAAAAAAQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\r\n"
+           b"AAAAgAAAAA4fug4AtAnNIbgBTM0hVGhpcyBwcm9ncmFtIGNhbm5vdCBiZSBydW4gaW4gRE9TIG1v\r\n")
+
+
+def mime_message(b64: bytes) -> bytes:
+    return (b"Subject: invoice\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/mixed; boundary=\"XX\"\r\n\r\n"
+            b"--XX\r\nContent-Type: text/plain\r\n\r\nsee attachment\r\n"
+            b"--XX\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n" + b64 + b"--XX--\r\n.\r\n")
+
+
+@pytest.mark.parametrize("source,b64,expect,rule", [
+    (CONTENT, EXE_B64, 554, "rule=badmimetypes:1 "),
+    (CONTENT, b"AAAAMi5kbGwAAAAA\r\n", 554, "rule=badloadertypes:1 "),
+    (CONTENT, b"SGVsbG8gd29ybGQK\r\n", 250, None),
+    (PLAIN, EXE_B64, 250, None),            # BADMIMETYPE not set for this client
+])
+def test_badmimetypes_badloadertypes(server, decisions, source, b64, expect, rule):
+    """SPEC B §2.4 BADMIMETYPE/BADLOADERTYPE, §2.8 content filters: an MZ
+    attachment -> 554 5.3.2 and nothing stored, the rule in the log line."""
+    c = session(server.port, source)
+    c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
+    assert [r[0] for r in c.replies(3)] == [250, 250, 354]
+    c.send(mime_message(b64))
+    r = c.reply()
+    assert r[0] == expect
+    c.close()
+    server.wait_lost()
+    if expect == 554:
+        assert first(r) == "554 5.3.2 sorry, invalid message content"
+        assert maildir_files(server.maildir) == []
+        [line] = [l for l in decisions() if "stage=DATA" in l]
+        assert line.startswith("action=reject stage=DATA " + rule), line
+    else:
+        assert len(maildir_files(server.maildir)) == 1
+    assert maildir_files(server.maildir, "tmp") == []
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+def test_connection_lost_in_data_leaves_nothing(server, how):
+    """SPEC A §9: a client that goes away mid-message gets nothing stored;
+    the aborted tmp/ file is removed (no leftovers)."""
+    c = session(server.port)
+    c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
+    assert [r[0] for r in c.replies(3)] == [250, 250, 354]
+    c.send(b"Subject: cut\r\n\r\n" + b"z" * 200_000 + b"\r\nmore")
+    if how == "reset":
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()
+    server.wait_lost()
+    assert maildir_files(server.maildir) == []
+    assert maildir_files(server.maildir, "tmp") == []
+    assert server.state.connections == 0 and not server.state.per_ip
