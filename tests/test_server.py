@@ -583,3 +583,163 @@ def test_connection_lost_in_data_leaves_nothing(server, how):
     assert maildir_files(server.maildir) == []
     assert maildir_files(server.maildir, "tmp") == []
     assert server.state.connections == 0 and not server.state.per_ip
+
+
+# ------------------------------------------------------------------ delivery failures
+def _one_message(port, source=PLAIN) -> tuple[int, list[str]]:
+    c = session(port, source)
+    c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
+    assert [r[0] for r in c.replies(3)] == [250, 250, 354]
+    c.send(b"Subject: fwd\r\n\r\n..dot\r\nbody\r\n.\r\n")
+    r = c.reply()
+    assert first(c.cmd("NOOP")) == "250 2.0.0 ok"      # the session survives
+    c.close()
+    return r
+
+
+@pytest.mark.parametrize("script,expect", [
+    ({}, "250"),
+    ({"eod": "451 4.3.0 try later"}, "451"),
+    ({"mail": "421 4.3.2 shutting down"}, "451"),
+    ({"greeting": "drop"}, "451"),
+    ({"eod": "554 5.7.1 spam"}, "554"),
+])
+def test_downstream_smtp_replies(start, script, expect):
+    """SPEC A §9: forwarding to a downstream MTA answers 250 only after its
+    250; a downstream temp failure (or a dropped connection) -> 451, so the
+    client retries; a downstream 5xx for the message -> 554."""
+    from tests.smtp_peer import Peer
+    peer = Peer(script=script)
+    probe = start(deliver="discard")           # a loop to run the peer on
+    probe.call(peer.__aenter__())
+    try:
+        srv = start(deliver=f"smtp:127.0.0.1:{peer.port}")
+        r = _one_message(srv.port)
+        assert str(r[0]) == expect, r
+        if expect == "250":
+            assert peer.sessions[0].message.endswith(b"Subject: fwd\n\n.dot\nbody\n")
+            assert peer.sessions[0].wire.endswith(b"Subject: fwd\r\n\r\n..dot\r\nbody\r\n.\r\n")
+            assert "MAIL FROM:<a@sender.test>" in peer.sessions[0].commands
+        elif expect == "451":
+            assert r[1][-1].startswith("4.")
+    finally:
+        probe.call(peer.__aexit__(None, None, None))
+
+
+def test_unwritable_spool_451(start, tmp_path):
+    """SPEC A §9 / DESIGN Delivery: a maildir that cannot be written (its parent
+    is a regular file) -> 451 after DATA; never 250."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory\n")
+    srv = start(deliver=f"maildir:{blocker}/spool")
+    r = _one_message(srv.port)
+    assert first(r) == "451 4.3.0 temporary failure storing message"
+    assert blocker.read_text() == "not a directory\n"
+
+
+def test_internal_error_421_on_that_connection_only(start, monkeypatch):
+    """DESIGN Errors: an internal error -> traceback logged, 421 4.3.0 on that
+    connection only; the next connection is served normally."""
+    srv = start()
+    real = srv.state.delivery.open
+    calls = []
+
+    def boom(env):
+        calls.append(env)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        return real(env)
+
+    monkeypatch.setattr(srv.state.delivery, "open", boom)
+    c = session(srv.port)
+    c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
+    assert [r[0] for r in c.replies(2)] == [250, 250]
+    assert first(c.reply()) == "421 4.3.0 mx.test internal error, closing connection"
+    assert c.at_eof()
+    c.close()
+    assert _one_message(srv.port)[0] == 250
+    assert len(read_new(srv.maildir)) == 1
+
+
+# ------------------------------------------------------------------ timeouts
+def test_idle_timeout_421(start, decisions):
+    """SPEC B §7.1 server timeouts (configurable; qmail timeoutsmtpd): a silent
+    client gets 421 4.4.2 and is disconnected."""
+    srv = start(limits=Limits(idle_timeout=0.5))
+    c = session(srv.port)
+    assert first(c.cmd("NOOP")) == "250 2.0.0 ok"
+    assert first(c.reply()) == "421 4.4.2 mx.test timeout, closing connection"
+    assert c.at_eof()
+    c.close()
+    srv.wait_lost()
+    assert any("action=close reason=timeout" in l for l in decisions())
+
+
+def test_idle_timeout_in_data_removes_tmp(start):
+    """An idle timeout in the middle of DATA leaves nothing in new/ or tmp/."""
+    srv = start(limits=Limits(idle_timeout=0.5))
+    c = session(srv.port)
+    c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
+    assert [r[0] for r in c.replies(3)] == [250, 250, 354]
+    c.send(b"Subject: slow\r\n\r\npartial")
+    assert first(c.reply()) == "421 4.4.2 mx.test timeout, closing connection"
+    assert c.at_eof()
+    c.close()
+    srv.wait_lost()
+    assert maildir_files(srv.maildir) == [] and maildir_files(srv.maildir, "tmp") == []
+
+
+def test_session_deadline_421(start, decisions):
+    """A session that stays busy still ends at the total deadline: 421 4.4.2."""
+    srv = start(limits=Limits(idle_timeout=60, session_deadline=0.5))
+    c = session(srv.port)
+    assert first(c.reply()) == "421 4.4.2 mx.test session too long, closing connection"
+    assert c.at_eof()
+    c.close()
+    assert any("action=close reason=session_deadline" in l for l in decisions())
+
+
+# ------------------------------------------------------------------ connection caps
+def test_global_connection_cap_421(start, decisions):
+    """DESIGN / server.py limits: over max_connections -> 421 4.7.0 at connect."""
+    srv = start(limits=Limits(max_connections=2))
+    a, b = session(srv.port), session(srv.port, RELAY)
+    c = RawClient(srv.port, MAXRCPT)
+    assert first(c.reply()) == "421 4.7.0 mx.test too many connections, try again later"
+    assert c.at_eof()
+    c.close()
+    a.close()
+    srv.wait_lost(2)     # the refused one and `a`
+    d = session(srv.port)            # a slot is free again
+    assert first(d.cmd("NOOP")) == "250 2.0.0 ok"
+    for x in (b, d):
+        x.close()
+    assert any("action=refuse stage=CONNECT reason=max_connections" in l for l in decisions())
+
+
+def test_per_ip_connection_cap_421(start):
+    """Over max_per_ip from one address -> 421 4.7.0; other addresses are served."""
+    srv = start(limits=Limits(max_per_ip=1))
+    a = session(srv.port)
+    c = RawClient(srv.port)
+    assert first(c.reply()) == "421 4.7.0 mx.test too many connections from your address, try again later"
+    assert c.at_eof()
+    c.close()
+    b = session(srv.port, RELAY)
+    assert first(b.cmd("NOOP")) == "250 2.0.0 ok"
+    a.close()
+    b.close()
+    srv.wait_lost(3)
+    assert srv.state.connections == 0 and dict(srv.state.per_ip) == {}
+
+
+def test_idle_timeout_fires_on_time_after_activity(start):
+    """The idle timer is re-armed lazily after reads; it must still fire at
+    last read + idle_timeout. Checked by ordering two server timers, not by
+    timing: idle 0.5 s after a NOOP must beat the 1.2 s session deadline
+    (a re-arm with a 1 s floor fired at ~1.5 s, after the deadline)."""
+    srv = start(limits=Limits(idle_timeout=0.5, session_deadline=1.2))
+    c = session(srv.port)
+    assert first(c.cmd("NOOP")) == "250 2.0.0 ok"
+    assert first(c.reply()) == "421 4.4.2 mx.test timeout, closing connection"
+    c.close()
