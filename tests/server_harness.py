@@ -366,12 +366,15 @@ def run_cli(*args, timeout: float = 30.0, cwd=None) -> subprocess.CompletedProce
                           text=True, timeout=timeout, env=child_env(), cwd=cwd)
 
 
-def spawn_serve(*args, port: int | None = None, listening: int = 1, cwd=None) -> Spawned:
+def spawn_serve(*args, port: int | None = None, listening: int = 1, cwd=None,
+                listen: bool = True) -> Spawned:
     """`python -m mailfilter serve ARGS --listen 127.0.0.1:PORT`; returns once
-    `listening` processes logged their listening line (so the port accepts)."""
+    `listening` processes logged their listening line (so the port accepts).
+    With listen=False the port must come from ARGS (e.g. a --config file)."""
     port = port or free_port()
+    extra = ["--listen", f"127.0.0.1:{port}"] if listen else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mailfilter", "serve", "--listen", f"127.0.0.1:{port}", *args],
+        [sys.executable, "-m", "mailfilter", "serve", *extra, *args],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env(), cwd=cwd)
     log = LogReader(proc.stderr)
     sp = Spawned(proc, port, log)
