@@ -743,3 +743,54 @@ def test_idle_timeout_fires_on_time_after_activity(start):
     assert first(c.cmd("NOOP")) == "250 2.0.0 ok"
     assert first(c.reply()) == "421 4.4.2 mx.test timeout, closing connection"
     c.close()
+
+
+# ------------------------------------------------------------------ real third-party clients
+import shutil
+import subprocess
+
+SWAKS = shutil.which("swaks")
+SMTP_SOURCE = "/usr/sbin/smtp-source" if os.access("/usr/sbin/smtp-source", os.X_OK) else None
+
+
+@pytest.mark.skipif(SWAKS is None, reason="swaks not installed (apt-get install swaks; see .ci/run)")
+@pytest.mark.parametrize("pipelining", [False, True])
+def test_swaks(server, pipelining):
+    """DESIGN Tests: a real client (swaks), with and without PIPELINING (B §7.3)."""
+    args = [SWAKS, "--server", f"127.0.0.1:{server.port}", "--ehlo", "swaks.test",
+            "--from", "a@sender.test", "--to", "user@example.com,u2@example.com",
+            "--header", "Subject: swaks test", "--body", "hello from swaks\n.dot line\n",
+            "--timeout", "10"]
+    if pipelining:
+        args.append("--pipeline")
+    r = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "<-  250 2.0.0 ok " in r.stdout
+    assert "<-  221 2.0.0 mx.test" in r.stdout
+    [raw] = read_new(server.maildir)
+    assert b"X-Envelope-To: <user@example.com>\nX-Envelope-To: <u2@example.com>\n" in raw
+    assert b"Subject: swaks test\n" in raw and b"\n\nhello from swaks\n.dot line\n" in raw
+    # a policy rejection seen by swaks: exit code 24 = "RCPT TO" failed
+    r = subprocess.run([SWAKS, "--server", f"127.0.0.1:{server.port}", "--from", "spammer@example.org",
+                        "--to", "user@example.com", "--timeout", "10"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 24, r.stdout
+    assert "<** 553 5.7.1 sorry, your envelope sender is in my badmailfrom list" in r.stdout
+
+
+@pytest.mark.skipif(SMTP_SOURCE is None, reason="Postfix smtp-source not installed (apt-get install postfix; see .ci/run)")
+@pytest.mark.parametrize("reuse", [False, True])
+def test_postfix_smtp_source(server, reuse):
+    """PEERS.md load generator as a functional client: 40 messages over 4
+    concurrent sessions (-d: several messages per connection), all stored."""
+    args = [SMTP_SOURCE, "-c", "-s", "4", "-m", "40", "-l", "2048", "-M", "source.test",
+            "-f", "a@sender.test", "-t", "user@example.com"]
+    if reuse:
+        args.append("-d")
+    r = subprocess.run(args + [f"127.0.0.1:{server.port}"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    files = maildir_files(server.maildir)
+    assert len(files) == 40
+    assert maildir_files(server.maildir, "tmp") == []
+    raw = read_new(server.maildir)[0]
+    assert b"(HELO source.test) (127.0.0.1)" in raw
