@@ -216,3 +216,14 @@ def test_serve_config_toml(tmp_path, rules):
         assert len(maildir_files(tmp_path / "cfgspool")) == 1
     finally:
         assert sp.stop() == 0
+
+
+def test_serve_timeout_option(served):
+    """`--timeout 1`: an idle client gets 421 4.4.2 and is disconnected
+    (SPEC B §7.1; qmail's timeoutsmtpd as a command-line option)."""
+    sp = served("--timeout", "1")
+    c = session(sp.port)
+    assert first(c.reply()) == "421 4.4.2 mx.test timeout, closing connection"
+    assert c.at_eof()
+    c.close()
+    sp.log.wait_for(r"action=close reason=timeout client=unknown\[127\.0\.0\.1\]:\d+")
