@@ -88,6 +88,8 @@ def load_policy(opts: ServeOptions) -> PolicyEngine:
 
 
 def build_state(opts: ServeOptions) -> ServerState:
+    for spec in opts.listen:        # a bad --listen is a start-up error, not a traceback
+        parse_listen(spec)
     policy = load_policy(opts)
     try:
         delivery = Delivery.from_spec(opts.deliver)
@@ -170,7 +172,7 @@ def run_process(opts: ServeOptions, reuse_port: bool) -> int:
         return 2
     try:
         loop.run_until_complete(serve(opts, state, reuse_port=reuse_port))
-    except OSError as exc:
+    except (OSError, StartupError) as exc:
         print(f"mailfilter serve: {exc}", file=sys.stderr)
         return 2
     finally:

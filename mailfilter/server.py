@@ -200,7 +200,11 @@ class SMTPProtocol(asyncio.Protocol):
         due = self.last_read + lim.idle_timeout
         now = self.loop.time()
         if self.waiting or now < due:
-            self.idle_handle = self.loop.call_at(max(due, now + 1.0), self._idle_check)
+            # re-arm at the real due time (a fixed 1 s minimum here made every
+            # timeout up to 1 s late: --timeout 1 behaved like 2); while a
+            # reply is in flight the client is not idle, look again later
+            self.idle_handle = self.loop.call_at(
+                now + lim.idle_timeout if self.waiting else due, self._idle_check)
             return
         log.event(action="close", reason="timeout", client=self.client_label)
         self._abort(reply("timeout", host=self.engine.config.greeting.split()[0]))

@@ -1,0 +1,229 @@
+"""`mailfilter serve` as a real process: SIGHUP reload, --workers, kill -9,
+start-up refusals, --config. The server is spawned with the venv's python
+(`python -m mailfilter serve`), tests wait until its port accepts and then on
+what it logs (stderr) or answers; every wait is bounded, nothing sleeps.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+
+import pytest
+
+from tests.server_harness import (
+    PLAIN, RELAY, TIMEOUT, RawClient, first, free_port, maildir_files, read_new, run_cli,
+    spawn_serve, write_rules,
+)
+
+
+def session(port, source=PLAIN, helo="client.test") -> RawClient:
+    c = RawClient(port, source)
+    assert c.reply()[0] == 220
+    assert c.cmd(f"EHLO {helo}")[0] == 250
+    return c
+
+
+def rcpt_verdict(port, sender, rcpt="user@example.com", source=PLAIN) -> str:
+    with session(port, source) as c:
+        assert first(c.cmd(f"MAIL FROM:<{sender}>")) == "250 2.1.0 ok"
+        return first(c.cmd(f"RCPT TO:<{rcpt}>"))
+
+
+BANNED = "553 5.7.1 sorry, your envelope sender is in my badmailfrom list"
+
+
+@pytest.fixture
+def rules(tmp_path):
+    return write_rules(tmp_path / "rules")
+
+
+@pytest.fixture
+def served(tmp_path, rules):
+    procs = []
+
+    def _spawn(*args, **kw):
+        sp = spawn_serve("--rules", rules, "--deliver", f"maildir:{tmp_path}/spool", *args, **kw)
+        procs.append(sp)
+        return sp
+
+    yield _spawn
+    for sp in procs:
+        sp.stop()
+
+
+def test_sighup_reload_new_rules_for_new_sessions_only(served, rules, tmp_path):
+    """serve.py / DESIGN bundle: SIGHUP recompiles; new sessions see the new
+    rules; a session opened before the reload keeps the rules it started with."""
+    sp = served()
+    assert rcpt_verdict(sp.port, "new-spammer@evil.test") == "250 2.1.5 ok"
+    old = session(sp.port)            # opened before the reload
+    with open(os.path.join(rules, "badmailfrom"), "a") as fh:
+        fh.write("new-spammer@evil.test\n")
+    sp.signal(signal.SIGHUP)
+    sp.log.wait_for(r"reload ok: \d+ rules from ")
+    assert rcpt_verdict(sp.port, "new-spammer@evil.test") == BANNED
+    # the old session still answers with the old rules
+    assert first(old.cmd("MAIL FROM:<new-spammer@evil.test>")) == "250 2.1.0 ok"
+    assert first(old.cmd("RCPT TO:<user@example.com>")) == "250 2.1.5 ok"
+    old.close()
+    assert "action=reject stage=RCPT reason=badmailfrom rule=badmailfrom:5 " in sp.log.text()
+
+
+def test_sighup_broken_rules_keep_old_rules(served, rules):
+    """serve.py reload: a rules dir that fails to load (rcpthosts removed ->
+    start-up error, SPEC A §4) keeps the old rules and logs why."""
+    sp = served()
+    os.unlink(os.path.join(rules, "rcpthosts"))
+    with open(os.path.join(rules, "badmailfrom"), "a") as fh:
+        fh.write("new-spammer@evil.test\n")
+    sp.signal(signal.SIGHUP)
+    [m] = sp.log.wait_for(r"reload failed, keeping the current rules: (.*)")
+    assert "no rcpthosts" in m.group(1)
+    # old rules still in force: example.com accepted, others refused, the new line unknown
+    assert rcpt_verdict(sp.port, "a@sender.test") == "250 2.1.5 ok"
+    assert rcpt_verdict(sp.port, "a@sender.test", "x@elsewhere.test").startswith("553 5.7.1 sorry, that domain")
+    assert rcpt_verdict(sp.port, "new-spammer@evil.test") == "250 2.1.5 ok"
+    assert sp.proc.poll() is None
+    # and a later good reload still works
+    write_rules(rules, {"badmailfrom": BANNED_RULES})
+    sp.signal(signal.SIGHUP)
+    sp.log.wait_for(r"reload ok: ")
+    assert rcpt_verdict(sp.port, "new-spammer@evil.test") == BANNED
+
+
+BANNED_RULES = "new-spammer@evil.test\n"
+
+
+def test_workers_share_the_port(served, tmp_path):
+    """serve.py --workers N: N processes accept on the same port (SO_REUSEPORT).
+    Both log their listening line, and both take connections: the qp ids of
+    delivered messages (M..P<pid>Q..) name two different pids."""
+    sp = served("--workers", "2", listening=2)
+    pids = {int(m.group(1)) for m in sp.log.wait_for(r"listening on 127\.0\.0\.1:\d+ \(pid (\d+)", count=2)}
+    assert len(pids) == 2 and sp.proc.pid not in pids
+    seen = set()
+    for _ in range(200):                  # the kernel spreads by 4-tuple hash
+        with smtplib.SMTP("127.0.0.1", sp.port, timeout=TIMEOUT) as s:
+            s.ehlo("w.test")
+            s.mail("a@sender.test")
+            s.rcpt("user@example.com")
+            code, text = s.data(b"Subject: w\r\n\r\nx\r\n")
+            assert code == 250
+            qid = text.decode().split(" qp ")[1]
+            seen.add(int(qid.split("P")[1].split("Q")[0]))
+        if len(seen) == 2:
+            break
+    assert seen == pids
+    # SIGHUP to the parent reaches every worker
+    sp.signal(signal.SIGHUP)
+    reloads = sp.log.wait_for(r"reload ok: ", count=2)
+    assert len(reloads) == 2
+    # SIGTERM to the parent is forwarded; everybody exits 0
+    assert sp.stop() == 0
+
+
+def test_kill_9_during_delivery_leaves_nothing_partial(served, tmp_path):
+    """SPEC A §9 / DESIGN Delivery: kill -9 mid-message (and right after the
+    end of data) never leaves a partial message in new/: either nothing, or
+    the complete message; at most one file in tmp/."""
+    spool = tmp_path / "spool"
+    sp = served()
+    c = session(sp.port, RELAY)
+    c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
+    assert [r[0] for r in c.replies(3)] == [250, 250, 354]
+    chunk = (b"y" * 998 + b"\r\n") * 1000        # ~1 MB
+    c.send(b"Subject: big\r\n\r\n")
+    for _ in range(8):
+        c.send(chunk)
+    sp.proc.kill()
+    assert sp.proc.wait(TIMEOUT) == -signal.SIGKILL
+    c.close()
+    assert maildir_files(spool) == [] and maildir_files(spool, "cur") == []
+    assert len(maildir_files(spool, "tmp")) <= 1
+
+    # again, killed right after the end of data, before reading the reply
+    sp2 = served()
+    c = session(sp2.port, RELAY)
+    c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
+    assert [r[0] for r in c.replies(3)] == [250, 250, 354]
+    c.send(b"Subject: big2\r\n\r\n")
+    for _ in range(8):
+        c.send(chunk)
+    c.send(b"END\r\n.\r\n")
+    sp2.proc.kill()
+    sp2.proc.wait(TIMEOUT)
+    c.close()
+    for raw in read_new(spool):
+        assert b"Subject: big2\n" in raw and raw.endswith(b"y" * 998 + b"\nEND\n"), raw[-200:]
+    assert maildir_files(spool, "cur") == []
+
+
+# ------------------------------------------------------------------ CLI
+def test_serve_refuses_without_rcpthosts(tmp_path):
+    """SPEC A §4: no rcpthosts -> refuse to start, exit 2, a clear message."""
+    rules = write_rules(tmp_path / "rules", remove=("rcpthosts",))
+    for cmd in ("serve", "run"):
+        r = run_cli(cmd, "--rules", rules, "--listen", f"127.0.0.1:{free_port()}",
+                    "--deliver", f"maildir:{tmp_path}/spool")
+        assert r.returncode == 2, r
+        assert "mailfilter serve: no rcpthosts in the rules" in r.stderr
+        assert "--open-relay" in r.stderr
+    assert not (tmp_path / "spool").exists()
+
+
+def test_serve_open_relay_explicit(served, tmp_path):
+    """SPEC A §4: with --open-relay and no rcpthosts, any domain is accepted."""
+    rules = write_rules(tmp_path / "open", remove=("rcpthosts", "recipients"))
+    sp = served("--rules", rules, "--open-relay")
+    assert rcpt_verdict(sp.port, "a@sender.test", "x@anywhere.test") == "250 2.1.5 ok"
+
+
+def test_serve_bad_options_exit_2(tmp_path, rules):
+    """Start-up errors are one line on stderr and exit 2, never a traceback."""
+    r = run_cli("serve", "--rules", rules, "--listen", "nonsense")
+    assert r.returncode == 2 and "--listen wants HOST:PORT" in r.stderr
+    r = run_cli("serve", "--rules", rules, "--deliver", "mbox:/x", "--listen", "127.0.0.1:1")
+    assert r.returncode == 2 and "--deliver: bad delivery spec" in r.stderr
+    with socket.socket() as busy:                   # port already taken
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        r = run_cli("serve", "--rules", rules, "--listen", f"127.0.0.1:{busy.getsockname()[1]}",
+                    "--deliver", f"maildir:{tmp_path}/spool")
+    assert r.returncode == 2 and "mailfilter serve: [Errno 98] Address already in use" in r.stderr
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('listne = ["127.0.0.1:1"]\n')
+    r = run_cli("serve", "--config", str(cfg))
+    assert r.returncode == 2 and "unknown setting 'listne'" in r.stderr
+
+
+def test_serve_config_toml(tmp_path, rules):
+    """serve.py --config: TOML keys are the long option names."""
+    port = free_port()
+    cfg = tmp_path / "mf.toml"
+    cfg.write_text(
+        f'listen = ["127.0.0.1:{port}"]\nrules = "{rules}"\n'
+        f'deliver = "maildir:{tmp_path}/cfgspool"\nhostname = "cfg.test"\n'
+        f'loop = "asyncio"\nmax-per-ip = 5\n')
+    sp = spawn_serve("--config", str(cfg), port=port, listen=False)
+    try:
+        assert "asyncio loop" in sp.log.text()
+        with smtplib.SMTP("127.0.0.1", port, timeout=TIMEOUT) as s:
+            assert s.ehlo("c.test")[1].startswith(b"cfg.test")
+            assert s.sendmail("a@sender.test", ["user@example.com"], "Subject: c\r\n\r\nx\r\n") == {}
+        assert len(maildir_files(tmp_path / "cfgspool")) == 1
+    finally:
+        assert sp.stop() == 0
+
+
+def test_serve_timeout_option(served):
+    """`--timeout 1`: an idle client gets 421 4.4.2 and is disconnected
+    (SPEC B §7.1; qmail's timeoutsmtpd as a command-line option)."""
+    sp = served("--timeout", "1")
+    c = session(sp.port)
+    assert first(c.reply()) == "421 4.4.2 mx.test timeout, closing connection"
+    assert c.at_eof()
+    c.close()
+    sp.log.wait_for(r"action=close reason=timeout client=unknown\[127\.0\.0\.1\]:\d+")
