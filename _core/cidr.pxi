@@ -375,11 +375,12 @@ cdef class CidrTrie:
 
     CidrTrie(buf): buf is bytes or any read-only contiguous buffer (e.g. a
     memoryview slice of an mmap). The trie holds a buffer export for its
-    lifetime. A buffer whose address is not 8-byte aligned is copied once.
+    lifetime; the export (Py_buffer.obj) is the only reference it keeps, so
+    the garbage collector's tp_clear never drops an exporter while it is
+    still exported. A buffer whose address is not 8-byte aligned is copied once.
     """
     cdef Py_buffer _view
     cdef bint _has_view
-    cdef object _owner
     cdef const CidrNode4* _t4
     cdef const CidrNode6* _t6
     cdef uint32_t _count
@@ -395,7 +396,6 @@ cdef class CidrTrie:
             self._has_view = False
             PyObject_GetBuffer(copy, &self._view, PyBUF_SIMPLE)
             self._has_view = True
-        self._owner = buf
         self._load(<const unsigned char*>self._view.buf, self._view.len)
 
     def __dealloc__(self):
