@@ -208,7 +208,7 @@ cdef class ListMatcher:
     cdef const uint32_t* neglit
     cdef const unsigned char* pool
     cdef uint32_t n_wild, n_regex, n_pat, n_nolit, n_neglit
-    cdef tuple _search
+    cdef list _search
 
     def __cinit__(self, buf, regexes):
         self._blob = _MfBlob(buf)
@@ -266,7 +266,7 @@ cdef class ListMatcher:
         if len(regexes) != self.n_regex:
             raise ValueError(f"ListMatcher: blob has {self.n_regex} regex entries, "
                              f"{len(regexes)} regexes given")
-        self._search = tuple([r.search for r in regexes])
+        self._search = [r.search for r in regexes]
 
     cdef int32_t _hash_best(self, const unsigned char* t, Py_ssize_t n, int mode) noexcept:
         """Largest hash-table id among the keys `mode` derives from t (folded)."""
@@ -290,6 +290,14 @@ cdef class ListMatcher:
                 if t[i] == b'.':
                     best = _lm_max(best, _ht_lookup(&self.ht, t + i, n - i))
         return best
+
+    def set_search(self, Py_ssize_t i, search):
+        """Replace regex entry i's search callable (lazy compilation: the
+        bundle hands in a stub that compiles on first use, then swaps itself
+        out through this method so later calls go straight to RE2)."""
+        if not 0 <= i < self.n_regex:
+            raise IndexError(i)
+        self._search[i] = search
 
     def last_match(self, bytes text not None, int mode):
         """spamcontrol dialect (SPEC B §2.5): the largest rule id of all entries

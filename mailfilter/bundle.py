@@ -20,7 +20,8 @@ Layout (all integers little-endian):
 Sections are the flat blobs of compiler.py. Loading maps the file, checks
 magic, version, byte order, length and checksum, then hands memoryview slices
 to the Cython classes: no per-entry Python objects except the compiled
-regexes (stored as text, compiled at load). A bad bundle raises BundleError
+regexes (stored as text, compiled by RE2 on first use, see _LazyRegex; or at
+load with eager_regex=True). A bad bundle raises BundleError
 with a message that says what is wrong; load() can be called again at any time
 (SIGHUP reload) and returns a new, independent Bundle.
 """
@@ -113,6 +114,27 @@ def write(compiled: Compiled, path: str) -> int:
     return len(data)
 
 
+class _LazyRegex:
+    """A regex compiled on first use (RE2 takes ~20 µs a pattern, so 10k
+    regexes would dominate load time). The compiler already proved every
+    pattern compiles and the checksum guards the text; should RE2 still refuse
+    one (a different RE2 build), the lookup raises and the server answers
+    4xx, never a silent accept. After the first call the matcher holds the
+    compiled pattern's own search method: no indirection remains."""
+
+    __slots__ = ("pattern", "index", "matcher")
+
+    def __init__(self, pattern: str, index: int):
+        self.pattern = pattern
+        self.index = index
+        self.matcher = None
+
+    def search(self, text: bytes):
+        compiled = compile_re2(self.pattern)
+        self.matcher.set_search(self.index, compiled.search)
+        return compiled.search(text)
+
+
 @dataclass(frozen=True, slots=True)
 class RuleRef:
     """What the rule table says about one rule id."""
@@ -143,8 +165,9 @@ class RuleRef:
 class Bundle:
     """A loaded bundle: matchers by name plus the rule table."""
 
-    def __init__(self, buf, source: str = "<memory>", _keep=None):
+    def __init__(self, buf, source: str = "<memory>", _keep=None, eager_regex: bool = False):
         self.source = source
+        self.eager_regex = eager_regex
         self._keep = _keep          # the mmap, kept alive as long as the bundle
         mv = memoryview(buf)
         if len(mv) < HEADER.size:
@@ -200,11 +223,17 @@ class Bundle:
 
     def _list(self, name: str):
         sources = self.meta["regex"].get(name, [])
-        try:
-            regexes = [compile_re2(s) for s in sources]
-        except ValueError as exc:
-            raise BundleError(f"{self.source}: {exc}") from None
-        return core.ListMatcher(self._sections["L:" + name], regexes)
+        if self.eager_regex:
+            try:
+                regexes = [compile_re2(s) for s in sources]
+            except ValueError as exc:
+                raise BundleError(f"{self.source}: {exc}") from None
+            return core.ListMatcher(self._sections["L:" + name], regexes)
+        stubs = [_LazyRegex(s, i) for i, s in enumerate(sources)]
+        matcher = core.ListMatcher(self._sections["L:" + name], stubs)
+        for stub in stubs:
+            stub.matcher = matcher
+        return matcher
 
     # -- rule table
     def rule(self, rid: int) -> RuleRef:
@@ -229,8 +258,9 @@ class Bundle:
         return dict(self.meta.get("counts", {}))
 
 
-def load(path: str) -> Bundle:
-    """Map and validate the bundle at `path`."""
+def load(path: str, eager_regex: bool = False) -> Bundle:
+    """Map and validate the bundle at `path`; regexes compile on first use
+    unless `eager_regex` (then a pattern RE2 refuses is a BundleError here)."""
     try:
         fh = open(path, "rb")
     except OSError as exc:
@@ -240,7 +270,7 @@ def load(path: str) -> Bundle:
         if size == 0:
             raise BundleError(f"{path}: empty file, not a bundle")
         mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    return Bundle(mapped, source=path, _keep=mapped)
+    return Bundle(mapped, source=path, _keep=mapped, eager_regex=eager_regex)
 
 
 def from_compiled(compiled: Compiled) -> Bundle:
