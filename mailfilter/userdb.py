@@ -308,14 +308,19 @@ class UserDB:
     def add(self, user: User, *, replace: bool = False) -> None:
         self.put_many([user], replace=replace)
 
-    def put_many(self, users: list[User], *, replace: bool = True) -> None:
-        """Insert (or, with replace, upsert) all records in ONE transaction."""
-        verb = "INSERT OR REPLACE" if replace else "INSERT"
+    def put_many(self, users: list[User], *, replace: bool = True,
+                 passwords_only: bool = False) -> None:
+        """Insert all records in ONE transaction (all or nothing). An existing
+        name is an error, unless `replace` (the whole record is replaced) or
+        `passwords_only` (only its secrets change; home/uid/... are kept)."""
+        verb = "INSERT OR REPLACE" if replace and not passwords_only else "INSERT"
+        tail = (" ON CONFLICT(name) DO UPDATE SET cram = excluded.cram, hash = excluded.hash, "
+                "changed = excluded.changed") if passwords_only else ""
         try:
             with self._tx():
                 self.db.executemany(
                     f"{verb} INTO users (name, cram, hash, home, uid, gid, maildir, shell, changed) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)" + tail,
                     [(u.name, u.cram, u.hash, u.home, u.uid, u.gid, u.maildir, u.shell,
                       u.changed or int(time.time())) for u in users])
         except sqlite3.IntegrityError as exc:
