@@ -44,6 +44,18 @@ class SyslogWriter:
         name = (facility or env.get("MAILFILTER_SYSLOG_FACILITY") or "authpriv").lower()
         self.facility = FACILITIES.get(name, FACILITIES["authpriv"])
         self.address = address or env.get("MAILFILTER_SYSLOG_SOCKET") or "/dev/log"
+        self._sock: socket.socket | None = None
+
+    def connect(self) -> None:
+        """openlog(LOG_NDELAY): connect now, so a later setuid() cannot lose the line."""
+        if self._sock is None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                s.connect(self.address)
+            except OSError:
+                s.close()
+                return
+            self._sock = s
 
     def line(self, level: int, message: str) -> bytes:
         t = time.localtime()
@@ -54,9 +66,10 @@ class SyslogWriter:
     def send(self, level: int, message: str) -> None:
         data = self.line(level, message)
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-                s.connect(self.address)
-                s.send(data)
+            self.connect()
+            if self._sock is None:
+                raise OSError("no syslog socket")
+            self._sock.send(data)
         except OSError:
             try:
                 sys.stderr.write(data.decode("utf-8", "replace") + "\n")

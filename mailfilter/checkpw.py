@@ -100,7 +100,7 @@ def _name(b: bytes) -> str:
 
 class _Tool:
     def __init__(self, ident: str):
-        self.log = SyslogWriter(ident)
+        self.log = SyslogWriter(ident)     # connected after fd 3 is read (it could take fd 3)
         self.ip = os.environ.get("TCPREMOTEIP")
         self.port = os.environ.get("TCPLOCALPORT")
 
@@ -118,6 +118,9 @@ class _Tool:
 
 
 def _start(ident: str, doc: str, argv: list[str] | None, extra=None):
+    """Parse argv, then read fd 3 BEFORE opening anything (a socket or the
+    database would otherwise be handed fd 3 when the caller passed none);
+    then open the syslog socket (openlog LOG_NDELAY: before any setuid)."""
     p = _parser(ident, doc)
     if extra is not None:
         extra(p)
@@ -125,22 +128,27 @@ def _start(ident: str, doc: str, argv: list[str] | None, extra=None):
     tool = _Tool(ident)
     if not args.command:
         print(f"mailfilter {ident}: usage: mailfilter {ident} PROG [ARGS]", file=sys.stderr)
-        return args, tool, None
-    return args, tool, args.command
+        return args, tool, None, None
+    try:
+        fields: tuple | _Misuse = split_fields(read_fd3())
+    except _Misuse as exc:
+        fields = exc
+    tool.log.connect()
+    return args, tool, args.command, fields
 
 
 def checkpassword_main(argv: list[str] | None = None) -> int:
     from mailfilter.userdb import UserDB, UserDBUnavailable
 
     mech = "PLAIN/LOGIN"
-    args, tool, command = _start("checkpassword", "DJB checkpassword against the user database", argv)
+    args, tool, command, fields = _start("checkpassword", "DJB checkpassword against the user database",
+                                         argv)
     if command is None:
         return EXIT_MISUSE
-    try:
-        login, password, _timestamp = split_fields(read_fd3())
-    except _Misuse as exc:
-        tool.note("error", mech, None, str(exc))
+    if isinstance(fields, _Misuse):
+        tool.note("error", mech, None, str(fields))
         return EXIT_MISUSE
+    login, password, _timestamp = fields
     user = _name(login)
     if not login or not password:
         tool.note("fail", mech, user, "empty login or password")
@@ -189,19 +197,18 @@ def cmd5checkpw_main(argv: list[str] | None = None) -> int:
     from mailfilter.core import core
     from mailfilter.userdb import UserDB, UserDBUnavailable, lookup_poppasswd
 
-    args, tool, command = _start("cmd5checkpw", "cmd5checkpw: CRAM-MD5 or plain, DJB interface",
-                                 argv, _cmd5_options)
+    args, tool, command, fields = _start("cmd5checkpw", "cmd5checkpw: CRAM-MD5 or plain, DJB interface",
+                                         argv, _cmd5_options)
     if command is None:
         return EXIT_MISUSE
     order = args.order or os.environ.get("CMD5CHECKPW_ORDER", "djb").lower()
     if order not in ("djb", "dabrowski"):
         tool.note("error", "-", None, "CMD5CHECKPW_ORDER must be djb or dabrowski")
         return EXIT_MISUSE
-    try:
-        login, f2, f3 = split_fields(read_fd3())
-    except _Misuse as exc:
-        tool.note("error", "-", None, str(exc))
+    if isinstance(fields, _Misuse):
+        tool.note("error", "-", None, str(fields))
         return EXIT_MISUSE
+    login, f2, f3 = fields
     # SPEC B §4.5: empty third field -> plain; else CRAM in the chosen order.
     if not f3:
         mech, secret, challenge = "PLAIN/LOGIN", f2, b""
