@@ -32,7 +32,8 @@ name in sliding windows of ``window`` seconds; ``max_fail_ip`` /
 clears the user's count (not the IP's). The tables are bounded (LRU).
 
 Every attempt is logged as one key=value line: ``action=auth result=ok|fail|
-temp|locked|cancel|malformed|unavailable mech= user= client= reason=``.
+temp|locked|cancel|malformed|unavailable|unknown_mech mech= user= client=
+reason=``.
 Never a password, digest, challenge or raw AUTH line.
 """
 from __future__ import annotations

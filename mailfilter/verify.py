@@ -6,7 +6,8 @@ OK / FAIL (535) / TEMP (454), never blocking the event loop.
 
 - DBVerifier: CRAM-MD5 in Cython from the stored HMAC-MD5 states
   (core.cram_verify, constant-time) on the loop -- it costs ~1 us; PLAIN/LOGIN
-  run the scrypt check in a worker thread. Successful PLAIN/LOGIN checks are
+  run the scrypt check in a worker thread (an unknown user costs the same
+  scrypt, so the reply time does not tell which names exist). Successful PLAIN/LOGIN checks are
   remembered for ``cache_ttl`` seconds as HMAC(process key, password) bound to
   the record's hash string (like Dovecot's auth_cache), so a client that logs in
   every few minutes does not cost a scrypt each time; changing the password
@@ -44,7 +45,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from mailfilter.sasl import Credentials
-from mailfilter.userdb import DEFAULT_PATH, UserDB, UserDBUnavailable
+from mailfilter.userdb import DEFAULT_PATH, UserDB, UserDBUnavailable, check_hash, hash_password
 
 __all__ = [
     "Result", "Verdict", "ClientEnv", "DBVerifier", "CheckpasswordVerifier",
@@ -99,12 +100,22 @@ class DBVerifier:
     def close(self) -> None:
         self.db.close()
 
+    _dummy_hash: str | None = None
+
+    def _dummy_check(self, secret: bytes) -> None:
+        """Spend one scrypt on an unknown user's PLAIN/LOGIN password."""
+        if self._dummy_hash is None:
+            self._dummy_hash = hash_password(os.urandom(16), n=self.db.scrypt_n)
+        check_hash(self._dummy_hash, secret)
+
     async def verify(self, creds: Credentials, env: ClientEnv | None = None) -> Verdict:
         try:
             user = self.db.get(creds.user)
         except UserDBUnavailable:
             return Verdict(Result.TEMP, "user database unavailable")
         if user is None:
+            if not creds.cram:      # same scrypt cost as a known user: no timing oracle
+                await asyncio.to_thread(self._dummy_check, creds.secret)
             return Verdict(Result.FAIL, "unknown user")
         if creds.cram:
             if user.cram is None:

@@ -11,6 +11,7 @@ import shutil
 import smtplib
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -279,6 +280,44 @@ def test_checkpassword_exit_codes_over_smtp(start, script, code):
     s.user, s.password = "tim", "x"
     assert s.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0tim\0x").decode())[0] == code
     s.quit()
+
+
+def test_mailfilter_serve_process_with_auth_options(tmp_path, userdb):
+    """The real `mailfilter serve` command line: --auth, --userdb, --auth-fail-delay."""
+    from auth_helpers import make_rules
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    p = subprocess.Popen([PY, "-m", "mailfilter", "serve", "--rules", make_rules(tmp_path),
+                          "--listen", f"127.0.0.1:{port}", "--deliver", "discard",
+                          "--auth", "!cram", "--userdb", userdb, "--auth-fail-delay", "0"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(200):
+            try:
+                s = smtplib.SMTP("127.0.0.1", port, timeout=10)
+                break
+            except OSError:
+                time.sleep(0.05)
+        s.ehlo("c")
+        assert s.esmtp_features["auth"].strip() == "CRAM-MD5"
+        assert s.mail("a@client.test")[0] == 530               # "!": required before MAIL
+        assert s.login("tim", USERS["tim"])[0] == 235
+        assert relay_ok(s) == 250
+        s.quit()
+    finally:
+        p.terminate()
+        _, err = p.communicate(timeout=20)
+    assert b"action=auth result=ok mech=CRAM-MD5 user=tim" in err
+
+
+def test_unknown_user_plain_costs_a_scrypt_too(userdb):
+    from mailfilter.verify import DBVerifier
+    v = DBVerifier(userdb)
+    out = run(v.verify(Credentials("PLAIN", "ghost", b"pw")))
+    assert out.result is Result.FAIL and out.reason == "unknown user"
+    assert v._dummy_hash is not None
+    v.close()
 
 
 # --- verify.py units ---------------------------------------------------------------------
