@@ -277,3 +277,43 @@ def test_passwd_cli_bad_import_reports_file_line_imports_nothing(tmp_path):
 def test_passwd_cli_import_from_stdin(tmp_path):
     r = passwd(tmp_path, "import", "-", input="a:1\nb:2\n")
     assert r.returncode == 0 and "imported 2 user(s) from <stdin>" in r.stdout
+
+
+def test_passwd_cli_reads_password_from_a_terminal_without_echo(tmp_path):
+    """A real pseudo-terminal: prompts appear, the typed password is not echoed."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:                                           # child: the CLI on the pty
+        os.execv(TOOL[0], [*TOOL, "passwd", "--db", str(tmp_path / "u.db"), "--cost", "10",
+                           "add", "tim"])
+    out = b""
+
+    def read_until(token, limit=30.0):
+        nonlocal out
+        import time
+        end = time.monotonic() + limit
+        while token not in out and time.monotonic() < end:
+            r, _, _ = select.select([fd], [], [], 0.2)
+            if r:
+                try:
+                    chunk = os.read(fd, 1024)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+        return token in out
+
+    assert read_until(b"Password: ")
+    os.write(fd, b"TopSecret9\n")
+    assert read_until(b"Again: ")
+    os.write(fd, b"TopSecret9\n")
+    read_until(b"added tim")
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    assert b"added tim" in out and b"TopSecret9" not in out          # never echoed
+    with UserDB(str(tmp_path / "u.db"), readonly=True) as db:
+        assert db.get("tim").check_password(b"TopSecret9")
