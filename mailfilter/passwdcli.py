@@ -27,7 +27,6 @@ database error.
 """
 from __future__ import annotations
 
-import argparse
 import getpass
 import os
 import sys

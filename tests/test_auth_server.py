@@ -4,9 +4,7 @@ clients (smtplib, swaks), the user DB and external checkpassword programs
 import asyncio
 import base64
 import glob
-import hmac
 import logging
-import os
 import shutil
 import smtplib
 import socket
