@@ -1,10 +1,15 @@
-"""Command line: `mailfilter compile | check | serve | run` (also `python -m mailfilter`).
+"""Command line: `mailfilter compile | check | serve | run | passwd | checkpassword | cmd5checkpw`
+(also `python -m mailfilter`).
 
 `run` is `serve` on the embedded defaults: rules/ compiled at start, listen
 127.0.0.1:2525, deliver to maildir:var/spool.
 
 Exit codes: compile 0 ok / 1 diagnostics printed / 2 error; check 0 every
-recipient accepted / 1 something rejected / 2 error or diagnostics.
+recipient accepted / 1 something rejected / 2 error or diagnostics; passwd
+0 / 1 refused / 2 error (passwdcli.py); checkpassword and cmd5checkpw follow
+the DJB interface: exec PROG on success, 1 bad login, 2 misuse, 111
+temporary (checkpw.py). Those two take their arguments verbatim (PROG may
+have options of its own), so main() hands them over before argparse.
 """
 from __future__ import annotations
 
@@ -152,10 +157,25 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="what `make run` starts: serve on the embedded defaults")
     add_arguments(r)
     r.set_defaults(func=cmd_serve)
+
+    from mailfilter.passwdcli import add_parser as add_passwd
+
+    add_passwd(sub)
+    for name, text in (("checkpassword", "DJB checkpassword against the user database"),
+                       ("cmd5checkpw", "cmd5checkpw: CRAM-MD5 or plain, user database or poppasswd")):
+        t = sub.add_parser(name, help=text, add_help=False)
+        t.add_argument("args", nargs=argparse.REMAINDER)
     return p
 
 
+_TOOLS = {"checkpassword": "checkpassword_main", "cmd5checkpw": "cmd5checkpw_main"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in _TOOLS:     # DJB tools: no argparse of ours in front
+        from mailfilter import checkpw
+        return getattr(checkpw, _TOOLS[argv[0]])(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -135,6 +135,8 @@ REPLIES: dict[str, Reply] = {
     "help": R(214, "2.0.0", "{product} {version}"),
     "help_features": R(214, "2.0.0", "features: {features}"),
     "help_url": R(214, "2.0.0", "{url}"),
+    # --- auth additions (authsession: SPEC A §7, B §4.6) ---------------------
+    "auth_too_many": R(421, "4.7.0", "{host} too many authentication failures, closing connection"),
 }
 
 

@@ -54,6 +54,14 @@ class ServeOptions:
     session_deadline: float = 3600.0
     syslog: bool = False
     log_level: str = "info"
+    # SMTP AUTH (authsession.py, SPEC A §7, B §4.3): `auth` is the global SMTPAUTH
+    # (tcp.smtp SMTPAUTH overrides it per client); None = not offered.
+    auth: str | None = None
+    userdb: str = "var/users.db"
+    checkpassword: str | None = None     # "PROG ARGS": external checkprogram per attempt
+    checkpassword_order: str = "djb"     # or "dabrowski" (SPEC B §4.5)
+    checkpassword_timeout: float = 10.0
+    auth_fail_delay: float = 2.0
 
 
 class StartupError(Exception):
@@ -79,7 +87,8 @@ def load_policy(opts: ServeOptions) -> PolicyEngine:
             loaded = bundle_mod.from_compiled(compiled)
     except (OSError, ValueError, bundle_mod.BundleError) as exc:
         raise StartupError(str(exc)) from None
-    engine = PolicyEngine(loaded, PolicyOptions(open_relay=opts.open_relay))
+    defaults = {} if opts.auth is None else {"SMTPAUTH": opts.auth}
+    engine = PolicyEngine(loaded, PolicyOptions(open_relay=opts.open_relay, defaults=defaults))
     if not engine.rcpthosts_present and not opts.open_relay:
         raise StartupError(
             "no rcpthosts in the rules: every recipient of non-relay clients would be refused; "
@@ -101,7 +110,26 @@ def build_state(opts: ServeOptions) -> ServerState:
     limits = Limits(max_connections=opts.max_connections, max_per_ip=opts.max_per_ip,
                     idle_timeout=timeout, session_deadline=opts.session_deadline)
     return ServerState(policy, delivery, limits=limits, resolver=Resolver(opts.resolver),
-                       hostname=opts.hostname)
+                       hostname=opts.hostname, auth=build_auth(opts))
+
+
+def build_auth(opts: ServeOptions):
+    """The AUTH service; its verifier (user DB or checkpassword) is made on first use."""
+    from mailfilter.authsession import AuthConfig, AuthService
+    from mailfilter.verify import CheckpasswordVerifier, DBVerifier
+
+    if opts.checkpassword_order not in ("djb", "dabrowski"):
+        raise StartupError("--checkpassword-order must be djb or dabrowski")
+    if opts.checkpassword:
+        try:
+            verifier = CheckpasswordVerifier(opts.checkpassword, order=opts.checkpassword_order,
+                                             timeout=opts.checkpassword_timeout)
+        except ValueError as exc:
+            raise StartupError(f"--checkpassword: {exc}") from None
+        return AuthService(AuthConfig(fail_delay=opts.auth_fail_delay), verifier=verifier)
+    path = opts.userdb
+    return AuthService(AuthConfig(fail_delay=opts.auth_fail_delay),
+                       verifier_factory=lambda: DBVerifier(path))
 
 
 async def reload(state: ServerState, opts: ServeOptions) -> bool:
@@ -152,6 +180,7 @@ async def serve(opts: ServeOptions, state: ServerState, ready=None, reuse_port: 
     for s in servers:
         await s.wait_closed()
     await state.delivery.close()
+    state.auth.close()
 
 
 def new_loop(kind: str) -> asyncio.AbstractEventLoop:
@@ -230,7 +259,9 @@ def options_from(args) -> ServeOptions:
                 raise StartupError(f"--config {args.config}: unknown setting {key!r}")
             setattr(opts, name, value)
     for name in ("rules", "bundle", "hostname", "deliver", "workers", "loop", "resolver",
-                 "max_connections", "max_per_ip", "timeout", "session_deadline", "log_level"):
+                 "max_connections", "max_per_ip", "timeout", "session_deadline", "log_level",
+                 "auth", "userdb", "checkpassword", "checkpassword_order", "checkpassword_timeout",
+                 "auth_fail_delay"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(opts, name, value)
@@ -266,3 +297,17 @@ def add_arguments(p) -> None:
     p.add_argument("--session-deadline", type=float)
     p.add_argument("--syslog", action="store_true", help="log to syslog, facility mail")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    a = p.add_argument_group("SMTP AUTH (SPEC A §7, B §4)")
+    a.add_argument("--auth", metavar="MODE",
+                   help='global SMTPAUTH: "" = LOGIN PLAIN, "+cram" = LOGIN PLAIN CRAM-MD5, "cram" = '
+                        'CRAM-MD5, "!..." = also required before MAIL, "-" = off; tcp.smtp SMTPAUTH '
+                        'overrides it per client (default: not offered)')
+    a.add_argument("--userdb", metavar="PATH", help="user database (default var/users.db)")
+    a.add_argument("--checkpassword", metavar='"PROG ARGS"',
+                   help='verify with a checkpassword-compatible program per attempt, e.g. '
+                        '"mailfilter cmd5checkpw /bin/true" (instead of the user database)')
+    a.add_argument("--checkpassword-order", choices=("djb", "dabrowski"),
+                   help="CRAM-MD5 fd 3 order: djb user,digest,challenge (default) or "
+                        "dabrowski user,challenge,digest")
+    a.add_argument("--checkpassword-timeout", type=float, help="seconds per attempt (default 10)")
+    a.add_argument("--auth-fail-delay", type=float, help="seconds before each 535 (default 2)")

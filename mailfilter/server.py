@@ -30,11 +30,12 @@ import time
 from collections import defaultdict
 
 from mailfilter import log
+from mailfilter.authsession import AuthService
 from mailfilter.content import ContentScanner
 from mailfilter.delivery import Delivery, Envelope
 from mailfilter.policy import Client, PolicyEngine, Verdict
 from mailfilter.received import received_header
-from mailfilter.replies import reply
+from mailfilter.replies import Reply, reply
 from mailfilter.smtpconn import (
     NEED_DATA, PAUSED, Anomaly, AuthResponse, AuthStart, Closed, DataChunk, DataEnd,
     DataStart, EngineConfig, Helo, Mail, Rcpt, Rset, SMTPConnection,
@@ -56,13 +57,15 @@ class ServerState:
     """Per-process shared state: the current policy, delivery, resolver, counters."""
 
     def __init__(self, policy: PolicyEngine, delivery: Delivery, *, limits: Limits | None = None,
-                 resolver=None, hostname: str | None = None, features: list[str] | None = None):
+                 resolver=None, hostname: str | None = None, features: list[str] | None = None,
+                 auth: AuthService | None = None):
         self.policy = policy
         self.delivery = delivery
         self.resolver = resolver
         self.limits = limits or Limits()
         self.hostname = hostname
         self.features = features or []
+        self.auth = auth if auth is not None else AuthService()   # verifier made on first AUTH
         self.connections = 0
         self.per_ip: dict[str, int] = defaultdict(int)
         self.sessions: set["SMTPProtocol"] = set()
@@ -87,7 +90,7 @@ class SMTPProtocol(asyncio.Protocol):
     __slots__ = (
         "state", "transport", "engine", "sp", "client", "client_label", "loop",
         "last_read", "idle_handle", "deadline_handle", "waiting", "task", "sink",
-        "scanner", "rcpts", "helo_dns", "mail_dns", "counted", "reading_paused",
+        "scanner", "rcpts", "helo_dns", "mail_dns", "counted", "reading_paused", "auth",
     )
 
     def __init__(self, state: ServerState):
@@ -105,6 +108,7 @@ class SMTPProtocol(asyncio.Protocol):
         self.reading_paused = False
         self.idle_handle = None
         self.deadline_handle = None
+        self.auth = None
 
     # ------------------------------------------------------------ connection
     def connection_made(self, transport) -> None:
@@ -139,6 +143,10 @@ class SMTPProtocol(asyncio.Protocol):
             if databytes != cfg.databytes:
                 cfg = dataclasses.replace(cfg, databytes=databytes)
             self.engine = SMTPConnection(cfg)
+            self.auth = st.auth.session(self.sp, self.client, host)   # SMTPAUTH, SPEC B §4.3
+            offer = self.auth.ehlo_keywords()
+            if offer:
+                self.engine.set_extra_ehlo([*cfg.extra_ehlo, *offer])
             verdict = self.sp.connect()
             if not verdict.accept:
                 self._log(verdict)
@@ -298,7 +306,7 @@ class SMTPProtocol(asyncio.Protocol):
 
     def _log(self, v: Verdict, rcpt: str | None = None) -> None:
         log.decision(v, client=self.client_label, helo=self.sp.helo_name,
-                     sender=self.sp.sender, rcpt=rcpt)
+                     sender=self.sp.sender, rcpt=rcpt, auth=self.sp.authenticated)
 
     # ------------------------------------------------------------ events
     def on_helo(self, ev: Helo) -> None:
@@ -449,7 +457,12 @@ class SMTPProtocol(asyncio.Protocol):
         return result.reply
 
     def on_auth(self, ev) -> None:
-        self.engine.send(reply("auth_unavailable"))
+        """AUTH dialogue in authsession; verification and failure delays run async."""
+        r = self.auth.handle(ev)
+        if isinstance(r, Reply):
+            self.engine.send(r)
+        else:
+            self._later(r)
 
     def on_rset(self, ev: Rset) -> None:
         self.sp.reset()

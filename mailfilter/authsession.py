@@ -1,0 +1,268 @@
+"""SMTP AUTH inside a server session: modes, the offer, the dialogue, failures.
+
+Job: glue between the engine's AuthStart/AuthResponse events (smtpconn), the
+SASL exchanges (sasl), a verifier (verify) and the session policy. server.py
+calls ``AuthSession.handle(ev)`` and gets either a Reply to send now or a
+coroutine whose result is the Reply (run with ``_later``, so the loop never
+waits on a verifier, a spawned checkpassword or the failure delay).
+
+SMTPAUTH modes (SPEC B §4.3, Hoffmann; global ``--auth MODE`` is the default
+of the per-client tcp.smtp setting ``SMTPAUTH``; prefixes case-insensitive)::
+
+    unset          nothing offered; AUTH -> 503 5.3.3
+    "-"            nothing offered
+    "" / other     AUTH LOGIN PLAIN
+    "+cram"        AUTH LOGIN PLAIN CRAM-MD5
+    "cram"         AUTH CRAM-MD5
+    "!" prefix     the same offer, and AUTH required before MAIL (530, policy.py)
+
+Replies (SPEC B §4.6, RFC 4954; all from replies.py): unknown or not offered
+mechanism 504; ``*`` 501 cancelled; bad base64 / empty line / wrong shape 501
+malformed; success 235 and ``sp.auth_success(user)`` (relay as
+RELAYCLIENT="", the user in Received (ESMTPA) and decision lines); wrong
+credentials 535 after ``fail_delay`` seconds (asyncio.sleep); verifier
+trouble 454 4.7.0; locked client IP or user 454 4.7.0 (auth_locked) without
+verifying; the ``max_session_failures``-th failure in one session 421 and
+close. The engine itself answers a second AUTH (503) and AUTH in a
+transaction (503); ``MAIL FROM:<..> AUTH=`` is never looked at here.
+
+Failure accounting: a failure (535) counts for the client IP and for the user
+name in sliding windows of ``window`` seconds; ``max_fail_ip`` /
+``max_fail_user`` failures lock that key for ``lockout`` seconds. A success
+clears the user's count (not the IP's). The tables are bounded (LRU).
+
+Every attempt is logged as one key=value line: ``action=auth result=ok|fail|
+temp|locked|cancel|malformed|unavailable|unknown_mech mech= user= client=
+reason=``.
+Never a password, digest, challenge or raw AUTH line.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+from mailfilter import log
+from mailfilter.replies import Reply, reply
+from mailfilter.sasl import Challenge, Credentials, Failure, new_exchange
+from mailfilter.smtpconn import AuthStart
+from mailfilter.verify import ClientEnv, Result
+
+__all__ = ["AuthMode", "parse_mode", "AuthConfig", "FailureTracker", "AuthService", "AuthSession"]
+
+
+@dataclass(frozen=True, slots=True)
+class AuthMode:
+    mechanisms: tuple[str, ...]
+    required: bool
+
+
+_OFF = AuthMode((), False)
+
+
+def parse_mode(value: str | None) -> AuthMode:
+    """SMTPAUTH value -> offered mechanisms and "required before MAIL" (SPEC B §4.3)."""
+    if value is None or value == "-":
+        return _OFF
+    v = value.lower()
+    required = v.startswith("!")
+    if required:
+        v = v[1:]
+    if v.startswith("+cram"):
+        mechs: tuple[str, ...] = ("LOGIN", "PLAIN", "CRAM-MD5")
+    elif v.startswith("cram"):
+        mechs = ("CRAM-MD5",)
+    elif v == "-":
+        mechs = ()
+    else:
+        mechs = ("LOGIN", "PLAIN")
+    return AuthMode(mechs, required)
+
+
+@dataclass
+class AuthConfig:
+    fail_delay: float = 2.0            # before every 535 (qmail add-ons sleep 5 s)
+    window: float = 600.0              # failure counting window, seconds
+    max_fail_ip: int = 20              # failures per client IP in the window -> lockout
+    max_fail_user: int = 10            # failures per user name in the window -> lockout
+    lockout: float = 900.0             # seconds a locked key stays locked
+    max_session_failures: int = 3      # this many failures in one session -> 421
+    table_size: int = 100_000          # keys kept per tracker (LRU)
+
+
+class FailureTracker:
+    """Sliding-window failure counts with a temporary lockout, per key."""
+
+    def __init__(self, window: float, limit: int, lockout: float, size: int = 100_000,
+                 clock=time.monotonic):
+        self.window, self.limit, self.lockout, self.size = window, limit, lockout, size
+        self.clock = clock
+        self._fails: OrderedDict[str, deque] = OrderedDict()
+        self._locked: dict[str, float] = {}
+
+    def locked(self, key: str) -> bool:
+        until = self._locked.get(key)
+        if until is None:
+            return False
+        if until > self.clock():
+            return True
+        del self._locked[key]
+        return False
+
+    def failure(self, key: str) -> bool:
+        """Count one failure; True when this one locked the key."""
+        now = self.clock()
+        q = self._fails.get(key)
+        if q is None:
+            q = self._fails[key] = deque()
+            if len(self._fails) > self.size:
+                self._fails.popitem(last=False)
+        else:
+            self._fails.move_to_end(key)
+        q.append(now)
+        while q and q[0] <= now - self.window:
+            q.popleft()
+        if self.limit > 0 and len(q) >= self.limit:
+            del self._fails[key]
+            self._locked[key] = now + self.lockout
+            if len(self._locked) > self.size:
+                self._locked.pop(next(iter(self._locked)))
+            return True
+        return False
+
+    def clear(self, key: str) -> None:
+        self._fails.pop(key, None)
+
+    def count(self, key: str) -> int:
+        q = self._fails.get(key)
+        return 0 if q is None else len(q)
+
+
+class AuthService:
+    """Per-process AUTH state: config, the verifier (made on first use), trackers."""
+
+    def __init__(self, config: AuthConfig | None = None, verifier=None, verifier_factory=None):
+        self.config = cfg = config or AuthConfig()
+        self._verifier = verifier
+        self._factory = verifier_factory
+        self.by_ip = FailureTracker(cfg.window, cfg.max_fail_ip, cfg.lockout, cfg.table_size)
+        self.by_user = FailureTracker(cfg.window, cfg.max_fail_user, cfg.lockout, cfg.table_size)
+
+    @property
+    def verifier(self):
+        if self._verifier is None:
+            if self._factory is None:
+                from mailfilter.verify import DBVerifier
+                self._verifier = DBVerifier()
+            else:
+                self._verifier = self._factory()
+        return self._verifier
+
+    def close(self) -> None:
+        if self._verifier is not None:
+            self._verifier.close()
+
+    def session(self, sp, client, host: str) -> "AuthSession":
+        return AuthSession(self, sp, client, host)
+
+
+class AuthSession:
+    """One connection's AUTH dialogue. See the module docstring."""
+
+    __slots__ = ("service", "sp", "client", "host", "mode", "exchange", "failures", "label")
+
+    def __init__(self, service: AuthService, sp, client, host: str):
+        self.service = service
+        self.sp = sp
+        self.client = client
+        self.host = host
+        self.mode = parse_mode(sp.setting("SMTPAUTH"))
+        self.exchange = None
+        self.failures = 0
+        self.label = f"{client.host}[{client.ip}]:{client.port}"
+
+    def ehlo_keywords(self) -> list[str]:
+        """The EHLO line for this client (RFC 4954 §3), or nothing."""
+        mechs = self.mode.mechanisms
+        return [f"AUTH {' '.join(mechs)}"] if mechs else []
+
+    def _log(self, result: str, mech: str | None, user: str | None, reason: str | None = None) -> None:
+        log.event(action="auth", result=result, mech=mech, user=user, client=self.label,
+                  reason=reason or None)
+
+    def handle(self, ev):
+        """Reply now, or a coroutine that returns the Reply."""
+        if type(ev) is AuthStart:
+            return self._start(ev.mechanism, ev.initial)
+        ex = self.exchange
+        if ex is None:                       # cannot happen: engine only sends after 334
+            return reply("auth_malformed")
+        return self._outcome(ex.step(ev.line))
+
+    def _start(self, mech: str, initial: str | None):
+        mechs = self.mode.mechanisms
+        if not mechs:
+            self._log("unavailable", mech, None)
+            return reply("auth_unavailable")
+        ex = new_exchange(mech, self.host) if mech in mechs else None
+        if ex is None:
+            self._log("unknown_mech", mech, None)
+            return reply("auth_unknown_mech")
+        if self.service.by_ip.locked(self.client.ip):
+            self._log("locked", mech, None, "client ip locked")
+            return reply("auth_locked")
+        self.exchange = ex
+        return self._outcome(ex.start(initial))
+
+    def _outcome(self, out):
+        ex = self.exchange
+        if isinstance(out, Challenge):
+            return reply("auth_challenge", data=base64.b64encode(out.data).decode("ascii"))
+        self.exchange = None
+        if isinstance(out, Failure):
+            self._log("cancel" if out.reply == "auth_cancelled" else "malformed",
+                      ex.mechanism, ex.user, out.reason)
+            return reply(out.reply)
+        return self._verify(out)
+
+    async def _verify(self, creds: Credentials) -> Reply:
+        svc = self.service
+        if svc.by_user.locked(creds.user) or svc.by_ip.locked(self.client.ip):
+            self._log("locked", creds.mechanism, creds.user, "user or client ip locked")
+            return reply("auth_locked")
+        if creds.authzid and creds.authzid != creds.user:
+            result, reason = Result.FAIL, "authzid differs from authcid"
+        else:
+            try:
+                verifier = svc.verifier
+            except Exception as exc:         # e.g. the user DB cannot be created
+                result, reason = Result.TEMP, f"verifier unavailable: {type(exc).__name__}"
+            else:
+                c = self.client
+                env = ClientEnv(remote_ip=c.ip, remote_port=c.port, local_ip=c.local_ip,
+                                local_port=c.local_port,
+                                remote_host="" if c.host == "unknown" else c.host)
+                v = await verifier.verify(creds, env)
+                result, reason = v.result, v.reason
+        if result is Result.OK:
+            svc.by_user.clear(creds.user)
+            self.sp.auth_success(creds.user)
+            self._log("ok", creds.mechanism, creds.user, reason)
+            return reply("auth_ok")
+        if result is Result.TEMP:
+            self._log("temp", creds.mechanism, creds.user, reason)
+            return reply("auth_temp")
+        self.failures += 1
+        locked_ip = svc.by_ip.failure(self.client.ip)
+        locked_user = svc.by_user.failure(creds.user)
+        if locked_ip or locked_user:
+            reason = f"{reason}; now locked ({'ip' if locked_ip else 'user'})"
+        self._log("fail", creds.mechanism, creds.user, reason)
+        cfg = svc.config
+        if cfg.fail_delay > 0:
+            await asyncio.sleep(cfg.fail_delay)
+        if cfg.max_session_failures and self.failures >= cfg.max_session_failures:
+            return reply("auth_too_many", host=self.host)
+        return reply("auth_failed")

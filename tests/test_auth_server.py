@@ -1,0 +1,393 @@
+"""SMTP AUTH end to end: the real server on 127.0.0.1 (asyncio and uvloop), real
+clients (smtplib, swaks), the user DB and external checkpassword programs
+(SPEC A §7-§8, B §4, §6.4)."""
+import asyncio
+import base64
+import glob
+import logging
+import shutil
+import smtplib
+import socket
+import subprocess
+import time
+
+import pytest
+
+from mailfilter.sasl import Credentials
+from mailfilter.verify import (
+    CheckpasswordVerifier, ClientEnv, Result, exit_result, fd3_payload,
+)
+
+from auth_helpers import PY, USERS, ServerThread, SyslogSink, make_userdb, serve_opts
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+@pytest.fixture
+def userdb(tmp_path):
+    return make_userdb(tmp_path / "users.db")
+
+
+@pytest.fixture
+def start(tmp_path, userdb):
+    servers = []
+
+    def _start(loop="asyncio", **kw):
+        kw.setdefault("userdb", userdb)
+        srv = ServerThread(serve_opts(tmp_path, loop=loop, **kw))
+        servers.append(srv)
+        return srv
+    yield _start
+    for s in servers:
+        s.stop()
+
+
+def client(srv, source="127.0.0.1"):
+    s = smtplib.SMTP("127.0.0.1", srv.port, timeout=10, source_address=(source, 0))
+    s.ehlo("client.test")
+    return s
+
+
+def relay_ok(s) -> int:
+    """RCPT to a domain not in rcpthosts: 250 only for relay clients."""
+    s.rset()
+    s.mail("a@client.test")
+    return s.rcpt("x@other.org")[0]
+
+
+# --- advertisement and modes -----------------------------------------------------------
+@pytest.mark.parametrize("mode,offer", [
+    (None, None), ("-", None), ("", "LOGIN PLAIN"), ("+cram", "LOGIN PLAIN CRAM-MD5"),
+    ("cram", "CRAM-MD5"), ("!", "LOGIN PLAIN"), ("!+CRAM", "LOGIN PLAIN CRAM-MD5"),
+])
+def test_ehlo_offer_per_mode(start, mode, offer):
+    srv = start(auth=mode)
+    s = client(srv)
+    assert (s.esmtp_features.get("auth") or "").strip() == (offer or "")
+    if offer is None:
+        code, msg = s.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0tim\0x").decode())
+        assert (code, msg[:5]) == (503, b"5.3.3")
+    s.quit()
+
+
+def test_per_client_tcp_smtp_setting_overrides_global(start):
+    srv = start(auth="")
+    s = client(srv, "127.0.0.3")                 # SMTPAUTH="-"
+    assert "auth" not in s.esmtp_features
+    s.quit()
+    s = client(srv, "127.0.0.2")                 # SMTPAUTH="!+cram": required before MAIL
+    assert s.esmtp_features["auth"].strip() == "LOGIN PLAIN CRAM-MD5"
+    code, msg = s.mail("a@client.test")
+    assert code == 530 and msg.startswith(b"5.7.0")
+    s.login("tim", USERS["tim"])
+    assert s.mail("a@client.test")[0] == 250
+    s.quit()
+
+
+# --- successful dialogues --------------------------------------------------------------------
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("mech", ["CRAM-MD5", "PLAIN", "LOGIN"])
+def test_smtplib_auth_grants_relay_and_esmtpa(start, tmp_path, caplog, loop, mech):
+    caplog.set_level(logging.INFO, logger="mailfilter")
+    srv = start(loop=loop, auth="+cram")
+    s = client(srv)
+    assert relay_ok(s) == 553                              # not a relay client yet
+    s.rset()
+    user, pw = "alice", USERS["alice"]
+    s.user, s.password = user, pw
+    code, msg = s.auth(mech, getattr(s, "auth_" + mech.lower().replace("-", "_")),
+                       initial_response_ok=True)
+    assert (code, msg) == (235, b"2.7.0 ok, go ahead")
+    assert relay_ok(s) == 250                              # relaying as RELAYCLIENT=""
+    s.rset()                                               # survives RSET
+    assert relay_ok(s) == 250
+    s.rset()
+    assert s.docmd("AUTH", "PLAIN")[0] == 503              # second AUTH
+    s.sendmail("a@client.test", ["x@other.org"], b"Subject: hi\r\n\r\nbody\r\n")
+    s.quit()
+    (msg_file,) = glob.glob(str(tmp_path / "spool" / "new" / "*"))
+    head = open(msg_file, "rb").read().split(b"\n\n")[0]
+    assert b"(alice@127.0.0.1)" in head and b"with ESMTPA;" in head
+    text = caplog.text
+    assert f"action=auth result=ok mech={mech} user=alice" in text
+    assert "auth=alice" in text                            # decision lines carry the user
+    assert pw not in text and "wonder" not in text
+
+
+def test_smtplib_login_picks_cram(start):
+    srv = start(auth="+cram")
+    s = client(srv)
+    assert s.login("tim", USERS["tim"]) == (235, b"2.7.0 ok, go ahead")
+    s.quit()
+
+
+def test_plain_initial_response_and_continuation(start):
+    srv = start(auth="")
+    s = client(srv)
+    code, msg = s.docmd("AUTH", "PLAIN")
+    assert (code, msg) == (334, b"")                       # "334 " empty challenge
+    assert s.docmd(base64.b64encode(b"\0bob\0b0b").decode())[0] == 235
+    s.quit()
+
+
+def test_mail_auth_param_grants_nothing(start):
+    srv = start(auth="")
+    s = client(srv)
+    assert s.docmd("MAIL", "FROM:<a@client.test> AUTH=tim@mx.test")[0] == 250
+    assert s.rcpt("x@other.org")[0] == 553
+    s.quit()
+
+
+# --- errors ----------------------------------------------------------------------------------
+def test_login_tries_every_mechanism_then_421(start):
+    srv = start(auth="+cram")
+    s = client(srv)
+    with pytest.raises(smtplib.SMTPAuthenticationError) as e:
+        s.login("tim", "wrong")                            # CRAM-MD5, PLAIN, LOGIN: 3 failures
+    assert e.value.smtp_code == 421
+
+
+def test_auth_error_replies(start):
+    srv = start(auth="")
+    s = client(srv)
+    assert s.docmd("AUTH", "CRAM-MD5")[0:1] == (504,)          # not offered in this mode
+    assert s.docmd("AUTH", "KERBEROS_V4")[0] == 504
+    assert s.docmd("AUTH", "LOGIN")[0] == 334
+    assert s.docmd("*") == (501, b"5.0.0 auth exchange cancelled")
+    assert s.docmd("AUTH", "LOGIN")[0] == 334
+    assert s.docmd("!!notbase64!!") == (501, b"5.5.2 malformed auth input")
+    assert s.docmd("AUTH", "PLAIN =")[0] == 501                # empty initial response
+    s.mail("a@client.test")
+    assert s.docmd("AUTH", "PLAIN")[0] == 503                  # inside a transaction
+    s.quit()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_failures_535_then_421_in_session(start, caplog, loop):
+    caplog.set_level(logging.INFO, logger="mailfilter")
+    srv = start(loop=loop, auth="+cram")
+    s = client(srv)
+    for _ in range(2):
+        code, msg = s.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0tim\0wrong").decode())
+        assert (code, msg) == (535, b"5.7.8 authentication failed")
+    code, msg = s.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0tim\0wrong").decode())
+    assert code == 421 and b"too many authentication failures" in msg
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        s.noop()
+    assert caplog.text.count("action=auth result=fail mech=PLAIN user=tim") == 3
+    assert "wrong" not in caplog.text
+
+
+def test_user_and_ip_lockout(start):
+    srv = start(auth="")
+    srv.state.auth.by_user.limit = 2
+    srv.state.auth.by_ip.limit = 4
+    bad = "PLAIN " + base64.b64encode(b"\0tim\0wrong").decode()
+    good = "PLAIN " + base64.b64encode(b"\0tim\0" + USERS["tim"].encode()).decode()
+    s = client(srv)
+    assert s.docmd("AUTH", bad)[0] == 535
+    assert s.docmd("AUTH", bad)[0] == 535                  # this one locks 'tim'
+    s.quit()
+    s = client(srv)
+    assert s.docmd("AUTH", good) == (454, b"4.7.0 too many authentication failures, try again later")
+    # other users still work from this IP until the IP itself is locked
+    assert s.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0bob\0nope").decode())[0] == 535
+    assert s.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0bob\0nope").decode())[0] == 535
+    s.quit()                                               # 4 failures from this IP: locked
+    s = client(srv)
+    assert s.docmd("AUTH", "PLAIN")[0] == 454              # IP locked: refused at once
+    s.quit()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_fail_delay_does_not_block_the_loop(start, loop):
+    srv = start(loop=loop, auth="", auth_fail_delay=1.0)
+    srv.state.auth.config.fail_delay = 1.0
+    a = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    a.recv(1024)
+    a.sendall(b"EHLO a\r\nAUTH PLAIN " + base64.b64encode(b"\0tim\0wrong") + b"\r\n")
+    got = b""
+    while b"AUTH LOGIN PLAIN" not in got:
+        got += a.recv(4096)
+    # while A waits out its delay, B gets a whole conversation done
+    b = client(srv)
+    assert b.noop()[0] == 250
+    b.quit()
+    a.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        a.recv(1024)                                       # A's 535 is still pending
+    a.settimeout(10)
+    assert a.recv(1024).startswith(b"535 5.7.8")
+    a.close()
+
+
+# --- external checkpassword programs ---------------------------------------------------------
+@pytest.fixture
+def sink(tmp_path, monkeypatch):
+    s = SyslogSink(tmp_path)
+    monkeypatch.setenv("MAILFILTER_SYSLOG_SOCKET", s.path)
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_server_drives_cmd5checkpw(start, userdb, sink, loop):
+    srv = start(loop=loop, auth="+cram",
+                checkpassword=f"{PY} -m mailfilter cmd5checkpw --db {userdb} /bin/true")
+    s = client(srv)
+    assert s.login("tim", USERS["tim"])[0] == 235          # CRAM-MD5, DJB order
+    s.quit()
+    s = client(srv)
+    s.user, s.password = "bob", USERS["bob"]
+    assert s.auth("PLAIN", s.auth_plain)[0] == 235
+    s.quit()
+    s = client(srv)
+    s.user, s.password = "tim", "wrong"
+    with pytest.raises(smtplib.SMTPAuthenticationError) as e:
+        s.auth("CRAM-MD5", s.auth_cram_md5, initial_response_ok=False)
+    assert e.value.smtp_code == 535
+    lines = sink.lines()
+    assert [l.split(": ", 1)[1].split(" mech")[0] for l in lines] == \
+        ["auth success", "auth success", "auth fail"]
+    assert all("cmd5checkpw[" in l and "ip=127.0.0.1" in l and f"port={srv.port}" in l for l in lines)
+    assert "mech=CRAM-MD5 user=tim" in lines[0] and "mech=PLAIN/LOGIN user=bob" in lines[1]
+
+
+def test_server_drives_cmd5checkpw_dabrowski_order(start, userdb, sink):
+    srv = start(auth="cram", checkpassword_order="dabrowski",
+                checkpassword=f"{PY} -m mailfilter cmd5checkpw --order dabrowski --db {userdb} true")
+    s = client(srv)
+    assert s.login("tim", USERS["tim"])[0] == 235
+    s.quit()
+
+
+def test_server_drives_checkpassword_tool(start, userdb, sink):
+    srv = start(auth="", checkpassword=f"{PY} -m mailfilter checkpassword --db {userdb} true")
+    s = client(srv)
+    assert s.login("alice", USERS["alice"])[0] == 235      # PLAIN
+    assert relay_ok(s) == 250
+    s.quit()
+    assert "checkpassword[" in sink.lines()[0]
+
+
+@pytest.mark.parametrize("script,code", [("exit 111", 454), ("exit 2", 454), ("kill -9 $$", 454),
+                                         ("exit 3", 535), ("exit 1", 535), ("exec true", 235)])
+def test_checkpassword_exit_codes_over_smtp(start, script, code):
+    srv = start(auth="", checkpassword=f"/bin/sh -c '{script}' checkpw")
+    s = client(srv)
+    s.user, s.password = "tim", "x"
+    assert s.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0tim\0x").decode())[0] == code
+    s.quit()
+
+
+def test_mailfilter_serve_process_with_auth_options(tmp_path, userdb):
+    """The real `mailfilter serve` command line: --auth, --userdb, --auth-fail-delay."""
+    from auth_helpers import make_rules
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    p = subprocess.Popen([PY, "-m", "mailfilter", "serve", "--rules", make_rules(tmp_path),
+                          "--listen", f"127.0.0.1:{port}", "--deliver", "discard",
+                          "--auth", "!cram", "--userdb", userdb, "--auth-fail-delay", "0"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(200):
+            try:
+                s = smtplib.SMTP("127.0.0.1", port, timeout=10)
+                break
+            except OSError:
+                time.sleep(0.05)
+        s.ehlo("c")
+        assert s.esmtp_features["auth"].strip() == "CRAM-MD5"
+        assert s.mail("a@client.test")[0] == 530               # "!": required before MAIL
+        assert s.login("tim", USERS["tim"])[0] == 235
+        assert relay_ok(s) == 250
+        s.quit()
+    finally:
+        p.terminate()
+        _, err = p.communicate(timeout=20)
+    assert b"action=auth result=ok mech=CRAM-MD5 user=tim" in err
+
+
+def test_unknown_user_plain_costs_a_scrypt_too(userdb):
+    from mailfilter.verify import DBVerifier
+    v = DBVerifier(userdb)
+    out = run(v.verify(Credentials("PLAIN", "ghost", b"pw")))
+    assert out.result is Result.FAIL and out.reason == "unknown user"
+    assert v._dummy_hash is not None
+    v.close()
+
+
+# --- verify.py units ---------------------------------------------------------------------
+def test_fd3_layouts():
+    plain = Credentials("PLAIN", "tim", b"pw")
+    cram = Credentials("CRAM-MD5", "tim", b"d" * 32, b"<1.2@h>")
+    assert fd3_payload(plain) == fd3_payload(plain, "dabrowski") == b"tim\0pw\0\0"
+    assert fd3_payload(cram) == b"tim\0" + b"d" * 32 + b"\0<1.2@h>\0"
+    assert fd3_payload(cram, "dabrowski") == b"tim\0<1.2@h>\0" + b"d" * 32 + b"\0"
+
+
+def test_exit_status_mapping():
+    def st(code):
+        return code << 8
+    assert exit_result(st(0)).result is Result.OK
+    for c in (1, 3, 12, 13, 15, 20, 21, 22, 23):
+        assert exit_result(st(c)).result is Result.FAIL
+    for c in (2, 4, 11, 111, 255):
+        assert exit_result(st(c)).result is Result.TEMP
+    assert exit_result(9).result is Result.TEMP           # killed by SIGKILL
+
+
+def run(coro):
+    return asyncio.new_event_loop().run_until_complete(coro)
+
+
+def test_512_byte_limit_checked_before_spawning(tmp_path):
+    marker = tmp_path / "ran"
+    v = CheckpasswordVerifier(["/bin/sh", "-c", f"touch {marker}"])
+    big = Credentials("PLAIN", "tim", b"x" * 505)           # 3 + 1 + 505 + 2 = 511 bytes: ok
+    assert len(fd3_payload(big)) == 511
+    assert run(v.verify(big)).result is Result.OK and marker.exists()
+    marker.unlink()
+    over = Credentials("PLAIN", "tim", b"x" * 507)          # 513 bytes
+    assert len(fd3_payload(over)) == 513
+    out = run(v.verify(over))
+    assert out.result is Result.FAIL and "512" in out.reason and not marker.exists()
+
+
+def test_child_sees_fd3_and_tcp_env(tmp_path):
+    out = tmp_path / "out"
+    prog = ["/bin/sh", "-c", f'cat <&3 > {out}; env | grep -E "^(TCP|PROTO)" | sort >> {out}; exit 0']
+    v = CheckpasswordVerifier(prog)
+    env = ClientEnv("192.0.2.7", 4711, "192.0.2.1", 587, "client.example")
+    assert run(v.verify(Credentials("LOGIN", "tim", b"pw"), env)).result is Result.OK
+    data = out.read_bytes()
+    assert data.startswith(b"tim\0pw\0\0")
+    for kv in (b"PROTO=TCP", b"TCPREMOTEIP=192.0.2.7", b"TCPLOCALIP=192.0.2.1",
+               b"TCPLOCALPORT=587", b"TCPREMOTEHOST=client.example", b"TCPREMOTEPORT=4711"):
+        assert kv in data
+
+
+def test_timeout_and_spawn_error_are_temporary():
+    v = CheckpasswordVerifier(["/bin/sleep", "30"], timeout=0.2)
+    out = run(v.verify(Credentials("PLAIN", "tim", b"pw")))
+    assert out.result is Result.TEMP and "timed out" in out.reason
+    v = CheckpasswordVerifier(["/nonexistent/checkpassword", "true"])
+    assert run(v.verify(Credentials("PLAIN", "tim", b"pw"))).result is Result.TEMP
+
+
+# --- swaks -----------------------------------------------------------------------------------
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks not installed")
+@pytest.mark.parametrize("mech", ["CRAM-MD5", "PLAIN", "LOGIN"])
+def test_swaks(start, mech):
+    srv = start(loop="uvloop", auth="+cram")
+    r = subprocess.run(["swaks", "--server", f"127.0.0.1:{srv.port}", "--auth", mech,
+                        "--auth-user", "tim", "--auth-password", USERS["tim"],
+                        "--from", "a@client.test", "--to", "x@other.org", "--silent", "2"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run(["swaks", "--server", f"127.0.0.1:{srv.port}", "--auth", mech,
+                        "--auth-user", "tim", "--auth-password", "wrong",
+                        "--from", "a@client.test", "--to", "x@other.org"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "535 5.7.8" in r.stdout

@@ -1,0 +1,130 @@
+"""authsession.py: SMTPAUTH modes, failure tracking, and the AUTH dialogue on the
+sans-IO engine fed whole and one byte at a time (DESIGN.md, Tests)."""
+import asyncio
+import base64
+import hmac
+
+import pytest
+
+from mailfilter.authsession import AuthConfig, AuthService, FailureTracker, parse_mode
+from mailfilter.policy import Client
+from mailfilter.smtpconn import AuthResponse, AuthStart
+from mailfilter.verify import DBVerifier
+
+from auth_helpers import USERS, make_userdb
+from smtp_driver import FEEDS, App
+
+
+@pytest.mark.parametrize("value,mechs,required", [
+    (None, (), False), ("-", (), False), ("", ("LOGIN", "PLAIN"), False),
+    ("anything", ("LOGIN", "PLAIN"), False), ("+cram", ("LOGIN", "PLAIN", "CRAM-MD5"), False),
+    ("+CRAM", ("LOGIN", "PLAIN", "CRAM-MD5"), False), ("cram", ("CRAM-MD5",), False),
+    ("!", ("LOGIN", "PLAIN"), True), ("!cram", ("CRAM-MD5",), True),
+    ("!+cram", ("LOGIN", "PLAIN", "CRAM-MD5"), True),
+])
+def test_smtpauth_modes_spec_b_4_3(value, mechs, required):
+    m = parse_mode(value)
+    assert (m.mechanisms, m.required) == (mechs, required)
+
+
+def test_failure_tracker_window_and_lockout():
+    now = [1000.0]
+    t = FailureTracker(window=60, limit=3, lockout=300, clock=lambda: now[0])
+    assert not t.failure("a") and not t.failure("a")
+    now[0] += 61                                   # both fell out of the window
+    assert not t.failure("a") and t.count("a") == 1
+    assert not t.failure("a")
+    assert t.failure("a") and t.locked("a")        # third in the window locks
+    now[0] += 299
+    assert t.locked("a") and not t.locked("b")
+    now[0] += 2
+    assert not t.locked("a")
+
+
+def test_failure_tracker_is_bounded():
+    t = FailureTracker(window=60, limit=100, lockout=1, size=10)
+    for i in range(50):
+        t.failure(f"ip{i}")
+    assert len(t._fails) == 10
+
+
+class FakeSP:
+    def __init__(self, mode):
+        self.mode = mode
+        self.authenticated = None
+
+    def setting(self, name):
+        return self.mode if name == "SMTPAUTH" else None
+
+    def auth_success(self, user):
+        self.authenticated = user
+
+
+def make_app(tmp_path, mode="+cram"):
+    db = make_userdb(tmp_path / "u.db")
+    svc = AuthService(AuthConfig(fail_delay=0), verifier=DBVerifier(db))
+    sp = FakeSP(mode)
+    sess = svc.session(sp, Client(ip="127.0.0.1", port=1234, local_ip="127.0.0.1", local_port=25),
+                       "mx.test")
+    loop = asyncio.new_event_loop()
+    challenges = []
+
+    def answer(conn, ev):
+        r = sess.handle(ev)
+        if not hasattr(r, "line"):
+            r = loop.run_until_complete(r)
+        if r.code == 334 and sess.exchange is not None and sess.exchange.mechanism == "CRAM-MD5":
+            challenges.append(base64.b64decode(r.text))
+        return r
+
+    app = App(script={AuthStart: answer, AuthResponse: answer})
+    app.conn.set_extra_ehlo(sess.ehlo_keywords())
+    return app, sp, challenges, loop
+
+
+@pytest.mark.parametrize("feed", list(FEEDS))
+def test_plain_and_login_dialogues_any_fragmentation(tmp_path, feed):
+    app, sp, _, loop = make_app(tmp_path)
+    pw = USERS["alice"].encode()
+    data = (b"EHLO c\r\nAUTH LOGIN\r\n" + base64.b64encode(b"alice") + b"\r\n"
+            + base64.b64encode(b"bad") + b"\r\nAUTH PLAIN\r\n*\r\nAUTH PLAIN "
+            + base64.b64encode(b"\0alice\0" + pw) + b"\r\nAUTH PLAIN\r\nQUIT\r\n")
+    FEEDS[feed](app, data)
+    loop.close()
+    assert app.lines[1:] == [
+        "250-mx.example.com", "250-PIPELINING", "250-SIZE 0", "250-8BITMIME",
+        "250-ENHANCEDSTATUSCODES", "250 AUTH LOGIN PLAIN CRAM-MD5",
+        "334 VXNlcm5hbWU6", "334 UGFzc3dvcmQ6", "535 5.7.8 authentication failed",
+        "334 ", "501 5.0.0 auth exchange cancelled",
+        "235 2.7.0 ok, go ahead",
+        "503 5.5.1 you're already authenticated",
+        app.lines[-1],
+    ]
+    assert app.lines[-1].startswith("221")
+    assert sp.authenticated == "alice"
+
+
+@pytest.mark.parametrize("feed", list(FEEDS))
+def test_cram_dialogue_any_fragmentation(tmp_path, feed):
+    app, sp, challenges, loop = make_app(tmp_path, "cram")
+    app.conn.receive_data(b"EHLO c\r\nAUTH CRAM-MD5\r\n")
+    app.drain()
+    (ch,) = challenges
+    digest = hmac.new(USERS["tim"].encode(), ch, "md5").hexdigest().encode()
+    FEEDS[feed](app, base64.b64encode(b"tim " + digest) + b"\r\n")
+    loop.close()
+    assert app.lines[-1] == "235 2.7.0 ok, go ahead" and sp.authenticated == "tim"
+    assert app.lines[-2] == "334 " + base64.b64encode(ch).decode()
+
+
+def test_mode_without_mechanism_and_not_offered(tmp_path):
+    app, sp, _, loop = make_app(tmp_path, "cram")
+    FEEDS["whole"](app, b"EHLO c\r\nAUTH PLAIN\r\nAUTH LOGIN\r\n")
+    assert app.lines[-2:] == ["504 5.5.4 auth type unimplemented"] * 2
+    loop.close()
+    (tmp_path / "off").mkdir()
+    app, sp, _, loop = make_app(tmp_path / "off", None)           # SMTPAUTH unset
+    FEEDS["whole"](app, b"EHLO c\r\nAUTH PLAIN\r\n")
+    assert app.lines[-1] == "503 5.3.3 auth not available"
+    assert not any("AUTH" in l for l in app.lines[:-1])
+    loop.close()
