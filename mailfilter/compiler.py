@@ -19,8 +19,11 @@ Invariants:
 """
 from __future__ import annotations
 
+import array
 import hashlib
 import os
+import re
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -56,7 +59,8 @@ KNOWN_SETTINGS = frozenset({
     "TCPREMOTEHOST", "SMTPGREETING",
 })
 
-WILDMAT_CHARS = frozenset("*?[\\")
+_has_wildmat = re.compile(r"[*?\[\\]").search
+_has_space = re.compile(r"\s").search
 
 
 @dataclass
@@ -123,7 +127,8 @@ class _Compiler:
         self.diagnostics = list(src.diagnostics)
         self.files: list[str] = []
         self.file_index: dict[str, int] = {}
-        self.rows: list[tuple[int, int, int, int, int]] = []  # file, line, kind, flags, aux
+        # rule table, 3 words a rule: file<<16|kind<<8|flags, line, aux
+        self.rows = array.array("I")
         self.sections: dict[str, bytes] = {}
         self.meta: dict = {"lists": {}, "tables": [], "signatures": [], "regex": {}}
         self.counts: dict[str, int] = {k: 0 for k in KINDS}
@@ -149,9 +154,12 @@ class _Compiler:
         if idx is None:
             idx = self.file_index[line.file] = len(self.files)
             self.files.append(line.file)
-        self.rows.append((idx, line.line, KIND_CODE[kind], flags, aux))
+        rows = self.rows
+        rows.append(idx << 16 | KIND_CODE[kind] << 8 | flags)
+        rows.append(line.line)
+        rows.append(aux & 0xFFFFFFFF)
         self.counts[kind] += 1
-        return len(self.rows) - 1
+        return len(rows) // 3 - 1
 
     def put_table(self, name: str, keys: list[bytes], ids: list[int]) -> None:
         if keys:
@@ -194,7 +202,7 @@ class _Compiler:
         if len(body) >= 2 and body[0] == "/" and body[-1] == "/":
             self.add_regex(parts, line, body[1:-1], flags)
             return
-        if any(c in WILDMAT_CHARS for c in body):
+        if _has_wildmat(body):
             problem = wildmat_problem(body)
             if problem:
                 self.diag(line, problem)
@@ -297,7 +305,7 @@ class _Compiler:
         for name in present:
             for line in self.each(name, self.src.lists[name]):
                 text = line.text
-                if any(c in WILDMAT_CHARS for c in text) or "@" in text or any(c.isspace() for c in text):
+                if _has_wildmat(text) or "@" in text or _has_space(text):
                     self.diag(line, f"{name} takes a domain or .suffix, not {text!r}")
                     continue
                 kind = "suffix" if text.startswith(".") else "host"
@@ -328,7 +336,7 @@ class _Compiler:
             if "|" in text or text.endswith(".cdb") or ":" in text:
                 self.diag(line, "cdb and program recipient checks are not supported; list addresses in the file")
                 continue
-            if "@" not in text or any(c.isspace() for c in text):
+            if "@" not in text or _has_space(text):
                 self.diag(line, f"expected user@domain, @domain or !domain, not {text!r}")
                 continue
             kind = "catchall" if text.startswith("@") else "recipient"
@@ -344,7 +352,7 @@ class _Compiler:
         ids: list[int] = []
         for line in lines:
             sig = line.text[:width]
-            if len(sig) < width or any(c.isspace() for c in sig):
+            if len(sig) < width or _has_space(sig):
                 self.diag(line, f"{name} signature must be {width} base64 characters")
                 continue
             rid = self.add_rule(line, "signature")
@@ -417,11 +425,11 @@ class _Compiler:
                 self.compile_signatures(name, width, lists[name])
         self.compile_tcp_rules()
 
-        table = bytearray()
-        for file_idx, line, kind, flags, aux in self.rows:
-            table += (file_idx << 16 | kind << 8 | flags).to_bytes(4, "little")
-            table += line.to_bytes(4, "little")
-            table += (aux & 0xFFFFFFFF).to_bytes(4, "little")
+        if self.rows.itemsize != 4:
+            raise RuntimeError("array('I') is not 32-bit on this platform")
+        if sys.byteorder != "little":
+            self.rows.byteswap()
+        table = self.rows.tobytes()
         self.meta.update(
             dialect=dialect,
             files=self.files,
@@ -434,7 +442,7 @@ class _Compiler:
         )
         return Compiled(
             sections=self.sections, meta=self.meta, rule_table=bytes(table),
-            n_rules=len(self.rows), fingerprint=fingerprint(src),
+            n_rules=len(self.rows) // 3, fingerprint=fingerprint(src),
             diagnostics=self.diagnostics, counts=self.counts)
 
 
