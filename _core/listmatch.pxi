@@ -209,6 +209,7 @@ cdef class ListMatcher:
     cdef const unsigned char* pool
     cdef uint32_t n_wild, n_regex, n_pat, n_nolit, n_neglit
     cdef list _search
+    cdef object _gate          # search of one RE2 alternation of the gated regexes, or None
 
     def __cinit__(self, buf, regexes):
         self._blob = _MfBlob(buf)
@@ -267,6 +268,7 @@ cdef class ListMatcher:
             raise ValueError(f"ListMatcher: blob has {self.n_regex} regex entries, "
                              f"{len(regexes)} regexes given")
         self._search = [r.search for r in regexes]
+        self._gate = None
 
     cdef int32_t _hash_best(self, const unsigned char* t, Py_ssize_t n, int mode) noexcept:
         """Largest hash-table id among the keys `mode` derives from t (folded)."""
@@ -299,6 +301,30 @@ cdef class ListMatcher:
             raise IndexError(i)
         self._search[i] = search
 
+    def gated_regexes(self):
+        """Indexes of the non-negated regex entries without a literal: the
+        ones every lookup would otherwise run. The bundle combines them into
+        one RE2 alternation, the gate (set_gate)."""
+        cdef uint32_t i
+        cdef const _LmEntry* en
+        out = []
+        for i in range(self.n_nolit):
+            en = &self.ent[self.nolit[i]]
+            if (en.kind_index & _LM_REGEX) and not (en.kind_index & _LM_NEG):
+                out.append(en.kind_index & _LM_INDEX)
+        return out
+
+    def set_gate(self, gate):
+        """gate(text) is None must imply that none of gated_regexes() matches
+        text; then a lookup runs one RE2 search instead of one per regex."""
+        self._gate = gate
+
+    cdef inline bint _gate_open(self, bytes text, int* state) except -1:
+        """Lazily evaluated once per lookup: state -1 unknown, 0 closed, 1 open."""
+        if state[0] < 0:
+            state[0] = 1 if self._gate is None or self._gate(text) is not None else 0
+        return state[0] == 1
+
     def last_match(self, bytes text not None, int mode):
         """spamcontrol dialect (SPEC B §2.5): the largest rule id of all entries
         matching `text` (hash keys per `mode`, wildmat, non-negated regexes),
@@ -314,6 +340,8 @@ cdef class ListMatcher:
         cdef Py_ssize_t hi, ni
         cdef uint32_t e
         cdef const _LmEntry* en
+        cdef int gate = -1
+        cdef bint from_nolit
         if n > _LM_STACK_TEXT:
             t = <unsigned char*>malloc(n)
             if t == NULL:
@@ -334,14 +362,18 @@ cdef class ListMatcher:
                 if ni < 0 or (hi >= 0 and <uint32_t>hits.data[hi] > self.nolit[ni]):
                     e = <uint32_t>hits.data[hi]
                     hi -= 1
+                    from_nolit = False
                 else:
                     e = self.nolit[ni]
                     ni -= 1
+                    from_nolit = True
                 en = &self.ent[e]
                 if en.rule_id <= best:
                     break
                 if en.kind_index & _LM_REGEX:
                     if en.kind_index & _LM_NEG:
+                        continue
+                    if from_nolit and not self._gate_open(text, &gate):
                         continue
                     if self._search[en.kind_index & _LM_INDEX](text) is not None:
                         return en.rule_id
@@ -366,7 +398,8 @@ cdef class ListMatcher:
         cdef int64_t bound = -1
         cdef uint32_t e
         cdef const _LmEntry* en
-        cdef bint matched
+        cdef bint matched, from_nolit
+        cdef int gate = -1
         if self.n_regex == 0:
             return -1
         if n > _LM_STACK_TEXT:
@@ -396,14 +429,18 @@ cdef class ListMatcher:
                 if ni >= self.n_nolit or (hi < hits.n and <uint32_t>hits.data[hi] < self.nolit[ni]):
                     e = <uint32_t>hits.data[hi]
                     hi += 1
+                    from_nolit = False
                 else:
                     e = self.nolit[ni]
                     ni += 1
+                    from_nolit = True
                 if bound >= 0 and e >= bound:
                     break
                 en = &self.ent[e]
                 if not (en.kind_index & _LM_REGEX):
                     continue
+                if from_nolit and not (en.kind_index & _LM_NEG) and not self._gate_open(text, &gate):
+                    continue            # the gate proves this regex does not match
                 matched = self._search[en.kind_index & _LM_INDEX](text) is not None
                 if matched != ((en.kind_index & _LM_NEG) != 0):
                     return en.rule_id

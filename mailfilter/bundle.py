@@ -135,6 +135,29 @@ class _LazyRegex:
         return compiled.search(text)
 
 
+class _LazyGate:
+    """One RE2 alternation of a list's regexes that have no selective literal
+    (ListMatcher.gated_regexes): a lookup that would run each of them runs
+    this once, and only on a hit the individual regexes (the deciding rule is
+    still the last match). Compiled on first use; if RE2 refuses the
+    alternation (too large), the list simply runs without a gate."""
+
+    __slots__ = ("pattern", "matcher")
+
+    def __init__(self, pattern: str, matcher):
+        self.pattern = pattern
+        self.matcher = matcher
+
+    def search(self, text: bytes):
+        try:
+            compiled = compile_re2(self.pattern)
+        except ValueError:
+            self.matcher.set_gate(None)
+            return True                   # no gate: every regex runs
+        self.matcher.set_gate(compiled.search)
+        return compiled.search(text)
+
+
 @dataclass(frozen=True, slots=True)
 class RuleRef:
     """What the rule table says about one rule id."""
@@ -228,11 +251,16 @@ class Bundle:
                 regexes = [compile_re2(s) for s in sources]
             except ValueError as exc:
                 raise BundleError(f"{self.source}: {exc}") from None
-            return core.ListMatcher(self._sections["L:" + name], regexes)
-        stubs = [_LazyRegex(s, i) for i, s in enumerate(sources)]
-        matcher = core.ListMatcher(self._sections["L:" + name], stubs)
-        for stub in stubs:
-            stub.matcher = matcher
+            matcher = core.ListMatcher(self._sections["L:" + name], regexes)
+        else:
+            stubs = [_LazyRegex(s, i) for i, s in enumerate(sources)]
+            matcher = core.ListMatcher(self._sections["L:" + name], stubs)
+            for stub in stubs:
+                stub.matcher = matcher
+        gated = matcher.gated_regexes()
+        if len(gated) >= 2:
+            gate = _LazyGate("|".join(f"(?:{sources[i]})" for i in gated), matcher)
+            matcher.set_gate(gate.search)
         return matcher
 
     # -- rule table

@@ -21,6 +21,9 @@ import re2
 re2.set_fallback_notification(re2.FALLBACK_EXCEPTION)
 
 _LITERAL = _c.LITERAL
+# Shorter literals ("@", ".") occur in nearly every address or host name, so
+# they filter nothing: such regexes go to the list's gate instead.
+MIN_LITERAL = 3
 
 
 class RegexError(ValueError):
@@ -59,4 +62,6 @@ def required_literal(pattern: str) -> bytes:
                 best = run[:]
         else:
             run = []
+    if len(best) < MIN_LITERAL:
+        return b""
     return bytes(best).lower()
