@@ -198,10 +198,12 @@ class Delivery:
 # discard
 # --------------------------------------------------------------------------
 
-class _DiscardSink(Sink):
-    __slots__ = ("_done",)
+class _FixedResultSink(Sink):
+    """A sink that stores nothing and answers one fixed result at commit."""
+    __slots__ = ("_result", "_done")
 
-    def __init__(self) -> None:
+    def __init__(self, result) -> None:
+        self._result = result          # callable -> DeliveryResult
         self._done = False
 
     def write(self, chunk: bytes) -> None:
@@ -212,10 +214,14 @@ class _DiscardSink(Sink):
         if self._done:
             raise RuntimeError("commit after commit/abort")
         self._done = True
-        return _queued(_local_id(), "discard")
+        return self._result()
 
     def abort(self) -> None:
         self._done = True
+
+
+def _discard_sink() -> Sink:
+    return _FixedResultSink(lambda: _queued(_local_id(), "discard"))
 
 
 class DiscardDelivery(Delivery):
@@ -225,7 +231,7 @@ class DiscardDelivery(Delivery):
 
     def open(self, env: Envelope) -> Sink:
         _check_env(env)
-        return _DiscardSink()
+        return _discard_sink()
 
 
 # --------------------------------------------------------------------------
@@ -459,26 +465,9 @@ class _MaildirSink(Sink):
         _unlink_quietly(self._job.tmp)
 
 
-class _FailedSink(Sink):
+def _failed_sink(detail: str) -> Sink:
     """Stands in when the store cannot even open a file: commit -> 451."""
-    __slots__ = ("_detail", "_done")
-
-    def __init__(self, detail: str) -> None:
-        self._detail = detail
-        self._done = False
-
-    def write(self, chunk: bytes) -> None:
-        if self._done:
-            raise RuntimeError("write after commit/abort")
-
-    async def commit(self) -> DeliveryResult:
-        if self._done:
-            raise RuntimeError("commit after commit/abort")
-        self._done = True
-        return _store_failed(self._detail)
-
-    def abort(self) -> None:
-        self._done = True
+    return _FixedResultSink(lambda: _store_failed(detail))
 
 
 class MaildirDelivery(Delivery):
@@ -539,7 +528,7 @@ class MaildirDelivery(Delivery):
                          self.file_mode)
         except OSError as exc:
             self._dirs_ok = False  # re-check the layout next time
-            return _FailedSink(f"maildir {_oserr(exc)}")
+            return _failed_sink(f"maildir {_oserr(exc)}")
         job = _Job(open(fd, "wb", buffering=CHUNK), tmp, os.path.join(self._new, name), qid)
         sink = _MaildirSink(self, job)
         sink.write(envelope_headers(env))
