@@ -53,6 +53,7 @@ class ServeOptions:
     timeout: float | None = None        # default: rules' timeoutsmtpd, else 300
     session_deadline: float = 3600.0
     syslog: bool = False
+    syslog_socket: str = "/dev/log"
     log_level: str = "info"
     # SMTP AUTH (authsession.py, SPEC A §7, B §4.3): `auth` is the global SMTPAUTH
     # (tcp.smtp SMTPAUTH overrides it per client); None = not offered.
@@ -210,7 +211,7 @@ def run_process(opts: ServeOptions, reuse_port: bool) -> int:
 
 
 def run(opts: ServeOptions) -> int:
-    log.setup(opts.log_level, use_syslog=opts.syslog)
+    log.setup(opts.log_level, use_syslog=opts.syslog, syslog_address=opts.syslog_socket)
     if opts.workers <= 1:
         return run_process(opts, reuse_port=False)
     children: list[int] = []
@@ -258,7 +259,7 @@ def options_from(args) -> ServeOptions:
             if not hasattr(opts, name):
                 raise StartupError(f"--config {args.config}: unknown setting {key!r}")
             setattr(opts, name, value)
-    for name in ("rules", "bundle", "hostname", "deliver", "workers", "loop", "resolver",
+    for name in ("rules", "bundle", "hostname", "deliver", "workers", "loop", "resolver", "syslog_socket",
                  "max_connections", "max_per_ip", "timeout", "session_deadline", "log_level",
                  "auth", "userdb", "checkpassword", "checkpassword_order", "checkpassword_timeout",
                  "auth_fail_delay"):
@@ -296,6 +297,7 @@ def add_arguments(p) -> None:
     p.add_argument("--timeout", type=float, help="idle seconds per command (default: timeoutsmtpd)")
     p.add_argument("--session-deadline", type=float)
     p.add_argument("--syslog", action="store_true", help="log to syslog, facility mail")
+    p.add_argument("--syslog-socket", help="syslog socket (default /dev/log)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     a = p.add_argument_group("SMTP AUTH (SPEC A §7, B §4)")
     a.add_argument("--auth", metavar="MODE",

@@ -227,3 +227,43 @@ def test_serve_timeout_option(served):
     assert c.at_eof()
     c.close()
     sp.log.wait_for(r"action=close reason=timeout client=unknown\[127\.0\.0\.1\]:\d+")
+
+
+def test_syslog_facility_mail(tmp_path, rules):
+    """Issue 3, Logging: `--syslog` sends the log to syslog, facility mail, one
+    key=value decision line per verdict naming the deciding rule; read from a
+    real unix datagram socket bound in the test."""
+    import sys
+
+    from tests.server_harness import child_env
+
+    sock_path = str(tmp_path / "log.sock")
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind(sock_path)
+    sink.settimeout(TIMEOUT)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailfilter", "serve", "--listen", f"127.0.0.1:{port}",
+         "--rules", rules, "--deliver", f"maildir:{tmp_path}/spool",
+         "--syslog", "--syslog-socket", sock_path],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env())
+    try:
+        lines = []
+
+        def until(pattern):
+            while not any(pattern in line for line in lines):
+                lines.append(sink.recv(4096).decode())
+            return next(line for line in lines if pattern in line)
+
+        listening = until("listening on 127.0.0.1")
+        assert listening.startswith("<22>mailfilter: ")       # facility mail (2), info (6)
+        with session(port) as c:
+            assert first(c.cmd("MAIL FROM:<spammer@example.org>"))[:3] == "250"
+            assert first(c.cmd("RCPT TO:<user@example.com>")).startswith("553 5.7.1")
+        line = until("stage=RCPT")
+        assert line.startswith("<22>mailfilter: action=reject stage=RCPT reason=badmailfrom rule=badmailfrom:")
+        assert "from=<spammer@example.org>" in line and "to=<user@example.com>" in line
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=TIMEOUT)
+        sink.close()
