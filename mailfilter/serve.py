@@ -259,8 +259,8 @@ def options_from(args) -> ServeOptions:
             if not hasattr(opts, name):
                 raise StartupError(f"--config {args.config}: unknown setting {key!r}")
             setattr(opts, name, value)
-    for name in ("rules", "bundle", "hostname", "deliver", "workers", "loop", "resolver", "syslog_socket",
-                 "max_connections", "max_per_ip", "timeout", "session_deadline", "log_level",
+    for name in ("rules", "bundle", "hostname", "deliver", "workers", "loop", "resolver",
+                 "syslog_socket", "max_connections", "max_per_ip", "timeout", "session_deadline", "log_level",
                  "auth", "userdb", "checkpassword", "checkpassword_order", "checkpassword_timeout",
                  "auth_fail_delay"):
         value = getattr(args, name, None)
