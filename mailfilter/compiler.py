@@ -231,7 +231,7 @@ class _Compiler:
 
         def deco(kind: str, line: cf.Line, key: str) -> None:
             if not key or key in ("@",):
-                self.diag(line, f"decorated entry names no address or domain")
+                self.diag(line, "decorated entry names no address or domain")
                 return
             rid = self.add_rule(line, kind)
             decorated[kind][0].append(_fold(key))

@@ -15,7 +15,7 @@ from mailfilter import bundle as bundle_mod
 from mailfilter import compiler
 from mailfilter.bundle import MODE_ADDRESS, MODE_EXACT, MODE_HOST
 from mailfilter.checkrun import run_check
-from mailfilter.policy import Client, PolicyEngine, PolicyOptions
+from mailfilter.policy import Client, PolicyEngine
 
 HERE = os.path.join(os.path.dirname(__file__), "golden")
 CASES = sorted(d for d in os.listdir(HERE) if os.path.isdir(os.path.join(HERE, d)))

@@ -10,7 +10,6 @@ with a bounded timeout.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import smtplib
