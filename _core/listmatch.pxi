@@ -69,7 +69,7 @@ ctypedef struct _LmEntry:
 
 
 def listmatch_build(hash_keys, hash_ids, wild_patterns, wild_ids,
-                    regex_ids, regex_literals, regex_negated):
+                    regex_ids, regex_literals, regex_negated, regex_filters=None):
     """Build an LMAT blob for one control file.
 
     hash_keys/hash_ids: exact keys (folded here too) and their rule ids;
@@ -77,6 +77,10 @@ def listmatch_build(hash_keys, hash_ids, wild_patterns, wild_ids,
     regex_ids/regex_literals/regex_negated: per regex entry i its rule id,
     required literal (b"" = none) and qregex `!` flag. Regex texts are not
     stored. Wildmat and regex ids must be distinct non-negative int32.
+    regex_filters (optional): per regex entry b"" or a filter record (u32
+    minimum match length, then optionally a 32-byte bitmap of the bytes a
+    match can start with), checked on the raw text before the regex runs: a
+    failed check proves "no match" without calling RE2.
     """
     cdef Py_ssize_t nw = len(wild_patterns), nr = len(regex_ids)
     if len(hash_keys) != len(hash_ids):
@@ -85,6 +89,10 @@ def listmatch_build(hash_keys, hash_ids, wild_patterns, wild_ids,
         raise ValueError("listmatch_build: wild_patterns and wild_ids differ in length")
     if len(regex_literals) != nr or len(regex_negated) != nr:
         raise ValueError("listmatch_build: regex_ids, regex_literals, regex_negated differ in length")
+    if regex_filters is None:
+        regex_filters = [b""] * nr
+    if len(regex_filters) != nr:
+        raise ValueError("listmatch_build: regex_filters has the wrong length")
     if nw + nr >= <Py_ssize_t>_LM_INDEX:
         raise ValueError("listmatch_build: too many pattern entries")
     htab = hashtab_build(hash_keys, hash_ids)
@@ -107,8 +115,11 @@ def listmatch_build(hash_keys, hash_ids, wild_patterns, wild_ids,
         rid = regex_ids[i]
         if rid < 0 or rid > INT32_MAX:
             raise ValueError(f"listmatch_build: id {rid} is not a non-negative int32")
+        filt = regex_filters[i]
+        if not isinstance(filt, bytes) or len(filt) not in (0, 4, 36):
+            raise ValueError("listmatch_build: a regex filter is b'' or 4 or 36 bytes")
         ents.append((rid, _LM_REGEX | (_LM_NEG if regex_negated[i] else 0) | <uint32_t>i,
-                     None, fold_bytes(lit)))
+                     filt or None, fold_bytes(lit)))
     ents.sort(key=lambda e: e[0])
     for i in range(1, len(ents)):
         if ents[i][0] == ents[i - 1][0]:
@@ -134,7 +145,7 @@ def listmatch_build(hash_keys, hash_ids, wild_patterns, wild_ids,
             pool_parts.append(pat)
             pool_len += len(pat)
     if pool_len >= 0xFFFFFFFF:
-        raise ValueError("listmatch_build: wildmat patterns exceed 4 GiB")
+        raise ValueError("listmatch_build: patterns exceed 4 GiB")
     aho = aho_build(lits, lit_ids, True)
     pool = b"".join(pool_parts)
 
@@ -155,7 +166,7 @@ def listmatch_build(hash_keys, hash_ids, wild_patterns, wild_ids,
     blob = _mf_new_blob(off)
     cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(blob)
     memcpy(p, b"LMAT", 4)
-    _mf_wr32(p + 4, 1)
+    _mf_wr32(p + 4, 2)
     _mf_wr32(p + 8, <uint32_t>nw)
     _mf_wr32(p + 12, <uint32_t>nr)
     _mf_wr32(p + 16, <uint32_t>len(nolit))
@@ -190,6 +201,23 @@ def listmatch_build(hash_keys, hash_ids, wild_patterns, wild_ids,
     return blob
 
 
+cdef inline bint _lm_may_match(const unsigned char* rec, uint32_t rec_len,
+                               const unsigned char* raw, Py_ssize_t n) noexcept nogil:
+    """A regex entry's filter record against the raw text: False proves the
+    regex cannot match (too short, or a `^`-anchored pattern whose first
+    byte is impossible); True means "run the regex"."""
+    cdef uint32_t min_len
+    if rec_len == 0:
+        return True
+    memcpy(&min_len, rec, 4)            # records sit unaligned in the pool
+    if <uint64_t>n < min_len:
+        return False
+    if rec_len == 36:
+        if n == 0 or not (rec[4 + (raw[0] >> 3)] >> (raw[0] & 7)) & 1:
+            return False
+    return True
+
+
 cdef inline int32_t _lm_max(int32_t a, int32_t b) noexcept nogil:
     return a if a > b else b
 
@@ -215,7 +243,7 @@ cdef class ListMatcher:
         self._blob = _MfBlob(buf)
         cdef const unsigned char* p = self._blob.p
         cdef Py_ssize_t n = self._blob.n
-        _mf_check_header(p, n, b"LMAT", 1, _LM_HEADER, "ListMatcher")
+        _mf_check_header(p, n, b"LMAT", 2, _LM_HEADER, "ListMatcher")
         if _mf_rd64(p + 96) > <uint64_t>n:
             raise ValueError(f"ListMatcher: blob truncated: {n} bytes, "
                              f"header declares {_mf_rd64(p + 96)}")
@@ -249,6 +277,9 @@ cdef class ListMatcher:
             if e.kind_index & _LM_REGEX:
                 if idx >= self.n_regex:
                     raise ValueError(f"ListMatcher: entry {i}: regex index out of range")
+                if (e.pat_len not in (0, 4, 36)
+                        or <uint64_t>e.pat_off + e.pat_len > pool_len):
+                    raise ValueError(f"ListMatcher: entry {i}: bad regex filter")
             else:
                 if idx >= self.n_wild or (e.kind_index & _LM_NEG):
                     raise ValueError(f"ListMatcher: entry {i}: wildmat index out of range")
@@ -342,6 +373,7 @@ cdef class ListMatcher:
         cdef const _LmEntry* en
         cdef int gate = -1
         cdef bint from_nolit
+        cdef const unsigned char* raw = <const unsigned char*>PyBytes_AS_STRING(text)
         if n > _LM_STACK_TEXT:
             t = <unsigned char*>malloc(n)
             if t == NULL:
@@ -373,6 +405,8 @@ cdef class ListMatcher:
                 if en.kind_index & _LM_REGEX:
                     if en.kind_index & _LM_NEG:
                         continue
+                    if not _lm_may_match(self.pool + en.pat_off, en.pat_len, raw, n):
+                        continue            # cannot match: no RE2 call
                     if from_nolit and not self._gate_open(text, &gate):
                         continue
                     if self._search[en.kind_index & _LM_INDEX](text) is not None:
@@ -400,6 +434,7 @@ cdef class ListMatcher:
         cdef const _LmEntry* en
         cdef bint matched, from_nolit
         cdef int gate = -1
+        cdef const unsigned char* raw = <const unsigned char*>PyBytes_AS_STRING(text)
         if self.n_regex == 0:
             return -1
         if n > _LM_STACK_TEXT:
@@ -439,9 +474,12 @@ cdef class ListMatcher:
                 en = &self.ent[e]
                 if not (en.kind_index & _LM_REGEX):
                     continue
-                if from_nolit and not (en.kind_index & _LM_NEG) and not self._gate_open(text, &gate):
+                if not _lm_may_match(self.pool + en.pat_off, en.pat_len, raw, n):
+                    matched = False     # proven without RE2
+                elif from_nolit and not (en.kind_index & _LM_NEG) and not self._gate_open(text, &gate):
                     continue            # the gate proves this regex does not match
-                matched = self._search[en.kind_index & _LM_INDEX](text) is not None
+                else:
+                    matched = self._search[en.kind_index & _LM_INDEX](text) is not None
                 if matched != ((en.kind_index & _LM_NEG) != 0):
                     return en.rule_id
             if bound >= 0:

@@ -40,7 +40,7 @@ from mailfilter.core import core
 from mailfilter.regexes import compile_re2
 
 MAGIC = b"MFBUNDL\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: regex filter records in LMAT
 BYTEORDER = 0x01020304
 HEADER = struct.Struct("<8sIIIIQII32s7I28x")
 TOC_ENTRY = struct.Struct("<32sQQ")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from mailfilter import controlfiles as cf
 from mailfilter.core import core
-from mailfilter.regexes import RegexError, compile_re2, required_literal
+from mailfilter.regexes import RegexError, compile_re2, regex_filter, required_literal
 
 # ---------------------------------------------------------------- rule table
 
@@ -85,6 +85,7 @@ class _ListParts:
     regex_literals: list[bytes] = field(default_factory=list)
     regex_negated: list[bool] = field(default_factory=list)
     regex_sources: list[str] = field(default_factory=list)
+    regex_filters: list[bytes] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.hash_keys or self.wild_patterns or self.regex_ids)
@@ -171,7 +172,7 @@ class _Compiler:
             return
         self.sections["L:" + name] = core.listmatch_build(
             parts.hash_keys, parts.hash_ids, parts.wild_patterns, parts.wild_ids,
-            parts.regex_ids, parts.regex_literals, parts.regex_negated)
+            parts.regex_ids, parts.regex_literals, parts.regex_negated, parts.regex_filters)
         self.meta["lists"][name] = len(parts.regex_sources)
         if parts.regex_sources:
             self.meta["regex"][name] = parts.regex_sources
@@ -190,6 +191,7 @@ class _Compiler:
         parts.regex_literals.append(required_literal(pattern))
         parts.regex_negated.append(bool(flags & FLAG_NEGATED))
         parts.regex_sources.append(pattern)
+        parts.regex_filters.append(regex_filter(pattern))
 
     # -- spamcontrol pattern lists (SPEC A §1, B §2.5, §2.6)
     def spamcontrol_entry(self, parts: _ListParts, line: cf.Line, body: str, flags: int) -> None:

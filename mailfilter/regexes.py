@@ -65,3 +65,88 @@ def required_literal(pattern: str) -> bytes:
     if len(best) < MIN_LITERAL:
         return b""
     return bytes(best).lower()
+
+
+# -- cheap necessary conditions, checked in C before any RE2 call ----------
+
+_AT_START = (_c.AT_BEGINNING, _c.AT_BEGINNING_STRING)
+_REPEATS = (_c.MAX_REPEAT, _c.MIN_REPEAT)
+
+
+def _byte_set(op, arg) -> set[int] | None:
+    """Bytes one LITERAL / IN item can match (ASCII only, both cases), or None."""
+    out: set[int] = set()
+    if op is _LITERAL:
+        items = [(op, arg)]
+    elif op is _c.IN:
+        items = arg
+    else:
+        return None
+    for iop, iarg in items:
+        if iop is _LITERAL and iarg < 128:
+            out.add(iarg)
+        elif iop is _c.RANGE and iarg[1] < 128:
+            out.update(range(iarg[0], iarg[1] + 1))
+        else:                         # NEGATE, CATEGORY, non-ASCII: anything
+            return None
+    for b in list(out):
+        ch = chr(b)
+        if ch.isalpha():              # case-insensitive match
+            out.add(ord(ch.swapcase()))
+            # conservative: RE2 case folding may pair a letter with a non-ASCII
+            # character in some encodings; never rule those out
+            out.update(range(128, 256))
+    return out
+
+
+def _first_set(items, i: int = 0) -> set[int] | None:
+    """Bytes the item at position i must start with, or None if unknown."""
+    if i >= len(items):
+        return None
+    op, arg = items[i]
+    found = _byte_set(op, arg)
+    if found is not None:
+        return found
+    if op in _REPEATS:
+        lo, _hi, sub = arg
+        return _first_set(list(sub), 0) if lo >= 1 else None
+    if op is _c.SUBPATTERN:
+        _group, add_flags, del_flags, sub = arg
+        return None if (add_flags or del_flags) else _first_set(list(sub), 0)
+    if op is _c.BRANCH:
+        union: set[int] = set()
+        for branch in arg[1]:
+            first = _first_set(list(branch), 0)
+            if first is None:
+                return None
+            union |= first
+        return union
+    return None
+
+
+def regex_filter(pattern: str) -> bytes:
+    """A record the matcher checks before running the regex (_core listmatch):
+    u32 minimum match length, then for `^`-anchored patterns a 32-byte bitmap
+    of the bytes a match can start with; b"" when nothing is known.
+
+    Derived with Python's regex parser, so only where it reads the pattern as
+    RE2 does: POSIX classes (`[[:alpha:]]`), which it misreads, get nothing."""
+    if "[:" in pattern:
+        return b""
+    try:
+        parsed = _parser.parse(pattern)
+    except Exception:
+        return b""
+    if parsed.state.flags & (_c.SRE_FLAG_MULTILINE | _c.SRE_FLAG_VERBOSE):
+        return b""
+    min_len = min(parsed.getwidth()[0], 0xFFFFFFFF)
+    items = list(parsed)
+    first = None
+    if items and items[0][0] is _c.AT and items[0][1] in _AT_START:
+        first = _first_set(items, 1)
+    if first is None:
+        return min_len.to_bytes(4, "little") if min_len else b""
+    bitmap = bytearray(32)
+    for b in first:
+        bitmap[b >> 3] |= 1 << (b & 7)
+    return min_len.to_bytes(4, "little") + bytes(bitmap)

@@ -1,0 +1,86 @@
+"""Regex filters (regexes.regex_filter + _core listmatch): a minimum length and,
+for `^`-anchored patterns, the possible first bytes, checked in C before RE2
+runs. Soundness: whenever the filter rules a text out, RE2 must not match it.
+Checked through the C path: a one-regex ListMatcher must answer exactly what
+RE2 answers, for random patterns and texts (8-bit bytes, empty text)."""
+import random
+
+import pytest
+
+from mailfilter.core import core
+from mailfilter.regexes import compile_re2, regex_filter
+
+TEMPLATES = [
+    "^[0-9]{{{n},}}@", "^[a-z0-9]{{{n},}}@", "^{w}", "^({w}|{v})x", "^[{c}-{d}]+\\.{w}$",
+    "{w}[0-9]*$", "^.{{{n}}}$", "^(?:{w})?{v}", "^[^@]{{{n},}}", "^\\d+", "^{W}{n}",
+    "^([{c}{d}]|{v}){{2}}", "(?i)^{W}", "^a?b?{w}", "^(|{w}){v}", "[[:digit:]]{{{n}}}",
+]
+
+
+def random_pattern(rng):
+    t = rng.choice(TEMPLATES)
+    word = lambda: "".join(rng.choice("abkSXz019.-") for _ in range(rng.randint(1, 4)))  # noqa: E731
+    c, d = sorted(rng.sample("abcdefxyz", 2))
+    return t.format(n=rng.randint(0, 6), w=word().replace(".", "\\."), v=word().replace(".", "\\."),
+                    W=word().upper().replace(".", "\\."), c=c, d=d)
+
+
+def random_text(rng):
+    alphabet = b"abcdefkSxyzXZ0123456789.-@_\xe9\xc9\x80\xff"
+    return bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+
+
+def one_regex_matcher(pattern: str, with_filter: bool):
+    blob = core.listmatch_build([], [], [], [], [7], [b""], [False],
+                                [regex_filter(pattern) if with_filter else b""])
+    return core.ListMatcher(blob, [compile_re2(pattern)])
+
+
+def test_filters_are_sound():
+    rng = random.Random(7)
+    checked = ruled_out = 0
+    for _ in range(400):
+        pattern = random_pattern(rng)
+        compiled = compile_re2(pattern)
+        m = one_regex_matcher(pattern, True)
+        for _ in range(40):
+            text = random_text(rng)
+            expect = 7 if compiled.search(text) is not None else -1
+            assert m.last_match(text, 0) == expect, (pattern, text)
+            checked += 1
+    assert checked == 16000
+    # the filters do rule things out (else the test proves nothing)
+    for pattern, text in (("^[0-9]{12,}@", b"alice@example.com"), ("^abc", b"xabc")):
+        rec = regex_filter(pattern)
+        assert rec and one_regex_matcher(pattern, True).last_match(text, 0) == -1
+        ruled_out += 1
+    assert ruled_out == 2
+
+
+@pytest.mark.parametrize("pattern,text,fires", [
+    ("^[0-9]{12,}@", b"123456789012@x", False),   # matches -> a negated entry does not fire
+    ("^[0-9]{12,}@", b"short@x", True),           # ruled out by the filter -> fires
+    ("^abc", b"", True),
+])
+def test_negated_entry_uses_filter(pattern, text, fires):
+    blob = core.listmatch_build([], [], [], [], [3], [b""], [True], [regex_filter(pattern)])
+    m = core.ListMatcher(blob, [compile_re2(pattern)])
+    assert m.first_fire(text) == (3 if fires else -1)
+
+
+@pytest.mark.parametrize("pattern,min_len,anchored", [
+    ("^[0-9]{12,}@", 13, True), ("viagra", 6, False), ("[[:alpha:]]x", None, False),
+    ("(?m)^a", None, False), ("a|bc", 1, False), ("^(foo|ba)x", 3, True),
+])
+def test_filter_records(pattern, min_len, anchored):
+    rec = regex_filter(pattern)
+    if min_len is None:
+        assert rec == b""
+    else:
+        assert int.from_bytes(rec[:4], "little") == min_len
+        assert len(rec) == (36 if anchored else 4)
+
+
+def test_bad_filter_refused():
+    with pytest.raises(ValueError, match="regex filter"):
+        core.listmatch_build([], [], [], [], [1], [b""], [False], [b"xyz"])
