@@ -18,6 +18,9 @@ then finish). A transaction is MAIL, RCPT, DATA, the message, the final reply.
 Every reply that is not the expected 2xx/3xx is counted as an error under
 "STAGE CODE" (connection failures and timeouts under their exception name),
 and reported; a failed transaction ends its connection (a new one is opened).
+With `--server-pid PID` the server's CPU time (utime+stime from /proc, PID and
+descendants) over the run is reported per message: a figure much less
+sensitive to other load on a shared machine than msgs/s.
 
 Idle mode (`--idle N`): serial warm-up, server memory (VmRSS from
 /proc/PID/status, Pss from /proc/PID/smaps_rollup, summed over PID and its
@@ -285,9 +288,13 @@ async def run_load(cfg) -> dict:
                 stats.error(exc)
 
     worker = worker_reuse if cfg.reuse else worker_new
+    cpu0 = server_cpu(cfg.server_pid) if cfg.server_pid else None
+    own0 = time.process_time()
     start = clock()
     await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
     elapsed = clock() - start
+    own = time.process_time() - own0
+    cpu = server_cpu(cfg.server_pid) - cpu0 if cfg.server_pid else None
     return {
         "mode": "load",
         "concurrency": cfg.concurrency, "size": cfg.size, "reuse": cfg.reuse,
@@ -297,6 +304,10 @@ async def run_load(cfg) -> dict:
         "p50_ms": _ms(pct(stats.lat, 50)), "p99_ms": _ms(pct(stats.lat, 99)),
         "errors": sum(stats.errors.values()), "error_kinds": dict(stats.errors),
         "error_samples": stats.error_samples,
+        # CPU seconds per second of wall time; per message in microseconds
+        "loadgen_cpu": round(own / elapsed, 2) if elapsed > 0 else None,
+        "server_cpu": round(cpu / elapsed, 2) if cpu is not None and elapsed > 0 else None,
+        "server_us_per_msg": round(cpu / stats.ok * 1e6, 1) if cpu is not None and stats.ok else None,
     }
 
 
@@ -328,6 +339,19 @@ def _field_kb(path: str, name: str) -> int:
     except OSError:
         pass
     return 0
+
+
+def server_cpu(pid: int) -> float:
+    """utime + stime in seconds of pid and its descendants (live ones)."""
+    total = 0
+    for p in (pid, *_children(pid)):
+        try:
+            with open(f"/proc/{p}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def server_memory(pid: int) -> dict:
@@ -424,7 +448,8 @@ def parse_args(argv=None):
     p.add_argument("--helo", default="bench.client.example")
     p.add_argument("--timeout", type=float, default=30.0, help="per reply")
     p.add_argument("--idle", type=int, default=0, help="idle mode: hold N silent connections")
-    p.add_argument("--server-pid", type=int, default=0, help="server process for memory figures")
+    p.add_argument("--server-pid", type=int, default=0,
+                   help="server process: CPU per message (load mode), memory (idle mode)")
     p.add_argument("--serial", type=int, default=300, help="idle mode: fresh transactions before/while holding")
     p.add_argument("--open-concurrency", type=int, default=200, help="idle mode: parallel connects")
     p.add_argument("--settle", type=float, default=1.0, help="idle mode: seconds before measuring memory")

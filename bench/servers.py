@@ -194,8 +194,9 @@ def make(name: str, workdir: str) -> Server:
                       note="aiosmtpd + uvloop, handle_DATA -> 250 OK")
     if name == "smtp-sink":
         port = free_port()
-        # -c: count; -u: run as (we are root); backlog 4096
-        argv = [SMTP_SINK, "-c", "-u", "nobody", f"127.0.0.1:{port}", "4096"]
+        # -u: run as (we are root); -m: max simultaneous connections (default 256,
+        # excess ones wait in the kernel queue); -t: per-command timeout; backlog 4096
+        argv = [SMTP_SINK, "-u", "nobody", "-m", "15000", "-t", "600", f"127.0.0.1:{port}", "4096"]
         return Server(name, argv, port, note="Postfix smtp-sink (C), discards")
     raise ValueError(f"unknown server {name!r}")
 
