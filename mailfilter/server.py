@@ -449,10 +449,11 @@ class SMTPProtocol(asyncio.Protocol):
             r = reply("store_failed")
             log.event(action="tempfail", stage="DATA", client=self.client_label, reply=str(r))
             return r
-        log.event(action="accept" if result.ok else ("tempfail" if result.reply.temporary else "reject"),
-                  stage="DATA", client=self.client_label, size=ev.size, rcpts=len(self.rcpts),
-                  ms=f"{(time.monotonic() - t0) * 1000:.1f}", detail=result.detail or None,
-                  reply=str(result.reply))
+        if log.logger.isEnabledFor(logging.INFO):   # format the line only if someone reads it
+            log.event(action="accept" if result.ok else ("tempfail" if result.reply.temporary else "reject"),
+                      stage="DATA", client=self.client_label, size=ev.size, rcpts=len(self.rcpts),
+                      ms=f"{(time.monotonic() - t0) * 1000:.1f}", detail=result.detail or None,
+                      reply=str(result.reply))
         self.rcpts = []
         return result.reply
 

@@ -1,0 +1,139 @@
+"""Server CPU per message without sockets: SMTPProtocol driven by a fake transport.
+
+usage: .venv/bin/python bench/proto_bench.py [--rules DIR] [--messages N] [--size BYTES]
+          [--repeat 5] [--loop uvloop|asyncio] [--profile FILE]
+
+The same session the load generator makes (EHLO once, then RSET/MAIL/RCPT/
+DATA/message per transaction; `new-conn` also does connection_made, EHLO,
+QUIT, connection_lost per message) is fed to mailfilter.server.SMTPProtocol in
+one process, with `discard` delivery. No kernel, no other process: the
+figure (CPU µs per message, best of --repeat) is the Python-level cost of
+engine + policy + content scan + delivery + logging + task machinery, stable
+enough to compare small server.py changes (run before and after on an idle
+moment; PYTHONPATH=<old tree> to A/B). By default the rules are the bench's
+non-relay rules (bench/servers.py norelay_rules). Numbers, not assertions.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self):
+        super().__init__()
+        self.out = []
+        self.closing = False
+
+    def write(self, data):
+        self.out.append(data)
+
+    def close(self):
+        self.closing = True
+
+    def is_closing(self):
+        return self.closing
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass
+
+    def get_extra_info(self, name, default=None):
+        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 2525)}.get(name, default)
+
+
+async def drive(state, n: int, message: bytes, new_conn: bool) -> float:
+    from mailfilter.server import SMTPProtocol
+    mail = b"MAIL FROM:<bench@sender.example>\r\n"
+    rcpt = b"RCPT TO:<bench@example.net>\r\n"
+    ehlo = b"EHLO bench.client.example\r\n"
+
+    async def settle(p):
+        while p.waiting:
+            await asyncio.sleep(0)
+
+    def open_():
+        t = FakeTransport()
+        p = SMTPProtocol(state)
+        p.connection_made(t)
+        p.data_received(ehlo)
+        return p, t
+
+    p = t = None
+    if not new_conn:
+        p, t = open_()
+    t0 = time.process_time()
+    for i in range(n):
+        if new_conn:
+            p, t = open_()
+        elif i:
+            p.data_received(b"RSET\r\n")
+        p.data_received(mail)
+        p.data_received(rcpt)
+        p.data_received(b"DATA\r\n")
+        p.data_received(message)
+        await settle(p)
+        if new_conn:
+            p.data_received(b"QUIT\r\n")
+            p.connection_lost(None)
+        last = t.out[-2 if new_conn else -1]
+        if not last.startswith(b"250"):
+            raise SystemExit(f"unexpected reply {last!r}")
+        t.out.clear()
+    return (time.process_time() - t0) / n * 1e6
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rules")
+    ap.add_argument("--messages", type=int, default=5000)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    ap.add_argument("--profile", help="write a cProfile of one reuse run here")
+    a = ap.parse_args(argv)
+    import logging
+
+    import loadgen
+    import servers
+    from mailfilter import log
+    from mailfilter.serve import ServeOptions, build_state
+    log.setup("warning")
+    logging.getLogger("mailfilter").setLevel(logging.WARNING)
+    rules = a.rules or servers.norelay_rules(tempfile.mkdtemp())
+    opts = ServeOptions(rules=rules, deliver="discard", max_per_ip=10**9, max_connections=10**9)
+    state = build_state(opts)
+    msg = loadgen.make_message(a.size, "bench@sender.example", "bench@example.net")
+    if a.loop == "uvloop":
+        import uvloop
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(drive(state, 200, msg, False))       # warm-up
+    for mode, new in (("reuse", False), ("new-conn", True)):
+        runs = [loop.run_until_complete(drive(state, a.messages, msg, new)) for _ in range(a.repeat)]
+        print(f"{mode:9} {a.size} B: best {min(runs):7.1f} µs/msg  median {sorted(runs)[len(runs) // 2]:7.1f}"
+              f"  ({a.repeat} x {a.messages} messages, {a.loop})")
+    if a.profile:
+        import cProfile
+        pr = cProfile.Profile()
+        pr.enable()
+        loop.run_until_complete(drive(state, a.messages, msg, False))
+        pr.disable()
+        pr.dump_stats(a.profile)
+    loop.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
