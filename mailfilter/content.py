@@ -10,20 +10,33 @@ message. Semantics (SPEC B §2.8, "Content filters"):
   badloadertypes signature (5 characters) anywhere in the line;
 - `BADMIMETYPE="!"` also refuses base64 lines that contain whitespace.
 Both searches use the bundle's case-sensitive Aho-Corasick automata (base64 is
-case-sensitive). Lines are split with bytes.find; a line cut by a chunk
-boundary is carried over (at most one line is kept, capped at 8 KB).
+case-sensitive).
+
+How (bulk, not per line): header blocks (the message header, and each part
+header after a `--boundary` line) are read line by line; bodies are skipped
+with one bytes.find for the next line starting with `--`, and a base64 body is
+checked with one automaton search and one whitespace search per region. A
+signature never spans lines (it contains no LF), so searching a region of
+whole lines finds exactly what a per-line search finds. Only the incomplete
+last line is carried to the next chunk (capped: an over-long base64 line is
+searched before its middle is dropped; its head, which decides whether it is
+a boundary or starts with a mime signature, and its tail are kept).
 """
 from __future__ import annotations
 
 _CTE = b"content-transfer-encoding:"
 _MAX_CARRY = 8192
+_KEEP = 64                      # head and tail kept of an over-long carried line
+
+HEADER, BODY, B64_FIRST, B64 = range(4)
 
 
 class ContentScanner:
-    """Feed chunks with feed(); `hit` is (kind, rule id) after the first match."""
+    """Feed chunks with feed(), then finish(); `hit` is (list, rule id) after
+    the first match (rule id -1 for the whitespace rule)."""
 
-    __slots__ = ("mime", "loader", "strict", "hit", "_carry", "_in_header",
-                 "_part_base64", "_in_base64_body", "_first_line_pending", "_last_header")
+    __slots__ = ("mime", "loader", "strict", "hit", "_carry", "_mode", "_part_base64",
+                 "_last_header")
 
     def __init__(self, mime=None, loader=None, strict_whitespace: bool = False):
         self.mime = mime          # AhoCorasick over 9-char signatures, or None
@@ -31,10 +44,8 @@ class ContentScanner:
         self.strict = strict_whitespace
         self.hit: tuple[str, int] | None = None
         self._carry = b""
-        self._in_header = True    # message header block first
+        self._mode = HEADER       # the message header block comes first
         self._part_base64 = False
-        self._in_base64_body = False
-        self._first_line_pending = False
         self._last_header = b""
 
     @property
@@ -45,61 +56,86 @@ class ContentScanner:
         if not self.active:
             return
         data = self._carry + chunk if self._carry else chunk
-        start = 0
-        while True:
-            nl = data.find(b"\n", start)
-            if nl < 0:
-                break
-            self._line(data[start:nl])
-            if self.hit is not None:
-                self._carry = b""
-                return
-            start = nl + 1
-        rest = data[start:]
-        self._carry = rest[-_MAX_CARRY:] if len(rest) > _MAX_CARRY else rest
+        end = data.rfind(b"\n") + 1          # only whole lines are scanned
+        if end:
+            self._scan(data, end)
+        rest = data[end:]
+        if len(rest) > _MAX_CARRY:
+            if self._mode in (B64, B64_FIRST) and not rest.startswith(b"--"):
+                self._base64_region(rest, 0, len(rest))   # before its middle is dropped
+            rest = rest[:_KEEP] + b"\r" + rest[-_KEEP:]   # CR: never base64, never a boundary
+        self._carry = rest if self.hit is None else b""
 
     def finish(self) -> None:
         if self._carry and self.active:
-            self._line(self._carry)
+            data = self._carry + b"\n"
+            self._scan(data, len(data))
         self._carry = b""
 
-    def _line(self, line: bytes) -> None:
+    # -- internals
+    def _scan(self, data: bytes, end: int) -> None:
+        """Scan data[:end], which ends at a line boundary."""
+        pos = 0
+        while pos < end and self.hit is None:
+            mode = self._mode
+            if mode == HEADER:
+                nl = data.find(b"\n", pos, end)
+                self._header_line(data[pos:nl])
+                pos = nl + 1
+                continue
+            if data.startswith(b"--", pos):              # a boundary: part header follows
+                self._mode = HEADER
+                self._part_base64 = False
+                self._last_header = b""
+                pos = data.find(b"\n", pos, end) + 1
+                continue
+            nxt = data.find(b"\n--", pos, end)
+            stop = end if nxt < 0 else nxt + 1         # the region: whole lines before it
+            if mode == B64_FIRST:
+                pos = self._first_line(data, pos, stop)
+                if self._mode == B64_FIRST:
+                    pos = stop                          # only empty lines so far
+                    continue
+            if self._mode == B64 and pos < stop:
+                self._base64_region(data, pos, stop)
+            pos = stop
+
+    def _header_line(self, line: bytes) -> None:
         if line.endswith(b"\r"):
             line = line[:-1]
-        if self._in_header:
-            if not line:
-                self._in_header = False
-                self._in_base64_body = self._part_base64
-                self._first_line_pending = self._part_base64
-                return
-            if line[:1] in (b" ", b"\t"):
-                line = self._last_header + line   # folded header continuation
-            self._last_header = line
-            low = line.lower()
-            if low.startswith(_CTE):
-                self._part_base64 = low[len(_CTE):].strip() == b"base64"
+        if not line:
+            self._mode = B64_FIRST if self._part_base64 else BODY
             return
-        if line.startswith(b"--"):
-            # A MIME boundary (or something that looks like one): a new part
-            # header block follows. Boundaries are never valid base64.
-            self._in_header = True
-            self._part_base64 = False
-            self._in_base64_body = False
-            self._last_header = b""
-            return
-        if not self._in_base64_body or not line:
-            return
-        if self._first_line_pending:
-            self._first_line_pending = False
-            if self.mime is not None:
-                rid, pos = self.mime.search(line[:9])
-                if rid >= 0 and pos == 0:
-                    self.hit = ("badmimetypes", rid)
-                    return
-        if self.strict and (b" " in line or b"\t" in line):
+        if line[:1] in (b" ", b"\t"):
+            line = self._last_header + line             # folded header continuation
+        self._last_header = line
+        low = line.lower()
+        if low.startswith(_CTE):
+            self._part_base64 = low[len(_CTE):].strip() == b"base64"
+
+    def _first_line(self, data: bytes, pos: int, stop: int) -> int:
+        """Skip empty lines; check the first base64 line against badmimetypes."""
+        while pos < stop:
+            nl = data.find(b"\n", pos, stop)
+            line = data[pos:nl]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if line:
+                self._mode = B64
+                if self.mime is not None:
+                    rid, start = self.mime.search(line[:9])
+                    if rid >= 0 and start == 0:
+                        self.hit = ("badmimetypes", rid)
+                return pos                               # this line is base64 too
+            pos = nl + 1
+        return pos
+
+    def _base64_region(self, data: bytes, pos: int, stop: int) -> None:
+        region = data[pos:stop]
+        if self.strict and (b" " in region or b"\t" in region):
             self.hit = ("badmimetypes", -1)
             return
         if self.loader is not None:
-            rid, _ = self.loader.search(line)
+            rid, _ = self.loader.search(region)
             if rid >= 0:
                 self.hit = ("badloadertypes", rid)
