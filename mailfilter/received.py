@@ -43,11 +43,21 @@ def safe(value: str) -> bytes:
     return value.encode("utf-8", "surrogateescape").translate(_TABLE)
 
 
+_last_date: tuple[int, bytes] = (-1, b"")
+
+
 def date822(when: float) -> bytes:
-    """qmail `date822fmt`: `26 Sep 1995 04:46:54 -0000` (UTC, no leading zero)."""
-    t = time.gmtime(int(when))
-    return (f"{t.tm_mday} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+    """qmail `date822fmt`: `26 Sep 1995 04:46:54 -0000` (UTC, no leading zero).
+    Every message of the same second gets the same text: formatted once."""
+    global _last_date
+    sec = int(when)
+    if _last_date[0] == sec:
+        return _last_date[1]
+    t = time.gmtime(sec)
+    text = (f"{t.tm_mday} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
             f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} -0000").encode()
+    _last_date = (sec, text)
+    return text
 
 
 def protocol(env: "Envelope") -> bytes:
