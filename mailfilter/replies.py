@@ -14,6 +14,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 
+_LINES: dict = {}
+
+
 class Reply(NamedTuple):
     code: int
     enhanced: str  # RFC 3463 "x.y.z"; "" for greeting/HELO/EHLO/334 lines
@@ -24,10 +27,17 @@ class Reply(NamedTuple):
         return self._replace(text=self.text.format(**fields))
 
     def line(self) -> bytes:
-        """The reply as one CRLF-terminated line."""
-        if self.enhanced:
-            return f"{self.code} {self.enhanced} {self.text}\r\n".encode()
-        return f"{self.code} {self.text}\r\n".encode()
+        """The reply as one CRLF-terminated line (memoized: most replies are
+        the same few constants, sent several times per message)."""
+        data = _LINES.get(self)
+        if data is None:
+            if self.enhanced:
+                data = f"{self.code} {self.enhanced} {self.text}\r\n".encode()
+            else:
+                data = f"{self.code} {self.text}\r\n".encode()
+            if self in _CONSTANTS:        # filled-in texts (queue ids) vary: not kept
+                _LINES[self] = data
+        return data
 
     def __str__(self) -> str:
         return self.line().decode().rstrip("\r\n")
@@ -138,6 +148,9 @@ REPLIES: dict[str, Reply] = {
     # --- auth additions (authsession: SPEC A §7, B §4.6) ---------------------
     "auth_too_many": R(421, "4.7.0", "{host} too many authentication failures, closing connection"),
 }
+
+
+_CONSTANTS = frozenset(r for r in REPLIES.values() if "{" not in r.text)
 
 
 def reply(name: str, **fields: object) -> Reply:
