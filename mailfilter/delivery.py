@@ -67,6 +67,7 @@ import os
 import re
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
 
@@ -162,21 +163,23 @@ def _unlink_quietly(path: str) -> None:
         pass  # left in tmp/: the Maildir 36-hour cleanup removes it
 
 
-class Sink:
+class Sink(ABC):
     """One message in flight. write() is synchronous and cheap; commit() is
     awaited once; abort() drops the message and is idempotent."""
 
-    def write(self, chunk: bytes) -> None:
-        raise NotImplementedError
+    __slots__ = ()
 
-    async def commit(self) -> DeliveryResult:
-        raise NotImplementedError
+    @abstractmethod
+    def write(self, chunk: bytes) -> None: ...
 
-    def abort(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    async def commit(self) -> DeliveryResult: ...
+
+    @abstractmethod
+    def abort(self) -> None: ...
 
 
-class Delivery:
+class Delivery(ABC):
     """A configured next hop. open(env) -> Sink per message."""
 
     spec: str = ""
@@ -197,8 +200,8 @@ class Delivery:
             f"bad delivery spec {spec!r}: expected maildir:DIR, "
             "qmail-queue:PROG [ARGS], smtp:HOST:PORT, lmtp:HOST:PORT or discard")
 
-    def open(self, env: Envelope) -> Sink:
-        raise NotImplementedError
+    @abstractmethod
+    def open(self, env: Envelope) -> Sink: ...
 
     async def close(self) -> None:
         return None
@@ -317,8 +320,8 @@ class _SpoolingDelivery(Delivery):
         _check_env(env)
         return _SpoolSink(env, self._deliver, self.spool_max_memory, self.spool_dir)
 
-    async def _deliver(self, env: Envelope, spool) -> DeliveryResult:
-        raise NotImplementedError
+    @abstractmethod
+    async def _deliver(self, env: Envelope, spool) -> DeliveryResult: ...
 
 
 # The next hops live in their own modules, which build on the classes above;

@@ -39,6 +39,7 @@ import binascii
 import itertools
 import os
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -132,7 +133,7 @@ def new_challenge(hostname: str, now: float | None = None) -> bytes:
 
 
 # --- mechanisms -----------------------------------------------------------------
-class Exchange:
+class Exchange(ABC):
     """One SASL exchange. Subclasses implement _start/_step."""
 
     mechanism = ""
@@ -172,11 +173,11 @@ class Exchange:
         data = b64decode_line(initial)
         return Failure("auth_malformed", "bad base64") if data is None else data
 
-    def _start(self, initial: str | None) -> Outcome:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _start(self, initial: str | None) -> Outcome: ...
 
-    def _step(self, data: bytes) -> Outcome:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _step(self, data: bytes) -> Outcome: ...
 
 
 class Plain(Exchange):
