@@ -103,9 +103,13 @@ def cmd_check(args) -> int:
         print(f"mailfilter check: {exc}", file=sys.stderr)
         return 2
     _print_diagnostics(diags)
+    resolver = None
+    if args.dns is not None:
+        from mailfilter.dnscheck import Resolver
+        resolver = Resolver(args.dns or None)
     report = run_check(loaded, ip=args.ip, host=args.host, helo=args.helo,
                        sender=args.sender, recipients=args.rcpt,
-                       open_relay=args.open_relay, auth_user=args.auth_user)
+                       open_relay=args.open_relay, auth_user=args.auth_user, resolver=resolver)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
@@ -146,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--rcpt", action="append", default=[], help="envelope recipient (repeatable)")
     k.add_argument("--auth-user", default=None, help="pretend the session authenticated as USER")
     k.add_argument("--open-relay", action="store_true", help="allow relaying without rcpthosts (SPEC A §4)")
+    k.add_argument("--dns", nargs="?", const="", default=None, metavar="HOST:PORT",
+                   help="perform the HELOCHECK A/M and MFDNSCHECK lookups the server would "
+                        "(system resolver, or the one given)")
     k.add_argument("--json", action="store_true", help="machine-readable output")
     k.set_defaults(func=cmd_check)
 

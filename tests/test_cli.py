@@ -122,3 +122,30 @@ def test_compile_progress_bar_on_a_terminal(tmp_path):
     assert os.waitstatus_to_exitcode(status) == 0
     assert "badmailfrom" in out and "[##############################] 60000/60000" in out
     assert "exact        60000" in out
+
+
+def test_check_dns_checks_use_the_servers_resolver(tmp_path):
+    """`check --dns HOST:PORT` makes the HELOCHECK=A and MFDNSCHECK lookups
+    the server makes (SPEC B §2.4, §2.7) against a real DNS responder."""
+    from tests.dns_responder import DnsResponder
+
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "rcpthosts").write_text("example.com\n")
+    (rules / "tcp.smtp").write_text(':allow,HELOCHECK="A",MFDNSCHECK=""\n')
+    table = {("mx.ok.test", "A"): ["192.0.2.1"], ("ok.test", "MX"): ["10 mx.ok.test."],
+             "nx.test": "NXDOMAIN", "fail.test": "SERVFAIL"}
+    with DnsResponder(table) as dns:
+        base = ["check", "--rules", str(rules), "--ip", "203.0.113.5", "--dns", f"127.0.0.1:{dns.port}"]
+        ok = mf(*base, "--helo", "mx.ok.test", "--from", "a@ok.test", "--rcpt", "u@example.com")
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert "HELOCHECK DNS A mx.ok.test: ok" in ok.stdout and "MFDNSCHECK MX ok.test: ok" in ok.stdout
+        nx = mf(*base, "--helo", "mx.ok.test", "--from", "a@nx.test", "--rcpt", "u@example.com")
+        assert nx.returncode == 1
+        assert "553 5.1.8 sorry, your envelope sender must exist" in nx.stdout
+        temp = mf(*base, "--helo", "fail.test", "--from", "a@ok.test", "--rcpt", "u@example.com")
+        assert temp.returncode == 1 and "tempfail \"451 4.4.3 DNS temporary failure\"" in temp.stdout
+    # without --dns the lookups are named, not guessed
+    plain = mf("check", "--rules", str(rules), "--ip", "203.0.113.5", "--helo", "mx.ok.test",
+               "--from", "a@ok.test", "--rcpt", "u@example.com")
+    assert "not performed (use --dns)" in plain.stdout
