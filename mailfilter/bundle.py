@@ -17,9 +17,11 @@ Layout (all integers little-endian):
   table of contents: n_sections x 48 bytes (name 32 bytes NUL-padded, offset u64, length u64)
   sections, each 8-byte aligned; offsets are from the start of the file.
 
-Sections are the flat blobs of compiler.py. Loading maps the file, checks
-magic, version, byte order, length and checksum, then hands memoryview slices
-to the Cython classes: no per-entry Python objects except the compiled
+Sections are the flat blobs of compiler.py. Loading reads the file into an
+anonymous memory map (see load(): never file-backed, so replacing the file
+in place cannot crash a running server), checks magic, version, byte order,
+length and checksum, then hands read-only memoryview slices to the Cython
+classes, which use them in place: no per-entry Python objects except the compiled
 regexes (stored as text, compiled by RE2 on first use, see _LazyRegex; or at
 load with eager_regex=True). A bad bundle raises BundleError
 with a message that says what is wrong; load() can be called again at any time
@@ -287,18 +289,40 @@ class Bundle:
 
 
 def load(path: str, eager_regex: bool = False) -> Bundle:
-    """Map and validate the bundle at `path`; regexes compile on first use
-    unless `eager_regex` (then a pattern RE2 refuses is a BundleError here)."""
+    """Read and validate the bundle at `path`; regexes compile on first use
+    unless `eager_regex` (then a pattern RE2 refuses is a BundleError here).
+
+    The file is read ONCE into an anonymous memory map (transparent huge pages
+    where the kernel allows them) and the sections are used in place from
+    there. A file-backed map would be shared with the file: an operator's
+    `cp new.mfb rules.mfb` truncates the file in place and the running server
+    would die of SIGBUS at its next lookup. `mailfilter compile` replaces the
+    file atomically (rename), but the server must not depend on that."""
     try:
-        fh = open(path, "rb")
+        fh = open(path, "rb", buffering=0)
     except OSError as exc:
         raise BundleError(f"{path}: cannot open bundle: {exc.strerror}") from None
     with fh:
         size = os.fstat(fh.fileno()).st_size
         if size == 0:
             raise BundleError(f"{path}: empty file, not a bundle")
-        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    return Bundle(mapped, source=path, _keep=mapped, eager_regex=eager_regex)
+        memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            memory.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError):
+            pass                      # no THP here: 4 KB pages, same result
+        view = memoryview(memory)
+        got = 0
+        while got < size:
+            n = fh.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        view.release()
+    if got != size:
+        raise BundleError(f"{path}: the file changed while it was being read ({got} of {size} bytes)")
+    return Bundle(memoryview(memory).toreadonly(), source=path, _keep=memory,
+                  eager_regex=eager_regex)
 
 
 def from_compiled(compiled: Compiled) -> Bundle:

@@ -115,3 +115,18 @@ def test_write_is_atomic(compiled, tmp_path):
     bm.write(compiled, path)
     assert [n for n in os.listdir(tmp_path) if n.startswith(".bundle-")] == []
     assert open(path, "rb").read()[:8] == before[:8] == bm.MAGIC
+
+
+def test_loaded_bundle_survives_the_file_being_overwritten_in_place(written):
+    # `cp new.mfb rules.mfb` truncates and rewrites the same inode; a
+    # file-backed map would fault (SIGBUS) at the next lookup. load() reads
+    # the file into anonymous memory, so the loaded rules keep answering.
+    b = bm.load(written)
+    m = b.lists["badmailfrom"]
+    before = m.last_match(b"spammer@example.org", bm.MODE_ADDRESS)
+    with open(written, "r+b") as fh:
+        fh.truncate(0)
+    assert m.last_match(b"spammer@example.org", bm.MODE_ADDRESS) == before >= 0
+    assert b.where(before) == "badmailfrom:2"
+    with pytest.raises(bm.BundleError, match="empty file"):
+        bm.load(written)

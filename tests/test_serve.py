@@ -267,3 +267,29 @@ def test_syslog_facility_mail(tmp_path, rules):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=TIMEOUT)
         sink.close()
+
+
+def test_sighup_reloads_a_bundle_and_refuses_a_broken_one(tmp_path, rules):
+    """Issue 2/3: `serve --bundle FILE` + `mailfilter compile` + SIGHUP swaps
+    in the new bundle; a truncated bundle is refused (BundleError) and the
+    rules in force stay (DESIGN.md: a reload that fails keeps the old bundle)."""
+    bundle = str(tmp_path / "rules.mfb")
+    assert run_cli("compile", rules, "-o", bundle).returncode == 0
+    sp = spawn_serve("--bundle", bundle, "--deliver", f"maildir:{tmp_path}/spool")
+    try:
+        assert rcpt_verdict(sp.port, "new-spammer@evil.test") == "250 2.1.5 ok"
+        with open(os.path.join(rules, "badmailfrom"), "a") as fh:
+            fh.write("new-spammer@evil.test\n")
+        assert run_cli("compile", rules, "-o", bundle).returncode == 0
+        sp.signal(signal.SIGHUP)
+        sp.log.wait_for(rf"reload ok: \d+ rules from {bundle}")
+        assert rcpt_verdict(sp.port, "new-spammer@evil.test") == BANNED
+        data = open(bundle, "rb").read()
+        with open(bundle, "wb") as fh:
+            fh.write(data[: len(data) // 2])
+        sp.signal(signal.SIGHUP)
+        [m] = sp.log.wait_for(r"reload failed, keeping the current rules: (.*)")
+        assert "truncated" in m.group(1)
+        assert rcpt_verdict(sp.port, "new-spammer@evil.test") == BANNED
+    finally:
+        sp.stop()
