@@ -335,8 +335,8 @@ class SessionPolicy:
         elif prof.helocheck is not None:
             self.helo_verdict = self._spamcontrol_helo(name, prof.helocheck)
         hv = self.helo_verdict
-        if hv is not None:
-            return Verdict("HELO", True, eng.v_helo.reply, "ok", self._rule(hv[1]))
+        if hv is not None:             # 250 now, 550 at RCPT (SPEC B §2.7)
+            return Verdict("HELO", True, eng.v_helo.reply, "pending_" + hv[0], self._rule(hv[1]))
         return eng.v_helo
 
     def _spamcontrol_helo(self, name: str, mode: str) -> tuple[str, int] | None:
@@ -388,7 +388,8 @@ class SessionPolicy:
         sv = self.sender_verdict = self._sender_verdict(sender, data)
         if sv is None:
             return _V_MAIL_OK
-        return Verdict("MAIL", True, _MAIL_OK, "ok", self._rule(sv[1]))
+        # 250 now, the rejection is reported at every RCPT (SPEC B §1.5)
+        return Verdict("MAIL", True, _MAIL_OK, "pending_" + sv[0], self._rule(sv[1]))
 
     def _sender_verdict(self, sender: str, data: bytes) -> tuple[str, int] | None:
         eng = self.engine
