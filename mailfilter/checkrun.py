@@ -57,8 +57,23 @@ def _result(v: Verdict, argument: str, note: str = "") -> StageResult:
     else:
         kind = "tempfail" if v.reply.temporary else "reject"
     if v.delay:
-        note = (note + "; " if note else "") + f"tarpit {v.delay:g} s before the reply"
+        tarpit = f"tarpit {v.delay:g} s before the reply"
+        note = f"{note}; {tarpit}" if note else tarpit
     return StageResult(v.stage, argument, kind, str(v.reply), v.reason, v.rule, note)
+
+
+def _add_note(res: StageResult, note: str) -> None:
+    res.note = f"{res.note}; {note}" if res.note else note
+
+
+def _dns_check(res: StageResult, resolver, label: str, lookup, record) -> None:
+    """The server's DNS call for this stage, or a note that it was skipped."""
+    if resolver is None:
+        _add_note(res, f"{label}: not performed (use --dns)")
+        return
+    status = asyncio.run(lookup(resolver))
+    record(status)
+    _add_note(res, f"{label}: {status}")
 
 
 def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | None = None,
@@ -88,12 +103,8 @@ def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | Non
             res.note = "HELO gets 250; non-relay RCPTs get 550"
         query = session.helo_dns_query()
         if query is not None:
-            if resolver is None:
-                res.note = f"HELOCHECK needs a DNS {query[0]} lookup of {query[1]}: not performed (use --dns)"
-            else:
-                status = asyncio.run(resolver.check(*query))
-                session.set_helo_dns(status)
-                res.note = f"HELOCHECK DNS {query[0]} {query[1]}: {status}"
+            _dns_check(res, resolver, f"HELOCHECK DNS {query[0]} {query[1]}",
+                       lambda r: r.check(*query), session.set_helo_dns)
         report.stages.append(res)
     if sender is not None:
         v = session.mail(sender)
@@ -106,19 +117,15 @@ def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | Non
             res.note = "sender bypasses badmailfrom (? entry)"
         dom = session.mail_dns_query()
         if dom is not None:
-            if resolver is None:
-                res.note = f"MFDNSCHECK needs an MX lookup of {dom}: not performed (use --dns)"
-            else:
-                status = asyncio.run(resolver.has_mx(dom))
-                session.set_mail_dns(status)
-                res.note = f"MFDNSCHECK MX {dom}: {status}"
+            _dns_check(res, resolver, f"MFDNSCHECK MX {dom}", lambda r: r.has_mx(dom),
+                       session.set_mail_dns)
         report.stages.append(res)
         if v.accept:
             for rcpt in recipients:
                 rv = session.rcpt(rcpt)
                 res = _result(rv, f"<{rcpt}>")
                 if rv.accept and rv.recipient is not None and rv.recipient != rcpt:
-                    res.note = (res.note + "; " if res.note else "") + f"delivered as <{rv.recipient}>"
+                    _add_note(res, f"delivered as <{rv.recipient}>")
                 report.stages.append(res)
     elif recipients:
         report.stages.append(StageResult("RCPT", "", "reject", str(reply("mail_first")),

@@ -145,6 +145,12 @@ def test_check_dns_checks_use_the_servers_resolver(tmp_path):
         assert "553 5.1.8 sorry, your envelope sender must exist" in nx.stdout
         temp = mf(*base, "--helo", "fail.test", "--from", "a@ok.test", "--rcpt", "u@example.com")
         assert temp.returncode == 1 and "tempfail \"451 4.4.3 DNS temporary failure\"" in temp.stdout
+        # a listed sender keeps its pending-reject note beside the DNS answer
+        (rules / "badmailfrom").write_text("@ok.test\n")
+        both = mf(*base, "--helo", "mx.ok.test", "--from", "a@ok.test", "--rcpt", "u@example.com")
+        mail_line = next(l for l in both.stdout.splitlines() if l.startswith("MAIL"))
+        assert "MAIL gets 250; every RCPT gets 553; MFDNSCHECK MX ok.test: ok" in mail_line
+        (rules / "badmailfrom").unlink()
     # without --dns the lookups are named, not guessed
     plain = mf("check", "--rules", str(rules), "--ip", "203.0.113.5", "--helo", "mx.ok.test",
                "--from", "a@ok.test", "--rcpt", "u@example.com")
