@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ class AuthMode:
 _OFF = AuthMode((), False)
 
 
+@functools.lru_cache(maxsize=256)     # per connection, from a handful of tcp.smtp values
 def parse_mode(value: str | None) -> AuthMode:
     """SMTPAUTH value -> offered mechanisms and "required before MAIL" (SPEC B §4.3)."""
     if value is None or value == "-":

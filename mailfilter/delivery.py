@@ -109,11 +109,13 @@ def _b(s: str) -> bytes:
 
 
 _counter = itertools.count(1)
+_pid = [os.getpid()]     # getpid() is a system call; refreshed in a forked child
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 
 
 def _local_id() -> str:
     """A process-unique id (`P<pid>Q<n>`) for replies of non-maildir hops."""
-    return f"P{os.getpid()}Q{next(_counter)}"
+    return f"P{_pid[0]}Q{next(_counter)}"
 
 
 _ADDR_FORBIDDEN = re.compile(r"[\r\n\0]")
@@ -164,8 +166,9 @@ def _unlink_quietly(path: str) -> None:
 
 
 class Sink(ABC):
-    """One message in flight. write() is synchronous and cheap; commit() is
-    awaited once; abort() drops the message and is idempotent."""
+    """One message in flight. write() is synchronous and cheap; the message
+    is committed once, by commit_now() or else by awaiting commit();
+    abort() drops the message and is idempotent."""
 
     __slots__ = ()
 
@@ -174,6 +177,13 @@ class Sink(ABC):
 
     @abstractmethod
     async def commit(self) -> DeliveryResult: ...
+
+    def commit_now(self) -> DeliveryResult | None:
+        """Commit without waiting, when the sink can: the result, or None
+        (nothing happened; await commit() instead). Only a sink whose commit
+        needs no I/O answers here, so "250 means stored" holds either way;
+        the server then skips a Task per message."""
+        return None
 
     @abstractmethod
     def abort(self) -> None: ...
@@ -227,6 +237,9 @@ class _FixedResultSink(Sink):
             raise RuntimeError("write after commit/abort")
 
     async def commit(self) -> DeliveryResult:
+        return self.commit_now()
+
+    def commit_now(self) -> DeliveryResult:
         if self._done:
             raise RuntimeError("commit after commit/abort")
         self._done = True

@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from mailfilter.delivery import (
-    _close_quietly, _counter, _unlink_quietly, _b, _check_env, CHUNK, Delivery, DeliveryResult, Envelope, _FixedResultSink, _oserr,
+    _close_quietly, _counter, _pid, _unlink_quietly, _b, _check_env, CHUNK, Delivery, DeliveryResult, Envelope, _FixedResultSink, _oserr,
     _queued, Sink, _store_failed,
 )
 
@@ -287,7 +287,7 @@ class MaildirDelivery(Delivery):
                 self._ensure_dirs()
             now = time.time()
             sec = int(now)
-            qid = f"M{int((now - sec) * 1e6)}P{os.getpid()}Q{next(_counter)}"
+            qid = f"M{int((now - sec) * 1e6)}P{_pid[0]}Q{next(_counter)}"
             name = f"{sec}.{qid}.{self._host}"
             tmp = os.path.join(self._tmp, name)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,

@@ -24,7 +24,7 @@ class Reply(NamedTuple):
 
     def format(self, **fields: object) -> "Reply":
         """A copy with the `{name}` placeholders of the text filled in."""
-        return self._replace(text=self.text.format(**fields))
+        return Reply(self.code, self.enhanced, self.text.format(**fields))   # not _replace: per message
 
     def line(self) -> bytes:
         """The reply as one CRLF-terminated line (memoized: most replies are

@@ -89,7 +89,7 @@ class ServerState:
 class SMTPProtocol(asyncio.Protocol):
     __slots__ = (
         "state", "transport", "engine", "sp", "client", "client_label", "loop",
-        "last_read", "idle_handle", "deadline_handle", "waiting", "task", "sink",
+        "last_read", "timer", "deadline_at", "waiting", "task", "sink",
         "scanner", "rcpts", "helo_dns", "mail_dns", "counted", "reading_paused", "auth",
     )
 
@@ -106,8 +106,8 @@ class SMTPProtocol(asyncio.Protocol):
         self.mail_dns: asyncio.Task | None = None
         self.counted = False
         self.reading_paused = False
-        self.idle_handle = None
-        self.deadline_handle = None
+        self.timer = None               # one timer per connection: idle and deadline
+        self.deadline_at = 0.0
         self.auth = None
 
     # ------------------------------------------------------------ connection
@@ -159,16 +159,15 @@ class SMTPProtocol(asyncio.Protocol):
             return
         now = self.loop.time()
         self.last_read = now
-        self.idle_handle = self.loop.call_at(now + lim.idle_timeout, self._idle_check)
-        self.deadline_handle = self.loop.call_at(now + lim.session_deadline, self._deadline)
+        self.deadline_at = now + lim.session_deadline
+        self.timer = self.loop.call_at(min(now + lim.idle_timeout, self.deadline_at), self._timer_due)
 
     def connection_lost(self, exc) -> None:
         if self.sink is not None:
             self.sink.abort()
             self.sink = None
-        for handle in (self.idle_handle, self.deadline_handle):
-            if handle is not None:
-                handle.cancel()
+        if self.timer is not None:
+            self.timer.cancel()
         for task in (self.task, self.helo_dns, self.mail_dns):
             if task is not None and not task.done():
                 task.cancel()
@@ -202,24 +201,24 @@ class SMTPProtocol(asyncio.Protocol):
             self.transport.resume_reading()
 
     # ------------------------------------------------------------ timers
-    def _idle_check(self) -> None:
-        """Re-armed lazily: one timer per connection, not one per read."""
-        lim = self.state.limits
-        due = self.last_read + lim.idle_timeout
+    def _timer_due(self) -> None:
+        """The connection's one timer: the session deadline, else the idle
+        timeout. Re-armed lazily (not one timer per read) at the earlier of
+        the two real due times (a fixed minimum here made every timeout late:
+        --timeout 1 behaved like 2); while a reply is in flight the client is
+        not idle, so the idle clock restarts."""
         now = self.loop.time()
-        if self.waiting or now < due:
-            # re-arm at the real due time (a fixed 1 s minimum here made every
-            # timeout up to 1 s late: --timeout 1 behaved like 2); while a
-            # reply is in flight the client is not idle, look again later
-            self.idle_handle = self.loop.call_at(
-                now + lim.idle_timeout if self.waiting else due, self._idle_check)
+        if now >= self.deadline_at:
+            log.event(action="close", reason="session_deadline", client=self.client_label)
+            self._abort(reply("session_deadline", host=self.engine.config.greeting.split()[0]))
+            return
+        idle = self.state.limits.idle_timeout
+        due = now + idle if self.waiting else self.last_read + idle
+        if now < due:
+            self.timer = self.loop.call_at(min(due, self.deadline_at), self._timer_due)
             return
         log.event(action="close", reason="timeout", client=self.client_label)
         self._abort(reply("timeout", host=self.engine.config.greeting.split()[0]))
-
-    def _deadline(self) -> None:
-        log.event(action="close", reason="session_deadline", client=self.client_label)
-        self._abort(reply("session_deadline", host=self.engine.config.greeting.split()[0]))
 
     def _abort(self, r) -> None:
         if self.engine is None or self.transport.is_closing():
@@ -437,18 +436,35 @@ class SMTPProtocol(asyncio.Protocol):
             self.rcpts = []
             engine.send(r)
             return
-        self._later(self._commit(sink, ev))
-
-    async def _commit(self, sink, ev: DataEnd):
         t0 = time.monotonic()
+        try:
+            result = sink.commit_now()
+        except Exception:
+            engine.send(self._commit_failed(sink))
+            return
+        if result is None:              # the next hop needs I/O: answer from a Task
+            self._later(self._commit(sink, ev, t0))
+        else:                           # nothing to wait for: no Task, input keeps flowing
+            engine.send(self._committed(result, ev, t0))
+
+    async def _commit(self, sink, ev: DataEnd, t0: float):
         try:
             result = await sink.commit()
         except Exception:
-            logger.exception("delivery failed client=%s", self.client_label)
-            sink.abort()
-            r = reply("store_failed")
-            log.event(action="tempfail", stage="DATA", client=self.client_label, reply=str(r))
-            return r
+            return self._commit_failed(sink)
+        return self._committed(result, ev, t0)
+
+    def _commit_failed(self, sink) -> Reply:
+        """A commit that raised: the message is dropped, the client retries (451)."""
+        logger.exception("delivery failed client=%s", self.client_label)
+        sink.abort()
+        r = reply("store_failed")
+        log.event(action="tempfail", stage="DATA", client=self.client_label, reply=str(r))
+        self.rcpts = []
+        return r
+
+    def _committed(self, result, ev: DataEnd, t0: float) -> Reply:
+        """The reply to a finished commit; its decision line."""
         if log.logger.isEnabledFor(logging.INFO):   # format the line only if someone reads it
             log.event(action="accept" if result.ok else ("tempfail" if result.reply.temporary else "reject"),
                       stage="DATA", client=self.client_label, size=ev.size, rcpts=len(self.rcpts),

@@ -91,6 +91,7 @@ replied to ``DataEnd``.
 """
 from __future__ import annotations
 
+import functools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -270,15 +271,34 @@ ANOMALY_EIGHTBIT = "EIGHTBIT"
 class MultiReply:
     """A multi-line reply (RFC 5321 §4.2.1) that ``send()`` accepts like a Reply."""
 
-    __slots__ = ("code", "enhanced", "lines")
+    __slots__ = ("code", "enhanced", "lines", "_wire")
 
     def __init__(self, code: int, lines: list[str], enhanced: str = "") -> None:
         self.code = code
         self.enhanced = enhanced
-        self.lines = list(lines)
+        self.lines = tuple(lines)     # read-only: the wire form is memoized
+        self._wire: bytes | None = None
 
     def line(self) -> bytes:
-        return multiline(self.code, self.lines, self.enhanced)
+        wire = self._wire
+        if wire is None:
+            wire = self._wire = multiline(self.code, self.lines, self.enhanced)
+        return wire
+
+
+@functools.lru_cache(maxsize=256)
+def _ehlo_reply(greeting: str, keywords: tuple[str, ...]) -> MultiReply:
+    """The EHLO answer, built once per (greeting, keywords): per connection
+    only a handful of variants exist (the AUTH offer differs by client)."""
+    first = REPLIES["helo"].format(greeting=greeting)
+    return MultiReply(first.code, [first.text, *keywords])
+
+
+@functools.lru_cache(maxsize=256)
+def _named_line(name: str, greeting: str) -> bytes:
+    """Wire form of a reply whose only field is the greeting (220, 250 HELO,
+    221): the same bytes for every connection of a configuration."""
+    return reply(name, greeting=greeting).line()
 
     def __repr__(self) -> str:
         return f"MultiReply({self.code}, {self.lines!r}, {self.enhanced!r})"
@@ -468,15 +488,15 @@ class SMTPConnection:
 
     def ehlo_reply(self, name: str | None = None) -> MultiReply:
         """The multi-line 250 answer to EHLO; ``name`` defaults to the greeting."""
-        first = REPLIES["helo"].format(greeting=name if name is not None else self.config.greeting)
-        return MultiReply(first.code, [first.text] + self.ehlo_keywords())
+        return _ehlo_reply(name if name is not None else self.config.greeting,
+                           tuple(self.ehlo_keywords()))
 
     def helo_reply(self, name: str | None = None) -> Reply:
         return reply("helo", greeting=name if name is not None else self.config.greeting)
 
     def greet(self) -> None:
         """Queue the 220 greeting."""
-        self._out.append(reply("greeting", greeting=self.config.greeting).line())
+        self._out.append(_named_line("greeting", self.config.greeting))
 
     def data_end_check(self, ev: DataEnd) -> Reply | None:
         """The engine-level verdict for a DataEnd (qmail order, SPEC B §1.11), or None."""
@@ -572,6 +592,8 @@ class SMTPConnection:
             return PAUSED
         if self._state is CLOSED:
             return self._closed_event()
+        if not self._buf and not self._eof:
+            return NEED_DATA            # fast path: the common second call per read
         if self._state is DATA:
             self._data_step()
         else:
@@ -756,7 +778,7 @@ class SMTPConnection:
         self._events.append(Help())
 
     def _cmd_quit(self, arg: bytes) -> None:
-        self._answer(reply("quit", greeting=self.config.greeting))
+        self._out.append(_named_line("quit", self.config.greeting))
         self._events.append(Quit())
         self._close("quit")
 
