@@ -31,6 +31,19 @@ _KEEP = 64                      # head and tail kept of an over-long carried lin
 HEADER, BODY, B64_FIRST, B64 = range(4)
 
 
+def _blank_line(data: bytes, pos: int, end: int) -> int:
+    """Start of the first empty line ("" or a lone CR) in the whole lines
+    data[pos:end], or end if there is none."""
+    if data.startswith(b"\n", pos) or data.startswith(b"\r\n", pos):
+        return pos
+    best = end
+    for sep in (b"\n\n", b"\n\r\n"):
+        i = data.find(sep, pos, end)
+        if 0 <= i < best - 1:
+            best = i + 1
+    return best
+
+
 class ContentScanner:
     """Feed chunks with feed(), then finish(); `hit` is (list, rule id) after
     the first match (rule id -1 for the whitespace rule)."""
@@ -79,9 +92,7 @@ class ContentScanner:
         while pos < end and self.hit is None:
             mode = self._mode
             if mode == HEADER:
-                nl = data.find(b"\n", pos, end)
-                self._header_line(data[pos:nl])
-                pos = nl + 1
+                pos = self._header_block(data, pos, end)
                 continue
             if data.startswith(b"--", pos):              # a boundary: part header follows
                 self._mode = HEADER
@@ -99,6 +110,31 @@ class ContentScanner:
             if self._mode == B64 and pos < stop:
                 self._base64_region(data, pos, stop)
             pos = stop
+
+    def _header_block(self, data: bytes, pos: int, end: int) -> int:
+        """Header lines from data[pos:end] up to and including the empty line
+        that ends the block (if it is there); returns where scanning goes on.
+        Only a Content-Transfer-Encoding line (or a continuation of the line
+        before) changes anything, so a block with neither is passed in bulk,
+        remembering just its last line for a continuation in the next chunk;
+        otherwise line by line. Either way the result equals _header_line
+        applied to every line."""
+        stop = _blank_line(data, pos, end)       # start of the empty line, or end
+        if stop > pos:
+            block = data[pos:stop]
+            if block[:1] in (b" ", b"\t") or _CTE in block.lower():
+                while pos < stop:
+                    nl = data.find(b"\n", pos, stop)
+                    self._header_line(data[pos:nl])
+                    pos = nl + 1
+            else:
+                last = block[block.rfind(b"\n", 0, -1) + 1:-1]
+                self._last_header = last[:-1] if last.endswith(b"\r") else last
+                pos = stop
+        if stop < end:                           # the empty line: the block ends
+            self._header_line(b"")
+            pos = data.find(b"\n", stop, end) + 1
+        return pos
 
     def _header_line(self, line: bytes) -> None:
         if line.endswith(b"\r"):

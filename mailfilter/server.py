@@ -38,7 +38,7 @@ from mailfilter.received import received_header
 from mailfilter.replies import Reply, reply
 from mailfilter.smtpconn import (
     NEED_DATA, PAUSED, Anomaly, AuthResponse, AuthStart, Closed, DataChunk, DataEnd,
-    DataStart, EngineConfig, Helo, Mail, Rcpt, Rset, SMTPConnection,
+    DataStart, EngineConfig, Helo, Mail, Rcpt, Rset, SMTPConnection, host_of,
 )
 
 logger = logging.getLogger("mailfilter")
@@ -70,6 +70,8 @@ class ServerState:
         self.per_ip: dict[str, int] = defaultdict(int)
         self.sessions: set["SMTPProtocol"] = set()
         self.engine_config = self._engine_config(policy)
+        self.host = host_of(self.engine_config.greeting)   # for replies before a session exists
+        self.loop: asyncio.AbstractEventLoop | None = None    # cached: get_running_loop() costs a getpid()
 
     def _engine_config(self, policy: PolicyEngine) -> EngineConfig:
         greeting = self.hostname or policy.greeting
@@ -84,13 +86,15 @@ class ServerState:
         """Atomically switch new sessions to `policy` (SIGHUP reload)."""
         self.policy = policy
         self.engine_config = self._engine_config(policy)
+        self.host = host_of(self.engine_config.greeting)
 
 
 class SMTPProtocol(asyncio.Protocol):
     __slots__ = (
         "state", "transport", "engine", "sp", "client", "client_label", "loop",
         "last_read", "timer", "deadline_at", "waiting", "task", "sink",
-        "scanner", "rcpts", "helo_dns", "mail_dns", "counted", "reading_paused", "auth",
+        "scanner", "scan_choice", "rcpts", "helo_dns", "mail_dns", "counted", "reading_paused",
+        "auth",
     )
 
     def __init__(self, state: ServerState):
@@ -101,6 +105,7 @@ class SMTPProtocol(asyncio.Protocol):
         self.task: asyncio.Task | None = None
         self.sink = None
         self.scanner: ContentScanner | None = None
+        self.scan_choice: tuple | None = None      # (relay, mime, loader, strict)
         self.rcpts: list[str] = []
         self.helo_dns: asyncio.Task | None = None
         self.mail_dns: asyncio.Task | None = None
@@ -118,7 +123,7 @@ class SMTPProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername") or ("unknown", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
         ip = peer[0]
-        host = st.engine_config.greeting.split()[0]
+        host = st.host
         if st.connections >= lim.max_connections:
             transport.write(reply("too_many_conns", host=host).line())
             transport.close()
@@ -133,7 +138,10 @@ class SMTPProtocol(asyncio.Protocol):
         st.per_ip[ip] += 1
         st.sessions.add(self)
         self.counted = True
-        self.loop = asyncio.get_running_loop()
+        loop = st.loop
+        if loop is None or loop.is_closed():
+            loop = st.loop = asyncio.get_running_loop()
+        self.loop = loop
         self.client = Client(ip=ip, port=peer[1], local_ip=local[0], local_port=local[1])
         self.client_label = f"{self.client.host}[{ip}]:{peer[1]}"
         try:
@@ -210,7 +218,7 @@ class SMTPProtocol(asyncio.Protocol):
         now = self.loop.time()
         if now >= self.deadline_at:
             log.event(action="close", reason="session_deadline", client=self.client_label)
-            self._abort(reply("session_deadline", host=self.engine.config.greeting.split()[0]))
+            self._abort(reply("session_deadline", host=self.engine.host))
             return
         idle = self.state.limits.idle_timeout
         due = now + idle if self.waiting else self.last_read + idle
@@ -218,7 +226,7 @@ class SMTPProtocol(asyncio.Protocol):
             self.timer = self.loop.call_at(min(due, self.deadline_at), self._timer_due)
             return
         log.event(action="close", reason="timeout", client=self.client_label)
-        self._abort(reply("timeout", host=self.engine.config.greeting.split()[0]))
+        self._abort(reply("timeout", host=self.engine.host))
 
     def _abort(self, r) -> None:
         if self.engine is None or self.transport.is_closing():
@@ -264,7 +272,7 @@ class SMTPProtocol(asyncio.Protocol):
                     break
         except Exception:
             logger.exception("internal error client=%s", self.client_label)
-            self._abort(reply("internal_error", host=engine.config.greeting.split()[0]))
+            self._abort(reply("internal_error", host=engine.host))
             return
         self._flush()
 
@@ -293,7 +301,7 @@ class SMTPProtocol(asyncio.Protocol):
         except Exception:
             logger.exception("internal error client=%s", self.client_label)
             self.waiting = False
-            self._abort(reply("internal_error", host=engine.config.greeting.split()[0]))
+            self._abort(reply("internal_error", host=engine.host))
             return
         self.waiting = False
         self.task = None
@@ -389,7 +397,7 @@ class SMTPProtocol(asyncio.Protocol):
             sender=sp.sender or "", recipients=list(self.rcpts), helo=sp.helo_name or "",
             client_ip=self.client.ip, client_host=self.client.host,
             auth_user=sp.authenticated, tls=False,
-            local_host=self.engine.config.greeting.split()[0])
+            local_host=self.engine.host)
         sink = self.state.delivery.open(env)
         sink.write(received_header(env))
         self.sink = sink
@@ -397,18 +405,28 @@ class SMTPProtocol(asyncio.Protocol):
         self.engine.send(v.reply)
 
     def _content_scanner(self) -> ContentScanner | None:
+        """A scanner per message when the client's BADMIMETYPE/BADLOADERTYPE
+        ask for one (SPEC B §2.8); the choice depends only on the session's
+        settings and its relay state, so it is made once per relay state."""
+        relay = self.sp.relay_client
+        choice = self.scan_choice
+        if choice is None or choice[0] != relay:
+            choice = self.scan_choice = (relay, *self._scan_lists(relay))
+        _, mime, loader, strict = choice
+        if mime is None and loader is None:
+            return None
+        return ContentScanner(mime, loader, strict_whitespace=strict)
+
+    def _scan_lists(self, relay: bool):
         sp = self.sp
         sigs = sp.engine.bundle.signatures
-        relay = sp.relay_client
         mime_mode = sp.setting("BADMIMETYPE")
         loader_mode = sp.setting("BADLOADERTYPE")
         mime = sigs.get("badmimetypes") if mime_mode is not None and mime_mode != "-" \
             and not (mime_mode == "+" and relay) else None
         loader = sigs.get("badloadertypes") if loader_mode and loader_mode != "-" \
             and not (loader_mode == "+" and relay) else None
-        if mime is None and loader is None:
-            return None
-        return ContentScanner(mime, loader, strict_whitespace=mime_mode == "!")
+        return mime, loader, mime_mode == "!"
 
     def on_data_chunk(self, ev: DataChunk) -> None:
         if self.sink is not None:

@@ -286,6 +286,13 @@ class MultiReply:
         return wire
 
 
+def host_of(greeting: str) -> str:
+    """The server's name in replies: the greeting's first word (qmail: the
+    first word of smtpgreeting), "localhost" for an empty greeting."""
+    words = greeting.split()
+    return words[0] if words else "localhost"
+
+
 @functools.lru_cache(maxsize=256)
 def _ehlo_reply(greeting: str, keywords: tuple[str, ...]) -> MultiReply:
     """The EHLO answer, built once per (greeting, keywords): per connection
@@ -438,7 +445,7 @@ class SMTPConnection:
 
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = cfg = config if config is not None else EngineConfig()
-        self._host = cfg.greeting.split()[0] if cfg.greeting.split() else "localhost"
+        self._host = host_of(cfg.greeting)
         self._extra_ehlo = list(cfg.extra_ehlo)
         self._buf = bytearray()
         self._out: list[bytes] = []
@@ -464,6 +471,11 @@ class SMTPConnection:
     @property
     def state(self) -> str:
         return self._state
+
+    @property
+    def host(self) -> str:
+        """This server's name in replies: the greeting's first word."""
+        return self._host
 
     @property
     def closing(self) -> bool:

@@ -91,3 +91,68 @@ def test_signature_in_the_middle_of_an_overlong_base64_line():
         s.feed(data[i:i + 4096])
     s.finish()
     assert s.hit == ("badloadertypes", 21)
+
+
+class _LineByLine(ContentScanner):
+    """The reference for the bulk header path: every header line through
+    _header_line, as the scanner did before header blocks went in bulk."""
+    __slots__ = ()
+
+    def _header_block(self, data, pos, end):
+        while pos < end:
+            nl = data.find(b"\n", pos, end)
+            self._header_line(data[pos:nl])
+            pos = nl + 1
+            if self._mode != 0:          # HEADER left: the empty line was seen
+                break
+        return pos
+
+
+_HEADER_LINES = [b"Subject: x", b"Content-Transfer-Encoding: base64", b"content-transfer-encoding:",
+                 b" base64", b"\tBASE64", b" quoted-printable", b"Content-Transfer-Encoding: 7bit",
+                 b"X-Long: aaaa", b"Content-Transfer-Encoding: base64\r", b"Content-Type: a/b", b"\r"]
+_BODY_LINES = [MZ.encode()[:40], b"AAAAMzIuZAAAA", b"AAAA AAAA", b"plain text", b"", b"--XX",
+               b"--XX--", b"Mi5kbAAAA", b"\r"]
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_bulk_headers_equal_line_by_line(seed):
+    """Differential, seeded: random header blocks (folded CTE lines, CR line
+    ends, empty lines) and bodies, fed whole and in random chunks."""
+    import random
+    rnd = random.Random(seed)
+    lines = []
+    for _ in range(rnd.randint(1, 4)):
+        lines += [rnd.choice(_HEADER_LINES) for _ in range(rnd.randint(0, 6))]
+        lines.append(b"")
+        lines += [rnd.choice(_BODY_LINES) for _ in range(rnd.randint(0, 5))]
+        lines.append(b"--XX")
+    data = b"\n".join(lines) + (b"\n" if rnd.random() < 0.8 else b"")
+    kw = {"strict_whitespace": rnd.random() < 0.3}
+    cuts = sorted(rnd.sample(range(1, len(data)), min(len(data) - 1, rnd.randint(0, 12))))
+    chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+    for feed in ([data], chunks):
+        got, ref = ContentScanner(MIME, LOADER, **kw), _LineByLine(MIME, LOADER, **kw)
+        for c in feed:
+            got.feed(c)
+            ref.feed(c)
+        got.finish()
+        ref.finish()
+        assert got.hit == ref.hit, (data, feed)
+
+
+def test_continuation_after_a_bulk_block_joins_that_blocks_last_line():
+    # chunk 2 holds no CTE line and goes in bulk; the continuation in chunk 3
+    # belongs to its "Subject" line, not to the CTE line of chunk 1
+    chunks = [b"Content-Transfer-Encoding:\n", b"Subject: x\n", b" base64\n\n" + MZ.encode() + b"\n"]
+    for cls in (ContentScanner, _LineByLine):
+        s = cls(MIME, LOADER)
+        for c in chunks:
+            s.feed(c)
+        s.finish()
+        assert s.hit is None, cls
+    s = ContentScanner(MIME, LOADER)
+    for c in (chunks[0], chunks[2]):      # without the Subject line the fold is the CTE value
+        s.feed(c)
+    s.finish()
+    assert s.hit == ("badmimetypes", 10)
