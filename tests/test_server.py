@@ -596,6 +596,63 @@ def _one_message(port, source=PLAIN) -> tuple[int, list[str]]:
     return r
 
 
+def test_discard_commit_answers_at_once_and_pipelined_input_goes_on(start, monkeypatch):
+    """A sink that needs no I/O (discard) is committed inside data_received
+    (Sink.commit_now): its 250 and the replies to commands pipelined after
+    the end of data leave together, and commit() is never awaited."""
+    from mailfilter import delivery
+
+    async def awaited(self):
+        raise AssertionError("commit() awaited although commit_now() answered")
+
+    monkeypatch.setattr(delivery._FixedResultSink, "commit", awaited)
+    srv = start(deliver="discard")
+    c = session(srv.port)
+    txn = b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n"
+    c.send(txn)
+    assert [r[0] for r in c.replies(3)] == [250, 250, 354]
+    c.send(b"Subject: one\r\n\r\nbody\r\n.\r\n" + txn)
+    got = c.replies(4)
+    assert [r[0] for r in got] == [250, 250, 250, 354]
+    assert first(got[0]).startswith("250 2.0.0 ok ")
+    c.send(b"Subject: two\r\n\r\nbody\r\n.\r\n")
+    assert c.reply()[0] == 250
+    assert first(c.cmd("QUIT")).startswith("221")
+    c.close()
+
+
+def test_commit_now_failure_is_451_and_the_session_goes_on(start, monkeypatch):
+    """SPEC A §9: a commit that raises, even one answered without waiting,
+    is 451 (never 250), and the session stays usable."""
+    from mailfilter import delivery
+
+    def boom(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(delivery._FixedResultSink, "commit_now", boom)
+    srv = start(deliver="discard")
+    assert first(_one_message(srv.port)) == "451 4.3.0 temporary failure storing message"
+
+
+def test_sink_commit_now_contract(tmp_path):
+    """commit_now(): discard answers once; a sink that needs I/O says None
+    (the server then awaits commit()); spooled sinks are untouched by it."""
+    import asyncio
+
+    from mailfilter.delivery import Delivery, Envelope
+    env = Envelope("a@b.test", ["c@d.test"], "h", "127.0.0.1", "unknown", None, False, "mx")
+    sink = Delivery.from_spec("discard").open(env)
+    result = sink.commit_now()
+    assert result.ok and result.reply.code == 250
+    with pytest.raises(RuntimeError):
+        sink.commit_now()
+    md = Delivery.from_spec(f"maildir:{tmp_path}/md").open(env)
+    md.write(b"Subject: x\n\nbody\n")
+    assert md.commit_now() is None
+    assert asyncio.run(md.commit()).ok
+    assert len(os.listdir(tmp_path / "md" / "new")) == 1
+
+
 @pytest.mark.parametrize("script,expect", [
     ({}, "250"),
     ({"eod": "451 4.3.0 try later"}, "451"),
@@ -699,6 +756,26 @@ def test_session_deadline_421(start, decisions):
 
 
 # ------------------------------------------------------------------ connection caps
+def test_session_deadline_421_while_the_client_keeps_busy(start, decisions):
+    """The idle timer and the deadline share one timer: activity keeps
+    re-arming the idle check, yet the deadline still ends the session."""
+    srv = start(limits=Limits(idle_timeout=0.4, session_deadline=1.0))
+    c = session(srv.port)
+    replies = []
+    for _ in range(40):                      # bounded: ~0.1 s apart, 4 s at most
+        r = c.cmd("NOOP")
+        replies.append(first(r))
+        if not r[0] == 250:
+            break
+        threading.Event().wait(0.1)
+    assert replies[-1] == "421 4.4.2 mx.test session too long, closing connection"
+    assert all(r == "250 2.0.0 ok" for r in replies[:-1]) and len(replies) > 4
+    assert c.at_eof()
+    c.close()
+    assert any("action=close reason=session_deadline" in l for l in decisions())
+    assert not any("reason=timeout" in l for l in decisions())
+
+
 def test_global_connection_cap_421(start, decisions):
     """DESIGN / server.py limits: over max_connections -> 421 4.7.0 at connect."""
     srv = start(limits=Limits(max_connections=2))
