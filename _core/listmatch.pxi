@@ -225,8 +225,9 @@ cdef inline int32_t _lm_max(int32_t a, int32_t b) noexcept nogil:
 cdef class ListMatcher:
     """Matcher for one control file over an LMAT blob plus its compiled regexes.
 
-    `regexes[i]` is the compiled RE2 pattern (anything with .search(bytes))
-    of regex entry i, in builder order.
+    `regexes[i]` is the compiled RE2 pattern of regex entry i, in builder
+    order; only its `.contains(bytes) -> bool` is used (a lookup needs "does
+    it match", never the match itself: no Match object is built).
     """
     cdef _MfBlob _blob
     cdef _HtView ht
@@ -236,8 +237,8 @@ cdef class ListMatcher:
     cdef const uint32_t* neglit
     cdef const unsigned char* pool
     cdef uint32_t n_wild, n_regex, n_pat, n_nolit, n_neglit
-    cdef list _search
-    cdef object _gate          # search of one RE2 alternation of the gated regexes, or None
+    cdef list _contains        # per regex entry: contains(text) -> bool
+    cdef object _gate          # contains of one RE2 alternation of the gated regexes, or None
 
     def __cinit__(self, buf, regexes):
         self._blob = _MfBlob(buf)
@@ -298,7 +299,7 @@ cdef class ListMatcher:
         if len(regexes) != self.n_regex:
             raise ValueError(f"ListMatcher: blob has {self.n_regex} regex entries, "
                              f"{len(regexes)} regexes given")
-        self._search = [r.search for r in regexes]
+        self._contains = [r.contains for r in regexes]
         self._gate = None
 
     cdef int32_t _hash_best(self, const unsigned char* t, Py_ssize_t n, int mode) noexcept:
@@ -324,13 +325,14 @@ cdef class ListMatcher:
                     best = _lm_max(best, _ht_lookup(&self.ht, t + i, n - i))
         return best
 
-    def set_search(self, Py_ssize_t i, search):
-        """Replace regex entry i's search callable (lazy compilation: the
-        bundle hands in a stub that compiles on first use, then swaps itself
-        out through this method so later calls go straight to RE2)."""
+    def set_contains(self, Py_ssize_t i, contains):
+        """Replace regex entry i's contains callable (text -> bool; lazy
+        compilation: the bundle hands in a stub that compiles on first use,
+        then swaps itself out through this method so later calls go straight
+        to RE2)."""
         if not 0 <= i < self.n_regex:
             raise IndexError(i)
-        self._search[i] = search
+        self._contains[i] = contains
 
     def gated_regexes(self):
         """Indexes of the non-negated regex entries without a literal: the
@@ -346,14 +348,15 @@ cdef class ListMatcher:
         return out
 
     def set_gate(self, gate):
-        """gate(text) is None must imply that none of gated_regexes() matches
-        text; then a lookup runs one RE2 search instead of one per regex."""
+        """gate(text) -> bool; False must imply that none of gated_regexes()
+        matches text; then a lookup runs one RE2 call instead of one per
+        regex. None: no gate (every gated regex runs)."""
         self._gate = gate
 
     cdef inline bint _gate_open(self, bytes text, int* state) except -1:
         """Lazily evaluated once per lookup: state -1 unknown, 0 closed, 1 open."""
         if state[0] < 0:
-            state[0] = 1 if self._gate is None or self._gate(text) is not None else 0
+            state[0] = 1 if self._gate is None or self._gate(text) else 0
         return state[0] == 1
 
     def last_match(self, bytes text not None, int mode):
@@ -409,7 +412,7 @@ cdef class ListMatcher:
                         continue            # cannot match: no RE2 call
                     if from_nolit and not self._gate_open(text, &gate):
                         continue
-                    if self._search[en.kind_index & _LM_INDEX](text) is not None:
+                    if self._contains[en.kind_index & _LM_INDEX](text):
                         return en.rule_id
                 elif wm_match(self.pool + en.pat_off, en.pat_len, t, n):
                     return en.rule_id
@@ -479,7 +482,7 @@ cdef class ListMatcher:
                 elif from_nolit and not (en.kind_index & _LM_NEG) and not self._gate_open(text, &gate):
                     continue            # the gate proves this regex does not match
                 else:
-                    matched = self._search[en.kind_index & _LM_INDEX](text) is not None
+                    matched = bool(self._contains[en.kind_index & _LM_INDEX](text))
                 if matched != ((en.kind_index & _LM_NEG) != 0):
                     return en.rule_id
             if bound >= 0:

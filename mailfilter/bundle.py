@@ -122,7 +122,7 @@ class _LazyRegex:
     pattern compiles and the checksum guards the text; should RE2 still refuse
     one (a different RE2 build), the lookup raises and the server answers
     4xx, never a silent accept. After the first call the matcher holds the
-    compiled pattern's own search method: no indirection remains."""
+    compiled pattern's own contains method: no indirection remains."""
 
     __slots__ = ("pattern", "index", "matcher")
 
@@ -131,10 +131,10 @@ class _LazyRegex:
         self.index = index
         self.matcher = None
 
-    def search(self, text: bytes):
+    def contains(self, text: bytes) -> bool:
         compiled = compile_re2(self.pattern)
-        self.matcher.set_search(self.index, compiled.search)
-        return compiled.search(text)
+        self.matcher.set_contains(self.index, compiled.contains)
+        return compiled.contains(text)
 
 
 class _LazyGate:
@@ -150,14 +150,14 @@ class _LazyGate:
         self.pattern = pattern
         self.matcher = matcher
 
-    def search(self, text: bytes):
+    def contains(self, text: bytes) -> bool:
         try:
             compiled = compile_re2(self.pattern)
         except ValueError:
             self.matcher.set_gate(None)
             return True                   # no gate: every regex runs
-        self.matcher.set_gate(compiled.search)
-        return compiled.search(text)
+        self.matcher.set_gate(compiled.contains)
+        return compiled.contains(text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,7 +262,7 @@ class Bundle:
         gated = matcher.gated_regexes()
         if len(gated) >= 2:
             gate = _LazyGate("|".join(f"(?:{sources[i]})" for i in gated), matcher)
-            matcher.set_gate(gate.search)
+            matcher.set_gate(gate.contains)
         return matcher
 
     # -- rule table
