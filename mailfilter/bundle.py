@@ -228,7 +228,9 @@ class Bundle:
             raise BundleError(f"{source}: missing or unreadable metadata ({exc})") from None
         if len(rules) != 12 * n_rules:
             raise BundleError(f"{source}: rule table has {len(rules)} bytes for {n_rules} rules")
-        self._rules = rules.cast("I")
+        # 3 u32 words per rule id: file index << 16 | kind << 8 | flags, line,
+        # aux. Public so the policy can test a flag without a method call.
+        self.rule_words = rules.cast("I")
         self.files: list[str] = self.meta["files"]
         self.dialect: str = self.meta["dialect"]
         self.scalars: dict[str, str] = self.meta["scalars"]
@@ -269,16 +271,17 @@ class Bundle:
     def rule(self, rid: int) -> RuleRef:
         if not 0 <= rid < self.n_rules:
             raise IndexError(rid)
-        w0 = self._rules[3 * rid]
-        return RuleRef(rid, self.files[w0 >> 16], self._rules[3 * rid + 1],
-                       KINDS[(w0 >> 8) & 0xFF], w0 & 0xFF, self._rules[3 * rid + 2])
+        words = self.rule_words
+        w0 = words[3 * rid]
+        return RuleRef(rid, self.files[w0 >> 16], words[3 * rid + 1],
+                       KINDS[(w0 >> 8) & 0xFF], w0 & 0xFF, words[3 * rid + 2])
 
     def where(self, rid: int) -> str:
-        w0 = self._rules[3 * rid]
-        return f"{self.files[w0 >> 16]}:{self._rules[3 * rid + 1]}"
+        w0 = self.rule_words[3 * rid]
+        return f"{self.files[w0 >> 16]}:{self.rule_words[3 * rid + 1]}"
 
     def flags(self, rid: int) -> int:
-        return self._rules[3 * rid] & 0xFF
+        return self.rule_words[3 * rid] & 0xFF
 
     def section_sizes(self) -> dict[str, int]:
         return {name: len(mv) for name, mv in self._sections.items()}
