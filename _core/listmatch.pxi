@@ -17,7 +17,8 @@
 #     fires when its regex does NOT match, and an absent required literal
 #     proves "no match" without running the regex.
 #
-# Blob layout ("LMAT", version 1; little-endian, sections 8-byte aligned):
+# Blob layout ("LMAT", version 3; little-endian, sections 8-byte aligned;
+# 2 added the regex filter records, 3 the required-byte bitmap):
 #   0   char[4] tag "LMAT"      4   u32 version
 #   8   u32 n_wild              12  u32 n_regex
 #   16  u32 n_nolit             20  u32 n_neglit
@@ -26,6 +27,8 @@
 #   56  u64 ent_off                         entry[n_wild + n_regex], 16 bytes:
 #         i32 rule_id, u32 kind_index (bit 31 regex, bit 30 negated,
 #         bits 0-29 index into wild patterns / regexes), u32 pat_off, u32 pat_len
+#         (a regex entry's pat_off/pat_len locate its filter record, 0, 4, 36
+#         or 68 bytes, see _lm_may_match)
 #   64  u64 nolit_off                       u32[n_nolit]  entries without literal
 #   72  u64 neglit_off                      u32[n_neglit] negated regexes with literal
 #   80  u64 pool_off, 88 u64 pool_len       folded wildmat patterns
@@ -79,8 +82,9 @@ def listmatch_build(hash_keys, hash_ids, wild_patterns, wild_ids,
     stored. Wildmat and regex ids must be distinct non-negative int32.
     regex_filters (optional): per regex entry b"" or a filter record (u32
     minimum match length, then optionally a 32-byte bitmap of the bytes a
-    match can start with), checked on the raw text before the regex runs: a
-    failed check proves "no match" without calling RE2.
+    match can start with, then optionally a 32-byte bitmap of which every
+    match contains at least one byte), checked on the raw text before the
+    regex runs: a failed check proves "no match" without calling RE2.
     """
     cdef Py_ssize_t nw = len(wild_patterns), nr = len(regex_ids)
     if len(hash_keys) != len(hash_ids):
@@ -116,8 +120,8 @@ def listmatch_build(hash_keys, hash_ids, wild_patterns, wild_ids,
         if rid < 0 or rid > INT32_MAX:
             raise ValueError(f"listmatch_build: id {rid} is not a non-negative int32")
         filt = regex_filters[i]
-        if not isinstance(filt, bytes) or len(filt) not in (0, 4, 36):
-            raise ValueError("listmatch_build: a regex filter is b'' or 4 or 36 bytes")
+        if not isinstance(filt, bytes) or len(filt) not in (0, 4, 36, 68):
+            raise ValueError("listmatch_build: a regex filter is b'' or 4, 36 or 68 bytes")
         ents.append((rid, _LM_REGEX | (_LM_NEG if regex_negated[i] else 0) | <uint32_t>i,
                      filt or None, fold_bytes(lit)))
     ents.sort(key=lambda e: e[0])
@@ -166,7 +170,7 @@ def listmatch_build(hash_keys, hash_ids, wild_patterns, wild_ids,
     blob = _mf_new_blob(off)
     cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(blob)
     memcpy(p, b"LMAT", 4)
-    _mf_wr32(p + 4, 2)
+    _mf_wr32(p + 4, 3)
     _mf_wr32(p + 8, <uint32_t>nw)
     _mf_wr32(p + 12, <uint32_t>nr)
     _mf_wr32(p + 16, <uint32_t>len(nolit))
@@ -204,17 +208,28 @@ def listmatch_build(hash_keys, hash_ids, wild_patterns, wild_ids,
 cdef inline bint _lm_may_match(const unsigned char* rec, uint32_t rec_len,
                                const unsigned char* raw, Py_ssize_t n) noexcept nogil:
     """A regex entry's filter record against the raw text: False proves the
-    regex cannot match (too short, or a `^`-anchored pattern whose first
-    byte is impossible); True means "run the regex"."""
+    regex cannot match (too short, a `^`-anchored pattern whose first byte
+    is impossible, or none of the bytes every match contains occurs); True
+    means "run the regex". Record: u32 minimum length; 36 and 68 bytes add
+    the first-byte bitmap (all ones when unknown); 68 adds the
+    required-byte bitmap (regexes.regex_filter)."""
     cdef uint32_t min_len
+    cdef const unsigned char* req
+    cdef Py_ssize_t i
     if rec_len == 0:
         return True
     memcpy(&min_len, rec, 4)            # records sit unaligned in the pool
     if <uint64_t>n < min_len:
         return False
-    if rec_len == 36:
+    if rec_len >= 36:
         if n == 0 or not (rec[4 + (raw[0] >> 3)] >> (raw[0] & 7)) & 1:
             return False
+    if rec_len == 68:
+        req = rec + 36
+        for i in range(n):
+            if (req[raw[i] >> 3] >> (raw[i] & 7)) & 1:
+                return True
+        return False
     return True
 
 
@@ -244,7 +259,7 @@ cdef class ListMatcher:
         self._blob = _MfBlob(buf)
         cdef const unsigned char* p = self._blob.p
         cdef Py_ssize_t n = self._blob.n
-        _mf_check_header(p, n, b"LMAT", 2, _LM_HEADER, "ListMatcher")
+        _mf_check_header(p, n, b"LMAT", 3, _LM_HEADER, "ListMatcher")
         if _mf_rd64(p + 96) > <uint64_t>n:
             raise ValueError(f"ListMatcher: blob truncated: {n} bytes, "
                              f"header declares {_mf_rd64(p + 96)}")
@@ -278,7 +293,7 @@ cdef class ListMatcher:
             if e.kind_index & _LM_REGEX:
                 if idx >= self.n_regex:
                     raise ValueError(f"ListMatcher: entry {i}: regex index out of range")
-                if (e.pat_len not in (0, 4, 36)
+                if (e.pat_len not in (0, 4, 36, 68)
                         or <uint64_t>e.pat_off + e.pat_len > pool_len):
                     raise ValueError(f"ListMatcher: entry {i}: bad regex filter")
             else:

@@ -42,7 +42,7 @@ from mailfilter.core import core
 from mailfilter.regexes import compile_re2
 
 MAGIC = b"MFBUNDL\0"
-FORMAT_VERSION = 2   # 2: regex filter records in LMAT
+FORMAT_VERSION = 3   # 2: regex filter records in LMAT; 3: required-byte filters (LMAT 3)
 BYTEORDER = 0x01020304
 HEADER = struct.Struct("<8sIIIIQII32s7I28x")
 TOC_ENTRY = struct.Struct("<32sQQ")

@@ -265,6 +265,12 @@ class PolicyEngine:
                           Verdict("RCPT", False, reply(name), reason, self.where(rid)))
         return v
 
+    def client_profile(self, client: Client) -> ClientProfile:
+        """profile(client_rule(client)), with one method call less."""
+        rid = self.client_rule(client)
+        prof = self._profiles.get(rid)
+        return prof if prof is not None else self.profile(rid)
+
     def client_rule(self, client: Client) -> int:
         """tcp.smtp rule id for the client (tcpserver order: address prefix,
         then =host, =.suffix, =, then the empty key), -1 if none."""
@@ -302,7 +308,7 @@ class SessionPolicy:
     def __init__(self, engine: PolicyEngine, client: Client):
         self.engine = engine
         self.client = client
-        self.profile = engine.profile(engine.client_rule(client))
+        self.profile = engine.client_profile(client)
         # False while the transaction fields below hold their initial values
         # (set by every method that changes one): resetting is then a no-op.
         self._in_transaction = False
@@ -527,6 +533,7 @@ class SessionPolicy:
             return self._reject("client_denied", "client_denied", prof.rule_id)
         if prof.auth_required and self.authenticated is None:
             return self._reject("auth_required", "auth_required")
+        data = recipient.encode("latin-1", "replace")   # one byte per character
         if not relay:
             hv = self.helo_verdict
             if hv is not None:
@@ -538,7 +545,7 @@ class SessionPolicy:
                 verdict = self._dns_verdict()
                 if verdict is not None:
                     return verdict
-            if self._rcpthosts(recipient) == -2:
+            if self._rcpthosts(data) == -2:
                 return self._reject("rcpthosts", "rcpthosts")
             tarpit_count = prof.tarpit_count
             if tarpit_count:
@@ -555,7 +562,6 @@ class SessionPolicy:
         sv = self.sender_verdict
         if sv is not None and not self.sender_bypass:
             return self._reject(sv[0], "badmailfrom", sv[1], delay)
-        data = recipient.encode("latin-1", "replace")
         if eng.qregex:
             rid = self._listed(eng.badrcptto, data, MODE_ADDRESS)
         else:                                        # last match decides, `!` = exception (B §2.5)
@@ -594,17 +600,18 @@ class SessionPolicy:
             return self._reject("mf_dns_temp", "mf_dns_temp")
         return None
 
-    def _rcpthosts(self, recipient: str) -> int:
-        """Rule id allowing the domain, -1 when no check applies, -2 = refuse."""
+    def _rcpthosts(self, data: bytes) -> int:
+        """Rule id allowing the domain of the encoded recipient `data`, -1 when
+        no check applies, -2 = refuse."""
         eng = self.engine
         if not eng.rcpthosts_present:
             return -1 if eng.options.open_relay else -2
-        at = recipient.rfind("@")
+        at = data.rfind(b"@")    # the recipient's last "@" (latin-1: same position)
         if at < 0:
             return -1            # B §1.8 step 2: addresses without @ are local
         if eng.rcpthosts is None:
             return -2            # an existing but empty rcpthosts rejects everything
-        rid = eng.rcpthosts.last_match(recipient[at + 1:].encode("latin-1", "replace"), MODE_HOST)
+        rid = eng.rcpthosts.last_match(data[at + 1:], MODE_HOST)
         return rid if rid >= 0 else -2
 
     def _recipient_known(self, recipient: str) -> int:
