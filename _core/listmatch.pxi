@@ -52,6 +52,7 @@ cdef extern from *:
     #define MF_LM_INDEX 0x3FFFFFFFu
     #define MF_LM_STACK_TEXT 512
     #define MF_LM_STACK_IDS 128
+    #define MF_LM_MAX_KEYS 16
     """
     const uint32_t _LM_HEADER "MF_LM_HEADER"
     const uint32_t _LM_REGEX "MF_LM_REGEX"
@@ -59,6 +60,7 @@ cdef extern from *:
     const uint32_t _LM_INDEX "MF_LM_INDEX"
     enum: _LM_STACK_TEXT "MF_LM_STACK_TEXT"
     enum: _LM_STACK_IDS "MF_LM_STACK_IDS"
+    enum: _LM_MAX_KEYS "MF_LM_MAX_KEYS"
 
 MODE_EXACT = 0
 MODE_ADDRESS = 1
@@ -317,6 +319,54 @@ cdef class ListMatcher:
         self._contains = [r.contains for r in regexes]
         self._gate = None
 
+    cdef int _hash_plan(self, const unsigned char* t, Py_ssize_t n, int mode,
+                        Py_ssize_t* starts, uint64_t* hashes) noexcept:
+        """The keys `mode` derives from the folded t, as _hash_best probes
+        them: each is a suffix t[starts[k]:] (the text, `@domain`,
+        `.suffix`...), hashes[k] its hash; their first slots start loading
+        now (_ht_prefetch), so the probes after the automaton scan rarely
+        wait for memory. Returns the count, or -1 if there are more than
+        _LM_MAX_KEYS (then _hash_best probes them one by one)."""
+        cdef int k = 0
+        cdef Py_ssize_t i, at = -1
+        starts[k] = 0
+        k += 1
+        if mode == 1:                       # MODE_ADDRESS
+            i = n - 1
+            while i >= 0:
+                if t[i] == b'@':
+                    at = i
+                    break
+                i -= 1
+            if at >= 0:                     # no @: the address only
+                starts[k] = at
+                k += 1
+                for i in range(at + 1, n):
+                    if t[i] == b'.':
+                        if k == _LM_MAX_KEYS:
+                            return -1
+                        starts[k] = i
+                        k += 1
+        elif mode == 2:                     # MODE_HOST
+            for i in range(n):
+                if t[i] == b'.':
+                    if k == _LM_MAX_KEYS:
+                        return -1
+                    starts[k] = i
+                    k += 1
+        for i in range(k):
+            hashes[i] = _ht_prefetch(&self.ht, t + starts[i], n - starts[i])
+        return k
+
+    cdef int32_t _hash_planned(self, const unsigned char* t, Py_ssize_t n,
+                               const Py_ssize_t* starts, const uint64_t* hashes, int k) noexcept:
+        """Largest hash-table id among the k planned keys (_hash_plan)."""
+        cdef int32_t best = -1
+        cdef int i
+        for i in range(k):
+            best = _lm_max(best, _ht_lookup_hashed(&self.ht, t + starts[i], n - starts[i], hashes[i]))
+        return best
+
     cdef int32_t _hash_best(self, const unsigned char* t, Py_ssize_t n, int mode) noexcept:
         """Largest hash-table id among the keys `mode` derives from t (folded)."""
         cdef int32_t best = _ht_lookup(&self.ht, t, n)
@@ -392,6 +442,9 @@ cdef class ListMatcher:
         cdef int gate = -1
         cdef bint from_nolit
         cdef const unsigned char* raw = <const unsigned char*>PyBytes_AS_STRING(text)
+        cdef Py_ssize_t key_starts[_LM_MAX_KEYS]
+        cdef uint64_t key_hashes[_LM_MAX_KEYS]
+        cdef int nkeys
         if n > _LM_STACK_TEXT:
             t = <unsigned char*>malloc(n)
             if t == NULL:
@@ -399,11 +452,17 @@ cdef class ListMatcher:
         _idbuf_init(&hits, stack_ids, _LM_STACK_IDS)
         try:
             fold_into(t, <const unsigned char*>PyBytes_AS_STRING(text), n)
-            best = self._hash_best(t, n, mode)
+            # hash slots load while the automaton scans (same answer as
+            # _hash_best first, fewer stalls on a large table)
+            nkeys = self._hash_plan(t, n, mode, key_starts, key_hashes)
+            if self.n_pat != 0 and _aho_scan_into(&self.aho, t, n, &hits) < 0:
+                raise MemoryError()
+            if nkeys >= 0:
+                best = self._hash_planned(t, n, key_starts, key_hashes, nkeys)
+            else:
+                best = self._hash_best(t, n, mode)
             if self.n_pat == 0:
                 return best
-            if _aho_scan_into(&self.aho, t, n, &hits) < 0:
-                raise MemoryError()
             hits.n = _sort_unique_i32(hits.data, hits.n)
             hi = hits.n - 1
             ni = <Py_ssize_t>self.n_nolit - 1
