@@ -239,6 +239,57 @@ cdef inline int32_t _lm_max(int32_t a, int32_t b) noexcept nogil:
     return a if a > b else b
 
 
+cdef inline int _lm_hash_plan(const _HtView* ht, const unsigned char* t, Py_ssize_t n,
+                              int mode, Py_ssize_t* starts, uint64_t* hashes) noexcept nogil:
+    """The keys `mode` derives from the folded t, as ListMatcher._hash_best
+    probes them: each is a suffix t[starts[k]:] (the text, `@domain`,
+    `.suffix`...), hashes[k] its hash; their first slots start loading now
+    (_ht_prefetch), so the probes after the automaton scan rarely wait for
+    memory. Returns the count, or -1 if there are more than _LM_MAX_KEYS
+    (then ListMatcher._hash_best probes them one by one)."""
+    cdef int k = 0
+    cdef Py_ssize_t i, at = -1
+    starts[k] = 0
+    k += 1
+    if mode == 1:                       # MODE_ADDRESS
+        i = n - 1
+        while i >= 0:
+            if t[i] == b'@':
+                at = i
+                break
+            i -= 1
+        if at >= 0:                     # no @: the address only
+            starts[k] = at
+            k += 1
+            for i in range(at + 1, n):
+                if t[i] == b'.':
+                    if k == _LM_MAX_KEYS:
+                        return -1
+                    starts[k] = i
+                    k += 1
+    elif mode == 2:                     # MODE_HOST
+        for i in range(n):
+            if t[i] == b'.':
+                if k == _LM_MAX_KEYS:
+                    return -1
+                starts[k] = i
+                k += 1
+    for i in range(k):
+        hashes[i] = _ht_prefetch(ht, t + starts[i], n - starts[i])
+    return k
+
+
+cdef inline int32_t _lm_hash_planned(const _HtView* ht, const unsigned char* t, Py_ssize_t n,
+                                     const Py_ssize_t* starts, const uint64_t* hashes,
+                                     int k) noexcept nogil:
+    """Largest hash-table id among the k planned keys (_lm_hash_plan)."""
+    cdef int32_t best = -1
+    cdef int i
+    for i in range(k):
+        best = _lm_max(best, _ht_lookup_hashed(ht, t + starts[i], n - starts[i], hashes[i]))
+    return best
+
+
 cdef class ListMatcher:
     """Matcher for one control file over an LMAT blob plus its compiled regexes.
 
@@ -318,54 +369,6 @@ cdef class ListMatcher:
                              f"{len(regexes)} regexes given")
         self._contains = [r.contains for r in regexes]
         self._gate = None
-
-    cdef int _hash_plan(self, const unsigned char* t, Py_ssize_t n, int mode,
-                        Py_ssize_t* starts, uint64_t* hashes) noexcept:
-        """The keys `mode` derives from the folded t, as _hash_best probes
-        them: each is a suffix t[starts[k]:] (the text, `@domain`,
-        `.suffix`...), hashes[k] its hash; their first slots start loading
-        now (_ht_prefetch), so the probes after the automaton scan rarely
-        wait for memory. Returns the count, or -1 if there are more than
-        _LM_MAX_KEYS (then _hash_best probes them one by one)."""
-        cdef int k = 0
-        cdef Py_ssize_t i, at = -1
-        starts[k] = 0
-        k += 1
-        if mode == 1:                       # MODE_ADDRESS
-            i = n - 1
-            while i >= 0:
-                if t[i] == b'@':
-                    at = i
-                    break
-                i -= 1
-            if at >= 0:                     # no @: the address only
-                starts[k] = at
-                k += 1
-                for i in range(at + 1, n):
-                    if t[i] == b'.':
-                        if k == _LM_MAX_KEYS:
-                            return -1
-                        starts[k] = i
-                        k += 1
-        elif mode == 2:                     # MODE_HOST
-            for i in range(n):
-                if t[i] == b'.':
-                    if k == _LM_MAX_KEYS:
-                        return -1
-                    starts[k] = i
-                    k += 1
-        for i in range(k):
-            hashes[i] = _ht_prefetch(&self.ht, t + starts[i], n - starts[i])
-        return k
-
-    cdef int32_t _hash_planned(self, const unsigned char* t, Py_ssize_t n,
-                               const Py_ssize_t* starts, const uint64_t* hashes, int k) noexcept:
-        """Largest hash-table id among the k planned keys (_hash_plan)."""
-        cdef int32_t best = -1
-        cdef int i
-        for i in range(k):
-            best = _lm_max(best, _ht_lookup_hashed(&self.ht, t + starts[i], n - starts[i], hashes[i]))
-        return best
 
     cdef int32_t _hash_best(self, const unsigned char* t, Py_ssize_t n, int mode) noexcept:
         """Largest hash-table id among the keys `mode` derives from t (folded)."""
@@ -454,11 +457,11 @@ cdef class ListMatcher:
             fold_into(t, <const unsigned char*>PyBytes_AS_STRING(text), n)
             # hash slots load while the automaton scans (same answer as
             # _hash_best first, fewer stalls on a large table)
-            nkeys = self._hash_plan(t, n, mode, key_starts, key_hashes)
+            nkeys = _lm_hash_plan(&self.ht, t, n, mode, key_starts, key_hashes)
             if self.n_pat != 0 and _aho_scan_into(&self.aho, t, n, &hits) < 0:
                 raise MemoryError()
             if nkeys >= 0:
-                best = self._hash_planned(t, n, key_starts, key_hashes, nkeys)
+                best = _lm_hash_planned(&self.ht, t, n, key_starts, key_hashes, nkeys)
             else:
                 best = self._hash_best(t, n, mode)
             if self.n_pat == 0:
