@@ -75,8 +75,17 @@ ctypedef struct CidrNode6:
     int32_t value
     uint32_t plen
 
+cdef extern from "arpa/inet.h" nogil:
+    int _cidr_inet_pton "inet_pton"(int af, const char* src, void* dst)
+    enum:
+        _CIDR_AF_INET "AF_INET"
+        _CIDR_AF_INET6 "AF_INET6"
+
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+
 cdef enum:
     _CIDR_HEADER = 24
+    _CIDR_TEXT_MAX = 63     # > 45, the longest IPv6 literal with embedded IPv4
 cdef uint32_t _CIDR_VERSION = 1
 
 if sizeof(CidrNode4) != 20 or sizeof(CidrNode6) != 32:  # pragma: no cover
@@ -483,6 +492,44 @@ cdef class CidrTrie:
         if n != 4 and n != 16:
             raise ValueError("packed address must be 4 or 16 bytes, got %d" % n)
         return self.lookup_packed(<const unsigned char*>PyBytes_AS_STRING(packed), n)
+
+    def lookup_text(self, str ip not None):
+        """Rule id of the longest prefix containing the address literal `ip`
+        (dotted IPv4, or IPv6 with an optional `%zone`, which is ignored),
+        -1 if none matches or `ip` is not an address literal. Same answer as
+        policy.pack_ip + lookup, parsed by the libc inet_pton that Python's
+        socket.inet_pton calls, in one C call (the address of every
+        connection goes through here). ValueError on an embedded NUL, as
+        socket.inet_pton."""
+        cdef Py_ssize_t n, i, end
+        cdef const char* s = PyUnicode_AsUTF8AndSize(ip, &n)
+        cdef char text[_CIDR_TEXT_MAX + 1]
+        cdef unsigned char packed[16]
+        cdef bint v6 = False
+        end = n
+        for i in range(n):
+            if s[i] == b':':
+                v6 = True
+                break
+        if v6:
+            for i in range(n):
+                if s[i] == b'%':          # zone index: not part of the address
+                    end = i
+                    break
+        for i in range(end):
+            if s[i] == 0:
+                raise ValueError("embedded null character")
+        if end > _CIDR_TEXT_MAX:          # longer than any address literal
+            return -1
+        memcpy(text, s, end)
+        text[end] = 0
+        if v6:
+            if _cidr_inet_pton(_CIDR_AF_INET6, text, packed) != 1:
+                return -1
+            return self.lookup_packed(packed, 16)
+        if _cidr_inet_pton(_CIDR_AF_INET, text, packed) != 1:
+            return -1
+        return self.lookup_packed(packed, 4)
 
     def __len__(self):
         return self._count

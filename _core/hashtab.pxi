@@ -80,10 +80,30 @@ cdef int _ht_view_init(_HtView* v, const unsigned char* p, Py_ssize_t n) except 
     return 0
 
 
-cdef inline int32_t _ht_lookup(const _HtView* v, const unsigned char* key,
-                               Py_ssize_t n) noexcept nogil:
-    """Value of the folded key[0:n], -1 if absent. Allocation-free."""
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define MF_PREFETCH(p) __builtin_prefetch((const void*)(p), 0, 1)
+    #else
+    #define MF_PREFETCH(p) ((void)(p))
+    #endif
+    """
+    void _mf_prefetch "MF_PREFETCH"(const void* p) noexcept nogil
+
+
+cdef inline uint64_t _ht_prefetch(const _HtView* v, const unsigned char* key,
+                                  Py_ssize_t n) noexcept nogil:
+    """Hash of the folded key[0:n], for _ht_lookup_hashed; also starts
+    loading the key's first slot, so that several lookups (or other work)
+    overlap their cache misses instead of waiting for each in turn."""
     cdef uint64_t h = hash_bytes(key, n)
+    _mf_prefetch(&v.slots[<uint32_t>h & v.mask])
+    return h
+
+
+cdef inline int32_t _ht_lookup_hashed(const _HtView* v, const unsigned char* key,
+                                      Py_ssize_t n, uint64_t h) noexcept nogil:
+    """_ht_lookup with h = hash_bytes(key, n) already computed."""
     cdef uint32_t hhi = <uint32_t>(h >> 32)
     cdef uint32_t i = <uint32_t>h & v.mask
     cdef uint32_t probes
@@ -96,6 +116,12 @@ cdef inline int32_t _ht_lookup(const _HtView* v, const unsigned char* key,
             return s.value
         i = (i + 1) & v.mask
     return -1
+
+
+cdef inline int32_t _ht_lookup(const _HtView* v, const unsigned char* key,
+                               Py_ssize_t n) noexcept nogil:
+    """Value of the folded key[0:n], -1 if absent. Allocation-free."""
+    return _ht_lookup_hashed(v, key, n, hash_bytes(key, n))
 
 
 def hashtab_build(keys, values):

@@ -17,7 +17,8 @@
 #     fires when its regex does NOT match, and an absent required literal
 #     proves "no match" without running the regex.
 #
-# Blob layout ("LMAT", version 1; little-endian, sections 8-byte aligned):
+# Blob layout ("LMAT", version 3; little-endian, sections 8-byte aligned;
+# 2 added the regex filter records, 3 the required-byte bitmap):
 #   0   char[4] tag "LMAT"      4   u32 version
 #   8   u32 n_wild              12  u32 n_regex
 #   16  u32 n_nolit             20  u32 n_neglit
@@ -26,6 +27,8 @@
 #   56  u64 ent_off                         entry[n_wild + n_regex], 16 bytes:
 #         i32 rule_id, u32 kind_index (bit 31 regex, bit 30 negated,
 #         bits 0-29 index into wild patterns / regexes), u32 pat_off, u32 pat_len
+#         (a regex entry's pat_off/pat_len locate its filter record, 0, 4, 36
+#         or 68 bytes, see _lm_may_match)
 #   64  u64 nolit_off                       u32[n_nolit]  entries without literal
 #   72  u64 neglit_off                      u32[n_neglit] negated regexes with literal
 #   80  u64 pool_off, 88 u64 pool_len       folded wildmat patterns
@@ -49,6 +52,7 @@ cdef extern from *:
     #define MF_LM_INDEX 0x3FFFFFFFu
     #define MF_LM_STACK_TEXT 512
     #define MF_LM_STACK_IDS 128
+    #define MF_LM_MAX_KEYS 16
     """
     const uint32_t _LM_HEADER "MF_LM_HEADER"
     const uint32_t _LM_REGEX "MF_LM_REGEX"
@@ -56,6 +60,7 @@ cdef extern from *:
     const uint32_t _LM_INDEX "MF_LM_INDEX"
     enum: _LM_STACK_TEXT "MF_LM_STACK_TEXT"
     enum: _LM_STACK_IDS "MF_LM_STACK_IDS"
+    enum: _LM_MAX_KEYS "MF_LM_MAX_KEYS"
 
 MODE_EXACT = 0
 MODE_ADDRESS = 1
@@ -79,8 +84,9 @@ def listmatch_build(hash_keys, hash_ids, wild_patterns, wild_ids,
     stored. Wildmat and regex ids must be distinct non-negative int32.
     regex_filters (optional): per regex entry b"" or a filter record (u32
     minimum match length, then optionally a 32-byte bitmap of the bytes a
-    match can start with), checked on the raw text before the regex runs: a
-    failed check proves "no match" without calling RE2.
+    match can start with, then optionally a 32-byte bitmap of which every
+    match contains at least one byte), checked on the raw text before the
+    regex runs: a failed check proves "no match" without calling RE2.
     """
     cdef Py_ssize_t nw = len(wild_patterns), nr = len(regex_ids)
     if len(hash_keys) != len(hash_ids):
@@ -116,8 +122,8 @@ def listmatch_build(hash_keys, hash_ids, wild_patterns, wild_ids,
         if rid < 0 or rid > INT32_MAX:
             raise ValueError(f"listmatch_build: id {rid} is not a non-negative int32")
         filt = regex_filters[i]
-        if not isinstance(filt, bytes) or len(filt) not in (0, 4, 36):
-            raise ValueError("listmatch_build: a regex filter is b'' or 4 or 36 bytes")
+        if not isinstance(filt, bytes) or len(filt) not in (0, 4, 36, 68):
+            raise ValueError("listmatch_build: a regex filter is b'' or 4, 36 or 68 bytes")
         ents.append((rid, _LM_REGEX | (_LM_NEG if regex_negated[i] else 0) | <uint32_t>i,
                      filt or None, fold_bytes(lit)))
     ents.sort(key=lambda e: e[0])
@@ -166,7 +172,7 @@ def listmatch_build(hash_keys, hash_ids, wild_patterns, wild_ids,
     blob = _mf_new_blob(off)
     cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(blob)
     memcpy(p, b"LMAT", 4)
-    _mf_wr32(p + 4, 2)
+    _mf_wr32(p + 4, 3)
     _mf_wr32(p + 8, <uint32_t>nw)
     _mf_wr32(p + 12, <uint32_t>nr)
     _mf_wr32(p + 16, <uint32_t>len(nolit))
@@ -204,17 +210,28 @@ def listmatch_build(hash_keys, hash_ids, wild_patterns, wild_ids,
 cdef inline bint _lm_may_match(const unsigned char* rec, uint32_t rec_len,
                                const unsigned char* raw, Py_ssize_t n) noexcept nogil:
     """A regex entry's filter record against the raw text: False proves the
-    regex cannot match (too short, or a `^`-anchored pattern whose first
-    byte is impossible); True means "run the regex"."""
+    regex cannot match (too short, a `^`-anchored pattern whose first byte
+    is impossible, or none of the bytes every match contains occurs); True
+    means "run the regex". Record: u32 minimum length; 36 and 68 bytes add
+    the first-byte bitmap (all ones when unknown); 68 adds the
+    required-byte bitmap (regexes.regex_filter)."""
     cdef uint32_t min_len
+    cdef const unsigned char* req
+    cdef Py_ssize_t i
     if rec_len == 0:
         return True
     memcpy(&min_len, rec, 4)            # records sit unaligned in the pool
     if <uint64_t>n < min_len:
         return False
-    if rec_len == 36:
+    if rec_len >= 36:
         if n == 0 or not (rec[4 + (raw[0] >> 3)] >> (raw[0] & 7)) & 1:
             return False
+    if rec_len == 68:
+        req = rec + 36
+        for i in range(n):
+            if (req[raw[i] >> 3] >> (raw[i] & 7)) & 1:
+                return True
+        return False
     return True
 
 
@@ -222,11 +239,63 @@ cdef inline int32_t _lm_max(int32_t a, int32_t b) noexcept nogil:
     return a if a > b else b
 
 
+cdef inline int _lm_hash_plan(const _HtView* ht, const unsigned char* t, Py_ssize_t n,
+                              int mode, Py_ssize_t* starts, uint64_t* hashes) noexcept nogil:
+    """The keys `mode` derives from the folded t, as ListMatcher._hash_best
+    probes them: each is a suffix t[starts[k]:] (the text, `@domain`,
+    `.suffix`...), hashes[k] its hash; their first slots start loading now
+    (_ht_prefetch), so the probes after the automaton scan rarely wait for
+    memory. Returns the count, or -1 if there are more than _LM_MAX_KEYS
+    (then ListMatcher._hash_best probes them one by one)."""
+    cdef int k = 0
+    cdef Py_ssize_t i, at = -1
+    starts[k] = 0
+    k += 1
+    if mode == 1:                       # MODE_ADDRESS
+        i = n - 1
+        while i >= 0:
+            if t[i] == b'@':
+                at = i
+                break
+            i -= 1
+        if at >= 0:                     # no @: the address only
+            starts[k] = at
+            k += 1
+            for i in range(at + 1, n):
+                if t[i] == b'.':
+                    if k == _LM_MAX_KEYS:
+                        return -1
+                    starts[k] = i
+                    k += 1
+    elif mode == 2:                     # MODE_HOST
+        for i in range(n):
+            if t[i] == b'.':
+                if k == _LM_MAX_KEYS:
+                    return -1
+                starts[k] = i
+                k += 1
+    for i in range(k):
+        hashes[i] = _ht_prefetch(ht, t + starts[i], n - starts[i])
+    return k
+
+
+cdef inline int32_t _lm_hash_planned(const _HtView* ht, const unsigned char* t, Py_ssize_t n,
+                                     const Py_ssize_t* starts, const uint64_t* hashes,
+                                     int k) noexcept nogil:
+    """Largest hash-table id among the k planned keys (_lm_hash_plan)."""
+    cdef int32_t best = -1
+    cdef int i
+    for i in range(k):
+        best = _lm_max(best, _ht_lookup_hashed(ht, t + starts[i], n - starts[i], hashes[i]))
+    return best
+
+
 cdef class ListMatcher:
     """Matcher for one control file over an LMAT blob plus its compiled regexes.
 
-    `regexes[i]` is the compiled RE2 pattern (anything with .search(bytes))
-    of regex entry i, in builder order.
+    `regexes[i]` is the compiled RE2 pattern of regex entry i, in builder
+    order; only its `.contains(bytes) -> bool` is used (a lookup needs "does
+    it match", never the match itself: no Match object is built).
     """
     cdef _MfBlob _blob
     cdef _HtView ht
@@ -236,14 +305,14 @@ cdef class ListMatcher:
     cdef const uint32_t* neglit
     cdef const unsigned char* pool
     cdef uint32_t n_wild, n_regex, n_pat, n_nolit, n_neglit
-    cdef list _search
-    cdef object _gate          # search of one RE2 alternation of the gated regexes, or None
+    cdef list _contains        # per regex entry: contains(text) -> bool
+    cdef object _gate          # contains of one RE2 alternation of the gated regexes, or None
 
     def __cinit__(self, buf, regexes):
         self._blob = _MfBlob(buf)
         cdef const unsigned char* p = self._blob.p
         cdef Py_ssize_t n = self._blob.n
-        _mf_check_header(p, n, b"LMAT", 2, _LM_HEADER, "ListMatcher")
+        _mf_check_header(p, n, b"LMAT", 3, _LM_HEADER, "ListMatcher")
         if _mf_rd64(p + 96) > <uint64_t>n:
             raise ValueError(f"ListMatcher: blob truncated: {n} bytes, "
                              f"header declares {_mf_rd64(p + 96)}")
@@ -277,7 +346,7 @@ cdef class ListMatcher:
             if e.kind_index & _LM_REGEX:
                 if idx >= self.n_regex:
                     raise ValueError(f"ListMatcher: entry {i}: regex index out of range")
-                if (e.pat_len not in (0, 4, 36)
+                if (e.pat_len not in (0, 4, 36, 68)
                         or <uint64_t>e.pat_off + e.pat_len > pool_len):
                     raise ValueError(f"ListMatcher: entry {i}: bad regex filter")
             else:
@@ -298,7 +367,7 @@ cdef class ListMatcher:
         if len(regexes) != self.n_regex:
             raise ValueError(f"ListMatcher: blob has {self.n_regex} regex entries, "
                              f"{len(regexes)} regexes given")
-        self._search = [r.search for r in regexes]
+        self._contains = [r.contains for r in regexes]
         self._gate = None
 
     cdef int32_t _hash_best(self, const unsigned char* t, Py_ssize_t n, int mode) noexcept:
@@ -324,13 +393,14 @@ cdef class ListMatcher:
                     best = _lm_max(best, _ht_lookup(&self.ht, t + i, n - i))
         return best
 
-    def set_search(self, Py_ssize_t i, search):
-        """Replace regex entry i's search callable (lazy compilation: the
-        bundle hands in a stub that compiles on first use, then swaps itself
-        out through this method so later calls go straight to RE2)."""
+    def set_contains(self, Py_ssize_t i, contains):
+        """Replace regex entry i's contains callable (text -> bool; lazy
+        compilation: the bundle hands in a stub that compiles on first use,
+        then swaps itself out through this method so later calls go straight
+        to RE2)."""
         if not 0 <= i < self.n_regex:
             raise IndexError(i)
-        self._search[i] = search
+        self._contains[i] = contains
 
     def gated_regexes(self):
         """Indexes of the non-negated regex entries without a literal: the
@@ -346,14 +416,15 @@ cdef class ListMatcher:
         return out
 
     def set_gate(self, gate):
-        """gate(text) is None must imply that none of gated_regexes() matches
-        text; then a lookup runs one RE2 search instead of one per regex."""
+        """gate(text) -> bool; False must imply that none of gated_regexes()
+        matches text; then a lookup runs one RE2 call instead of one per
+        regex. None: no gate (every gated regex runs)."""
         self._gate = gate
 
     cdef inline bint _gate_open(self, bytes text, int* state) except -1:
         """Lazily evaluated once per lookup: state -1 unknown, 0 closed, 1 open."""
         if state[0] < 0:
-            state[0] = 1 if self._gate is None or self._gate(text) is not None else 0
+            state[0] = 1 if self._gate is None or self._gate(text) else 0
         return state[0] == 1
 
     def last_match(self, bytes text not None, int mode):
@@ -374,6 +445,9 @@ cdef class ListMatcher:
         cdef int gate = -1
         cdef bint from_nolit
         cdef const unsigned char* raw = <const unsigned char*>PyBytes_AS_STRING(text)
+        cdef Py_ssize_t key_starts[_LM_MAX_KEYS]
+        cdef uint64_t key_hashes[_LM_MAX_KEYS]
+        cdef int nkeys
         if n > _LM_STACK_TEXT:
             t = <unsigned char*>malloc(n)
             if t == NULL:
@@ -381,11 +455,17 @@ cdef class ListMatcher:
         _idbuf_init(&hits, stack_ids, _LM_STACK_IDS)
         try:
             fold_into(t, <const unsigned char*>PyBytes_AS_STRING(text), n)
-            best = self._hash_best(t, n, mode)
+            # hash slots load while the automaton scans (same answer as
+            # _hash_best first, fewer stalls on a large table)
+            nkeys = _lm_hash_plan(&self.ht, t, n, mode, key_starts, key_hashes)
+            if self.n_pat != 0 and _aho_scan_into(&self.aho, t, n, &hits) < 0:
+                raise MemoryError()
+            if nkeys >= 0:
+                best = _lm_hash_planned(&self.ht, t, n, key_starts, key_hashes, nkeys)
+            else:
+                best = self._hash_best(t, n, mode)
             if self.n_pat == 0:
                 return best
-            if _aho_scan_into(&self.aho, t, n, &hits) < 0:
-                raise MemoryError()
             hits.n = _sort_unique_i32(hits.data, hits.n)
             hi = hits.n - 1
             ni = <Py_ssize_t>self.n_nolit - 1
@@ -409,7 +489,7 @@ cdef class ListMatcher:
                         continue            # cannot match: no RE2 call
                     if from_nolit and not self._gate_open(text, &gate):
                         continue
-                    if self._search[en.kind_index & _LM_INDEX](text) is not None:
+                    if self._contains[en.kind_index & _LM_INDEX](text):
                         return en.rule_id
                 elif wm_match(self.pool + en.pat_off, en.pat_len, t, n):
                     return en.rule_id
@@ -479,7 +559,7 @@ cdef class ListMatcher:
                 elif from_nolit and not (en.kind_index & _LM_NEG) and not self._gate_open(text, &gate):
                     continue            # the gate proves this regex does not match
                 else:
-                    matched = self._search[en.kind_index & _LM_INDEX](text) is not None
+                    matched = bool(self._contains[en.kind_index & _LM_INDEX](text))
                 if matched != ((en.kind_index & _LM_NEG) != 0):
                     return en.rule_id
             if bound >= 0:

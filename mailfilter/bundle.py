@@ -42,7 +42,7 @@ from mailfilter.core import core
 from mailfilter.regexes import compile_re2
 
 MAGIC = b"MFBUNDL\0"
-FORMAT_VERSION = 2   # 2: regex filter records in LMAT
+FORMAT_VERSION = 3   # 2: regex filter records in LMAT; 3: required-byte filters (LMAT 3)
 BYTEORDER = 0x01020304
 HEADER = struct.Struct("<8sIIIIQII32s7I28x")
 TOC_ENTRY = struct.Struct("<32sQQ")
@@ -122,7 +122,7 @@ class _LazyRegex:
     pattern compiles and the checksum guards the text; should RE2 still refuse
     one (a different RE2 build), the lookup raises and the server answers
     4xx, never a silent accept. After the first call the matcher holds the
-    compiled pattern's own search method: no indirection remains."""
+    compiled pattern's own contains method: no indirection remains."""
 
     __slots__ = ("pattern", "index", "matcher")
 
@@ -131,10 +131,10 @@ class _LazyRegex:
         self.index = index
         self.matcher = None
 
-    def search(self, text: bytes):
+    def contains(self, text: bytes) -> bool:
         compiled = compile_re2(self.pattern)
-        self.matcher.set_search(self.index, compiled.search)
-        return compiled.search(text)
+        self.matcher.set_contains(self.index, compiled.contains)
+        return compiled.contains(text)
 
 
 class _LazyGate:
@@ -150,14 +150,14 @@ class _LazyGate:
         self.pattern = pattern
         self.matcher = matcher
 
-    def search(self, text: bytes):
+    def contains(self, text: bytes) -> bool:
         try:
             compiled = compile_re2(self.pattern)
         except ValueError:
             self.matcher.set_gate(None)
             return True                   # no gate: every regex runs
-        self.matcher.set_gate(compiled.search)
-        return compiled.search(text)
+        self.matcher.set_gate(compiled.contains)
+        return compiled.contains(text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +228,9 @@ class Bundle:
             raise BundleError(f"{source}: missing or unreadable metadata ({exc})") from None
         if len(rules) != 12 * n_rules:
             raise BundleError(f"{source}: rule table has {len(rules)} bytes for {n_rules} rules")
-        self._rules = rules.cast("I")
+        # 3 u32 words per rule id: file index << 16 | kind << 8 | flags, line,
+        # aux. Public so the policy can test a flag without a method call.
+        self.rule_words = rules.cast("I")
         self.files: list[str] = self.meta["files"]
         self.dialect: str = self.meta["dialect"]
         self.scalars: dict[str, str] = self.meta["scalars"]
@@ -262,23 +264,24 @@ class Bundle:
         gated = matcher.gated_regexes()
         if len(gated) >= 2:
             gate = _LazyGate("|".join(f"(?:{sources[i]})" for i in gated), matcher)
-            matcher.set_gate(gate.search)
+            matcher.set_gate(gate.contains)
         return matcher
 
     # -- rule table
     def rule(self, rid: int) -> RuleRef:
         if not 0 <= rid < self.n_rules:
             raise IndexError(rid)
-        w0 = self._rules[3 * rid]
-        return RuleRef(rid, self.files[w0 >> 16], self._rules[3 * rid + 1],
-                       KINDS[(w0 >> 8) & 0xFF], w0 & 0xFF, self._rules[3 * rid + 2])
+        words = self.rule_words
+        w0 = words[3 * rid]
+        return RuleRef(rid, self.files[w0 >> 16], words[3 * rid + 1],
+                       KINDS[(w0 >> 8) & 0xFF], w0 & 0xFF, words[3 * rid + 2])
 
     def where(self, rid: int) -> str:
-        w0 = self._rules[3 * rid]
-        return f"{self.files[w0 >> 16]}:{self._rules[3 * rid + 1]}"
+        w0 = self.rule_words[3 * rid]
+        return f"{self.files[w0 >> 16]}:{self.rule_words[3 * rid + 1]}"
 
     def flags(self, rid: int) -> int:
-        return self._rules[3 * rid] & 0xFF
+        return self.rule_words[3 * rid] & 0xFF
 
     def section_sizes(self) -> dict[str, int]:
         return {name: len(mv) for name, mv in self._sections.items()}

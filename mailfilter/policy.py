@@ -92,15 +92,19 @@ def _int_setting(value: str | None, default: int = 0) -> int:
 
 
 def pack_ip(ip: str) -> bytes | None:
-    """4 or 16 bytes for an address literal, None if it is not one."""
+    """4 or 16 bytes for an address literal (an IPv6 zone `%...` is ignored),
+    None if it is not one. Only IPv6 text contains ':' and dotted IPv4 never
+    does, so one inet_pton call decides. CidrTrie.lookup_text does the same
+    in C; this is its reference (tests)."""
     try:
-        return socket.inet_pton(socket.AF_INET, ip)
-    except OSError:
-        pass
-    try:
-        return socket.inet_pton(socket.AF_INET6, ip.split("%", 1)[0])
+        if ":" in ip:
+            return _inet_pton(_AF_INET6, ip.split("%", 1)[0])
+        return _inet_pton(_AF_INET, ip)
     except OSError:
         return None
+
+
+_inet_pton, _AF_INET, _AF_INET6 = socket.inet_pton, socket.AF_INET, socket.AF_INET6
 
 
 class ClientProfile:
@@ -161,8 +165,26 @@ _V_NOTORIOUS = Verdict("DATA", False, reply("notorious_data"), "notorious", clos
 _V_AUTH_REQUIRED_MAIL = Verdict("MAIL", False, reply("auth_required"), "auth_required")
 
 
+# Shared verdicts are cached per rule id; a cache that reaches this many
+# entries (distinct rules that rejected something) starts over.
+_SHARED_VERDICTS_MAX = 1 << 16
+
+
+def _remember(cache: dict, key, verdict: Verdict) -> Verdict:
+    if len(cache) >= _SHARED_VERDICTS_MAX:
+        cache.clear()
+    cache[key] = verdict
+    return verdict
+
+
+def _no_match(data: bytes, mode: int) -> int:
+    """last_match of a list that is not there."""
+    return -1
+
+
 class PolicyEngine:
-    """Immutable view of one bundle plus global options."""
+    """Immutable view of one bundle plus global options (the verdict caches
+    only ever hold read-only Verdicts that equal freshly built ones)."""
 
     def __init__(self, bundle: Bundle, options: PolicyOptions | None = None):
         self.bundle = bundle
@@ -199,6 +221,15 @@ class PolicyEngine:
         self.greeting_reply = reply("greeting", greeting=greeting)
         self.v_helo = Verdict("HELO", True, reply("helo", greeting=greeting), "ok")
         self._profiles: dict[int, ClientProfile] = {}
+        self.rule_words = b.rule_words
+        # spamcontrol last_match of the lists every envelope consults, bound
+        # once (an absent list matches nothing)
+        self.badhelo_last = self.badhelo.last_match if self.badhelo is not None else _no_match
+        self.badmailfrom_last = (self.badmailfrom.last_match if self.badmailfrom is not None
+                                 else _no_match)
+        self.badrcptto_last = self.badrcptto.last_match if self.badrcptto is not None else _no_match
+        self._pending: dict[tuple[str, str, int], Verdict] = {}
+        self._rejects: dict[tuple[str, str, int], Verdict] = {}
 
     def session(self, client: Client) -> "SessionPolicy":
         return SessionPolicy(self, client)
@@ -209,15 +240,44 @@ class PolicyEngine:
             prof = self._profiles[rule_id] = ClientProfile(self, rule_id)
         return prof
 
+    def where(self, rid: int) -> str | None:
+        """The rule as file:line, None for -1 (a decision without a rule)."""
+        return self.bundle.where(rid) if rid >= 0 else None
+
+    def pending_verdict(self, stage: str, why: str, rid: int) -> Verdict:
+        """HELO/MAIL answer 250 while a rejection waits for RCPT (SPEC B
+        §1.5, §2.7): one shared, read-only Verdict per (stage, why, rule)."""
+        key = (stage, why, rid)
+        v = self._pending.get(key)
+        if v is None:
+            ok = self.v_helo.reply if stage == "HELO" else _MAIL_OK
+            v = _remember(self._pending, key,
+                          Verdict(stage, True, ok, "pending_" + why, self.where(rid)))
+        return v
+
+    def reject_verdict(self, reason: str, name: str, rid: int) -> Verdict:
+        """The RCPT rejection with reply `name` for `reason` and rule `rid`,
+        no tarpit delay: one shared, read-only Verdict per (reason, name, rule)."""
+        key = (reason, name, rid)
+        v = self._rejects.get(key)
+        if v is None:
+            v = _remember(self._rejects, key,
+                          Verdict("RCPT", False, reply(name), reason, self.where(rid)))
+        return v
+
+    def client_profile(self, client: Client) -> ClientProfile:
+        """profile(client_rule(client)), with one method call less."""
+        rid = self.client_rule(client)
+        prof = self._profiles.get(rid)
+        return prof if prof is not None else self.profile(rid)
+
     def client_rule(self, client: Client) -> int:
         """tcp.smtp rule id for the client (tcpserver order: address prefix,
         then =host, =.suffix, =, then the empty key), -1 if none."""
         if self.cidr is not None:
-            packed = pack_ip(client.ip)
-            if packed is not None:
-                rid = self.cidr.lookup(packed)
-                if rid >= 0:
-                    return rid
+            rid = self.cidr.lookup_text(client.ip)      # = lookup(pack_ip(ip)), one C call
+            if rid >= 0:
+                return rid
         hosts = self.tcp_hosts
         host = client.host
         if hosts is not None and host and host != "unknown":
@@ -243,12 +303,15 @@ class SessionPolicy:
     __slots__ = ("engine", "client", "profile", "authenticated", "helo_name", "helo_verdict",
                  "helo_skip_dns", "helo_dns", "notorious", "failed_recipients", "sender",
                  "sender_verdict", "sender_bypass", "sender_relay", "mail_dns", "rcpt_count",
-                 "accepted")
+                 "accepted", "_in_transaction")
 
     def __init__(self, engine: PolicyEngine, client: Client):
         self.engine = engine
         self.client = client
-        self.profile = engine.profile(engine.client_rule(client))
+        self.profile = engine.client_profile(client)
+        # False while the transaction fields below hold their initial values
+        # (set by every method that changes one): resetting is then a no-op.
+        self._in_transaction = False
         self.authenticated: str | None = None
         self.helo_name: str | None = None
         self.helo_verdict: tuple[str, int] | None = None   # (reason, rule id) when rejected
@@ -289,6 +352,7 @@ class SessionPolicy:
         return self.profile.max_recipients
 
     def _reset_transaction(self) -> None:
+        self._in_transaction = False
         self.sender = None
         self.sender_verdict = None
         self.sender_bypass = False
@@ -296,9 +360,6 @@ class SessionPolicy:
         self.mail_dns = None
         self.rcpt_count = 0
         self.accepted = 0
-
-    def _rule(self, rid: int) -> str | None:
-        return self.engine.bundle.where(rid) if rid >= 0 else None
 
     def _listed(self, matcher, data: bytes, mode: int) -> int:
         """Deciding rule id if `data` is listed (rejected), else -1; an `!`
@@ -317,7 +378,8 @@ class SessionPolicy:
 
     # -- HELO/EHLO (B §2.7): always 250, verdict kept for RCPT
     def helo(self, name: str) -> Verdict:
-        self._reset_transaction()
+        if self._in_transaction:
+            self._reset_transaction()
         self.helo_name = name
         self.helo_verdict = None
         self.helo_skip_dns = False
@@ -336,7 +398,7 @@ class SessionPolicy:
             self.helo_verdict = self._spamcontrol_helo(name, prof.helocheck)
         hv = self.helo_verdict
         if hv is not None:             # 250 now, 550 at RCPT (SPEC B §2.7)
-            return Verdict("HELO", True, eng.v_helo.reply, "pending_" + hv[0], self._rule(hv[1]))
+            return eng.pending_verdict("HELO", hv[0], hv[1])
         return eng.v_helo
 
     def _spamcontrol_helo(self, name: str, mode: str) -> tuple[str, int] | None:
@@ -351,8 +413,8 @@ class SessionPolicy:
             if rid >= 0:                       # name!: acceptable, no DNS test
                 self.helo_skip_dns = True
                 return None
-        rid = self._listed(eng.badhelo, key, MODE_HOST)
-        if rid >= 0:
+        rid = eng.badhelo_last(key, MODE_HOST)     # last match decides, `!` = exception (B §2.5)
+        if rid >= 0 and not eng.rule_words[3 * rid] & FLAG_EXCEPTION:
             return ("bad_helo", rid)
         if mode == "=" and name.lower() != self.client.host.lower():
             return ("helo_mismatch", -1)
@@ -371,7 +433,9 @@ class SessionPolicy:
 
     # -- MAIL (B §2.8 MAIL list)
     def mail(self, sender: str) -> Verdict:
-        self._reset_transaction()
+        if self._in_transaction:
+            self._reset_transaction()
+        self._in_transaction = True
         prof = self.profile
         if prof.auth_required and self.authenticated is None:
             return _V_AUTH_REQUIRED_MAIL
@@ -389,7 +453,7 @@ class SessionPolicy:
         if sv is None:
             return _V_MAIL_OK
         # 250 now, the rejection is reported at every RCPT (SPEC B §1.5)
-        return Verdict("MAIL", True, _MAIL_OK, "pending_" + sv[0], self._rule(sv[1]))
+        return eng.pending_verdict("MAIL", sv[0], sv[1])
 
     def _sender_verdict(self, sender: str, data: bytes) -> tuple[str, int] | None:
         eng = self.engine
@@ -402,8 +466,10 @@ class SessionPolicy:
             verdict = self._decorated(sender)
             if verdict is not None or self.sender_bypass:
                 return verdict
-        rid = self._listed(eng.badmailfrom, data, MODE_ADDRESS)
-        return ("badmailfrom", rid) if rid >= 0 else None
+        rid = eng.badmailfrom_last(data, MODE_ADDRESS)   # last match decides, `!` = exception (B §2.5)
+        if rid >= 0 and not eng.rule_words[3 * rid] & FLAG_EXCEPTION:
+            return ("badmailfrom", rid)
+        return None
 
     def _decorated(self, sender: str) -> tuple[str, int] | None:
         """Decorated badmailfrom entries, in spamcontrol's order (B §2.6)."""
@@ -447,15 +513,19 @@ class SessionPolicy:
         return None
 
     def set_mail_dns(self, status: str) -> None:
+        self._in_transaction = True
         self.mail_dns = status
 
     # -- RCPT (B §2.8 RCPT table, in order)
     def _reject(self, reason: str, name: str, rid: int = -1, delay: float = 0.0) -> Verdict:
-        return Verdict("RCPT", False, reply(name), reason, self._rule(rid), delay)
+        if delay:
+            return Verdict("RCPT", False, reply(name), reason, self.engine.where(rid), delay)
+        return self.engine.reject_verdict(reason, name, rid)
 
     def rcpt(self, recipient: str) -> Verdict:
         eng = self.engine
         prof = self.profile
+        self._in_transaction = True
         self.rcpt_count += 1
         relay = prof.relay or self.authenticated is not None or self.sender_relay
         delay = 0.0
@@ -463,7 +533,7 @@ class SessionPolicy:
             return self._reject("client_denied", "client_denied", prof.rule_id)
         if prof.auth_required and self.authenticated is None:
             return self._reject("auth_required", "auth_required")
-        data = recipient.encode("latin-1", "replace")
+        data = recipient.encode("latin-1", "replace")   # one byte per character
         if not relay:
             hv = self.helo_verdict
             if hv is not None:
@@ -475,7 +545,7 @@ class SessionPolicy:
                 verdict = self._dns_verdict()
                 if verdict is not None:
                     return verdict
-            if self._rcpthosts(recipient) == -2:
+            if self._rcpthosts(data) == -2:
                 return self._reject("rcpthosts", "rcpthosts")
             tarpit_count = prof.tarpit_count
             if tarpit_count:
@@ -492,7 +562,12 @@ class SessionPolicy:
         sv = self.sender_verdict
         if sv is not None and not self.sender_bypass:
             return self._reject(sv[0], "badmailfrom", sv[1], delay)
-        rid = self._listed(eng.badrcptto, data, MODE_ADDRESS)
+        if eng.qregex:
+            rid = self._listed(eng.badrcptto, data, MODE_ADDRESS)
+        else:                                        # last match decides, `!` = exception (B §2.5)
+            rid = eng.badrcptto_last(data, MODE_ADDRESS)
+            if rid >= 0 and eng.rule_words[3 * rid] & FLAG_EXCEPTION:
+                rid = -1
         if rid < 0 and not relay and eng.badrcpttonorelay is not None:
             rid = self._listed(eng.badrcpttonorelay, data, MODE_ADDRESS)
         if rid >= 0:
@@ -525,17 +600,18 @@ class SessionPolicy:
             return self._reject("mf_dns_temp", "mf_dns_temp")
         return None
 
-    def _rcpthosts(self, recipient: str) -> int:
-        """Rule id allowing the domain, -1 when no check applies, -2 = refuse."""
+    def _rcpthosts(self, data: bytes) -> int:
+        """Rule id allowing the domain of the encoded recipient `data`, -1 when
+        no check applies, -2 = refuse."""
         eng = self.engine
         if not eng.rcpthosts_present:
             return -1 if eng.options.open_relay else -2
-        at = recipient.rfind("@")
+        at = data.rfind(b"@")    # the recipient's last "@" (latin-1: same position)
         if at < 0:
             return -1            # B §1.8 step 2: addresses without @ are local
         if eng.rcpthosts is None:
             return -2            # an existing but empty rcpthosts rejects everything
-        rid = eng.rcpthosts.last_match(recipient[at + 1:].encode("latin-1", "replace"), MODE_HOST)
+        rid = eng.rcpthosts.last_match(data[at + 1:], MODE_HOST)
         return rid if rid >= 0 else -2
 
     def _recipient_known(self, recipient: str) -> int:

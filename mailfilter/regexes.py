@@ -124,13 +124,46 @@ def _first_set(items, i: int = 0) -> set[int] | None:
     return None
 
 
+# Bytes in nearly every address or host name: a required set containing one
+# of them would rule out almost nothing (performance only, never soundness).
+_COMMON = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-@")
+
+
+def _required_set(items) -> set[int] | None:
+    """A byte set of which every match of the sequence `items` contains at
+    least one byte, chosen to be rare in addresses (no _COMMON byte; the
+    smallest such): each LITERAL / class item of the sequence (also inside a
+    mandatory group or a repeat of at least one) must match one byte. None
+    if no item qualifies."""
+    best: set[int] | None = None
+    for op, arg in items:
+        found = _byte_set(op, arg)
+        if found is None and op in _REPEATS and arg[0] >= 1:
+            found = _required_set(list(arg[2]))
+        elif found is None and op is _c.SUBPATTERN and not (arg[1] or arg[2]):
+            found = _required_set(list(arg[3]))
+        if found is not None and not (found & _COMMON) and (best is None or len(found) < len(best)):
+            best = found
+    return best
+
+
+def _bitmap(byte_set) -> bytes:
+    bitmap = bytearray(32)
+    for b in byte_set:
+        bitmap[b >> 3] |= 1 << (b & 7)
+    return bytes(bitmap)
+
+
 def regex_filter(pattern: str) -> bytes:
     """A record the matcher checks before running the regex (_core listmatch):
-    u32 minimum match length, then for `^`-anchored patterns a 32-byte bitmap
-    of the bytes a match can start with; b"" when nothing is known.
+    u32 minimum match length; then, for `^`-anchored patterns, a 32-byte
+    bitmap of the bytes a match can start with; then, when known, a 32-byte
+    bitmap of the bytes of which every match contains one (the first-byte
+    bitmap is then all ones if unknown). b"" when nothing is known.
 
     Derived with Python's regex parser, so only where it reads the pattern as
-    RE2 does: POSIX classes (`[[:alpha:]]`), which it misreads, get nothing."""
+    RE2 does: POSIX classes (`[[:alpha:]]`), which it misreads, get nothing.
+    Byte sets are conservative under RE2's case folding (_byte_set)."""
     if "[:" in pattern:
         return b""
     try:
@@ -144,9 +177,15 @@ def regex_filter(pattern: str) -> bytes:
     first = None
     if items and items[0][0] is _c.AT and items[0][1] in _AT_START:
         first = _first_set(items, 1)
+    required = _required_set(items) if not _has_branch(items) else None
+    if required is not None:
+        return (min_len.to_bytes(4, "little") + _bitmap(first if first is not None else range(256))
+                + _bitmap(required))
     if first is None:
         return min_len.to_bytes(4, "little") if min_len else b""
-    bitmap = bytearray(32)
-    for b in first:
-        bitmap[b >> 3] |= 1 << (b & 7)
-    return min_len.to_bytes(4, "little") + bytes(bitmap)
+    return min_len.to_bytes(4, "little") + _bitmap(first)
+
+
+def _has_branch(items) -> bool:
+    """A top-level alternation: its items are not all mandatory."""
+    return any(op is _c.BRANCH for op, _ in items)

@@ -367,3 +367,65 @@ def test_differential_40k_prefixes():
     assert len(blob) <= 24 + 8 + (2 * len(entries) + 2) * 32
     queries = boundary_queries(rng, entries, 40)
     assert [t.lookup(q) for q in queries] == [o.lookup(q) for q in queries]
+
+
+# ------------------------------------------------- lookup_text (address text)
+
+def text_forms(rng, packed):
+    """Ways a peer address can be written, valid and not."""
+    ip = ipaddress.ip_address(packed)
+    out = [str(ip), ip.exploded]
+    if ip.version == 6:
+        out += [str(ip) + "%eth0", str(ip).upper(), "[" + str(ip) + "]", str(ip) + "%",
+                str(ip) + "%zone\0x"]
+        if ip.ipv4_mapped is not None:
+            out.append("::ffff:" + str(ip.ipv4_mapped))
+    else:
+        out += [str(ip) + " ", " " + str(ip), str(ip) + "%eth0", str(ip) + ".1",
+                "::ffff:" + str(ip), str(ip).replace(".", ",", 1)]
+    return out
+
+
+ODD_TEXTS = ["", "unknown", "localhost", "1.2.3", "1.2.3.4.5", "256.1.1.1", "01.2.3.4", "1.2.3.04",
+             ":::", "::", "::1", "1::2::3", "fe80::1%", "%eth0", "::ffff:1.2.3.4", "a" * 200,
+             "1" * 70 + ":", "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255", "1.2.3.4\u00e9",
+             "\u0661.2.3.4", "0.0.0.0", "255.255.255.255", "::ffff:0:0", "1:2:3:4:5:6:7:8:9"]
+
+
+def pack_ip_reference(text):
+    """lookup_text's contract, in Python (policy.pack_ip)."""
+    from mailfilter.policy import pack_ip
+    return pack_ip(text)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lookup_text_equals_pack_ip_then_lookup(seed):
+    rng = random.Random(seed)
+    entries = make_corpus(rng, 300)
+    t = trie(entries)
+    texts = list(ODD_TEXTS)
+    for q in boundary_queries(rng, entries, 100):
+        texts += text_forms(rng, q)
+    hits = 0
+    for text in texts:
+        try:
+            packed = pack_ip_reference(text)
+        except ValueError:                     # embedded NUL: both refuse
+            with pytest.raises(ValueError):
+                t.lookup_text(text)
+            continue
+        want = t.lookup(packed) if packed is not None else -1
+        assert t.lookup_text(text) == want, text
+        hits += want >= 0
+    assert hits > 50
+
+
+def test_lookup_text_nul_rules():
+    t = trie([E("0.0.0.0/0", 1), E("::/0", 2)])
+    for text in ("1.2.3.4\0", "::1\0", "\0"):
+        with pytest.raises(ValueError):
+            t.lookup_text(text)
+    assert t.lookup_text("fe80::1%eth\0") == 2     # the zone is never parsed
+    assert t.lookup_text("1.2.3.4") == 1 and t.lookup_text("::ffff:1.2.3.4") == 1
+    with pytest.raises(TypeError):
+        t.lookup_text(b"1.2.3.4")

@@ -269,3 +269,26 @@ def test_differential_random(seed):
             seen.add(got)
         assert m.first_fire(t) == o.first_fire(t), t
     assert len(seen) > 1 or (nh + nw + nr) == 0
+
+
+@pytest.mark.parametrize("with_patterns", [False, True])
+def test_many_dots_past_the_prefetch_plan(with_patterns):
+    """last_match prefetches the hash keys of up to 16 suffixes while the
+    automaton scans; texts with more keys take the one-by-one path. Both give
+    the oracle's answer, at every dot count around the limit."""
+    labels = [b"l%d" % i for i in range(40)]
+    keys, ids = [], []
+    for i in range(0, 40, 3):
+        keys.append(b"." + b".".join(labels[i:]))
+        ids.append(100 + i)
+    keys += [b"@" + b".".join(labels[5:]), b"x@" + b".".join(labels[30:])]
+    ids += [50, 300]
+    wild, wild_ids = ([b"*.l39", b"*l3.l4.*"], [7, 8]) if with_patterns else ((), ())
+    m, o = make(keys, ids, wild, wild_ids)
+    for dots in range(0, 40):
+        host = b".".join(labels[39 - dots:])
+        for text, mode in ((host, MODE_HOST), (b"x@" + host, MODE_ADDRESS),
+                           (b"a.b.c@" + host, MODE_ADDRESS), (host, MODE_EXACT)):
+            assert m.last_match(text, mode) == o.last_match(text, mode), (text, mode)
+    assert m.last_match(b"x@" + b".".join(labels[30:]), MODE_ADDRESS) == 300
+    assert m.last_match(b".".join(labels), MODE_HOST) == 139

@@ -14,6 +14,9 @@ TEMPLATES = [
     "^[0-9]{{{n},}}@", "^[a-z0-9]{{{n},}}@", "^{w}", "^({w}|{v})x", "^[{c}-{d}]+\\.{w}$",
     "{w}[0-9]*$", "^.{{{n}}}$", "^(?:{w})?{v}", "^[^@]{{{n},}}", "^\\d+", "^{W}{n}",
     "^([{c}{d}]|{v}){{2}}", "(?i)^{W}", "^a?b?{w}", "^(|{w}){v}", "[[:digit:]]{{{n}}}",
+    # required bytes (rare ones: a 68-byte record)
+    "^[^@]*[%!][^@]*@", "{w}[_=]", "({w}[%_])+{v}", "(?:[%!]|{w})x", "[%!]?{w}", "{w}(=|\\+)+",
+    "^{w}_", "[^=]{{{n}}}=", "{w}|[%=]", "(_{w})?%",
 ]
 
 
@@ -26,7 +29,7 @@ def random_pattern(rng):
 
 
 def random_text(rng):
-    alphabet = b"abcdefkSxyzXZ0123456789.-@_\xe9\xc9\x80\xff"
+    alphabet = b"abcdefkSxyzXZ0123456789.-@_\xe9\xc9\x80\xff%!=+"
     return bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
 
 
@@ -78,7 +81,31 @@ def test_filter_records(pattern, min_len, anchored):
         assert rec == b""
     else:
         assert int.from_bytes(rec[:4], "little") == min_len
-        assert len(rec) == (36 if anchored else 4)
+        assert len(rec) in ((36, 68) if anchored else (4, 68))
+
+
+@pytest.mark.parametrize("pattern,required", [
+    ("^[^@]*[%!][^@]*@", b"!%"), ("x(=|\\+)+y", b"+="), ("[_=]", b"=_"), ("(ab_)+", b"_"),
+    ("viagra", None),            # letters: common (and folded to non-ASCII): no record
+    ("[%!]?a", None),            # optional: not required
+    ("a|_", None),               # top-level alternation
+    ("^[0-9]+@", None),          # digits and @ are in every address
+])
+def test_required_bytes(pattern, required):
+    rec = regex_filter(pattern)
+    if required is None:
+        assert len(rec) != 68
+        return
+    assert len(rec) == 68
+    got = bytes(b for b in range(256) if rec[36 + (b >> 3)] >> (b & 7) & 1)
+    assert got == required
+    m = one_regex_matcher(pattern, True)
+    assert m.last_match(b"abcdef@example.com", 0) == -1     # none of them: no RE2 call
+
+
+def test_required_bytes_first_bitmap_is_open_when_unanchored():
+    rec = regex_filter("[_=]")
+    assert rec[4:36] == b"\xff" * 32
 
 
 def test_bad_filter_refused():
