@@ -1,7 +1,7 @@
 """Side-by-side SMTP server benchmark: mailfilter vs aiosmtpd+uvloop vs smtp-sink.
 
 usage: .venv/bin/python bench/run_server_bench.py [--seconds 2] [--repeat 3]
-          [--servers mf-uvloop,mf-maildir,mf-asyncio,aiosmtpd,smtp-sink]
+          [--servers mf-uvloop,mf-maildir,mf-asyncio,aiosmtpd,smtp-sink,uvloop-floor]
           [--idle 5000,9000] [--out bench/SERVER.md] [--quick]
 
 Every server runs in its own process (bench/servers.py); the load generator
@@ -272,11 +272,12 @@ def write_out(path: str, table: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--servers", default="mf-uvloop,mf-maildir,mf-asyncio,aiosmtpd,smtp-sink")
+    p.add_argument("--servers", default="mf-uvloop,mf-maildir,mf-asyncio,aiosmtpd,smtp-sink,uvloop-floor")
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--idle", default="5000,9000", help="idle levels, comma separated ('' for none)")
-    p.add_argument("--idle-servers", default=None, help="default: all --servers")
+    p.add_argument("--idle-servers", default=None,
+                   help="default: all --servers but uvloop-floor (it holds no session state)")
     p.add_argument("--serial", type=int, default=300, help="fresh transactions per idle measurement")
     p.add_argument("--no-smtp-source", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny run: 2 cells, 1 repeat, 500 idle")
@@ -313,7 +314,8 @@ def main(argv=None) -> int:
     finally:
         for s in running:
             s.stop()
-    idle_names = srv.available(a.idle_servers.split(",")) if a.idle_servers else names
+    idle_names = (srv.available(a.idle_servers.split(",")) if a.idle_servers
+                  else [n for n in names if n != "uvloop-floor"])
     idle = run_idle(idle_names, workdir, idle_levels, a.serial, log) if idle_levels else {}
     meta["load_end"] = uptime()
     meta["duration_s"] = time.monotonic() - t0

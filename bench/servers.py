@@ -11,6 +11,9 @@ Servers (name -> what runs):
 - aiosmtpd:    aiosmtpd.smtp.SMTP + uvloop, handle_DATA returns "250 OK"
                (discard sink; `python bench/servers.py aiosmtpd-sink PORT`)
 - smtp-sink:   Postfix /usr/sbin/smtp-sink (C, discards), when installed
+- uvloop-floor: canned replies in protocol order over uvloop (no parsing,
+               policy or storage): what the loop, the kernel and one Python
+               callback per read cost; the floor for any Python+uvloop server
 
 A port is picked by binding 127.0.0.1:0 and releasing it just before the
 server starts (the tiny race is acceptable for a bench). Every server gets
@@ -71,6 +74,55 @@ async def main(port):
 
 uvloop.run(main(int(sys.argv[-1])))
 '''
+
+
+# The floor of any SMTP server written on Python + uvloop: canned replies in
+# protocol order, one bytes.split per read; no command parsing, no policy, no
+# message handling, nothing stored. Not a server (it trusts the client to
+# follow the script): a measuring stick for what the event loop, the kernel
+# and one Python callback per read cost per message.
+UVLOOP_FLOOR = r"""
+import asyncio, sys
+import uvloop
+
+EHLO = b"250-floor.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+
+class Floor(asyncio.Protocol):
+    def connection_made(self, t):
+        self.t = t
+        self.data = False
+        t.write(b"220 floor.test ESMTP\r\n")
+
+    def data_received(self, b):
+        if self.data:
+            if b.endswith(b"\r\n.\r\n"):
+                self.data = False
+                self.t.write(b"250 ok\r\n")
+            return
+        out = []
+        for line in b.split(b"\r\n")[:-1]:
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                out.append(EHLO)
+            elif verb == b"DATA":
+                out.append(b"354 go ahead\r\n")
+                self.data = True
+            elif verb == b"QUIT":
+                out.append(b"221 bye\r\n")
+                self.t.write(b"".join(out))
+                self.t.close()
+                return
+            else:
+                out.append(b"250 ok\r\n")
+        self.t.write(b"".join(out))
+
+async def main(port):
+    loop = asyncio.get_running_loop()
+    await loop.create_server(Floor, "127.0.0.1", port, backlog=4096)
+    await asyncio.Event().wait()
+
+uvloop.run(main(int(sys.argv[-1])))
+"""
 
 
 def _raise_nofile():
@@ -192,6 +244,10 @@ def make(name: str, workdir: str) -> Server:
         port = free_port()
         return Server(name, [PY, os.path.abspath(__file__), "aiosmtpd-sink", str(port)], port,
                       note="aiosmtpd + uvloop, handle_DATA -> 250 OK")
+    if name == "uvloop-floor":
+        port = free_port()
+        return Server(name, [PY, os.path.abspath(__file__), "uvloop-floor", str(port)], port,
+                      note="Python + uvloop floor: canned replies, no parsing/policy/storage")
     if name == "smtp-sink":
         port = free_port()
         # -u: run as (we are root); -m: max simultaneous connections (default 256,
@@ -219,6 +275,9 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "aiosmtpd-sink":
         _raise_nofile()
         exec(compile(AIOSMTPD_SINK, "aiosmtpd_sink", "exec"), {"__name__": "aiosmtpd_sink"})
+    elif len(sys.argv) == 3 and sys.argv[1] == "uvloop-floor":
+        _raise_nofile()
+        exec(compile(UVLOOP_FLOOR, "uvloop_floor", "exec"), {"__name__": "uvloop_floor"})
     elif len(sys.argv) == 2:
         # manual: python bench/servers.py NAME -> start it and wait for ^C
         work = tempfile.mkdtemp(prefix="bench-")
