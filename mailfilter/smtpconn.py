@@ -285,6 +285,9 @@ class MultiReply:
             wire = self._wire = multiline(self.code, self.lines, self.enhanced)
         return wire
 
+    def __repr__(self) -> str:
+        return f"MultiReply({self.code}, {self.lines!r}, {self.enhanced!r})"
+
 
 def host_of(greeting: str) -> str:
     """The server's name in replies: the greeting's first word (qmail: the
@@ -303,12 +306,9 @@ def _ehlo_reply(greeting: str, keywords: tuple[str, ...]) -> MultiReply:
 
 @functools.lru_cache(maxsize=256)
 def _named_line(name: str, greeting: str) -> bytes:
-    """Wire form of a reply whose only field is the greeting (220, 250 HELO,
-    221): the same bytes for every connection of a configuration."""
+    """Wire form of a reply whose only field is the greeting (220, 221):
+    the same bytes for every connection of a configuration."""
     return reply(name, greeting=greeting).line()
-
-    def __repr__(self) -> str:
-        return f"MultiReply({self.code}, {self.lines!r}, {self.enhanced!r})"
 
 
 # --- configuration ------------------------------------------------------------

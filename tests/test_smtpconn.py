@@ -13,7 +13,7 @@ from mailfilter.replies import reply
 from mailfilter.smtpconn import (
     AUTH, CLOSED, DATA, IDLE, MAIL, NEED_DATA, PAUSED, RCPT, Anomaly, AuthResponse,
     AuthStart, Closed, DataChunk, DataEnd, DataStart, EngineConfig, EngineError, Helo,
-    Help, Mail, Noop, Quit, Rcpt, Rset, SMTPConnection, Vrfy,
+    Help, Mail, MultiReply, Noop, Quit, Rcpt, Rset, SMTPConnection, Vrfy,
 )
 from smtp_driver import CFG, FEEDS, App, feed_whole, run
 
@@ -691,3 +691,15 @@ def test_abort_timeout():
     conn.abort(reply("timeout", host="mx.example.com"))
     assert conn.data_to_send() == b"421 4.4.2 mx.example.com timeout, closing connection\r\n"
     assert conn.next_event() == Closed("421")
+
+
+def test_ehlo_reply_cached_per_greeting_and_keywords():
+    """The EHLO answer is built once per (greeting, keywords), never shared
+    across different offers (the AUTH keyword differs by client)."""
+    a, b = SMTPConnection(EngineConfig(greeting="mx.a")), SMTPConnection(EngineConfig(greeting="mx.a"))
+    b.set_extra_ehlo(["AUTH LOGIN PLAIN"])
+    assert a.ehlo_reply() is SMTPConnection(EngineConfig(greeting="mx.a")).ehlo_reply()
+    assert b"AUTH" not in a.ehlo_reply().line()
+    assert b.ehlo_reply().line().endswith(b"250 AUTH LOGIN PLAIN\r\n")
+    assert SMTPConnection(EngineConfig(greeting="mx.b")).ehlo_reply().line().startswith(b"250-mx.b\r\n")
+    assert repr(MultiReply(250, ["x", "y"])) == "MultiReply(250, ('x', 'y'), '')"
