@@ -765,7 +765,7 @@ def test_session_deadline_421_while_the_client_keeps_busy(start, decisions):
     for _ in range(40):                      # bounded: ~0.1 s apart, 4 s at most
         r = c.cmd("NOOP")
         replies.append(first(r))
-        if not r[0] == 250:
+        if r[0] != 250:
             break
         threading.Event().wait(0.1)
     assert replies[-1] == "421 4.4.2 mx.test session too long, closing connection"
