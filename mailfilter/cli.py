@@ -93,6 +93,15 @@ def _load_for_check(args):
     return bundle.from_compiled(compiled), compiled.diagnostics
 
 
+def _ip_address(text: str) -> str:
+    """argparse type for --ip: an IPv4 or IPv6 address literal, as the server sees one."""
+    from mailfilter.policy import pack_ip
+
+    if pack_ip(text) is None:
+        raise argparse.ArgumentTypeError(f"not an IP address: {text!r}")
+    return text
+
+
 def cmd_check(args) -> int:
     from mailfilter.bundle import BundleError
     from mailfilter.checkrun import run_check
@@ -143,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = k.add_mutually_exclusive_group(required=True)
     src.add_argument("--rules", help="rules directory (compiled in memory)")
     src.add_argument("--bundle", help="compiled bundle file")
-    k.add_argument("--ip", default="127.0.0.1", help="client IP address")
+    k.add_argument("--ip", default="127.0.0.1", type=_ip_address, help="client IP address")
     k.add_argument("--host", default="unknown", help="client host name (TCPREMOTEHOST)")
     k.add_argument("--helo", default=None, help="HELO/EHLO name (omit: no HELO sent)")
     k.add_argument("--from", dest="sender", default=None, help="envelope sender ('' for <>)")

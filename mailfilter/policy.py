@@ -394,12 +394,25 @@ class SessionPolicy:
                     rid = self._listed(eng.badhelonorelay, data, MODE_HOST)
                 if rid >= 0:
                     self.helo_verdict = ("bad_helo", rid)
+            if self.helo_verdict is None and prof.helocheck is not None:
+                # the dialect decides how lists read; HELOCHECK's other demands hold too
+                self.helo_verdict = self._helocheck_name(name, prof.helocheck)
         elif prof.helocheck is not None:
             self.helo_verdict = self._spamcontrol_helo(name, prof.helocheck)
         hv = self.helo_verdict
         if hv is not None:             # 250 now, 550 at RCPT (SPEC B §2.7)
             return eng.pending_verdict("HELO", hv[0], hv[1])
         return eng.v_helo
+
+    def _helocheck_name(self, name: str, mode: str) -> tuple[str, int] | None:
+        """HELOCHECK's demands on the name itself, apart from the badhelo list
+        (B §2.8): `!` and `.` refuse an empty name, `=` one that is not the
+        client's host name."""
+        if mode in ("!", ".") and not name.strip():
+            return ("helo_empty", -1)
+        if mode == "=" and name.lower() != self.client.host.lower():
+            return ("helo_mismatch", -1)
+        return None
 
     def _spamcontrol_helo(self, name: str, mode: str) -> tuple[str, int] | None:
         eng = self.engine
@@ -416,15 +429,13 @@ class SessionPolicy:
         rid = eng.badhelo_last(key, MODE_HOST)     # last match decides, `!` = exception (B §2.5)
         if rid >= 0 and not eng.rule_words[3 * rid] & FLAG_EXCEPTION:
             return ("bad_helo", rid)
-        if mode == "=" and name.lower() != self.client.host.lower():
-            return ("helo_mismatch", -1)
-        return None
+        return self._helocheck_name(name, mode)
 
     def helo_dns_query(self) -> tuple[str, str] | None:
         """(rdtype, name) the caller should resolve for HELOCHECK A/M, or None."""
         mode = self.profile.helocheck
         if (mode in ("A", "M") and self.helo_name and not self.helo_skip_dns
-                and self.helo_verdict is None and not self.relay_client and not self.engine.qregex):
+                and self.helo_verdict is None and not self.relay_client):
             return ("A" if mode == "A" else "MX", self.helo_name)
         return None
 
@@ -539,7 +550,7 @@ class SessionPolicy:
             if hv is not None:
                 return self._reject(hv[0], "bad_helo", hv[1])
             mode = prof.helocheck
-            if mode is not None and len(mode) == 1 and self.helo_name is None and not eng.qregex:
+            if mode is not None and len(mode) == 1 and self.helo_name is None:
                 return self._reject("helo_missing", "bad_helo")
             if self.helo_dns is not None or self.mail_dns is not None:
                 verdict = self._dns_verdict()

@@ -88,6 +88,21 @@ def test_check_errors_exit_2(tmp_path):
     assert "rule skipped" in r.stderr
 
 
+@pytest.mark.parametrize("ip", ["not-an-ip", "1.2.3", "203.0.113.300", ""])
+def test_check_bad_ip_exit_2(ip):
+    r = mf("check", "--rules", os.path.join(ROOT, "rules"), "--ip", ip, "--rcpt", "info@example.com")
+    assert r.returncode == 2
+    assert f"not an IP address: {ip!r}" in r.stderr
+    assert r.stdout == ""
+
+
+@pytest.mark.parametrize("ip", ["2001:db8::25", "::ffff:203.0.113.9"])
+def test_check_ipv6_ip_accepted(ip):
+    r = mf("check", "--rules", os.path.join(ROOT, "rules"), "--ip", ip, "--rcpt", "info@example.com")
+    assert r.returncode in (0, 1), r.stderr
+    assert f"[{ip}]" in r.stdout
+
+
 @pytest.mark.parametrize("dialect_dir", ["qregex"])
 def test_check_qregex_dir(dialect_dir):
     r = mf("check", "--rules", os.path.join(GOLDEN, dialect_dir, "rules"), "--ip", "203.0.113.5",

@@ -46,6 +46,40 @@ def test_helocheck_modes(tmp_path, mode, helo, expect):
         assert not v.accept and v.reason == expect and v.reply.code == 550
 
 
+@pytest.mark.parametrize("mode,helo,expect", [
+    ("!", None, "helo_missing"),       # HELOCHECK's demands hold in the qregex dialect too
+    ("!", "", "helo_empty"),
+    ("!", "localhost", "bad_helo"),    # ... while badhelo is read the qregex way: always
+    (".", None, "helo_missing"),
+    ("=", "mx.sender.example", "helo_mismatch"),
+    ("=", "mail.client.example", None),
+    ("=", "LOCALHOST", "bad_helo"),    # the list fires first
+    ("", None, None),
+])
+def test_helocheck_modes_qregex(tmp_path, mode, helo, expect):
+    eng = engine(tmp_path, {"dialect": "qregex\n", "badhelo": "^localhost$\n",
+                            "tcp.smtp": f':allow,HELOCHECK="{mode}"\n'})
+    s, v = envelope(eng, helo=helo, host="mail.client.example")
+    if expect is None:
+        assert v.accept, v
+    else:
+        assert not v.accept and v.reason == expect and v.reply.code == 550
+
+
+def test_helocheck_dns_qregex(tmp_path):
+    eng = engine(tmp_path, {"dialect": "qregex\n", "tcp.smtp": ':allow,HELOCHECK="M"\n'})
+    s = eng.session(Client(ip="203.0.113.5"))
+    s.helo("mx.nowhere.example")
+    assert s.helo_dns_query() == ("MX", "mx.nowhere.example")
+    s.set_helo_dns(DNS_FAIL)
+    s.mail("a@b.example")
+    assert s.rcpt("u@example.com").reply.code == 550
+    plain = engine(tmp_path, {"dialect": "qregex\n", "tcp.smtp": ":allow\n"})
+    s = plain.session(Client(ip="203.0.113.5"))
+    s.helo("mx.nowhere.example")
+    assert s.helo_dns_query() is None          # no HELOCHECK, no lookup
+
+
 def test_helocheck_dns_a(tmp_path):
     eng = engine(tmp_path, {"badhelo": "ok.example!\n", "tcp.smtp": ':allow,HELOCHECK="A"\n'})
     s = eng.session(Client(ip="203.0.113.5"))
