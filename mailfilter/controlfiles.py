@@ -31,7 +31,7 @@ LIST_FILES = (
     # qregex dialect split-horizon files (SPEC B §3.1)
     "badmailfromnorelay", "badrcpttonorelay", "badhelonorelay",
 )
-FIRST_LINE_FILES = ("me", "smtpgreeting", "localiphost", "dialect", "defaulthost")
+FIRST_LINE_FILES = ("me", "smtpgreeting", "localiphost", "dialect")
 INT_FILES = ("databytes", "timeoutsmtpd", "maxrecipients", "timeoutsession")
 TCP_RULES_FILE = "tcp.smtp"
 DIALECTS = ("spamcontrol", "qregex")

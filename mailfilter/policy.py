@@ -27,10 +27,12 @@ recipients count towards MAXRECIPIENTS (#7).
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mailfilter.bundle import MODE_ADDRESS, MODE_HOST, Bundle
 from mailfilter.compiler import FLAG_EXCEPTION
+from mailfilter.localip import is_local_ipv4
 from mailfilter.replies import Reply, reply
 
 DNS_OK, DNS_FAIL, DNS_TEMP = "ok", "fail", "temp"
@@ -72,6 +74,7 @@ class Client:
 class PolicyOptions:
     open_relay: bool = False    # SPEC A §4: only when the operator says so
     defaults: dict[str, str] = field(default_factory=dict)  # global settings (env names)
+    is_local_ip: Callable[[str], bool] = is_local_ipv4      # for localiphost (B §1.7)
 
 
 def _domain(address: str) -> str:
@@ -216,6 +219,7 @@ class PolicyEngine:
         self.tcp_hosts = t.get("tcp.smtp.hosts")
         self.cidr = b.cidr
         greeting = b.scalars.get("smtpgreeting") or b.scalars.get("me") or "localhost"
+        self.localiphost = b.scalars.get("localiphost") or b.scalars.get("me") or "localhost"
         self.greeting = greeting
         self.hostname = greeting.split()[0]
         self.greeting_reply = reply("greeting", greeting=greeting)
@@ -264,6 +268,19 @@ class PolicyEngine:
             v = _remember(self._rejects, key,
                           Verdict("RCPT", False, reply(name), reason, self.where(rid)))
         return v
+
+    def local_literal(self, address: str) -> str:
+        """`address` with a domain literal naming this host replaced by
+        `localiphost` (SPEC B §1.7: the part after the last `@` is exactly
+        `[d.d.d.d]` and the address is one of ours), else `address` itself."""
+        at = address.rfind("@")
+        dom = address[at + 1:]
+        if at < 0 or len(dom) < 9 or dom[0] != "[" or dom[-1] != "]":
+            return address
+        ip = dom[1:-1]
+        if pack_ip(ip) is None or ":" in ip or not self.options.is_local_ip(ip):
+            return address
+        return address[:at + 1] + self.localiphost
 
     def client_profile(self, client: Client) -> ClientProfile:
         """profile(client_rule(client)), with one method call less."""
@@ -450,10 +467,12 @@ class SessionPolicy:
         prof = self.profile
         if prof.auth_required and self.authenticated is None:
             return _V_AUTH_REQUIRED_MAIL
+        eng = self.engine
+        if sender[-1:] == "]":
+            sender = eng.local_literal(sender)
         self.sender = sender
         if not sender:
             return _V_MAIL_OK
-        eng = self.engine
         data = sender.encode("latin-1", "replace")
         if prof.relaymailfrom and eng.relaymailfrom is not None:
             if self._listed(eng.relaymailfrom, data, MODE_ADDRESS) >= 0:
@@ -544,6 +563,9 @@ class SessionPolicy:
             return self._reject("client_denied", "client_denied", prof.rule_id)
         if prof.auth_required and self.authenticated is None:
             return self._reject("auth_required", "auth_required")
+        given = recipient
+        if recipient[-1:] == "]":
+            recipient = eng.local_literal(recipient)
         data = recipient.encode("latin-1", "replace")   # one byte per character
         if not relay:
             hv = self.helo_verdict
@@ -592,12 +614,13 @@ class SessionPolicy:
                 verdict = prof.relay_verdict
             else:
                 verdict = _V_RCPT_AUTH if self.authenticated is not None else _V_RCPT_SENDER
-            if prof.relay_suffix or delay:
+            if prof.relay_suffix or delay or recipient is not given:
                 return Verdict("RCPT", True, _RCPT_OK, verdict.reason, verdict.rule, delay,
                                recipient=recipient + prof.relay_suffix)
             return verdict
-        if delay:
-            return Verdict("RCPT", True, _RCPT_OK, "ok", None, delay)
+        if delay or recipient is not given:
+            return Verdict("RCPT", True, _RCPT_OK, "ok", None, delay,
+                           recipient=None if recipient is given else recipient)
         return _V_RCPT_OK
 
     def _dns_verdict(self) -> Verdict | None:
