@@ -119,7 +119,7 @@ class ClientProfile:
     __slots__ = ("rule_id", "rule", "allowed", "settings", "relay", "relay_suffix",
                  "helocheck", "mfdnscheck", "tarpit_count", "tarpit_delay", "recipients450",
                  "relaymailfrom", "nobadhelo", "disable_badmailfrom", "auth_required",
-                 "databytes", "max_recipients", "connect_verdict", "relay_verdict")
+                 "databytes", "max_recipients", "connect_verdict", "relay_verdict", "own_settings")
 
     def __init__(self, engine: "PolicyEngine", rule_id: int):
         b = engine.bundle
@@ -127,10 +127,12 @@ class ClientProfile:
         self.rule_id = rule_id
         self.rule = b.where(rule_id) if rule_id >= 0 else None
         self.allowed = True
+        self.own_settings: frozenset[str] = frozenset()
         if rule_id >= 0:
             ref = b.rule(rule_id)
             self.allowed = ref.allow
             settings.update(b.tcp_settings[ref.aux])
+            self.own_settings = frozenset(b.tcp_settings[ref.aux])
         self.settings = settings
         g = settings.get
         self.relay = "RELAYCLIENT" in settings
@@ -155,6 +157,12 @@ class ClientProfile:
             self.connect_verdict = Verdict("CONNECT", False, reply("client_denied"),
                                            "client_denied", self.rule)
         self.relay_verdict = Verdict("RCPT", True, _RCPT_OK, "relay_client", self.rule)
+
+    def setting_rule(self, name: str) -> int:
+        """The tcp.smtp rule id that set `name` for this client, -1 when the
+        setting came from the global defaults (or is unset): a verdict that a
+        setting caused names that line in the decision log."""
+        return self.rule_id if name in self.own_settings else -1
 
 
 _RCPT_OK = reply("rcpt_ok")
@@ -426,15 +434,15 @@ class SessionPolicy:
         (B §2.8): `!` and `.` refuse an empty name, `=` one that is not the
         client's host name."""
         if mode in ("!", ".") and not name.strip():
-            return ("helo_empty", -1)
+            return ("helo_empty", self.profile.setting_rule("HELOCHECK"))
         if mode == "=" and name.lower() != self.client.host.lower():
-            return ("helo_mismatch", -1)
+            return ("helo_mismatch", self.profile.setting_rule("HELOCHECK"))
         return None
 
     def _spamcontrol_helo(self, name: str, mode: str) -> tuple[str, int] | None:
         eng = self.engine
         if mode in ("!", ".") and not name.strip():
-            return ("helo_empty", -1)
+            return ("helo_empty", self.profile.setting_rule("HELOCHECK"))
         if mode == "!":
             return None
         key = name.lower().encode("latin-1", "replace")
@@ -562,7 +570,7 @@ class SessionPolicy:
         if not prof.allowed:
             return self._reject("client_denied", "client_denied", prof.rule_id)
         if prof.auth_required and self.authenticated is None:
-            return self._reject("auth_required", "auth_required")
+            return self._reject("auth_required", "auth_required", prof.setting_rule("SMTPAUTH"))
         given = recipient
         if recipient[-1:] == "]":
             recipient = eng.local_literal(recipient)
@@ -573,7 +581,7 @@ class SessionPolicy:
                 return self._reject(hv[0], "bad_helo", hv[1])
             mode = prof.helocheck
             if mode is not None and len(mode) == 1 and self.helo_name is None:
-                return self._reject("helo_missing", "bad_helo")
+                return self._reject("helo_missing", "bad_helo", prof.setting_rule("HELOCHECK"))
             if self.helo_dns is not None or self.mail_dns is not None:
                 verdict = self._dns_verdict()
                 if verdict is not None:
@@ -585,7 +593,8 @@ class SessionPolicy:
                 if eng.recipients_present and self.failed_recipients >= tarpit_count:
                     if prof.tarpit_delay == 999:
                         self.notorious = True
-                    return self._reject("too_many_failed_rcpts", "too_many_rcpts")
+                    return self._reject("too_many_failed_rcpts", "too_many_rcpts",
+                                        prof.setting_rule("TARPITCOUNT"))
                 if self.rcpt_count > tarpit_count and 0 < prof.tarpit_delay < 999:
                     delay = float(prof.tarpit_delay)
             if eng.recipients_present and self._recipient_known(recipient) == -2:
@@ -607,7 +616,8 @@ class SessionPolicy:
             return self._reject("badrcptto", "badrcptto", rid, delay)
         limit = prof.max_recipients
         if limit and self.accepted >= limit:
-            return self._reject("too_many_rcpts", "too_many_rcpts", delay=delay)
+            return self._reject("too_many_rcpts", "too_many_rcpts",
+                                prof.setting_rule("MAXRECIPIENTS"), delay)
         self.accepted += 1
         if relay:
             if prof.relay:
@@ -624,14 +634,15 @@ class SessionPolicy:
         return _V_RCPT_OK
 
     def _dns_verdict(self) -> Verdict | None:
+        rule = self.profile.setting_rule
         if self.helo_dns == DNS_FAIL:
-            return self._reject("helo_dns", "bad_helo")
+            return self._reject("helo_dns", "bad_helo", rule("HELOCHECK"))
         if self.helo_dns == DNS_TEMP:
-            return self._reject("helo_dns_temp", "helo_dns_temp")
+            return self._reject("helo_dns_temp", "helo_dns_temp", rule("HELOCHECK"))
         if self.mail_dns == DNS_FAIL:
-            return self._reject("mf_dns", "sender_must_exist")
+            return self._reject("mf_dns", "sender_must_exist", rule("MFDNSCHECK"))
         if self.mail_dns == DNS_TEMP:
-            return self._reject("mf_dns_temp", "mf_dns_temp")
+            return self._reject("mf_dns_temp", "mf_dns_temp", rule("MFDNSCHECK"))
         return None
 
     def _rcpthosts(self, data: bytes) -> int:

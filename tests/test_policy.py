@@ -191,3 +191,39 @@ def test_relayclient_suffix_and_defaults(tmp_path):
     s, v = envelope(eng, ip="10.1.1.1", rcpt="u@far.example")
     assert v.recipient == "u@far.example@fix"            # B §1.9
     assert s.max_recipients == 5                         # global default kept
+
+
+def test_setting_verdicts_name_their_tcp_smtp_line(tmp_path):
+    """A verdict a per-client setting caused names the tcp.smtp line that set it
+    (DESIGN "Errors and logging": the deciding rule as file:line); a setting
+    from the global defaults names no line."""
+    eng = engine(tmp_path, {"tcp.smtp": '203.0.113.5:allow,HELOCHECK="=",MAXRECIPIENTS="1"\n'
+                                        '203.0.113.6:allow,MFDNSCHECK=""\n'
+                                        '203.0.113.7:allow,TARPITCOUNT="1",TARPITDELAY="0"\n'
+                                        ':allow\n'},
+                 defaults={"HELOCHECK": "!"})
+    s, v = envelope(eng, helo="mx.sender.example", host="mail.client.example")
+    assert (v.reason, v.rule) == ("helo_mismatch", "tcp.smtp:1")
+    s, v = envelope(eng, helo=None, host="mail.client.example")
+    assert (v.reason, v.rule) == ("helo_missing", "tcp.smtp:1")
+    s, v = envelope(eng, helo="mail.client.example", host="mail.client.example")
+    assert v.accept
+    v = s.rcpt("u2@example.com")
+    assert (v.reason, v.rule) == ("too_many_rcpts", "tcp.smtp:1")
+    s = eng.session(Client(ip="203.0.113.6"))
+    s.helo("x")
+    s.mail("a@nxdomain.example")
+    s.set_mail_dns(DNS_FAIL)
+    v = s.rcpt("u@example.com")
+    assert (v.reason, v.rule) == ("mf_dns", "tcp.smtp:2")
+    s, v = envelope(eng, helo=None, ip="198.51.100.1")      # HELOCHECK from the defaults
+    assert (v.reason, v.rule) == ("helo_missing", None)
+
+
+def test_tarpit_refusal_names_its_line(tmp_path):
+    eng = engine(tmp_path, {"recipients": "u@example.com\n",
+                            "tcp.smtp": '203.0.113.7:allow,TARPITCOUNT="1",TARPITDELAY="0"\n'})
+    s, v = envelope(eng, rcpt="nobody@example.com", ip="203.0.113.7")
+    assert v.reason == "no_mailbox" and v.rule is None       # no line names a missing mailbox
+    v = s.rcpt("other@example.com")
+    assert (v.reason, v.rule) == ("too_many_failed_rcpts", "tcp.smtp:1")
