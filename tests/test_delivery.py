@@ -228,6 +228,70 @@ def test_maildir_layout_and_envelope_headers(tmp_path):
     assert os.stat(os.path.join(md, "new", name)).st_mode & 0o777 == 0o600
 
 
+class _SyncSpy:
+    """Records os.fsync / os.rename in order (what each fsync'ed fd was), and
+    can make the fsync of a chosen kind of target fail with EIO."""
+
+    def __init__(self, monkeypatch, fail: str | None = None):
+        self.calls: list[tuple[str, str]] = []
+        self.fail = fail
+        real_fsync, real_rename = os.fsync, os.rename
+
+        def fsync(fd):
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            kind = "dir" if os.path.isdir(path) else "file"
+            self.calls.append(("fsync-" + kind, path))
+            if kind == self.fail:
+                raise OSError(5, "Input/output error (injected)")
+            return real_fsync(fd)
+
+        def rename(src, dst):
+            self.calls.append(("rename", str(dst)))
+            return real_rename(src, dst)
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "rename", rename)
+
+
+def test_maildir_fsyncs_file_then_renames_then_fsyncs_new(tmp_path, monkeypatch):
+    """SPEC A §9 / issue 3: write to tmp/, fsync, rename into new/, fsync new/,
+    and only then 250."""
+    md = str(tmp_path / "Maildir")
+    spy = _SyncSpy(monkeypatch)
+
+    async def go():
+        d = Delivery.from_spec("maildir:" + md)
+        res = await deliver(d, env(), MSG)
+        await d.close()
+        return res
+    res = run(go())
+    assert res.ok and res.reply.code == 250
+    [name] = listing(md)["new"]
+    setup, msg = spy.calls[:-3], spy.calls[-3:]
+    assert all(kind == "fsync-dir" for kind, _ in setup), spy.calls   # creating the Maildir
+    assert [c[0] for c in msg] == ["fsync-file", "rename", "fsync-dir"], spy.calls
+    assert msg[0][1] == os.path.join(md, "tmp", name)
+    assert msg[1][1] == os.path.join(md, "new", name)
+    assert msg[2][1] == os.path.join(md, "new")
+
+
+@pytest.mark.parametrize("fail", ["file", "dir"])
+def test_maildir_failed_fsync_is_451_and_nothing_stays(tmp_path, monkeypatch, fail):
+    """A failed fsync (file or new/) is not durable: 451, and neither tmp/ nor
+    new/ keeps the message (the sender retries)."""
+    md = str(tmp_path / "Maildir")
+    spy = _SyncSpy(monkeypatch, fail=fail)
+
+    async def go():
+        d = Delivery.from_spec("maildir:" + md)
+        res = await deliver(d, env(), MSG)
+        await d.close()
+        return res
+    res = run(go())
+    assert not res.ok and res.reply.code == 451
+    assert listing(md)["new"] == [] and listing(md)["tmp"] == []
+    assert ("fsync-" + fail) in [c[0] for c in spy.calls]
+
+
 def test_maildir_null_sender_and_bytewise_writes(tmp_path):
     md = str(tmp_path / "m")
     res = run(_one(md, env(sender=""), MSG, bytewise=True))

@@ -227,3 +227,24 @@ def test_tarpit_refusal_names_its_line(tmp_path):
     assert v.reason == "no_mailbox" and v.rule is None       # no line names a missing mailbox
     v = s.rcpt("other@example.com")
     assert (v.reason, v.rule) == ("too_many_failed_rcpts", "tcp.smtp:1")
+
+
+def test_morercpthosts_merged_with_rcpthosts(tmp_path):
+    """SPEC B §1.8: morercpthosts extends rcpthosts (qmail: its cdb); either
+    file alone is enough to turn the check on."""
+    eng = engine(tmp_path, {"rcpthosts": "example.com\n", "morercpthosts": "example.net\n.sub.example.org\n"})
+    for rcpt, ok in (("u@example.com", True), ("u@example.net", True), ("u@a.sub.example.org", True),
+                     ("u@sub.example.org", False), ("u@elsewhere.example", False)):
+        s, v = envelope(eng, rcpt=rcpt)
+        assert v.accept == ok, (rcpt, v)
+        if not ok:
+            assert v.reason == "rcpthosts"
+    d = tmp_path / "only"
+    d.mkdir()
+    (d / "morercpthosts").write_text("example.net\n")
+    only = PolicyEngine(bundle.from_compiled(compiler.compile_dir(str(d))), PolicyOptions())
+    s = only.session(Client(ip="203.0.113.5"))
+    s.helo("x")
+    s.mail("a@b.example")
+    assert s.rcpt("u@example.net").accept
+    assert s.rcpt("u@example.com").reason == "rcpthosts"
