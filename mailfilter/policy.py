@@ -454,7 +454,7 @@ class SessionPolicy:
         rid = eng.badhelo_last(key, MODE_HOST)     # last match decides, `!` = exception (B §2.5)
         if rid >= 0 and not eng.rule_words[3 * rid] & FLAG_EXCEPTION:
             return ("bad_helo", rid)
-        return self._helocheck_name(name, mode)
+        return self._helocheck_name(name, mode) if mode == "=" else None
 
     def helo_dns_query(self) -> tuple[str, str] | None:
         """(rdtype, name) the caller should resolve for HELOCHECK A/M, or None."""
@@ -476,7 +476,7 @@ class SessionPolicy:
         if prof.auth_required and self.authenticated is None:
             return _V_AUTH_REQUIRED_MAIL
         eng = self.engine
-        if sender[-1:] == "]":
+        if sender and sender[-1] == "]":
             sender = eng.local_literal(sender)
         self.sender = sender
         if not sender:
@@ -572,7 +572,7 @@ class SessionPolicy:
         if prof.auth_required and self.authenticated is None:
             return self._reject("auth_required", "auth_required", prof.setting_rule("SMTPAUTH"))
         given = recipient
-        if recipient[-1:] == "]":
+        if recipient and recipient[-1] == "]":
             recipient = eng.local_literal(recipient)
         data = recipient.encode("latin-1", "replace")   # one byte per character
         if not relay:
