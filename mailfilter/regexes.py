@@ -506,6 +506,18 @@ def required_literal(pattern: str) -> bytes:
     return bytes(best).lower()
 
 
+def gate_part(pattern: str) -> str | None:
+    r"""`pattern` as one branch of a list's gate (bundle._LazyGate: one RE2
+    alternation `(?:p1)|(?:p2)|...` that must match whenever one of the p
+    does), or None when wrapping could change what it means: an unclosed
+    `\Q` would swallow the rest of the alternation as literal text (and a
+    `\E` in a later branch can close it again, so the gate still compiles),
+    a trailing backslash would escape the closing parenthesis."""
+    if "\\Q" in pattern or pattern.endswith("\\"):
+        return None
+    return f"(?:{pattern})"
+
+
 # -- cheap necessary conditions, checked in C before any RE2 call ----------
 
 _AT_START = (_c.AT_BEGINNING, _c.AT_BEGINNING_STRING)
