@@ -42,7 +42,11 @@ from mailfilter.core import core
 from mailfilter.regexes import compile_re2, gate_part
 
 MAGIC = b"MFBUNDL\0"
-FORMAT_VERSION = 3   # 2: regex filter records in LMAT; 3: required-byte filters (LMAT 3)
+# 2: regex filter records in LMAT; 3: required-byte filters (LMAT 3);
+# 4: regex literals and filters derived from RE2's reading of the pattern
+#    (format 3 bundles may hold filters that hide RE2 matches, e.g. of
+#    `[[:digit:]]x`: they must be recompiled, not loaded)
+FORMAT_VERSION = 4
 BYTEORDER = 0x01020304
 HEADER = struct.Struct("<8sIIIIQII32s7I28x")
 TOC_ENTRY = struct.Struct("<32sQQ")
