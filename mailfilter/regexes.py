@@ -18,14 +18,14 @@ Invariants (SPEC A §2, DESIGN.md):
   whose language CONTAINS RE2's (every literal an escape, every class an
   explicit byte set, zero-width assertions dropped, Unicode groups "any
   character"); anything it does not understand gets no filter at all. The
-  Python parse is only an analysis aid: RE2 remains the only matcher.
+  Python parse is only an analysis aid (it sees no raw pattern text, so it
+  never warns): RE2 remains the only matcher.
 """
 from __future__ import annotations
 
 import functools
 import re._constants as _c
 import re._parser as _parser
-import warnings
 
 import re2
 
@@ -473,10 +473,12 @@ def _analysis(pattern: str):
         translated = _re2_to_python(view)
     except (_Unsure, UnicodeError):
         return None
+    # Every byte of the translation is a `\xHH` escape, so Python's parser
+    # has nothing to warn about ("Possible nested set" needs a raw `[` or
+    # `--` in a set); no warnings.catch_warnings(), which would change the
+    # process-wide filters under a server thread (compile runs in an executor).
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")         # never a FutureWarning for users
-            return _parser.parse(translated)
+        return _parser.parse(translated)
     except Exception:
         return None
 
