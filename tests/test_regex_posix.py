@@ -612,3 +612,43 @@ def test_differential_random_re2_patterns():
                     expect = matched[-1] if matched else None
                 got = lookup(m, dialect, q)
                 assert (b.rule(got).line if got >= 0 else None) == expect, (dialect, group, q)
+
+
+# Token soup: random concatenations of RE2 syntax fragments, most of which
+# RE2 refuses; the ones it takes reach grammar corners a structured generator
+# does not (a flag group between an atom and its repetition, `\Q` inside a
+# bracket, braces next to classes...). Texts come from the pattern's own bytes.
+SOUP = list("[]^-:\\{}(),?*+|.$aAbcxyz19_@QEpPdDsSwWbBzZCN0") + [
+    "[:alpha:]", "[:^digit:]", "[:space:]", "\\Q", "\\E", "(?i)", "(?m)", "(?s)", "(?U)", "(?-i)",
+    "(?:", "(?P<n>", "{2}", "{1,3}", "{,2}", "{0}", "\\x41", "\\x{42}", "\\101", "\\pN", "\\p{L}",
+    "\\b", "\\A", "\\z", "\\Z", "[[:", ":]]", "abc", "xyz@", "\xe9", "\x00", "\n", "[[:digit:]]"]
+PIECES = [b"1", b"a", b"B", b"abc", b"xyz@", b"\n", b"-", b":", b"]", b"{,2}", b"_", b"\xe9", b"A"]
+
+
+def test_differential_token_soup():
+    rng = random.Random(5)
+    taken = checked = hits = unsure = 0
+    for _ in range(6000):
+        pattern = "".join(rng.choice(SOUP) for _ in range(rng.randint(1, 12)))
+        try:
+            agreement = Agreement(pattern)
+        except RegexError:
+            continue
+        taken += 1
+        unsure += _analysis(pattern) is None
+        raw = pattern.encode("latin-1")
+        for _ in range(12):
+            text = bytes(rng.choice(raw) for _ in range(rng.randint(0, 10)))
+            hits += agreement.check(text)
+            checked += 1
+        for _ in range(4):
+            text = bytes(rng.choice(b"aAbcxyz19_@[]^-:{},.\n\x00\xe9\xc9 QEpN\x08")
+                         for _ in range(rng.randint(0, 10)))
+            hits += agreement.check(text)
+            checked += 1
+        for _ in range(8):
+            text = b"".join(rng.choice(PIECES) for _ in range(rng.randint(1, 6)))
+            hits += agreement.check(text)
+            checked += 1
+    assert taken > 2000 and hits > checked // 10, (taken, checked, hits)
+    assert unsure < taken // 100, (taken, unsure)     # only RE2's rarest corners: no filter
