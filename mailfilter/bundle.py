@@ -39,10 +39,14 @@ from dataclasses import dataclass
 
 from mailfilter.compiler import FLAG_ALLOW, FLAG_EXCEPTION, FLAG_NEGATED, KINDS, Compiled
 from mailfilter.core import core
-from mailfilter.regexes import compile_re2
+from mailfilter.regexes import compile_re2, gate_part
 
 MAGIC = b"MFBUNDL\0"
-FORMAT_VERSION = 3   # 2: regex filter records in LMAT; 3: required-byte filters (LMAT 3)
+# 2: regex filter records in LMAT; 3: required-byte filters (LMAT 3);
+# 4: regex literals and filters derived from RE2's reading of the pattern
+#    (format 3 bundles may hold filters that hide RE2 matches, e.g. of
+#    `[[:digit:]]x`: they must be recompiled, not loaded)
+FORMAT_VERSION = 4
 BYTEORDER = 0x01020304
 HEADER = struct.Struct("<8sIIIIQII32s7I28x")
 TOC_ENTRY = struct.Struct("<32sQQ")
@@ -262,8 +266,9 @@ class Bundle:
             for stub in stubs:
                 stub.matcher = matcher
         gated = matcher.gated_regexes()
-        if len(gated) >= 2:
-            gate = _LazyGate("|".join(f"(?:{sources[i]})" for i in gated), matcher)
+        parts = [gate_part(sources[i]) for i in gated]
+        if len(parts) >= 2 and None not in parts:    # else no gate: every regex runs
+            gate = _LazyGate("|".join(parts), matcher)
             matcher.set_gate(gate.contains)
         return matcher
 

@@ -87,6 +87,17 @@ def test_wrong_version_refused(written):
         bm.load(written)
 
 
+def test_format_3_bundle_refused(written):
+    # format 3 stored regex filters derived from Python's reading of RE2
+    # patterns (`[[:digit:]]x` got the literal "]x"): never load one
+    assert bm.FORMAT_VERSION >= 4
+    corrupt(written, 8, struct.pack("<I", 3))
+    with pytest.raises(bm.BundleError) as exc:
+        bm.load(written)
+    assert "bundle format version 3" in str(exc.value)
+    assert "recompile with `mailfilter compile`" in str(exc.value)
+
+
 def test_flipped_payload_byte_refused(written):
     size = os.path.getsize(written)
     for offset in (128, size // 2, size - 1):
