@@ -397,7 +397,7 @@ class SMTPProtocol(asyncio.Protocol):
             sender=sp.sender or "", recipients=list(self.rcpts), helo=sp.helo_name or "",
             client_ip=self.client.ip, client_host=self.client.host,
             auth_user=sp.authenticated, tls=False,
-            local_host=self.engine.host)
+            local_host=self.engine.host, esmtp=self.engine.esmtp)
         sink = self.state.delivery.open(env)
         sink.write(received_header(env))
         self.sink = sink

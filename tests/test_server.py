@@ -120,6 +120,24 @@ def test_full_transaction_smtplib(server):
     assert maildir_files(server.maildir, "tmp") == []
 
 
+@pytest.mark.parametrize("verb,proto", [("HELO", b"SMTP"), ("EHLO", b"ESMTP")])
+def test_received_protocol_helo_smtp_ehlo_esmtp(server, verb, proto):
+    """SPEC B §1.12 / RFC 3848: a session that greeted with HELO is `with
+    SMTP`, one that used EHLO `with ESMTP` (the last greeting counts)."""
+    c = RawClient(server.port)
+    assert c.reply()[0] == 220
+    other = "EHLO" if verb == "HELO" else "HELO"
+    assert c.cmd(f"{other} first.test")[0] == 250
+    assert c.cmd(f"{verb} client.test")[0] == 250
+    c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
+    assert [r[0] for r in c.replies(3)] == [250, 250, 354]
+    c.send(b"Subject: p\r\n\r\nbody\r\n.\r\n")
+    assert c.reply()[0] == 250
+    c.close()
+    [raw] = read_new(server.maildir)
+    assert b"(HELO client.test) (127.0.0.1)\n  by mx.test with " + proto + b"; " in raw
+
+
 def test_pipelined_commands_answered_in_one_write(server):
     """SPEC B §7.3 PIPELINING / DESIGN "answered in one transport.write":
     MAIL, RCPT, RCPT, DATA in one packet -> four replies in ONE write."""
