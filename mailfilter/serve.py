@@ -29,7 +29,7 @@ from mailfilter.delivery import Delivery
 from mailfilter.dnscheck import Resolver
 from mailfilter.policy import PolicyEngine, PolicyOptions
 from mailfilter.replies import reply
-from mailfilter.server import Limits, ServerState, SMTPProtocol
+from mailfilter.server import REMOTE_HOST_MODES, Limits, ServerState, SMTPProtocol
 
 logger = logging.getLogger("mailfilter")
 
@@ -48,6 +48,7 @@ class ServeOptions:
     loop: str = "uvloop"
     open_relay: bool = False
     resolver: str | None = None
+    remote_host: str = "confirmed"      # TCPREMOTEHOST: off | ptr | confirmed (server.py)
     max_connections: int = 10_000
     max_per_ip: int = 100
     timeout: float | None = None        # default: rules' timeoutsmtpd, else 300
@@ -100,6 +101,13 @@ def load_policy(opts: ServeOptions) -> PolicyEngine:
 def build_state(opts: ServeOptions) -> ServerState:
     for spec in opts.listen:        # a bad --listen is a start-up error, not a traceback
         parse_listen(spec)
+    if opts.remote_host not in REMOTE_HOST_MODES:
+        raise StartupError(f"--remote-host must be one of {', '.join(REMOTE_HOST_MODES)}, "
+                           f"not {opts.remote_host!r}")
+    try:
+        resolver = Resolver(opts.resolver)
+    except ValueError as exc:
+        raise StartupError(f"--resolver {exc}") from None
     policy = load_policy(opts)
     try:
         delivery = Delivery.from_spec(opts.deliver)
@@ -110,8 +118,8 @@ def build_state(opts: ServeOptions) -> ServerState:
         timeout = float(policy.bundle.integers.get("timeoutsmtpd", 300)) or 1.0
     limits = Limits(max_connections=opts.max_connections, max_per_ip=opts.max_per_ip,
                     idle_timeout=timeout, session_deadline=opts.session_deadline)
-    return ServerState(policy, delivery, limits=limits, resolver=Resolver(opts.resolver),
-                       hostname=opts.hostname, auth=build_auth(opts))
+    return ServerState(policy, delivery, limits=limits, resolver=resolver,
+                       hostname=opts.hostname, auth=build_auth(opts), remote_host=opts.remote_host)
 
 
 def build_auth(opts: ServeOptions):
@@ -259,7 +267,7 @@ def options_from(args) -> ServeOptions:
             if not hasattr(opts, name):
                 raise StartupError(f"--config {args.config}: unknown setting {key!r}")
             setattr(opts, name, value)
-    for name in ("rules", "bundle", "hostname", "deliver", "workers", "loop", "resolver",
+    for name in ("rules", "bundle", "hostname", "deliver", "workers", "loop", "resolver", "remote_host",
                  "syslog_socket", "max_connections", "max_per_ip", "timeout", "session_deadline", "log_level",
                  "auth", "userdb", "checkpassword", "checkpassword_order", "checkpassword_timeout",
                  "auth_fail_delay"):
@@ -291,7 +299,15 @@ def add_arguments(p) -> None:
     p.add_argument("--loop", choices=("uvloop", "asyncio"))
     p.add_argument("--config", help="TOML file with the same settings")
     p.add_argument("--open-relay", action="store_true", help="allow running without rcpthosts (SPEC A §4)")
-    p.add_argument("--resolver", help="DNS server HOST:PORT for HELOCHECK A/M and MFDNSCHECK")
+    p.add_argument("--resolver", metavar="ADDR",
+                   help="DNS server for the client host name, HELOCHECK A/M and MFDNSCHECK: "
+                        "IP, IP:PORT, [IPV6]:PORT or a bare IPv6 address (default: /etc/resolv.conf)")
+    p.add_argument("--remote-host", choices=REMOTE_HOST_MODES,
+                   help="client host name (qmail's TCPREMOTEHOST, used by tcp.smtp =host rules, "
+                        "HELOCHECK \"=\", decorated badmailfrom and the Received header): "
+                        "off = always unknown (tcpserver -H), ptr = first PTR name, confirmed = "
+                        "the PTR name only if it resolves back to the client address (default; "
+                        "tcpserver -p, Postfix)")
     p.add_argument("--max-connections", type=int)
     p.add_argument("--max-per-ip", type=int)
     p.add_argument("--timeout", type=float, help="idle seconds per command (default: timeoutsmtpd)")

@@ -245,7 +245,7 @@ def test_syslog_facility_mail(tmp_path, rules):
     proc = subprocess.Popen(
         [sys.executable, "-m", "mailfilter", "serve", "--listen", f"127.0.0.1:{port}",
          "--rules", rules, "--deliver", f"maildir:{tmp_path}/spool",
-         "--syslog", "--syslog-socket", sock_path],
+         "--syslog", "--syslog-socket", sock_path, "--remote-host", "off"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env())
     try:
         lines = []

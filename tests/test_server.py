@@ -43,10 +43,12 @@ def rules_dir(tmp_path):
 def start(tmp_path, loop_kind, rules_dir):
     servers = []
 
-    def _start(*, rules=None, deliver=None, limits=None, resolver=None, open_relay=False):
+    def _start(*, rules=None, deliver=None, limits=None, resolver=None, open_relay=False,
+               remote_host="off"):
         maildir = str(tmp_path / f"spool{len(servers)}")
         state = make_state(rules or rules_dir, deliver or f"maildir:{maildir}",
-                           limits=limits, resolver=resolver, open_relay=open_relay)
+                           limits=limits, resolver=resolver, open_relay=open_relay,
+                           remote_host=remote_host)
         srv = ServerThread(loop_kind, state).start()
         srv.maildir = maildir
         servers.append(srv)
