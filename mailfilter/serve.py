@@ -11,6 +11,10 @@ the same ports with SO_REUSEPORT; the parent forwards SIGHUP/SIGTERM.
 Options may also come from a TOML file (`--config FILE`) whose keys are the
 long option names with `_` for `-` (e.g. `listen = ["127.0.0.1:2525"]`,
 `deliver = "maildir:var/spool"`); the command line wins.
+
+Limits that come from the rules (`timeoutsmtpd` -> the idle timeout,
+`timeoutsession` -> the session deadline) apply unless `--timeout` /
+`--session-deadline` were given, and are re-read on every reload.
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ logger = logging.getLogger("mailfilter")
 
 DEFAULT_LISTEN = "127.0.0.1:2525"
 DEFAULT_DELIVER = "maildir:var/spool"
+DEFAULT_TIMEOUT = 300.0               # without --timeout and timeoutsmtpd
+DEFAULT_SESSION_DEADLINE = 3600.0     # without --session-deadline and timeoutsession
 
 
 @dataclass
@@ -52,7 +58,7 @@ class ServeOptions:
     max_connections: int = 10_000
     max_per_ip: int = 100
     timeout: float | None = None        # default: rules' timeoutsmtpd, else 300
-    session_deadline: float = 3600.0
+    session_deadline: float | None = None   # default: rules' timeoutsession, else 3600
     syslog: bool = False
     syslog_socket: str = "/dev/log"
     log_level: str = "info"
@@ -98,6 +104,21 @@ def load_policy(opts: ServeOptions) -> PolicyEngine:
     return engine
 
 
+def limits_for(opts: ServeOptions, policy: PolicyEngine) -> Limits:
+    """The connection limits: options first, then the rules' timeoutsmtpd
+    (idle seconds per command) and timeoutsession (seconds per session;
+    0 = the default), then the defaults. Made again on every reload."""
+    integers = policy.bundle.integers
+    timeout = opts.timeout
+    if timeout is None:
+        timeout = float(integers.get("timeoutsmtpd", DEFAULT_TIMEOUT)) or 1.0
+    deadline = opts.session_deadline
+    if deadline is None:
+        deadline = float(integers.get("timeoutsession", 0)) or DEFAULT_SESSION_DEADLINE
+    return Limits(max_connections=opts.max_connections, max_per_ip=opts.max_per_ip,
+                  idle_timeout=timeout, session_deadline=deadline)
+
+
 def build_state(opts: ServeOptions) -> ServerState:
     for spec in opts.listen:        # a bad --listen is a start-up error, not a traceback
         parse_listen(spec)
@@ -113,12 +134,7 @@ def build_state(opts: ServeOptions) -> ServerState:
         delivery = Delivery.from_spec(opts.deliver)
     except ValueError as exc:
         raise StartupError(f"--deliver: {exc}") from None
-    timeout = opts.timeout
-    if timeout is None:
-        timeout = float(policy.bundle.integers.get("timeoutsmtpd", 300)) or 1.0
-    limits = Limits(max_connections=opts.max_connections, max_per_ip=opts.max_per_ip,
-                    idle_timeout=timeout, session_deadline=opts.session_deadline)
-    return ServerState(policy, delivery, limits=limits, resolver=resolver,
+    return ServerState(policy, delivery, limits=limits_for(opts, policy), resolver=resolver,
                        hostname=opts.hostname, auth=build_auth(opts), remote_host=opts.remote_host)
 
 
@@ -149,7 +165,7 @@ async def reload(state: ServerState, opts: ServeOptions) -> bool:
     except StartupError as exc:
         logger.error("reload failed, keeping the current rules: %s", exc)
         return False
-    state.swap_policy(policy)
+    state.swap_policy(policy, limits_for(opts, policy))
     logger.info("reload ok: %d rules from %s", policy.bundle.n_rules, policy.bundle.source)
     return True
 
@@ -310,8 +326,10 @@ def add_arguments(p) -> None:
                         "tcpserver -p, Postfix)")
     p.add_argument("--max-connections", type=int)
     p.add_argument("--max-per-ip", type=int)
-    p.add_argument("--timeout", type=float, help="idle seconds per command (default: timeoutsmtpd)")
-    p.add_argument("--session-deadline", type=float)
+    p.add_argument("--timeout", type=float,
+                   help="idle seconds per command (default: rules' timeoutsmtpd, else 300)")
+    p.add_argument("--session-deadline", type=float,
+                   help="seconds per session (default: rules' timeoutsession, else 3600)")
     p.add_argument("--syslog", action="store_true", help="log to syslog, facility mail")
     p.add_argument("--syslog-socket", help="syslog socket (default /dev/log)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))

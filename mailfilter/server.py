@@ -22,8 +22,9 @@ bytes a client sends before the greeting are kept until then (reading stops
 past EARLY_MAX), and a client that leaves meanwhile cancels the lookup.
 
 Invariants:
-- a session keeps the PolicyEngine (and so the bundle) it started with; a
-  SIGHUP reload swaps ServerState.policy for new sessions only;
+- a session keeps the PolicyEngine (and so the bundle) and the Limits it
+  started with; a SIGHUP reload swaps ServerState.policy and .limits for new
+  sessions only;
 - "250 means stored": the reply after DATA is the delivery's reply; an
   exception anywhere in a session is logged with its traceback and answered
   421 4.3.0 on that connection only (DESIGN.md, Errors and logging);
@@ -99,8 +100,12 @@ class ServerState:
             features=[f"rules-dialect={policy.bundle.dialect}", *self.features],
         )
 
-    def swap_policy(self, policy: PolicyEngine) -> None:
-        """Atomically switch new sessions to `policy` (SIGHUP reload)."""
+    def swap_policy(self, policy: PolicyEngine, limits: Limits | None = None) -> None:
+        """Atomically switch new sessions to `policy` and, when given, to
+        `limits` (SIGHUP reload: timeoutsmtpd / timeoutsession may have
+        changed); sessions in flight keep the objects they hold."""
+        if limits is not None:
+            self.limits = limits
         self.policy = policy
         self.engine_config = self._engine_config(policy)
         self.host = host_of(self.engine_config.greeting)

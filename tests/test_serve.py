@@ -97,6 +97,52 @@ def test_sighup_broken_rules_keep_old_rules(served, rules):
 BANNED_RULES = "new-spammer@evil.test\n"
 
 
+def test_sighup_reload_picks_up_timeoutsmtpd(served, rules):
+    """Issue: swap_policy kept the old Limits. A reload that changes
+    timeoutsmtpd gives NEW sessions the new idle timeout (421 after 1 s);
+    a session opened before keeps its 1200 s."""
+    sp = served()
+    old = session(sp.port)
+    write_rules(rules, {"timeoutsmtpd": "1\n"})
+    sp.signal(signal.SIGHUP)
+    sp.log.wait_for(r"reload ok: ")
+    new = session(sp.port)
+    assert first(new.reply()) == "421 4.4.2 mx.test timeout, closing connection"
+    assert new.at_eof()
+    new.close()
+    assert first(old.cmd("NOOP")) == "250 2.0.0 ok"     # still on the old limits
+    old.close()
+
+
+def test_timeoutsession_is_the_default_session_deadline(served, tmp_path):
+    """rules/timeoutsession (controlfiles INT_FILES) is the session deadline
+    unless --session-deadline is given: the session ends with 421 after 1 s."""
+    rules = write_rules(tmp_path / "short", {"timeoutsession": "1\n"})
+    sp = served("--rules", rules)
+    c = session(sp.port)
+    assert first(c.reply()) == "421 4.4.2 mx.test session too long, closing connection"
+    c.close()
+    sp.log.wait_for(r"action=close reason=session_deadline ")
+
+
+@pytest.mark.parametrize("files,argv,idle,deadline", [
+    ({}, [], 1200.0, 3600.0),                                      # BASE_RULES: timeoutsmtpd 1200
+    ({"timeoutsession": "90\n"}, [], 1200.0, 90.0),
+    ({"timeoutsession": "0\n"}, [], 1200.0, 3600.0),               # 0 = the default
+    ({"timeoutsession": "90\n"}, ["--session-deadline", "30", "--timeout", "7"], 7.0, 30.0),
+    ({"timeoutsmtpd": "0\n"}, [], 1.0, 3600.0),
+])
+def test_limits_from_rules_and_options(tmp_path, files, argv, idle, deadline):
+    """serve.limits_for: options first, then timeoutsmtpd / timeoutsession."""
+    from mailfilter.cli import build_parser
+    from mailfilter.serve import build_state, options_from
+    rules = write_rules(tmp_path / "r", files)
+    opts = options_from(build_parser().parse_args(["serve", "--rules", rules, "--remote-host", "off",
+                                                   "--deliver", "discard", *argv]))
+    limits = build_state(opts).limits
+    assert (limits.idle_timeout, limits.session_deadline) == (idle, deadline)
+
+
 def test_workers_share_the_port(served, tmp_path):
     """serve.py --workers N: N processes accept on the same port (SO_REUSEPORT).
     Both log their listening line, and both take connections: the qp ids of

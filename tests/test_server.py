@@ -796,6 +796,27 @@ def test_session_deadline_421_while_the_client_keeps_busy(start, decisions):
     assert not any("reason=timeout" in l for l in decisions())
 
 
+def test_swapped_limits_apply_to_new_sessions_only(start, rules_dir):
+    """SIGHUP reload (ServerState.swap_policy with the Limits made from the
+    new rules): a new session gets the new idle timeout, a session in
+    flight keeps the one it started with."""
+    from tests.server_harness import policy_for
+
+    srv = start(limits=Limits(idle_timeout=60))
+    old = session(srv.port)
+
+    async def swap():
+        srv.state.swap_policy(policy_for(rules_dir), Limits(idle_timeout=0.3))
+
+    srv.call(swap())
+    new = session(srv.port)
+    assert first(new.reply()) == "421 4.4.2 mx.test timeout, closing connection"
+    new.close()
+    assert first(old.cmd("NOOP")) == "250 2.0.0 ok"
+    assert srv.state.limits.idle_timeout == 0.3 and srv.connections[0].limits.idle_timeout == 60
+    old.close()
+
+
 def test_global_connection_cap_421(start, decisions):
     """DESIGN / server.py limits: over max_connections -> 421 4.7.0 at connect."""
     srv = start(limits=Limits(max_connections=2))
