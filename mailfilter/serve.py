@@ -10,7 +10,8 @@ the same ports with SO_REUSEPORT; the parent forwards SIGHUP/SIGTERM.
 
 Options may also come from a TOML file (`--config FILE`) whose keys are the
 long option names with `_` for `-` (e.g. `listen = ["127.0.0.1:2525"]`,
-`deliver = "maildir:var/spool"`); the command line wins.
+`deliver = "maildir:var/spool"`); the command line wins, and a rule source
+given there (`--rules` or `--bundle`) replaces the file's `rules`/`bundle`.
 
 Limits that come from the rules (`timeoutsmtpd` -> the idle timeout,
 `timeoutsession` -> the session deadline) apply unless `--timeout` /
@@ -270,23 +271,37 @@ def run(opts: ServeOptions) -> int:
     return status
 
 
+_FLAGS = ("rules", "bundle", "hostname", "deliver", "workers", "loop", "resolver", "remote_host",
+          "syslog_socket", "max_connections", "max_per_ip", "timeout", "session_deadline", "log_level",
+          "auth", "userdb", "checkpassword", "checkpassword_order", "checkpassword_timeout",
+          "auth_fail_delay")
+
+
+def _config_file(path: str, opts: ServeOptions) -> set[str]:
+    """Apply the TOML file at `path` to `opts`; the option names it set."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise StartupError(f"--config {path}: {exc}") from None
+    names = set()
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if not hasattr(opts, name):
+            raise StartupError(f"--config {path}: unknown setting {key!r}")
+        setattr(opts, name, value)
+        names.add(name)
+    if {"rules", "bundle"} <= names:
+        raise StartupError(f"--config {path}: give rules or bundle, not both")
+    return names
+
+
 def options_from(args) -> ServeOptions:
+    """ServeOptions from the defaults, then --config, then the command line
+    (which wins; its --rules or --bundle replaces the file's rule source)."""
     opts = ServeOptions()
-    if getattr(args, "config", None):
-        try:
-            with open(args.config, "rb") as fh:
-                data = tomllib.load(fh)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise StartupError(f"--config {args.config}: {exc}") from None
-        for key, value in data.items():
-            name = key.replace("-", "_")
-            if not hasattr(opts, name):
-                raise StartupError(f"--config {args.config}: unknown setting {key!r}")
-            setattr(opts, name, value)
-    for name in ("rules", "bundle", "hostname", "deliver", "workers", "loop", "resolver", "remote_host",
-                 "syslog_socket", "max_connections", "max_per_ip", "timeout", "session_deadline", "log_level",
-                 "auth", "userdb", "checkpassword", "checkpassword_order", "checkpassword_timeout",
-                 "auth_fail_delay"):
+    from_file = _config_file(args.config, opts) if getattr(args, "config", None) else set()
+    for name in _FLAGS:
         value = getattr(args, name, None)
         if value is not None:
             setattr(opts, name, value)
@@ -296,8 +311,10 @@ def options_from(args) -> ServeOptions:
         opts.open_relay = True
     if getattr(args, "syslog", False):
         opts.syslog = True
-    if opts.bundle:
-        opts.rules = None if getattr(args, "rules", None) is None else opts.rules
+    if getattr(args, "rules", None) is not None:
+        opts.bundle = None
+    elif getattr(args, "bundle", None) is not None or "bundle" in from_file:
+        opts.rules = None
     if isinstance(opts.listen, str):
         opts.listen = [opts.listen]
     return opts

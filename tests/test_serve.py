@@ -339,3 +339,95 @@ def test_sighup_reloads_a_bundle_and_refuses_a_broken_one(tmp_path, rules):
         assert rcpt_verdict(sp.port, "new-spammer@evil.test") == BANNED
     finally:
         sp.stop()
+
+
+# ------------------------------------------------------------------ options: file and command line
+def opts_of(*argv):
+    from mailfilter.cli import build_parser
+    from mailfilter.serve import options_from
+    return options_from(build_parser().parse_args(["serve", *map(str, argv)]))
+
+
+def test_rule_source_command_line_replaces_the_config_file(tmp_path):
+    """serve.options_from: `--rules` on the command line drops a config
+    `bundle` (it used to win, load_policy prefers a bundle), `--bundle`
+    drops a config `rules`; a file alone decides; a file with both is an error."""
+    from mailfilter.serve import StartupError
+    with_bundle = tmp_path / "b.toml"
+    with_bundle.write_text('bundle = "/srv/rules.mfb"\n')
+    with_rules = tmp_path / "r.toml"
+    with_rules.write_text('rules = "/srv/rules"\n')
+    got = lambda o: (o.rules, o.bundle)     # noqa: E731
+    assert got(opts_of("--config", with_bundle, "--rules", "cli-rules")) == ("cli-rules", None)
+    assert got(opts_of("--config", with_bundle)) == (None, "/srv/rules.mfb")
+    assert got(opts_of("--config", with_rules, "--bundle", "cli.mfb")) == (None, "cli.mfb")
+    assert got(opts_of("--config", with_rules)) == ("/srv/rules", None)
+    assert got(opts_of()) == ("rules", None)
+    both = tmp_path / "both.toml"
+    both.write_text('rules = "r"\nbundle = "b.mfb"\n')
+    with pytest.raises(StartupError, match="give rules or bundle, not both"):
+        opts_of("--config", both)
+
+
+def test_command_line_beats_the_config_file(tmp_path):
+    cfg = tmp_path / "mf.toml"
+    cfg.write_text('timeout = 5.0\nsession-deadline = 50.0\nremote_host = "ptr"\nloop = "uvloop"\n'
+                   'resolver = "127.0.0.1:5353"\nhostname = "cfg.test"\nlisten = "127.0.0.1:1"\n')
+    o = opts_of("--config", cfg)
+    assert (o.timeout, o.session_deadline, o.remote_host, o.loop, o.resolver, o.hostname, o.listen) == \
+        (5.0, 50.0, "ptr", "uvloop", "127.0.0.1:5353", "cfg.test", ["127.0.0.1:1"])
+    o = opts_of("--config", cfg, "--timeout", "7", "--session-deadline", "70", "--remote-host", "off",
+                "--loop", "asyncio", "--resolver", "::1", "--hostname", "cli.test", "--listen", "127.0.0.1:2")
+    assert (o.timeout, o.session_deadline, o.remote_host, o.loop, o.resolver, o.hostname, o.listen) == \
+        (7.0, 70.0, "off", "asyncio", "::1", "cli.test", ["127.0.0.1:2"])
+
+
+def test_remote_host_option_parsing(tmp_path, rules):
+    """--remote-host off|ptr|confirmed (default confirmed), also `remote_host`
+    / `remote-host` in the config file; anything else is refused at start."""
+    assert opts_of().remote_host == "confirmed"
+    for mode in ("off", "ptr", "confirmed"):
+        assert opts_of("--remote-host", mode).remote_host == mode
+    cfg = tmp_path / "rh.toml"
+    cfg.write_text('remote-host = "ptr"\n')
+    assert opts_of("--config", cfg).remote_host == "ptr"
+    r = run_cli("serve", "--rules", rules, "--remote-host", "paranoid")
+    assert r.returncode == 2 and "invalid choice: 'paranoid'" in r.stderr
+    cfg.write_text('remote_host = "paranoid"\n')
+    r = run_cli("serve", "--config", str(cfg), "--rules", rules, "--listen", f"127.0.0.1:{free_port()}")
+    assert r.returncode == 2
+    assert "mailfilter serve: --remote-host must be one of off, ptr, confirmed, not 'paranoid'" in r.stderr
+
+
+def test_config_bundle_yields_to_command_line_rules(tmp_path, rules):
+    """End to end: a config naming a bundle that does not exist, started with
+    --rules: the server compiles the rules and runs (it used to load the bundle)."""
+    cfg = tmp_path / "mf.toml"
+    cfg.write_text(f'bundle = "{tmp_path}/missing.mfb"\ndeliver = "maildir:{tmp_path}/spool"\n')
+    sp = spawn_serve("--config", str(cfg), "--rules", rules)
+    try:
+        assert rcpt_verdict(sp.port, "spammer@example.org") == \
+            "553 5.7.1 sorry, your envelope sender is in my badmailfrom list"
+    finally:
+        assert sp.stop() == 0
+
+
+@pytest.mark.parametrize("spec", ["::1]", "[::1", "dns.example", "127.0.0.1:dns", "[::1]:0"])
+def test_bad_resolver_is_a_startup_error(rules, spec):
+    """--resolver accepts IP, IP:PORT, [V6], [V6]:PORT or a bare IPv6
+    address; anything else stops the start with one clear line, exit 2."""
+    r = run_cli("serve", "--rules", rules, "--resolver", spec, "--listen", f"127.0.0.1:{free_port()}")
+    assert r.returncode == 2, r
+    assert r.stderr.startswith(f"mailfilter serve: --resolver {spec!r}: ")
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("spec,host,port", [
+    ("::1", "::1", 53), ("[::1]:5353", "::1", 5353), ("127.0.0.1", "127.0.0.1", 53),
+    ("127.0.0.1:5353", "127.0.0.1", 5353),
+])
+def test_good_resolver_forms(rules, spec, host, port):
+    """`--resolver ::1` used to become host `::` port 1."""
+    from mailfilter.serve import build_state
+    res = build_state(opts_of("--rules", rules, "--deliver", "discard", "--resolver", spec)).resolver._res
+    assert (res.nameservers, res.port) == ([host], port)
