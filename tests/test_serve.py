@@ -264,6 +264,21 @@ def test_serve_config_toml(tmp_path, rules):
         assert sp.stop() == 0
 
 
+@pytest.mark.parametrize("config", [None, 'loop = "uvloop"\n'])
+def test_loop_flag_selects_asyncio(served, tmp_path, config):
+    """`--loop asyncio` runs the server on asyncio's loop (default uvloop),
+    also over a config file that says uvloop; the server logs which."""
+    args = ["--loop", "asyncio"]
+    if config is not None:
+        cfg = tmp_path / "loop.toml"
+        cfg.write_text(config)
+        args += ["--config", str(cfg)]
+    sp = served(*args)
+    sp.log.wait_for(r"listening on 127\.0\.0\.1:\d+ \(pid \d+, asyncio loop\)")
+    assert "uvloop loop" not in sp.log.text()
+    assert rcpt_verdict(sp.port, "a@sender.test") == "250 2.1.5 ok"
+
+
 def test_serve_timeout_option(served):
     """`--timeout 1`: an idle client gets 421 4.4.2 and is disconnected
     (SPEC B §7.1; qmail's timeoutsmtpd as a command-line option)."""

@@ -263,6 +263,58 @@ def test_policy_rejections_at_rcpt_with_rule_in_log(server, decisions, sender, r
     assert f"helo=<client.test> from=<{sender}> to=<{rcpt}> reply=\"{reply}\"" in line
 
 
+HC_EMPTY, HC_BANG, HC_DOT = "127.0.0.12", "127.0.0.13", "127.0.0.14"
+HELOCHECK_RULES = {
+    "badhelo": "localhost\n.bad.example\n",
+    "tcp.smtp": (f'{HC_EMPTY}:allow,HELOCHECK=""\n{HC_BANG}:allow,HELOCHECK="!"\n'
+                 f'{HC_DOT}:allow,HELOCHECK="."\n:allow\n'),
+}
+BAD_HELO = "550 5.7.1 sorry, invalid HELO/EHLO greeting"
+
+
+@pytest.mark.parametrize("source,helo,expect,reason", [
+    (HC_EMPTY, "mx.good.test", "250 2.1.5 ok", None),
+    (HC_EMPTY, "localhost", BAD_HELO, "reason=bad_helo rule=badhelo:1 "),
+    (HC_EMPTY, "mx.bad.example", BAD_HELO, "reason=bad_helo rule=badhelo:2 "),
+    (HC_EMPTY, None, "250 2.1.5 ok", None),                 # "": no HELO is fine
+    (HC_BANG, None, BAD_HELO, "reason=helo_missing "),      # "!": HELO required ...
+    (HC_BANG, "localhost", "250 2.1.5 ok", None),           # ... but no list check
+    (HC_DOT, None, BAD_HELO, "reason=helo_missing "),       # ".": both
+    (HC_DOT, "localhost", BAD_HELO, "reason=bad_helo rule=badhelo:1 "),
+    (HC_DOT, "mx.good.test", "250 2.1.5 ok", None),
+    ("127.0.0.15", "localhost", "250 2.1.5 ok", None),      # HELOCHECK unset: no check
+])
+def test_helocheck_modes_through_the_server(start, tmp_path, decisions, source, helo, expect, reason):
+    """SPEC B §2.4 HELOCHECK "" (badhelo), "!" (HELO required), "." (both),
+    §2.7 (250 to HELO, the verdict at RCPT), §2.8 #5/#6, with the rule in the log."""
+    srv = start(rules=write_rules(tmp_path / "hc", HELOCHECK_RULES))
+    c = RawClient(srv.port, source)
+    assert c.reply()[0] == 220
+    if helo is not None:
+        assert c.cmd(f"HELO {helo}")[0] == 250
+    c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\n")
+    assert [first(r) for r in c.replies(2)] == ["250 2.1.0 ok", expect]
+    c.close()
+    if reason is not None:
+        [line] = [l for l in decisions() if "stage=RCPT" in l]
+        assert line.startswith("action=reject stage=RCPT " + reason), line
+
+
+@pytest.mark.parametrize("send,reply,tag", [
+    (b"NOOP\n", "250 2.0.0 ok", "BARE NEWLINE"),
+    (b"NOOP " + b"x" * 600 + b"\r\n", "500 5.5.2 line too long", "COMMAND LENGTH LIMIT"),
+])
+def test_anomalies_in_the_log(server, decisions, send, reply, tag):
+    """smtpconn's anomaly tags reach the log as one key=value line naming
+    the client (SPEC B §1.4 bare LF, A §6 / RFC 5321 line length)."""
+    c = session(server.port)
+    c.send(send)
+    assert first(c.reply()) == reply
+    c.close()
+    lines = [l for l in decisions() if l.startswith("anomaly=")]
+    assert any(l.startswith(f'anomaly="{tag}" client=unknown[127.0.0.1]:') for l in lines), lines
+
+
 def test_tcp_smtp_deny_553_at_rcpt(server, decisions):
     """SPEC A §3 / rules README: a `deny` client is refused at every RCPT, 553 5.7.1."""
     c = session(server.port, DENIED)
