@@ -82,7 +82,7 @@ class Resolver:
         self._res = res
         self.timeout = timeout
 
-    async def _query(self, name: "str | dns.name.Name", rdtype: str):
+    async def _query(self, name: str | dns.name.Name, rdtype: str):
         """('ok', answer) / ('nodata', None) / ('nx', None) / ('temp', None)."""
         try:
             qname = name if isinstance(name, dns.name.Name) else dns.name.from_text(name)

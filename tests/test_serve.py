@@ -114,17 +114,6 @@ def test_sighup_reload_picks_up_timeoutsmtpd(served, rules):
     old.close()
 
 
-def test_timeoutsession_is_the_default_session_deadline(served, tmp_path):
-    """rules/timeoutsession (controlfiles INT_FILES) is the session deadline
-    unless --session-deadline is given: the session ends with 421 after 1 s."""
-    rules = write_rules(tmp_path / "short", {"timeoutsession": "1\n"})
-    sp = served("--rules", rules)
-    c = session(sp.port)
-    assert first(c.reply()) == "421 4.4.2 mx.test session too long, closing connection"
-    c.close()
-    sp.log.wait_for(r"action=close reason=session_deadline ")
-
-
 @pytest.mark.parametrize("files,argv,idle,deadline", [
     ({}, [], 1200.0, 3600.0),                                      # BASE_RULES: timeoutsmtpd 1200
     ({"timeoutsession": "90\n"}, [], 1200.0, 90.0),
@@ -133,7 +122,10 @@ def test_timeoutsession_is_the_default_session_deadline(served, tmp_path):
     ({"timeoutsmtpd": "0\n"}, [], 1.0, 3600.0),
 ])
 def test_limits_from_rules_and_options(tmp_path, files, argv, idle, deadline):
-    """serve.limits_for: options first, then timeoutsmtpd / timeoutsession."""
+    """serve.limits_for via build_state: options first, then the rules'
+    timeoutsmtpd / timeoutsession (controlfiles INT_FILES; timeoutsession was
+    read but unused), then 300 / 3600. The server's deadline itself:
+    test_server.py test_session_deadline_421."""
     from mailfilter.cli import build_parser
     from mailfilter.serve import build_state, options_from
     rules = write_rules(tmp_path / "r", files)
@@ -372,7 +364,9 @@ def test_rule_source_command_line_replaces_the_config_file(tmp_path):
     with_bundle.write_text('bundle = "/srv/rules.mfb"\n')
     with_rules = tmp_path / "r.toml"
     with_rules.write_text('rules = "/srv/rules"\n')
-    got = lambda o: (o.rules, o.bundle)     # noqa: E731
+
+    def got(o):
+        return o.rules, o.bundle
     assert got(opts_of("--config", with_bundle, "--rules", "cli-rules")) == ("cli-rules", None)
     assert got(opts_of("--config", with_bundle)) == (None, "/srv/rules.mfb")
     assert got(opts_of("--config", with_rules, "--bundle", "cli.mfb")) == (None, "cli.mfb")
@@ -400,18 +394,20 @@ def test_command_line_beats_the_config_file(tmp_path):
 def test_remote_host_option_parsing(tmp_path, rules):
     """--remote-host off|ptr|confirmed (default confirmed), also `remote_host`
     / `remote-host` in the config file; anything else is refused at start."""
+    from mailfilter.serve import StartupError, build_state
     assert opts_of().remote_host == "confirmed"
     for mode in ("off", "ptr", "confirmed"):
         assert opts_of("--remote-host", mode).remote_host == mode
+        assert build_state(opts_of("--rules", rules, "--deliver", "discard",
+                                   "--remote-host", mode)).remote_host == mode
     cfg = tmp_path / "rh.toml"
     cfg.write_text('remote-host = "ptr"\n')
     assert opts_of("--config", cfg).remote_host == "ptr"
-    r = run_cli("serve", "--rules", rules, "--remote-host", "paranoid")
-    assert r.returncode == 2 and "invalid choice: 'paranoid'" in r.stderr
+    with pytest.raises(SystemExit):
+        opts_of("--remote-host", "paranoid")                # argparse choices: exit 2
     cfg.write_text('remote_host = "paranoid"\n')
-    r = run_cli("serve", "--config", str(cfg), "--rules", rules, "--listen", f"127.0.0.1:{free_port()}")
-    assert r.returncode == 2
-    assert "mailfilter serve: --remote-host must be one of off, ptr, confirmed, not 'paranoid'" in r.stderr
+    with pytest.raises(StartupError, match="--remote-host must be one of off, ptr, confirmed, not 'paranoid'"):
+        build_state(opts_of("--config", cfg, "--rules", rules))
 
 
 def test_config_bundle_yields_to_command_line_rules(tmp_path, rules):
@@ -430,11 +426,18 @@ def test_config_bundle_yields_to_command_line_rules(tmp_path, rules):
 @pytest.mark.parametrize("spec", ["::1]", "[::1", "dns.example", "127.0.0.1:dns", "[::1]:0"])
 def test_bad_resolver_is_a_startup_error(rules, spec):
     """--resolver accepts IP, IP:PORT, [V6], [V6]:PORT or a bare IPv6
-    address; anything else stops the start with one clear line, exit 2."""
-    r = run_cli("serve", "--rules", rules, "--resolver", spec, "--listen", f"127.0.0.1:{free_port()}")
+    address; anything else stops the start (forms: test_dnscheck.py)."""
+    from mailfilter.serve import StartupError, build_state
+    with pytest.raises(StartupError) as err:
+        build_state(opts_of("--rules", rules, "--deliver", "discard", "--resolver", spec))
+    assert str(err.value).startswith(f"--resolver {spec!r}: ")
+
+
+def test_bad_resolver_one_line_exit_2(rules):
+    r = run_cli("serve", "--rules", rules, "--resolver", "::1]", "--listen", f"127.0.0.1:{free_port()}")
     assert r.returncode == 2, r
-    assert r.stderr.startswith(f"mailfilter serve: --resolver {spec!r}: ")
-    assert "Traceback" not in r.stderr
+    assert r.stderr == ("mailfilter serve: --resolver '::1]': '::1]' is not an IP address "
+                        "(expected HOST, HOST:PORT, [IPV6], [IPV6]:PORT or a bare IPv6 address)\n")
 
 
 @pytest.mark.parametrize("spec,host,port", [
