@@ -110,12 +110,15 @@ class ServerState:
         self.engine_config = self._engine_config(policy)
         self.host = host_of(self.engine_config.greeting)
 
-    def host_lookup(self, ip: str):
-        """The coroutine that finds the client's host name, or None when
-        none is made (remote_host "off", or no resolver): "unknown" then."""
-        if self.remote_host == "off" or self.resolver is None:
-            return None
-        return self.resolver.remote_host(ip, confirm=self.remote_host == "confirmed")
+    @property
+    def looks_up_hosts(self) -> bool:
+        """False with remote_host "off" or without a resolver: every client
+        is "unknown" and no session waits."""
+        return self.remote_host != "off" and self.resolver is not None
+
+    async def host_name(self, ip: str) -> str:
+        """The client's host name per remote_host (dnscheck.Resolver.remote_host)."""
+        return await self.resolver.remote_host(ip, confirm=self.remote_host == "confirmed")
 
 
 class SMTPProtocol(asyncio.Protocol):
@@ -176,19 +179,18 @@ class SMTPProtocol(asyncio.Protocol):
         self.limits = lim
         self.deadline_at = loop.time() + lim.session_deadline
         self.client = Client(ip=ip, port=peer[1], local_ip=local[0], local_port=local[1])
-        lookup = st.host_lookup(ip)
-        if lookup is None:
+        if not st.looks_up_hosts:
             self._start_session()
             return
         self.early = bytearray()
-        self.task = loop.create_task(self._resolve_host(lookup))
+        self.task = loop.create_task(self._resolve_host())
 
-    async def _resolve_host(self, lookup) -> None:
+    async def _resolve_host(self) -> None:
         """TCPREMOTEHOST first (tcpserver resolves before qmail-smtpd runs:
         tcp.smtp `=host` rules decide allow/deny and settings), then the
         session; input that came meanwhile is processed after the greeting."""
         try:
-            host = await lookup
+            host = await self.state.host_name(self.client.ip)
         except Exception:
             logger.exception("host name lookup failed client=[%s]", self.client.ip)
             host = "unknown"
