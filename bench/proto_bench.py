@@ -110,7 +110,8 @@ def main(argv=None) -> int:
     log.setup("warning")
     logging.getLogger("mailfilter").setLevel(logging.WARNING)
     rules = a.rules or servers.norelay_rules(tempfile.mkdtemp())
-    opts = ServeOptions(rules=rules, deliver="discard", max_per_ip=10**9, max_connections=10**9)
+    opts = ServeOptions(rules=rules, deliver="discard", max_per_ip=10**9, max_connections=10**9,
+                        remote_host="off")      # no reverse DNS, as in bench/servers.py
     state = build_state(opts)
     msg = loadgen.make_message(a.size, "bench@sender.example", "bench@example.net")
     if a.loop == "uvloop":

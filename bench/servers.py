@@ -3,6 +3,8 @@
 Servers (name -> what runs):
 - mf-uvloop:   mailfilter serve --loop uvloop --deliver discard, full rule checks
                on the NON-relay path (rules from `norelay_rules()`, below)
+               (every mf-* server runs with --remote-host off: no reverse DNS
+               per connection, as aiosmtpd and smtp-sink do none)
 - mf-maildir:  same rules, uvloop, --deliver maildir:<tempdir> (durable: fsync,
                group commit)
 - mf-asyncio:  same as mf-uvloop with --loop asyncio
@@ -222,7 +224,8 @@ def _mailfilter(name: str, rules: str, deliver: str, loop: str, tmp=None, note="
     argv = [PY, "-m", "mailfilter", "serve", "--rules", rules,
             "--listen", f"127.0.0.1:{port}", "--deliver", deliver,
             "--log-level", "warning", "--loop", loop,
-            "--max-connections", "20000", "--max-per-ip", "20000"]
+            "--max-connections", "20000", "--max-per-ip", "20000",
+            "--remote-host", "off"]      # no reverse DNS: aiosmtpd and smtp-sink do none either
     return Server(name, argv, port, tmp=tmp, note=note)
 
 
@@ -233,13 +236,16 @@ def make(name: str, workdir: str) -> Server:
         if name == "mf-maildir":
             tmp = tempfile.mkdtemp(prefix="mf-maildir-", dir=os.environ.get("BENCH_DIR", "/var/tmp"))
             return _mailfilter(name, rules, f"maildir:{tmp}/Maildir", "uvloop", tmp=tmp,
-                               note="uvloop, maildir with fsync (group commit), full rule checks")
+                               note="uvloop, maildir with fsync (group commit), full rule checks, "
+                                    "no reverse DNS (--remote-host off)")
         loop = "asyncio" if name == "mf-asyncio" else "uvloop"
         return _mailfilter(name, rules, "discard", loop,
-                           note=f"{loop}, discard, full rule checks (non-relay)")
+                           note=f"{loop}, discard, full rule checks (non-relay), "
+                                "no reverse DNS (--remote-host off)")
     if name == "mf-relay":
         return _mailfilter(name, os.path.join(ROOT, "rules"), "discard", "uvloop",
-                           note="uvloop, discard, default rules/ (127.0.0.1 = RELAYCLIENT)")
+                           note="uvloop, discard, default rules/ (127.0.0.1 = RELAYCLIENT), "
+                                "no reverse DNS (--remote-host off)")
     if name == "aiosmtpd":
         port = free_port()
         return Server(name, [PY, os.path.abspath(__file__), "aiosmtpd-sink", str(port)], port,

@@ -115,7 +115,11 @@ def cmd_check(args) -> int:
     resolver = None
     if args.dns is not None:
         from mailfilter.dnscheck import Resolver
-        resolver = Resolver(args.dns or None)
+        try:
+            resolver = Resolver(args.dns or None)
+        except ValueError as exc:
+            print(f"mailfilter check: --dns {exc}", file=sys.stderr)
+            return 2
     report = run_check(loaded, ip=args.ip, host=args.host, helo=args.helo,
                        sender=args.sender, recipients=args.rcpt,
                        open_relay=args.open_relay, auth_user=args.auth_user, resolver=resolver)

@@ -94,6 +94,7 @@ class Envelope:
     auth_user: str | None
     tls: bool
     local_host: str
+    esmtp: bool = True          # the session greeted with EHLO (False: HELO)
 
 
 @dataclass

@@ -4,7 +4,10 @@ Job: reproduce qmail-smtpd's two-line trace header (SPEC B §1.12, qmail
 `received.c` + `date822fmt.c`) byte for byte, with the RFC 3848 protocol names:
 
     Received: from <REMOTEHOST> (HELO <helo>) (<AUTHUSER>@<REMOTEIP>)
-      by <LOCAL> with ESMTP; <d> <Mon> <yyyy> <hh>:<mm>:<ss> -0000
+      by <LOCAL> with <PROTO>; <d> <Mon> <yyyy> <hh>:<mm>:<ss> -0000
+
+where <PROTO> is SMTP after HELO, ESMTP after EHLO, ESMTPA / ESMTPS /
+ESMTPSA with AUTH and/or TLS (`protocol()`).
 
 Invariants:
 - LF line ends only: the message is in qmail storage format (SPEC B §1.11).
@@ -61,7 +64,12 @@ def date822(when: float) -> bytes:
 
 
 def protocol(env: "Envelope") -> bytes:
-    """RFC 3848 §2 with-protocol: ESMTP, ESMTPA, ESMTPS, ESMTPSA."""
+    """The with-protocol (SPEC B §1.12): `SMTP` for a session that greeted
+    with HELO (RFC 5321 / RFC 3848 §1); after EHLO the RFC 3848 §2 names
+    ESMTP, ESMTPA (authenticated), ESMTPS (TLS), ESMTPSA. The S and A forms
+    exist for ESMTP only (AUTH and STARTTLS need EHLO)."""
+    if not env.esmtp:
+        return b"SMTP"
     return b"ESMTP" + (b"S" if env.tls else b"") + (b"A" if env.auth_user else b"")
 
 

@@ -10,7 +10,12 @@ the same ports with SO_REUSEPORT; the parent forwards SIGHUP/SIGTERM.
 
 Options may also come from a TOML file (`--config FILE`) whose keys are the
 long option names with `_` for `-` (e.g. `listen = ["127.0.0.1:2525"]`,
-`deliver = "maildir:var/spool"`); the command line wins.
+`deliver = "maildir:var/spool"`); the command line wins, and a rule source
+given there (`--rules` or `--bundle`) replaces the file's `rules`/`bundle`.
+
+Limits that come from the rules (`timeoutsmtpd` -> the idle timeout,
+`timeoutsession` -> the session deadline) apply unless `--timeout` /
+`--session-deadline` were given, and are re-read on every reload.
 """
 from __future__ import annotations
 
@@ -29,12 +34,14 @@ from mailfilter.delivery import Delivery
 from mailfilter.dnscheck import Resolver
 from mailfilter.policy import PolicyEngine, PolicyOptions
 from mailfilter.replies import reply
-from mailfilter.server import Limits, ServerState, SMTPProtocol
+from mailfilter.server import REMOTE_HOST_MODES, Limits, ServerState, SMTPProtocol
 
 logger = logging.getLogger("mailfilter")
 
 DEFAULT_LISTEN = "127.0.0.1:2525"
 DEFAULT_DELIVER = "maildir:var/spool"
+DEFAULT_TIMEOUT = 300.0               # without --timeout and timeoutsmtpd
+DEFAULT_SESSION_DEADLINE = 3600.0     # without --session-deadline and timeoutsession
 
 
 @dataclass
@@ -48,10 +55,11 @@ class ServeOptions:
     loop: str = "uvloop"
     open_relay: bool = False
     resolver: str | None = None
+    remote_host: str = "confirmed"      # TCPREMOTEHOST: off | ptr | confirmed (server.py)
     max_connections: int = 10_000
     max_per_ip: int = 100
     timeout: float | None = None        # default: rules' timeoutsmtpd, else 300
-    session_deadline: float = 3600.0
+    session_deadline: float | None = None   # default: rules' timeoutsession, else 3600
     syslog: bool = False
     syslog_socket: str = "/dev/log"
     log_level: str = "info"
@@ -97,21 +105,38 @@ def load_policy(opts: ServeOptions) -> PolicyEngine:
     return engine
 
 
+def limits_for(opts: ServeOptions, policy: PolicyEngine) -> Limits:
+    """The connection limits: options first, then the rules' timeoutsmtpd
+    (idle seconds per command) and timeoutsession (seconds per session;
+    0 = the default), then the defaults. Made again on every reload."""
+    integers = policy.bundle.integers
+    timeout = opts.timeout
+    if timeout is None:
+        timeout = float(integers.get("timeoutsmtpd", DEFAULT_TIMEOUT)) or 1.0
+    deadline = opts.session_deadline
+    if deadline is None:
+        deadline = float(integers.get("timeoutsession", 0)) or DEFAULT_SESSION_DEADLINE
+    return Limits(max_connections=opts.max_connections, max_per_ip=opts.max_per_ip,
+                  idle_timeout=timeout, session_deadline=deadline)
+
+
 def build_state(opts: ServeOptions) -> ServerState:
     for spec in opts.listen:        # a bad --listen is a start-up error, not a traceback
         parse_listen(spec)
+    if opts.remote_host not in REMOTE_HOST_MODES:
+        raise StartupError(f"--remote-host must be one of {', '.join(REMOTE_HOST_MODES)}, "
+                           f"not {opts.remote_host!r}")
+    try:
+        resolver = Resolver(opts.resolver)
+    except ValueError as exc:
+        raise StartupError(f"--resolver {exc}") from None
     policy = load_policy(opts)
     try:
         delivery = Delivery.from_spec(opts.deliver)
     except ValueError as exc:
         raise StartupError(f"--deliver: {exc}") from None
-    timeout = opts.timeout
-    if timeout is None:
-        timeout = float(policy.bundle.integers.get("timeoutsmtpd", 300)) or 1.0
-    limits = Limits(max_connections=opts.max_connections, max_per_ip=opts.max_per_ip,
-                    idle_timeout=timeout, session_deadline=opts.session_deadline)
-    return ServerState(policy, delivery, limits=limits, resolver=Resolver(opts.resolver),
-                       hostname=opts.hostname, auth=build_auth(opts))
+    return ServerState(policy, delivery, limits=limits_for(opts, policy), resolver=resolver,
+                       hostname=opts.hostname, auth=build_auth(opts), remote_host=opts.remote_host)
 
 
 def build_auth(opts: ServeOptions):
@@ -141,7 +166,7 @@ async def reload(state: ServerState, opts: ServeOptions) -> bool:
     except StartupError as exc:
         logger.error("reload failed, keeping the current rules: %s", exc)
         return False
-    state.swap_policy(policy)
+    state.swap_policy(policy, limits_for(opts, policy))
     logger.info("reload ok: %d rules from %s", policy.bundle.n_rules, policy.bundle.source)
     return True
 
@@ -246,23 +271,37 @@ def run(opts: ServeOptions) -> int:
     return status
 
 
+_FLAGS = ("rules", "bundle", "hostname", "deliver", "workers", "loop", "resolver", "remote_host",
+          "syslog_socket", "max_connections", "max_per_ip", "timeout", "session_deadline", "log_level",
+          "auth", "userdb", "checkpassword", "checkpassword_order", "checkpassword_timeout",
+          "auth_fail_delay")
+
+
+def _config_file(path: str, opts: ServeOptions) -> set[str]:
+    """Apply the TOML file at `path` to `opts`; the option names it set."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise StartupError(f"--config {path}: {exc}") from None
+    names = set()
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if not hasattr(opts, name):
+            raise StartupError(f"--config {path}: unknown setting {key!r}")
+        setattr(opts, name, value)
+        names.add(name)
+    if {"rules", "bundle"} <= names:
+        raise StartupError(f"--config {path}: give rules or bundle, not both")
+    return names
+
+
 def options_from(args) -> ServeOptions:
+    """ServeOptions from the defaults, then --config, then the command line
+    (which wins; its --rules or --bundle replaces the file's rule source)."""
     opts = ServeOptions()
-    if getattr(args, "config", None):
-        try:
-            with open(args.config, "rb") as fh:
-                data = tomllib.load(fh)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise StartupError(f"--config {args.config}: {exc}") from None
-        for key, value in data.items():
-            name = key.replace("-", "_")
-            if not hasattr(opts, name):
-                raise StartupError(f"--config {args.config}: unknown setting {key!r}")
-            setattr(opts, name, value)
-    for name in ("rules", "bundle", "hostname", "deliver", "workers", "loop", "resolver",
-                 "syslog_socket", "max_connections", "max_per_ip", "timeout", "session_deadline", "log_level",
-                 "auth", "userdb", "checkpassword", "checkpassword_order", "checkpassword_timeout",
-                 "auth_fail_delay"):
+    from_file = _config_file(args.config, opts) if getattr(args, "config", None) else set()
+    for name in _FLAGS:
         value = getattr(args, name, None)
         if value is not None:
             setattr(opts, name, value)
@@ -272,8 +311,10 @@ def options_from(args) -> ServeOptions:
         opts.open_relay = True
     if getattr(args, "syslog", False):
         opts.syslog = True
-    if opts.bundle:
-        opts.rules = None if getattr(args, "rules", None) is None else opts.rules
+    if getattr(args, "rules", None) is not None:
+        opts.bundle = None
+    elif getattr(args, "bundle", None) is not None or "bundle" in from_file:
+        opts.rules = None
     if isinstance(opts.listen, str):
         opts.listen = [opts.listen]
     return opts
@@ -291,11 +332,21 @@ def add_arguments(p) -> None:
     p.add_argument("--loop", choices=("uvloop", "asyncio"))
     p.add_argument("--config", help="TOML file with the same settings")
     p.add_argument("--open-relay", action="store_true", help="allow running without rcpthosts (SPEC A §4)")
-    p.add_argument("--resolver", help="DNS server HOST:PORT for HELOCHECK A/M and MFDNSCHECK")
+    p.add_argument("--resolver", metavar="ADDR",
+                   help="DNS server for the client host name, HELOCHECK A/M and MFDNSCHECK: "
+                        "IP, IP:PORT, [IPV6]:PORT or a bare IPv6 address (default: /etc/resolv.conf)")
+    p.add_argument("--remote-host", choices=REMOTE_HOST_MODES,
+                   help="client host name (qmail's TCPREMOTEHOST, used by tcp.smtp =host rules, "
+                        "HELOCHECK \"=\", decorated badmailfrom and the Received header): "
+                        "off = always unknown (tcpserver -H), ptr = first PTR name, confirmed = "
+                        "the PTR name only if it resolves back to the client address (default; "
+                        "tcpserver -p, Postfix)")
     p.add_argument("--max-connections", type=int)
     p.add_argument("--max-per-ip", type=int)
-    p.add_argument("--timeout", type=float, help="idle seconds per command (default: timeoutsmtpd)")
-    p.add_argument("--session-deadline", type=float)
+    p.add_argument("--timeout", type=float,
+                   help="idle seconds per command (default: rules' timeoutsmtpd, else 300)")
+    p.add_argument("--session-deadline", type=float,
+                   help="seconds per session (default: rules' timeoutsession, else 3600)")
     p.add_argument("--syslog", action="store_true", help="log to syslog, facility mail")
     p.add_argument("--syslog-socket", help="syslog socket (default /dev/log)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))

@@ -5,15 +5,26 @@ engine (smtpconn), answers each event from the policy (synchronously, inside
 data_received) and writes every reply produced by one read in ONE
 transport.write, so pipelined commands cost one syscall (RFC 2920).
 
-The only awaits are where the world is slow: DNS answers for HELOCHECK A/M and
-MFDNSCHECK (started when HELO/MAIL arrive, awaited at RCPT only if not yet
-done), tarpit delays, and the delivery commit after DATA. While one of those
-is in flight the connection stops reading (back-pressure) and the engine
-keeps any pipelined input buffered; nothing else on the loop waits.
+The only awaits are where the world is slow: the client's host name (reverse
+DNS before the greeting, as tcpserver does before qmail-smtpd runs), DNS
+answers for HELOCHECK A/M and MFDNSCHECK (started when HELO/MAIL arrive,
+awaited at RCPT only if not yet done), tarpit delays, and the delivery commit
+after DATA. While one of those is in flight the connection stops reading
+(back-pressure) and the engine keeps any pipelined input buffered; nothing
+else on the loop waits.
+
+The host name (TCPREMOTEHOST, `remote_host`): "off" keeps "unknown"
+(tcpserver -H); "ptr" takes the first PTR name; "confirmed" (the default,
+tcpserver -p / Postfix) keeps it only if it resolves back to the client's
+address. The session policy (tcp.smtp `=host` keys, HELOCHECK "=",
+decorated badmailfrom, the Received header) is made once the name is known;
+bytes a client sends before the greeting are kept until then (reading stops
+past EARLY_MAX), and a client that leaves meanwhile cancels the lookup.
 
 Invariants:
-- a session keeps the PolicyEngine (and so the bundle) it started with; a
-  SIGHUP reload swaps ServerState.policy for new sessions only;
+- a session keeps the PolicyEngine (and so the bundle) and the Limits it
+  started with; a SIGHUP reload swaps ServerState.policy and .limits for new
+  sessions only;
 - "250 means stored": the reply after DATA is the delivery's reply; an
   exception anywhere in a session is logged with its traceback and answered
   421 4.3.0 on that connection only (DESIGN.md, Errors and logging);
@@ -43,6 +54,9 @@ from mailfilter.smtpconn import (
 
 logger = logging.getLogger("mailfilter")
 
+REMOTE_HOST_MODES = ("off", "ptr", "confirmed")
+EARLY_MAX = 64 * 1024       # bytes kept from a client that talks before the greeting
+
 
 @dataclasses.dataclass
 class Limits:
@@ -58,10 +72,14 @@ class ServerState:
 
     def __init__(self, policy: PolicyEngine, delivery: Delivery, *, limits: Limits | None = None,
                  resolver=None, hostname: str | None = None, features: list[str] | None = None,
-                 auth: AuthService | None = None):
+                 auth: AuthService | None = None, remote_host: str = "confirmed"):
+        if remote_host not in REMOTE_HOST_MODES:
+            raise ValueError(f"remote_host must be one of {', '.join(REMOTE_HOST_MODES)}, "
+                             f"not {remote_host!r}")
         self.policy = policy
         self.delivery = delivery
         self.resolver = resolver
+        self.remote_host = remote_host
         self.limits = limits or Limits()
         self.hostname = hostname
         self.features = features or []
@@ -82,11 +100,25 @@ class ServerState:
             features=[f"rules-dialect={policy.bundle.dialect}", *self.features],
         )
 
-    def swap_policy(self, policy: PolicyEngine) -> None:
-        """Atomically switch new sessions to `policy` (SIGHUP reload)."""
+    def swap_policy(self, policy: PolicyEngine, limits: Limits | None = None) -> None:
+        """Atomically switch new sessions to `policy` and, when given, to
+        `limits` (SIGHUP reload: timeoutsmtpd / timeoutsession may have
+        changed); sessions in flight keep the objects they hold."""
+        if limits is not None:
+            self.limits = limits
         self.policy = policy
         self.engine_config = self._engine_config(policy)
         self.host = host_of(self.engine_config.greeting)
+
+    @property
+    def looks_up_hosts(self) -> bool:
+        """False with remote_host "off" or without a resolver: every client
+        is "unknown" and no session waits."""
+        return self.remote_host != "off" and self.resolver is not None
+
+    async def host_name(self, ip: str) -> str:
+        """The client's host name per remote_host (dnscheck.Resolver.remote_host)."""
+        return await self.resolver.remote_host(ip, confirm=self.remote_host == "confirmed")
 
 
 class SMTPProtocol(asyncio.Protocol):
@@ -94,7 +126,7 @@ class SMTPProtocol(asyncio.Protocol):
         "state", "transport", "engine", "sp", "client", "client_label", "loop",
         "last_read", "timer", "deadline_at", "waiting", "task", "sink",
         "scanner", "scan_choice", "rcpts", "helo_dns", "mail_dns", "counted", "reading_paused",
-        "auth",
+        "auth", "limits", "early",
     )
 
     def __init__(self, state: ServerState):
@@ -114,6 +146,8 @@ class SMTPProtocol(asyncio.Protocol):
         self.timer = None               # one timer per connection: idle and deadline
         self.deadline_at = 0.0
         self.auth = None
+        self.limits: Limits | None = None   # the state's Limits when the session began
+        self.early: bytearray | None = None  # input before the greeting (host lookup)
 
     # ------------------------------------------------------------ connection
     def connection_made(self, transport) -> None:
@@ -142,16 +176,49 @@ class SMTPProtocol(asyncio.Protocol):
         if loop is None or loop.is_closed():
             loop = st.loop = asyncio.get_running_loop()
         self.loop = loop
+        self.limits = lim
+        self.deadline_at = loop.time() + lim.session_deadline
         self.client = Client(ip=ip, port=peer[1], local_ip=local[0], local_port=local[1])
-        self.client_label = f"{self.client.host}[{ip}]:{peer[1]}"
+        if not st.looks_up_hosts:
+            self._start_session()
+            return
+        self.early = bytearray()
+        self.task = loop.create_task(self._resolve_host())
+
+    async def _resolve_host(self) -> None:
+        """TCPREMOTEHOST first (tcpserver resolves before qmail-smtpd runs:
+        tcp.smtp `=host` rules decide allow/deny and settings), then the
+        session; input that came meanwhile is processed after the greeting."""
         try:
-            self.sp = st.policy.session(self.client)
+            host = await self.state.host_name(self.client.ip)
+        except Exception:
+            logger.exception("host name lookup failed client=[%s]", self.client.ip)
+            host = "unknown"
+        self.task = None
+        if self.transport.is_closing():
+            return
+        self.client.host = host or "unknown"
+        self._start_session()
+        early, self.early = self.early, None
+        if early and self.engine is not None:
+            self.data_received(bytes(early))
+        if not self.waiting:
+            self._resume_reading()
+
+    def _start_session(self) -> None:
+        """The session policy, the engine and the greeting for self.client."""
+        st = self.state
+        transport = self.transport
+        client = self.client
+        self.client_label = f"{client.host}[{client.ip}]:{client.port}"
+        try:
+            self.sp = st.policy.session(client)
             cfg = st.engine_config
             databytes = self.sp.databytes
             if databytes != cfg.databytes:
                 cfg = dataclasses.replace(cfg, databytes=databytes)
             self.engine = SMTPConnection(cfg)
-            self.auth = st.auth.session(self.sp, self.client, host)   # SMTPAUTH, SPEC B §4.3
+            self.auth = st.auth.session(self.sp, client, st.host)   # SMTPAUTH, SPEC B §4.3
             offer = self.auth.ehlo_keywords()
             if offer:
                 self.engine.set_extra_ehlo([*cfg.extra_ehlo, *offer])
@@ -162,13 +229,14 @@ class SMTPProtocol(asyncio.Protocol):
             self._flush()
         except Exception:
             logger.exception("session setup failed client=%s", self.client_label)
-            transport.write(reply("internal_error", host=host).line())
+            self.engine = None
+            transport.write(reply("internal_error", host=st.host).line())
             transport.close()
             return
         now = self.loop.time()
         self.last_read = now
-        self.deadline_at = now + lim.session_deadline
-        self.timer = self.loop.call_at(min(now + lim.idle_timeout, self.deadline_at), self._timer_due)
+        self.timer = self.loop.call_at(min(now + self.limits.idle_timeout, self.deadline_at),
+                                       self._timer_due)
 
     def connection_lost(self, exc) -> None:
         if self.sink is not None:
@@ -220,7 +288,7 @@ class SMTPProtocol(asyncio.Protocol):
             log.event(action="close", reason="session_deadline", client=self.client_label)
             self._abort(reply("session_deadline", host=self.engine.host))
             return
-        idle = self.state.limits.idle_timeout
+        idle = self.limits.idle_timeout
         due = now + idle if self.waiting else self.last_read + idle
         if now < due:
             self.timer = self.loop.call_at(min(due, self.deadline_at), self._timer_due)
@@ -229,7 +297,10 @@ class SMTPProtocol(asyncio.Protocol):
         self._abort(reply("timeout", host=self.engine.host))
 
     def _abort(self, r) -> None:
-        if self.engine is None or self.transport.is_closing():
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.engine is None:          # no session yet (host lookup): just hang up
+            self.transport.close()
             return
         if self.sink is not None:
             self.sink.abort()
@@ -241,11 +312,22 @@ class SMTPProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         engine = self.engine
         if engine is None:
+            self._early_data(data)
             return
         self.last_read = self.loop.time()
         engine.receive_data(data)
         if not self.waiting:
             self._drain()
+
+    def _early_data(self, data: bytes) -> None:
+        """Input before the greeting (host lookup in flight): kept, and reading
+        stops once EARLY_MAX bytes wait (no session yet: nothing else to do)."""
+        early = self.early
+        if early is None:                # session setup failed: closing
+            return
+        early += data
+        if len(early) > EARLY_MAX:
+            self._pause_reading()
 
     def eof_received(self):
         if self.engine is not None:
@@ -397,7 +479,7 @@ class SMTPProtocol(asyncio.Protocol):
             sender=sp.sender or "", recipients=list(self.rcpts), helo=sp.helo_name or "",
             client_ip=self.client.ip, client_host=self.client.host,
             auth_user=sp.authenticated, tls=False,
-            local_host=self.engine.host)
+            local_host=self.engine.host, esmtp=self.engine.esmtp)
         sink = self.state.delivery.open(env)
         sink.write(received_header(env))
         self.sink = sink

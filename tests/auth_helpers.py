@@ -85,8 +85,11 @@ class ServerThread:
 
 
 def serve_opts(tmp_path, loop="asyncio", **kw) -> ServeOptions:
+    # remote_host off: AUTH tests are not about host names, and no connection
+    # should wait on the system resolver (it may be unreachable in CI)
     opts = ServeOptions(rules=make_rules(tmp_path), listen=["127.0.0.1:0"],
-                        deliver=f"maildir:{tmp_path}/spool", loop=loop, auth_fail_delay=0.01)
+                        deliver=f"maildir:{tmp_path}/spool", loop=loop, auth_fail_delay=0.01,
+                        remote_host="off")
     for k, v in kw.items():
         setattr(opts, k, v)
     return opts

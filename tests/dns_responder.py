@@ -11,7 +11,9 @@ Keys are a name (every type) or (name, type); values are a list of rdata in
 zone-file text (an empty list = NOERROR with no answer), "NXDOMAIN",
 "SERVFAIL", "REFUSED" or "DROP" (no answer at all: the client times out).
 A name that is not in the table at all answers NXDOMAIN. Every query is
-recorded as (name, type) before it is answered.
+recorded as (name, type) before it is answered, and `wait_query()` blocks
+(bounded) until a given one has arrived. PTR names are written as usual:
+("21.0.0.127.in-addr.arpa", "PTR"): ["host.test."].
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ class DnsResponder:
             self.table[key] = value
         self.ttl = ttl
         self.queries: list[tuple[str, str]] = []
+        self._arrived = threading.Condition()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -63,6 +66,13 @@ class DnsResponder:
         self._thread.join(5)
         self.sock.close()
 
+    def wait_query(self, name: str, rdtype: str, since: int = 0, timeout: float = 10.0) -> bool:
+        """True once (name, rdtype) was asked after the first `since` queries
+        (pass len(self.queries) taken before), False after `timeout` s."""
+        key = (name.lower().rstrip("."), rdtype.upper())
+        with self._arrived:
+            return self._arrived.wait_for(lambda: key in self.queries[since:], timeout)
+
     def _lookup(self, name: str, rdtype: str):
         value = self.table.get((name, rdtype))
         if value is None:
@@ -79,7 +89,9 @@ class DnsResponder:
         q = query.question[0]
         name = q.name.to_text(omit_final_dot=True).lower()
         rdtype = dns.rdatatype.to_text(q.rdtype)
-        self.queries.append((name, rdtype))
+        with self._arrived:
+            self.queries.append((name, rdtype))
+            self._arrived.notify_all()
         value = self._lookup(name, rdtype)
         if value == "DROP":
             return None

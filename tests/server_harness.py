@@ -14,6 +14,10 @@ answered in one write", SPEC B §7.3) and connection_lost sets an event.
 
 `spawn_serve()` starts a real `python -m mailfilter serve` process and waits
 until its port accepts (for SIGHUP, --workers and kill -9 tests).
+
+Reverse DNS (the client host name) is off in both unless a test asks for it
+(make_state(remote_host=...), spawn_serve("--remote-host", ...)): clients are
+`unknown`, and no connection waits on a resolver.
 """
 from __future__ import annotations
 
@@ -206,9 +210,12 @@ class ServerThread:
 
 
 def make_state(rules_dir: str, deliver: str, *, limits: Limits | None = None,
-               resolver=None, open_relay: bool = False) -> ServerState:
+               resolver=None, open_relay: bool = False, remote_host: str = "off") -> ServerState:
+    """remote_host is "off" unless a test is about host names: the client
+    stays `unknown` whatever /etc/resolv.conf or a test resolver would say,
+    and no PTR query reaches a test's DNS responder or delays a connection."""
     return ServerState(policy_for(rules_dir, open_relay), Delivery.from_spec(deliver),
-                       limits=limits, resolver=resolver)
+                       limits=limits, resolver=resolver, remote_host=remote_host)
 
 
 # ----------------------------------------------------------------- clients
@@ -379,6 +386,11 @@ def spawn_serve(*args, port: int | None = None, listening: int = 1, cwd=None,
     With listen=False the port must come from ARGS (e.g. a --config file)."""
     port = port or free_port()
     extra = ["--listen", f"127.0.0.1:{port}"] if listen else []
+    if not any(a.startswith("--remote-host") for a in args):
+        # no reverse DNS through /etc/resolv.conf (it may be unreachable in CI:
+        # every connection would wait for its timeout); tests about host
+        # names pass --remote-host and --resolver themselves
+        extra += ["--remote-host", "off"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "mailfilter", "serve", *extra, *args],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env(), cwd=cwd)

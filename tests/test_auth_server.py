@@ -288,7 +288,8 @@ def test_mailfilter_serve_process_with_auth_options(tmp_path, userdb):
         port = probe.getsockname()[1]
     p = subprocess.Popen([PY, "-m", "mailfilter", "serve", "--rules", make_rules(tmp_path),
                           "--listen", f"127.0.0.1:{port}", "--deliver", "discard",
-                          "--auth", "!cram", "--userdb", userdb, "--auth-fail-delay", "0"],
+                          "--auth", "!cram", "--userdb", userdb, "--auth-fail-delay", "0",
+                          "--remote-host", "off"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         for _ in range(200):

@@ -166,6 +166,9 @@ def test_check_dns_checks_use_the_servers_resolver(tmp_path):
         mail_line = next(l for l in both.stdout.splitlines() if l.startswith("MAIL"))
         assert "MAIL gets 250; every RCPT gets 553; MFDNSCHECK MX ok.test: ok" in mail_line
         (rules / "badmailfrom").unlink()
+    # a bad resolver address is one clear line, exit 2 (dnscheck.parse_nameserver)
+    bad = mf("check", "--rules", str(rules), "--dns", "::1]", "--rcpt", "u@example.com")
+    assert bad.returncode == 2 and bad.stderr.startswith("mailfilter check: --dns '::1]': ")
     # without --dns the lookups are named, not guessed
     plain = mf("check", "--rules", str(rules), "--ip", "203.0.113.5", "--helo", "mx.ok.test",
                "--from", "a@ok.test", "--rcpt", "u@example.com")

@@ -156,12 +156,13 @@ def test_received_spec_example_esmtpa():
         b"  by silverton.berkeley.edu with ESMTPA; 26 Sep 1995 04:46:54 -0000\n")
 
 
-@pytest.mark.parametrize("tls,auth,proto", [
-    (False, None, b"ESMTP"), (False, "u", b"ESMTPA"),
-    (True, None, b"ESMTPS"), (True, "u", b"ESMTPSA"),
+@pytest.mark.parametrize("esmtp,tls,auth,proto", [
+    (True, False, None, b"ESMTP"), (True, False, "u", b"ESMTPA"),
+    (True, True, None, b"ESMTPS"), (True, True, "u", b"ESMTPSA"),
+    (False, False, None, b"SMTP"),          # HELO: plain SMTP (SPEC B §1.12, RFC 3848)
 ])
-def test_received_protocols(tls, auth, proto):
-    h = received_header(env(tls=tls, auth_user=auth), WHEN)
+def test_received_protocols(esmtp, tls, auth, proto):
+    h = received_header(env(tls=tls, auth_user=auth, esmtp=esmtp), WHEN)
     assert h.split(b"\n")[1] == b"  by mx.test with " + proto + b"; 26 Sep 1995 04:46:54 -0000"
 
 

@@ -97,6 +97,44 @@ def test_sighup_broken_rules_keep_old_rules(served, rules):
 BANNED_RULES = "new-spammer@evil.test\n"
 
 
+def test_sighup_reload_picks_up_timeoutsmtpd(served, rules):
+    """Issue: swap_policy kept the old Limits. A reload that changes
+    timeoutsmtpd gives NEW sessions the new idle timeout (421 after 1 s);
+    a session opened before keeps its 1200 s."""
+    sp = served()
+    old = session(sp.port)
+    write_rules(rules, {"timeoutsmtpd": "1\n"})
+    sp.signal(signal.SIGHUP)
+    sp.log.wait_for(r"reload ok: ")
+    new = session(sp.port)
+    assert first(new.reply()) == "421 4.4.2 mx.test timeout, closing connection"
+    assert new.at_eof()
+    new.close()
+    assert first(old.cmd("NOOP")) == "250 2.0.0 ok"     # still on the old limits
+    old.close()
+
+
+@pytest.mark.parametrize("files,argv,idle,deadline", [
+    ({}, [], 1200.0, 3600.0),                                      # BASE_RULES: timeoutsmtpd 1200
+    ({"timeoutsession": "90\n"}, [], 1200.0, 90.0),
+    ({"timeoutsession": "0\n"}, [], 1200.0, 3600.0),               # 0 = the default
+    ({"timeoutsession": "90\n"}, ["--session-deadline", "30", "--timeout", "7"], 7.0, 30.0),
+    ({"timeoutsmtpd": "0\n"}, [], 1.0, 3600.0),
+])
+def test_limits_from_rules_and_options(tmp_path, files, argv, idle, deadline):
+    """serve.limits_for via build_state: options first, then the rules'
+    timeoutsmtpd / timeoutsession (controlfiles INT_FILES; timeoutsession was
+    read but unused), then 300 / 3600. The server's deadline itself:
+    test_server.py test_session_deadline_421."""
+    from mailfilter.cli import build_parser
+    from mailfilter.serve import build_state, options_from
+    rules = write_rules(tmp_path / "r", files)
+    opts = options_from(build_parser().parse_args(["serve", "--rules", rules, "--remote-host", "off",
+                                                   "--deliver", "discard", *argv]))
+    limits = build_state(opts).limits
+    assert (limits.idle_timeout, limits.session_deadline) == (idle, deadline)
+
+
 def test_workers_share_the_port(served, tmp_path):
     """serve.py --workers N: N processes accept on the same port (SO_REUSEPORT).
     Both log their listening line, and both take connections: the qp ids of
@@ -218,6 +256,21 @@ def test_serve_config_toml(tmp_path, rules):
         assert sp.stop() == 0
 
 
+@pytest.mark.parametrize("config", [None, 'loop = "uvloop"\n'])
+def test_loop_flag_selects_asyncio(served, tmp_path, config):
+    """`--loop asyncio` runs the server on asyncio's loop (default uvloop),
+    also over a config file that says uvloop; the server logs which."""
+    args = ["--loop", "asyncio"]
+    if config is not None:
+        cfg = tmp_path / "loop.toml"
+        cfg.write_text(config)
+        args += ["--config", str(cfg)]
+    sp = served(*args)
+    sp.log.wait_for(r"listening on 127\.0\.0\.1:\d+ \(pid \d+, asyncio loop\)")
+    assert "uvloop loop" not in sp.log.text()
+    assert rcpt_verdict(sp.port, "a@sender.test") == "250 2.1.5 ok"
+
+
 def test_serve_timeout_option(served):
     """`--timeout 1`: an idle client gets 421 4.4.2 and is disconnected
     (SPEC B §7.1; qmail's timeoutsmtpd as a command-line option)."""
@@ -245,7 +298,7 @@ def test_syslog_facility_mail(tmp_path, rules):
     proc = subprocess.Popen(
         [sys.executable, "-m", "mailfilter", "serve", "--listen", f"127.0.0.1:{port}",
          "--rules", rules, "--deliver", f"maildir:{tmp_path}/spool",
-         "--syslog", "--syslog-socket", sock_path],
+         "--syslog", "--syslog-socket", sock_path, "--remote-host", "off"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env())
     try:
         lines = []
@@ -293,3 +346,106 @@ def test_sighup_reloads_a_bundle_and_refuses_a_broken_one(tmp_path, rules):
         assert rcpt_verdict(sp.port, "new-spammer@evil.test") == BANNED
     finally:
         sp.stop()
+
+
+# ------------------------------------------------------------------ options: file and command line
+def opts_of(*argv):
+    from mailfilter.cli import build_parser
+    from mailfilter.serve import options_from
+    return options_from(build_parser().parse_args(["serve", *map(str, argv)]))
+
+
+def test_rule_source_command_line_replaces_the_config_file(tmp_path):
+    """serve.options_from: `--rules` on the command line drops a config
+    `bundle` (it used to win, load_policy prefers a bundle), `--bundle`
+    drops a config `rules`; a file alone decides; a file with both is an error."""
+    from mailfilter.serve import StartupError
+    with_bundle = tmp_path / "b.toml"
+    with_bundle.write_text('bundle = "/srv/rules.mfb"\n')
+    with_rules = tmp_path / "r.toml"
+    with_rules.write_text('rules = "/srv/rules"\n')
+
+    def got(o):
+        return o.rules, o.bundle
+    assert got(opts_of("--config", with_bundle, "--rules", "cli-rules")) == ("cli-rules", None)
+    assert got(opts_of("--config", with_bundle)) == (None, "/srv/rules.mfb")
+    assert got(opts_of("--config", with_rules, "--bundle", "cli.mfb")) == (None, "cli.mfb")
+    assert got(opts_of("--config", with_rules)) == ("/srv/rules", None)
+    assert got(opts_of()) == ("rules", None)
+    both = tmp_path / "both.toml"
+    both.write_text('rules = "r"\nbundle = "b.mfb"\n')
+    with pytest.raises(StartupError, match="give rules or bundle, not both"):
+        opts_of("--config", both)
+
+
+def test_command_line_beats_the_config_file(tmp_path):
+    cfg = tmp_path / "mf.toml"
+    cfg.write_text('timeout = 5.0\nsession-deadline = 50.0\nremote_host = "ptr"\nloop = "uvloop"\n'
+                   'resolver = "127.0.0.1:5353"\nhostname = "cfg.test"\nlisten = "127.0.0.1:1"\n')
+    o = opts_of("--config", cfg)
+    assert (o.timeout, o.session_deadline, o.remote_host, o.loop, o.resolver, o.hostname, o.listen) == \
+        (5.0, 50.0, "ptr", "uvloop", "127.0.0.1:5353", "cfg.test", ["127.0.0.1:1"])
+    o = opts_of("--config", cfg, "--timeout", "7", "--session-deadline", "70", "--remote-host", "off",
+                "--loop", "asyncio", "--resolver", "::1", "--hostname", "cli.test", "--listen", "127.0.0.1:2")
+    assert (o.timeout, o.session_deadline, o.remote_host, o.loop, o.resolver, o.hostname, o.listen) == \
+        (7.0, 70.0, "off", "asyncio", "::1", "cli.test", ["127.0.0.1:2"])
+
+
+def test_remote_host_option_parsing(tmp_path, rules):
+    """--remote-host off|ptr|confirmed (default confirmed), also `remote_host`
+    / `remote-host` in the config file; anything else is refused at start."""
+    from mailfilter.serve import StartupError, build_state
+    assert opts_of().remote_host == "confirmed"
+    for mode in ("off", "ptr", "confirmed"):
+        assert opts_of("--remote-host", mode).remote_host == mode
+        assert build_state(opts_of("--rules", rules, "--deliver", "discard",
+                                   "--remote-host", mode)).remote_host == mode
+    cfg = tmp_path / "rh.toml"
+    cfg.write_text('remote-host = "ptr"\n')
+    assert opts_of("--config", cfg).remote_host == "ptr"
+    with pytest.raises(SystemExit):
+        opts_of("--remote-host", "paranoid")                # argparse choices: exit 2
+    cfg.write_text('remote_host = "paranoid"\n')
+    with pytest.raises(StartupError, match="--remote-host must be one of off, ptr, confirmed, not 'paranoid'"):
+        build_state(opts_of("--config", cfg, "--rules", rules))
+
+
+def test_config_bundle_yields_to_command_line_rules(tmp_path, rules):
+    """End to end: a config naming a bundle that does not exist, started with
+    --rules: the server compiles the rules and runs (it used to load the bundle)."""
+    cfg = tmp_path / "mf.toml"
+    cfg.write_text(f'bundle = "{tmp_path}/missing.mfb"\ndeliver = "maildir:{tmp_path}/spool"\n')
+    sp = spawn_serve("--config", str(cfg), "--rules", rules)
+    try:
+        assert rcpt_verdict(sp.port, "spammer@example.org") == \
+            "553 5.7.1 sorry, your envelope sender is in my badmailfrom list"
+    finally:
+        assert sp.stop() == 0
+
+
+@pytest.mark.parametrize("spec", ["::1]", "[::1", "dns.example", "127.0.0.1:dns", "[::1]:0"])
+def test_bad_resolver_is_a_startup_error(rules, spec):
+    """--resolver accepts IP, IP:PORT, [V6], [V6]:PORT or a bare IPv6
+    address; anything else stops the start (forms: test_dnscheck.py)."""
+    from mailfilter.serve import StartupError, build_state
+    with pytest.raises(StartupError) as err:
+        build_state(opts_of("--rules", rules, "--deliver", "discard", "--resolver", spec))
+    assert str(err.value).startswith(f"--resolver {spec!r}: ")
+
+
+def test_bad_resolver_one_line_exit_2(rules):
+    r = run_cli("serve", "--rules", rules, "--resolver", "::1]", "--listen", f"127.0.0.1:{free_port()}")
+    assert r.returncode == 2, r
+    assert r.stderr == ("mailfilter serve: --resolver '::1]': '::1]' is not an IP address "
+                        "(expected HOST, HOST:PORT, [IPV6], [IPV6]:PORT or a bare IPv6 address)\n")
+
+
+@pytest.mark.parametrize("spec,host,port", [
+    ("::1", "::1", 53), ("[::1]:5353", "::1", 5353), ("127.0.0.1", "127.0.0.1", 53),
+    ("127.0.0.1:5353", "127.0.0.1", 5353),
+])
+def test_good_resolver_forms(rules, spec, host, port):
+    """`--resolver ::1` used to become host `::` port 1."""
+    from mailfilter.serve import build_state
+    res = build_state(opts_of("--rules", rules, "--deliver", "discard", "--resolver", spec)).resolver._res
+    assert (res.nameservers, res.port) == ([host], port)

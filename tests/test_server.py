@@ -43,10 +43,12 @@ def rules_dir(tmp_path):
 def start(tmp_path, loop_kind, rules_dir):
     servers = []
 
-    def _start(*, rules=None, deliver=None, limits=None, resolver=None, open_relay=False):
+    def _start(*, rules=None, deliver=None, limits=None, resolver=None, open_relay=False,
+               remote_host="off"):
         maildir = str(tmp_path / f"spool{len(servers)}")
         state = make_state(rules or rules_dir, deliver or f"maildir:{maildir}",
-                           limits=limits, resolver=resolver, open_relay=open_relay)
+                           limits=limits, resolver=resolver, open_relay=open_relay,
+                           remote_host=remote_host)
         srv = ServerThread(loop_kind, state).start()
         srv.maildir = maildir
         servers.append(srv)
@@ -118,6 +120,24 @@ def test_full_transaction_smtplib(server):
     assert b"(HELO client.test) (127.0.0.1)\n  by mx.test with ESMTP; " in raw
     assert raw.endswith(b"Subject: one\n\nline\n.dot line\n")
     assert maildir_files(server.maildir, "tmp") == []
+
+
+@pytest.mark.parametrize("verb,proto", [("HELO", b"SMTP"), ("EHLO", b"ESMTP")])
+def test_received_protocol_helo_smtp_ehlo_esmtp(server, verb, proto):
+    """SPEC B §1.12 / RFC 3848: a session that greeted with HELO is `with
+    SMTP`, one that used EHLO `with ESMTP` (the last greeting counts)."""
+    c = RawClient(server.port)
+    assert c.reply()[0] == 220
+    other = "EHLO" if verb == "HELO" else "HELO"
+    assert c.cmd(f"{other} first.test")[0] == 250
+    assert c.cmd(f"{verb} client.test")[0] == 250
+    c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
+    assert [r[0] for r in c.replies(3)] == [250, 250, 354]
+    c.send(b"Subject: p\r\n\r\nbody\r\n.\r\n")
+    assert c.reply()[0] == 250
+    c.close()
+    [raw] = read_new(server.maildir)
+    assert b"(HELO client.test) (127.0.0.1)\n  by mx.test with " + proto + b"; " in raw
 
 
 def test_pipelined_commands_answered_in_one_write(server):
@@ -241,6 +261,58 @@ def test_policy_rejections_at_rcpt_with_rule_in_log(server, decisions, sender, r
     assert line.startswith(log), line
     assert "client=unknown[127.0.0.1]:" in line
     assert f"helo=<client.test> from=<{sender}> to=<{rcpt}> reply=\"{reply}\"" in line
+
+
+HC_EMPTY, HC_BANG, HC_DOT = "127.0.0.12", "127.0.0.13", "127.0.0.14"
+HELOCHECK_RULES = {
+    "badhelo": "localhost\n.bad.example\n",
+    "tcp.smtp": (f'{HC_EMPTY}:allow,HELOCHECK=""\n{HC_BANG}:allow,HELOCHECK="!"\n'
+                 f'{HC_DOT}:allow,HELOCHECK="."\n:allow\n'),
+}
+BAD_HELO = "550 5.7.1 sorry, invalid HELO/EHLO greeting"
+
+
+@pytest.mark.parametrize("source,helo,expect,reason", [
+    (HC_EMPTY, "mx.good.test", "250 2.1.5 ok", None),
+    (HC_EMPTY, "localhost", BAD_HELO, "reason=bad_helo rule=badhelo:1 "),
+    (HC_EMPTY, "mx.bad.example", BAD_HELO, "reason=bad_helo rule=badhelo:2 "),
+    (HC_EMPTY, None, "250 2.1.5 ok", None),                 # "": no HELO is fine
+    (HC_BANG, None, BAD_HELO, "reason=helo_missing "),      # "!": HELO required ...
+    (HC_BANG, "localhost", "250 2.1.5 ok", None),           # ... but no list check
+    (HC_DOT, None, BAD_HELO, "reason=helo_missing "),       # ".": both
+    (HC_DOT, "localhost", BAD_HELO, "reason=bad_helo rule=badhelo:1 "),
+    (HC_DOT, "mx.good.test", "250 2.1.5 ok", None),
+    ("127.0.0.15", "localhost", "250 2.1.5 ok", None),      # HELOCHECK unset: no check
+])
+def test_helocheck_modes_through_the_server(start, tmp_path, decisions, source, helo, expect, reason):
+    """SPEC B §2.4 HELOCHECK "" (badhelo), "!" (HELO required), "." (both),
+    §2.7 (250 to HELO, the verdict at RCPT), §2.8 #5/#6, with the rule in the log."""
+    srv = start(rules=write_rules(tmp_path / "hc", HELOCHECK_RULES))
+    c = RawClient(srv.port, source)
+    assert c.reply()[0] == 220
+    if helo is not None:
+        assert c.cmd(f"HELO {helo}")[0] == 250
+    c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\n")
+    assert [first(r) for r in c.replies(2)] == ["250 2.1.0 ok", expect]
+    c.close()
+    if reason is not None:
+        [line] = [l for l in decisions() if "stage=RCPT" in l]
+        assert line.startswith("action=reject stage=RCPT " + reason), line
+
+
+@pytest.mark.parametrize("send,reply,tag", [
+    (b"NOOP\n", "250 2.0.0 ok", "BARE NEWLINE"),
+    (b"NOOP " + b"x" * 600 + b"\r\n", "500 5.5.2 line too long", "COMMAND LENGTH LIMIT"),
+])
+def test_anomalies_in_the_log(server, decisions, send, reply, tag):
+    """smtpconn's anomaly tags reach the log as one key=value line naming
+    the client (SPEC B §1.4 bare LF, A §6 / RFC 5321 line length)."""
+    c = session(server.port)
+    c.send(send)
+    assert first(c.reply()) == reply
+    c.close()
+    lines = [l for l in decisions() if l.startswith("anomaly=")]
+    assert any(l.startswith(f'anomaly="{tag}" client=unknown[127.0.0.1]:') for l in lines), lines
 
 
 def test_tcp_smtp_deny_553_at_rcpt(server, decisions):
@@ -774,6 +846,27 @@ def test_session_deadline_421_while_the_client_keeps_busy(start, decisions):
     c.close()
     assert any("action=close reason=session_deadline" in l for l in decisions())
     assert not any("reason=timeout" in l for l in decisions())
+
+
+def test_swapped_limits_apply_to_new_sessions_only(start, rules_dir):
+    """SIGHUP reload (ServerState.swap_policy with the Limits made from the
+    new rules): a new session gets the new idle timeout, a session in
+    flight keeps the one it started with."""
+    from tests.server_harness import policy_for
+
+    srv = start(limits=Limits(idle_timeout=60))
+    old = session(srv.port)
+
+    async def swap():
+        srv.state.swap_policy(policy_for(rules_dir), Limits(idle_timeout=0.3))
+
+    srv.call(swap())
+    new = session(srv.port)
+    assert first(new.reply()) == "421 4.4.2 mx.test timeout, closing connection"
+    new.close()
+    assert first(old.cmd("NOOP")) == "250 2.0.0 ok"
+    assert srv.state.limits.idle_timeout == 0.3 and srv.connections[0].limits.idle_timeout == 60
+    old.close()
 
 
 def test_global_connection_cap_421(start, decisions):
