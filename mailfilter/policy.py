@@ -432,11 +432,14 @@ class SessionPolicy:
     def _helocheck_name(self, name: str, mode: str) -> tuple[str, int] | None:
         """HELOCHECK's demands on the name itself, apart from the badhelo list
         (B §2.8): `!` and `.` refuse an empty name, `=` one that is not the
-        client's host name."""
+        client's host name. A client without a known name ("unknown") cannot
+        pass `=`, not even by saying `HELO unknown`."""
         if mode in ("!", ".") and not name.strip():
             return ("helo_empty", self.profile.setting_rule("HELOCHECK"))
-        if mode == "=" and name.lower() != self.client.host.lower():
-            return ("helo_mismatch", self.profile.setting_rule("HELOCHECK"))
+        if mode == "=":
+            host = self.client.host.lower()
+            if host == "unknown" or name.lower() != host:
+                return ("helo_mismatch", self.profile.setting_rule("HELOCHECK"))
         return None
 
     def _spamcontrol_helo(self, name: str, mode: str) -> tuple[str, int] | None:

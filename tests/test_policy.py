@@ -26,6 +26,14 @@ def envelope(eng, helo="mx.sender.example", sender="a@sender.example", rcpt="u@e
     return s, s.rcpt(rcpt)
 
 
+def test_helocheck_equal_needs_a_known_host(tmp_path):
+    """`=` compares with the client's host name; "unknown" is no name."""
+    eng = engine(tmp_path, {"tcp.smtp": ':allow,HELOCHECK="="\n'})
+    for helo in ("unknown", "UNKNOWN", "mx.sender.example"):
+        s, v = envelope(eng, helo=helo, host="unknown")
+        assert not v.accept and v.reason == "helo_mismatch", helo
+
+
 @pytest.mark.parametrize("mode,helo,expect", [
     ("!", None, "helo_missing"),       # any one-char mode rejects a missing HELO
     ("!", "", "helo_empty"),
