@@ -218,6 +218,15 @@ def make_state(rules_dir: str, deliver: str, *, limits: Limits | None = None,
                        limits=limits, resolver=resolver, remote_host=remote_host)
 
 
+def start_server(kind: str, rules_dir: str, maildir: str, *, deliver: str | None = None,
+                 **state_kw) -> ServerThread:
+    """A started ServerThread on loop `kind` delivering to maildir:`maildir`
+    (or `deliver`); `srv.maildir` names the spool for the test's checks."""
+    srv = ServerThread(kind, make_state(rules_dir, deliver or f"maildir:{maildir}", **state_kw)).start()
+    srv.maildir = maildir
+    return srv
+
+
 # ----------------------------------------------------------------- clients
 class RawClient:
     """A line-level SMTP client on a blocking socket with a timeout."""

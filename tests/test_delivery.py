@@ -253,18 +253,21 @@ class _SyncSpy:
         monkeypatch.setattr(os, "rename", rename)
 
 
+async def _deliver_once(md: str):
+    """One MSG into a fresh maildir:md delivery, closed afterwards."""
+    d = Delivery.from_spec("maildir:" + md)
+    try:
+        return await deliver(d, env(), MSG)
+    finally:
+        await d.close()
+
+
 def test_maildir_fsyncs_file_then_renames_then_fsyncs_new(tmp_path, monkeypatch):
     """SPEC A §9 / issue 3: write to tmp/, fsync, rename into new/, fsync new/,
     and only then 250."""
     md = str(tmp_path / "Maildir")
     spy = _SyncSpy(monkeypatch)
-
-    async def go():
-        d = Delivery.from_spec("maildir:" + md)
-        res = await deliver(d, env(), MSG)
-        await d.close()
-        return res
-    res = run(go())
+    res = run(_deliver_once(md))
     assert res.ok and res.reply.code == 250
     [name] = listing(md)["new"]
     setup, msg = spy.calls[:-3], spy.calls[-3:]
@@ -281,13 +284,7 @@ def test_maildir_failed_fsync_is_451_and_nothing_stays(tmp_path, monkeypatch, fa
     new/ keeps the message (the sender retries)."""
     md = str(tmp_path / "Maildir")
     spy = _SyncSpy(monkeypatch, fail=fail)
-
-    async def go():
-        d = Delivery.from_spec("maildir:" + md)
-        res = await deliver(d, env(), MSG)
-        await d.close()
-        return res
-    res = run(go())
+    res = run(_deliver_once(md))
     assert not res.ok and res.reply.code == 451
     assert listing(md)["new"] == [] and listing(md)["tmp"] == []
     assert ("fsync-" + fail) in [c[0] for c in spy.calls]

@@ -9,7 +9,7 @@ import pytest
 from mailfilter import bundle, compiler
 from mailfilter.localip import is_local_ipv4
 from mailfilter.policy import Client, PolicyEngine, PolicyOptions
-from server_harness import LOOPS, TIMEOUT, ServerThread, make_state, read_new, write_rules
+from tests.server_harness import LOOPS, TIMEOUT, read_new, start_server, write_rules
 
 
 def engine(tmp_path, files, **opts):
@@ -84,7 +84,7 @@ def test_not_local_predicate_is_used(tmp_path):
 def test_server_stores_rewritten_envelope(tmp_path, loop_kind):
     rules = write_rules(tmp_path / "rules", {"localiphost": "example.com\n"})
     maildir = str(tmp_path / "spool")
-    srv = ServerThread(loop_kind, make_state(rules, f"maildir:{maildir}")).start()
+    srv = start_server(loop_kind, rules, maildir)
     try:
         with smtplib.SMTP("127.0.0.1", srv.port, timeout=TIMEOUT) as s:
             s.ehlo("client.test")

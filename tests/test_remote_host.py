@@ -23,7 +23,7 @@ from mailfilter.dnscheck import Resolver
 from mailfilter.server import Limits
 from tests.dns_responder import DnsResponder
 from tests.server_harness import (
-    LOOPS, TIMEOUT, RawClient, ServerThread, first, make_state, read_new, spawn_serve,
+    LOOPS, TIMEOUT, RawClient, first, read_new, spawn_serve, start_server,
     write_rules,
 )
 
@@ -86,11 +86,9 @@ def start(request, tmp_path, dns):
     rules = write_rules(tmp_path / "rules", RULES)
 
     def _start(remote_host="confirmed", timeout=0.5, limits=None):
-        maildir = str(tmp_path / f"spool{len(servers)}")
-        state = make_state(rules, f"maildir:{maildir}", limits=limits,
-                           resolver=Resolver(dns.address, timeout=timeout), remote_host=remote_host)
-        srv = ServerThread(request.param, state).start()
-        srv.maildir = maildir
+        srv = start_server(request.param, rules, str(tmp_path / f"spool{len(servers)}"),
+                           limits=limits, resolver=Resolver(dns.address, timeout=timeout),
+                           remote_host=remote_host)
         servers.append(srv)
         return srv
 

@@ -23,7 +23,8 @@ from mailfilter.server import Limits, SMTPProtocol
 from tests.dns_responder import DnsResponder
 from tests.server_harness import (
     CONTENT, DENIED, HELO_A, HELO_M, LOOPS, MAXRCPT, MFDNS, PLAIN, RELAY, SMALL, SUFFIX,
-    TARPIT, TIMEOUT, RawClient, ServerThread, first, maildir_files, make_state, read_new,
+    TARPIT, TIMEOUT, RawClient, first, maildir_files, read_new,
+    start_server,
     write_rules,
 )
 from mailfilter.dnscheck import Resolver
@@ -45,12 +46,9 @@ def start(tmp_path, loop_kind, rules_dir):
 
     def _start(*, rules=None, deliver=None, limits=None, resolver=None, open_relay=False,
                remote_host="off"):
-        maildir = str(tmp_path / f"spool{len(servers)}")
-        state = make_state(rules or rules_dir, deliver or f"maildir:{maildir}",
-                           limits=limits, resolver=resolver, open_relay=open_relay,
-                           remote_host=remote_host)
-        srv = ServerThread(loop_kind, state).start()
-        srv.maildir = maildir
+        srv = start_server(loop_kind, rules or rules_dir, str(tmp_path / f"spool{len(servers)}"),
+                           deliver=deliver, limits=limits, resolver=resolver,
+                           open_relay=open_relay, remote_host=remote_host)
         servers.append(srv)
         return srv
 
