@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from mailfilter.bundle import Bundle
 from mailfilter.policy import Client, PolicyEngine, PolicyOptions, Verdict
-from mailfilter.replies import reply
+from mailfilter.replies import REPLIES, reply
+from mailfilter.smtpconn import NEED_DATA, Closed, EngineConfig, Mail, Rcpt, SMTPConnection
 
 
 @dataclass
@@ -76,6 +77,44 @@ def _dns_check(res: StageResult, resolver, label: str, lookup, record) -> None:
     _add_note(res, f"{label}: {status}")
 
 
+class _Syntax:
+    """The server's own command parsing (smtpconn) in front of the policy, so
+    `check` refuses what the server refuses before any rule is asked
+    (`RCPT TO:<>`, 8-bit addresses, over-long ones, SIZE over databytes...)
+    and hands the policy the address as the server would."""
+
+    def __init__(self, engine: PolicyEngine):
+        self.conn = SMTPConnection(EngineConfig(
+            greeting=engine.greeting, databytes=engine.bundle.integers.get("databytes", 0)))
+        self.closed = False         # too many bad commands: the server hangs up
+
+    def command(self, line: str, ok_reply: str):
+        """(address, None) when the engine passes `line` on as MAIL/RCPT
+        (answered `ok_reply`, as the policy's accept would), else (None, its
+        reply line)."""
+        conn = self.conn
+        conn.receive_data(line.encode("latin-1", "replace") + b"\r\n")
+        while True:
+            ev = conn.next_event()
+            if type(ev) is Mail or type(ev) is Rcpt:
+                conn.send(REPLIES[ok_reply])
+                conn.data_to_send()
+                return ev.address, None
+            if type(ev) is Closed:
+                self.closed = True
+                break
+            if ev is NEED_DATA or getattr(ev, "owes_reply", False):
+                break
+        lines = conn.data_to_send().decode("latin-1").split("\r\n")
+        return None, " / ".join(line for line in lines if line)
+
+
+def _refused(stage: str, argument: str, line: str) -> StageResult:
+    verdict = "tempfail" if line[:1] == "4" else "reject"
+    return StageResult(stage, argument, verdict, line, "syntax", None,
+                       "refused by the SMTP command parser, before any rule")
+
+
 def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | None = None,
               sender: str | None = None, recipients: list[str] = (),
               open_relay: bool = False, auth_user: str | None = None,
@@ -106,8 +145,13 @@ def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | Non
             _dns_check(res, resolver, f"HELOCHECK DNS {query[0]} {query[1]}",
                        lambda r: r.check(*query), session.set_helo_dns)
         report.stages.append(res)
+    syntax = _Syntax(engine)
     if sender is not None:
-        v = session.mail(sender)
+        address, refused = syntax.command(f"MAIL FROM:<{sender}>", "mail_ok")
+        if refused is not None:
+            report.stages.append(_refused("MAIL", f"<{sender}>", refused))
+            return report
+        v = session.mail(address)
         res = _result(v, f"<{sender}>")
         if v.accept and session.sender_verdict is not None and not session.sender_bypass:
             res.verdict = "pending-reject"
@@ -122,7 +166,14 @@ def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | Non
         report.stages.append(res)
         if v.accept:
             for rcpt in recipients:
-                rv = session.rcpt(rcpt)
+                address, refused = syntax.command(f"RCPT TO:<{rcpt}>", "rcpt_ok")
+                if refused is not None:
+                    report.stages.append(_refused("RCPT", f"<{rcpt}>", refused))
+                    if syntax.closed:
+                        _add_note(report.stages[-1], "the server closes the connection here")
+                        break
+                    continue
+                rv = session.rcpt(address)
                 res = _result(rv, f"<{rcpt}>")
                 if rv.accept and rv.recipient is not None and rv.recipient != rcpt:
                     _add_note(res, f"delivered as <{rv.recipient}>")

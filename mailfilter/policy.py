@@ -415,10 +415,12 @@ class SessionPolicy:
             if not prof.nobadhelo:
                 data = name.encode("latin-1", "replace")
                 rid = self._listed(eng.badhelo, data, MODE_HOST)
-                if rid < 0 and not self.relay_client:
-                    rid = self._listed(eng.badhelonorelay, data, MODE_HOST)
                 if rid >= 0:
                     self.helo_verdict = ("bad_helo", rid)
+                elif not self.relay_client:
+                    rid = self._listed(eng.badhelonorelay, data, MODE_HOST)
+                    if rid >= 0:
+                        self.helo_verdict = ("bad_helo_norelay", rid)
             if self.helo_verdict is None and prof.helocheck is not None:
                 # the dialect decides how lists read; HELOCHECK's other demands hold too
                 self.helo_verdict = self._helocheck_name(name, prof.helocheck)
@@ -598,12 +600,20 @@ class SessionPolicy:
                         self.notorious = True
                     return self._reject("too_many_failed_rcpts", "too_many_rcpts",
                                         prof.setting_rule("TARPITCOUNT"))
+                # "after tarpitcount RCPTs, sleep tarpitdelay seconds before
+                # answering each further RCPT" (SPEC B §2.2)
                 if self.rcpt_count > tarpit_count and 0 < prof.tarpit_delay < 999:
                     delay = float(prof.tarpit_delay)
             if eng.recipients_present and self._recipient_known(recipient) == -2:
                 self.failed_recipients += 1
                 return self._reject("no_mailbox", "no_mailbox_450" if prof.recipients450 else "no_mailbox",
                                     delay=delay)
+        elif eng.qregex:
+            # qregex has no split horizon for badhelo: it binds relay clients
+            # too; only badhelonorelay (and HELOCHECK) spare them (B §3.1)
+            hv = self.helo_verdict
+            if hv is not None and hv[0] == "bad_helo":
+                return self._reject(hv[0], "bad_helo", hv[1])
         sv = self.sender_verdict
         if sv is not None and not self.sender_bypass:
             return self._reject(sv[0], "badmailfrom", sv[1], delay)

@@ -6,8 +6,10 @@ RFC 3463 enhanced codes up front instead of qmail's trailing `(#x.y.z)`
 needs a reply names it here (`REPLIES["badmailfrom"]`) and may only fill the
 `{}` placeholders a template declares.
 
-Invariants: every entry is one line without CR/LF; the greeting, HELO and EHLO
-replies carry no enhanced code (RFC 2034 §3); every other reply does.
+Invariants: every entry is one line without CR/LF; every 2xx, 4xx and 5xx
+reply carries an enhanced code (RFC 2034 §4) except the greeting and the
+HELO/EHLO replies (RFC 2034 §3); intermediate 3xx replies (354, 334) carry
+none.
 """
 from __future__ import annotations
 
@@ -77,7 +79,7 @@ REPLIES: dict[str, Reply] = {
     "data_go": R(354, "", "go ahead"),
     "queued": R(250, "2.0.0", "ok {stamp} qp {qid}"),
     # --- command errors (SPEC A §6, B §1.4) -------------------------------
-    "unimplemented": R(502, "5.5.2", "unimplemented"),
+    # unknown verbs: spamcontrol 2.7's 500 (vanilla qmail: 502), SPEC B §2.8, A §5
     "unrecognized": R(500, "5.5.1", "unimplemented"),
     "line_too_long": R(500, "5.5.2", "line too long"),
     "syntax": R(555, "5.5.4", "syntax error"),

@@ -700,7 +700,7 @@ class SMTPConnection:
                 verb, arg = line[:sp], line[sp + 1:].lstrip(b" ")
             handler = commands.get(verb.upper())
             if handler is None:
-                self._bad(REPLIES["unimplemented"], ANOMALY_UNKNOWN,
+                self._bad(REPLIES["unrecognized"], ANOMALY_UNKNOWN,
                           verb[:32].decode("latin-1"))
             else:
                 handler(self, arg)

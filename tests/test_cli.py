@@ -173,3 +173,21 @@ def test_check_dns_checks_use_the_servers_resolver(tmp_path):
     plain = mf("check", "--rules", str(rules), "--ip", "203.0.113.5", "--helo", "mx.ok.test",
                "--from", "a@ok.test", "--rcpt", "u@example.com")
     assert "not performed (use --dns)" in plain.stdout
+
+
+def test_check_refuses_what_the_server_parser_refuses():
+    """`check` puts the server's command parser before the policy: an empty
+    recipient (`RCPT TO:<>`) is 555 as in the server (SPEC A §6 RFC 5321
+    strictness), not a mailbox lookup; the next recipient is still checked."""
+    r = mf("check", "--rules", os.path.join(ROOT, "rules"), "--ip", "203.0.113.9",
+           "--helo", "mx.other.example", "--from", "a@sender.example",
+           "--rcpt", "", "--rcpt", "info@example.com", "--json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    stages = json.loads(r.stdout)["stages"]
+    assert [(s["stage"], s["argument"], s["verdict"]) for s in stages[-2:]] == [
+        ("RCPT", "<>", "reject"), ("RCPT", "<info@example.com>", "accept")]
+    assert stages[-2]["reply"] == "555 5.5.4 syntax error" and stages[-2]["reason"] == "syntax"
+    r = mf("check", "--rules", os.path.join(ROOT, "rules"), "--ip", "203.0.113.9",
+           "--from", "caf\u00e9@sender.example", "--rcpt", "info@example.com")
+    assert r.returncode == 1
+    assert "MAIL <caf\u00e9@sender.example>: reject \"553 5.6.7" in r.stdout

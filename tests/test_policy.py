@@ -256,3 +256,28 @@ def test_morercpthosts_merged_with_rcpthosts(tmp_path):
     s.mail("a@b.example")
     assert s.rcpt("u@example.net").accept
     assert s.rcpt("u@example.com").reason == "rcpthosts"
+
+
+def test_qregex_badhelo_binds_relay_clients(tmp_path):
+    """qregex: `badhelo` has no split horizon (only NOBADHELO turns it off);
+    `badhelonorelay` spares relay clients (SPEC B §3.1)."""
+    eng = engine(tmp_path, {"dialect": "qregex\n", "badhelo": "^bad\\.example$\n",
+                            "badhelonorelay": "^local$\n",
+                            "tcp.smtp": '127.0.0.2:allow,RELAYCLIENT=""\n'
+                                        '127.0.0.3:allow,RELAYCLIENT="",NOBADHELO=""\n:allow\n'})
+    for ip, helo, expect in (("127.0.0.2", "bad.example", "bad_helo"),
+                             ("203.0.113.5", "bad.example", "bad_helo"),
+                             ("127.0.0.3", "bad.example", None),
+                             ("127.0.0.2", "local", None),
+                             ("203.0.113.5", "local", "bad_helo_norelay")):
+        s, v = envelope(eng, helo=helo, ip=ip, rcpt="u@example.com")
+        if expect is None:
+            assert v.accept, (ip, helo, v)
+        else:
+            assert not v.accept and v.reason == expect and v.reply.code == 550, (ip, helo, v)
+            assert v.rule.startswith("badhelo")
+    s = eng.session(Client(ip="203.0.113.5"))        # authenticated after EHLO: norelay no longer applies
+    s.helo("local")
+    s.auth_success("user")
+    s.mail("a@b.example")
+    assert s.rcpt("x@far.example").accept

@@ -382,7 +382,7 @@ def test_very_long_line_discarded_then_session_continues(feed):
 def test_bad_commands_limit_421(feed):
     """Ten bad commands -> each answered, then 421 4.7.0 and close (SPEC A §6)."""
     app = run(feed, b"XYZZY\r\n" * 9 + b"\r\nNOOP\r\nNOOP\r\n", cfg())
-    assert app.lines[1:] == ["502 5.5.2 unimplemented"] * 10 + [
+    assert app.lines[1:] == ["500 5.5.1 unimplemented"] * 10 + [
         "421 4.7.0 mx.example.com too many errors, closing connection"]
     assert app.merged()[0] == Anomaly("UNKNOWN COMMAND", "XYZZY")
     assert app.merged()[9] == Anomaly("UNKNOWN COMMAND", "")
@@ -393,7 +393,7 @@ def test_bad_commands_limit_421(feed):
 
 def test_bad_command_limit_configurable(feed):
     app = run(feed, b"EXPN x\r\nRCPT TO:<a@b>\r\nNOOP\r\n", cfg(max_bad_commands=2))
-    assert app.lines[1:] == ["502 5.5.2 unimplemented", "503 5.5.1 MAIL first",
+    assert app.lines[1:] == ["500 5.5.1 unimplemented", "503 5.5.1 MAIL first",
                              "421 4.7.0 mx.example.com too many errors, closing connection"]
     assert app.conn.closing
 
