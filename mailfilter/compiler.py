@@ -322,6 +322,7 @@ class _Compiler:
         ids: list[int] = []
         ukeys: list[bytes] = []
         uids: list[int] = []
+        named: dict[bytes, int] = {}
         for line in self.each("recipients", lines):
             text = line.text
             if text.startswith("!"):
@@ -345,9 +346,13 @@ class _Compiler:
             rid = self.add_rule(line, kind)
             keys.append(_fold(text))
             ids.append(rid)
+            dom = _fold(text[text.rindex("@") + 1:])
+            named.setdefault(dom, rid)
         self.meta["recipients_present"] = True
         self.put_table("recipients", keys, ids)
         self.put_table("recipients.unchecked", ukeys, uids)
+        # the domains the file names: `!*` spares only the others (rules/README.md)
+        self.put_table("recipients.domains", list(named), list(named.values()))
 
     def compile_signatures(self, name: str, width: int, lines: list[cf.Line]) -> None:
         patterns: list[bytes] = []

@@ -102,13 +102,17 @@ def _first_line(data: bytes) -> str | None:
     return first or None
 
 
-def _leading_int(text: str) -> int | None:
-    digits = ""
-    for ch in text:
-        if not ch.isdigit():
-            break
-        digits += ch
-    return int(digits) if digits else None
+_DIGITS = frozenset("0123456789")
+
+
+def leading_int(text: str) -> int | None:
+    """The leading ASCII decimal digits of `text` as an int (qmail's scan_ulong,
+    B §1.2), None if there are none. Only 0-9 count: str.isdigit() also takes
+    Latin-1 superscripts such as "\xb2", which int() refuses."""
+    n = 0
+    while n < len(text) and text[n] in _DIGITS:
+        n += 1
+    return int(text[:n]) if n else None
 
 
 def read_rules_dir(root: str) -> RulesSource:
@@ -141,7 +145,7 @@ def read_rules_dir(root: str) -> RulesSource:
         data = load(name)
         if data is not None:
             first = _first_line(data) or ""
-            value = _leading_int(first)
+            value = leading_int(first)
             if value is None:
                 src.diagnostics.append(Diagnostic(
                     os.path.join(root, name), 1,
@@ -237,7 +241,7 @@ def _network(key: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         return ipaddress.IPv6Network(key)
     if key.endswith("."):
         octets = key[:-1].split(".")
-        if len(octets) > 3 or not all(o.isdigit() and int(o) < 256 for o in octets):
+        if len(octets) > 3 or not all(o and set(o) <= _DIGITS and int(o) < 256 for o in octets):
             raise ValueError(f"bad IPv4 prefix {key!r}")
         padded = octets + ["0"] * (4 - len(octets))
         return ipaddress.IPv4Network(f"{'.'.join(padded)}/{8 * len(octets)}")

@@ -124,7 +124,7 @@ class SmtpDelivery(_SpoolingDelivery):
         host, colon, port = arg.rpartition(":")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
-        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not colon or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise ValueError(f"bad delivery spec {kind}:{arg!r}: expected {kind}:HOST:PORT "
                              "with PORT 1-65535 (IPv6 as [addr]:PORT)")
         return cls(host, int(port), **options)

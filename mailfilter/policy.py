@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from mailfilter.bundle import MODE_ADDRESS, MODE_HOST, Bundle
 from mailfilter.compiler import FLAG_EXCEPTION
+from mailfilter.controlfiles import leading_int
 from mailfilter.localip import is_local_ipv4
 from mailfilter.replies import Reply, reply
 
@@ -86,12 +87,8 @@ def _int_setting(value: str | None, default: int = 0) -> int:
     """qmail-style: leading decimal digits, garbage -> default (B §1.2)."""
     if value is None:
         return default
-    digits = ""
-    for ch in value.strip():
-        if not ch.isdigit():
-            break
-        digits += ch
-    return int(digits) if digits else default
+    n = leading_int(value.strip())
+    return default if n is None else n
 
 
 def pack_ip(ip: str) -> bytes | None:
@@ -223,6 +220,7 @@ class PolicyEngine:
             self.mf_bypass, self.mf_antispoof, self.mf_unknownhost, self.mf_wellknown, self.mf_mismatch))
         self.recipients = t.get("recipients")
         self.recipients_unchecked = t.get("recipients.unchecked")
+        self.recipients_domains = t.get("recipients.domains")
         self.recipients_present = bool(b.meta.get("recipients_present"))
         self.tcp_hosts = t.get("tcp.smtp.hosts")
         self.cidr = b.cidr
@@ -695,7 +693,10 @@ class SessionPolicy:
             rid = table.get(("@" + dom).encode("latin-1", "replace"))
             if rid >= 0:
                 return rid
-        if unchecked is not None and unchecked.get(b"*") >= 0:
+        # `!*`: recipients at domains the file does not name are not checked
+        if unchecked is not None and unchecked.get(b"*") >= 0 and not (
+                eng.recipients_domains is not None
+                and eng.recipients_domains.get(dom.encode("latin-1", "replace")) >= 0):
             return -1
         return -2
 

@@ -79,7 +79,7 @@ class StartupError(Exception):
 
 def parse_listen(spec: str) -> tuple[str, int]:
     host, sep, port = spec.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not (port.isascii() and port.isdigit()):
         raise StartupError(f"--listen wants HOST:PORT, got {spec!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
 

@@ -281,3 +281,41 @@ def test_qregex_badhelo_binds_relay_clients(tmp_path):
     s.auth_success("user")
     s.mail("a@b.example")
     assert s.rcpt("x@far.example").accept
+
+
+def test_recipients_bang_star_spares_only_unnamed_domains(tmp_path):
+    """rules/README.md: `!*` = recipients at domains NOT named in the file are
+    not checked; a domain the file names stays fail-closed (SPEC B §2.9)."""
+    eng = engine(tmp_path, {"rcpthosts": "example.com\nexample.net\nother.example\n",
+                            "recipients": "user@example.com\nlist-@example.net\n!*\n"})
+    for rcpt, ok in (("user@example.com", True), ("nosuch@example.com", False),
+                     ("list-x@example.net", True), ("nosuch@example.net", False),
+                     ("anyone@other.example", True)):
+        s, v = envelope(eng, rcpt=rcpt)
+        assert v.accept == ok, (rcpt, v)
+        if not ok:
+            assert v.reason == "no_mailbox"
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "1\u00b3", "\u00b9\u00b2"])
+def test_latin1_superscript_digits_are_not_numbers(tmp_path, value):
+    """str.isdigit() takes "\\xb2"; int() does not. A numeric setting is read
+    qmail-style (leading ASCII digits, else the default), never a crash."""
+    eng = engine(tmp_path, {"tcp.smtp": f':allow,DATABYTES="{value}",MAXRECIPIENTS="{value}",'
+                                        f'TARPITCOUNT="{value}",TARPITDELAY="{value}"\n'})
+    s, v = envelope(eng)
+    assert v.accept
+    assert s.databytes == (1 if value.startswith("1") else 0)
+
+
+def test_latin1_superscript_in_numeric_file_is_a_diagnostic(tmp_path):
+    d = tmp_path / "rules"
+    d.mkdir()
+    (d / "rcpthosts").write_text("example.com\n")
+    (d / "databytes").write_bytes(b"\xb2\n")
+    (d / "tcp.smtp").write_bytes(b"1.\xb2.:deny\n:allow\n")
+    compiled = compiler.compile_dir(str(d))
+    problems = sorted(str(x) for x in compiled.diagnostics)
+    assert len(problems) == 2, problems
+    assert problems[0].endswith("databytes:1: not an unsigned decimal number: '\u00b2': rule skipped")
+    assert "tcp.smtp:1:" in problems[1] and problems[1].endswith("rule skipped")
