@@ -121,6 +121,15 @@ def wildmat_problem(pattern: str) -> str | None:
     return None
 
 
+def _tcp_keys(rule: cf.TcpRule) -> list[tuple]:
+    """The tcprules keys a rule stands for: `1.2.3.` and `1.2.3.0/24` are one key."""
+    if rule.kind == "cidr":
+        return [("cidr", n.network_address.packed, n.prefixlen) for n in rule.networks]
+    if rule.kind == "default":
+        return [("default",)]
+    return [("host", rule.host)]
+
+
 class _Compiler:
     def __init__(self, src: cf.RulesSource, progress=None):
         self.src = src
@@ -377,11 +386,21 @@ class _Compiler:
         host_keys: list[bytes] = []
         host_ids: list[int] = []
         default_id = -1
+        # tcprules builds a cdb and tcpserver reads the FIRST record of a key:
+        # a later line with the same key is dead, so it is a diagnostic.
+        seen: dict[tuple, cf.Line] = {}
         for rule in self.src.tcp_rules:
             unknown = [n for n, _ in rule.env if n not in KNOWN_SETTINGS]
             if unknown:
                 self.diag(rule.source, f"unknown setting {unknown[0]} (known: {', '.join(sorted(KNOWN_SETTINGS))})")
                 continue
+            keys = _tcp_keys(rule)
+            first = next((seen[k] for k in keys if k in seen), None)
+            if first is not None:
+                self.diag(rule.source, f"same key as {first.where}, which wins")
+                continue
+            for k in keys:
+                seen[k] = rule.source
             idx = settings_index.get(rule.env)
             if idx is None:
                 idx = settings_index[rule.env] = len(settings)
