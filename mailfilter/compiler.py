@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import array
 import hashlib
+import ipaddress
 import os
 import re
 import sys
@@ -61,6 +62,7 @@ KNOWN_SETTINGS = frozenset({
 
 _has_wildmat = re.compile(r"[*?\[\\]").search
 _has_space = re.compile(r"\s").search
+_ASCII_DIGITS = frozenset("0123456789")
 
 
 @dataclass
@@ -93,6 +95,33 @@ class _ListParts:
 
 def _fold(text: str) -> bytes:
     return text.encode("latin-1").lower()
+
+
+def is_address_literal(text: str) -> bool:
+    """`[192.0.2.1]` or `[IPv6:2001:db8::1]`: an RFC 5321 address literal."""
+    if len(text) < 3 or text[0] != "[" or text[-1] != "]":
+        return False
+    inner = text[1:-1]
+    try:
+        if inner[:5].lower() == "ipv6:":
+            ipaddress.IPv6Address(inner[5:])
+        else:
+            if not all(p and set(p) <= _ASCII_DIGITS for p in inner.split(".")):
+                return False
+            ipaddress.IPv4Address(inner)
+    except ValueError:
+        return False
+    return True
+
+
+def literal_entry(body: str) -> bool:
+    """An entry qmail reads as exact whose domain is an address literal
+    (`[192.0.2.1]`, `@[192.0.2.1]`, `user@[IPv6:2001:db8::1]`): exact, not
+    wildmat, although it contains `[` (rules/README.md)."""
+    local, at, dom = body.rpartition("@")
+    if at and _has_wildmat(local):
+        return False
+    return is_address_literal(dom)
 
 
 def wildmat_problem(pattern: str) -> str | None:
@@ -213,10 +242,15 @@ class _Compiler:
         if len(body) >= 2 and body[0] == "/" and body[-1] == "/":
             self.add_regex(parts, line, body[1:-1], flags)
             return
-        if _has_wildmat(body):
+        if _has_wildmat(body) and not literal_entry(body):
             problem = wildmat_problem(body)
             if problem:
                 self.diag(line, problem)
+                return
+            dom = body.rpartition("@")[2]
+            if "@" in body and is_address_literal(dom):
+                self.diag(line, f"in a wildmat the domain literal {dom} is a character set; "
+                                "write it as \\[...\\] to match the address literal")
                 return
             rid = self.add_rule(line, "wildmat", flags)
             parts.wild_patterns.append(_fold(body))
@@ -316,7 +350,7 @@ class _Compiler:
         for name in present:
             for line in self.each(name, self.src.lists[name]):
                 text = line.text
-                if _has_wildmat(text) or "@" in text or _has_space(text):
+                if (_has_wildmat(text) and not is_address_literal(text)) or "@" in text or _has_space(text):
                     self.diag(line, f"{name} takes a domain or .suffix, not {text!r}")
                     continue
                 kind = "suffix" if text.startswith(".") else "host"
