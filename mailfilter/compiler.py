@@ -57,8 +57,20 @@ KNOWN_SETTINGS = frozenset({
     "RELAYCLIENT", "HELOCHECK", "MFDNSCHECK", "DATABYTES", "MAXRECIPIENTS",
     "TARPITCOUNT", "TARPITDELAY", "SMTPAUTH", "RECIPIENTS450", "BADMIMETYPE",
     "BADLOADERTYPE", "RELAYMAILFROM", "NOBADHELO", "DISABLE_BADMAILFROM",
-    "TCPREMOTEHOST", "SMTPGREETING",
 })
+HELOCHECK_MODES = ("", "!", ".", "=", "A", "M")
+NUMERIC_SETTINGS = ("DATABYTES", "MAXRECIPIENTS", "TARPITCOUNT", "TARPITDELAY")
+
+
+def setting_problem(name: str, value: str) -> str | None:
+    """Why `name=value` is meaningless, or None. qmail reads a garbage number
+    as 0 (= no limit) and an unknown HELOCHECK mode as no test: silently."""
+    if name == "HELOCHECK" and value not in HELOCHECK_MODES:
+        return (f"HELOCHECK={value!r} is not one of "
+                + ", ".join(repr(m) for m in HELOCHECK_MODES))
+    if name in NUMERIC_SETTINGS and not (value and set(value) <= _ASCII_DIGITS):
+        return f"{name}={value!r} is not a decimal number"
+    return None
 
 _has_wildmat = re.compile(r"[*?\[\\]").search
 _has_space = re.compile(r"\s").search
@@ -427,6 +439,10 @@ class _Compiler:
             unknown = [n for n, _ in rule.env if n not in KNOWN_SETTINGS]
             if unknown:
                 self.diag(rule.source, f"unknown setting {unknown[0]} (known: {', '.join(sorted(KNOWN_SETTINGS))})")
+                continue
+            problem = next((p for p in (setting_problem(n, v) for n, v in rule.env) if p), None)
+            if problem:
+                self.diag(rule.source, problem)
                 continue
             keys = _tcp_keys(rule)
             first = next((seen[k] for k in keys if k in seen), None)

@@ -299,13 +299,18 @@ def test_recipients_bang_star_spares_only_unnamed_domains(tmp_path):
 
 @pytest.mark.parametrize("value", ["\u00b2", "1\u00b3", "\u00b9\u00b2"])
 def test_latin1_superscript_digits_are_not_numbers(tmp_path, value):
-    """str.isdigit() takes "\\xb2"; int() does not. A numeric setting is read
+    """str.isdigit() takes "\\xb2"; int() does not. The compiler refuses such
+    a setting (a typo must not switch a limit off); the policy still reads one
     qmail-style (leading ASCII digits, else the default), never a crash."""
-    eng = engine(tmp_path, {"tcp.smtp": f':allow,DATABYTES="{value}",MAXRECIPIENTS="{value}",'
-                                        f'TARPITCOUNT="{value}",TARPITDELAY="{value}"\n'})
-    s, v = envelope(eng)
-    assert v.accept
-    assert s.databytes == (1 if value.startswith("1") else 0)
+    from mailfilter.policy import _int_setting
+    assert _int_setting(value) == (1 if value.startswith("1") else 0)
+    for name in ("DATABYTES", "MAXRECIPIENTS", "TARPITCOUNT", "TARPITDELAY"):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "rcpthosts").write_text("example.com\n")
+        (d / "tcp.smtp").write_bytes(f':allow,{name}="{value}"\n'.encode("latin-1"))
+        problems = [str(x) for x in compiler.compile_dir(str(d)).diagnostics]
+        assert len(problems) == 1 and f"{name}={value!r} is not a decimal number" in problems[0], problems
 
 
 def test_latin1_superscript_in_numeric_file_is_a_diagnostic(tmp_path):
