@@ -294,22 +294,46 @@ class _Compiler:
             decorated[kind][0].append(_fold(key))
             decorated[kind][1].append(rid)
 
+        marks = {"+": "antispoof", "-": "unknownhost", "=": "wellknown"}
         for line in self.each("badmailfrom", lines):
             text = line.text
             if text.startswith("?"):                       # ?user@dom: bypass
-                deco("bypass", line, text[1:])
-            elif text.startswith("~"):                     # ~dom: mismatched domains
-                deco("mismatch", line, text[1:].lstrip("."))
-            elif "@" in text and text.endswith("+") and not text.startswith("!"):
-                deco("antispoof", line, text[:-1])
-            elif text.startswith("@") and text.endswith("-"):
-                deco("unknownhost", line, text[:-1])
-            elif text.startswith("@") and text.endswith("="):
-                deco("wellknown", line, text[:-1])
-            elif text.startswith("!"):
-                self.spamcontrol_entry(parts, line, text[1:], FLAG_EXCEPTION)
+                key = text[1:]
+                local, at, dom = key.rpartition("@")
+                if (not at or not local or not dom or _has_wildmat(local) or _has_space(key)
+                        or (_has_wildmat(dom) and not is_address_literal(dom))):
+                    self.diag(line, f"a '?' bypass entry takes a full address user@domain, not {key!r}")
+                else:
+                    deco("bypass", line, key)
+                continue
+            if text.startswith("~"):                       # ~dom: mismatched domains
+                key = text[1:].lstrip(".")
+                if not key or "@" in key or _has_wildmat(key) or _has_space(key):
+                    self.diag(line, f"a '~' entry takes a host or domain name (~yahoo.com), not {text[1:]!r}")
+                else:
+                    deco("mismatch", line, key)
+                continue
+            negated = text.startswith("!")
+            body = text[1:] if negated else text
+            mark = body[-1:]
+            if mark in marks and ("@" in body or body.startswith(".")) and not body.startswith("/"):
+                core_ = body[:-1]
+                if negated:
+                    self.diag(line, f"'!' cannot be combined with the decoration '{mark}'")
+                elif core_.startswith(".") or (_has_wildmat(core_) and not literal_entry(core_)):
+                    self.diag(line, f"a '{mark}' entry takes a plain address or @domain, not a wildmat or .suffix")
+                elif mark != "+" and not core_.startswith("@"):
+                    self.diag(line, f"'{mark}' takes @domain only (SPEC B §2.6), not a full address: "
+                                    f"write @{core_.rpartition('@')[2]}{mark}")
+                elif not core_.rpartition("@")[2] or _has_space(core_):
+                    self.diag(line, "decorated entry names no address or domain")
+                else:
+                    deco(marks[mark], line, core_)
+                continue
+            if negated:
+                self.spamcontrol_entry(parts, line, body, FLAG_EXCEPTION)
             else:
-                self.spamcontrol_entry(parts, line, text, 0)
+                self.spamcontrol_entry(parts, line, body, 0)
         self.put_list("badmailfrom", parts)
         for kind, (keys, ids) in decorated.items():
             self.put_table(f"badmailfrom.{kind}", keys, ids)
@@ -320,7 +344,15 @@ class _Compiler:
         ids: list[int] = []
         for line in self.each("badhelo", lines):
             text = line.text
-            if text.endswith("!") and not text.startswith("!") and len(text) > 1:
+            if text.endswith("!") and len(text) > 1:
+                name = text[:-1]
+                if text.startswith("!"):
+                    self.diag(line, "'!' exception cannot be combined with a trailing '!' (name!)")
+                    continue
+                if (name.startswith((".", "/")) or name[0].isspace()
+                        or (_has_wildmat(name) and not is_address_literal(name))):
+                    self.diag(line, "'name!' takes a plain HELO name, not a wildmat, .suffix or regex")
+                    continue
                 rid = self.add_rule(line, "heloaccept")     # name!: acceptable, no DNS test
                 keys.append(_fold(text[:-1]))
                 ids.append(rid)
