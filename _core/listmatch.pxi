@@ -31,7 +31,7 @@
 #         or 68 bytes, see _lm_may_match)
 #   64  u64 nolit_off                       u32[n_nolit]  entries without literal
 #   72  u64 neglit_off                      u32[n_neglit] negated regexes with literal
-#   80  u64 pool_off, 88 u64 pool_len       folded wildmat patterns
+#   80  u64 pool_off, 88 u64 pool_len       wildmat patterns (wm_fold_pattern)
 #   96  u64 total_size                      whole blob, padding included
 # Entries are sorted by rule id (ascending, distinct), so "descending id" is
 # "descending entry index"; nolit and neglit hold ascending entry indices.
@@ -113,7 +113,7 @@ def listmatch_build(hash_keys, hash_ids, wild_patterns, wild_ids,
         rid = wild_ids[i]
         if rid < 0 or rid > INT32_MAX:
             raise ValueError(f"listmatch_build: id {rid} is not a non-negative int32")
-        ents.append((rid, <uint32_t>i, fold_bytes(pat), wildmat_literal(pat)))
+        ents.append((rid, <uint32_t>i, wm_fold_pattern(pat), wildmat_literal(pat)))
     for i in range(nr):
         lit = regex_literals[i]
         if not isinstance(lit, bytes):

@@ -10,10 +10,13 @@
 #   \x      literal x (outside sets); a trailing lone \ is malformed
 #   other   literal; the pattern must match the WHOLE text
 # Case: SPEC Part A §1 makes matching ASCII case-insensitive (spamcontrol's
-# case-sensitive wildmat stage is a quirk we do not copy). It is implemented
-# as "fold pattern and text, then compare bytes", so wm_match() takes both
-# already folded. (Consequence: a range is folded bound by bound, e.g. [0-Z]
-# becomes [0-z].)
+# case-sensitive wildmat stage is a quirk we do not copy): a text byte matches
+# if it or its other ASCII case would match. wm_match() takes the text folded
+# and the pattern folded by wm_fold_pattern(): everything outside [...] is
+# folded, the contents of sets are kept as written, and _wm_class() tests the
+# folded byte c and, for c in a-z, also its upper case against each item. So
+# [0-Z] is digits, ':'..'@' and letters of either case, but not '_' (folding
+# the bounds to [0-z] would take '[', '\', ']', '^', '_', '`' as well).
 # Malformed patterns (unclosed [, trailing \) never match.
 #
 # Invariants: wm_match() is iterative, O(len(p) * len(t)) worst case and
@@ -30,7 +33,8 @@ cdef inline int _wm_class(const unsigned char* p, Py_ssize_t pn, Py_ssize_t i,
     """
     cdef Py_ssize_t j = i + 1
     cdef bint neg = False, matched = False, first = True
-    cdef unsigned char x
+    cdef unsigned char x, hi
+    cdef unsigned char uc = c - 32 if b'a' <= c <= b'z' else c
     if j < pn and p[j] == b'^':
         neg = True
         j += 1
@@ -42,13 +46,13 @@ cdef inline int _wm_class(const unsigned char* p, Py_ssize_t pn, Py_ssize_t i,
             break
         first = False
         if j + 2 < pn and p[j + 1] == b'-' and p[j + 2] != b']':
-            if x <= c <= p[j + 2]:
-                matched = True
+            hi = p[j + 2]
             j += 3
         else:
-            if c == x:
-                matched = True
+            hi = x
             j += 1
+        if x <= c <= hi or (uc != c and x <= uc <= hi):
+            matched = True
     end[0] = j + 1
     return 1 if matched != neg else 0
 
@@ -104,10 +108,30 @@ cdef bint wm_match(const unsigned char* p, Py_ssize_t pn,
         pi = star_p
 
 
+def wm_fold_pattern(bytes pattern not None):
+    """`pattern` ready for wm_match(): ASCII-folded outside [...] sets, set
+    contents (with their bounds) kept as written; see the header."""
+    cdef bytearray out = bytearray(fold_bytes(pattern))
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(pattern)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(pattern), i = 0, end, k
+    while i < n:
+        if p[i] == b'\\':
+            i += 2
+        elif p[i] == b'[':
+            if _wm_class(p, n, i, 0, &end) < 0:
+                break                   # malformed: never matches anyway
+            for k in range(i, end):
+                out[k] = p[k]
+            i = end
+        else:
+            i += 1
+    return bytes(out)
+
+
 def wildmat_match(bytes pattern not None, bytes text not None):
     """True if `pattern` (wildmat, SPEC B §2.5) matches the whole `text`,
     ASCII case-insensitively."""
-    fp = fold_bytes(pattern)
+    fp = wm_fold_pattern(pattern)
     ft = fold_bytes(text)
     return wm_match(<const unsigned char*>PyBytes_AS_STRING(fp), PyBytes_GET_SIZE(fp),
                     <const unsigned char*>PyBytes_AS_STRING(ft), PyBytes_GET_SIZE(ft))

@@ -137,7 +137,9 @@ def literal_entry(body: str) -> bool:
 
 
 def wildmat_problem(pattern: str) -> str | None:
-    """Why `pattern` is not a well-formed wildmat, or None."""
+    """Why `pattern` is not a well-formed wildmat, or None. Mirrors the matcher
+    (_core/wildmat.pxi, Salz's wildmat): inside [...] a backslash is an
+    ordinary character, a `]` right after `[` or `[^` is a member."""
     i, n = 0, len(pattern)
     while i < n:
         c = pattern[i]
@@ -150,12 +152,14 @@ def wildmat_problem(pattern: str) -> str | None:
             j = i + 1
             if j < n and pattern[j] == "^":
                 j += 1
-            if j < n and pattern[j] == "]":
-                j += 1
-            while j < n and pattern[j] != "]":
-                j += 2 if pattern[j] == "\\" else 1
-            if j >= n:
-                return "unclosed '[' in wildmat"
+            first = True
+            while True:
+                if j >= n:
+                    return "unclosed '[' in wildmat"
+                if pattern[j] == "]" and not first:
+                    break
+                first = False
+                j += 3 if j + 2 < n and pattern[j + 1] == "-" and pattern[j + 2] != "]" else 1
             i = j + 1
             continue
         i += 1
@@ -265,7 +269,7 @@ class _Compiler:
                                 "write it as \\[...\\] to match the address literal")
                 return
             rid = self.add_rule(line, "wildmat", flags)
-            parts.wild_patterns.append(_fold(body))
+            parts.wild_patterns.append(body.encode("latin-1"))   # _core folds it (sets kept)
             parts.wild_ids.append(rid)
             return
         if body.startswith("@"):

@@ -63,9 +63,10 @@ class AhoOracle:
 
 # ------------------------------------------------------------------ wildmat
 def _wm_tokens(p: bytes):
-    """Tokenize a (folded) wildmat pattern; None if malformed.
+    """Tokenize a wildmat pattern as written; None if malformed.
 
-    Tokens: ("*",), ("?",), ("lit", byte), ("set", negated, [(lo, hi), ...]).
+    Tokens: ("*",), ("?",), ("lit", folded byte), ("set", negated, [(lo, hi), ...])
+    with the set items as written (not folded: see wildmat_match).
     """
     toks = []
     i, n = 0, len(p)
@@ -80,7 +81,7 @@ def _wm_tokens(p: bytes):
         elif c == ord("\\"):
             if i + 1 == n:
                 return None
-            toks.append(("lit", p[i + 1]))
+            toks.append(("lit", fold(p[i + 1:i + 2])[0]))
             i += 2
         elif c == ord("["):
             i += 1
@@ -105,14 +106,16 @@ def _wm_tokens(p: bytes):
                     i += 1
             toks.append(("set", neg, items))
         else:
-            toks.append(("lit", c))
+            toks.append(("lit", fold(bytes([c]))[0]))
             i += 1
     return toks
 
 
 def wildmat_match(pattern: bytes, text: bytes) -> bool:
-    """Recursive (memoised) whole-string wildmat, ASCII case-insensitive."""
-    toks = _wm_tokens(fold(pattern))
+    """Recursive (memoised) whole-string wildmat, ASCII case-insensitive: a
+    text byte matches a literal or a set if it or its other ASCII case does
+    (so [0-Z] takes digits, ':'..'@' and letters, never '_')."""
+    toks = _wm_tokens(pattern)
     if toks is None:
         return False
     t = fold(text)
@@ -132,7 +135,8 @@ def wildmat_match(pattern: bytes, text: bytes) -> bool:
         elif tok[0] == "lit":
             ok = c == tok[1]
         else:
-            ok = any(lo <= c <= hi for lo, hi in tok[2]) != tok[1]
+            variants = {c, c - 32} if 97 <= c <= 122 else {c}
+            ok = any(lo <= v <= hi for lo, hi in tok[2] for v in variants) != tok[1]
         return ok and m(ki + 1, ti + 1)
 
     return m(0, 0)
@@ -140,7 +144,7 @@ def wildmat_match(pattern: bytes, text: bytes) -> bool:
 
 def wildmat_literal(pattern: bytes) -> bytes:
     """Longest (first on ties) run of consecutive literal tokens, folded."""
-    toks = _wm_tokens(fold(pattern))
+    toks = _wm_tokens(pattern)
     if toks is None:
         return b""
     best, cur = b"", b""
