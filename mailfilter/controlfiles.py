@@ -12,6 +12,7 @@ Reading rules (SPEC B §1.3, qmail control.c):
 - first-line files: only the first line, trailing whitespace stripped;
 - integer files: the first line parsed as unsigned decimal; if it does not
   start with a digit the file counts as absent.
+- a UTF-8 byte order mark at the start of any file is dropped.
 A missing file means the feature is off (returns None / empty list).
 
 Bytes are decoded as Latin-1 so every byte maps to exactly one character and
@@ -86,7 +87,17 @@ class RulesSource:
         return self.scalars.get("dialect", "spamcontrol")
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def _strip_bom(data: bytes) -> bytes:
+    """A UTF-8 byte order mark (editors on Windows write one) is not part of
+    the first entry: qmail would keep it and the first line would never match."""
+    return data[3:] if data.startswith(_BOM) else data
+
+
 def _significant_lines(name: str, data: bytes) -> list[Line]:
+    data = _strip_bom(data)
     make = Line._make
     out = []
     append = out.append
@@ -98,7 +109,7 @@ def _significant_lines(name: str, data: bytes) -> list[Line]:
 
 
 def _first_line(data: bytes) -> str | None:
-    first = data.split(b"\n", 1)[0].decode("latin-1").rstrip(" \t\r\n")
+    first = _strip_bom(data).split(b"\n", 1)[0].decode("latin-1").rstrip(" \t\r\n")
     return first or None
 
 

@@ -21,6 +21,29 @@ def test_list_reading_rules(tmp_path):
     assert lines[0].where == "badmailfrom:3"
 
 
+def test_utf8_bom_is_dropped(tmp_path):
+    """An editor's UTF-8 BOM must not turn the first entry into one that never matches."""
+    bom = b"\xef\xbb\xbf"
+    write(tmp_path, "rcpthosts", bom + b"example.com\nexample.net\n")
+    write(tmp_path, "badmailfrom", bom + b"spam@example.org\n")
+    write(tmp_path, "badhelo", bom + b"# comment first\nlocalhost\n")
+    write(tmp_path, "me", bom + b"mx.example.com\n")
+    write(tmp_path, "databytes", bom + b"1000\n")
+    write(tmp_path, "tcp.smtp", bom + b"127.0.0.1:allow\n")
+    src = cf.read_rules_dir(str(tmp_path))
+    assert src.lists["rcpthosts"][0].text == "example.com"
+    assert src.lists["badmailfrom"][0].text == "spam@example.org"
+    assert [l.text for l in src.lists["badhelo"]] == ["localhost"]
+    assert src.scalars["me"] == "mx.example.com"
+    assert src.integers["databytes"] == 1000
+    assert src.diagnostics == [] and len(src.tcp_rules) == 1
+    from mailfilter import bundle, compiler
+    from mailfilter.bundle import MODE_ADDRESS, MODE_HOST
+    b = bundle.from_compiled(compiler.compile_dir(str(tmp_path)))
+    assert b.lists["rcpthosts"].last_match(b"example.com", MODE_HOST) >= 0
+    assert b.lists["badmailfrom"].last_match(b"spam@example.org", MODE_ADDRESS) >= 0
+
+
 def test_missing_files_switch_features_off(tmp_path):
     src = cf.read_rules_dir(str(tmp_path))
     assert src.lists == {} and src.tcp_rules == [] and src.dialect == "spamcontrol"
