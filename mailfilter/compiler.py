@@ -418,8 +418,9 @@ class _Compiler:
             text = line.text
             if text.startswith("!"):
                 dom = text[1:]
-                if not dom or "@" in dom:
-                    self.diag(line, "'!' takes a domain or '*'")
+                if (not dom or "@" in dom or _has_space(dom) or dom.startswith(".")
+                        or (dom != "*" and _has_wildmat(dom) and not is_address_literal(dom))):
+                    self.diag(line, "'!' takes a domain (exact, no wildcards or .suffix) or '*'")
                     continue
                 rid = self.add_rule(line, "unchecked")
                 ukeys.append(_fold(dom))
@@ -432,6 +433,19 @@ class _Compiler:
                 continue
             if "@" not in text or _has_space(text):
                 self.diag(line, f"expected user@domain, @domain or !domain, not {text!r}")
+                continue
+            local, _, dom = text.rpartition("@")
+            if not dom:
+                self.diag(line, f"{text!r} names no domain")
+                continue
+            if "*" in text:
+                self.diag(line, "recipients entries are literal ('*' is no wildcard); "
+                                "write @domain for every address at a domain")
+                continue
+            if local.endswith("-") and "-" in local[:-1]:
+                self.diag(line, f"an extension entry is the local part up to and including its FIRST '-' "
+                                f"(SPEC B §2.9), so {text!r} can never match: write "
+                                f"{local[:local.index('-') + 1]}@{dom}")
                 continue
             kind = "catchall" if text.startswith("@") else "recipient"
             rid = self.add_rule(line, kind)
