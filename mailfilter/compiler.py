@@ -166,6 +166,18 @@ def wildmat_problem(pattern: str) -> str | None:
     return None
 
 
+_BASE64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_\-\x80-\xff]+\Z")
+
+
+def _rcpthost_ok(text: str) -> bool:
+    """`example.com`, `.example.com` or an address literal `[192.0.2.1]`."""
+    if is_address_literal(text):
+        return True
+    name = text[1:] if text.startswith(".") else text
+    return bool(name) and all(_HOST_LABEL.match(label) for label in name.split("."))
+
+
 def _tcp_keys(rule: cf.TcpRule) -> list[tuple]:
     """The tcprules keys a rule stands for: `1.2.3.` and `1.2.3.0/24` are one key."""
     if rule.kind == "cidr":
@@ -257,6 +269,9 @@ class _Compiler:
             return
         if len(body) >= 2 and body[0] == "/" and body[-1] == "/":
             self.add_regex(parts, line, body[1:-1], flags)
+            return
+        if body[0] == "/":
+            self.diag(line, "regular expression without its closing '/' (write /regex/)")
             return
         if _has_wildmat(body) and not literal_entry(body):
             problem = wildmat_problem(body)
@@ -382,6 +397,10 @@ class _Compiler:
         parts = _ListParts()
         for line in self.each(name, lines):
             text = line.text
+            if text[0].isspace() or (text[0] == "!" and text[1:2].isspace()):
+                self.diag(line, "leading whitespace is part of the regex (qmail keeps it); "
+                                "write \\x20 if a space is really meant")
+                continue
             if text.startswith("!"):
                 self.add_regex(parts, line, text[1:], FLAG_NEGATED)
             else:
@@ -398,7 +417,7 @@ class _Compiler:
         for name in present:
             for line in self.each(name, self.src.lists[name]):
                 text = line.text
-                if (_has_wildmat(text) and not is_address_literal(text)) or "@" in text or _has_space(text):
+                if not _rcpthost_ok(text):
                     self.diag(line, f"{name} takes a domain or .suffix, not {text!r}")
                     continue
                 kind = "suffix" if text.startswith(".") else "host"
@@ -464,7 +483,7 @@ class _Compiler:
         ids: list[int] = []
         for line in lines:
             sig = line.text[:width]
-            if len(sig) < width or _has_space(sig):
+            if len(sig) < width or not set(sig) <= _BASE64:
                 self.diag(line, f"{name} signature must be {width} base64 characters")
                 continue
             rid = self.add_rule(line, "signature")
@@ -534,7 +553,7 @@ class _Compiler:
                 self.compile_plain_list("relaymailfrom", lists["relaymailfrom"])
         else:
             for name in ("badmailfromnorelay", "badrcpttonorelay", "badhelonorelay"):
-                for line in lists.get(name, [])[:1]:
+                for line in lists.get(name, []):
                     self.diag(line, f"{name} is a qregex file; set `dialect` to qregex to use it")
             if "badmailfrom" in lists:
                 self.compile_badmailfrom(lists["badmailfrom"])
