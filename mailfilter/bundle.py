@@ -45,8 +45,11 @@ MAGIC = b"MFBUNDL\0"
 # 2: regex filter records in LMAT; 3: required-byte filters (LMAT 3);
 # 4: regex literals and filters derived from RE2's reading of the pattern
 #    (format 3 bundles may hold filters that hide RE2 matches, e.g. of
-#    `[[:digit:]]x`: they must be recompiled, not loaded)
-FORMAT_VERSION = 4
+#    `[[:digit:]]x`: they must be recompiled, not loaded);
+# 5: wildmat sets stored as written and matched case-insensitively by the
+#    matcher (format 4 folded them at compile time: `[0-Z]` became `[0-z]`),
+#    so a format-5 bundle must never meet a format-4 matcher, nor the reverse
+FORMAT_VERSION = 5
 BYTEORDER = 0x01020304
 HEADER = struct.Struct("<8sIIIIQII32s7I28x")
 TOC_ENTRY = struct.Struct("<32sQQ")
