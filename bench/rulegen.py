@@ -34,7 +34,7 @@ import random
 import shutil
 import sys
 
-GEN_VERSION = 1
+GEN_VERSION = 2     # 2: no two tcp.smtp lines with the same key (a diagnostic since then)
 CACHE_DIR = os.environ.get(
     "MAILFILTER_BENCH_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache"))
 
@@ -197,6 +197,19 @@ def _ip_net(g: _Gen) -> tuple[str, str]:
     return f"{net.network_address}/{plen}", str(ipaddress.IPv6Address(host))
 
 
+def _key_networks(key: str) -> frozenset:
+    """The networks a generated tcp.smtp key stands for (as the compiler sees
+    them: a dotted prefix, one address, a last-octet range, a CIDR block)."""
+    if key.endswith("."):
+        return frozenset([ipaddress.ip_network(key + "0/24")])
+    if "-" in key:
+        head, _, hi = key.rpartition("-")
+        lo_addr = ipaddress.IPv4Address(head)
+        hi_addr = ipaddress.IPv4Address(head.rsplit(".", 1)[0] + "." + hi)
+        return frozenset(ipaddress.summarize_address_range(lo_addr, hi_addr))
+    return frozenset([ipaddress.ip_network(key, strict=False)])
+
+
 TCP_SETTINGS = [
     (0.55, "deny", True),                               # known-bad ranges
     (0.20, 'allow,RELAYCLIENT=""', False),              # our relay networks
@@ -329,8 +342,14 @@ def generate(root: str, n: int, seed: int) -> dict:
 
     # ---- tcp.smtp
     out = files["tcp.smtp"]
+    seen_nets: set = set()
     for _ in range(counts[("tcp.smtp", "cidr")]):
-        key, hit = _ip_net(g)
+        while True:                     # a repeated key would be a diagnostic
+            key, hit = _ip_net(g)
+            nets = _key_networks(key)
+            if not nets & seen_nets:
+                break
+        seen_nets |= nets
         x, acc = r.random(), 0.0
         for share, action, _deny in TCP_SETTINGS:
             acc += share
