@@ -92,6 +92,7 @@ replied to ``DataEnd``.
 from __future__ import annotations
 
 import functools
+import re
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -338,6 +339,7 @@ _HDR_END = b"\n\n"
 _RECEIVED = b"\nreceived"
 _DELIVERED = b"\ndelivered"
 _MAX_ADDRESS = 900          # qmail addrparse limit (SPEC B §1.6 step 6)
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _XDIGITS = frozenset(b"0123456789ABCDEFabcdef")
 
 # Wire form of every fixed reply (no placeholders), so the hot path never formats.
@@ -356,6 +358,28 @@ class _ParseError(Exception):
         self.tag = tag
         self.detail = detail
         self.bad = bad
+
+
+# Verbs the log may name: ours, other SMTP/ESMTP verbs, and what other
+# protocols send by mistake (HTTP through a proxy, POP3).
+_NAMED_VERBS = frozenset((
+    b"HELO", b"EHLO", b"LHLO", b"MAIL", b"RCPT", b"DATA", b"BDAT", b"RSET", b"NOOP", b"VRFY",
+    b"EXPN", b"HELP", b"QUIT", b"AUTH", b"STARTTLS", b"TURN", b"ETRN", b"ATRN", b"SEND", b"SOML",
+    b"SAML", b"VERB", b"ONEX", b"XCLIENT", b"XFORWARD", b"CONNECT", b"GET", b"POST", b"HEAD",
+    b"PUT", b"OPTIONS", b"USER", b"PASS", b"CAPA", b"STLS",
+))
+
+
+def _verb_label(line: bytes) -> str:
+    """What the log may say about a command line: its verb when it is a known
+    one, else only the line's length. Anything else may be a secret: a
+    password a client pipelined after an AUTH that was refused arrives here as
+    an "unknown verb", and base64 can look like a word (DESIGN: no secret is
+    logged)."""
+    verb = line.split(b" ", 1)[0].upper()
+    if verb in _NAMED_VERBS:
+        return verb.decode("ascii")
+    return f"<{len(line)} bytes>"
 
 
 def _path(arg: bytes, keyword: bytes) -> tuple[bytes, bytes]:
@@ -688,7 +712,9 @@ class SMTPConnection:
                 line = bytes(buf[:i - 1])
             else:
                 line = bytes(buf[:i])
-                events.append(Anomaly(ANOMALY_BARE_NEWLINE, line[:32]))
+                # the verb only, never the rest: an AUTH line carries a secret
+                events.append(Anomaly(ANOMALY_BARE_NEWLINE,
+                                      "AUTH response" if self._state is AUTH else _verb_label(line)))
             del buf[:i + 1]
             if self._state is AUTH:
                 self._emit(AuthResponse(line))
@@ -700,8 +726,7 @@ class SMTPConnection:
                 verb, arg = line[:sp], line[sp + 1:].lstrip(b" ")
             handler = commands.get(verb.upper())
             if handler is None:
-                self._bad(REPLIES["unrecognized"], ANOMALY_UNKNOWN,
-                          verb[:32].decode("latin-1"))
+                self._bad(REPLIES["unrecognized"], ANOMALY_UNKNOWN, _verb_label(verb))
             else:
                 handler(self, arg)
 
@@ -849,6 +874,11 @@ class SMTPConnection:
         return params
 
     def _address(self, addr: bytes, params: dict) -> str:
+        if _CONTROL.search(addr) is not None:
+            # CR, NUL... inside <...>: no mailbox has them, and every next hop
+            # (envelope headers, qmail-queue's NUL-separated envelope) would
+            # refuse or mangle them; refuse at the command, not at DATA
+            raise _ParseError(REPLIES["bad_address"], ANOMALY_SYNTAX, "control character")
         if addr.isascii():
             return addr.decode("ascii")
         if not params.get("SMTPUTF8"):
