@@ -44,7 +44,10 @@ qmail-queue:PROG [ARGS]
     the message -> 451 qq read error (qmail.c does the same).
 smtp:HOST:PORT, lmtp:HOST:PORT
     One downstream connection per message (EHLO/LHLO, MAIL, RCPT each, DATA;
-    LF -> CRLF and dot-stuffing done in bulk). 250 only after the downstream's
+    LF -> CRLF and dot-stuffing done in bulk). MAIL/RCPT carry RFC 5321
+    §4.1.2 paths (`forward.smtp_path`): the local part as a Dot-string when it
+    is one, else a Quoted-string; `<>` for the null sender. (qmail-queue's
+    envelope takes the raw address: no quoting there.) 250 only after the downstream's
     2xx to the end of data. Downstream 4xx, refused/reset connection, protocol
     garbage, timeouts (connect 30 s, command 300 s by default) -> 451. A 5xx to
     MAIL, DATA or the end of data -> 554 with the downstream's text; 5xx at the

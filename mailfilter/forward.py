@@ -28,6 +28,28 @@ def smtp_encode(chunk: bytes, at_bol: bool) -> tuple[bytes, bool]:
     return out, chunk[-1:] == b"\n"
 
 
+# RFC 5321 §4.1.2 atext (RFC 5322 §3.2.3); 8-bit bytes count as atext
+# (RFC 6531 UTF8-non-ascii) so an 8-bit local part is passed as written.
+_ATEXT = rb"A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\xff-"
+_DOT_STRING = re.compile(rb"[" + _ATEXT + rb"]+(?:\.[" + _ATEXT + rb"]+)*\Z")
+
+
+def smtp_path(addr: str) -> bytes:
+    """The RFC 5321 §4.1.2 path for an envelope address as the parser gives
+    it (unquoted): `<>` for the null sender; the local part as a Dot-string
+    when it is one, else as a Quoted-string with `"` and `\\` escaped; the
+    domain (after the last `@`) as is."""
+    if not addr:
+        return b"<>"
+    raw = _b(addr)
+    local, at, domain = raw.rpartition(b"@")
+    if not at:
+        local, domain = raw, b""
+    if not _DOT_STRING.match(local):
+        local = b'"' + local.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    return b"<" + local + at + domain + b">"
+
+
 _ENH = re.compile(rb"^([245]\.\d{1,3}\.\d{1,3}) ")
 _PRINTABLE = bytes(b if 32 <= b < 127 else ord("?") for b in range(256))
 
@@ -179,13 +201,13 @@ class SmtpDelivery(_SpoolingDelivery):
                 r = await conn.command(b"HELO " + name + b"\r\n")
         if r.code != 250:
             return temp("ehlo", r)
-        r = await conn.command(b"MAIL FROM:<" + _b(env.sender) + b">\r\n")
+        r = await conn.command(b"MAIL FROM:" + smtp_path(env.sender) + b"\r\n")
         if r.code // 100 != 2:
             await self._quit(conn)
             return perm("mail", r) if r.code >= 500 else temp("mail", r)
         rcpt_replies = []
         for rcpt in env.recipients:
-            rcpt_replies.append(await conn.command(b"RCPT TO:<" + _b(rcpt) + b">\r\n"))
+            rcpt_replies.append(await conn.command(b"RCPT TO:" + smtp_path(rcpt) + b"\r\n"))
         verdict = _rcpt_verdict(env.recipients, rcpt_replies, "rcpt")
         if verdict is not None:
             if self.lmtp:

@@ -744,3 +744,38 @@ def test_lmtp_all_5xx_is_554_and_2xx_5xx_mix_is_451():
     res, _ = run(forward({"eod": ["250 2.0.0 ok", "550 5.1.1 gone"]}, e, MSG, lmtp=True))
     assert res.reply.code == 451 and "<b@x>" in res.reply.text
     assert [r.code for r in res.per_recipient] == [250, 550]
+
+
+@pytest.mark.parametrize("lmtp", [False, True])
+def test_smtp_envelope_paths_are_rfc5321_quoted(lmtp):
+    # The parser hands over unquoted addresses; a strict downstream must get
+    # RFC 5321 §4.1.2 paths: Dot-string when possible, else Quoted-string.
+    rcpts = ["john smith@example.org", 'a"b\\c@example.org', "a..b@example.org",
+             ".lead@example.org", "plain.dots@example.org", "x@y@example.org"]
+    e = env(sender="the sender@example.com", rcpts=rcpts)
+
+    async def go():
+        async with Peer(lmtp=lmtp, strict=True) as peer:
+            d = Delivery.from_spec(f"{'lmtp' if lmtp else 'smtp'}:127.0.0.1:{peer.port}")
+            return await deliver(d, e, MSG), peer.sessions
+    res, (s,) = run(go())
+    assert res.ok, (str(res.reply), res.detail)
+    assert s.commands[1:8] == [
+        'MAIL FROM:<"the sender"@example.com>',
+        'RCPT TO:<"john smith"@example.org>',
+        'RCPT TO:<"a\\"b\\\\c"@example.org>',
+        'RCPT TO:<"a..b"@example.org>',
+        'RCPT TO:<".lead"@example.org>',
+        "RCPT TO:<plain.dots@example.org>",
+        'RCPT TO:<"x@y"@example.org>',
+    ]
+    assert s.message == MSG
+
+
+def test_smtp_null_sender_and_bare_postmaster_paths():
+    async def go():
+        async with Peer(strict=True) as peer:
+            d = Delivery.from_spec(f"smtp:127.0.0.1:{peer.port}")
+            return await deliver(d, env(sender="", rcpts=["postmaster"]), MSG), peer.sessions
+    res, (s,) = run(go())
+    assert res.ok and s.commands[1:3] == ["MAIL FROM:<>", "RCPT TO:<postmaster>"]
