@@ -779,3 +779,62 @@ def test_smtp_null_sender_and_bare_postmaster_paths():
             return await deliver(d, env(sender="", rcpts=["postmaster"]), MSG), peer.sessions
     res, (s,) = run(go())
     assert res.ok and s.commands[1:3] == ["MAIL FROM:<>", "RCPT TO:<postmaster>"]
+
+
+async def _watch_fifo(path: str):
+    """(pid, dead): pid from the hanging fake qmail-queue; `dead` resolves at
+    EOF on the fifo, i.e. when the child has exited."""
+    loop = asyncio.get_running_loop()
+    f = await asyncio.to_thread(open, path, "rb", buffering=0)   # blocks until the child opens it
+    pid = int((await asyncio.to_thread(f.readline)).decode())
+    dead = loop.create_task(asyncio.to_thread(lambda: (f.read(), f.close())))
+    return pid, dead
+
+
+@pytest.mark.parametrize("nrcpts", [1, 400])   # 400: envelope > pipe buffer, still unsent
+def test_qq_timeout_is_451_and_child_killed(monkeypatch, tmp_path, caplog, nrcpts):
+    fifo = str(tmp_path / "ready")
+    os.mkfifo(fifo)
+    monkeypatch.setenv("FAKEQQ_OUT", str(tmp_path / "qq"))
+    monkeypatch.setenv("FAKEQQ_EXIT", "hang")
+    monkeypatch.setenv("FAKEQQ_READY", fifo)
+    d = Delivery.from_spec(f"qmail-queue:{sys.executable} {FAKEQQ}", timeout=1.0)
+    e = env(rcpts=[f"{'r' * 200}{i}@example.org" for i in range(nrcpts)])
+
+    async def go():
+        watch = asyncio.create_task(_watch_fifo(fifo))
+        res = await deliver(d, e, MSG)
+        pid, dead = await watch
+        await dead
+        return res, pid
+    caplog.set_level("DEBUG")
+    res, pid = run(go())
+    assert not res.ok and str(res.reply) == "451 4.3.0 qq timeout"
+    assert f"pid={pid} timeout after 1.0s" in res.detail
+    with pytest.raises(ProcessLookupError):   # killed and reaped
+        os.kill(pid, 0)
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+def test_qq_cancelled_commit_kills_child_and_reraises(monkeypatch, tmp_path, caplog):
+    # The client went away mid-commit: CancelledError propagates (nothing
+    # else), qmail-queue is killed before it commits, nothing is logged.
+    fifo = str(tmp_path / "ready")
+    os.mkfifo(fifo)
+    monkeypatch.setenv("FAKEQQ_OUT", str(tmp_path / "qq"))
+    monkeypatch.setenv("FAKEQQ_EXIT", "hang")
+    monkeypatch.setenv("FAKEQQ_READY", fifo)
+    d = Delivery.from_spec(f"qmail-queue:{sys.executable} {FAKEQQ}")
+
+    async def go():
+        watch = asyncio.create_task(_watch_fifo(fifo))
+        task = asyncio.create_task(deliver(d, env(), MSG))
+        pid, dead = await watch
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await dead          # EOF on the fifo: the child is gone
+        return pid
+    caplog.set_level("DEBUG")
+    run(go())
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
