@@ -75,8 +75,12 @@ class _Conn:
                 if not line.endswith(b"\n"):
                     raise _Downstream("connection closed by next hop")
                 line = line.rstrip(b"\r\n")
-                if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
-                    raise _Downstream("malformed reply from next hop")
+                # RFC 5321 §4.2: a reply code is 2xx-5xx; anything else is a
+                # protocol error (451), never a permanent rejection.
+                if (len(line) < 3 or not line[:3].isdigit() or line[:1] not in b"2345"
+                        or line[3:4] not in (b"", b" ", b"-")):
+                    raise _Downstream("malformed reply from next hop: "
+                                      + line[:40].translate(_PRINTABLE).decode("ascii"))
                 if code is not None and int(line[:3]) != code:
                     raise _Downstream("inconsistent multi-line reply from next hop")
                 code = int(line[:3])

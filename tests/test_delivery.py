@@ -838,3 +838,22 @@ def test_qq_cancelled_commit_kills_child_and_reraises(monkeypatch, tmp_path, cap
     caplog.set_level("DEBUG")
     run(go())
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+@pytest.mark.parametrize("stage,line", [
+    ("mail", "999 weird"), ("rcpt", "600 weird"), ("data", "199 weird"),
+    ("eod", "600 weird"), ("eod", "099 x"), ("ehlo", "700 x"),
+    ("mail", "55 short"), ("eod", "5x0 nope"),
+])
+def test_smtp_garbage_reply_code_is_451_not_554(stage, line):
+    # A code outside 200-599 is a protocol error: 451, the client retries;
+    # never a permanent 554 bounce of a valid message.
+    res, _ = run(forward({stage: line}, env(), MSG))
+    assert not res.ok and res.reply == reply("downstream_temp"), str(res.reply)
+    assert "malformed reply" in res.detail
+
+
+def test_lmtp_garbage_reply_code_after_data_is_451():
+    e = env(rcpts=["a@x", "b@x"])
+    res, _ = run(forward({"eod": ["250 2.0.0 ok", "999 weird"]}, e, MSG, lmtp=True))
+    assert not res.ok and res.reply == reply("downstream_temp")
