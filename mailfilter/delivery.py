@@ -47,9 +47,10 @@ smtp:HOST:PORT, lmtp:HOST:PORT
     LF -> CRLF and dot-stuffing done in bulk). MAIL/RCPT carry RFC 5321
     §4.1.2 paths (`forward.smtp_path`): the local part as a Dot-string when it
     is one, else a Quoted-string; `<>` for the null sender. (qmail-queue's
-    envelope takes the raw address: no quoting there.) 250 only after the downstream's
-    2xx to the end of data. Downstream 4xx, refused/reset connection, protocol
-    garbage (a malformed line, a code outside 200-599), timeouts (connect 30 s, command 300 s by default) -> 451. A 5xx to
+    envelope takes the raw address: no quoting there.) 250 only after the
+    downstream's 2xx to the end of data. Downstream 4xx, refused/reset
+    connection, protocol garbage (a malformed line, a code outside 200-599),
+    timeouts (connect 30 s, command 300 s by default) -> 451. A 5xx to
     MAIL, DATA or the end of data -> 554 with the downstream's text; 5xx at the
     greeting or EHLO says nothing about the message and is 451.
     RCPT: any 4xx -> 451; all 5xx -> 554; some 5xx and some 2xx -> 451 without
