@@ -92,7 +92,7 @@ CHUNK = 1 << 16            # read/write unit when streaming a spool
 class Envelope:
     sender: str                 # "" for the null sender <>
     recipients: list[str]
-    helo: str                   # "" when the client gave none
+    helo: str                   # as the engine decodes it (Latin-1: one char per byte); "" when none
     client_ip: str
     client_host: str            # "unknown" when there is no PTR name
     auth_user: str | None

@@ -189,6 +189,17 @@ def test_received_sanitises_every_unsafe_byte():
     assert h.count(b"\n") == 2 and b"\r" not in h
 
 
+
+def test_received_8bit_helo_is_one_question_mark_per_wire_byte():
+    # The engine decodes HELO as Latin-1 (one char per byte); qmail's safeput
+    # works per byte: c3 a9 74 e9 -> ??t?, not the UTF-8 re-encoding's 6 '?'.
+    e = env(helo=b"\xc3\xa9t\xe9".decode("latin-1"), client_host="unknown")
+    assert received_header(e, WHEN).startswith(
+        b"Received: from unknown (HELO ??t?) (192.0.2.1)\n")
+    # case_diffs folds ASCII only: a Latin-1 case difference still differs
+    e = env(helo="h\u00c9.test", client_host="h\u00e9.test")
+    assert b"(HELO h?.test)" in received_header(e, WHEN)
+
 # ---------------------------------------------------------------------------
 # maildir (DESIGN "Delivery"; SPEC A §9)
 # ---------------------------------------------------------------------------

@@ -222,6 +222,22 @@ def test_too_many_bad_commands_421_and_close(server):
     assert server.state.connections == 0
 
 
+def test_received_8bit_helo_one_question_mark_per_byte(server):
+    """SPEC B §1.12: qmail's safeput works per byte, so each 8-bit byte of
+    the HELO argument is one `?` in the Received line (c3 a9 74 e9 -> ??t?)."""
+    c = RawClient(server.port)
+    assert c.reply()[0] == 220
+    c.send(b"HELO \xc3\xa9t\xe9\r\n")
+    assert c.reply()[0] == 250
+    c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
+    assert [r[0] for r in c.replies(3)] == [250, 250, 354]
+    c.send(b"Subject: p\r\n\r\nbody\r\n.\r\n")
+    assert c.reply()[0] == 250
+    c.close()
+    [raw] = read_new(server.maildir)
+    assert b"Received: from unknown (HELO ??t?) (127.0.0.1)\n" in raw
+
+
 # ------------------------------------------------------------------ policy
 @pytest.mark.parametrize("sender,rcpt,reply,log", [
     ("spammer@example.org", "user@example.com",
