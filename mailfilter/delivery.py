@@ -51,7 +51,8 @@ smtp:HOST:PORT, lmtp:HOST:PORT
     downstream's 2xx to the end of data. Downstream 4xx, refused/reset
     connection, protocol garbage (a malformed line, a code outside 200-599),
     timeouts (connect 30 s, command 300 s by default) -> 451. A 5xx to
-    MAIL, DATA or the end of data -> 554 with the downstream's text; 5xx at the
+    MAIL, DATA or the end of data -> 554 with the downstream's text and its
+    enhanced code when it gave a valid 5.x.y (else 5.3.0); 5xx at the
     greeting or EHLO says nothing about the message and is 451.
     RCPT: any 4xx -> 451; all 5xx -> 554; some 5xx and some 2xx -> 451 without
     sending DATA (the client retries; a recipient is never silently dropped).

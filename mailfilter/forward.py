@@ -104,6 +104,15 @@ class _Conn:
             await self.writer.drain()
 
 
+def _rejected(x: Reply) -> Reply:
+    """554 with the downstream's text, and its enhanced code when it gave a
+    valid permanent one (RFC 3463: 5.x.y with a 5xx); else 5.3.0."""
+    r = reply("downstream_rejected", text=x.text)
+    if x.enhanced[:2] == "5." and x.code // 100 == 5:
+        r = r._replace(enhanced=x.enhanced)
+    return r
+
+
 def _rcpt_verdict(rcpts: list[str], replies: list[Reply], stage: str) -> DeliveryResult | None:
     """None when every recipient got 2xx; else the message's 451/554 result.
 
@@ -120,7 +129,7 @@ def _rcpt_verdict(rcpts: list[str], replies: list[Reply], stage: str) -> Deliver
                               None, f"{stage} {x.code} <{r}>")
     r, x = perm[0]
     if len(perm) == len(replies):
-        return DeliveryResult(False, reply("downstream_rejected", text=x.text), None,
+        return DeliveryResult(False, _rejected(x), None,
                               f"{stage} {x.code} <{r}> all recipients rejected")
     return DeliveryResult(False, reply("downstream_rcpt_temp",
                                        text=f"next hop rejected <{r}>: {x.text}; try again later"),
@@ -190,8 +199,7 @@ class SmtpDelivery(_SpoolingDelivery):
                                   f"{stage} {r.code} {r.text}")
 
         def perm(stage: str, r: Reply) -> DeliveryResult:
-            return DeliveryResult(False, reply("downstream_rejected", text=r.text), None,
-                                  f"{stage} {r.code} {r.text}")
+            return DeliveryResult(False, _rejected(r), None, f"{stage} {r.code} {r.text}")
 
         greet = await conn.reply()
         if greet.code != 220:

@@ -665,7 +665,7 @@ def test_smtp_downstream_451_at_data_end():
 
 def test_smtp_downstream_554_at_data_end():
     res, _ = run(forward({"eod": "554 5.7.1 spam detected"}, env(), MSG))
-    assert str(res.reply) == "554 5.3.0 spam detected"
+    assert str(res.reply) == "554 5.7.1 spam detected"   # the downstream's enhanced code
 
 
 def test_smtp_connection_refused():
@@ -695,7 +695,7 @@ def test_smtp_command_timeout_is_451():
 
 def test_smtp_rcpt_550_all_is_554_no_data():
     res, (s,) = run(forward({"rcpt": "550 5.1.1 no such user here"}, env(), MSG))
-    assert str(res.reply) == "554 5.3.0 no such user here"
+    assert str(res.reply) == "554 5.1.1 no such user here"
     assert "DATA" not in s.commands and s.message == b""
 
 
@@ -716,7 +716,7 @@ def test_smtp_rcpt_4xx_is_451():
 
 def test_smtp_mail_5xx_and_greeting_5xx():
     res, _ = run(forward({"mail": "553 5.7.1 sender refused"}, env(), MSG))
-    assert str(res.reply) == "554 5.3.0 sender refused"
+    assert str(res.reply) == "554 5.7.1 sender refused"
     # a 554 greeting says nothing about this message: temporary
     res, _ = run(forward({"greeting": "554 5.3.2 go away"}, env(), MSG))
     assert res.reply == reply("downstream_temp")
@@ -751,7 +751,7 @@ def test_lmtp_mixed_results_per_recipient():
 def test_lmtp_all_5xx_is_554_and_2xx_5xx_mix_is_451():
     e = env(rcpts=["a@x", "b@x"])
     res, _ = run(forward({"eod": ["550 5.1.1 gone", "552 5.2.2 full"]}, e, MSG, lmtp=True))
-    assert str(res.reply) == "554 5.3.0 gone"
+    assert str(res.reply) == "554 5.1.1 gone"
     res, _ = run(forward({"eod": ["250 2.0.0 ok", "550 5.1.1 gone"]}, e, MSG, lmtp=True))
     assert res.reply.code == 451 and "<b@x>" in res.reply.text
     assert [r.code for r in res.per_recipient] == [250, 550]
@@ -868,3 +868,16 @@ def test_lmtp_garbage_reply_code_after_data_is_451():
     e = env(rcpts=["a@x", "b@x"])
     res, _ = run(forward({"eod": ["250 2.0.0 ok", "999 weird"]}, e, MSG, lmtp=True))
     assert not res.ok and res.reply == reply("downstream_temp")
+
+
+@pytest.mark.parametrize("line,want", [
+    ("550 5.1.1 nouser", "554 5.1.1 nouser"),
+    ("550 nouser", "554 5.3.0 nouser"),              # none given: ours
+    ("550 4.1.1 nouser", "554 5.3.0 nouser"),   # wrong class for a 5xx: ours
+    ("552 5.2.2 over quota", "554 5.2.2 over quota"),
+])
+def test_smtp_rejection_keeps_the_downstream_enhanced_code(line, want):
+    res, _ = run(forward({"rcpt": line}, env(), MSG))
+    assert str(res.reply) == want
+    res, _ = run(forward({"eod": line}, env(), MSG))
+    assert str(res.reply) == want
