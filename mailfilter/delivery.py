@@ -44,10 +44,15 @@ qmail-queue:PROG [ARGS]
     the message -> 451 qq read error (qmail.c does the same).
 smtp:HOST:PORT, lmtp:HOST:PORT
     One downstream connection per message (EHLO/LHLO, MAIL, RCPT each, DATA;
-    LF -> CRLF and dot-stuffing done in bulk). 250 only after the downstream's
-    2xx to the end of data. Downstream 4xx, refused/reset connection, protocol
-    garbage, timeouts (connect 30 s, command 300 s by default) -> 451. A 5xx to
-    MAIL, DATA or the end of data -> 554 with the downstream's text; 5xx at the
+    LF -> CRLF and dot-stuffing done in bulk). MAIL/RCPT carry RFC 5321
+    §4.1.2 paths (`forward.smtp_path`): the local part as a Dot-string when it
+    is one, else a Quoted-string; `<>` for the null sender. (qmail-queue's
+    envelope takes the raw address: no quoting there.) 250 only after the
+    downstream's 2xx to the end of data. Downstream 4xx, refused/reset
+    connection, protocol garbage (a malformed line, a code outside 200-599),
+    timeouts (connect 30 s, command 300 s by default) -> 451. A 5xx to
+    MAIL, DATA or the end of data -> 554 with the downstream's text and its
+    enhanced code when it gave a valid 5.x.y (else 5.3.0); 5xx at the
     greeting or EHLO says nothing about the message and is 451.
     RCPT: any 4xx -> 451; all 5xx -> 554; some 5xx and some 2xx -> 451 without
     sending DATA (the client retries; a recipient is never silently dropped).
@@ -88,7 +93,7 @@ CHUNK = 1 << 16            # read/write unit when streaming a spool
 class Envelope:
     sender: str                 # "" for the null sender <>
     recipients: list[str]
-    helo: str                   # "" when the client gave none
+    helo: str                   # as the engine decodes it (Latin-1: one char per byte); "" when none
     client_ip: str
     client_host: str            # "unknown" when there is no PTR name
     auth_user: str | None

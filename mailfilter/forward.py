@@ -28,6 +28,28 @@ def smtp_encode(chunk: bytes, at_bol: bool) -> tuple[bytes, bool]:
     return out, chunk[-1:] == b"\n"
 
 
+# RFC 5321 §4.1.2 atext (RFC 5322 §3.2.3); 8-bit bytes count as atext
+# (RFC 6531 UTF8-non-ascii) so an 8-bit local part is passed as written.
+_ATEXT = rb"A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\xff-"
+_DOT_STRING = re.compile(rb"[" + _ATEXT + rb"]+(?:\.[" + _ATEXT + rb"]+)*\Z")
+
+
+def smtp_path(addr: str) -> bytes:
+    """The RFC 5321 §4.1.2 path for an envelope address as the parser gives
+    it (unquoted): `<>` for the null sender; the local part as a Dot-string
+    when it is one, else as a Quoted-string with `"` and `\\` escaped; the
+    domain (after the last `@`) as is."""
+    if not addr:
+        return b"<>"
+    raw = _b(addr)
+    local, at, domain = raw.rpartition(b"@")
+    if not at:
+        local, domain = raw, b""
+    if not _DOT_STRING.match(local):
+        local = b'"' + local.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    return b"<" + local + at + domain + b">"
+
+
 _ENH = re.compile(rb"^([245]\.\d{1,3}\.\d{1,3}) ")
 _PRINTABLE = bytes(b if 32 <= b < 127 else ord("?") for b in range(256))
 
@@ -53,8 +75,12 @@ class _Conn:
                 if not line.endswith(b"\n"):
                     raise _Downstream("connection closed by next hop")
                 line = line.rstrip(b"\r\n")
-                if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
-                    raise _Downstream("malformed reply from next hop")
+                # RFC 5321 §4.2: a reply code is 2xx-5xx; anything else is a
+                # protocol error (451), never a permanent rejection.
+                if (len(line) < 3 or not line[:3].isdigit() or line[:1] not in b"2345"
+                        or line[3:4] not in (b"", b" ", b"-")):
+                    raise _Downstream("malformed reply from next hop: "
+                                      + line[:40].translate(_PRINTABLE).decode("ascii"))
                 if code is not None and int(line[:3]) != code:
                     raise _Downstream("inconsistent multi-line reply from next hop")
                 code = int(line[:3])
@@ -78,6 +104,15 @@ class _Conn:
             await self.writer.drain()
 
 
+def _rejected(x: Reply) -> Reply:
+    """554 with the downstream's text, and its enhanced code when it gave a
+    valid permanent one (RFC 3463: 5.x.y with a 5xx); else 5.3.0."""
+    r = reply("downstream_rejected", text=x.text)
+    if x.enhanced[:2] == "5." and x.code // 100 == 5:
+        r = r._replace(enhanced=x.enhanced)
+    return r
+
+
 def _rcpt_verdict(rcpts: list[str], replies: list[Reply], stage: str) -> DeliveryResult | None:
     """None when every recipient got 2xx; else the message's 451/554 result.
 
@@ -94,7 +129,7 @@ def _rcpt_verdict(rcpts: list[str], replies: list[Reply], stage: str) -> Deliver
                               None, f"{stage} {x.code} <{r}>")
     r, x = perm[0]
     if len(perm) == len(replies):
-        return DeliveryResult(False, reply("downstream_rejected", text=x.text), None,
+        return DeliveryResult(False, _rejected(x), None,
                               f"{stage} {x.code} <{r}> all recipients rejected")
     return DeliveryResult(False, reply("downstream_rcpt_temp",
                                        text=f"next hop rejected <{r}>: {x.text}; try again later"),
@@ -164,8 +199,7 @@ class SmtpDelivery(_SpoolingDelivery):
                                   f"{stage} {r.code} {r.text}")
 
         def perm(stage: str, r: Reply) -> DeliveryResult:
-            return DeliveryResult(False, reply("downstream_rejected", text=r.text), None,
-                                  f"{stage} {r.code} {r.text}")
+            return DeliveryResult(False, _rejected(r), None, f"{stage} {r.code} {r.text}")
 
         greet = await conn.reply()
         if greet.code != 220:
@@ -179,13 +213,13 @@ class SmtpDelivery(_SpoolingDelivery):
                 r = await conn.command(b"HELO " + name + b"\r\n")
         if r.code != 250:
             return temp("ehlo", r)
-        r = await conn.command(b"MAIL FROM:<" + _b(env.sender) + b">\r\n")
+        r = await conn.command(b"MAIL FROM:" + smtp_path(env.sender) + b"\r\n")
         if r.code // 100 != 2:
             await self._quit(conn)
             return perm("mail", r) if r.code >= 500 else temp("mail", r)
         rcpt_replies = []
         for rcpt in env.recipients:
-            rcpt_replies.append(await conn.command(b"RCPT TO:<" + _b(rcpt) + b">\r\n"))
+            rcpt_replies.append(await conn.command(b"RCPT TO:" + smtp_path(rcpt) + b"\r\n"))
         verdict = _rcpt_verdict(env.recipients, rcpt_replies, "rcpt")
         if verdict is not None:
             if self.lmtp:

@@ -41,6 +41,7 @@ def _qq_table() -> dict[int, tuple[str, str]]:
 
 
 QQ_EXITS = _qq_table()
+TIMEOUT = 1200.0   # seconds for the whole hand-over (option `timeout`)
 _QQ_OTHER = ("queue_temp", "qq temporary problem")
 
 
@@ -72,10 +73,22 @@ class _PipeDone(asyncio.Protocol):
             self.done.set_result(exc)
 
 
-class QmailQueueDelivery(_SpoolingDelivery):
-    """qmail-queue:PROG [ARGS] -- the qmail-queue protocol (SPEC B §1.11)."""
+def _drop_envelope(transport: asyncio.WriteTransport) -> None:
+    """Drop the envelope pipe if it is still open. It was closed right after
+    the write, so it ends by itself once the buffer is flushed (or the child
+    is gone: EPIPE); only a transport still holding unsent bytes is open, and
+    aborting a finished one fails (asyncio: its loop is already None)."""
+    if transport.get_write_buffer_size():
+        transport.abort()
 
-    def __init__(self, argv: list[str], *, timeout: float = 1200.0, **spool) -> None:
+
+class QmailQueueDelivery(_SpoolingDelivery):
+    """qmail-queue:PROG [ARGS] -- the qmail-queue protocol (SPEC B §1.11).
+
+    `timeout` (seconds, default TIMEOUT): the whole hand-over, from spawn to
+    exit; past it the child is killed and the reply is 451 qq timeout."""
+
+    def __init__(self, argv: list[str], *, timeout: float = TIMEOUT, **spool) -> None:
         super().__init__(**spool)
         if not argv:
             raise ValueError("qmail-queue: needs a program, e.g. qmail-queue:/var/qmail/bin/qmail-queue")
@@ -125,7 +138,7 @@ class QmailQueueDelivery(_SpoolingDelivery):
         except TimeoutError:
             proc.kill()
             await proc.wait()
-            transport.abort()
+            _drop_envelope(transport)
             return DeliveryResult(False, reply("queue_temp", text="qq timeout"), None,
                                   f"qmail-queue pid={proc.pid} timeout after {self.timeout}s")
         except asyncio.CancelledError:
@@ -134,7 +147,7 @@ class QmailQueueDelivery(_SpoolingDelivery):
             # duplicate on retry, never a loss). asyncio reaps the child.
             if proc.returncode is None:
                 proc.kill()
-            transport.abort()
+            _drop_envelope(transport)
             raise
         detail = f"qmail-queue pid={proc.pid} exit={status}"
         if status == 0:

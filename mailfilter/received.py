@@ -18,7 +18,9 @@ Invariants:
   qmail's TCPREMOTEINFO.
 - Every byte of a variable part that is not `[A-Za-z0-9.@%+/=:-]` is written
   as `?` (qmail `safeput`), so no peer-supplied byte can break the header.
-  Non-ASCII text counts per UTF-8 byte, as qmail sees bytes.
+  qmail works per byte: the HELO argument (decoded by the engine as Latin-1,
+  one character per wire byte) is turned back into its wire bytes, so each
+  8-bit byte is one `?`; other non-ASCII text counts per UTF-8 byte.
 - The date is always UTC written as `-0000`, day without leading zero,
   English month names regardless of locale.
 """
@@ -44,6 +46,15 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
 def safe(value: str) -> bytes:
     """qmail `safeput`: unsafe bytes become `?` (SPEC B §1.12)."""
     return value.encode("utf-8", "surrogateescape").translate(_TABLE)
+
+
+def wire_bytes(text: str) -> bytes:
+    """The wire bytes of a Latin-1 decoded protocol argument (the HELO name);
+    text that is not Latin-1 (a caller's own str) as UTF-8."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape")
 
 
 _last_date: tuple[int, bytes] = (-1, b"")
@@ -77,10 +88,11 @@ def received_header(env: "Envelope", when: float | None = None) -> bytes:
     """The two-line Received header for `env`, LF-terminated (SPEC B §1.12)."""
     remotehost = env.client_host or "unknown"
     out = [b"Received: from ", safe(remotehost)]
-    helo = env.helo
+    helo = wire_bytes(env.helo)
     # qmail: fakehelo = case_diffs(remotehost, helohost) ? helohost : 0
-    if helo and helo.lower() != remotehost.lower():
-        out += [b" (HELO ", safe(helo), b")"]
+    # (case_diffs folds ASCII only, as bytes.lower() does)
+    if helo and helo.lower() != remotehost.encode("utf-8", "surrogateescape").lower():
+        out += [b" (HELO ", helo.translate(_TABLE), b")"]
     out.append(b" (")
     if env.auth_user:
         out += [safe(env.auth_user), b"@"]

@@ -531,45 +531,77 @@ class SMTPProtocol(asyncio.Protocol):
         if r is not None:
             if sink is not None:
                 sink.abort()
-            log.event(action="reject", stage="DATA", rule=rule, client=self.client_label,
-                      size=ev.size, hops=ev.hops, reply=str(r))
+            if rule is None:
+                reason, rule = self._data_end_reason(r, ev)
+            else:
+                reason = "bad_content"
+            if log.logger.isEnabledFor(logging.INFO):
+                log.event(action="tempfail" if r.temporary else "reject", stage="DATA",
+                          rule=rule, reason=reason, client=self.client_label,
+                          **self._who(), size=ev.size, hops=ev.hops, reply=str(r))
             self.rcpts = []
             engine.send(r)
             return
+        # the transaction as the decision line names it, taken before any await
+        who = self._who() if log.logger.isEnabledFor(logging.INFO) else None
         t0 = time.monotonic()
         try:
             result = sink.commit_now()
         except Exception:
-            engine.send(self._commit_failed(sink))
+            engine.send(self._commit_failed(sink, who))
             return
         if result is None:              # the next hop needs I/O: answer from a Task
-            self._later(self._commit(sink, ev, t0))
+            self._later(self._commit(sink, ev, t0, who))
         else:                           # nothing to wait for: no Task, input keeps flowing
-            engine.send(self._committed(result, ev, t0))
+            engine.send(self._committed(result, ev, t0, who))
 
-    async def _commit(self, sink, ev: DataEnd, t0: float):
+    def _who(self) -> dict:
+        """helo=, from= and to= (every accepted recipient, comma separated)
+        for a DATA-stage decision line, as DESIGN "Errors and logging" has them."""
+        sp = self.sp
+        return {"helo": None if sp.helo_name is None else f"<{sp.helo_name}>",
+                "from": None if sp.sender is None else f"<{sp.sender}>",
+                "to": ",".join(f"<{r}>" for r in self.rcpts) or None,
+                "auth": sp.authenticated}
+
+    def _data_end_reason(self, r: Reply, ev: DataEnd) -> tuple[str, str | None]:
+        """(reason, rule) for an engine verdict at the end of data: what
+        decided. The size limit names where DATABYTES came from (the client's
+        tcp.smtp line, else the databytes control file); the hop limit is
+        qmail's built-in MAXHOPS; bare LF is refused unconditionally."""
+        if r == reply("size_exceeded"):
+            rid = self.sp.profile.setting_rule("DATABYTES")
+            return "size_exceeded", self.sp.engine.bundle.where(rid) if rid >= 0 else "databytes"
+        if r == reply("too_many_hops"):
+            return "too_many_hops", "maxhops"
+        if r == reply("bare_lf"):
+            return "bare_lf", None
+        return "other", None
+
+    async def _commit(self, sink, ev: DataEnd, t0: float, who: dict | None):
         try:
             result = await sink.commit()
         except Exception:
-            return self._commit_failed(sink)
-        return self._committed(result, ev, t0)
+            return self._commit_failed(sink, who)
+        return self._committed(result, ev, t0, who)
 
-    def _commit_failed(self, sink) -> Reply:
+    def _commit_failed(self, sink, who: dict | None) -> Reply:
         """A commit that raised: the message is dropped, the client retries (451)."""
         logger.exception("delivery failed client=%s", self.client_label)
         sink.abort()
         r = reply("store_failed")
-        log.event(action="tempfail", stage="DATA", client=self.client_label, reply=str(r))
+        log.event(action="tempfail", stage="DATA", reason="delivery_error",
+                  client=self.client_label, **(who or {}), reply=str(r))
         self.rcpts = []
         return r
 
-    def _committed(self, result, ev: DataEnd, t0: float) -> Reply:
+    def _committed(self, result, ev: DataEnd, t0: float, who: dict | None) -> Reply:
         """The reply to a finished commit; its decision line."""
-        if log.logger.isEnabledFor(logging.INFO):   # format the line only if someone reads it
+        if who is not None:   # format the line only if someone reads it
             log.event(action="accept" if result.ok else ("tempfail" if result.reply.temporary else "reject"),
-                      stage="DATA", client=self.client_label, size=ev.size, rcpts=len(self.rcpts),
-                      ms=f"{(time.monotonic() - t0) * 1000:.1f}", detail=result.detail or None,
-                      reply=str(result.reply))
+                      stage="DATA", client=self.client_label, **who, size=ev.size,
+                      rcpts=len(self.rcpts), ms=f"{(time.monotonic() - t0) * 1000:.1f}",
+                      detail=result.detail or None, reply=str(result.reply))
         self.rcpts = []
         return result.reply
 

@@ -3,7 +3,10 @@
 Reads the message from fd 0 to EOF, then the envelope from fd 1 to EOF, writes
 them to $FAKEQQ_OUT.msg and $FAKEQQ_OUT.env, and exits with $FAKEQQ_EXIT
 (default 0). FAKEQQ_EXIT=kill: SIGKILL itself after reading;
-FAKEQQ_EXIT=noread:N exits N without reading anything.
+FAKEQQ_EXIT=noread:N exits N without reading anything. FAKEQQ_EXIT=hang
+reads the message, then writes its pid and a newline to the fifo $FAKEQQ_READY
+(when set), keeps the fifo open and never exits: the test sees the pid, and
+EOF on the fifo once the child is dead.
 """
 import os
 import signal
@@ -24,6 +27,13 @@ def main() -> int:
     if how.startswith("noread:"):
         return int(how.split(":", 1)[1])
     msg = read_all(0)
+    if how == "hang":
+        ready = os.environ.get("FAKEQQ_READY")
+        if ready:
+            fd = os.open(ready, os.O_WRONLY)
+            os.write(fd, b"%d\n" % os.getpid())
+        while True:
+            signal.pause()
     env = read_all(1)
     out = os.environ["FAKEQQ_OUT"]
     with open(out + ".msg", "wb") as f:

@@ -9,12 +9,16 @@ Stages: greeting, ehlo (EHLO/HELO/LHLO), mail, rcpt, data, eod, quit. A stage
 value is a reply line (CRLF added), "drop" (close the connection at once) or
 "hang" (never answer). "rcpt" may be a dict keyed by address; for LMTP "eod"
 may be a list, one reply per accepted recipient (RFC 2033 §4.2).
+`strict=True` checks the MAIL/RCPT path against the RFC 5321 §4.1.2 grammar
+(Dot-string or Quoted-string local part) and answers 501 to anything else,
+as a strict downstream does.
 Everything is recorded before the reply to it is written, so a test that has
 awaited the delivery result can read the records without further sync.
 """
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass, field
 
 DEFAULTS = {
@@ -27,6 +31,22 @@ DEFAULTS = {
     "quit": "221 2.0.0 bye",
 }
 
+# RFC 5321 §4.1.2 (ASCII only): Path = "<" Mailbox ">"; "<>" for MAIL and
+# "<Postmaster>" for RCPT are the special cases.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LOCAL = rf'(?:{_ATOM}(?:\.{_ATOM})*|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*")'
+_SUB = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_DOMAIN = rf"(?:{_SUB}(?:\.{_SUB})*|\[[\x21-\x5a\x5e-\x7e]+\])"
+MAILBOX = re.compile(rf"<{_LOCAL}@{_DOMAIN}>")
+
+
+def strict_path_ok(verb: str, path: str) -> bool:
+    if verb == "MAIL" and path == "<>":
+        return True
+    if verb == "RCPT" and path.lower() == "<postmaster>":
+        return True
+    return MAILBOX.fullmatch(path) is not None
+
 
 @dataclass
 class Session:
@@ -37,9 +57,11 @@ class Session:
 
 
 class Peer:
-    def __init__(self, script: dict | None = None, lmtp: bool = False) -> None:
+    def __init__(self, script: dict | None = None, lmtp: bool = False,
+                 strict: bool = False) -> None:
         self.script = dict(DEFAULTS, **(script or {}))
         self.lmtp = lmtp
+        self.strict = strict
         self.sessions: list[Session] = []
         self._server: asyncio.AbstractServer | None = None
         self._handlers: set[asyncio.Task] = set()
@@ -97,7 +119,10 @@ class Peer:
                 cmd = line.decode().rstrip("\r\n")
                 s.commands.append(cmd)
                 verb = cmd.split(" ", 1)[0].upper()
-                if verb in ("EHLO", "HELO", "LHLO"):
+                if (self.strict and verb in ("MAIL", "RCPT")
+                        and not strict_path_ok(verb, cmd.split(":", 1)[-1])):
+                    act = "501 5.1.3 bad address syntax"
+                elif verb in ("EHLO", "HELO", "LHLO"):
                     act = self._action("ehlo")
                 elif verb == "MAIL":
                     act = self._action("mail")

@@ -189,6 +189,17 @@ def test_received_sanitises_every_unsafe_byte():
     assert h.count(b"\n") == 2 and b"\r" not in h
 
 
+
+def test_received_8bit_helo_is_one_question_mark_per_wire_byte():
+    # The engine decodes HELO as Latin-1 (one char per byte); qmail's safeput
+    # works per byte: c3 a9 74 e9 -> ??t?, not the UTF-8 re-encoding's 6 '?'.
+    e = env(helo=b"\xc3\xa9t\xe9".decode("latin-1"), client_host="unknown")
+    assert received_header(e, WHEN).startswith(
+        b"Received: from unknown (HELO ??t?) (192.0.2.1)\n")
+    # case_diffs folds ASCII only: a Latin-1 case difference still differs
+    e = env(helo="h\u00c9.test", client_host="h\u00e9.test")
+    assert b"(HELO h?.test)" in received_header(e, WHEN)
+
 # ---------------------------------------------------------------------------
 # maildir (DESIGN "Delivery"; SPEC A §9)
 # ---------------------------------------------------------------------------
@@ -654,7 +665,7 @@ def test_smtp_downstream_451_at_data_end():
 
 def test_smtp_downstream_554_at_data_end():
     res, _ = run(forward({"eod": "554 5.7.1 spam detected"}, env(), MSG))
-    assert str(res.reply) == "554 5.3.0 spam detected"
+    assert str(res.reply) == "554 5.7.1 spam detected"   # the downstream's enhanced code
 
 
 def test_smtp_connection_refused():
@@ -684,7 +695,7 @@ def test_smtp_command_timeout_is_451():
 
 def test_smtp_rcpt_550_all_is_554_no_data():
     res, (s,) = run(forward({"rcpt": "550 5.1.1 no such user here"}, env(), MSG))
-    assert str(res.reply) == "554 5.3.0 no such user here"
+    assert str(res.reply) == "554 5.1.1 no such user here"
     assert "DATA" not in s.commands and s.message == b""
 
 
@@ -705,7 +716,7 @@ def test_smtp_rcpt_4xx_is_451():
 
 def test_smtp_mail_5xx_and_greeting_5xx():
     res, _ = run(forward({"mail": "553 5.7.1 sender refused"}, env(), MSG))
-    assert str(res.reply) == "554 5.3.0 sender refused"
+    assert str(res.reply) == "554 5.7.1 sender refused"
     # a 554 greeting says nothing about this message: temporary
     res, _ = run(forward({"greeting": "554 5.3.2 go away"}, env(), MSG))
     assert res.reply == reply("downstream_temp")
@@ -740,7 +751,133 @@ def test_lmtp_mixed_results_per_recipient():
 def test_lmtp_all_5xx_is_554_and_2xx_5xx_mix_is_451():
     e = env(rcpts=["a@x", "b@x"])
     res, _ = run(forward({"eod": ["550 5.1.1 gone", "552 5.2.2 full"]}, e, MSG, lmtp=True))
-    assert str(res.reply) == "554 5.3.0 gone"
+    assert str(res.reply) == "554 5.1.1 gone"
     res, _ = run(forward({"eod": ["250 2.0.0 ok", "550 5.1.1 gone"]}, e, MSG, lmtp=True))
     assert res.reply.code == 451 and "<b@x>" in res.reply.text
     assert [r.code for r in res.per_recipient] == [250, 550]
+
+
+@pytest.mark.parametrize("lmtp", [False, True])
+def test_smtp_envelope_paths_are_rfc5321_quoted(lmtp):
+    # The parser hands over unquoted addresses; a strict downstream must get
+    # RFC 5321 §4.1.2 paths: Dot-string when possible, else Quoted-string.
+    rcpts = ["john smith@example.org", 'a"b\\c@example.org', "a..b@example.org",
+             ".lead@example.org", "plain.dots@example.org", "x@y@example.org"]
+    e = env(sender="the sender@example.com", rcpts=rcpts)
+
+    async def go():
+        async with Peer(lmtp=lmtp, strict=True) as peer:
+            d = Delivery.from_spec(f"{'lmtp' if lmtp else 'smtp'}:127.0.0.1:{peer.port}")
+            return await deliver(d, e, MSG), peer.sessions
+    res, (s,) = run(go())
+    assert res.ok, (str(res.reply), res.detail)
+    assert s.commands[1:8] == [
+        'MAIL FROM:<"the sender"@example.com>',
+        'RCPT TO:<"john smith"@example.org>',
+        'RCPT TO:<"a\\"b\\\\c"@example.org>',
+        'RCPT TO:<"a..b"@example.org>',
+        'RCPT TO:<".lead"@example.org>',
+        "RCPT TO:<plain.dots@example.org>",
+        'RCPT TO:<"x@y"@example.org>',
+    ]
+    assert s.message == MSG
+
+
+def test_smtp_null_sender_and_bare_postmaster_paths():
+    async def go():
+        async with Peer(strict=True) as peer:
+            d = Delivery.from_spec(f"smtp:127.0.0.1:{peer.port}")
+            return await deliver(d, env(sender="", rcpts=["postmaster"]), MSG), peer.sessions
+    res, (s,) = run(go())
+    assert res.ok and s.commands[1:3] == ["MAIL FROM:<>", "RCPT TO:<postmaster>"]
+
+
+async def _watch_fifo(path: str):
+    """(pid, dead): pid from the hanging fake qmail-queue; `dead` resolves at
+    EOF on the fifo, i.e. when the child has exited."""
+    loop = asyncio.get_running_loop()
+    f = await asyncio.to_thread(open, path, "rb", buffering=0)   # blocks until the child opens it
+    pid = int((await asyncio.to_thread(f.readline)).decode())
+    dead = loop.create_task(asyncio.to_thread(lambda: (f.read(), f.close())))
+    return pid, dead
+
+
+@pytest.mark.parametrize("nrcpts", [1, 400])   # 400: envelope > pipe buffer, still unsent
+def test_qq_timeout_is_451_and_child_killed(monkeypatch, tmp_path, caplog, nrcpts):
+    fifo = str(tmp_path / "ready")
+    os.mkfifo(fifo)
+    monkeypatch.setenv("FAKEQQ_OUT", str(tmp_path / "qq"))
+    monkeypatch.setenv("FAKEQQ_EXIT", "hang")
+    monkeypatch.setenv("FAKEQQ_READY", fifo)
+    d = Delivery.from_spec(f"qmail-queue:{sys.executable} {FAKEQQ}", timeout=1.0)
+    e = env(rcpts=[f"{'r' * 200}{i}@example.org" for i in range(nrcpts)])
+
+    async def go():
+        watch = asyncio.create_task(_watch_fifo(fifo))
+        res = await deliver(d, e, MSG)
+        pid, dead = await watch
+        await dead
+        return res, pid
+    caplog.set_level("DEBUG")
+    res, pid = run(go())
+    assert not res.ok and str(res.reply) == "451 4.3.0 qq timeout"
+    assert f"pid={pid} timeout after 1.0s" in res.detail
+    with pytest.raises(ProcessLookupError):   # killed and reaped
+        os.kill(pid, 0)
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+def test_qq_cancelled_commit_kills_child_and_reraises(monkeypatch, tmp_path, caplog):
+    # The client went away mid-commit: CancelledError propagates (nothing
+    # else), qmail-queue is killed before it commits, nothing is logged.
+    fifo = str(tmp_path / "ready")
+    os.mkfifo(fifo)
+    monkeypatch.setenv("FAKEQQ_OUT", str(tmp_path / "qq"))
+    monkeypatch.setenv("FAKEQQ_EXIT", "hang")
+    monkeypatch.setenv("FAKEQQ_READY", fifo)
+    d = Delivery.from_spec(f"qmail-queue:{sys.executable} {FAKEQQ}")
+
+    async def go():
+        watch = asyncio.create_task(_watch_fifo(fifo))
+        task = asyncio.create_task(deliver(d, env(), MSG))
+        pid, dead = await watch
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await dead          # EOF on the fifo: the child is gone
+        return pid
+    caplog.set_level("DEBUG")
+    run(go())
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+@pytest.mark.parametrize("stage,line", [
+    ("mail", "999 weird"), ("rcpt", "600 weird"), ("data", "199 weird"),
+    ("eod", "600 weird"), ("eod", "099 x"), ("ehlo", "700 x"),
+    ("mail", "55 short"), ("eod", "5x0 nope"),
+])
+def test_smtp_garbage_reply_code_is_451_not_554(stage, line):
+    # A code outside 200-599 is a protocol error: 451, the client retries;
+    # never a permanent 554 bounce of a valid message.
+    res, _ = run(forward({stage: line}, env(), MSG))
+    assert not res.ok and res.reply == reply("downstream_temp"), str(res.reply)
+    assert "malformed reply" in res.detail
+
+
+def test_lmtp_garbage_reply_code_after_data_is_451():
+    e = env(rcpts=["a@x", "b@x"])
+    res, _ = run(forward({"eod": ["250 2.0.0 ok", "999 weird"]}, e, MSG, lmtp=True))
+    assert not res.ok and res.reply == reply("downstream_temp")
+
+
+@pytest.mark.parametrize("line,want", [
+    ("550 5.1.1 nouser", "554 5.1.1 nouser"),
+    ("550 nouser", "554 5.3.0 nouser"),              # none given: ours
+    ("550 4.1.1 nouser", "554 5.3.0 nouser"),   # wrong class for a 5xx: ours
+    ("552 5.2.2 over quota", "554 5.2.2 over quota"),
+])
+def test_smtp_rejection_keeps_the_downstream_enhanced_code(line, want):
+    res, _ = run(forward({"rcpt": line}, env(), MSG))
+    assert str(res.reply) == want
+    res, _ = run(forward({"eod": line}, env(), MSG))
+    assert str(res.reply) == want

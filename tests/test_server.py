@@ -222,6 +222,22 @@ def test_too_many_bad_commands_421_and_close(server):
     assert server.state.connections == 0
 
 
+def test_received_8bit_helo_one_question_mark_per_byte(server):
+    """SPEC B §1.12: qmail's safeput works per byte, so each 8-bit byte of
+    the HELO argument is one `?` in the Received line (c3 a9 74 e9 -> ??t?)."""
+    c = RawClient(server.port)
+    assert c.reply()[0] == 220
+    c.send(b"HELO \xc3\xa9t\xe9\r\n")
+    assert c.reply()[0] == 250
+    c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
+    assert [r[0] for r in c.replies(3)] == [250, 250, 354]
+    c.send(b"Subject: p\r\n\r\nbody\r\n.\r\n")
+    assert c.reply()[0] == 250
+    c.close()
+    [raw] = read_new(server.maildir)
+    assert b"Received: from unknown (HELO ??t?) (127.0.0.1)\n" in raw
+
+
 # ------------------------------------------------------------------ policy
 @pytest.mark.parametrize("sender,rcpt,reply,log", [
     ("spammer@example.org", "user@example.com",
@@ -961,3 +977,79 @@ def test_postfix_smtp_source(server, reuse):
     assert maildir_files(server.maildir, "tmp") == []
     raw = read_new(server.maildir)[0]
     assert b"(HELO source.test) (127.0.0.1)" in raw
+
+
+# ------------------------------------------------------------------ DATA decision lines
+def _data_line(decisions) -> str:
+    [line] = [l for l in decisions() if "stage=DATA" in l]
+    return line
+
+
+def _send_message(port, source, body: bytes, rcpts=("user@example.com",), helo="client.test"):
+    c = session(port, source, helo=helo)
+    c.send(b"MAIL FROM:<a@sender.test>\r\n"
+           + b"".join(b"RCPT TO:<%s>\r\n" % r.encode() for r in rcpts) + b"DATA\r\n")
+    assert [r[0] for r in c.replies(len(rcpts) + 2)] == [250] * (len(rcpts) + 1) + [354]
+    c.send(body)
+    r = c.reply()
+    c.close()
+    return r
+
+
+def test_data_accept_line_names_helo_from_and_every_recipient(server, decisions):
+    """DESIGN "Errors and logging": the DATA decision line names helo, from
+    and to (all accepted recipients, one line per message)."""
+    r = _send_message(server.port, PLAIN, b"Subject: x\r\n\r\nhi\r\n.\r\n",
+                      rcpts=("user@example.com", "u2@example.com"))
+    assert r[0] == 250
+    server.wait_lost()
+    line = _data_line(decisions)
+    assert line.startswith("action=accept stage=DATA client=unknown[127.0.0.1]:"), line
+    assert (" helo=<client.test> from=<a@sender.test> "
+            'to="<user@example.com>,<u2@example.com>" size=') in line, line
+    assert "rcpts=2 " in line
+
+
+def test_data_size_reject_names_the_databytes_source(start, tmp_path, decisions):
+    # DATABYTES from the client's tcp.smtp line -> that line; else the control file.
+    srv = start()
+    body = b"Subject: big\r\n\r\n" + b"x" * 3000 + b"\r\n.\r\n"
+    assert _send_message(srv.port, SMALL, body)[0] == 552
+    srv.wait_lost()
+    line = _data_line(decisions)
+    assert line.startswith("action=reject stage=DATA rule=tcp.smtp:9 reason=size_exceeded "), line
+    assert " helo=<client.test> from=<a@sender.test> to=<user@example.com> " in line
+    rules = write_rules(tmp_path / "rules500", {"databytes": "500\n"})
+    srv = start(rules=rules)
+    assert _send_message(srv.port, PLAIN, body)[0] == 552
+    srv.wait_lost()
+    line = [l for l in decisions() if "stage=DATA" in l][-1]
+    assert line.startswith("action=reject stage=DATA rule=databytes reason=size_exceeded "), line
+    assert " from=<a@sender.test> to=<user@example.com> " in line
+
+
+def test_data_hops_and_bare_lf_lines(server, decisions):
+    head = b"".join(b"Received: from h%d by h%d\r\n" % (i, i + 1) for i in range(100))
+    assert _send_message(server.port, PLAIN, head + b"\r\nbody\r\n.\r\n")[0] == 554
+    assert _send_message(server.port, PLAIN, b"Subject: x\n\nbare\n.\r\n")[0] == 451
+    server.wait_lost(2)
+    hops, bare = [l for l in decisions() if "stage=DATA" in l]
+    assert hops.startswith("action=reject stage=DATA rule=maxhops reason=too_many_hops "), hops
+    assert bare.startswith("action=tempfail stage=DATA reason=bare_lf "), bare   # a 451
+    for line in (hops, bare):
+        assert " helo=<client.test> from=<a@sender.test> to=<user@example.com> " in line
+
+
+def test_commit_failure_line_names_the_transaction(start, monkeypatch, decisions):
+    from mailfilter import delivery
+
+    def boom(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(delivery._FixedResultSink, "commit_now", boom)
+    srv = start(deliver="discard")
+    assert first(_one_message(srv.port)) == "451 4.3.0 temporary failure storing message"
+    srv.wait_lost()
+    line = _data_line(decisions)
+    assert line.startswith("action=tempfail stage=DATA reason=delivery_error client="), line
+    assert " helo=<client.test> from=<a@sender.test> to=<user@example.com> " in line
