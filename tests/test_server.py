@@ -120,7 +120,7 @@ def test_full_transaction_smtplib(server):
     assert maildir_files(server.maildir, "tmp") == []
 
 
-def _one_message(c: RawClient) -> None:
+def _store_one(c: RawClient) -> None:
     """A pipelined a@sender.test -> user@example.com message, stored; then close."""
     c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
     assert [r[0] for r in c.replies(3)] == [250, 250, 354]
@@ -138,7 +138,7 @@ def test_received_protocol_helo_smtp_ehlo_esmtp(server, verb, proto):
     other = "EHLO" if verb == "HELO" else "HELO"
     assert c.cmd(f"{other} first.test")[0] == 250
     assert c.cmd(f"{verb} client.test")[0] == 250
-    _one_message(c)
+    _store_one(c)
     [raw] = read_new(server.maildir)
     assert b"(HELO client.test) (127.0.0.1)\n  by mx.test with " + proto + b"; " in raw
 
@@ -234,7 +234,7 @@ def test_received_8bit_helo_one_question_mark_per_byte(server):
     assert c.reply()[0] == 220
     c.send(b"HELO \xc3\xa9t\xe9\r\n")
     assert c.reply()[0] == 250
-    _one_message(c)
+    _store_one(c)
     [raw] = read_new(server.maildir)
     assert b"Received: from unknown (HELO ??t?) (127.0.0.1)\n" in raw
 
