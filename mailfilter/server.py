@@ -520,21 +520,20 @@ class SMTPProtocol(asyncio.Protocol):
         engine = self.engine
         sink, self.sink = self.sink, None
         scanner, self.scanner = self.scanner, None
-        r = engine.data_end_check(ev)
+        reason = engine.data_end_refusal(ev)       # the reply's name is the reason
         rule = None
-        if r is None and scanner is not None:
+        if reason is None and scanner is not None:
             scanner.finish()
             if scanner.hit is not None:
                 kind, rid = scanner.hit
-                r = reply("bad_content")
+                reason = "bad_content"
                 rule = self.sp.engine.bundle.where(rid) if rid >= 0 else kind
-        if r is not None:
+        if reason is not None:
+            r = reply(reason)
             if sink is not None:
                 sink.abort()
             if rule is None:
-                reason, rule = self._data_end_reason(r, ev)
-            else:
-                reason = "bad_content"
+                rule = self._data_end_rule(reason)
             if log.logger.isEnabledFor(logging.INFO):
                 log.event(action="tempfail" if r.temporary else "reject", stage="DATA",
                           rule=rule, reason=reason, client=self.client_label,
@@ -564,19 +563,17 @@ class SMTPProtocol(asyncio.Protocol):
                 "to": ",".join(f"<{r}>" for r in self.rcpts) or None,
                 "auth": sp.authenticated}
 
-    def _data_end_reason(self, r: Reply, ev: DataEnd) -> tuple[str, str | None]:
-        """(reason, rule) for an engine verdict at the end of data: what
-        decided. The size limit names where DATABYTES came from (the client's
-        tcp.smtp line, else the databytes control file); the hop limit is
-        qmail's built-in MAXHOPS; bare LF is refused unconditionally."""
-        if r == reply("size_exceeded"):
+    def _data_end_rule(self, reason: str) -> str | None:
+        """What decided an engine refusal at the end of data: the size limit
+        names where DATABYTES came from (the client's tcp.smtp line, else the
+        databytes control file); the hop limit is qmail's built-in MAXHOPS;
+        bare LF is refused unconditionally (no rule)."""
+        if reason == "size_exceeded":
             rid = self.sp.profile.setting_rule("DATABYTES")
-            return "size_exceeded", self.sp.engine.bundle.where(rid) if rid >= 0 else "databytes"
-        if r == reply("too_many_hops"):
-            return "too_many_hops", "maxhops"
-        if r == reply("bare_lf"):
-            return "bare_lf", None
-        return "other", None
+            return self.sp.engine.bundle.where(rid) if rid >= 0 else "databytes"
+        if reason == "too_many_hops":
+            return "maxhops"
+        return None
 
     async def _commit(self, sink, ev: DataEnd, t0: float, who: dict | None):
         try:

@@ -534,15 +534,22 @@ class SMTPConnection:
         """Queue the 220 greeting."""
         self._out.append(_named_line("greeting", self.config.greeting))
 
-    def data_end_check(self, ev: DataEnd) -> Reply | None:
-        """The engine-level verdict for a DataEnd (qmail order, SPEC B §1.11), or None."""
+    def data_end_refusal(self, ev: DataEnd) -> str | None:
+        """Why the engine refuses a DataEnd, as the name of its reply (qmail
+        order, SPEC B §1.11): "bare_lf", "too_many_hops", "size_exceeded"; None
+        when it does not."""
         if ev.bare_lf:
-            return REPLIES["bare_lf"]
+            return "bare_lf"
         if ev.hops >= self.config.max_hops:
-            return REPLIES["too_many_hops"]
+            return "too_many_hops"
         if ev.oversized:
-            return REPLIES["size_exceeded"]
+            return "size_exceeded"
         return None
+
+    def data_end_check(self, ev: DataEnd) -> Reply | None:
+        """The engine-level verdict for a DataEnd (data_end_refusal's reply), or None."""
+        name = self.data_end_refusal(ev)
+        return None if name is None else REPLIES[name]
 
     def receive_data(self, data: bytes) -> None:
         """Feed received bytes; ``b""`` means EOF."""
