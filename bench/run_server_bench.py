@@ -2,7 +2,7 @@
 
 usage: .venv/bin/python bench/run_server_bench.py [--seconds 2] [--repeat 3]
           [--servers mf-uvloop,mf-maildir,mf-asyncio,aiosmtpd,smtp-sink,uvloop-floor]
-          [--idle 5000,9000] [--out bench/SERVER.md] [--quick]
+          [--idle 5000,10000] [--out bench/SERVER.md] [--quick]
 
 Every server runs in its own process (bench/servers.py); the load generator
 (bench/loadgen.py) runs in another. Cells: concurrency 1/10/100 x 1 KB/100 KB
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     p.add_argument("--servers", default="mf-uvloop,mf-maildir,mf-asyncio,aiosmtpd,smtp-sink,uvloop-floor")
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--idle", default="5000,9000", help="idle levels, comma separated ('' for none)")
+    p.add_argument("--idle", default="5000,10000", help="idle levels, comma separated ('' for none)")
     p.add_argument("--idle-servers", default=None,
                    help="default: all --servers but uvloop-floor (it holds no session state)")
     p.add_argument("--serial", type=int, default=300, help="fresh transactions per idle measurement")

@@ -73,10 +73,11 @@ def setup(level: str = "info", use_syslog: bool = False, syslog_address: str = "
         handler = logging.handlers.SysLogHandler(
             address=syslog_address,
             facility=logging.handlers.SysLogHandler.facility_names[facility])
-        handler.ident = f"{ident}: "
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        # openlog(ident, LOG_PID): the pid is the record's, so each --workers
+        # process names itself (a forked worker's records carry its own pid)
+        handler.setFormatter(logging.Formatter(f"{ident}[%(process)d]: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(message)s"))
     root.addHandler(handler)
     root.propagate = False

@@ -140,8 +140,11 @@ def test_workers_share_the_port(served, tmp_path):
     Both log their listening line, and both take connections: the qp ids of
     delivered messages (M..P<pid>Q..) name two different pids."""
     sp = served("--workers", "2", listening=2)
-    pids = {int(m.group(1)) for m in sp.log.wait_for(r"listening on 127\.0\.0\.1:\d+ \(pid (\d+)", count=2)}
+    listening = sp.log.wait_for(r"\[(\d+)\] INFO listening on 127\.0\.0\.1:\d+ \(pid (\d+)", count=2)
+    pids = {int(m.group(2)) for m in listening}
     assert len(pids) == 2 and sp.proc.pid not in pids
+    # every log line names the process that wrote it (forked after log.setup)
+    assert {int(m.group(1)) for m in listening} == pids
     seen = set()
     for _ in range(200):                  # the kernel spreads by 4-tuple hash
         with smtplib.SMTP("127.0.0.1", sp.port, timeout=TIMEOUT) as s:
@@ -309,12 +312,14 @@ def test_syslog_facility_mail(tmp_path, rules):
             return next(line for line in lines if pattern in line)
 
         listening = until("listening on 127.0.0.1")
-        assert listening.startswith("<22>mailfilter: ")       # facility mail (2), info (6)
+        # facility mail (2), info (6); ident with the pid, as openlog(LOG_PID)
+        assert listening.startswith(f"<22>mailfilter[{proc.pid}]: ")
         with session(port) as c:
             assert first(c.cmd("MAIL FROM:<spammer@example.org>"))[:3] == "250"
             assert first(c.cmd("RCPT TO:<user@example.com>")).startswith("553 5.7.1")
         line = until("stage=RCPT")
-        assert line.startswith("<22>mailfilter: action=reject stage=RCPT reason=badmailfrom rule=badmailfrom:")
+        assert line.startswith(f"<22>mailfilter[{proc.pid}]: action=reject stage=RCPT "
+                               "reason=badmailfrom rule=badmailfrom:")
         assert "from=<spammer@example.org>" in line and "to=<user@example.com>" in line
     finally:
         proc.send_signal(signal.SIGTERM)
