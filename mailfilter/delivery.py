@@ -44,7 +44,13 @@ qmail-queue:PROG [ARGS]
     the message -> 451 qq read error (qmail.c does the same).
 smtp:HOST:PORT, lmtp:HOST:PORT
     One downstream connection per message (EHLO/LHLO, MAIL, RCPT each, DATA;
-    LF -> CRLF and dot-stuffing done in bulk). MAIL/RCPT carry RFC 5321
+    LF -> CRLF and dot-stuffing done in bulk). When the next hop's EHLO/LHLO
+    lists them, MAIL FROM carries `SIZE=` (RFC 1870: the spooled size with
+    CRLF line ends, so a smaller limit downstream refuses at MAIL, not after
+    the whole body) and `BODY=8BITMIME` when the message holds an 8-bit byte
+    (RFC 6152; decided from the bytes, not from the client's declaration).
+    An 8-bit message to a hop without 8BITMIME goes as is (qmail-remote
+    does the same; no MIME down-conversion here). MAIL/RCPT carry RFC 5321
     §4.1.2 paths (`forward.smtp_path`): the local part as a Dot-string when it
     is one, else a Quoted-string; `<>` for the null sender. (qmail-queue's
     envelope takes the raw address: no quoting there.) 250 only after the
@@ -100,6 +106,16 @@ class Envelope:
     tls: bool
     local_host: str
     esmtp: bool = True          # the session greeted with EHLO (False: HELO)
+
+
+@dataclass(frozen=True)
+class SpoolFacts:
+    """What the spool learnt while the message streamed in (for SIZE= and
+    BODY= downstream): stored bytes, bytes on the wire with CRLF line ends,
+    and whether any byte is 8-bit."""
+    size: int = 0
+    wire_size: int = 0
+    eight_bit: bool = False
 
 
 @dataclass
@@ -276,7 +292,7 @@ class DiscardDelivery(Delivery):
 
 class _SpoolSink(Sink):
     """Spools to memory then disk; commit() hands the spool to `deliver`."""
-    __slots__ = ("_spool", "_error", "_state", "_deliver", "_env", "size")
+    __slots__ = ("_spool", "_error", "_state", "_deliver", "_env", "size", "_lines", "_eight_bit")
 
     def __init__(self, env: Envelope, deliver: Callable, max_memory: int,
                  spool_dir: str | None) -> None:
@@ -286,6 +302,8 @@ class _SpoolSink(Sink):
         self._error: BaseException | None = None
         self._state = "open"
         self.size = 0
+        self._lines = 0
+        self._eight_bit = False
 
     def write(self, chunk: bytes) -> None:
         if self._state != "open":
@@ -295,6 +313,9 @@ class _SpoolSink(Sink):
         try:
             self._spool.write(chunk)
             self.size += len(chunk)
+            self._lines += chunk.count(b"\n")
+            if not self._eight_bit and not chunk.isascii():
+                self._eight_bit = True
         except OSError as exc:  # rollover to disk failed: ENOSPC, EFBIG ...
             self._error = exc
 
@@ -309,7 +330,8 @@ class _SpoolSink(Sink):
                 self._spool.seek(0)
             except OSError as exc:
                 return _store_failed(f"spool {_oserr(exc)}")
-            return await self._deliver(self._env, self._spool)
+            facts = SpoolFacts(self.size, self.size + self._lines, self._eight_bit)
+            return await self._deliver(self._env, self._spool, facts)
         finally:
             self._state = "done"
             _close_quietly(self._spool)
@@ -340,7 +362,7 @@ class _SpoolingDelivery(Delivery):
         return _SpoolSink(env, self._deliver, self.spool_max_memory, self.spool_dir)
 
     @abstractmethod
-    async def _deliver(self, env: Envelope, spool) -> DeliveryResult: ...
+    async def _deliver(self, env: Envelope, spool, facts: SpoolFacts) -> DeliveryResult: ...
 
 
 # The next hops live in their own modules, which build on the classes above;

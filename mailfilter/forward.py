@@ -10,7 +10,7 @@ import asyncio
 import re
 
 from mailfilter.delivery import (
-    _b, DeliveryResult, Envelope, _local_id, _oserr, _queued, _read_chunks,
+    _b, DeliveryResult, Envelope, SpoolFacts, _local_id, _oserr, _queued, _read_chunks,
     _SpoolingDelivery,
 )
 from mailfilter.replies import Reply, reply
@@ -64,9 +64,11 @@ class _Conn:
         self.reader = reader
         self.writer = writer
         self.timeout = timeout
+        self.lines: list[bytes] = []     # the texts of the last reply, one per line
 
     async def reply(self) -> Reply:
-        """One (possibly multi-line) reply as a Reply: code, enhanced, text."""
+        """One (possibly multi-line) reply as a Reply: code, enhanced, text;
+        the lines' texts stay in `self.lines` (EHLO keywords)."""
         texts = []
         code = None
         async with asyncio.timeout(self.timeout):
@@ -87,6 +89,7 @@ class _Conn:
                 texts.append(line[4:])
                 if line[3:4] != b"-":
                     break
+        self.lines = texts
         text = b" ".join(texts)
         m = _ENH.match(text)
         enhanced = m.group(1).decode() if m else ""
@@ -102,6 +105,25 @@ class _Conn:
         self.writer.write(data)
         async with asyncio.timeout(self.timeout):
             await self.writer.drain()
+
+
+def ehlo_keywords(lines: list[bytes]) -> frozenset[bytes]:
+    """The service extensions of an EHLO/LHLO reply (RFC 5321 §4.1.1.1: the
+    lines after the first, keyword first, case-insensitive)."""
+    return frozenset(line.split(None, 1)[0].upper() for line in lines[1:] if line.split())
+
+
+def mail_parameters(keywords: frozenset[bytes], facts: SpoolFacts) -> bytes:
+    """MAIL FROM parameters the next hop announced it understands: SIZE
+    (RFC 1870 §6: the size with CRLF line ends) and BODY=8BITMIME (RFC 6152
+    §3) for a message holding 8-bit bytes. Nothing unannounced: a strict
+    server answers 555 to it (RFC 5321 §4.1.1.11)."""
+    params = b""
+    if b"SIZE" in keywords:
+        params += b" SIZE=%d" % facts.wire_size
+    if facts.eight_bit and b"8BITMIME" in keywords:
+        params += b" BODY=8BITMIME"
+    return params
 
 
 def _rejected(x: Reply) -> Reply:
@@ -167,7 +189,7 @@ class SmtpDelivery(_SpoolingDelivery):
     def _where(self) -> str:
         return f"{'lmtp' if self.lmtp else 'smtp'} {self.host}:{self.port}"
 
-    async def _deliver(self, env: Envelope, spool) -> DeliveryResult:
+    async def _deliver(self, env: Envelope, spool, facts: SpoolFacts = SpoolFacts()) -> DeliveryResult:
         where = self._where()
         writer = None
         try:
@@ -177,7 +199,7 @@ class SmtpDelivery(_SpoolingDelivery):
             except (OSError, TimeoutError) as exc:
                 raise _Downstream(f"connect: {_oserr(exc)}") from exc
             conn = _Conn(reader, writer, self.command_timeout)
-            res = await self._transaction(conn, env, spool)
+            res = await self._transaction(conn, env, spool, facts)
             res.detail = f"{where} {res.detail}"
             return res
         except (_Downstream, OSError, TimeoutError, ValueError) as exc:
@@ -193,7 +215,8 @@ class SmtpDelivery(_SpoolingDelivery):
                 except (OSError, TimeoutError):
                     pass
 
-    async def _transaction(self, conn: _Conn, env: Envelope, spool) -> DeliveryResult:
+    async def _transaction(self, conn: _Conn, env: Envelope, spool,
+                           facts: SpoolFacts) -> DeliveryResult:
         def temp(stage: str, r: Reply) -> DeliveryResult:
             return DeliveryResult(False, reply("downstream_temp"), None,
                                   f"{stage} {r.code} {r.text}")
@@ -211,9 +234,11 @@ class SmtpDelivery(_SpoolingDelivery):
             r = await conn.command(b"EHLO " + name + b"\r\n")
             if r.code >= 500:  # RFC 5321 §3.2: fall back to HELO
                 r = await conn.command(b"HELO " + name + b"\r\n")
+                conn.lines = []            # HELO: no extensions, whatever it lists
         if r.code != 250:
             return temp("ehlo", r)
-        r = await conn.command(b"MAIL FROM:" + smtp_path(env.sender) + b"\r\n")
+        params = mail_parameters(ehlo_keywords(conn.lines), facts)
+        r = await conn.command(b"MAIL FROM:" + smtp_path(env.sender) + params + b"\r\n")
         if r.code // 100 != 2:
             await self._quit(conn)
             return perm("mail", r) if r.code >= 500 else temp("mail", r)

@@ -100,7 +100,7 @@ class QmailQueueDelivery(_SpoolingDelivery):
     def parse(cls, arg: str, **options) -> "QmailQueueDelivery":
         return cls(arg.split(), **options)
 
-    async def _deliver(self, env: Envelope, spool) -> DeliveryResult:
+    async def _deliver(self, env: Envelope, spool, facts=None) -> DeliveryResult:
         loop = asyncio.get_running_loop()
         rfd, wfd = os.pipe()   # envelope pipe: the child's fd 1 is rfd
         try:

@@ -5,13 +5,16 @@ form) plus the un-stuffed LF message, and answers per stage from a script:
 
     Peer(script={"rcpt": {"bad@x": "550 5.1.1 no such user"}, "eod": "451 4.3.0 later"})
 
-Stages: greeting, ehlo (EHLO/HELO/LHLO), mail, rcpt, data, eod, quit. A stage
+Stages: greeting, ehlo (EHLO/HELO/LHLO; HELO alone when the script has a
+"helo" stage), mail, rcpt, data, eod, quit. A stage
 value is a reply line (CRLF added), "drop" (close the connection at once) or
 "hang" (never answer). "rcpt" may be a dict keyed by address; for LMTP "eod"
 may be a list, one reply per accepted recipient (RFC 2033 §4.2).
 `strict=True` checks the MAIL/RCPT path against the RFC 5321 §4.1.2 grammar
 (Dot-string or Quoted-string local part) and answers 501 to anything else,
-as a strict downstream does.
+as a strict downstream does; it also answers 555 to a MAIL parameter whose
+keyword its EHLO/LHLO reply did not list (RFC 5321 §4.1.1.11) and 552 to a
+SIZE= above its announced `SIZE n` (RFC 1870 §6.1).
 Everything is recorded before the reply to it is written, so a test that has
 awaited the delivery result can read the records without further sync.
 """
@@ -46,6 +49,28 @@ def strict_path_ok(verb: str, path: str) -> bool:
     if verb == "RCPT" and path.lower() == "<postmaster>":
         return True
     return MAILBOX.fullmatch(path) is not None
+
+
+def announced(ehlo_reply: str) -> dict[str, str]:
+    """Keyword -> argument of the extensions a scripted EHLO reply lists."""
+    out = {}
+    for line in ehlo_reply.split("\r\n")[1:]:
+        word, _, arg = line[4:].partition(" ")
+        out[word.upper()] = arg
+    return out
+
+
+def strict_mail_params(params: list[str], ehlo_reply: str) -> str | None:
+    """The reply a strict server gives to MAIL parameters, None when fine."""
+    ext = announced(ehlo_reply)
+    for p in params:
+        key, _, value = p.partition("=")
+        key = key.upper()
+        if {"BODY": "8BITMIME"}.get(key, key) not in ext:      # RFC 6152 §3
+            return "555 5.5.4 unsupported parameter " + key
+        if key == "SIZE" and ext[key] and int(value) > int(ext[key]):
+            return "552 5.3.4 message size exceeds fixed maximum message size"
+    return None
 
 
 @dataclass
@@ -119,9 +144,17 @@ class Peer:
                 cmd = line.decode().rstrip("\r\n")
                 s.commands.append(cmd)
                 verb = cmd.split(" ", 1)[0].upper()
+                rest = cmd.split(":", 1)[-1]
+                end = rest.rfind(">") + 1        # the path ends at its last ">"
+                path, params = rest[:end], rest[end:].split()
                 if (self.strict and verb in ("MAIL", "RCPT")
-                        and not strict_path_ok(verb, cmd.split(":", 1)[-1])):
+                        and not strict_path_ok(verb, path)):
                     act = "501 5.1.3 bad address syntax"
+                elif (self.strict and verb == "MAIL"
+                        and strict_mail_params(params, self._action("ehlo")) is not None):
+                    act = strict_mail_params(params, self._action("ehlo"))
+                elif verb == "HELO" and "helo" in self.script:
+                    act = self._action("helo")
                 elif verb in ("EHLO", "HELO", "LHLO"):
                     act = self._action("ehlo")
                 elif verb == "MAIL":

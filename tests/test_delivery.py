@@ -783,6 +783,55 @@ def test_smtp_envelope_paths_are_rfc5321_quoted(lmtp):
     assert s.message == MSG
 
 
+EHLO_EXT = "250-peer.test\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250 8BITMIME"
+
+
+@pytest.mark.parametrize("lmtp", [False, True])
+def test_smtp_mail_carries_size_and_body_8bitmime_when_announced(lmtp):
+    # RFC 1870 §6 / RFC 6152 §3: SIZE= is the CRLF size; BODY=8BITMIME only
+    # for a message that holds an 8-bit byte (decided from the bytes). A
+    # strict peer 555s any parameter it did not announce.
+    e = env()
+    eight = MSG + "caf\u00e9 \u00fcber\n".encode()
+
+    async def go(data):
+        async with Peer({"ehlo": EHLO_EXT}, lmtp=lmtp, strict=True) as peer:
+            d = Delivery.from_spec(f"{'lmtp' if lmtp else 'smtp'}:127.0.0.1:{peer.port}")
+            return await deliver(d, e, data, bytewise=len(data) < 200), peer.sessions
+    for data, body in ((eight, " BODY=8BITMIME"), (MSG, "")):
+        res, (s,) = run(go(data))
+        assert res.ok, (str(res.reply), res.detail)
+        wire_size = len(data) + data.count(b"\n")
+        assert s.commands[1] == f"MAIL FROM:<a@example.com> SIZE={wire_size}{body}"
+        assert s.message == data
+        # the estimate is the wire size before dot-stuffing (RFC 1870 allows
+        # an estimate; the stuffed dots are the only difference)
+        assert len(s.wire) - len(b".\r\n") - wire_size == MSG.count(b"\n.")
+
+
+def test_smtp_no_parameters_without_extensions():
+    # a peer that lists no extensions (or a HELO fallback) gets a bare MAIL,
+    # 8-bit body or not: qmail-remote sends 8-bit text as is
+    data = MSG + b"\xff\n"
+    res, (s,) = run(forward({}, env(), data))
+    assert res.ok and s.commands[1] == "MAIL FROM:<a@example.com>" and s.message == data
+    res, (s,) = run(forward({"ehlo": "502 5.5.2 what", "helo": "250-peer.test\r\n250 8BITMIME"},
+                            env(), data))
+    assert res.ok and s.commands[:3] == ["EHLO mx.test", "HELO mx.test", "MAIL FROM:<a@example.com>"]
+
+
+def test_smtp_downstream_size_limit_refuses_at_mail():
+    # a next hop with a smaller SIZE limit says 552 at MAIL: the body is
+    # never sent and the client gets a permanent 554 with the hop's code
+    async def go():
+        async with Peer({"ehlo": "250-peer.test\r\n250 SIZE 100"}, strict=True) as peer:
+            d = Delivery.from_spec(f"smtp:127.0.0.1:{peer.port}")
+            return await deliver(d, env(), b"x" * 200 + b"\n"), peer.sessions
+    res, (s,) = run(go())
+    assert str(res.reply) == "554 5.3.4 message size exceeds fixed maximum message size"
+    assert s.commands[1:] == ["MAIL FROM:<a@example.com> SIZE=202", "QUIT"] and s.wire == b""
+
+
 def test_smtp_null_sender_and_bare_postmaster_paths():
     async def go():
         async with Peer(strict=True) as peer:
