@@ -59,6 +59,7 @@ KNOWN_SETTINGS = frozenset({
     "BADLOADERTYPE", "RELAYMAILFROM", "NOBADHELO", "DISABLE_BADMAILFROM",
 })
 HELOCHECK_MODES = ("", "!", ".", "=", "A", "M")
+BADMIMETYPE_MODES = ("", "!", "+", "-")
 NUMERIC_SETTINGS = ("DATABYTES", "MAXRECIPIENTS", "TARPITCOUNT", "TARPITDELAY")
 
 
@@ -70,6 +71,12 @@ def setting_problem(name: str, value: str) -> str | None:
                 + ", ".join(repr(m) for m in HELOCHECK_MODES))
     if name in NUMERIC_SETTINGS and not (value and set(value) <= _ASCII_DIGITS):
         return f"{name}={value!r} is not a decimal number"
+    if name == "BADMIMETYPE" and value not in BADMIMETYPE_MODES:
+        return (f"BADMIMETYPE={value!r} is not one of "
+                + ", ".join(repr(m) for m in BADMIMETYPE_MODES))
+    if name == "BADLOADERTYPE" and not (value in ("+", "-") or (len(value) == 1 and value in _BASE64)):
+        return (f"BADLOADERTYPE={value!r} is not one base64 character (the first character "
+                "of the loader signatures), '+' or '-'")
     return None
 
 _has_wildmat = re.compile(r"[*?\[\\]").search

@@ -494,10 +494,10 @@ class SMTPProtocol(asyncio.Protocol):
         choice = self.scan_choice
         if choice is None or choice[0] != relay:
             choice = self.scan_choice = (relay, *self._scan_lists(relay))
-        _, mime, loader, strict = choice
-        if mime is None and loader is None:
+        _, mime, loader, strict, first = choice
+        if mime is None and loader is None and not strict:
             return None
-        return ContentScanner(mime, loader, strict_whitespace=strict)
+        return ContentScanner(mime, loader, strict_whitespace=strict, loader_first=first)
 
     def _scan_lists(self, relay: bool):
         sp = self.sp
@@ -508,7 +508,11 @@ class SMTPProtocol(asyncio.Protocol):
             and not (mime_mode == "+" and relay) else None
         loader = sigs.get("badloadertypes") if loader_mode and loader_mode != "-" \
             and not (loader_mode == "+" and relay) else None
-        return mime, loader, mime_mode == "!"
+        # BADLOADERTYPE=c: spamcontrol looks up only the windows starting with c;
+        # "+" (no character given) looks at every window
+        first = ord(loader_mode[0]) if loader and loader_mode != "+" else None
+        # "!" checks whitespace in base64 lines even without a badmimetypes file
+        return mime, loader, mime_mode == "!", first
 
     def on_data_chunk(self, ev: DataChunk) -> None:
         if self.sink is not None:
@@ -527,6 +531,8 @@ class SMTPProtocol(asyncio.Protocol):
             if scanner.hit is not None:
                 kind, rid = scanner.hit
                 reason = "bad_content"
+                if rid < 0:     # whitespace in base64: the client's BADMIMETYPE="!" decided
+                    rid = self.sp.profile.setting_rule("BADMIMETYPE")
                 rule = self.sp.engine.bundle.where(rid) if rid >= 0 else kind
         if reason is not None:
             r = reply(reason)

@@ -54,6 +54,39 @@ CASES = [
     ("no final newline", b"Content-Transfer-Encoding: base64\n\n" + MZ[:20].encode(), {}, ("badmimetypes", 10)),
     ("CRLF kept in headers", message([("Content-Transfer-Encoding: base64\r", "\r\n" + MZ)]), {},
      ("badmimetypes", 10)),
+    # a forwarded message (message/rfc822): its own header block is read
+    ("single-part base64 inside message/rfc822",
+     message([("Content-Type: message/rfc822", "Subject: fwd\nContent-Transfer-Encoding: base64\n\n" + MZ)]),
+     {}, ("badmimetypes", 10)),
+    ("harmless message/rfc822", message([("Content-Type: Message/RFC822; x=1",
+                                          "Subject: fwd\n\nContent-Transfer-Encoding: base64\n\n" + MZ)]),
+     {}, None),
+    # message/* with base64 encoding is base64; the next part starts afresh
+    ("message part encoded base64, then text",
+     message([("Content-Type: message/global\nContent-Transfer-Encoding: base64", "U3ViamVjdDogeA=="),
+              ("Content-Type: text/plain", "Content-Transfer-Encoding: base64\n\n" + MZ)]), {}, None),
+    # spamcontrol compares the start of the value: comments and parameters count
+    ("CTE with a comment", message([("Content-Transfer-Encoding: base64 (binary)", MZ)]), {},
+     ("badmimetypes", 10)),
+    ("CTE with a leading comment", message([("Content-Transfer-Encoding: (x) BASE64", MZ)]), {},
+     ("badmimetypes", 10)),
+    ("CTE base64;", message([("Content-Transfer-Encoding: base64;", MZ)]), {}, ("badmimetypes", 10)),
+    # a part with headers and no body: its encoding dies at the next boundary
+    ("headers without a body, then a text part",
+     b"Content-Type: multipart/mixed; boundary=XX\n\n--XX\nContent-Transfer-Encoding: base64\n"
+     b"--XX\nContent-Type: text/plain\n\n" + MZ.encode() + b"\n--XX--\n", {}, None),
+    # the first hit in message order is reported, however the data is split
+    ("mime signature and loader in one first line",
+     message([("Content-Transfer-Encoding: base64", "TVqQAAMAAMi5kbAAAA")]), {}, ("badmimetypes", 10)),
+    ("loader before whitespace", message([("Content-Transfer-Encoding: base64", "AAMi5kb AAAA")]),
+     {"strict_whitespace": True}, ("badloadertypes", 20)),
+    ("whitespace before loader", message([("Content-Transfer-Encoding: base64", "AAAA\nAA AAMi5kb")]),
+     {"strict_whitespace": True}, ("badmimetypes", -1)),
+    # BADLOADERTYPE=c: only windows starting with c (SPEC B §2.8)
+    ("loader with its first character", message([("Content-Transfer-Encoding: base64", "AAAAMzIuZA")]),
+     {"loader_first": ord("M")}, ("badloadertypes", 21)),
+    ("loader with another first character", message([("Content-Transfer-Encoding: base64", "AAAAMzIuZA")]),
+     {"loader_first": ord("T")}, None),
 ]
 
 
@@ -83,6 +116,28 @@ def test_inactive_without_automata():
     assert s.hit is None
 
 
+def test_whitespace_check_needs_no_signature_list():
+    # SPEC B §2.4: BADMIMETYPE="!" is a check of its own
+    s = ContentScanner(None, None, strict_whitespace=True)
+    assert s.active
+    s.feed(message([("Content-Transfer-Encoding: base64", "AAAA\tAAAA")]))
+    s.finish()
+    assert s.hit == ("badmimetypes", -1)
+
+
+def test_loader_first_character_skips_other_windows():
+    # a list entry that does not begin with c is never looked up; the search
+    # goes on past it to one that does
+    loader = core.AhoCorasick(core.aho_build([b"Mi5kb", b"TVqQA"], [20, 22], False))
+    data = message([("Content-Transfer-Encoding: base64", "AATVqQAxxMi5kbAA")])
+    for first, want in ((ord("M"), ("badloadertypes", 20)), (ord("T"), ("badloadertypes", 22)),
+                        (ord("Z"), None), (None, ("badloadertypes", 22))):
+        s = ContentScanner(None, loader, loader_first=first)
+        s.feed(data)
+        s.finish()
+        assert s.hit == want, first
+
+
 def test_signature_in_the_middle_of_an_overlong_base64_line():
     body = "A" * 10000 + "MzIuZ" + "A" * 10000 + "\n"
     data = message([("Content-Transfer-Encoding: base64", body)])
@@ -110,7 +165,8 @@ class _LineByLine(ContentScanner):
 
 _HEADER_LINES = [b"Subject: x", b"Content-Transfer-Encoding: base64", b"content-transfer-encoding:",
                  b" base64", b"\tBASE64", b" quoted-printable", b"Content-Transfer-Encoding: 7bit",
-                 b"X-Long: aaaa", b"Content-Transfer-Encoding: base64\r", b"Content-Type: a/b", b"\r"]
+                 b"X-Long: aaaa", b"Content-Transfer-Encoding: base64\r", b"Content-Type: a/b", b"\r",
+                 b"Content-Type: message/rfc822", b"Content-Transfer-Encoding: base64 (c)", b"--XX"]
 _BODY_LINES = [MZ.encode()[:40], b"AAAAMzIuZAAAA", b"AAAA AAAA", b"plain text", b"", b"--XX",
                b"--XX--", b"Mi5kbAAAA", b"\r"]
 

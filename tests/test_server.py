@@ -654,6 +654,34 @@ def test_badmimetypes_badloadertypes(server, decisions, source, b64, expect, rul
     assert maildir_files(server.maildir, "tmp") == []
 
 
+@pytest.mark.parametrize("setting,body,expect,rule", [
+    # SPEC B §2.4: "!" rejects whitespace in base64 lines even with no
+    # signature file at all (it used to make no scanner: the check was off)
+    ('BADMIMETYPE="!"', b"AAAA AAAA\r\n", 554, "rule=tcp.smtp:1 "),   # the setting's line
+    ('BADMIMETYPE="!"', b"AAAAAAAA\r\n", 250, None),
+    # SPEC B §2.8: BADLOADERTYPE=c looks only at windows starting with c
+    ('BADLOADERTYPE="T"', b"AAAAMi5kbGwAAAAA\r\n", 250, None),
+    ('BADLOADERTYPE="M"', b"AAAAMi5kbGwAAAAA\r\n", 554, "rule=badloadertypes:1 "),
+])
+def test_content_settings_without_a_mime_list(start, tmp_path, decisions, setting, body, expect, rule):
+    rules = write_rules(tmp_path / "nolists", {"tcp.smtp": f"127.0.0.1:allow,{setting}\n:allow\n"},
+                        remove=["badmimetypes"])
+    srv = start(rules=rules)
+    c = session(srv.port)
+    c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
+    assert [r[0] for r in c.replies(3)] == [250, 250, 354]
+    c.send(mime_message(body))
+    r = c.reply()
+    assert r[0] == expect, r
+    c.close()
+    srv.wait_lost()
+    if expect == 554:
+        assert first(r) == "554 5.3.2 sorry, invalid message content"
+        [line] = [l for l in decisions() if "stage=DATA" in l]
+        assert line.startswith("action=reject stage=DATA " + rule), line
+    assert len(maildir_files(srv.maildir)) == (expect == 250)
+
+
 @pytest.mark.parametrize("how", ["close", "reset"])
 def test_connection_lost_in_data_leaves_nothing(server, how):
     """SPEC A §9: a client that goes away mid-message gets nothing stored;
