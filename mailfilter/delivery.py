@@ -235,6 +235,12 @@ class Delivery(ABC):
     @abstractmethod
     def open(self, env: Envelope) -> Sink: ...
 
+    def check(self) -> None:
+        """At start-up: raise OSError when this hop cannot work at all (an
+        unusable spool), so the operator sees it before any mail is deferred.
+        Hops whose trouble is only known per message check nothing here."""
+        return None
+
     async def close(self) -> None:
         return None
 

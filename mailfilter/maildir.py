@@ -275,6 +275,19 @@ class MaildirDelivery(Delivery):
                     os.close(fd)
         self._dirs_ok = True
 
+    def check(self) -> None:
+        """tmp/, new/, cur/ exist (made if missing) and a file can be
+        created, written and removed in tmp/ (the real path of every
+        message), else OSError: ENOTDIR, EACCES, EROFS, ENOSPC..."""
+        self._ensure_dirs()
+        probe = os.path.join(self._tmp, f".check.P{os.getpid()}.{self._host}")
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.file_mode)
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+
     def _committer_for(self) -> _Committer:
         if self._committer is None:
             self._committer = _Committer(self._new, self.sync_threads)

@@ -6,7 +6,15 @@ address, and run until SIGTERM/SIGINT. SIGHUP recompiles (with `--rules`) or
 reloads (with `--bundle`) in a worker thread; a failure keeps the old rules and
 logs why, a success swaps them for new sessions (sessions in flight finish on
 the rules they started with). `--workers N` forks N processes that each bind
-the same ports with SO_REUSEPORT; the parent forwards SIGHUP/SIGTERM.
+the same ports with SO_REUSEPORT; the parent forwards SIGHUP/SIGTERM,
+restarts a worker that dies (logged; at most one restart a second) and stops
+when a worker cannot start (exit 2: bad rules, port taken); a worker exits
+with its parent (PR_SET_PDEATHSIG), so a killed parent leaves no orphan
+serving old rules. Before forking, the parent checks that no other process
+holds the port (SO_REUSEPORT would otherwise let a second instance share
+it silently). A SIGHUP that arrives while the rules are still compiling at
+start-up is kept and answered by one reload once the server listens (the
+default action, death, would take the MX down after a restart + HUP).
 
 Options may also come from a TOML file (`--config FILE`) whose keys are the
 long option names with `_` for `-` (e.g. `listen = ["127.0.0.1:2525"]`,
@@ -16,15 +24,23 @@ given there (`--rules` or `--bundle`) replaces the file's `rules`/`bundle`.
 Limits that come from the rules (`timeoutsmtpd` -> the idle timeout,
 `timeoutsession` -> the session deadline) apply unless `--timeout` /
 `--session-deadline` were given, and are re-read on every reload.
+
+Every option is checked at start-up, whether it came from the command line
+or the TOML file (types: a TOML string "false" for a boolean is an error,
+not true; ranges: positive timeouts and caps): a one-line error, exit 2.
+An AF_INET6 listener takes IPv6 only (IPV6_V6ONLY, as asyncio's
+create_server), so `--listen 0.0.0.0:25 --listen [::]:25` is dual stack.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import socket
 import sys
+import time
 import tomllib
 from dataclasses import dataclass, field
 
@@ -79,9 +95,68 @@ class StartupError(Exception):
 
 def parse_listen(spec: str) -> tuple[str, int]:
     host, sep, port = spec.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()):
-        raise StartupError(f"--listen wants HOST:PORT, got {spec!r}")
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise StartupError(f"--listen wants HOST:PORT with PORT 0-65535, got {spec!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+_BOOL_OPTIONS = ("open_relay", "syslog")
+_INT_OPTIONS = ("workers", "max_connections", "max_per_ip")
+_FLOAT_OPTIONS = ("timeout", "session_deadline", "checkpassword_timeout", "auth_fail_delay")
+LOOPS = ("uvloop", "asyncio")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _typed(where: str, name: str, value):
+    """A TOML value as the option's type; anything else is a StartupError
+    (a string "false" must not switch open_relay on)."""
+    if name in _BOOL_OPTIONS:
+        if not isinstance(value, bool):
+            raise StartupError(f"{where} must be true or false, not {value!r}")
+        return value
+    if name in _INT_OPTIONS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise StartupError(f"{where} must be an integer, not {value!r}")
+        return value
+    if name in _FLOAT_OPTIONS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise StartupError(f"{where} must be a number of seconds, not {value!r}")
+        return float(value)
+    if name == "listen":
+        value = [value] if isinstance(value, str) else value
+        if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            raise StartupError(f'{where} must be "HOST:PORT" or a list of them, not {value!r}')
+        return value
+    if not isinstance(value, str):
+        raise StartupError(f"{where} must be a string, not {value!r}")
+    return value
+
+
+def check_options(opts: ServeOptions) -> None:
+    """Ranges and choices of every option, wherever it came from."""
+    def positive(flag: str, value, minimum=0.0, strict=True):
+        ok = value > minimum if strict else value >= minimum
+        if not (ok and math.isfinite(value)):
+            raise StartupError(f"{flag} must be {'above' if strict else 'at least'} "
+                               f"{minimum:g}, not {value!r}")
+    positive("--workers", opts.workers, 1, strict=False)
+    positive("--max-connections", opts.max_connections, 1, strict=False)
+    positive("--max-per-ip", opts.max_per_ip, 1, strict=False)
+    for flag, value in (("--timeout", opts.timeout), ("--session-deadline", opts.session_deadline)):
+        if value is not None:
+            positive(flag, value)
+    positive("--checkpassword-timeout", opts.checkpassword_timeout)
+    positive("--auth-fail-delay", opts.auth_fail_delay, strict=False)
+    if opts.loop not in LOOPS:
+        raise StartupError(f"--loop must be uvloop or asyncio, not {opts.loop!r}")
+    if opts.log_level not in LOG_LEVELS:
+        raise StartupError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {opts.log_level!r}")
+    if opts.rules is None and opts.bundle is None:
+        raise StartupError("give --rules DIR or --bundle FILE")
+    for spec in opts.listen:
+        host, port = parse_listen(spec)
+        if port == 0 and opts.workers > 1:
+            raise StartupError(f"--listen {spec}: --workers needs a fixed port (0 picks one per worker)")
 
 
 def load_policy(opts: ServeOptions) -> PolicyEngine:
@@ -121,8 +196,7 @@ def limits_for(opts: ServeOptions, policy: PolicyEngine) -> Limits:
 
 
 def build_state(opts: ServeOptions) -> ServerState:
-    for spec in opts.listen:        # a bad --listen is a start-up error, not a traceback
-        parse_listen(spec)
+    check_options(opts)             # a bad option is a start-up error, not a traceback
     if opts.remote_host not in REMOTE_HOST_MODES:
         raise StartupError(f"--remote-host must be one of {', '.join(REMOTE_HOST_MODES)}, "
                            f"not {opts.remote_host!r}")
@@ -130,11 +204,19 @@ def build_state(opts: ServeOptions) -> ServerState:
         resolver = Resolver(opts.resolver)
     except ValueError as exc:
         raise StartupError(f"--resolver {exc}") from None
+    # after the cheap checks (their errors stay one line), before the slow part
+    logger.info("starting (pid %d): %s", os.getpid(),
+                f"loading bundle {opts.bundle}" if opts.bundle else f"compiling rules {opts.rules}")
     policy = load_policy(opts)
     try:
         delivery = Delivery.from_spec(opts.deliver)
     except ValueError as exc:
         raise StartupError(f"--deliver: {exc}") from None
+    try:
+        delivery.check()        # an unusable spool would defer every message with 451
+    except OSError as exc:
+        raise StartupError(f"--deliver {opts.deliver}: {exc.strerror or exc}"
+                           + (f": {exc.filename}" if exc.filename else "")) from None
     return ServerState(policy, delivery, limits=limits_for(opts, policy), resolver=resolver,
                        hostname=opts.hostname, auth=build_auth(opts), remote_host=opts.remote_host)
 
@@ -171,16 +253,48 @@ async def reload(state: ServerState, opts: ServeOptions) -> bool:
     return True
 
 
-def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
+def _socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """A bound TCP socket for host:port; StartupError naming the address."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # as asyncio's create_server: [::] takes IPv6 only, so 0.0.0.0:P
+            # and [::]:P can both be bound (dual stack)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        raise StartupError(f"--listen {where}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
+    sock = _socket(host, port, reuse_port)
     sock.listen(4096)
     sock.setblocking(False)
     return sock
+
+
+def check_ports_free(opts: ServeOptions) -> None:
+    """Before --workers forks: bind each address WITHOUT SO_REUSEPORT (and
+    without listening), which fails when anybody holds the port, including
+    another instance whose workers set SO_REUSEPORT and would otherwise
+    share it silently."""
+    for spec in opts.listen:
+        _socket(*parse_listen(spec), reuse_port=False).close()
+
+
+_early_hup = [False]
+
+
+def _note_hup(_signum, _frame) -> None:
+    """SIGHUP before the event loop handles it (rules still compiling)."""
+    _early_hup[0] = True
 
 
 async def serve(opts: ServeOptions, state: ServerState, ready=None, reuse_port: bool = False) -> None:
@@ -196,6 +310,9 @@ async def serve(opts: ServeOptions, state: ServerState, ready=None, reuse_port: 
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload(state, opts)))
+    if _early_hup[0]:           # the rules may have changed after the start-up compile read them
+        _early_hup[0] = False
+        loop.create_task(reload(state, opts))
     if ready is not None:
         ready([s.sockets[0].getsockname() for s in servers])
     await stop.wait()
@@ -218,6 +335,18 @@ def new_loop(kind: str) -> asyncio.AbstractEventLoop:
     raise StartupError(f"--loop must be uvloop or asyncio, not {kind!r}")
 
 
+def _die_with_parent(parent: int) -> None:
+    """In a worker: SIGTERM when the parent dies (Linux PR_SET_PDEATHSIG),
+    so a killed supervisor leaves no orphan serving old rules."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:          # it died before prctl took effect
+        os._exit(0)
+
+
 def run_process(opts: ServeOptions, reuse_port: bool) -> int:
     try:
         state = build_state(opts)
@@ -236,38 +365,86 @@ def run_process(opts: ServeOptions, reuse_port: bool) -> int:
 
 
 def run(opts: ServeOptions) -> int:
+    try:
+        check_options(opts)
+        if opts.workers > 1:
+            check_ports_free(opts)
+    except StartupError as exc:
+        print(f"mailfilter serve: {exc}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGHUP, _note_hup)     # inherited by the workers until their loop runs
     log.setup(opts.log_level, use_syslog=opts.syslog, syslog_address=opts.syslog_socket)
     if opts.workers <= 1:
         return run_process(opts, reuse_port=False)
-    children: list[int] = []
-    for _ in range(opts.workers):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                code = run_process(opts, reuse_port=True)
-            finally:
-                os._exit(code)
-        children.append(pid)
+    return supervise(opts)
 
-    def forward(signum, _frame):
-        for child in children:
+
+def _spawn_worker(opts: ServeOptions) -> int:
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            # not the parent's forwarding handlers (a restarted worker inherits them)
+            signal.signal(signal.SIGHUP, _note_hup)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            _die_with_parent(parent)
+            code = run_process(opts, reuse_port=True)
+        finally:
+            os._exit(code)
+    return pid
+
+
+RESTART_MIN_INTERVAL = 1.0      # a worker that keeps dying is restarted at most once a second
+
+
+def supervise(opts: ServeOptions) -> int:
+    """The --workers parent: forward signals, restart dead workers, stop
+    when one cannot start (exit 2) or on SIGTERM/SIGINT."""
+    children: dict[int, float] = {}     # pid -> start time
+    stopping: list[int] = []
+    status = 0
+
+    def forward(signum, _frame=None):
+        if signum != signal.SIGHUP:
+            stopping.append(signum)
+        for child in list(children):
             try:
                 os.kill(child, signum)
             except ProcessLookupError:
                 pass
 
+    for _ in range(opts.workers):
+        children[_spawn_worker(opts)] = time.monotonic()
     for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)
-    status = 0
-    for child in children:
-        while True:
-            try:
-                _, code = os.waitpid(child, 0)
-                break
-            except InterruptedError:
-                continue
-        status = status or os.waitstatus_to_exitcode(code)
+    if _early_hup[0]:                   # came before `forward` was in place
+        _early_hup[0] = False
+        forward(signal.SIGHUP)
+    while children:
+        try:
+            pid, wstatus = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        started = children.pop(pid, None)
+        if started is None:
+            continue
+        code = os.waitstatus_to_exitcode(wstatus)
+        if stopping:
+            status = status or code
+            continue
+        if code == 2:                   # start-up error: the others are alike
+            logger.error("worker %d could not start (exit 2); stopping", pid)
+            status = 2
+            forward(signal.SIGTERM)
+            continue
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        logger.error("worker %d %s; starting a new one", pid, how)
+        if time.monotonic() - started < RESTART_MIN_INTERVAL:
+            time.sleep(RESTART_MIN_INTERVAL)
+        if not stopping:
+            children[_spawn_worker(opts)] = time.monotonic()
     return status
 
 
@@ -289,7 +466,7 @@ def _config_file(path: str, opts: ServeOptions) -> set[str]:
         name = key.replace("-", "_")
         if not hasattr(opts, name):
             raise StartupError(f"--config {path}: unknown setting {key!r}")
-        setattr(opts, name, value)
+        setattr(opts, name, _typed(f"--config {path}: {key}", name, value))
         names.add(name)
     if {"rules", "bundle"} <= names:
         raise StartupError(f"--config {path}: give rules or bundle, not both")

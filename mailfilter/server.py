@@ -231,7 +231,7 @@ class SMTPProtocol(asyncio.Protocol):
             logger.exception("session setup failed client=%s", self.client_label)
             self.engine = None
             transport.write(reply("internal_error", host=st.host).line())
-            transport.close()
+            self._close()
             return
         now = self.loop.time()
         self.last_read = now
@@ -300,7 +300,7 @@ class SMTPProtocol(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             return
         if self.engine is None:          # no session yet (host lookup): just hang up
-            self.transport.close()
+            self._close()
             return
         if self.sink is not None:
             self.sink.abort()
@@ -363,7 +363,20 @@ class SMTPProtocol(asyncio.Protocol):
         if out and not self.transport.is_closing():
             self.transport.write(out)
         if self.engine.closing and not self.transport.is_closing():
-            self.transport.close()
+            self._close()
+
+    def _close(self) -> None:
+        """Close once the replies are out. close() alone waits for the write
+        buffer to drain, forever if the client stops reading, and the
+        connection keeps its slot (max_per_ip, max_connections): such a
+        client gets one more idle timeout to read, then the connection is
+        aborted."""
+        transport = self.transport
+        transport.close()
+        if transport.get_write_buffer_size():
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = self.loop.call_later(self.limits.idle_timeout, transport.abort)
 
     # ------------------------------------------------------------ async replies
     def _later(self, coro) -> None:
@@ -473,7 +486,7 @@ class SMTPProtocol(asyncio.Protocol):
             self.engine.send(v.reply)
             if v.close:                      # notorious session: 503 and hang up (B §2.8)
                 self._flush()
-                self.transport.close()
+                self._close()
             return
         env = Envelope(
             sender=sp.sender or "", recipients=list(self.rcpts), helo=sp.helo_name or "",

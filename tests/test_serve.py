@@ -10,12 +10,14 @@ import signal
 import smtplib
 import socket
 import subprocess
+import sys
+import threading
 
 import pytest
 
 from tests.server_harness import (
-    PLAIN, RELAY, TIMEOUT, RawClient, first, free_port, maildir_files, read_new, run_cli,
-    spawn_serve, write_rules,
+    PLAIN, RELAY, TIMEOUT, LogReader, RawClient, Spawned, child_env, first, free_port,
+    maildir_files, read_new, run_cli, spawn_serve, write_rules,
 )
 
 
@@ -166,6 +168,114 @@ def test_workers_share_the_port(served, tmp_path):
     assert sp.stop() == 0
 
 
+def _big_rules(tmp_path, rules, n=150_000):
+    """The test rules plus n badmailfrom lines: the start-up compile takes a
+    while (~1 s), a window for signals that arrive before the loop runs."""
+    big = write_rules(tmp_path / "big")
+    with open(os.path.join(big, "badmailfrom"), "a") as fh:
+        fh.writelines(f"filler{i}@bulk{i % 997}.example\n" for i in range(n))
+    return big
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_during_startup_compile_is_kept_not_fatal(tmp_path, rules, workers):
+    """A SIGHUP while the rules still compile (a restart followed by a
+    logrotate or config push) used to kill the server (default action): it
+    is now kept and answered by a reload once the server listens."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailfilter", "serve", "--rules", _big_rules(tmp_path, rules),
+         "--listen", f"127.0.0.1:{port}", "--remote-host", "off", "--workers", str(workers),
+         "--deliver", f"maildir:{tmp_path}/spool"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env())
+    sp = Spawned(proc, port, LogReader(proc.stderr))
+    try:
+        sp.log.wait_for(r"starting \(pid \d+\): compiling rules", count=workers, timeout=30)
+        assert "listening on" not in sp.log.text()        # still compiling
+        sp.signal(signal.SIGHUP)
+        sp.log.wait_for(r"listening on 127\.0\.0\.1", count=workers, timeout=60)
+        sp.log.wait_for(r"reload ok: \d+ rules", count=workers, timeout=60)
+        assert proc.poll() is None
+        assert rcpt_verdict(port, "filler7@bulk7.example") == BANNED
+    finally:
+        assert sp.stop() == 0
+
+
+def test_a_dead_worker_is_logged_and_replaced(served):
+    sp = served("--workers", "2", listening=2)
+    pids = {int(m.group(1)) for m in sp.log.wait_for(r"listening on 127\.0\.0\.1:\d+ \(pid (\d+)", count=2)}
+    victim = min(pids)
+    os.kill(victim, signal.SIGKILL)
+    sp.log.wait_for(rf"worker {victim} was killed by signal 9; starting a new one")
+    third = {int(m.group(1)) for m in sp.log.wait_for(r"listening on 127\.0\.0\.1:\d+ \(pid (\d+)", count=3)}
+    assert len(third) == 3 and victim in third
+    for _ in range(20):                  # both live workers answer
+        assert rcpt_verdict(sp.port, "a@sender.test") == "250 2.1.5 ok"
+    assert _state(victim) in (None, "Z") and sp.proc.poll() is None
+    assert sp.stop() == 0
+
+
+def _state(pid: int) -> str | None:
+    """The process state letter (R, S, Z...), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def test_workers_exit_with_their_parent(served):
+    """PR_SET_PDEATHSIG: a SIGKILLed parent leaves no orphan worker serving
+    the port with old rules."""
+    sp = served("--workers", "2", listening=2)
+    pids = [int(m.group(1)) for m in sp.log.wait_for(r"listening on 127\.0\.0\.1:\d+ \(pid (\d+)", count=2)]
+    sp.proc.kill()
+    sp.proc.wait(TIMEOUT)
+    for _ in range(200):                 # bounded: 10 s
+        if all(_state(p) in (None, "Z") for p in pids):
+            break
+        threading.Event().wait(0.05)
+    assert all(_state(p) in (None, "Z") for p in pids)
+    with pytest.raises(OSError):         # nobody listens any more
+        socket.create_connection(("127.0.0.1", sp.port), timeout=TIMEOUT).close()
+
+
+def test_a_second_instance_cannot_share_the_port(served, rules, tmp_path):
+    """SO_REUSEPORT would let a second --workers instance (other rules, other
+    spool) silently take half the connections: it is refused at start."""
+    sp = served("--workers", "2", listening=2)
+    r = run_cli("serve", "--rules", rules, "--workers", "2", "--listen", f"127.0.0.1:{sp.port}",
+                "--deliver", f"maildir:{tmp_path}/other")
+    assert r.returncode == 2, r
+    assert f"--listen 127.0.0.1:{sp.port}: Address already in use" in r.stderr
+
+
+def test_dual_stack_listen(rules, tmp_path):
+    """IPV6_V6ONLY on AF_INET6 listeners (as asyncio's create_server):
+    0.0.0.0:P and [::]:P both bind; each family connects to its own."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this Python")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailfilter", "serve", "--rules", rules, "--remote-host", "off",
+         "--listen", f"0.0.0.0:{port}", "--listen", f"[::]:{port}",
+         "--deliver", f"maildir:{tmp_path}/spool"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env())
+    sp = Spawned(proc, port, LogReader(proc.stderr))
+    try:
+        sp.log.wait_for(rf"listening on (0\.0\.0\.0|::):{port} ", count=2, timeout=30)
+        for host in ("127.0.0.1", "::1"):
+            with smtplib.SMTP(host, port, timeout=TIMEOUT) as s:
+                assert s.ehlo("d.test")[0] == 250
+    finally:
+        assert sp.stop() == 0
+
+
 def test_kill_9_during_delivery_leaves_nothing_partial(served, tmp_path):
     """SPEC A §9 / DESIGN Delivery: kill -9 mid-message (and right after the
     end of data) never leaves a partial message in new/: either nothing, or
@@ -231,13 +341,62 @@ def test_serve_bad_options_exit_2(tmp_path, rules):
     with socket.socket() as busy:                   # port already taken
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
-        r = run_cli("serve", "--rules", rules, "--listen", f"127.0.0.1:{busy.getsockname()[1]}",
+        port = busy.getsockname()[1]
+        r = run_cli("serve", "--rules", rules, "--listen", f"127.0.0.1:{port}",
                     "--deliver", f"maildir:{tmp_path}/spool")
-    assert r.returncode == 2 and "mailfilter serve: [Errno 98] Address already in use" in r.stderr
+    assert r.returncode == 2 and f"mailfilter serve: --listen 127.0.0.1:{port}: Address already in use" in r.stderr
     cfg = tmp_path / "bad.toml"
     cfg.write_text('listne = ["127.0.0.1:1"]\n')
     r = run_cli("serve", "--config", str(cfg))
     assert r.returncode == 2 and "unknown setting 'listne'" in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--listen", "127.0.0.1:70000"], "--listen wants HOST:PORT with PORT 0-65535, got '127.0.0.1:70000'"),
+    (["--workers", "0"], "--workers must be at least 1, not 0"),
+    (["--max-per-ip", "0"], "--max-per-ip must be at least 1, not 0"),
+    (["--timeout", "-1"], "--timeout must be above 0, not -1.0"),
+    (["--session-deadline", "nan"], "--session-deadline must be above 0, not nan"),
+    (["--workers", "2", "--listen", "127.0.0.1:0"], "--workers needs a fixed port"),
+])
+def test_serve_option_ranges_exit_2(rules, args, message):
+    r = run_cli("serve", "--rules", rules, *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("line,message", [
+    # a string "false" is true in Python: it must not switch on an open relay
+    ('open_relay = "false"', "open_relay must be true or false, not 'false'"),
+    ('syslog = "no"', "syslog must be true or false"),
+    ('max_per_ip = "10"', "max_per_ip must be an integer, not '10'"),
+    ("workers = 2.5", "workers must be an integer, not 2.5"),
+    ('timeout = "30"', "timeout must be a number of seconds, not '30'"),
+    ("listen = 2525", 'listen must be "HOST:PORT" or a list of them, not 2525'),
+    ("deliver = 1", "deliver must be a string, not 1"),
+])
+def test_serve_config_types_exit_2(tmp_path, rules, line, message):
+    """serve.py --config: every TOML value is checked against its option's type."""
+    cfg = tmp_path / "typed.toml"
+    listen = "" if line.startswith("listen") else f'listen = "127.0.0.1:{free_port()}"\n'
+    cfg.write_text(f'rules = "{rules}"\n{listen}{line}\n')
+    r = run_cli("serve", "--config", str(cfg))
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_serve_refuses_an_unusable_spool(tmp_path, rules):
+    """An unusable maildir is found at start-up, not as a 451 per message."""
+    (tmp_path / "afile").write_text("")
+    r = run_cli("serve", "--rules", rules, "--listen", f"127.0.0.1:{free_port()}",
+                "--deliver", f"maildir:{tmp_path}/afile/spool")
+    assert r.returncode == 2, r
+    assert f"--deliver maildir:{tmp_path}/afile/spool: Not a directory" in r.stderr
+    spool = tmp_path / "ok"
+    sp = spawn_serve("--rules", rules, "--deliver", f"maildir:{spool}")
+    try:      # the check made the layout and left nothing behind
+        assert sorted(os.listdir(spool)) == ["cur", "new", "tmp"]
+        assert os.listdir(spool / "tmp") == []
+    finally:
+        sp.stop()
 
 
 def test_serve_config_toml(tmp_path, rules):

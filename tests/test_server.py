@@ -16,6 +16,7 @@ import smtplib
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
@@ -889,6 +890,35 @@ def test_session_deadline_421_while_the_client_keeps_busy(start, decisions):
     c.close()
     assert any("action=close reason=session_deadline" in l for l in decisions())
     assert not any("reason=timeout" in l for l in decisions())
+
+
+def test_a_client_that_never_reads_loses_its_slot(start):
+    """A client that pipelines and never reads fills the server's buffers;
+    close() alone would wait for them to drain forever and the connection
+    would keep its max_per_ip slot. After the idle timeout (421) it gets one
+    more idle timeout to read, then the connection is aborted."""
+    srv = start(limits=Limits(idle_timeout=0.5, session_deadline=60, max_per_ip=1))
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", srv.port))
+    s.setblocking(False)
+    chunk = b"NOOP\r\n" * 2000
+    blocked_since = None
+    deadline = time.monotonic() + 20                  # bounded
+    while time.monotonic() < deadline:
+        try:
+            s.send(chunk)
+            blocked_since = None
+        except BlockingIOError:                       # the server stopped reading
+            blocked_since = blocked_since or time.monotonic()
+            if time.monotonic() - blocked_since > 0.3:
+                break
+            threading.Event().wait(0.02)
+    assert blocked_since is not None, "the server never pushed back"
+    srv.wait_lost(timeout=10)                         # 0.5 s idle + 0.5 s grace, with margin
+    with RawClient(srv.port) as c:                    # the per-IP slot is free again
+        assert c.reply()[0] == 220
+    s.close()
 
 
 def test_swapped_limits_apply_to_new_sessions_only(start, rules_dir):
