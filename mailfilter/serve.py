@@ -2,10 +2,15 @@
 
 Job: build the ServerState from options (compile `--rules` or load `--bundle`),
 refuse an accidental open relay (SPEC A §4), listen on every `--listen`
-address, and run until SIGTERM/SIGINT. SIGHUP recompiles (with `--rules`) or
-reloads (with `--bundle`) in a worker thread; a failure keeps the old rules and
-logs why, a success swaps them for new sessions (sessions in flight finish on
-the rules they started with). `--workers N` forks N processes that each bind
+address, and run until SIGTERM/SIGINT. SIGHUP recompiles (with `--rules`: in
+a child process, `mailfilter compile`, since compiling in a thread would hold
+the GIL and stall every session for seconds on a big rule set) or reloads
+(with `--bundle`, in a worker thread); a failure keeps the old rules and logs
+why, and so does a rule set with diagnostics (a skipped line may be the rule
+the operator just added: README "a broken rule set is logged and the old one
+kept"; at start-up there is no old set, so the diagnostics are warnings); a
+success swaps them for new sessions (sessions in flight finish on the rules
+they started with). `--workers N` forks N processes that each bind
 the same ports with SO_REUSEPORT; the parent forwards SIGHUP/SIGTERM,
 restarts a worker that dies (logged; at most one restart a second) and stops
 when a worker cannot start (exit 2: bad rules, port taken); a worker exits
@@ -34,12 +39,14 @@ create_server), so `--listen 0.0.0.0:25 --listen [::]:25` is dual stack.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -240,11 +247,61 @@ def build_auth(opts: ServeOptions):
                        verifier_factory=lambda: DBVerifier(path))
 
 
+RELOAD_COMPILE_TIMEOUT = 600.0      # seconds for the reload's `mailfilter compile`
+
+
+def _package_env() -> dict:
+    """The environment for a `python -m mailfilter` child: this package first
+    on the path, whether it is installed or run from a checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""))
+
+
+async def _recompile(opts: ServeOptions) -> PolicyEngine:
+    """--rules on SIGHUP: `mailfilter compile` in a child process into a
+    temporary bundle, then load it here (mmap-sized work, not a compile)."""
+    fd, tmp = tempfile.mkstemp(prefix="mailfilter-reload-", suffix=".mfb")
+    os.close(fd)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mailfilter", "compile", opts.rules, "-o", tmp,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE, env=_package_env())
+        try:
+            async with asyncio.timeout(RELOAD_COMPILE_TIMEOUT):
+                _, err = await proc.communicate()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise StartupError(f"compiling {opts.rules} took over {RELOAD_COMPILE_TIMEOUT:g} s") from None
+        lines = err.decode("utf-8", "replace").strip().splitlines()
+        if proc.returncode == 1:        # diagnostics: the last line counts them
+            shown = "; ".join(lines[:3]) + ("; ..." if len(lines) > 4 else "")
+            raise StartupError(f"{lines[-1]} in {opts.rules} (run `mailfilter check --rules "
+                               f"{opts.rules}`): {shown}")
+        if proc.returncode != 0:
+            raise StartupError("; ".join(lines[-3:]) or f"compile exited with {proc.returncode}")
+        loop = asyncio.get_running_loop()
+        policy = await loop.run_in_executor(
+            None, load_policy, dataclasses.replace(opts, bundle=tmp, rules=None))
+        policy.bundle.source = opts.rules
+        return policy
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
 async def reload(state: ServerState, opts: ServeOptions) -> bool:
     """SIGHUP: build new rules off the loop; keep the old ones on failure."""
     loop = asyncio.get_running_loop()
     try:
-        policy = await loop.run_in_executor(None, load_policy, opts)
+        if opts.bundle:
+            policy = await loop.run_in_executor(None, load_policy, opts)
+        else:
+            policy = await _recompile(opts)
     except StartupError as exc:
         logger.error("reload failed, keeping the current rules: %s", exc)
         return False

@@ -11,6 +11,7 @@ import smtplib
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 
 import pytest
@@ -97,6 +98,32 @@ def test_sighup_broken_rules_keep_old_rules(served, rules):
 
 
 BANNED_RULES = "new-spammer@evil.test\n"
+
+
+def _reload_temps() -> set[str]:
+    return {f for f in os.listdir(tempfile.gettempdir()) if f.startswith("mailfilter-reload-")}
+
+
+def test_sighup_rules_with_a_diagnostic_keep_old_rules(served, rules):
+    """README: a broken rule set is logged and the old one kept. A skipped
+    line may be the very rule the operator added, so a reload whose compile
+    reports a diagnostic changes nothing (the compile runs as `mailfilter
+    compile` in a child process, off the event loop and its GIL)."""
+    before = _reload_temps()
+    sp = served()
+    with open(os.path.join(rules, "badmailfrom"), "a") as fh:
+        fh.write("new-spammer@evil.test\n/unclosed(regex/\n")
+    sp.signal(signal.SIGHUP)
+    [m] = sp.log.wait_for(r"reload failed, keeping the current rules: (.*)")
+    assert m.group(1).startswith(f"1 line(s) skipped in {rules} (run `mailfilter check --rules {rules}`): ")
+    assert "badmailfrom:" in m.group(1)
+    assert rcpt_verdict(sp.port, "new-spammer@evil.test") == "250 2.1.5 ok"
+    write_rules(rules, {"badmailfrom": BANNED_RULES})           # fixed: the reload goes through
+    sp.signal(signal.SIGHUP)
+    [m] = sp.log.wait_for(r"reload ok: \d+ rules from (\S+)")
+    assert m.group(1) == rules
+    assert rcpt_verdict(sp.port, "new-spammer@evil.test") == BANNED
+    assert _reload_temps() <= before           # the temporary bundles are gone
 
 
 def test_sighup_reload_picks_up_timeoutsmtpd(served, rules):
