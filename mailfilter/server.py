@@ -483,10 +483,9 @@ class SMTPProtocol(asyncio.Protocol):
         v = sp.data()
         if not v.accept:
             self._log(v)
-            self.engine.send(v.reply)
-            if v.close:                      # notorious session: 503 and hang up (B §2.8)
-                self._flush()
-                self._close()
+            # notorious session: 503 and hang up (B §2.8); the engine closes,
+            # so nothing pipelined after DATA is parsed or checked
+            self.engine.send(v.reply, close=v.close)
             return
         env = Envelope(
             sender=sp.sender or "", recipients=list(self.rcpts), helo=sp.helo_name or "",

@@ -437,7 +437,10 @@ def _quoted_path(rest: bytes) -> tuple[bytes, bytes]:
 
 
 def _xtext(value: bytes) -> str:
-    """RFC 3461 §4 xtext decoding (``+XX``), as used by AUTH= (RFC 4954 §5)."""
+    """RFC 3461 §4 xtext decoding (``+XX``), as used by AUTH= (RFC 4954 §5);
+    xtext is printable ASCII, so an 8-bit byte is a syntax error."""
+    if not value.isascii():
+        raise _ParseError(REPLIES["syntax_args"], detail="xtext")
     if b"+" not in value:
         return value.decode("ascii")
     out = bytearray()
@@ -454,6 +457,21 @@ def _xtext(value: bytes) -> str:
             out.append(c)
             i += 1
     return out.decode("utf-8", "surrogateescape")
+
+
+_ESMTP_KEYWORD = re.compile(rb"[A-Za-z0-9][A-Za-z0-9-]{0,63}\Z")
+
+
+def _unknown_param(param: bytes) -> _ParseError:
+    """555 naming an unknown parameter (RFC 5321 §4.1.1.11) when its name is
+    an esmtp-keyword (ALPHA/DIGIT/"-", §4.1.2) of sane length; anything else
+    is 501 and is not echoed: client bytes in a reply could break its
+    textstring (§4.2: HT, SP and printable ASCII) or its 512 octets."""
+    key = param.partition(b"=")[0]
+    if _ESMTP_KEYWORD.match(key) is None:
+        return _ParseError(REPLIES["syntax_args"], detail="parameter name")
+    name = key.decode("ascii")
+    return _ParseError(REPLIES["param_unknown"].format(param=name), detail=name)
 
 
 def _first_bare_lf(region: bytes) -> int:
@@ -578,8 +596,10 @@ class SMTPConnection:
         self._events.clear()
         self._close(f"{r.code}")
 
-    def send(self, r: Reply | MultiReply) -> None:
-        """The application's reply to the pending event; applies the transition."""
+    def send(self, r: Reply | MultiReply, close: bool = False) -> None:
+        """The application's reply to the pending event; applies the transition.
+        `close`: hang up after this reply (spamcontrol's notorious-session 503,
+        SPEC B §2.8); nothing buffered or pipelined after it is processed."""
         ev = self._pending
         if ev is None:
             raise EngineError("send() without a pending event")
@@ -587,8 +607,8 @@ class SMTPConnection:
         line = _LINES.get(r)
         self._out.append(line if line is not None else r.line())
         code = r.code
-        if code == 421 or code == 221:
-            self._close("quit" if code == 221 else "421")
+        if code == 421 or code == 221 or close:
+            self._close("quit" if code == 221 else str(code))
             return
         cls = code // 100
         t = type(ev)
@@ -776,9 +796,9 @@ class SMTPConnection:
             addr, rest = _path(arg, b"TO:")
             if not addr:
                 raise _ParseError(REPLIES["syntax"], detail="empty recipient")
-            if rest.strip(b" "):
-                name = rest.split()[0].partition(b"=")[0].decode("latin-1")
-                raise _ParseError(REPLIES["param_unknown"].format(param=name), detail=name)
+            params = rest.split()      # whitespace-only is no parameter, as at MAIL
+            if params:
+                raise _unknown_param(params[0])
             address = self._address(addr, self.mail_params)
         except _ParseError as e:
             self._reject(e, "RCPT")
@@ -872,8 +892,7 @@ class SMTPConnection:
                     raise _ParseError(REPLIES["syntax_args"], detail="SMTPUTF8")
                 v = True
             else:
-                name = key.decode("latin-1")
-                raise _ParseError(REPLIES["param_unknown"].format(param=name), detail=name)
+                raise _unknown_param(p)
             ks = k.decode("ascii")
             if ks in params:
                 raise _ParseError(REPLIES["syntax_args"], detail=ks)

@@ -892,6 +892,25 @@ def test_session_deadline_421_while_the_client_keeps_busy(start, decisions):
     assert not any("reason=timeout" in l for l in decisions())
 
 
+def test_notorious_session_processes_nothing_after_its_503(start, tmp_path, decisions):
+    """SPEC B §2.8: TARPITDELAY=999 -> DATA gets 503 and the session ends.
+    Commands pipelined behind DATA are neither answered nor run through the
+    policy (they used to produce decision lines for replies never sent)."""
+    rules = write_rules(tmp_path / "notorious",
+                        {"tcp.smtp": '127.0.0.1:allow,TARPITCOUNT="1",TARPITDELAY="999"\n:allow\n'})
+    srv = start(rules=rules)
+    c = session(srv.port)
+    c.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.com>\r\n"
+           b"RCPT TO:<nobody@example.com>\r\nRCPT TO:<x@example.com>\r\nDATA\r\n"
+           b"MAIL FROM:<after-close@example.org>\r\nRCPT TO:<u2@example.com>\r\n")
+    replies = c.replies(5)
+    assert first(replies[-1]) == "503 5.5.1 DATA command not accepted at this time"
+    assert c.at_eof()
+    c.close()
+    srv.wait_lost()
+    assert not [line for line in decisions() if "after-close" in line or "u2@" in line]
+
+
 def test_a_client_that_never_reads_loses_its_slot(start):
     """A client that pipelines and never reads fills the server's buffers;
     close() alone would wait for them to drain forever and the connection

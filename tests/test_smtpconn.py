@@ -556,6 +556,13 @@ def test_mail_address_forms(feed, line, address):
     (b"MAIL FROM:<a@b.c> BODY=BINARYMIME", "501 5.5.4 syntax error in parameters or arguments"),
     (b"MAIL FROM:<a@b.c> SIZE=1 SIZE=2", "501 5.5.4 syntax error in parameters or arguments"),
     (b"MAIL FROM:<a@b.c> AUTH=x+zz", "501 5.5.4 syntax error in parameters or arguments"),
+    # xtext is ASCII (RFC 3461 §4): an 8-bit AUTH= used to raise UnicodeDecodeError (421)
+    (b"MAIL FROM:<a@b.c> AUTH=\xff", "501 5.5.4 syntax error in parameters or arguments"),
+    # a name that is no esmtp-keyword is not echoed (RFC 5321 §4.2 textstring, 512 octets)
+    (b"MAIL FROM:<a@b.c> X\x00\x1b=1", "501 5.5.4 syntax error in parameters or arguments"),
+    (b"MAIL FROM:<> " + b"\xff" * 490, "501 5.5.4 syntax error in parameters or arguments"),
+    (b"MAIL FROM:<a@b.c> " + b"A" * 65 + b"=1", "501 5.5.4 syntax error in parameters or arguments"),
+    (b"MAIL FROM:<a@b.c> " + b"A" * 64 + b"=1", "555 5.5.4 unsupported parameter " + "A" * 64),
 ])
 def test_mail_syntax_errors(feed, line, expected):
     app = run(feed, line + b"\r\n", cfg())
@@ -572,6 +579,39 @@ def test_rcpt_syntax_and_params(feed):
                              "555 5.5.4 unsupported parameter NOTIFY", "250 2.1.5 ok",
                              "250 2.1.5 ok"]
     assert app.conn.recipients == ["d@e.f", "Postmaster"]
+
+
+@pytest.mark.parametrize("tail", [b" \t", b" \x0b", b" \x0c", b" \r", b"\x20\x20"])
+def test_rcpt_whitespace_after_the_path_is_no_parameter(feed, tail):
+    """Only whitespace after the path: no parameter, as at MAIL (it used to
+    raise IndexError: strip(b" ") kept it, split() found nothing -> 421)."""
+    app = run(feed, b"MAIL FROM:<a@b.c>" + tail + b"\r\nRCPT TO:<d@e.f>" + tail + b"\r\n", cfg())
+    assert app.lines[1:] == ["250 2.1.0 ok", "250 2.1.5 ok"]
+    assert app.conn.recipients == ["d@e.f"]
+
+
+def test_rcpt_unknown_parameter_names_are_not_echoed_raw(feed):
+    app = run(feed, b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f> \xffX=1\r\nRCPT TO:<d@e.f> ORCPT=rfc822;d@e.f\r\n",
+              cfg())
+    assert app.lines[1:] == ["250 2.1.0 ok", "501 5.5.4 syntax error in parameters or arguments",
+                             "555 5.5.4 unsupported parameter ORCPT"]
+
+
+def test_send_close_hangs_up_after_that_reply():
+    """send(r, close=True) (spamcontrol's notorious-session 503, SPEC B §2.8):
+    nothing pipelined after it is parsed; the next event is Closed."""
+    conn = SMTPConnection(cfg())
+    conn.greet()
+    conn.data_to_send()
+    conn.receive_data(b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\nRSET\r\nMAIL FROM:<x@y.z>\r\n")
+    for want, answer in ((Mail, reply("mail_ok")), (Rcpt, reply("rcpt_ok"))):
+        assert type(conn.next_event()) is want
+        conn.send(answer)
+    assert type(conn.next_event()) is DataStart
+    conn.send(reply("notorious_data"), close=True)
+    assert type(conn.next_event()) is Closed and conn.closing
+    assert conn.data_to_send() == (b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n"
+                                   b"503 5.5.1 DATA command not accepted at this time\r\n")
 
 
 def test_auth_param_decoded_never_grants(feed):
