@@ -6,35 +6,74 @@ policy.DNS_OK / DNS_FAIL / DNS_TEMP, and "what is this client's name"
 (qmail's TCPREMOTEHOST, as tcpserver finds it), never blocking the event loop.
 
 Semantics (SPEC B §2.4, §2.7, §7.2):
-- MX check (MFDNSCHECK): NXDOMAIN -> fail; an MX set -> ok, except a null MX
-  (RFC 7505, `0 .`) -> fail; no MX but an A/AAAA record -> ok (implicit MX,
-  RFC 5321 §5.1); no MX and no address -> fail;
+- MX check (MFDNSCHECK): NXDOMAIN -> fail; an MX set -> ok, except a lone
+  null MX (RFC 7505, `0 .`) -> nullmx (the caller answers 550 5.7.27, §4.2);
+  no MX but an A/AAAA record -> ok (implicit MX, RFC 5321 §5.1); no MX and
+  no address -> fail;
+- HELOCHECK=M: the same MX check, an A/AAAA record standing in for a
+  missing MX as in qmail's dns_mxip (spamcontrol `dnsq(helohost, "M")`):
+  real outbound hosts rarely have an MX of their own; a null MX -> fail;
 - A check (HELOCHECK=A): an A or AAAA record -> ok; NXDOMAIN / no data -> fail;
+- address literals (`[192.0.2.1]`, `[IPv6:2001:db8::1]`, RFC 5321 §4.1.3) and
+  a bare IPv4 address are not looked up (qmail's ip_scan/ip_scanbracket
+  short cut): a valid one -> ok, a malformed literal -> fail;
 - SERVFAIL, timeouts, unreachable resolvers -> temp (the caller answers 451).
+  With several nameservers (resolv.conf) each gets a share of the timeout,
+  so a dead first server still leaves time to ask the next one.
 - client host name (remote_host): the first PTR name of the address; with
   confirm (tcpserver -p, Postfix) only if that name has an A (IPv4 client) or
   AAAA (IPv6 client) record equal to the address. No name, no match, a
-  temporary failure or a timeout -> "unknown". The whole lookup, forward
-  check included, is bounded by the resolver's timeout.
+  temporary failure or a timeout -> "unknown"; so is a name that is not a
+  plausible host name (only letters, digits, `-`, `_` and dots, at most 253
+  characters): whoever owns a reverse zone could otherwise put arbitrary
+  bytes into Received headers and `=host` matching. The whole lookup,
+  forward check included, is bounded by the resolver's timeout.
 Every answer (negative ones too) is kept in the resolver's LRU cache.
 The resolver is configurable (`Resolver("127.0.0.1:5353")`, `"[::1]:53"`,
-`"::1"`) so tests can run their own responder on loopback; a bad address is a
-ValueError with a clear message (serve turns it into a start-up error).
+`"::1"`, or several separated by commas, asked in order) so tests can run
+their own responder on loopback; a bad address is a ValueError with a clear
+message (serve turns it into a start-up error).
 """
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 
 import dns.asyncresolver
 import dns.exception
 import dns.name
+import dns.nameserver
 import dns.resolver
 import dns.reversename
 
-from mailfilter.policy import DNS_FAIL, DNS_OK, DNS_TEMP
+from mailfilter.policy import DNS_FAIL, DNS_NULLMX, DNS_OK, DNS_TEMP
 
 UNKNOWN = "unknown"     # TCPREMOTEHOST when there is no (confirmed) name
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\Z")
+MAX_SERVERS_TRIED = 3   # nameservers that share the timeout
+
+
+def literal_status(name: str) -> str | None:
+    """DNS_OK / DNS_FAIL for an address literal or a bare IPv4 address (no
+    lookup: qmail's ip_scan / ip_scanbracket), None for a name to look up."""
+    if name.startswith("["):
+        inner = name[1:-1] if name.endswith("]") else None
+        if inner is not None and inner[:5].lower() == "ipv6:":
+            inner = inner[5:]
+            version = 6
+        else:
+            version = 4
+        try:
+            return DNS_OK if inner is not None and ipaddress.ip_address(inner).version == version \
+                else DNS_FAIL
+        except ValueError:
+            return DNS_FAIL
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        return None
+    return DNS_OK
 _FORMS = "HOST, HOST:PORT, [IPV6], [IPV6]:PORT or a bare IPv6 address"
 
 
@@ -66,10 +105,9 @@ def parse_nameserver(spec: str) -> tuple[str, int]:
 class Resolver:
     def __init__(self, nameserver: str | None = None, timeout: float = 5.0):
         if nameserver:
-            host, port = parse_nameserver(nameserver)
             res = dns.asyncresolver.Resolver(configure=False)
-            res.nameservers = [host]
-            res.port = port
+            res.nameservers = [dns.nameserver.Do53Nameserver(*parse_nameserver(spec))
+                               for spec in nameserver.split(",")]
         else:
             try:
                 res = dns.asyncresolver.Resolver()
@@ -77,7 +115,9 @@ class Resolver:
                 res = dns.asyncresolver.Resolver(configure=False)
                 res.nameservers = ["127.0.0.1"]
         res.lifetime = timeout
-        res.timeout = timeout
+        # dnspython gives each server min(timeout, what is left of lifetime):
+        # with timeout == lifetime a dead first server used all of it
+        res.timeout = max(1.0, timeout / max(1, min(MAX_SERVERS_TRIED, len(res.nameservers))))
         res.cache = dns.resolver.LRUCache(10_000)
         self._res = res
         self.timeout = timeout
@@ -100,6 +140,9 @@ class Resolver:
             return "temp", None
 
     async def has_address(self, name: str) -> str:
+        literal = literal_status(name)
+        if literal is not None:
+            return literal
         status, _ = await self._query(name, "A")
         if status == "ok":
             return DNS_OK
@@ -111,10 +154,13 @@ class Resolver:
         return {"ok": DNS_OK, "temp": DNS_TEMP}.get(status, DNS_FAIL)
 
     async def has_mx(self, name: str, implicit: bool = True) -> str:
+        literal = literal_status(name)
+        if literal is not None:
+            return literal
         status, answer = await self._query(name, "MX")
         if status == "ok":
             targets = [r for r in answer if not (r.preference == 0 and r.exchange == dns.name.root)]
-            return DNS_OK if targets else DNS_FAIL
+            return DNS_OK if targets else DNS_NULLMX
         if status == "temp":
             return DNS_TEMP
         if status == "nx" or not implicit:
@@ -125,7 +171,8 @@ class Resolver:
         """policy.helo_dns_query() gives ("A"|"MX", name)."""
         if rdtype == "A":
             return await self.has_address(name)
-        return await self.has_mx(name, implicit=False)
+        status = await self.has_mx(name)          # A/AAAA stand in for a missing MX
+        return DNS_FAIL if status == DNS_NULLMX else status
 
     async def remote_host(self, ip: str, confirm: bool = True) -> str:
         """TCPREMOTEHOST for the client address `ip`: its first PTR name;
@@ -149,7 +196,7 @@ class Resolver:
             return UNKNOWN
         target = answer[0].target
         name = target.to_text(omit_final_dot=True)
-        if not name or name == ".":
+        if len(name) > 253 or _HOST_NAME.match(name) is None:
             return UNKNOWN
         if not confirm:
             return name

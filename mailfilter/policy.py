@@ -37,6 +37,7 @@ from mailfilter.localip import is_local_ipv4
 from mailfilter.replies import Reply, reply
 
 DNS_OK, DNS_FAIL, DNS_TEMP = "ok", "fail", "temp"
+DNS_NULLMX = "nullmx"       # the domain says it takes no mail (RFC 7505)
 
 
 class Verdict:
@@ -652,6 +653,8 @@ class SessionPolicy:
             return self._reject("helo_dns_temp", "helo_dns_temp", rule("HELOCHECK"))
         if self.mail_dns == DNS_FAIL:
             return self._reject("mf_dns", "sender_must_exist", rule("MFDNSCHECK"))
+        if self.mail_dns == DNS_NULLMX:     # it exists but can take no reply (RFC 7505 §4.2)
+            return self._reject("mf_dns_null_mx", "sender_null_mx", rule("MFDNSCHECK"))
         if self.mail_dns == DNS_TEMP:
             return self._reject("mf_dns_temp", "mf_dns_temp", rule("MFDNSCHECK"))
         return None

@@ -23,6 +23,9 @@ Invariants:
   8-bit byte is one `?`; other non-ASCII text counts per UTF-8 byte.
 - The date is always UTC written as `-0000`, day without leading zero,
   English month names regardless of locale.
+- Each variable part is cut at FIELD_MAX (255) bytes, the length of a
+  domain name, so the first line stays within RFC 5322 §2.1.1's 998
+  characters whatever the client sent (a 500-byte HELO, a long AUTH user).
 """
 from __future__ import annotations
 
@@ -39,13 +42,15 @@ _SAFE = frozenset(
 )
 # bytes.translate table: safe bytes map to themselves, every other byte to "?"
 _TABLE = bytes(b if b in _SAFE else ord("?") for b in range(256))
+FIELD_MAX = 255
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
            "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 def safe(value: str) -> bytes:
-    """qmail `safeput`: unsafe bytes become `?` (SPEC B §1.12)."""
-    return value.encode("utf-8", "surrogateescape").translate(_TABLE)
+    """qmail `safeput`: unsafe bytes become `?` (SPEC B §1.12); at most
+    FIELD_MAX bytes."""
+    return value.encode("utf-8", "surrogateescape")[:FIELD_MAX].translate(_TABLE)
 
 
 def wire_bytes(text: str) -> bytes:
@@ -92,7 +97,7 @@ def received_header(env: "Envelope", when: float | None = None) -> bytes:
     # qmail: fakehelo = case_diffs(remotehost, helohost) ? helohost : 0
     # (case_diffs folds ASCII only, as bytes.lower() does)
     if helo and helo.lower() != remotehost.encode("utf-8", "surrogateescape").lower():
-        out += [b" (HELO ", helo.translate(_TABLE), b")"]
+        out += [b" (HELO ", helo[:FIELD_MAX].translate(_TABLE), b")"]
     out.append(b" (")
     if env.auth_user:
         out += [safe(env.auth_user), b"@"]

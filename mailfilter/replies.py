@@ -106,6 +106,7 @@ REPLIES: dict[str, Reply] = {
     "helo_dns_temp": R(451, "4.4.3", "DNS temporary failure"),
     "mf_dns_temp": R(451, "4.4.3", "DNS temporary failure"),
     "sender_must_exist": R(553, "5.1.8", "sorry, your envelope sender must exist"),
+    "sender_null_mx": R(550, "5.7.27", "sorry, your envelope sender domain takes no mail (null MX)"),
     "badmailfrom": R(553, "5.7.1", "sorry, your envelope sender is in my badmailfrom list"),
     "badrcptto": R(553, "5.7.1", "sorry, your envelope recipient is in my badrcptto list"),
     "rcpthosts": R(553, "5.7.1", "sorry, that domain isn't in my list of allowed rcpthosts"),

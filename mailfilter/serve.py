@@ -568,7 +568,8 @@ def add_arguments(p) -> None:
     p.add_argument("--open-relay", action="store_true", help="allow running without rcpthosts (SPEC A §4)")
     p.add_argument("--resolver", metavar="ADDR",
                    help="DNS server for the client host name, HELOCHECK A/M and MFDNSCHECK: "
-                        "IP, IP:PORT, [IPV6]:PORT or a bare IPv6 address (default: /etc/resolv.conf)")
+                        "IP, IP:PORT, [IPV6]:PORT or a bare IPv6 address; several separated by "
+                        "commas are asked in order (default: /etc/resolv.conf)")
     p.add_argument("--remote-host", choices=REMOTE_HOST_MODES,
                    help="client host name (qmail's TCPREMOTEHOST, used by tcp.smtp =host rules, "
                         "HELOCHECK \"=\", decorated badmailfrom and the Received header): "

@@ -156,6 +156,16 @@ def test_received_spec_example_esmtpa():
         b"  by silverton.berkeley.edu with ESMTPA; 26 Sep 1995 04:46:54 -0000\n")
 
 
+def test_received_first_line_stays_within_998_characters():
+    # RFC 5322 §2.1.1: a 500-byte HELO, a long AUTH user and a long host name
+    # are each cut at 255 bytes (the length of a domain name)
+    e = env(helo="h" * 505, auth_user="u" * 600, client_host="p" * 400 + ".example")
+    head = received_header(e, WHEN)
+    first_line = head.split(b"\n")[0]
+    assert len(first_line) <= 998
+    assert b"(HELO " + b"h" * 255 + b")" in first_line and b"u" * 255 + b"@" in first_line
+
+
 @pytest.mark.parametrize("esmtp,tls,auth,proto", [
     (True, False, None, b"ESMTP"), (True, False, "u", b"ESMTPA"),
     (True, True, None, b"ESMTPS"), (True, True, "u", b"ESMTPSA"),

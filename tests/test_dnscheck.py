@@ -3,11 +3,14 @@ host name lookup (TCPREMOTEHOST), against the test DNS responder on
 127.0.0.1, on both event loops."""
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
 
 import pytest
 
 from mailfilter.dnscheck import Resolver, parse_nameserver
+from mailfilter.policy import DNS_FAIL, DNS_OK
 from tests.dns_responder import DnsResponder
 from tests.server_harness import LOOPS, new_loop
 
@@ -46,13 +49,52 @@ def test_parse_nameserver_errors(spec, problem):
         parse_nameserver(spec)
 
 
+def _servers(resolver: Resolver) -> list[tuple[str, int]]:
+    return [(ns.address, ns.port) for ns in resolver._res.nameservers]
+
+
 def test_resolver_uses_the_parsed_address():
-    res = Resolver("::1")._res
-    assert (res.nameservers, res.port) == (["::1"], 53)
-    res = Resolver("[::1]:5353")._res
-    assert (res.nameservers, res.port) == (["::1"], 5353)
+    assert _servers(Resolver("::1")) == [("::1", 53)]
+    assert _servers(Resolver("[::1]:5353")) == [("::1", 5353)]
+    assert _servers(Resolver("127.0.0.1:5353,[::1]")) == [("127.0.0.1", 5353), ("::1", 53)]
     with pytest.raises(ValueError, match="not an IP address"):
         Resolver("::1]")
+    with pytest.raises(ValueError, match="not an IP address"):
+        Resolver("127.0.0.1,")
+
+
+def test_a_dead_first_nameserver_leaves_time_for_the_next():
+    """dnspython gives each server min(timeout, rest of lifetime): with both
+    equal (as before), a first server that never answers used the whole
+    budget and the working second one was never asked (resolv.conf
+    failover). Now each of up to 3 servers gets its share."""
+    dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dead.bind(("127.0.0.1", 0))              # receives, never answers
+    try:
+        with DnsResponder(TABLE) as dns:
+            r = Resolver(f"127.0.0.1:{dead.getsockname()[1]},{dns.address}", timeout=4.0)
+            assert r._res.lifetime == 4.0 and r._res.timeout == 2.0
+            assert asyncio.run(r.has_address("mx.ok.test")) == DNS_OK
+            assert ("mx.ok.test", "A") in dns.queries
+    finally:
+        dead.close()
+
+
+@pytest.mark.parametrize("name,status", [
+    ("[192.0.2.1]", DNS_OK), ("[IPv6:2001:db8::1]", DNS_OK), ("[ipv6:::1]", DNS_OK),
+    ("192.0.2.1", DNS_OK),                                  # bare IPv4 (qmail ip_scan)
+    ("[999.1.1.1]", DNS_FAIL), ("[2001:db8::1]", DNS_FAIL),   # v6 needs its tag (RFC 5321 §4.1.3)
+    ("[IPv6:192.0.2.1]", DNS_FAIL), ("[192.0.2.1", DNS_FAIL),
+])
+def test_address_literals_are_not_looked_up(name, status):
+    """RFC 5321 §4.1.3 literals for MFDNSCHECK and HELOCHECK A/M: no query
+    (they used to become a bogus name and NXDOMAIN, a hard reject)."""
+    with DnsResponder(TABLE) as dns:
+        r = Resolver(dns.address, timeout=3.0)
+        assert asyncio.run(r.has_mx(name)) == status
+        assert asyncio.run(r.has_address(name)) == status
+        assert asyncio.run(r.check("MX", name)) == status
+        assert dns.queries == []
 
 
 TABLE = {
@@ -66,6 +108,7 @@ TABLE = {
     "5.2.0.192.in-addr.arpa": "DROP",
     ("6.2.0.192.in-addr.arpa", "PTR"): ["noaddr.test."],
     ("noaddr.test", "MX"): ["10 mx.ok.test."],
+    ("7.2.0.192.in-addr.arpa", "PTR"): ["bad\\032name\\255.test."],   # a space and an 8-bit byte
     (".".join(reversed("20010db8000000000000000000000002")) + ".ip6.arpa", "PTR"): ["other.test."],
 }
 
@@ -98,6 +141,7 @@ def lookup(request, dns):
     ("192.0.2.3", "unknown", "unknown"),              # NXDOMAIN
     ("192.0.2.4", "unknown", "unknown"),              # SERVFAIL: temporary -> unknown
     ("192.0.2.6", "unknown", "noaddr.test"),          # name without any address
+    ("192.0.2.7", "unknown", "unknown"),              # not a host name: never used
     ("not-an-ip", "unknown", "unknown"),
 ])
 def test_remote_host(lookup, ip, confirmed, ptr):

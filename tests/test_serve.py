@@ -639,4 +639,4 @@ def test_good_resolver_forms(rules, spec, host, port):
     """`--resolver ::1` used to become host `::` port 1."""
     from mailfilter.serve import build_state
     res = build_state(opts_of("--rules", rules, "--deliver", "discard", "--resolver", spec)).resolver._res
-    assert (res.nameservers, res.port) == ([host], port)
+    assert [(ns.address, ns.port) for ns in res.nameservers] == [(host, port)]

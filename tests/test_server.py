@@ -448,7 +448,8 @@ def dns_server(start):
     ("ok.test", "250 2.1.5 ok"),
     ("aonly.test", "250 2.1.5 ok"),                     # implicit MX (RFC 5321 §5.1)
     ("nx.test", "553 5.1.8 sorry, your envelope sender must exist"),
-    ("nullmx.test", "553 5.1.8 sorry, your envelope sender must exist"),   # RFC 7505
+    # RFC 7505 §4.2: the domain exists but takes no mail
+    ("nullmx.test", "550 5.7.27 sorry, your envelope sender domain takes no mail (null MX)"),
     ("nodata.test", "553 5.1.8 sorry, your envelope sender must exist"),
     ("fail.test", "451 4.4.3 DNS temporary failure"),
 ])
@@ -464,7 +465,8 @@ def test_mfdnscheck(dns_server, decisions, domain, expect):
     assert (domain, "MX") in dns_server.dns.queries
     if expect[0] != "2":
         [line] = [l for l in decisions() if "stage=RCPT" in l]
-        assert ("reason=mf_dns_temp" if expect[0] == "4" else "reason=mf_dns ") in line
+        reason = {"451": "mf_dns_temp", "550": "mf_dns_null_mx", "553": "mf_dns"}[expect[:3]]
+        assert f"reason={reason} rule=tcp.smtp:" in line
 
 
 def test_mfdnscheck_not_for_other_clients(dns_server):
@@ -483,7 +485,10 @@ def test_mfdnscheck_not_for_other_clients(dns_server):
     (HELO_A, "mxonly.test", "550 5.7.1 sorry, invalid HELO/EHLO greeting", ("mxonly.test", "AAAA")),
     (HELO_A, "fail.test", "451 4.4.3 DNS temporary failure", ("fail.test", "A")),
     (HELO_M, "mxonly.test", "250 2.1.5 ok", ("mxonly.test", "MX")),
-    (HELO_M, "aonly.test", "550 5.7.1 sorry, invalid HELO/EHLO greeting", ("aonly.test", "MX")),
+    # qmail's dns_mxip: an A record stands in for a missing MX (spamcontrol
+    # dnsq(helohost, "M")); outbound hosts rarely have an MX of their own
+    (HELO_M, "aonly.test", "250 2.1.5 ok", ("aonly.test", "A")),
+    (HELO_M, "nullmx.test", "550 5.7.1 sorry, invalid HELO/EHLO greeting", ("nullmx.test", "MX")),
     (HELO_M, "nx.test", "550 5.7.1 sorry, invalid HELO/EHLO greeting", ("nx.test", "MX")),
 ])
 def test_helocheck_a_and_m(dns_server, source, helo, expect, query):
@@ -495,6 +500,26 @@ def test_helocheck_a_and_m(dns_server, source, helo, expect, query):
     assert first(c.reply()) == expect
     c.close()
     assert query in dns_server.dns.queries
+
+
+@pytest.mark.parametrize("source,helo,sender,expect", [
+    (MFDNS, "client.test", "a@[192.0.2.1]", "250 2.1.5 ok"),
+    (MFDNS, "client.test", "a@[IPv6:2001:db8::1]", "250 2.1.5 ok"),
+    (MFDNS, "client.test", "a@[999.0.0.1]", "553 5.1.8 sorry, your envelope sender must exist"),
+    (HELO_A, "[192.0.2.1]", "a@sender.test", "250 2.1.5 ok"),
+    (HELO_M, "[IPv6:2001:db8::1]", "a@sender.test", "250 2.1.5 ok"),
+    (HELO_A, "[1.2.3]", "a@sender.test", "550 5.7.1 sorry, invalid HELO/EHLO greeting"),
+])
+def test_address_literals_need_no_dns(dns_server, source, helo, sender, expect):
+    """RFC 5321 §4.1.3/§4.1.4: address literals in the sender or the HELO are
+    judged without a lookup (qmail's ip_scanbracket); they used to be sent
+    to DNS as names, got NXDOMAIN and a permanent refusal."""
+    c = session(dns_server.port, source, helo=helo)
+    c.send(f"MAIL FROM:<{sender}>\r\nRCPT TO:<user@example.com>\r\n".encode())
+    assert first(c.reply()) == "250 2.1.0 ok"
+    assert first(c.reply()) == expect
+    c.close()
+    assert dns_server.dns.queries == []
 
 
 def test_dns_unreachable_resolver_is_temporary(start):
