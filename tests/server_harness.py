@@ -389,10 +389,11 @@ def run_cli(*args, timeout: float = 30.0, cwd=None) -> subprocess.CompletedProce
 
 
 def spawn_serve(*args, port: int | None = None, listening: int = 1, cwd=None,
-                listen: bool = True) -> Spawned:
+                listen: bool = True, env: dict | None = None) -> Spawned:
     """`python -m mailfilter serve ARGS --listen 127.0.0.1:PORT`; returns once
     `listening` processes logged their listening line (so the port accepts).
-    With listen=False the port must come from ARGS (e.g. a --config file)."""
+    With listen=False the port must come from ARGS (e.g. a --config file);
+    `env` adds to the child's environment."""
     port = port or free_port()
     extra = ["--listen", f"127.0.0.1:{port}"] if listen else []
     if not any(a.startswith("--remote-host") for a in args):
@@ -402,7 +403,7 @@ def spawn_serve(*args, port: int | None = None, listening: int = 1, cwd=None,
         extra += ["--remote-host", "off"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "mailfilter", "serve", *extra, *args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env(), cwd=cwd)
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(child_env(), **(env or {})), cwd=cwd)
     log = LogReader(proc.stderr)
     sp = Spawned(proc, port, log)
     try:

@@ -11,7 +11,6 @@ import smtplib
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 
 import pytest
@@ -100,17 +99,14 @@ def test_sighup_broken_rules_keep_old_rules(served, rules):
 BANNED_RULES = "new-spammer@evil.test\n"
 
 
-def _reload_temps() -> set[str]:
-    return {f for f in os.listdir(tempfile.gettempdir()) if f.startswith("mailfilter-reload-")}
-
-
-def test_sighup_rules_with_a_diagnostic_keep_old_rules(served, rules):
+def test_sighup_rules_with_a_diagnostic_keep_old_rules(served, rules, tmp_path):
     """README: a broken rule set is logged and the old one kept. A skipped
     line may be the very rule the operator added, so a reload whose compile
     reports a diagnostic changes nothing (the compile runs as `mailfilter
     compile` in a child process, off the event loop and its GIL)."""
-    before = _reload_temps()
-    sp = served()
+    tmp = tmp_path / "tmp"                   # the server's own TMPDIR: its temporary bundles
+    tmp.mkdir()
+    sp = served(env={"TMPDIR": str(tmp)})
     with open(os.path.join(rules, "badmailfrom"), "a") as fh:
         fh.write("new-spammer@evil.test\n/unclosed(regex/\n")
     sp.signal(signal.SIGHUP)
@@ -123,7 +119,7 @@ def test_sighup_rules_with_a_diagnostic_keep_old_rules(served, rules):
     [m] = sp.log.wait_for(r"reload ok: \d+ rules from (\S+)")
     assert m.group(1) == rules
     assert rcpt_verdict(sp.port, "new-spammer@evil.test") == BANNED
-    assert _reload_temps() <= before           # the temporary bundles are gone
+    assert os.listdir(tmp) == []              # the temporary bundles are gone
 
 
 def test_sighup_reload_picks_up_timeoutsmtpd(served, rules):
