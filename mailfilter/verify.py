@@ -23,7 +23,9 @@ fd 3 layouts (``fd3_payload``):
     PLAIN/LOGIN, both orders     user NUL password NUL NUL
     CRAM-MD5, order "djb"        user NUL hexdigest NUL challenge NUL   (default)
     CRAM-MD5, order "dabrowski"  user NUL challenge NUL hexdigest NUL
-The payload is refused (FAIL, nothing spawned) above 512 bytes (SPEC B §6.4.4).
+The payload is refused (FAIL, nothing spawned) above 512 bytes (SPEC B §6.4.4)
+and when any field holds a NUL byte (it would shift the fields: a LOGIN
+password ``digest NUL challenge`` read as a CRAM-MD5 answer).
 
 Exit status mapping (SPEC B §6.4.2): 0 -> OK; 1, 3, 12, 13, 15, 20-23 -> FAIL;
 2, 111, any other status, a signal, the timeout, a spawn error -> TEMP.
@@ -142,8 +144,15 @@ class DBVerifier:
 
 # --- an external checkpassword program -----------------------------------------------
 def fd3_payload(creds: Credentials, order: str = "djb") -> bytes:
-    """The bytes written to the checkprogram's fd 3 (SPEC B §4.5 conclusion)."""
+    """The bytes written to the checkprogram's fd 3 (SPEC B §4.5 conclusion).
+
+    ValueError when a field holds a NUL byte: it would end that field early and
+    let the client choose the next ones (a LOGIN password ``digest NUL
+    challenge`` is a CRAM-MD5 answer to cmd5checkpw). sasl.py already refuses
+    such input as malformed; this is the second line of defence."""
     user = creds.user.encode("utf-8", "surrogateescape")
+    if b"\0" in user or b"\0" in creds.secret or (creds.cram and b"\0" in creds.challenge):
+        raise ValueError("NUL byte in a credentials field")
     if not creds.cram:
         return user + b"\0" + creds.secret + b"\0\0"
     if order == "dabrowski":
@@ -181,7 +190,10 @@ class CheckpasswordVerifier:
         pass
 
     async def verify(self, creds: Credentials, env: ClientEnv | None = None) -> Verdict:
-        payload = fd3_payload(creds, self.order)
+        try:
+            payload = fd3_payload(creds, self.order)
+        except ValueError:                               # nothing spawned
+            return Verdict(Result.FAIL, "NUL byte in credentials")
         if len(payload) > FD3_LIMIT:                     # SPEC B §6.4.4: before spawning
             return Verdict(Result.FAIL, "credentials over 512 bytes")
         child_env = dict(self.base_env)

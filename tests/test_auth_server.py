@@ -4,6 +4,7 @@ clients (smtplib, swaks), the user DB and external checkpassword programs
 import asyncio
 import base64
 import glob
+import hmac
 import logging
 import shutil
 import smtplib
@@ -270,6 +271,28 @@ def test_server_drives_checkpassword_tool(start, userdb, sink):
     assert "checkpassword[" in sink.lines()[0]
 
 
+@pytest.mark.parametrize("order", ["djb", "dabrowski"])
+def test_login_password_with_nul_cannot_replay_a_cram_answer(start, userdb, sink, order):
+    """A sniffed CRAM-MD5 (challenge, digest) sent as a LOGIN password
+    ``digest NUL challenge`` must not become cmd5checkpw's CRAM-MD5 fields."""
+    srv = start(auth="+cram", checkpassword_order=order,
+                checkpassword=f"{PY} -m mailfilter cmd5checkpw --order {order} --db {userdb} true")
+    s = client(srv)                                        # the victim's exchange, on the wire
+    code, ch64 = s.docmd("AUTH", "CRAM-MD5")
+    assert code == 334
+    challenge = base64.b64decode(ch64)
+    digest = hmac.new(USERS["tim"].encode(), challenge, "md5").hexdigest().encode()
+    assert s.docmd(base64.b64encode(b"tim " + digest).decode())[0] == 235
+    s.quit()
+    a = client(srv)                                        # the attacker replays it via LOGIN
+    assert a.docmd("AUTH", "LOGIN " + base64.b64encode(b"tim").decode())[0] == 334
+    pw = digest + b"\0" + challenge if order == "djb" else challenge + b"\0" + digest
+    assert a.docmd(base64.b64encode(pw).decode()) == (501, b"5.5.2 malformed auth input")
+    assert relay_ok(a) == 553
+    a.quit()
+    assert [l.split(": ", 1)[1].split(" mech")[0] for l in sink.lines()] == ["auth success"]
+
+
 @pytest.mark.parametrize("script,code", [("exit 111", 454), ("exit 2", 454), ("kill -9 $$", 454),
                                          ("exit 3", 535), ("exit 1", 535), ("exec true", 235)])
 def test_checkpassword_exit_codes_over_smtp(start, script, code):
@@ -326,6 +349,23 @@ def test_fd3_layouts():
     assert fd3_payload(plain) == fd3_payload(plain, "dabrowski") == b"tim\0pw\0\0"
     assert fd3_payload(cram) == b"tim\0" + b"d" * 32 + b"\0<1.2@h>\0"
     assert fd3_payload(cram, "dabrowski") == b"tim\0<1.2@h>\0" + b"d" * 32 + b"\0"
+
+
+def test_fd3_payload_refuses_nul_in_any_field():
+    for creds in (Credentials("LOGIN", "tim", b"d" * 32 + b"\0<1.2@h>"),
+                  Credentials("PLAIN", "ti\0m", b"pw"),
+                  Credentials("CRAM-MD5", "tim", b"d\0" * 16, b"<1.2@h>"),
+                  Credentials("CRAM-MD5", "tim", b"d" * 32, b"<1.2\0@h>")):
+        for order in ("djb", "dabrowski"):
+            with pytest.raises(ValueError):
+                fd3_payload(creds, order)
+
+
+def test_checkpassword_verifier_never_spawns_for_nul_credentials(tmp_path):
+    marker = tmp_path / "ran"
+    v = CheckpasswordVerifier(["/bin/sh", "-c", f"touch {marker}"])   # would say OK
+    out = run(v.verify(Credentials("LOGIN", "tim", b"d" * 32 + b"\0<1.2@h>")))
+    assert out.result is Result.FAIL and "NUL" in out.reason and not marker.exists()
 
 
 def test_exit_status_mapping():
