@@ -263,6 +263,20 @@ def test_passwd_cli_import_export_round_trip(tmp_path):
         assert db.get("tim").check_password(b"changed") and db.get("tim").home == "/home/tim"
 
 
+def test_passwd_cli_export_over_an_existing_file_is_0600(tmp_path):
+    """The export can answer CRAM-MD5 challenges: an existing 0644 file must not
+    keep its mode."""
+    assert passwd(tmp_path, "add", "tim", "--stdin", input="s3cret\n").returncode == 0
+    exp = tmp_path / "export.txt"
+    exp.write_text("old\n")
+    exp.chmod(0o644)
+    r = passwd(tmp_path, "export", "-o", str(exp))
+    assert r.returncode == 0, r.stderr
+    assert (exp.stat().st_mode & 0o777) == 0o600
+    assert exp.read_text().startswith(userdb.EXPORT_HEADER)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".export")) == []
+
+
 def test_passwd_cli_bad_import_reports_file_line_imports_nothing(tmp_path):
     pp = tmp_path / "pp"
     pp.write_text("good:pw\nbroken line\nalso:ok\n:x\n")
