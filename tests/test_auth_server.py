@@ -6,6 +6,7 @@ import base64
 import glob
 import hmac
 import logging
+import select
 import shutil
 import smtplib
 import socket
@@ -198,6 +199,106 @@ def test_user_and_ip_lockout(start):
     s = client(srv)
     assert s.docmd("AUTH", "PLAIN")[0] == 454              # IP locked: refused at once
     s.quit()
+
+
+# a checkprogram that marks that it runs, then waits (bounded) for the test's "go";
+# exit 0 only for the password "right"
+GATED_CHECKPW = r"""
+import os, sys, time
+d = sys.argv[1]
+data = b""
+while True:
+    b = os.read(3, 513)
+    if not b:
+        break
+    data += b
+open(os.path.join(d, "started.%d" % os.getpid()), "w").close()
+end = time.monotonic() + 30
+while not os.path.exists(os.path.join(d, "go")) and time.monotonic() < end:
+    time.sleep(0.02)
+sys.exit(0 if data.split(b"\0")[1] == b"right" else 1)
+"""
+
+
+class LineConn:
+    """A raw client socket with a line buffer and bounded waits."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buf = b""
+
+    def line(self, wait: float = 10.0) -> bytes | None:
+        """The next reply line, or None when none arrived within `wait` seconds."""
+        end = time.monotonic() + wait
+        while b"\n" not in self.buf:
+            left = end - time.monotonic()
+            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                return None
+            data = self.sock.recv(4096)
+            if not data:
+                raise ConnectionError("closed")
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line + b"\n"
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("per", ["user", "ip"])
+def test_parallel_attempts_cannot_overrun_the_failure_limits(start, tmp_path, loop, per):
+    """Failures + attempts in flight respect the limits: with limit 3, eight
+    simultaneous guesses start three verifications; the rest get 454 at once,
+    including the right password sent last."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    prog = tmp_path / "gated.py"
+    prog.write_text(GATED_CHECKPW)
+    srv = start(loop=loop, auth="", checkpassword=f"{PY} {prog} {gate} true")
+    srv.state.auth.by_user.limit = 3 if per == "user" else 100
+    srv.state.auth.by_ip.limit = 3 if per == "ip" else 100
+
+    def started():
+        return len(list(gate.glob("started.*")))
+
+    n = 8
+    conns, replies = [], {}
+    try:
+        for i in range(n):
+            c = LineConn(srv.port)
+            conns.append(c)
+            assert c.line().startswith(b"220")
+            c.sock.sendall(b"EHLO c\r\n")
+            while not c.line().startswith(b"250 "):
+                pass
+        for i, c in enumerate(conns):
+            user = b"tim" if per == "user" else b"user%d" % i
+            pw = b"right" if i == n - 1 else b"guess%d" % i
+            before = started()
+            c.sock.sendall(b"AUTH PLAIN " + base64.b64encode(b"\0" + user + b"\0" + pw) + b"\r\n")
+            # decided once its checkprogram runs or it was answered (bounded wait)
+            end = time.monotonic() + 30
+            while started() == before:
+                got = c.line(wait=0.05)
+                if got is not None:
+                    replies[i] = got
+                    break
+                assert time.monotonic() < end, f"attempt {i} neither started nor answered"
+        assert started() == 3
+        (gate / "go").touch()
+        for i, c in enumerate(conns):
+            if i not in replies:
+                replies[i] = c.line(wait=30)
+    finally:
+        (gate / "go").touch()
+        for c in conns:
+            c.close()
+    codes = [int(replies[i][:3]) for i in range(n)]
+    assert codes == [535] * 3 + [454] * (n - 3), codes
+    assert replies[n - 1].startswith(b"454 4.7.0")                 # right password: never tried
+    tracker = srv.state.auth.by_user if per == "user" else srv.state.auth.by_ip
+    assert tracker.locked("tim" if per == "user" else "127.0.0.1")
 
 
 @pytest.mark.parametrize("loop", LOOPS)
