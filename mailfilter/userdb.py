@@ -59,7 +59,7 @@ from dataclasses import asdict, dataclass
 from mailfilter.core import core
 
 __all__ = [
-    "DEFAULT_PATH", "SCHEMA_VERSION", "User", "UserDB", "UserDBError", "UserDBUnavailable",
+    "DEFAULT_PATH", "SCHEMA_VERSION", "User", "UserDB", "UserDBError", "UserDBUnavailable", "UserDBBusy",
     "hash_password", "check_hash", "parse_poppasswd", "PoppasswdError", "EXPORT_HEADER",
 ]
 
@@ -92,6 +92,16 @@ class UserDBError(Exception):
 
 class UserDBUnavailable(UserDBError):
     """The database cannot be opened or read: a temporary failure (exit 111 / 454)."""
+
+
+class UserDBBusy(UserDBUnavailable):
+    """SQLite said busy/locked: another process holds a lock (retry after waiting)."""
+
+
+def _unavailable(path: str, exc: sqlite3.Error) -> UserDBUnavailable:
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    cls = UserDBBusy if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) else UserDBUnavailable
+    return cls(f"{path}: {exc}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +248,9 @@ class UserDB:
                                           check_same_thread=False)
             self._check_schema()
         except sqlite3.Error as exc:
-            raise UserDBUnavailable(f"{path}: {exc}") from None
+            if getattr(self, "db", None) is not None:
+                self.db.close()
+            raise _unavailable(path, exc) from None
         except OSError as exc:
             raise UserDBUnavailable(f"{path}: {exc.strerror or exc}") from None
 
@@ -266,6 +278,11 @@ class UserDB:
     def close(self) -> None:
         self.db.close()
 
+    def set_busy_timeout(self, seconds: float) -> None:
+        """How long a statement waits on another process's lock (0: fail at once
+        with UserDBBusy, for callers that must not block)."""
+        self.db.execute(f"PRAGMA busy_timeout = {max(0, int(seconds * 1000))}")
+
     def __enter__(self) -> "UserDB":
         return self
 
@@ -279,7 +296,7 @@ class UserDB:
                 "SELECT name, cram, hash, home, uid, gid, maildir, shell, changed "
                 "FROM users WHERE name = ?", (name,)).fetchone()
         except sqlite3.Error as exc:
-            raise UserDBUnavailable(f"{self.path}: {exc}") from None
+            raise _unavailable(self.path, exc) from None
         return None if row is None else User(*row)
 
     def users(self) -> list[User]:

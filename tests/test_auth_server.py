@@ -6,10 +6,12 @@ import base64
 import glob
 import hmac
 import logging
+import os
 import select
 import shutil
 import smtplib
 import socket
+import sqlite3
 import subprocess
 import time
 
@@ -231,8 +233,8 @@ class LineConn:
         """The next reply line, or None when none arrived within `wait` seconds."""
         end = time.monotonic() + wait
         while b"\n" not in self.buf:
-            left = end - time.monotonic()
-            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+            left = max(0.0, end - time.monotonic())
+            if not select.select([self.sock], [], [], left)[0]:
                 return None
             data = self.sock.recv(4096)
             if not data:
@@ -321,6 +323,152 @@ def test_fail_delay_does_not_block_the_loop(start, loop):
     a.settimeout(10)
     assert a.recv(1024).startswith(b"535 5.7.8")
     a.close()
+
+
+# --- the user database on disk ---------------------------------------------------------------
+def plain(srv, user, pw) -> tuple[int, bytes]:
+    s = client(srv)
+    try:
+        return s.docmd("AUTH", "PLAIN " + base64.b64encode(f"\0{user}\0{pw}".encode()).decode())
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("what", ["missing", "missing-dir", "not-a-db", "empty-file"])
+def test_missing_or_bad_userdb_is_454_and_never_created(start, tmp_path, what):
+    """A typo in --userdb must not create an empty database whose 535s count
+    towards lockouts: the server opens it read-only, trouble is 454."""
+    path = tmp_path / ("typo" if what == "missing-dir" else ".") / "users-typo.db"
+    if what == "not-a-db":
+        path.write_bytes(b"garbage" * 1000)
+    elif what == "empty-file":
+        path.write_bytes(b"")
+    srv = start(auth="", userdb=str(path))
+    for _ in range(2):
+        assert plain(srv, "tim", USERS["tim"]) == (454, b"4.7.0 temporary authentication failure")
+    assert path.exists() == (what in ("not-a-db", "empty-file"))
+    if what == "not-a-db":
+        assert path.read_bytes() == b"garbage" * 1000
+    assert not (tmp_path / "typo").exists()
+    assert srv.state.auth.by_user.count("tim") == 0 and srv.state.auth.by_ip.count("127.0.0.1") == 0
+
+
+def _replace_db(userdb, users):
+    new = userdb + ".new"
+    make_userdb(new, users)                # closed: the WAL is checkpointed and gone
+    os.replace(new, userdb)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_userdb_replaced_or_removed_on_disk(start, userdb, loop):
+    """`mv new.db users.db` takes effect on the next attempt (a removed user, a
+    changed password -- also one the success cache remembers); a removed file is
+    454, never an accept."""
+    srv = start(loop=loop, auth="+cram")
+    assert plain(srv, "tim", USERS["tim"])[0] == 235       # cached success from here on
+    assert plain(srv, "tim", USERS["tim"])[0] == 235
+    assert plain(srv, "bob", USERS["bob"])[0] == 235
+    _replace_db(userdb, {"tim": "new-pass", "alice": USERS["alice"]})
+    assert plain(srv, "tim", USERS["tim"])[0] == 535       # old password, though cached
+    assert plain(srv, "bob", USERS["bob"])[0] == 535       # removed user
+    assert plain(srv, "tim", "new-pass")[0] == 235
+    s = client(srv)
+    assert s.login("alice", USERS["alice"])[0] == 235      # CRAM-MD5 from the new file
+    s.quit()
+    for f in glob.glob(userdb + "*"):
+        os.unlink(f)
+    assert plain(srv, "tim", "new-pass")[0] == 454
+    assert plain(srv, "alice", USERS["alice"])[0] == 454
+    s = client(srv)
+    with pytest.raises(smtplib.SMTPAuthenticationError) as e:
+        s.auth("CRAM-MD5", lambda ch=None: "alice " + hmac.new(
+            USERS["alice"].encode(), ch, "md5").hexdigest() if ch else None,
+            initial_response_ok=False)
+    assert e.value.smtp_code == 454
+    s.close()
+    make_userdb(userdb, {"tim": "again"})                  # back: used again
+    assert plain(srv, "tim", "again")[0] == 235
+
+
+def test_dbverifier_follows_the_file_and_keeps_the_cache_honest(tmp_path):
+    from mailfilter.verify import DBVerifier
+    path = make_userdb(tmp_path / "users.db")
+    v = DBVerifier(path)
+    loop = asyncio.new_event_loop()
+    try:
+        def check(user, pw):
+            return loop.run_until_complete(v.verify(Credentials("PLAIN", user, pw.encode())))
+        assert check("tim", USERS["tim"]).result is Result.OK
+        assert check("tim", USERS["tim"]).reason == "cached"
+        _replace_db(path, {"tim": USERS["tim"]})           # same password, new record
+        out = check("tim", USERS["tim"])
+        assert out.result is Result.OK and out.reason != "cached"   # the new record was checked
+        _replace_db(path, {"alice": USERS["alice"]})
+        assert check("tim", USERS["tim"]).result is Result.FAIL
+        os.unlink(path)
+        out = check("alice", USERS["alice"])
+        assert out.result is Result.TEMP and "no such user database" in out.reason
+    finally:
+        v.close()
+        loop.close()
+
+
+LOCK_HOLDER = r"""
+import sqlite3, sys
+c = sqlite3.connect(sys.argv[1], isolation_level=None)
+c.execute("PRAGMA locking_mode=EXCLUSIVE")
+c.execute("BEGIN EXCLUSIVE")
+c.execute("UPDATE users SET changed = changed")
+print("locked", flush=True)
+sys.stdin.readline()                       # until the test says so (or closes the pipe)
+c.execute("COMMIT")
+c.close()
+"""
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("opened", [False, True])
+def test_locked_userdb_does_not_freeze_the_loop(start, userdb, monkeypatch, loop, opened):
+    """Another process holds an exclusive lock: the verifier waits for it in a
+    worker thread (first open or lookup alike), other sessions go on."""
+    if opened:
+        # a WAL reader that is already connected cannot be locked out; a
+        # rollback-journal database (restored, or made by another tool) can
+        raw = sqlite3.connect(userdb)
+        assert raw.execute("PRAGMA journal_mode=DELETE").fetchone()[0] == "delete"
+        raw.close()
+    from mailfilter.verify import DBVerifier
+    monkeypatch.setattr(DBVerifier, "timeout", 60.0, raising=False)   # outlasts the test's steps
+    srv = start(loop=loop, auth="")
+    if opened:
+        assert plain(srv, "bob", USERS["bob"])[0] == 235   # the connection is open already
+    holder = subprocess.Popen([PY, "-c", LOCK_HOLDER, userdb], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE)
+    a = None
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        a = LineConn(srv.port)
+        assert a.line().startswith(b"220")
+        a.sock.sendall(b"EHLO a\r\nAUTH PLAIN " + base64.b64encode(b"\0tim\0" + USERS["tim"].encode())
+                       + b"\r\n")
+        while not a.line().startswith(b"250 "):
+            pass
+        # while A's lookup waits on the lock, B gets a whole conversation done
+        b = client(srv)
+        assert b.noop()[0] == 250
+        b.quit()
+        assert a.line(wait=0) is None                      # A is still waiting on the lock
+        assert holder.poll() is None
+        holder.stdin.write(b"go\n")
+        holder.stdin.close()
+        assert holder.wait(timeout=30) == 0
+        assert a.line(wait=30).startswith(b"235 ")
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(timeout=30)
+        if a is not None:
+            a.close()
 
 
 # --- external checkpassword programs ---------------------------------------------------------
