@@ -6,8 +6,10 @@ OK / FAIL (535) / TEMP (454), never blocking the event loop.
 
 - DBVerifier: CRAM-MD5 in Cython from the stored HMAC-MD5 states
   (core.cram_verify, constant-time) on the loop -- it costs ~1 us; PLAIN/LOGIN
-  run the scrypt check in a worker thread (an unknown user costs the same
-  scrypt, so the reply time does not tell which names exist). Successful PLAIN/LOGIN checks are
+  run the scrypt check in a worker thread (an unknown user costs the same:
+  an scrypt with the parameters the records use, UserDB.dummy_user(), and a
+  CRAM-MD5 verification against random states, so the reply time does not
+  tell which names exist). Successful PLAIN/LOGIN checks are
   remembered for ``cache_ttl`` seconds as HMAC(process key, password) bound to
   the record's hash string (like Dovecot's auth_cache), so a client that logs in
   every few minutes does not cost a scrypt each time; changing the password
@@ -59,9 +61,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from mailfilter.sasl import Credentials
-from mailfilter.userdb import (
-    DEFAULT_PATH, User, UserDB, UserDBBusy, UserDBUnavailable, check_hash, hash_password,
-)
+from mailfilter.userdb import DEFAULT_PATH, User, UserDB, UserDBBusy, UserDBUnavailable, dummy_hash
 
 __all__ = [
     "Result", "Verdict", "ClientEnv", "DBVerifier", "CheckpasswordVerifier",
@@ -133,6 +133,8 @@ class DBVerifier:
         self._db: UserDB | None = None
         self._file: tuple[int, int] | None = None      # the file self._db has open
         self._lock = threading.Lock()                   # one user of self._db at a time
+        self._dummy: tuple[User, float] | None = None   # (record, refresh after)
+        self._cram_dummy = User("", os.urandom(32), "")
 
     def close(self) -> None:
         if self._lock.acquire(timeout=self.timeout):
@@ -165,6 +167,7 @@ class DBVerifier:
             if _file_id(self.path) == before:       # not replaced while we opened it
                 db.set_busy_timeout(0)              # the loop's lookups never wait
                 self._db, self._file = db, before
+                self._dummy = None                  # its records' parameters are read anew
                 return db
             db.close()
         raise UserDBUnavailable(f"{self.path}: replaced while being opened")
@@ -210,33 +213,54 @@ class DBVerifier:
             user = await asyncio.to_thread(self._lookup_wait, name)
         return user
 
-    # --- verification
-    _dummy_hash: str | None = None
+    # --- unknown users cost what known ones do (no timing oracle for names)
+    DUMMY_REFRESH = 300.0      # seconds before the records' scrypt parameters are re-read
+
+    def _dummy_record(self) -> User:
+        """Worker thread: a record shaped like the real ones (UserDB.dummy_user:
+        the scrypt parameters most records use), re-read on reopen and every
+        DUMMY_REFRESH seconds; the last one (or the defaults) when the database
+        cannot say."""
+        now = time.monotonic()
+        d = self._dummy
+        if d is not None and d[1] > now:
+            return d[0]
+        rec = None
+        if self._lock.acquire(timeout=self.timeout):
+            try:
+                if self._current():
+                    rec = self._db.dummy_user()
+            except UserDBUnavailable:
+                pass
+            finally:
+                self._lock.release()
+        if rec is None:
+            rec = d[0] if d is not None else User("", os.urandom(32), dummy_hash())
+        self._dummy = (rec, now + self.DUMMY_REFRESH)
+        return rec
 
     def _dummy_check(self, secret: bytes) -> None:
-        """Spend one scrypt on an unknown user's PLAIN/LOGIN password."""
-        if self._dummy_hash is None:
-            self._dummy_hash = hash_password(os.urandom(16))
-        check_hash(self._dummy_hash, secret)
+        """Spend on an unknown user's PLAIN/LOGIN password what a known one costs."""
+        self._dummy_record().check_password(secret)
 
     async def verify(self, creds: Credentials, env: ClientEnv | None = None) -> Verdict:
         try:
             user = await self.lookup(creds.user)
         except UserDBUnavailable as exc:
             return Verdict(Result.TEMP, f"user database unavailable: {exc}")
-        if user is None:
-            if not creds.cram:      # same scrypt cost as a known user: no timing oracle
-                await asyncio.to_thread(self._dummy_check, creds.secret)
-            return Verdict(Result.FAIL, "unknown user")
-        if creds.cram:
-            if user.cram is None:
-                return Verdict(Result.FAIL, "no CRAM-MD5 secret")
+        if creds.cram:              # ~1 us either way; an unknown user runs it too
+            if user is None or user.cram is None:
+                self._cram_dummy.check_cram(creds.challenge, creds.secret)
+                return Verdict(Result.FAIL, "unknown user" if user is None else "no CRAM-MD5 secret")
             ok = user.check_cram(creds.challenge, creds.secret)
             return Verdict(Result.OK) if ok else Verdict(Result.FAIL, "bad digest")
         # the cache key binds the record's hash string as just read from the
         # current file: a changed password, a removed user or a replaced file
         # (another record, another salt) misses it
         tag = hmac.new(self._key, creds.secret, hashlib.sha256).digest()
+        if user is None:            # the same scrypt as a known user's record
+            await asyncio.to_thread(self._dummy_check, creds.secret)
+            return Verdict(Result.FAIL, "unknown user")
         key = (user.name, user.hash)
         hit = self._cache.get(key)
         now = time.monotonic()

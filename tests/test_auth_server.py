@@ -583,12 +583,53 @@ def test_mailfilter_serve_process_with_auth_options(tmp_path, userdb):
 
 
 def test_unknown_user_plain_costs_a_scrypt_too(userdb):
+    from mailfilter.userdb import hash_params
     from mailfilter.verify import DBVerifier
     v = DBVerifier(userdb)
     out = run(v.verify(Credentials("PLAIN", "ghost", b"pw")))
     assert out.result is Result.FAIL and out.reason == "unknown user"
-    assert v._dummy_hash is not None
+    # the dummy record has the records' scrypt parameters (2^10 here), not a fixed 2^14
+    assert hash_params(v._dummy[0].hash) == (1 << 10, 8, 1)
+    out = run(v.verify(Credentials("CRAM-MD5", "ghost", b"0" * 32, b"<1.2@h>")))
+    assert out.result is Result.FAIL and out.reason == "unknown user"
     v.close()
+
+
+def test_server_unknown_user_runs_the_scrypt_of_the_records(tmp_path):
+    """`mailfilter serve` with records of cost 2^17: a PLAIN attempt for an
+    unknown user runs an scrypt with those parameters (128 MiB), not the
+    default 2^14 (16 MiB) -- seen as the server's peak memory, not a time."""
+    from auth_helpers import make_rules
+    path = str(tmp_path / "costly.db")
+    subprocess.run([PY, "-m", "mailfilter", "passwd", "--db", path, "--cost", "17", "add", "tim",
+                    "--stdin"], input=b"tanstaaftanstaaf\n", check=True, capture_output=True,
+                   timeout=120)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    p = subprocess.Popen([PY, "-m", "mailfilter", "serve", "--rules", make_rules(tmp_path),
+                          "--listen", f"127.0.0.1:{port}", "--deliver", "discard", "--auth", "",
+                          "--userdb", path, "--auth-fail-delay", "0", "--remote-host", "off"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(400):
+            try:
+                s = smtplib.SMTP("127.0.0.1", port, timeout=30)
+                break
+            except OSError:
+                time.sleep(0.05)
+        s.ehlo("c")
+        code, _ = s.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0ghost\0wrong").decode())
+        assert code == 535
+        s.quit()
+        # the peak RSS of the server's own address space since its exec (VmHWM;
+        # a wait4() ru_maxrss could carry the test runner's peak over a vfork)
+        with open(f"/proc/{p.pid}/status") as fh:
+            hwm_kib = next(int(l.split()[1]) for l in fh if l.startswith("VmHWM:"))
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+    assert hwm_kib / 1024 >= 128
 
 
 # --- verify.py units ---------------------------------------------------------------------

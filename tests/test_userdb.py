@@ -123,6 +123,21 @@ def test_inconsistent_record_refuses_plain(db):
     assert not db.get("tim").check_password(b"one")
 
 
+def test_dummy_user_has_the_records_scrypt_parameters(tmp_path):
+    with UserDB(str(tmp_path / "u.db"), scrypt_n=1 << 11) as d:
+        assert d.typical_hash_params() == (1 << 11, 8, 1)        # no records: the DB's default
+        d.put_many([d.make_user(f"u{i}", b"pw") for i in range(3)])
+    with UserDB(str(tmp_path / "u.db"), scrypt_n=1 << 10) as d:
+        d.add(d.make_user("newer", b"pw"))                     # one record at another cost
+        assert d.typical_hash_params() == (1 << 11, 8, 1)      # the most common one
+        dummy = d.dummy_user()
+        assert userdb.hash_params(dummy.hash) == (1 << 11, 8, 1) and len(dummy.cram) == 32
+        assert not dummy.check_password(b"pw") and not dummy.check_password(b"")
+        assert dummy.hash != d.dummy_user().hash                 # random salt and key each time
+    assert userdb.hash_params("scrypt$16384$8$1$c2FsdA==$a2V5") == (16384, 8, 1)
+    assert userdb.hash_params("md5$x") is None and userdb.hash_params("scrypt$a$8$1$s$k") is None
+
+
 def test_add_duplicate_set_delete(db):
     db.add(db.make_user("tim", b"a"))
     with pytest.raises(UserDBError):
