@@ -30,6 +30,14 @@ Failure accounting: a failure (535) counts for the client IP and for the user
 name in sliding windows of ``window`` seconds; ``max_fail_ip`` /
 ``max_fail_user`` failures lock that key for ``lockout`` seconds. A success
 clears the user's count (not the IP's). The tables are bounded (LRU).
+An attempt is counted as in flight for its IP and its user from before it is
+verified until its result is counted, and one is only started while failures
+in the window + attempts in flight stay below both limits; the others get
+the lockout's 454 at once. So 100 parallel guesses from one address get at
+most ``max_fail_user`` verifications for one user (and at most
+``max_fail_ip`` per address, which also bounds the checkpassword processes
+one client can have running). The tables are per process: with ``serve
+--workers N`` each worker counts for itself (README.md).
 
 Every attempt is logged as one key=value line: ``action=auth result=ok|fail|
 temp|locked|cancel|malformed|unavailable|unknown_mech mech= user= client=
@@ -95,7 +103,15 @@ class AuthConfig:
 
 
 class FailureTracker:
-    """Sliding-window failure counts with a temporary lockout, per key."""
+    """Sliding-window failure counts with a temporary lockout, per key, and the
+    attempts in flight (being verified) per key.
+
+    ``admit(key)`` reserves an attempt before it is verified; it is refused
+    while the key is locked or while failures in the window + attempts in
+    flight reach ``limit`` -- each attempt in flight may still become a
+    failure, so parallel attempts cannot overrun the limit. Every admitted
+    attempt is ``release``d once its failure (if any) is counted.
+    """
 
     def __init__(self, window: float, limit: int, lockout: float, size: int = 100_000,
                  clock=time.monotonic):
@@ -103,6 +119,7 @@ class FailureTracker:
         self.clock = clock
         self._fails: OrderedDict[str, deque] = OrderedDict()
         self._locked: dict[str, float] = {}
+        self._inflight: dict[str, int] = {}     # entries live only while attempts run
 
     def locked(self, key: str) -> bool:
         until = self._locked.get(key)
@@ -134,12 +151,40 @@ class FailureTracker:
             return True
         return False
 
+    def admit(self, key: str) -> bool:
+        """Reserve one attempt for `key`; False (nothing reserved) when the key is
+        locked or failures in the window + attempts in flight reach the limit."""
+        if self.locked(key):
+            return False
+        n = self._inflight.get(key, 0)
+        if self.limit > 0 and self.count(key) + n >= self.limit:
+            return False
+        self._inflight[key] = n + 1
+        return True
+
+    def release(self, key: str) -> None:
+        """End an admitted attempt (after its failure, if any, was counted)."""
+        n = self._inflight.get(key, 0) - 1
+        if n > 0:
+            self._inflight[key] = n
+        else:
+            self._inflight.pop(key, None)
+
+    def in_flight(self, key: str) -> int:
+        return self._inflight.get(key, 0)
+
     def clear(self, key: str) -> None:
         self._fails.pop(key, None)
 
     def count(self, key: str) -> int:
+        """Failures of `key` in the current window."""
         q = self._fails.get(key)
-        return 0 if q is None else len(q)
+        if q is None:
+            return 0
+        edge = self.clock() - self.window
+        while q and q[0] <= edge:
+            q.popleft()
+        return len(q)
 
 
 class AuthService:
@@ -231,40 +276,56 @@ class AuthSession:
 
     async def _verify(self, creds: Credentials) -> Reply:
         svc = self.service
-        if svc.by_user.locked(creds.user) or svc.by_ip.locked(self.client.ip):
-            self._log("locked", creds.mechanism, creds.user, "user or client ip locked")
-            return reply("auth_locked")
-        if creds.authzid and creds.authzid != creds.user:
-            result, reason = Result.FAIL, "authzid differs from authcid"
-        else:
-            try:
-                verifier = svc.verifier
-            except Exception as exc:         # e.g. the user DB cannot be created
-                result, reason = Result.TEMP, f"verifier unavailable: {type(exc).__name__}"
-            else:
-                c = self.client
-                env = ClientEnv(remote_ip=c.ip, remote_port=c.port, local_ip=c.local_ip,
-                                local_port=c.local_port,
-                                remote_host="" if c.host == "unknown" else c.host)
-                v = await verifier.verify(creds, env)
-                result, reason = v.result, v.reason
+        ip, user = self.client.ip, creds.user
+        # reserve the attempt BEFORE verifying: failures + attempts in flight
+        # stay within the limits however many arrive at once
+        if not svc.by_ip.admit(ip):
+            return self._refused(creds, "client ip", svc.by_ip, ip)
+        if not svc.by_user.admit(user):
+            svc.by_ip.release(ip)
+            return self._refused(creds, "user", svc.by_user, user)
+        try:
+            result, reason = await self._check(creds)
+            if result is Result.FAIL:        # counted before the attempt is released
+                self.failures += 1
+                locked_ip = svc.by_ip.failure(ip)
+                locked_user = svc.by_user.failure(user)
+                if locked_ip or locked_user:
+                    reason = f"{reason}; now locked ({'ip' if locked_ip else 'user'})"
+        finally:
+            svc.by_ip.release(ip)
+            svc.by_user.release(user)
         if result is Result.OK:
-            svc.by_user.clear(creds.user)
-            self.sp.auth_success(creds.user)
-            self._log("ok", creds.mechanism, creds.user, reason)
+            svc.by_user.clear(user)
+            self.sp.auth_success(user)
+            self._log("ok", creds.mechanism, user, reason)
             return reply("auth_ok")
         if result is Result.TEMP:
-            self._log("temp", creds.mechanism, creds.user, reason)
+            self._log("temp", creds.mechanism, user, reason)
             return reply("auth_temp")
-        self.failures += 1
-        locked_ip = svc.by_ip.failure(self.client.ip)
-        locked_user = svc.by_user.failure(creds.user)
-        if locked_ip or locked_user:
-            reason = f"{reason}; now locked ({'ip' if locked_ip else 'user'})"
-        self._log("fail", creds.mechanism, creds.user, reason)
+        self._log("fail", creds.mechanism, user, reason)
         cfg = svc.config
         if cfg.fail_delay > 0:
             await asyncio.sleep(cfg.fail_delay)
         if cfg.max_session_failures and self.failures >= cfg.max_session_failures:
             return reply("auth_too_many", host=self.host)
         return reply("auth_failed")
+
+    def _refused(self, creds: Credentials, what: str, tracker: FailureTracker, key: str) -> Reply:
+        why = (f"{what} locked" if tracker.locked(key)
+               else f"{what}: failures + attempts in flight at the limit")
+        self._log("locked", creds.mechanism, creds.user, why)
+        return reply("auth_locked")
+
+    async def _check(self, creds: Credentials) -> tuple[Result, str]:
+        if creds.authzid and creds.authzid != creds.user:
+            return Result.FAIL, "authzid differs from authcid"
+        try:
+            verifier = self.service.verifier
+        except Exception as exc:             # e.g. the verifier cannot be made
+            return Result.TEMP, f"verifier unavailable: {type(exc).__name__}"
+        c = self.client
+        env = ClientEnv(remote_ip=c.ip, remote_port=c.port, local_ip=c.local_ip,
+                        local_port=c.local_port, remote_host="" if c.host == "unknown" else c.host)
+        v = await verifier.verify(creds, env)
+        return v.result, v.reason

@@ -9,8 +9,10 @@ temporary problem (user database unreadable, chdir/setuid/exec failure).
 checkpassword PROG [ARGS]   (DJB interface against the user database)
     fd 3: login NUL password NUL [timestamp NUL]; the timestamp is ignored,
     as in DJB's own program. The password is checked against the record's
-    scrypt hash (userdb.py). On success: USER, HOME, SHELL (and MAILDIR when
-    the record has one) are set, the working directory becomes HOME (when
+    scrypt hash (userdb.py); an unknown login is checked against a dummy
+    record with the records' scrypt parameters first (the same cost, so no
+    timing oracle for login names). On success: USER, HOME, SHELL (and MAILDIR
+    when the record has one) are set, the working directory becomes HOME (when
     set), and -- when running as root and the record has uid/gid --
     supplementary groups, gid and uid are changed to the user's; then PROG is
     exec'ed. Records without uid/gid keep the caller's ids (virtual users).
@@ -20,7 +22,9 @@ cmd5checkpw PROG [ARGS]     (SPEC B §5: cmd5checkpw 0.30 compatible)
     user database's stored HMAC-MD5 states (core.cram_verify, constant-time),
     or, with ``--passwd FILE`` (poppasswd ``login:password``, clear text),
     from the clear password. Without a challenge: plain password compare
-    (scrypt for the database, constant-time compare for the file). Field
+    (scrypt for the database, constant-time compare for the file). An unknown
+    login goes through the same work against random secrets (dummy scrypt
+    with the records' parameters, dummy CRAM states or password). Field
     order: ``djb`` (default; login NUL digest NUL challenge NUL, Hoffmann
     0.30 / jms1 / vchkpw) or ``dabrowski`` (login NUL challenge NUL digest
     NUL, cmd5checkpw 0.22) by ``--order`` or ``CMD5CHECKPW_ORDER``. No
@@ -156,14 +160,13 @@ def checkpassword_main(argv: list[str] | None = None) -> int:
     try:
         with UserDB(_db_path(args), readonly=True) as db:
             rec = db.get(user)
+            # an unknown user costs the same scrypt: no timing oracle for names
+            check = rec if rec is not None else db.dummy_user()
     except UserDBUnavailable:
         tool.note("error", mech, user, "user database unreadable")
         return EXIT_TEMP
-    if rec is None:
-        tool.note("fail", mech, user, "unknown user")
-        return EXIT_FAIL
-    if not rec.check_password(password):
-        tool.note("fail", mech, user, "bad password")
+    if not check.check_password(password) or rec is None:
+        tool.note("fail", mech, user, "unknown user" if rec is None else "bad password")
         return EXIT_FAIL
     # DJB: set $USER $HOME $SHELL, groups, gid, uid, cwd, then run prog.
     os.environ["USER"] = rec.name
@@ -195,7 +198,7 @@ def _cmd5_options(p: argparse.ArgumentParser) -> None:
 
 def cmd5checkpw_main(argv: list[str] | None = None) -> int:
     from mailfilter.core import core
-    from mailfilter.userdb import UserDB, UserDBUnavailable, lookup_poppasswd
+    from mailfilter.userdb import User, UserDB, UserDBUnavailable, lookup_poppasswd
 
     args, tool, command, fields = _start("cmd5checkpw", "cmd5checkpw: CRAM-MD5 or plain, DJB interface",
                                          argv, _cmd5_options)
@@ -220,28 +223,35 @@ def cmd5checkpw_main(argv: list[str] | None = None) -> int:
     if not login or not secret:
         tool.note("fail", mech, user, "empty login or password")
         return EXIT_FAIL
+    # An unknown user (or one without a CRAM-MD5 secret) is checked against
+    # random secrets of the same shape, then fails: the same work either way,
+    # so the time of a failure does not tell which names exist.
     try:
         if args.passwd:
             clear = lookup_poppasswd(args.passwd, user)
-            if clear is None:
-                ok, reason = False, "unknown user"
+            pw = os.urandom(16).hex().encode() if clear is None else \
+                clear.encode("utf-8", "surrogateescape")
+            if challenge:
+                ok = core.cram_verify(core.cram_states(pw), challenge, secret)
             else:
-                pw = clear.encode("utf-8", "surrogateescape")
-                if challenge:
-                    ok = core.cram_verify(core.cram_states(pw), challenge, secret)
-                else:
-                    ok = hmac.compare_digest(pw, secret)
-                reason = "bad digest" if challenge else "bad password"
+                ok = hmac.compare_digest(pw, secret)
+            ok = ok and clear is not None
+            reason = "unknown user" if clear is None else ("bad digest" if challenge else "bad password")
         else:
             with UserDB(_db_path(args), readonly=True) as db:
                 rec = db.get(user)
-            if rec is None:
-                ok, reason = False, "unknown user"
-            elif challenge:
-                ok, reason = rec.check_cram(challenge, secret), (
-                    "bad digest" if rec.cram is not None else "no CRAM-MD5 secret")
+                if challenge:
+                    check = rec if rec is not None and rec.cram is not None else \
+                        User("", os.urandom(32), "")
+                else:
+                    check = rec if rec is not None else db.dummy_user()
+            if challenge:
+                ok = check.check_cram(challenge, secret) and check is rec
+                reason = ("unknown user" if rec is None else
+                          "bad digest" if rec.cram is not None else "no CRAM-MD5 secret")
             else:
-                ok, reason = rec.check_password(secret), "bad password"
+                ok = check.check_password(secret) and check is rec
+                reason = "unknown user" if rec is None else "bad password"
     except (OSError, UserDBUnavailable):
         tool.note("error", mech, user, "password file unreadable")
         return EXIT_TEMP

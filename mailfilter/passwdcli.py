@@ -20,7 +20,8 @@ problem`` and nothing at all is imported (exit 1). ``export`` writes the
 records -- CRAM states and scrypt hashes, never a clear password (there is
 none) -- as ``# mailfilter-userdb-export v1`` followed by one JSON object per
 user; ``import --records`` reads that back (moving a database between
-hosts). An export can answer CRAM-MD5 challenges: it is written mode 0600.
+hosts). An export can answer CRAM-MD5 challenges: it is written mode 0600,
+also over an existing file (a temporary 0600 file renamed over it).
 
 Exit codes: 0 ok, 1 refused (bad import, unknown/existing user), 2 usage or
 database error.
@@ -94,6 +95,38 @@ def _attrs(args) -> dict:
     return out
 
 
+def _write_private(path: str, text: str) -> None:
+    """Write `text` to `path` readable by the owner only (0600), whatever the
+    mode of a file already there: a regular file (or a new one) is replaced by
+    a temporary file created 0600 in the same directory and renamed over it,
+    so no reader can open it while it is still group- or world-readable.
+    A non-regular target (a FIFO, /dev/stdout) is written in place."""
+    import stat
+    import tempfile
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        return
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".export.")   # 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def cmd_passwd(args) -> int:
     from mailfilter.userdb import (
         DEFAULT_PATH, PoppasswdError, UserDB, UserDBError, UserDBUnavailable,
@@ -151,9 +184,7 @@ def cmd_passwd(args) -> int:
             if args.output == "-":
                 sys.stdout.write(text)
             else:
-                fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                    fh.write(text)
+                _write_private(args.output, text)
                 print(f"exported {text.count(chr(10)) - 1} user(s) to {args.output}", file=sys.stderr)
     except PoppasswdError as exc:
         for line in exc.problems:

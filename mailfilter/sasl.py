@@ -23,6 +23,11 @@ draft-murchison-sasl-login):
   refused by the caller (we authorise nobody as someone else);
 - LOGIN: optional initial response = user name; prompts ``Username:`` /
   ``Password:``; empty user or password is malformed;
+- a NUL byte in any user name or password (LOGIN, PLAIN, CRAM-MD5 user) is
+  malformed: the fields travel NUL-terminated on a checkprogram's fd 3, where
+  a password ``digest NUL challenge`` would turn a LOGIN into a replayed
+  CRAM-MD5 answer (PLAIN gets this from its split: a fourth field is
+  malformed);
 - CRAM-MD5: no initial response allowed (malformed); the challenge has the
   msg-id form ``<random.counter.timestamp@hostname>`` and is never reused
   within a process (a per-process counter) nor across processes (8 random
@@ -228,6 +233,8 @@ class Login(Exchange):
             return Challenge(b"Password:")
         if not data:
             return Failure("auth_malformed", "empty password")
+        if b"\0" in data:           # would add fields on a checkprogram's fd 3
+            return Failure("auth_malformed", "NUL in password")
         return Credentials("LOGIN", self.user or "", data)
 
 

@@ -34,6 +34,12 @@ same record"):
   transaction, and a record whose two halves disagree refuses PLAIN/LOGIN
   rather than silently trusting one half. The scrypt check is the slow part
   (~tens of ms); the server runs it in a worker thread (verify.py).
+- An unknown user costs the same: the server and both checkpassword tools
+  check the password against ``dummy_user()`` -- random secrets, the scrypt
+  parameters most common among the records -- and only then fail, so the
+  time of a failure does not tell which login names exist (whatever --cost
+  the records were made with). CRAM-MD5 likewise verifies against random
+  states.
 
 Invariants:
 - the clear password never reaches the file, a log or an exception message;
@@ -54,13 +60,15 @@ import json
 import os
 import sqlite3
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 from mailfilter.core import core
 
 __all__ = [
-    "DEFAULT_PATH", "SCHEMA_VERSION", "User", "UserDB", "UserDBError", "UserDBUnavailable",
-    "hash_password", "check_hash", "parse_poppasswd", "PoppasswdError", "EXPORT_HEADER",
+    "DEFAULT_PATH", "SCHEMA_VERSION", "User", "UserDB", "UserDBError", "UserDBUnavailable", "UserDBBusy",
+    "hash_password", "check_hash", "hash_params", "dummy_hash", "parse_poppasswd", "PoppasswdError",
+    "EXPORT_HEADER",
 ]
 
 DEFAULT_PATH = os.path.join("var", "users.db")
@@ -92,6 +100,16 @@ class UserDBError(Exception):
 
 class UserDBUnavailable(UserDBError):
     """The database cannot be opened or read: a temporary failure (exit 111 / 454)."""
+
+
+class UserDBBusy(UserDBUnavailable):
+    """SQLite said busy/locked: another process holds a lock (retry after waiting)."""
+
+
+def _unavailable(path: str, exc: sqlite3.Error) -> UserDBUnavailable:
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    cls = UserDBBusy if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) else UserDBUnavailable
+    return cls(f"{path}: {exc}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +150,25 @@ def hash_password(password: bytes, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: i
     salt = os.urandom(16) if salt is None else salt
     key = hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=_SCRYPT_MAXMEM, dklen=32)
     return f"scrypt${n}${r}${p}${_b64(salt)}${_b64(key)}"
+
+
+def hash_params(stored: str) -> tuple[int, int, int] | None:
+    """(N, r, p) of a hash_password() string, None when it is not one."""
+    parts = stored.split("$")
+    if len(parts) != 6 or parts[0] != "scrypt":
+        return None
+    try:
+        n, r, p = int(parts[1]), int(parts[2]), int(parts[3])
+    except ValueError:
+        return None
+    return (n, r, p) if n > 1 and r > 0 and p > 0 else None
+
+
+def dummy_hash(n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
+    """A hash string that no password matches (random salt and key), made
+    without running scrypt; checking a password against it costs one scrypt
+    with these parameters, as checking a real record with them does."""
+    return f"scrypt${n}${r}${p}${_b64(os.urandom(16))}${_b64(os.urandom(32))}"
 
 
 def check_hash(stored: str, password: bytes) -> bool:
@@ -199,16 +236,18 @@ def parse_poppasswd(text: str, path: str = "-") -> list[tuple[str, str]]:
 
 def lookup_poppasswd(path: str, login: str) -> str | None:
     """The clear password of `login` in a poppasswd file (first match), or None.
-    OSError propagates (the caller maps it to a temporary failure)."""
+    The whole file is read either way (a known login costs what an unknown
+    one does). OSError propagates (the caller maps it to a temporary failure)."""
+    found = None
     with open(path, encoding="utf-8", errors="surrogateescape") as fh:
         for raw in fh:
             line = raw.rstrip("\n").rstrip("\r")
             if not line or line.startswith("#"):
                 continue
             name, sep, password = line.partition(":")
-            if sep and name == login:
-                return password
-    return None
+            if sep and name == login and found is None:
+                found = password
+    return found
 
 
 # --- the database ----------------------------------------------------------------
@@ -238,7 +277,9 @@ class UserDB:
                                           check_same_thread=False)
             self._check_schema()
         except sqlite3.Error as exc:
-            raise UserDBUnavailable(f"{path}: {exc}") from None
+            if getattr(self, "db", None) is not None:
+                self.db.close()
+            raise _unavailable(path, exc) from None
         except OSError as exc:
             raise UserDBUnavailable(f"{path}: {exc.strerror or exc}") from None
 
@@ -266,6 +307,11 @@ class UserDB:
     def close(self) -> None:
         self.db.close()
 
+    def set_busy_timeout(self, seconds: float) -> None:
+        """How long a statement waits on another process's lock (0: fail at once
+        with UserDBBusy, for callers that must not block)."""
+        self.db.execute(f"PRAGMA busy_timeout = {max(0, int(seconds * 1000))}")
+
     def __enter__(self) -> "UserDB":
         return self
 
@@ -279,8 +325,28 @@ class UserDB:
                 "SELECT name, cram, hash, home, uid, gid, maildir, shell, changed "
                 "FROM users WHERE name = ?", (name,)).fetchone()
         except sqlite3.Error as exc:
-            raise UserDBUnavailable(f"{self.path}: {exc}") from None
+            raise _unavailable(self.path, exc) from None
         return None if row is None else User(*row)
+
+    def typical_hash_params(self, sample: int = 256) -> tuple[int, int, int]:
+        """The scrypt (N, r, p) most common among the `sample` most recently
+        added records; this database's defaults when it has none."""
+        try:
+            rows = self.db.execute("SELECT hash FROM users ORDER BY rowid DESC LIMIT ?",
+                                   (sample,)).fetchall()
+        except sqlite3.Error as exc:
+            raise _unavailable(self.path, exc) from None
+        counts = Counter(filter(None, (hash_params(h) for (h,) in rows)))
+        if not counts:
+            return self.scrypt_n, SCRYPT_R, SCRYPT_P
+        return counts.most_common(1)[0][0]
+
+    def dummy_user(self) -> User:
+        """A record no login matches, shaped like the real ones: checking an
+        unknown user's password against it costs what a known user's costs
+        (an scrypt with the parameters the records use, plus the CRAM states
+        compare), so the time of a failure does not tell which names exist."""
+        return User(name="", cram=os.urandom(32), hash=dummy_hash(*self.typical_hash_params()))
 
     def users(self) -> list[User]:
         try:

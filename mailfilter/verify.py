@@ -6,12 +6,25 @@ OK / FAIL (535) / TEMP (454), never blocking the event loop.
 
 - DBVerifier: CRAM-MD5 in Cython from the stored HMAC-MD5 states
   (core.cram_verify, constant-time) on the loop -- it costs ~1 us; PLAIN/LOGIN
-  run the scrypt check in a worker thread (an unknown user costs the same
-  scrypt, so the reply time does not tell which names exist). Successful PLAIN/LOGIN checks are
+  run the scrypt check in a worker thread (an unknown user costs the same:
+  an scrypt with the parameters the records use, UserDB.dummy_user(), and a
+  CRAM-MD5 verification against random states, so the reply time does not
+  tell which names exist). Successful PLAIN/LOGIN checks are
   remembered for ``cache_ttl`` seconds as HMAC(process key, password) bound to
   the record's hash string (like Dovecot's auth_cache), so a client that logs in
   every few minutes does not cost a scrypt each time; changing the password
   changes the hash string and so misses the cache.
+  The database is opened read-only (SQLite ``mode=ro``): the server never
+  creates it (``mailfilter passwd`` does); missing, unreadable or not a user
+  database -> TEMP (454), never a 535 that would count towards lockouts.
+  Opening happens only in a worker thread (SQLite may wait up to ``timeout``
+  seconds on another process's lock). Before each lookup the path is stat'ed:
+  another inode (``mv new.db users.db``) or no file means the connection is
+  dropped and the file at the path reopened (missing -> TEMP), so a removed
+  user or a replaced database takes effect on the next attempt. The lookup
+  itself runs on the loop with a zero busy timeout when the connection is
+  current; when SQLite reports a lock, or the file must be (re)opened, it is
+  done in a worker thread instead.
 - CheckpasswordVerifier (SPEC B §4.5, §6.4): per attempt, spawn
   ``argv = [checkprogram, subprogram, ...]`` with fd 3 = the read end of a
   pipe holding the three NUL-terminated fields, stdin/stdout on /dev/null,
@@ -23,7 +36,9 @@ fd 3 layouts (``fd3_payload``):
     PLAIN/LOGIN, both orders     user NUL password NUL NUL
     CRAM-MD5, order "djb"        user NUL hexdigest NUL challenge NUL   (default)
     CRAM-MD5, order "dabrowski"  user NUL challenge NUL hexdigest NUL
-The payload is refused (FAIL, nothing spawned) above 512 bytes (SPEC B §6.4.4).
+The payload is refused (FAIL, nothing spawned) above 512 bytes (SPEC B §6.4.4)
+and when any field holds a NUL byte (it would shift the fields: a LOGIN
+password ``digest NUL challenge`` read as a CRAM-MD5 answer).
 
 Exit status mapping (SPEC B §6.4.2): 0 -> OK; 1, 3, 12, 13, 15, 20-23 -> FAIL;
 2, 111, any other status, a signal, the timeout, a spawn error -> TEMP.
@@ -40,12 +55,13 @@ import hmac
 import os
 import shlex
 import signal
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from mailfilter.sasl import Credentials
-from mailfilter.userdb import DEFAULT_PATH, UserDB, UserDBUnavailable, check_hash, hash_password
+from mailfilter.userdb import DEFAULT_PATH, User, UserDB, UserDBBusy, UserDBUnavailable, dummy_hash
 
 __all__ = [
     "Result", "Verdict", "ClientEnv", "DBVerifier", "CheckpasswordVerifier",
@@ -86,43 +102,165 @@ class ClientEnv:
 
 
 # --- the built-in database ---------------------------------------------------------
-class DBVerifier:
-    """Verifies against a UserDB opened once (created on first use)."""
+_WAIT = object()          # "this lookup needs a worker thread"
 
-    def __init__(self, path: str = DEFAULT_PATH, *, cache_ttl: float = 300.0, cache_size: int = 10_000):
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file at `path`, None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+class DBVerifier:
+    """Verifies against the user database at ``path``: opened read-only (never
+    created; missing or unreadable -> TEMP), opened only in a worker thread,
+    and followed on disk (see the module docstring)."""
+
+    timeout = 5.0       # seconds an open or lookup may wait on another process's lock
+
+    def __init__(self, path: str = DEFAULT_PATH, *, cache_ttl: float = 300.0,
+                 cache_size: int = 10_000, timeout: float | None = None):
         self.path = path
-        self.db = UserDB(path)
+        if timeout is not None:
+            self.timeout = timeout
         self.cache_ttl = cache_ttl
         self.cache_size = cache_size
         self._key = os.urandom(32)
         self._cache: OrderedDict[tuple[str, str], tuple[bytes, float]] = OrderedDict()
+        self._db: UserDB | None = None
+        self._file: tuple[int, int] | None = None      # the file self._db has open
+        self._lock = threading.Lock()                   # one user of self._db at a time
+        self._dummy: tuple[User, float] | None = None   # (record, refresh after)
+        self._cram_dummy = User("", os.urandom(32), "")
 
     def close(self) -> None:
-        self.db.close()
+        if self._lock.acquire(timeout=self.timeout):
+            try:
+                self._drop()
+            finally:
+                self._lock.release()
 
-    _dummy_hash: str | None = None
+    # --- the connection (callers hold self._lock)
+    def _drop(self) -> None:
+        if self._db is not None:
+            db, self._db, self._file = self._db, None, None
+            db.close()
+
+    def _current(self) -> bool:
+        """Is the open connection the file now at self.path? (one stat)"""
+        return self._db is not None and _file_id(self.path) == self._file
+
+    def _open(self) -> UserDB:
+        """The connection to the file now at self.path: reopened when the file
+        was replaced (another inode) or removed. Blocking: worker thread only."""
+        if self._current():
+            return self._db
+        self._drop()                    # replaced or removed: never keep using the old file
+        for _ in range(3):
+            before = _file_id(self.path)
+            if before is None:
+                raise UserDBUnavailable(f"{self.path}: no such user database")
+            db = UserDB(self.path, readonly=True, timeout=self.timeout)
+            if _file_id(self.path) == before:       # not replaced while we opened it
+                db.set_busy_timeout(0)              # the loop's lookups never wait
+                self._db, self._file = db, before
+                self._dummy = None                  # its records' parameters are read anew
+                return db
+            db.close()
+        raise UserDBUnavailable(f"{self.path}: replaced while being opened")
+
+    def _lookup_now(self, name: str):
+        """On the loop: the record when it can be had without waiting (connection
+        open, file unchanged, no lock held by another process), else _WAIT."""
+        if not self._lock.acquire(blocking=False):
+            return _WAIT
+        try:
+            if not self._current():
+                return _WAIT
+            try:
+                return self._db.get(name)
+            except UserDBUnavailable:       # busy, or broken: the thread retries / reopens
+                return _WAIT
+        finally:
+            self._lock.release()
+
+    def _lookup_wait(self, name: str) -> User | None:
+        """In a worker thread: (re)open as needed, wait up to `timeout` on locks."""
+        if not self._lock.acquire(timeout=self.timeout):
+            raise UserDBUnavailable(f"{self.path}: busy")
+        try:
+            db = self._open()
+            db.set_busy_timeout(self.timeout)
+            try:
+                return db.get(name)
+            finally:
+                db.set_busy_timeout(0)
+        except UserDBBusy:
+            raise
+        except UserDBUnavailable:
+            self._drop()                    # reopened by the next attempt
+            raise
+        finally:
+            self._lock.release()
+
+    async def lookup(self, name: str) -> User | None:
+        """The user's record in the file now at self.path (UserDBUnavailable)."""
+        user = self._lookup_now(name)
+        if user is _WAIT:
+            user = await asyncio.to_thread(self._lookup_wait, name)
+        return user
+
+    # --- unknown users cost what known ones do (no timing oracle for names)
+    DUMMY_REFRESH = 300.0      # seconds before the records' scrypt parameters are re-read
+
+    def _dummy_record(self) -> User:
+        """Worker thread: a record shaped like the real ones (UserDB.dummy_user:
+        the scrypt parameters most records use), re-read on reopen and every
+        DUMMY_REFRESH seconds; the last one (or the defaults) when the database
+        cannot say."""
+        now = time.monotonic()
+        d = self._dummy
+        if d is not None and d[1] > now:
+            return d[0]
+        rec = None
+        if self._lock.acquire(timeout=self.timeout):
+            try:
+                if self._current():
+                    rec = self._db.dummy_user()
+            except UserDBUnavailable:
+                pass
+            finally:
+                self._lock.release()
+        if rec is None:
+            rec = d[0] if d is not None else User("", os.urandom(32), dummy_hash())
+        self._dummy = (rec, now + self.DUMMY_REFRESH)
+        return rec
 
     def _dummy_check(self, secret: bytes) -> None:
-        """Spend one scrypt on an unknown user's PLAIN/LOGIN password."""
-        if self._dummy_hash is None:
-            self._dummy_hash = hash_password(os.urandom(16), n=self.db.scrypt_n)
-        check_hash(self._dummy_hash, secret)
+        """Spend on an unknown user's PLAIN/LOGIN password what a known one costs."""
+        self._dummy_record().check_password(secret)
 
     async def verify(self, creds: Credentials, env: ClientEnv | None = None) -> Verdict:
         try:
-            user = self.db.get(creds.user)
-        except UserDBUnavailable:
-            return Verdict(Result.TEMP, "user database unavailable")
-        if user is None:
-            if not creds.cram:      # same scrypt cost as a known user: no timing oracle
-                await asyncio.to_thread(self._dummy_check, creds.secret)
-            return Verdict(Result.FAIL, "unknown user")
-        if creds.cram:
-            if user.cram is None:
-                return Verdict(Result.FAIL, "no CRAM-MD5 secret")
+            user = await self.lookup(creds.user)
+        except UserDBUnavailable as exc:
+            return Verdict(Result.TEMP, f"user database unavailable: {exc}")
+        if creds.cram:              # ~1 us either way; an unknown user runs it too
+            if user is None or user.cram is None:
+                self._cram_dummy.check_cram(creds.challenge, creds.secret)
+                return Verdict(Result.FAIL, "unknown user" if user is None else "no CRAM-MD5 secret")
             ok = user.check_cram(creds.challenge, creds.secret)
             return Verdict(Result.OK) if ok else Verdict(Result.FAIL, "bad digest")
+        # the cache key binds the record's hash string as just read from the
+        # current file: a changed password, a removed user or a replaced file
+        # (another record, another salt) misses it
         tag = hmac.new(self._key, creds.secret, hashlib.sha256).digest()
+        if user is None:            # the same scrypt as a known user's record
+            await asyncio.to_thread(self._dummy_check, creds.secret)
+            return Verdict(Result.FAIL, "unknown user")
         key = (user.name, user.hash)
         hit = self._cache.get(key)
         now = time.monotonic()
@@ -142,8 +280,15 @@ class DBVerifier:
 
 # --- an external checkpassword program -----------------------------------------------
 def fd3_payload(creds: Credentials, order: str = "djb") -> bytes:
-    """The bytes written to the checkprogram's fd 3 (SPEC B §4.5 conclusion)."""
+    """The bytes written to the checkprogram's fd 3 (SPEC B §4.5 conclusion).
+
+    ValueError when a field holds a NUL byte: it would end that field early and
+    let the client choose the next ones (a LOGIN password ``digest NUL
+    challenge`` is a CRAM-MD5 answer to cmd5checkpw). sasl.py already refuses
+    such input as malformed; this is the second line of defence."""
     user = creds.user.encode("utf-8", "surrogateescape")
+    if b"\0" in user or b"\0" in creds.secret or (creds.cram and b"\0" in creds.challenge):
+        raise ValueError("NUL byte in a credentials field")
     if not creds.cram:
         return user + b"\0" + creds.secret + b"\0\0"
     if order == "dabrowski":
@@ -181,7 +326,10 @@ class CheckpasswordVerifier:
         pass
 
     async def verify(self, creds: Credentials, env: ClientEnv | None = None) -> Verdict:
-        payload = fd3_payload(creds, self.order)
+        try:
+            payload = fd3_payload(creds, self.order)
+        except ValueError:                               # nothing spawned
+            return Verdict(Result.FAIL, "NUL byte in credentials")
         if len(payload) > FD3_LIMIT:                     # SPEC B §6.4.4: before spawning
             return Verdict(Result.FAIL, "credentials over 512 bytes")
         child_env = dict(self.base_env)

@@ -4,10 +4,14 @@ clients (smtplib, swaks), the user DB and external checkpassword programs
 import asyncio
 import base64
 import glob
+import hmac
 import logging
+import os
+import select
 import shutil
 import smtplib
 import socket
+import sqlite3
 import subprocess
 import time
 
@@ -199,6 +203,106 @@ def test_user_and_ip_lockout(start):
     s.quit()
 
 
+# a checkprogram that marks that it runs, then waits (bounded) for the test's "go";
+# exit 0 only for the password "right"
+GATED_CHECKPW = r"""
+import os, sys, time
+d = sys.argv[1]
+data = b""
+while True:
+    b = os.read(3, 513)
+    if not b:
+        break
+    data += b
+open(os.path.join(d, "started.%d" % os.getpid()), "w").close()
+end = time.monotonic() + 30
+while not os.path.exists(os.path.join(d, "go")) and time.monotonic() < end:
+    time.sleep(0.02)
+sys.exit(0 if data.split(b"\0")[1] == b"right" else 1)
+"""
+
+
+class LineConn:
+    """A raw client socket with a line buffer and bounded waits."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buf = b""
+
+    def line(self, wait: float = 10.0) -> bytes | None:
+        """The next reply line, or None when none arrived within `wait` seconds."""
+        end = time.monotonic() + wait
+        while b"\n" not in self.buf:
+            left = max(0.0, end - time.monotonic())
+            if not select.select([self.sock], [], [], left)[0]:
+                return None
+            data = self.sock.recv(4096)
+            if not data:
+                raise ConnectionError("closed")
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line + b"\n"
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("per", ["user", "ip"])
+def test_parallel_attempts_cannot_overrun_the_failure_limits(start, tmp_path, loop, per):
+    """Failures + attempts in flight respect the limits: with limit 3, eight
+    simultaneous guesses start three verifications; the rest get 454 at once,
+    including the right password sent last."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    prog = tmp_path / "gated.py"
+    prog.write_text(GATED_CHECKPW)
+    srv = start(loop=loop, auth="", checkpassword=f"{PY} {prog} {gate} true")
+    srv.state.auth.by_user.limit = 3 if per == "user" else 100
+    srv.state.auth.by_ip.limit = 3 if per == "ip" else 100
+
+    def started():
+        return len(list(gate.glob("started.*")))
+
+    n = 8
+    conns, replies = [], {}
+    try:
+        for i in range(n):
+            c = LineConn(srv.port)
+            conns.append(c)
+            assert c.line().startswith(b"220")
+            c.sock.sendall(b"EHLO c\r\n")
+            while not c.line().startswith(b"250 "):
+                pass
+        for i, c in enumerate(conns):
+            user = b"tim" if per == "user" else b"user%d" % i
+            pw = b"right" if i == n - 1 else b"guess%d" % i
+            before = started()
+            c.sock.sendall(b"AUTH PLAIN " + base64.b64encode(b"\0" + user + b"\0" + pw) + b"\r\n")
+            # decided once its checkprogram runs or it was answered (bounded wait)
+            end = time.monotonic() + 30
+            while started() == before:
+                got = c.line(wait=0.05)
+                if got is not None:
+                    replies[i] = got
+                    break
+                assert time.monotonic() < end, f"attempt {i} neither started nor answered"
+        assert started() == 3
+        (gate / "go").touch()
+        for i, c in enumerate(conns):
+            if i not in replies:
+                replies[i] = c.line(wait=30)
+    finally:
+        (gate / "go").touch()
+        for c in conns:
+            c.close()
+    codes = [int(replies[i][:3]) for i in range(n)]
+    assert codes == [535] * 3 + [454] * (n - 3), codes
+    assert replies[n - 1].startswith(b"454 4.7.0")                 # right password: never tried
+    tracker = srv.state.auth.by_user if per == "user" else srv.state.auth.by_ip
+    assert tracker.locked("tim" if per == "user" else "127.0.0.1")
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_fail_delay_does_not_block_the_loop(start, loop):
     srv = start(loop=loop, auth="", auth_fail_delay=1.0)
@@ -219,6 +323,152 @@ def test_fail_delay_does_not_block_the_loop(start, loop):
     a.settimeout(10)
     assert a.recv(1024).startswith(b"535 5.7.8")
     a.close()
+
+
+# --- the user database on disk ---------------------------------------------------------------
+def plain(srv, user, pw) -> tuple[int, bytes]:
+    s = client(srv)
+    try:
+        return s.docmd("AUTH", "PLAIN " + base64.b64encode(f"\0{user}\0{pw}".encode()).decode())
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("what", ["missing", "missing-dir", "not-a-db", "empty-file"])
+def test_missing_or_bad_userdb_is_454_and_never_created(start, tmp_path, what):
+    """A typo in --userdb must not create an empty database whose 535s count
+    towards lockouts: the server opens it read-only, trouble is 454."""
+    path = tmp_path / ("typo" if what == "missing-dir" else ".") / "users-typo.db"
+    if what == "not-a-db":
+        path.write_bytes(b"garbage" * 1000)
+    elif what == "empty-file":
+        path.write_bytes(b"")
+    srv = start(auth="", userdb=str(path))
+    for _ in range(2):
+        assert plain(srv, "tim", USERS["tim"]) == (454, b"4.7.0 temporary authentication failure")
+    assert path.exists() == (what in ("not-a-db", "empty-file"))
+    if what == "not-a-db":
+        assert path.read_bytes() == b"garbage" * 1000
+    assert not (tmp_path / "typo").exists()
+    assert srv.state.auth.by_user.count("tim") == 0 and srv.state.auth.by_ip.count("127.0.0.1") == 0
+
+
+def _replace_db(userdb, users):
+    new = userdb + ".new"
+    make_userdb(new, users)                # closed: the WAL is checkpointed and gone
+    os.replace(new, userdb)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_userdb_replaced_or_removed_on_disk(start, userdb, loop):
+    """`mv new.db users.db` takes effect on the next attempt (a removed user, a
+    changed password -- also one the success cache remembers); a removed file is
+    454, never an accept."""
+    srv = start(loop=loop, auth="+cram")
+    assert plain(srv, "tim", USERS["tim"])[0] == 235       # cached success from here on
+    assert plain(srv, "tim", USERS["tim"])[0] == 235
+    assert plain(srv, "bob", USERS["bob"])[0] == 235
+    _replace_db(userdb, {"tim": "new-pass", "alice": USERS["alice"]})
+    assert plain(srv, "tim", USERS["tim"])[0] == 535       # old password, though cached
+    assert plain(srv, "bob", USERS["bob"])[0] == 535       # removed user
+    assert plain(srv, "tim", "new-pass")[0] == 235
+    s = client(srv)
+    assert s.login("alice", USERS["alice"])[0] == 235      # CRAM-MD5 from the new file
+    s.quit()
+    for f in glob.glob(userdb + "*"):
+        os.unlink(f)
+    assert plain(srv, "tim", "new-pass")[0] == 454
+    assert plain(srv, "alice", USERS["alice"])[0] == 454
+    s = client(srv)
+    with pytest.raises(smtplib.SMTPAuthenticationError) as e:
+        s.auth("CRAM-MD5", lambda ch=None: "alice " + hmac.new(
+            USERS["alice"].encode(), ch, "md5").hexdigest() if ch else None,
+            initial_response_ok=False)
+    assert e.value.smtp_code == 454
+    s.close()
+    make_userdb(userdb, {"tim": "again"})                  # back: used again
+    assert plain(srv, "tim", "again")[0] == 235
+
+
+def test_dbverifier_follows_the_file_and_keeps_the_cache_honest(tmp_path):
+    from mailfilter.verify import DBVerifier
+    path = make_userdb(tmp_path / "users.db")
+    v = DBVerifier(path)
+    loop = asyncio.new_event_loop()
+    try:
+        def check(user, pw):
+            return loop.run_until_complete(v.verify(Credentials("PLAIN", user, pw.encode())))
+        assert check("tim", USERS["tim"]).result is Result.OK
+        assert check("tim", USERS["tim"]).reason == "cached"
+        _replace_db(path, {"tim": USERS["tim"]})           # same password, new record
+        out = check("tim", USERS["tim"])
+        assert out.result is Result.OK and out.reason != "cached"   # the new record was checked
+        _replace_db(path, {"alice": USERS["alice"]})
+        assert check("tim", USERS["tim"]).result is Result.FAIL
+        os.unlink(path)
+        out = check("alice", USERS["alice"])
+        assert out.result is Result.TEMP and "no such user database" in out.reason
+    finally:
+        v.close()
+        loop.close()
+
+
+LOCK_HOLDER = r"""
+import sqlite3, sys
+c = sqlite3.connect(sys.argv[1], isolation_level=None)
+c.execute("PRAGMA locking_mode=EXCLUSIVE")
+c.execute("BEGIN EXCLUSIVE")
+c.execute("UPDATE users SET changed = changed")
+print("locked", flush=True)
+sys.stdin.readline()                       # until the test says so (or closes the pipe)
+c.execute("COMMIT")
+c.close()
+"""
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("opened", [False, True])
+def test_locked_userdb_does_not_freeze_the_loop(start, userdb, monkeypatch, loop, opened):
+    """Another process holds an exclusive lock: the verifier waits for it in a
+    worker thread (first open or lookup alike), other sessions go on."""
+    if opened:
+        # a WAL reader that is already connected cannot be locked out; a
+        # rollback-journal database (restored, or made by another tool) can
+        raw = sqlite3.connect(userdb)
+        assert raw.execute("PRAGMA journal_mode=DELETE").fetchone()[0] == "delete"
+        raw.close()
+    from mailfilter.verify import DBVerifier
+    monkeypatch.setattr(DBVerifier, "timeout", 60.0, raising=False)   # outlasts the test's steps
+    srv = start(loop=loop, auth="")
+    if opened:
+        assert plain(srv, "bob", USERS["bob"])[0] == 235   # the connection is open already
+    holder = subprocess.Popen([PY, "-c", LOCK_HOLDER, userdb], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE)
+    a = None
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        a = LineConn(srv.port)
+        assert a.line().startswith(b"220")
+        a.sock.sendall(b"EHLO a\r\nAUTH PLAIN " + base64.b64encode(b"\0tim\0" + USERS["tim"].encode())
+                       + b"\r\n")
+        while not a.line().startswith(b"250 "):
+            pass
+        # while A's lookup waits on the lock, B gets a whole conversation done
+        b = client(srv)
+        assert b.noop()[0] == 250
+        b.quit()
+        assert a.line(wait=0) is None                      # A is still waiting on the lock
+        assert holder.poll() is None
+        holder.stdin.write(b"go\n")
+        holder.stdin.close()
+        assert holder.wait(timeout=30) == 0
+        assert a.line(wait=30).startswith(b"235 ")
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(timeout=30)
+        if a is not None:
+            a.close()
 
 
 # --- external checkpassword programs ---------------------------------------------------------
@@ -270,6 +520,28 @@ def test_server_drives_checkpassword_tool(start, userdb, sink):
     assert "checkpassword[" in sink.lines()[0]
 
 
+@pytest.mark.parametrize("order", ["djb", "dabrowski"])
+def test_login_password_with_nul_cannot_replay_a_cram_answer(start, userdb, sink, order):
+    """A sniffed CRAM-MD5 (challenge, digest) sent as a LOGIN password
+    ``digest NUL challenge`` must not become cmd5checkpw's CRAM-MD5 fields."""
+    srv = start(auth="+cram", checkpassword_order=order,
+                checkpassword=f"{PY} -m mailfilter cmd5checkpw --order {order} --db {userdb} true")
+    s = client(srv)                                        # the victim's exchange, on the wire
+    code, ch64 = s.docmd("AUTH", "CRAM-MD5")
+    assert code == 334
+    challenge = base64.b64decode(ch64)
+    digest = hmac.new(USERS["tim"].encode(), challenge, "md5").hexdigest().encode()
+    assert s.docmd(base64.b64encode(b"tim " + digest).decode())[0] == 235
+    s.quit()
+    a = client(srv)                                        # the attacker replays it via LOGIN
+    assert a.docmd("AUTH", "LOGIN " + base64.b64encode(b"tim").decode())[0] == 334
+    pw = digest + b"\0" + challenge if order == "djb" else challenge + b"\0" + digest
+    assert a.docmd(base64.b64encode(pw).decode()) == (501, b"5.5.2 malformed auth input")
+    assert relay_ok(a) == 553
+    a.quit()
+    assert [l.split(": ", 1)[1].split(" mech")[0] for l in sink.lines()] == ["auth success"]
+
+
 @pytest.mark.parametrize("script,code", [("exit 111", 454), ("exit 2", 454), ("kill -9 $$", 454),
                                          ("exit 3", 535), ("exit 1", 535), ("exec true", 235)])
 def test_checkpassword_exit_codes_over_smtp(start, script, code):
@@ -311,12 +583,53 @@ def test_mailfilter_serve_process_with_auth_options(tmp_path, userdb):
 
 
 def test_unknown_user_plain_costs_a_scrypt_too(userdb):
+    from mailfilter.userdb import hash_params
     from mailfilter.verify import DBVerifier
     v = DBVerifier(userdb)
     out = run(v.verify(Credentials("PLAIN", "ghost", b"pw")))
     assert out.result is Result.FAIL and out.reason == "unknown user"
-    assert v._dummy_hash is not None
+    # the dummy record has the records' scrypt parameters (2^10 here), not a fixed 2^14
+    assert hash_params(v._dummy[0].hash) == (1 << 10, 8, 1)
+    out = run(v.verify(Credentials("CRAM-MD5", "ghost", b"0" * 32, b"<1.2@h>")))
+    assert out.result is Result.FAIL and out.reason == "unknown user"
     v.close()
+
+
+def test_server_unknown_user_runs_the_scrypt_of_the_records(tmp_path):
+    """`mailfilter serve` with records of cost 2^17: a PLAIN attempt for an
+    unknown user runs an scrypt with those parameters (128 MiB), not the
+    default 2^14 (16 MiB) -- seen as the server's peak memory, not a time."""
+    from auth_helpers import make_rules
+    path = str(tmp_path / "costly.db")
+    subprocess.run([PY, "-m", "mailfilter", "passwd", "--db", path, "--cost", "17", "add", "tim",
+                    "--stdin"], input=b"tanstaaftanstaaf\n", check=True, capture_output=True,
+                   timeout=120)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    p = subprocess.Popen([PY, "-m", "mailfilter", "serve", "--rules", make_rules(tmp_path),
+                          "--listen", f"127.0.0.1:{port}", "--deliver", "discard", "--auth", "",
+                          "--userdb", path, "--auth-fail-delay", "0", "--remote-host", "off"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(400):
+            try:
+                s = smtplib.SMTP("127.0.0.1", port, timeout=30)
+                break
+            except OSError:
+                time.sleep(0.05)
+        s.ehlo("c")
+        code, _ = s.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0ghost\0wrong").decode())
+        assert code == 535
+        s.quit()
+        # the peak RSS of the server's own address space since its exec (VmHWM;
+        # a wait4() ru_maxrss could carry the test runner's peak over a vfork)
+        with open(f"/proc/{p.pid}/status") as fh:
+            hwm_kib = next(int(l.split()[1]) for l in fh if l.startswith("VmHWM:"))
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+    assert hwm_kib / 1024 >= 128
 
 
 # --- verify.py units ---------------------------------------------------------------------
@@ -326,6 +639,23 @@ def test_fd3_layouts():
     assert fd3_payload(plain) == fd3_payload(plain, "dabrowski") == b"tim\0pw\0\0"
     assert fd3_payload(cram) == b"tim\0" + b"d" * 32 + b"\0<1.2@h>\0"
     assert fd3_payload(cram, "dabrowski") == b"tim\0<1.2@h>\0" + b"d" * 32 + b"\0"
+
+
+def test_fd3_payload_refuses_nul_in_any_field():
+    for creds in (Credentials("LOGIN", "tim", b"d" * 32 + b"\0<1.2@h>"),
+                  Credentials("PLAIN", "ti\0m", b"pw"),
+                  Credentials("CRAM-MD5", "tim", b"d\0" * 16, b"<1.2@h>"),
+                  Credentials("CRAM-MD5", "tim", b"d" * 32, b"<1.2\0@h>")):
+        for order in ("djb", "dabrowski"):
+            with pytest.raises(ValueError):
+                fd3_payload(creds, order)
+
+
+def test_checkpassword_verifier_never_spawns_for_nul_credentials(tmp_path):
+    marker = tmp_path / "ran"
+    v = CheckpasswordVerifier(["/bin/sh", "-c", f"touch {marker}"])   # would say OK
+    out = run(v.verify(Credentials("LOGIN", "tim", b"d" * 32 + b"\0<1.2@h>")))
+    assert out.result is Result.FAIL and "NUL" in out.reason and not marker.exists()
 
 
 def test_exit_status_mapping():

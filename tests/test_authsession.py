@@ -41,6 +41,28 @@ def test_failure_tracker_window_and_lockout():
     assert not t.locked("a")
 
 
+def test_failure_tracker_counts_attempts_in_flight():
+    now = [1000.0]
+    t = FailureTracker(window=60, limit=3, lockout=300, clock=lambda: now[0])
+    assert t.admit("a") and t.admit("a") and t.admit("a")
+    assert not t.admit("a") and t.in_flight("a") == 3      # 3 in flight may all fail
+    assert t.admit("b")                                    # other keys are independent
+    t.release("a")
+    assert t.admit("a")
+    assert not t.failure("a")                              # one of the 3 failed
+    t.release("a")
+    assert t.count("a") == 1 and t.in_flight("a") == 2 and not t.admit("a")
+    now[0] += 61                                           # the failure leaves the window
+    assert t.admit("a")
+    for _ in range(3):
+        t.release("a")
+    assert t.in_flight("a") == 0 and "a" not in t._inflight
+    t.failure("a"), t.failure("a")
+    assert t.failure("a") and not t.admit("a")             # locked
+    unlimited = FailureTracker(window=60, limit=0, lockout=300)
+    assert all(unlimited.admit("x") for _ in range(1000))
+
+
 def test_failure_tracker_is_bounded():
     t = FailureTracker(window=60, limit=100, lockout=1, size=10)
     for i in range(50):

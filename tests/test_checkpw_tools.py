@@ -204,3 +204,78 @@ def test_hostile_login_cannot_forge_log_lines(env):
     run_tool("cmd5checkpw", b"evil\nauth success user=root\0pw\0\0", ["true"], env["env"])
     (line,) = env["sink"].lines()
     assert "\n" not in line and "\\x0a" in line
+
+
+# --- unknown users cost what known users cost --------------------------------------------
+SCRYPT_MIB = 128        # cost 2^17, r=8: scrypt fills 128 * r * N bytes = 128 MiB
+
+
+# Spawns the tool from a small fresh process and reports its exit code and
+# ru_maxrss: a child's ru_maxrss starts from its parent's address space (the
+# whole test runner's, over a vfork), so the parent must be small.
+RSS_HELPER = """
+import os, subprocess, sys
+p = subprocess.Popen(sys.argv[1:], pass_fds=(3,), stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
+_, status, usage = os.wait4(p.pid, 0)
+p.returncode = 0
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
+"""
+
+
+def tool_peak_rss_mib(tool, payload, argv, env, extra=()) -> tuple[int, float]:
+    """Run the tool with `payload` on fd 3; its exit code and peak RSS in MiB
+    -- a memory footprint, not a time."""
+    r, w = os.pipe()
+    try:
+        os.write(w, payload)
+        os.close(w)
+        w = -1
+        out = subprocess.run([PY, "-c", RSS_HELPER, *TOOL, tool, *extra, *argv], env=env,
+                             capture_output=True, text=True, timeout=120, close_fds=False,
+                             preexec_fn=lambda: _to_fd3(r))
+    finally:
+        if w >= 0:
+            os.close(w)
+        os.close(r)
+    assert out.returncode == 0, out.stderr
+    code, kib = out.stdout.split()
+    return int(code), int(kib) / 1024
+
+
+@pytest.fixture
+def costly_db(tmp_path):
+    """Records made with scrypt cost 2^17 (the server default is 2^14), by the
+    CLI in its own process (this process stays small)."""
+    path = str(tmp_path / "costly.db")
+    subprocess.run([*TOOL, "passwd", "--db", path, "--cost", "17", "add", "tim", "--stdin"],
+                   input=b"tanstaaftanstaaf\n", check=True, capture_output=True, timeout=120)
+    return path
+
+
+@pytest.mark.parametrize("tool", ["checkpassword", "cmd5checkpw"])
+def test_unknown_user_runs_the_scrypt_of_the_records(env, costly_db, tool):
+    """An unknown login must cost the scrypt a known one costs, with the
+    records' parameters (the tools skipped it: exit 1 came faster). Seen as
+    the tool's peak memory: scrypt 2^17 needs 128 MiB, the tool alone a
+    fraction of that."""
+    e = dict(env["env"], MAILFILTER_USERDB=costly_db)
+    code, known = tool_peak_rss_mib(tool, b"tim\0wrong\0\0", ["true"], e)
+    assert code == 1 and known >= SCRYPT_MIB
+    code, unknown = tool_peak_rss_mib(tool, b"ghost\0wrong\0\0", ["true"], e)
+    assert code == 1 and unknown >= SCRYPT_MIB
+    lines = env["sink"].lines()
+    assert "bad password" in lines[0] and "unknown user" in lines[1]
+
+
+def test_cmd5checkpw_unknown_user_cram_and_passwd_file_still_fail(env, tmp_path):
+    ch = b"<1.2@x>"
+    ghost = b"ghost\0" + cram(b"tanstaaftanstaaf", ch) + b"\0" + ch + b"\0"
+    assert run_tool("cmd5checkpw", ghost, ["true"], env["env"]).returncode == 1
+    pp = tmp_path / "poppasswd"
+    pp.write_text("tim:tanstaaftanstaaf\ntim:second\n")
+    for payload, code in ((ghost, 1), (b"ghost\0tanstaaftanstaaf\0\0", 1),
+                          (b"tim\0tanstaaftanstaaf\0\0", 0), (b"tim\0second\0\0", 1)):
+        assert run_tool("cmd5checkpw", payload, ["true"], env["env"],
+                        ("--passwd", str(pp))).returncode == code
+    assert sum("unknown user" in l for l in env["sink"].lines()) == 3

@@ -93,6 +93,24 @@ def test_login_empty_fields_malformed():
     assert ex.step(b"=").reply == "auth_malformed"          # empty password
 
 
+@pytest.mark.parametrize("mech,lines", [
+    ("LOGIN", [b"tim", b"b913a602c7eda7a495b4e6e7334d3890\0<1.2@mx>"]),   # password with NUL
+    ("LOGIN", [b"tim", b"pw\0"]),
+    ("LOGIN", [b"ti\0m"]),                                                # user with NUL
+    ("PLAIN", [b"\0tim\0digest\0<1.2@mx>"]),                              # a fourth field
+    ("PLAIN", [b"\0tim\0pw\0"]),
+])
+def test_nul_in_a_login_or_plain_field_is_malformed(mech, lines):
+    """A NUL would end the field on a checkprogram's fd 3 and let the client pick
+    the next ones (LOGIN password = digest NUL challenge: a replayed CRAM-MD5)."""
+    ex = new_exchange(mech, "mx")
+    out = ex.start(None)
+    for line in lines:
+        assert isinstance(out, Challenge)
+        out = ex.step(b64(line))
+    assert isinstance(out, Failure) and out.reply == "auth_malformed"
+
+
 RFC2195_CHALLENGE = b"<1896.697170952@postoffice.reston.mci.net>"
 
 

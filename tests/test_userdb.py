@@ -123,6 +123,21 @@ def test_inconsistent_record_refuses_plain(db):
     assert not db.get("tim").check_password(b"one")
 
 
+def test_dummy_user_has_the_records_scrypt_parameters(tmp_path):
+    with UserDB(str(tmp_path / "u.db"), scrypt_n=1 << 11) as d:
+        assert d.typical_hash_params() == (1 << 11, 8, 1)        # no records: the DB's default
+        d.put_many([d.make_user(f"u{i}", b"pw") for i in range(3)])
+    with UserDB(str(tmp_path / "u.db"), scrypt_n=1 << 10) as d:
+        d.add(d.make_user("newer", b"pw"))                     # one record at another cost
+        assert d.typical_hash_params() == (1 << 11, 8, 1)      # the most common one
+        dummy = d.dummy_user()
+        assert userdb.hash_params(dummy.hash) == (1 << 11, 8, 1) and len(dummy.cram) == 32
+        assert not dummy.check_password(b"pw") and not dummy.check_password(b"")
+        assert dummy.hash != d.dummy_user().hash                 # random salt and key each time
+    assert userdb.hash_params("scrypt$16384$8$1$c2FsdA==$a2V5") == (16384, 8, 1)
+    assert userdb.hash_params("md5$x") is None and userdb.hash_params("scrypt$a$8$1$s$k") is None
+
+
 def test_add_duplicate_set_delete(db):
     db.add(db.make_user("tim", b"a"))
     with pytest.raises(UserDBError):
@@ -261,6 +276,20 @@ def test_passwd_cli_import_export_round_trip(tmp_path):
     assert passwd(tmp_path, "import", str(pp)).returncode == 0
     with UserDB(str(tmp_path / "u.db"), readonly=True) as db:
         assert db.get("tim").check_password(b"changed") and db.get("tim").home == "/home/tim"
+
+
+def test_passwd_cli_export_over_an_existing_file_is_0600(tmp_path):
+    """The export can answer CRAM-MD5 challenges: an existing 0644 file must not
+    keep its mode."""
+    assert passwd(tmp_path, "add", "tim", "--stdin", input="s3cret\n").returncode == 0
+    exp = tmp_path / "export.txt"
+    exp.write_text("old\n")
+    exp.chmod(0o644)
+    r = passwd(tmp_path, "export", "-o", str(exp))
+    assert r.returncode == 0, r.stderr
+    assert (exp.stat().st_mode & 0o777) == 0o600
+    assert exp.read_text().startswith(userdb.EXPORT_HEADER)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".export")) == []
 
 
 def test_passwd_cli_bad_import_reports_file_line_imports_nothing(tmp_path):
