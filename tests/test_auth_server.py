@@ -555,31 +555,19 @@ def test_checkpassword_exit_codes_over_smtp(start, script, code):
 def test_mailfilter_serve_process_with_auth_options(tmp_path, userdb):
     """The real `mailfilter serve` command line: --auth, --userdb, --auth-fail-delay."""
     from auth_helpers import make_rules
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    p = subprocess.Popen([PY, "-m", "mailfilter", "serve", "--rules", make_rules(tmp_path),
-                          "--listen", f"127.0.0.1:{port}", "--deliver", "discard",
-                          "--auth", "!cram", "--userdb", userdb, "--auth-fail-delay", "0",
-                          "--remote-host", "off"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    from tests.server_harness import spawn_serve
+    sp = spawn_serve("--rules", make_rules(tmp_path), "--deliver", "discard", "--auth", "!cram",
+                     "--userdb", userdb, "--auth-fail-delay", "0")
     try:
-        for _ in range(200):
-            try:
-                s = smtplib.SMTP("127.0.0.1", port, timeout=10)
-                break
-            except OSError:
-                time.sleep(0.05)
-        s.ehlo("c")
-        assert s.esmtp_features["auth"].strip() == "CRAM-MD5"
-        assert s.mail("a@client.test")[0] == 530               # "!": required before MAIL
-        assert s.login("tim", USERS["tim"])[0] == 235
-        assert relay_ok(s) == 250
-        s.quit()
+        with smtplib.SMTP("127.0.0.1", sp.port, timeout=10) as s:
+            s.ehlo("c")
+            assert s.esmtp_features["auth"].strip() == "CRAM-MD5"
+            assert s.mail("a@client.test")[0] == 530               # "!": required before MAIL
+            assert s.login("tim", USERS["tim"])[0] == 235
+            assert relay_ok(s) == 250
+        sp.log.wait_for(r"action=auth result=ok mech=CRAM-MD5 user=tim")
     finally:
-        p.terminate()
-        _, err = p.communicate(timeout=20)
-    assert b"action=auth result=ok mech=CRAM-MD5 user=tim" in err
+        sp.stop()
 
 
 def test_unknown_user_plain_costs_a_scrypt_too(userdb):
@@ -604,31 +592,20 @@ def test_server_unknown_user_runs_the_scrypt_of_the_records(tmp_path):
     subprocess.run([PY, "-m", "mailfilter", "passwd", "--db", path, "--cost", "17", "add", "tim",
                     "--stdin"], input=b"tanstaaftanstaaf\n", check=True, capture_output=True,
                    timeout=120)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    p = subprocess.Popen([PY, "-m", "mailfilter", "serve", "--rules", make_rules(tmp_path),
-                          "--listen", f"127.0.0.1:{port}", "--deliver", "discard", "--auth", "",
-                          "--userdb", path, "--auth-fail-delay", "0", "--remote-host", "off"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from tests.server_harness import spawn_serve
+    sp = spawn_serve("--rules", make_rules(tmp_path), "--deliver", "discard", "--auth", "",
+                     "--userdb", path, "--auth-fail-delay", "0")
     try:
-        for _ in range(400):
-            try:
-                s = smtplib.SMTP("127.0.0.1", port, timeout=30)
-                break
-            except OSError:
-                time.sleep(0.05)
-        s.ehlo("c")
-        code, _ = s.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0ghost\0wrong").decode())
-        assert code == 535
-        s.quit()
+        with smtplib.SMTP("127.0.0.1", sp.port, timeout=30) as s:
+            s.ehlo("c")
+            code, _ = s.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0ghost\0wrong").decode())
+            assert code == 535
         # the peak RSS of the server's own address space since its exec (VmHWM;
         # a wait4() ru_maxrss could carry the test runner's peak over a vfork)
-        with open(f"/proc/{p.pid}/status") as fh:
+        with open(f"/proc/{sp.proc.pid}/status") as fh:
             hwm_kib = next(int(l.split()[1]) for l in fh if l.startswith("VmHWM:"))
     finally:
-        p.terminate()
-        p.wait(timeout=30)
+        sp.stop()
     assert hwm_kib / 1024 >= 128
 
 
