@@ -2,7 +2,8 @@
 
 Job: build the ServerState from options (compile `--rules` or load `--bundle`),
 refuse an accidental open relay (SPEC A §4), listen on every `--listen`
-address, and run until SIGTERM/SIGINT. SIGHUP recompiles (with `--rules`: in
+address, and run until SIGTERM/SIGINT (then drain: `_drain_sessions`).
+SIGHUP recompiles (with `--rules`: in
 a child process, `mailfilter compile`, since compiling in a thread would hold
 the GIL and stall every session for seconds on a big rule set) or reloads
 (with `--bundle`, in a worker thread); a failure keeps the old rules and logs
@@ -375,12 +376,41 @@ async def serve(opts: ServeOptions, state: ServerState, ready=None, reuse_port: 
     await stop.wait()
     for s in servers:
         s.close()
-    for session in list(state.sessions):
-        session._abort(reply("shutdown", host=state.engine_config.greeting.split()[0]))
+    await _drain_sessions(state)
     for s in servers:
         await s.wait_closed()
     await state.delivery.close()
     state.auth.close()
+
+
+SHUTDOWN_GRACE = 30.0      # seconds a delivery in flight may take to finish after SIGTERM
+
+
+async def _drain_sessions(state: ServerState) -> None:
+    """SIGTERM: idle sessions get 421 at once; a session whose reply is in
+    flight (a delivery being committed, a DNS answer, a tarpit) may finish
+    it for up to SHUTDOWN_GRACE seconds, as qmail's running qmail-smtpd
+    children finish after tcpserver stops: a message being stored is not
+    thrown away (the client would send it again: a duplicate at best).
+    Then every session left gets the 421."""
+    bye = reply("shutdown", host=state.engine_config.greeting.split()[0])
+    busy = []
+    for session in list(state.sessions):
+        task = session.task
+        if task is not None and not task.done():
+            busy.append(task)
+        else:
+            session._abort(bye)
+    if busy:
+        logger.info("shutdown: waiting up to %g s for %d session(s) with a reply in flight",
+                    SHUTDOWN_GRACE, len(busy))
+        _, late = await asyncio.wait(busy, timeout=SHUTDOWN_GRACE)
+        if late:
+            logger.warning("shutdown: %d session(s) still busy after %g s: closed",
+                           len(late), SHUTDOWN_GRACE)
+    for session in list(state.sessions):
+        session._abort(bye)
+    logger.info("shutdown: done")
 
 
 def new_loop(kind: str) -> asyncio.AbstractEventLoop:

@@ -6,11 +6,13 @@ them to $FAKEQQ_OUT.msg and $FAKEQQ_OUT.env, and exits with $FAKEQQ_EXIT
 FAKEQQ_EXIT=noread:N exits N without reading anything. FAKEQQ_EXIT=hang
 reads the message, then writes its pid and a newline to the fifo $FAKEQQ_READY
 (when set), keeps the fifo open and never exits: the test sees the pid, and
-EOF on the fifo once the child is dead.
+EOF on the fifo once the child is dead. FAKEQQ_EXIT=wait:PATH writes the
+outputs, then exits 0 once PATH exists (at most 60 s, else exit 81).
 """
 import os
 import signal
 import sys
+import time
 
 
 def read_all(fd: int) -> bytes:
@@ -38,6 +40,15 @@ def main() -> int:
     out = os.environ["FAKEQQ_OUT"]
     with open(out + ".msg", "wb") as f:
         f.write(msg)
+    if how.startswith("wait:"):
+        with open(out + ".env", "wb") as f:
+            f.write(env)
+        go = how.split(":", 1)[1]
+        for _ in range(1200):
+            if os.path.exists(go):
+                return 0
+            time.sleep(0.05)
+        return 81
     with open(out + ".env", "wb") as f:
         f.write(env)
     if how == "kill":

@@ -299,6 +299,37 @@ def test_dual_stack_listen(rules, tmp_path):
         assert sp.stop() == 0
 
 
+def test_sigterm_lets_a_delivery_in_flight_finish(tmp_path, rules):
+    """SIGTERM: an idle session gets 421 at once; a message being stored is
+    not thrown away: its delivery finishes (within the shutdown grace), the
+    client gets its 250, then 421 (qmail: running qmail-smtpd children
+    finish after tcpserver stops)."""
+    out, go = tmp_path / "qq", tmp_path / "go"
+    fakeqq = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_qmail_queue.py")
+    sp = spawn_serve("--rules", rules, "--deliver", f"qmail-queue:{sys.executable} {fakeqq}",
+                     env={"FAKEQQ_OUT": str(out), "FAKEQQ_EXIT": f"wait:{go}"})
+    try:
+        c = session(sp.port, RELAY)
+        c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
+        assert [r[0] for r in c.replies(3)] == [250, 250, 354]
+        c.send(b"Subject: in flight\r\n\r\nbody\r\n.\r\n")
+        for _ in range(400):                        # bounded: 20 s for qmail-queue to have it
+            if os.path.exists(f"{out}.env"):
+                break
+            threading.Event().wait(0.05)
+        idle = session(sp.port)
+        sp.signal(signal.SIGTERM)
+        assert first(idle.reply()).startswith("421 4.3.2 ")
+        sp.log.wait_for(r"shutdown: waiting up to 30 s for 1 session\(s\) with a reply in flight")
+        go.write_text("")                          # qmail-queue may finish now
+        assert first(c.reply()).startswith("250 2.0.0 ok")
+        assert first(c.reply()).startswith("421 4.3.2 ")
+        assert sp.proc.wait(TIMEOUT) == 0
+        assert open(f"{out}.msg", "rb").read().endswith(b"Subject: in flight\n\nbody\n")
+    finally:
+        sp.stop()
+
+
 def test_kill_9_during_delivery_leaves_nothing_partial(served, tmp_path):
     """SPEC A §9 / DESIGN Delivery: kill -9 mid-message (and right after the
     end of data) never leaves a partial message in new/: either nothing, or
