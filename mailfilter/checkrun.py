@@ -12,6 +12,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from mailfilter.bundle import Bundle
+from mailfilter.dnscheck import literal_status
 from mailfilter.policy import Client, PolicyEngine, PolicyOptions, Verdict
 from mailfilter.replies import REPLIES, reply
 from mailfilter.smtpconn import NEED_DATA, Closed, EngineConfig, Mail, Rcpt, SMTPConnection
@@ -37,7 +38,14 @@ class CheckReport:
 
     @property
     def all_accepted(self) -> bool:
-        return all(s.verdict in ("accept",) for s in self.stages)
+        """README: exit 0 when every recipient would be accepted. A stage's
+        pending rejection shows at the RCPTs (a relay client may pass it), so
+        with recipients only their verdicts and hard refusals count; without
+        any, a pending rejection means every RCPT would be refused."""
+        if any(s.verdict in ("reject", "tempfail") for s in self.stages):
+            return False
+        rcpts = [s for s in self.stages if s.stage == "RCPT"]
+        return all(s.verdict == "accept" for s in (rcpts or self.stages))
 
     def as_dict(self) -> dict:
         return {"accepted": self.all_accepted, "stages": [s.as_dict() for s in self.stages]}
@@ -67,8 +75,15 @@ def _add_note(res: StageResult, note: str) -> None:
     res.note = f"{res.note}; {note}" if res.note else note
 
 
-def _dns_check(res: StageResult, resolver, label: str, lookup, record) -> None:
-    """The server's DNS call for this stage, or a note that it was skipped."""
+def _dns_check(res: StageResult, resolver, label: str, lookup, record, name: str) -> None:
+    """The server's DNS call for this stage, or a note that it was skipped;
+    an address literal needs no DNS (dnscheck.literal_status), so it is
+    judged here as the server judges it, with or without --dns."""
+    literal = literal_status(name)
+    if literal is not None:
+        record(literal)
+        _add_note(res, f"{label}: {literal} (address literal, no lookup)")
+        return
     if resolver is None:
         _add_note(res, f"{label}: not performed (use --dns)")
         return
@@ -143,7 +158,7 @@ def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | Non
         query = session.helo_dns_query()
         if query is not None:
             _dns_check(res, resolver, f"HELOCHECK DNS {query[0]} {query[1]}",
-                       lambda r: r.check(*query), session.set_helo_dns)
+                       lambda r: r.check(*query), session.set_helo_dns, query[1])
         report.stages.append(res)
     syntax = _Syntax(engine)
     if sender is not None:
@@ -162,7 +177,7 @@ def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | Non
         dom = session.mail_dns_query()
         if dom is not None:
             _dns_check(res, resolver, f"MFDNSCHECK MX {dom}", lambda r: r.has_mx(dom),
-                       session.set_mail_dns)
+                       session.set_mail_dns, dom)
         report.stages.append(res)
         if v.accept:
             for rcpt in recipients:

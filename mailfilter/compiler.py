@@ -185,10 +185,20 @@ def _rcpthost_ok(text: str) -> bool:
     return bool(name) and all(_HOST_LABEL.match(label) for label in name.split("."))
 
 
+def _cidr_key(net) -> tuple:
+    """An IPv4-mapped IPv6 prefix (::ffff:a.b.c.d/96+) is the IPv4 prefix it
+    matches: the trie stores it so (cidr_build), dual-stack clients are
+    looked up as IPv4, so `10.1.2.3` and `::ffff:10.1.2.3` are one key."""
+    mapped = net.network_address.ipv4_mapped if net.version == 6 and net.prefixlen >= 96 else None
+    if mapped is not None:
+        return ("cidr", mapped.packed, net.prefixlen - 96)
+    return ("cidr", net.network_address.packed, net.prefixlen)
+
+
 def _tcp_keys(rule: cf.TcpRule) -> list[tuple]:
     """The tcprules keys a rule stands for: `1.2.3.` and `1.2.3.0/24` are one key."""
     if rule.kind == "cidr":
-        return [("cidr", n.network_address.packed, n.prefixlen) for n in rule.networks]
+        return [_cidr_key(n) for n in rule.networks]
     if rule.kind == "default":
         return [("default",)]
     return [("host", rule.host)]
@@ -419,7 +429,10 @@ class _Compiler:
         present = [n for n in HOST_LISTS if n in self.src.lists]
         if not present:
             return
-        self.meta["rcpthosts_present"] = "rcpthosts" in self.src.lists
+        # either file turns the check on, even empty (SPEC B §1.8: an existing
+        # empty list accepts no domain); an empty morercpthosts alone used to
+        # count as "no list" (open relay with --open-relay, postmaster refused)
+        self.meta["rcpthosts_present"] = True
         parts = _ListParts()
         for name in present:
             for line in self.each(name, self.src.lists[name]):

@@ -385,12 +385,14 @@ class SessionPolicy:
         self.rcpt_count = 0
         self.accepted = 0
 
-    def _listed(self, matcher, data: bytes, mode: int) -> int:
+    def _listed(self, matcher, data: bytes, mode: int, qregex: bool | None = None) -> int:
         """Deciding rule id if `data` is listed (rejected), else -1; an `!`
-        exception as last match means "not listed" (spamcontrol, B §2.5)."""
+        exception as last match means "not listed" (spamcontrol, B §2.5).
+        `qregex`: the list's dialect (default: the rules'); relaymailfrom is
+        a spamcontrol list in both dialects (compiled as one, rules/README)."""
         if matcher is None:
             return -1
-        if self.engine.qregex:
+        if self.engine.qregex if qregex is None else qregex:
             return matcher.first_fire(data)
         rid = matcher.last_match(data, mode)
         if rid >= 0 and self.engine.bundle.flags(rid) & FLAG_EXCEPTION:
@@ -487,7 +489,7 @@ class SessionPolicy:
             return _V_MAIL_OK
         data = sender.encode("latin-1", "replace")
         if prof.relaymailfrom and eng.relaymailfrom is not None:
-            if self._listed(eng.relaymailfrom, data, MODE_ADDRESS) >= 0:
+            if self._listed(eng.relaymailfrom, data, MODE_ADDRESS, qregex=False) >= 0:
                 self.sender_relay = True
         if prof.disable_badmailfrom:
             return _V_MAIL_OK

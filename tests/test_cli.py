@@ -77,6 +77,50 @@ def test_check_relay_client_and_rcpthosts():
     assert "isn't in my list of allowed rcpthosts" in no.stdout
 
 
+def _rules(tmp_path, files: dict) -> str:
+    d = tmp_path / "r"
+    d.mkdir()
+    for name, text in files.items():
+        (d / name).write_text(text)
+    return str(d)
+
+
+def test_check_exit_0_when_every_recipient_is_accepted(tmp_path):
+    """README: exit 0 if every recipient would be accepted. A relay client
+    with a bad HELO passes (HELO pending-reject, RCPT accept); it used to exit
+    1 because a stage was not "accept". Without recipients a pending
+    rejection still exits 1 (every RCPT would be refused)."""
+    rules = _rules(tmp_path, {"badhelo": "localhost\n", "rcpthosts": "example.com\n",
+                              "tcp.smtp": '127.0.0.1:allow,RELAYCLIENT="",HELOCHECK=""\n'
+                                          ':allow,HELOCHECK=""\n'})
+    relay = mf("check", "--rules", rules, "--ip", "127.0.0.1", "--helo", "localhost",
+               "--from", "a@b.c", "--rcpt", "x@example.com", "--json")
+    doc = json.loads(relay.stdout)
+    assert [s["verdict"] for s in doc["stages"]] == ["accept", "pending-reject", "accept", "accept"]
+    assert relay.returncode == 0 and doc["accepted"] is True
+    other = mf("check", "--rules", rules, "--ip", "203.0.113.9", "--helo", "localhost",
+               "--from", "a@b.c", "--rcpt", "x@example.com")
+    assert other.returncode == 1
+    no_rcpt = mf("check", "--rules", rules, "--ip", "203.0.113.9", "--helo", "localhost")
+    assert no_rcpt.returncode == 1
+
+
+def test_check_judges_address_literals_without_dns(tmp_path):
+    """The server judges [literals] without a lookup; so does check, --dns or
+    not (it used to call them "not performed" and let them pass)."""
+    rules = _rules(tmp_path, {"rcpthosts": "example.com\n",
+                              "tcp.smtp": ':allow,HELOCHECK="A",MFDNSCHECK=""\n'})
+    bad = mf("check", "--rules", rules, "--ip", "198.51.100.7", "--helo", "[300.1.1.1]",
+             "--from", "a@[192.0.2.1]", "--rcpt", "x@example.com")
+    assert bad.returncode == 1, bad.stdout
+    assert "HELOCHECK DNS A [300.1.1.1]: fail (address literal, no lookup)" in bad.stdout
+    assert "MFDNSCHECK MX [192.0.2.1]: ok (address literal, no lookup)" in bad.stdout
+    assert "550 5.7.1 sorry, invalid HELO/EHLO greeting" in bad.stdout.splitlines()[-1]
+    good = mf("check", "--rules", rules, "--ip", "198.51.100.7", "--helo", "[192.0.2.7]",
+              "--from", "a@[IPv6:2001:db8::1]", "--rcpt", "x@example.com")
+    assert good.returncode == 0, good.stdout
+
+
 def test_check_errors_exit_2(tmp_path):
     bad = tmp_path / "bad.mfb"
     bad.write_bytes(b"garbage" * 30)

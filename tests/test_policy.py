@@ -258,6 +258,45 @@ def test_morercpthosts_merged_with_rcpthosts(tmp_path):
     assert s.rcpt("u@example.com").reason == "rcpthosts"
 
 
+@pytest.mark.parametrize("text", ["", "# no domains yet\n"])
+def test_an_empty_morercpthosts_alone_is_a_list(tmp_path, text):
+    """SPEC B §1.8: an existing list, even empty, turns the check on: no
+    domain is accepted for non-relay clients, a bare `postmaster` still is
+    (README). It used to count as "no list": an open relay with
+    --open-relay, and postmaster refused without."""
+    d = tmp_path / "emptymore"
+    d.mkdir()
+    (d / "morercpthosts").write_text(text)
+    for open_relay in (False, True):
+        eng = PolicyEngine(bundle.from_compiled(compiler.compile_dir(str(d))),
+                           PolicyOptions(open_relay=open_relay))
+        assert eng.rcpthosts_present
+        s = eng.session(Client(ip="203.0.113.5"))
+        s.helo("x")
+        s.mail("a@b.example")
+        assert s.rcpt("u@victim.example").reason == "rcpthosts"
+        assert s.rcpt("postmaster").accept
+
+
+def test_qregex_relaymailfrom_is_a_spamcontrol_list(tmp_path):
+    """rules/README: qregex turns only the bad* and *norelay files into regex
+    lists; relaymailfrom keeps last-match-wins with `!` exceptions and every
+    entry kind. In qregex mode it used to be asked first_fire(), which sees
+    regex lines only: a `!`-excluded sender could relay, @domain lines never
+    matched."""
+    eng = engine(tmp_path, {"dialect": "qregex\n",
+                            "relaymailfrom": "/@partner\\.example$/\n!evil@partner.example\n@trusted.example\n",
+                            "tcp.smtp": ':allow,RELAYMAILFROM=""\n'})
+    for sender, relayed in (("good@partner.example", True), ("evil@partner.example", False),
+                            ("x@trusted.example", True), ("x@other.example", False)):
+        s = eng.session(Client(ip="203.0.113.5"))
+        s.helo("mx.example.org")
+        s.mail(sender)
+        v = s.rcpt("u@far.example")
+        assert v.accept == relayed, (sender, v)
+        assert (v.reason == "relay_sender") if relayed else (v.reason == "rcpthosts")
+
+
 def test_qregex_badhelo_binds_relay_clients(tmp_path):
     """qregex: `badhelo` has no split horizon (only NOBADHELO turns it off);
     `badhelonorelay` spares relay clients (SPEC B §3.1)."""
