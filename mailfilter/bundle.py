@@ -238,22 +238,27 @@ class Bundle:
         # 3 u32 words per rule id: file index << 16 | kind << 8 | flags, line,
         # aux. Public so the policy can test a flag without a method call.
         self.rule_words = rules.cast("I")
-        self.files: list[str] = self.meta["files"]
-        self.dialect: str = self.meta["dialect"]
-        self.scalars: dict[str, str] = self.meta["scalars"]
-        self.integers: dict[str, int] = self.meta["integers"]
+        try:
+            self.files: list[str] = list(self.meta["files"])
+            self.dialect: str = self.meta["dialect"]
+            self.scalars: dict[str, str] = dict(self.meta["scalars"])
+            self.integers: dict[str, int] = dict(self.meta["integers"])
+            tcp = dict(self.meta.get("tcp", {}))
+            self.tcp_settings: list[dict[str, str]] = list(tcp.get("settings", []))
+            self.tcp_default: int = int(tcp.get("default", -1))
+            self.tcp_present: bool = bool(tcp.get("present", False))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # a CRC only proves the file is as written; a hand-made bundle can
+            # still be malformed: refuse it here, not with a traceback later
+            raise BundleError(f"{source}: malformed metadata ({type(exc).__name__}: {exc})") from None
         try:
             self.lists = {name: self._list(name) for name in self.meta["lists"]}
             self.tables = {name: core.HashTable(self._sections["H:" + name]) for name in self.meta["tables"]}
             self.signatures = {name: core.AhoCorasick(self._sections["A:" + name])
                                for name in self.meta["signatures"]}
             self.cidr = core.CidrTrie(self._sections["C:tcp.smtp"]) if "C:tcp.smtp" in self._sections else None
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise BundleError(f"{source}: damaged section ({exc})") from None
-        tcp = self.meta.get("tcp", {})
-        self.tcp_settings: list[dict[str, str]] = tcp.get("settings", [])
-        self.tcp_default: int = tcp.get("default", -1)
-        self.tcp_present: bool = tcp.get("present", False)
 
     def _list(self, name: str):
         sources = self.meta["regex"].get(name, [])

@@ -18,6 +18,7 @@ Invariants (SPEC A §2, DESIGN.md):
 """
 from __future__ import annotations
 
+import re
 import re._constants as _c
 
 import re2
@@ -37,14 +38,72 @@ class RegexError(ValueError):
     """A pattern RE2 does not accept."""
 
 
+# RE2's simplifier expands counted repeats (x{n,m} -> up to m copies) and
+# dies on a CHECK (abort, not an exception) when one node gets over 65535
+# children: `/a{1000}a{1000}.../` kills the process. Patterns whose expansion
+# could come near that are refused before RE2 sees them.
+MAX_EXPANDED = 50_000
+_COUNT = re.compile(r"\{(\d*)(?:,(\d*))?\}")
+
+
+def _shown(pattern: str) -> str:
+    """The pattern for a message: control and 8-bit characters as \\xNN, so a
+    diagnostic cannot carry a CR or an escape sequence to the terminal."""
+    return "".join(c if " " <= c <= "~" else f"\\x{ord(c):02x}" for c in pattern)
+
+
+def _expanded(items) -> int:
+    """Nodes of a parse tree once counted repeats are expanded (an upper
+    bound of what RE2's simplifier builds)."""
+    total = 0
+    for op, arg in items:
+        if op in (_c.MAX_REPEAT, _c.MIN_REPEAT, _c.POSSESSIVE_REPEAT):
+            lo, hi, sub = arg
+            copies = lo + 1 if hi == _c.MAXREPEAT else max(hi, 1)
+            total += copies * _expanded(sub)
+        elif op is _c.SUBPATTERN:
+            total += 1 + _expanded(arg[-1])
+        elif op is _c.BRANCH:
+            total += 1 + sum(_expanded(alt) for alt in arg[1])
+        elif op in (_c.ATOMIC_GROUP, _c.ASSERT, _c.ASSERT_NOT):
+            total += 1 + _expanded(arg if op is _c.ATOMIC_GROUP else arg[1])
+        else:
+            total += 1
+        if total > MAX_EXPANDED:
+            break
+    return total
+
+
+def expansion(pattern: str) -> int:
+    """How big `pattern` gets once its counted repeats are expanded: from
+    RE2's own reading (re2syntax) when it is certain, else the product of
+    every repeat count in the text (cruder, never smaller)."""
+    parsed = _analysis(pattern)
+    if parsed is not None:
+        return _expanded(parsed)
+    product = len(pattern)
+    for lo, hi in _COUNT.findall(pattern):
+        product *= max(int(lo or 0), int(hi or 0), 1)
+        if product > MAX_EXPANDED:
+            break
+    return product
+
+
 def compile_re2(pattern: str):
     """Compile `pattern` (Latin-1 text) for bytes input, case-insensitive."""
+    trailing = len(pattern) - len(pattern.rstrip("\\"))
+    if trailing % 2:
+        # RE2 refuses it; pyre2 would hand RE2 the C string's NUL after it
+        raise RegexError(f"RE2 cannot compile /{_shown(pattern)}/: trailing backslash")
+    if expansion(pattern) > MAX_EXPANDED:
+        raise RegexError(f"RE2 cannot compile /{_shown(pattern)}/: over {MAX_EXPANDED} nodes "
+                         "once its counted repeats are expanded (RE2 would abort)")
     try:
         compiled = re2.compile(pattern.encode("latin-1"), re2.IGNORECASE)
     except Exception as exc:  # re2 raises re.error or its own RegexError
-        raise RegexError(f"RE2 cannot compile /{pattern}/: {exc}") from None
+        raise RegexError(f"RE2 cannot compile /{_shown(pattern)}/: {_shown(str(exc))}") from None
     if not isinstance(compiled, re2.Pattern):
-        raise RegexError(f"RE2 cannot compile /{pattern}/ (needs a backtracking engine)")
+        raise RegexError(f"RE2 cannot compile /{_shown(pattern)}/ (needs a backtracking engine)")
     return compiled
 
 
@@ -64,10 +123,12 @@ def required_literal(pattern: str) -> bytes:
     for op, arg in parsed:
         if op is _LITERAL and arg < 128:
             run.append(arg)
-            if len(run) > len(best):
-                best = run[:]
         else:
+            if len(run) > len(best):      # compared once per run: linear, not
+                best = run                # a copy per byte (quadratic in the run)
             run = []
+    if len(run) > len(best):
+        best = run
     if len(best) < MIN_LITERAL:
         return b""
     return bytes(best).lower()

@@ -115,6 +115,28 @@ def test_flipped_payload_byte_refused(written):
         bm.load(written)   # restored: loads again
 
 
+@pytest.mark.parametrize("old,new", [(b'"scalars"', b'"scalarz"'), (b'"files"', b'"filez"')])
+def test_malformed_metadata_with_a_good_checksum_refused(written, tmp_path, old, new):
+    """A CRC proves only that the file is as written: a hand-made bundle with
+    a renamed or mistyped meta key is refused with BundleError (it used to
+    load and fail later with a KeyError traceback)."""
+    import struct
+    import zlib
+    data = bytearray(open(written, "rb").read())
+    h = bm.HEADER.size
+    for i in range(struct.unpack_from("<I", data, 16)[0]):
+        name, off, length = bm.TOC_ENTRY.unpack_from(data, h + i * bm.TOC_ENTRY.size)
+        if name.rstrip(b"\0") == b"meta":
+            blob = bytes(data[off:off + length])
+            assert old in blob and len(old) == len(new)
+            data[off:off + length] = blob.replace(old, new, 1)
+    struct.pack_into("<I", data, 32, zlib.crc32(data[h:]))
+    bad = tmp_path / "crafted.mfb"
+    bad.write_bytes(data)
+    with pytest.raises(bm.BundleError, match="malformed metadata"):
+        bm.load(str(bad))
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(bm.BundleError, match="cannot open bundle"):
         bm.load(str(tmp_path / "nope.mfb"))
