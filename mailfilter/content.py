@@ -141,8 +141,12 @@ class ContentScanner:
         if stop > pos:
             block = data[pos:stop]
             low = block.lower()
+            # line by line when the block could change state: a CTE line, a
+            # message/ type, a boundary, a continuation, or (after a message/
+            # type) any Content-Type, which may turn it back off
             if (block[:1] in (b" ", b"\t") or _CTE in low or b"message/" in low
-                    or block.startswith(b"--") or b"\n--" in block):
+                    or block.startswith(b"--") or b"\n--" in block
+                    or (self._part_message and _CTYPE in low)):
                 while pos < stop:
                     nl = data.find(b"\n", pos, stop)
                     self._header_line(data[pos:nl])

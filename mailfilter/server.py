@@ -126,7 +126,7 @@ class SMTPProtocol(asyncio.Protocol):
         "state", "transport", "engine", "sp", "client", "client_label", "loop",
         "last_read", "timer", "deadline_at", "waiting", "task", "sink",
         "scanner", "scan_choice", "rcpts", "helo_dns", "mail_dns", "counted", "reading_paused",
-        "auth", "limits", "early",
+        "auth", "limits", "early", "write_paused",
     )
 
     def __init__(self, state: ServerState):
@@ -143,6 +143,7 @@ class SMTPProtocol(asyncio.Protocol):
         self.mail_dns: asyncio.Task | None = None
         self.counted = False
         self.reading_paused = False
+        self.write_paused = False   # the transport's buffer is full (pause_writing)
         self.timer = None               # one timer per connection: idle and deadline
         self.deadline_at = 0.0
         self.auth = None
@@ -260,9 +261,11 @@ class SMTPProtocol(asyncio.Protocol):
             self.counted = False
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         self._pause_reading()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         if not self.waiting:
             self._resume_reading()
 
@@ -272,6 +275,12 @@ class SMTPProtocol(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _resume_reading(self) -> None:
+        """Reading resumes only when nothing holds it: neither a reply in
+        flight (`waiting`, checked by the callers) nor a full write buffer --
+        an async reply finishing must not lift the back-pressure, or a client
+        that never reads makes the server buffer replies without limit."""
+        if self.write_paused:
+            return
         if self.reading_paused and not self.transport.is_closing():
             self.reading_paused = False
             self.transport.resume_reading()
@@ -330,10 +339,15 @@ class SMTPProtocol(asyncio.Protocol):
             self._pause_reading()
 
     def eof_received(self):
-        if self.engine is not None:
-            self.engine.receive_data(b"")
-            if not self.waiting:
-                self._drain()
+        if self.engine is None:
+            # EOF before the greeting (host lookup in flight): the client is
+            # gone (a FIN looks the same as a half-close, and a client that
+            # talks before the 220 is misbehaving anyway): the lookup is
+            # cancelled with the connection, nothing is answered.
+            return False
+        self.engine.receive_data(b"")
+        if not self.waiting:
+            self._drain()
         return False
 
     def _drain(self) -> None:
@@ -418,7 +432,7 @@ class SMTPProtocol(asyncio.Protocol):
         if sp.helo_verdict is not None:
             self._log(v)
         query = sp.helo_dns_query()
-        self.helo_dns = None
+        self.helo_dns = _cancelled(self.helo_dns)   # one lookup per session at a time
         if query is not None and self.state.resolver is not None:
             self.helo_dns = self.loop.create_task(self.state.resolver.check(*query))
         engine = self.engine
@@ -430,7 +444,7 @@ class SMTPProtocol(asyncio.Protocol):
         self.rcpts = []
         if not v.accept or sp.sender_verdict is not None:
             self._log(v)
-        self.mail_dns = None
+        self.mail_dns = _cancelled(self.mail_dns)
         domain = sp.mail_dns_query()
         if domain is not None and self.state.resolver is not None:
             self.mail_dns = self.loop.create_task(self.state.resolver.has_mx(domain))
@@ -639,6 +653,14 @@ class SMTPProtocol(asyncio.Protocol):
         if self.sink is not None:
             self.sink.abort()
             self.sink = None
+
+
+def _cancelled(task) -> None:
+    """Cancel a lookup a new HELO/MAIL made stale (else 300 pipelined EHLOs
+    leave 300 queries running after the session is gone)."""
+    if task is not None and not task.done():
+        task.cancel()
+    return None
 
 
 _HANDLERS = {

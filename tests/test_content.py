@@ -212,3 +212,19 @@ def test_continuation_after_a_bulk_block_joins_that_blocks_last_line():
         s.feed(c)
     s.finish()
     assert s.hit == ("badmimetypes", 10)
+
+
+def test_a_later_content_type_in_another_chunk_still_counts():
+    """`Content-Type: message/rfc822`, then (in a later chunk, passed in
+    bulk) `Content-Type: multipart/mixed`: the last one decides, so the body
+    is no message and its `Content-Transfer-Encoding` line is body text. The
+    bulk path skipped the second line and the verdict depended on the split."""
+    msg = (b"Content-Type: message/rfc822\nX-Foo: bar\n"
+           b"Content-Type: multipart/mixed; boundary=b\n\n"
+           b"Content-Transfer-Encoding: base64\n\n" + MZ.encode() + b"\n")
+    for cut in range(len(msg) + 1):
+        s = ContentScanner(MIME, LOADER)
+        s.feed(msg[:cut])
+        s.feed(msg[cut:])
+        s.finish()
+        assert s.hit is None, cut

@@ -965,6 +965,62 @@ def test_a_client_that_never_reads_loses_its_slot(start):
     s.close()
 
 
+def test_back_pressure_survives_an_async_reply(start):
+    """A delivery (async commit) finishing used to resume reading although
+    the write side was still paused, and the transport never paused it again:
+    a client that pipelines transactions and HELPs and never reads made the
+    server buffer replies without limit (127 MB in 30 s). Reading now stays
+    paused while the write buffer is full: the buffer stays near its
+    high-water mark, the client is pushed back, the idle timeout ends it."""
+    srv = start(limits=Limits(idle_timeout=1.0, session_deadline=60, max_per_ip=1))
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)       # never read
+    s.connect(("127.0.0.1", srv.port))
+    s.setblocking(False)
+    txn = (b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n"
+           b"Subject: x\r\n\r\nhi\r\n.\r\n")
+    mixed, helps = (txn + b"HELP\r\n" * 400) * 20, b"HELP\r\n" * 20000
+    peak, blocked_since, pending = 0, None, b""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 15:                            # bounded
+        if not pending:
+            pending = mixed if time.monotonic() - t0 < 3 else helps
+        try:
+            pending = pending[s.send(pending):]
+            blocked_since = None
+        except BlockingIOError:
+            blocked_since = blocked_since or time.monotonic()
+            if time.monotonic() - t0 > 3 and time.monotonic() - blocked_since > 0.5:
+                break
+            threading.Event().wait(0.005)
+        except ConnectionError:
+            break                                                # closed by the idle timeout
+        if srv.connections and srv.connections[-1].transport is not None:
+            peak = max(peak, srv.connections[-1].transport.get_write_buffer_size())
+    assert peak < 8 << 20, f"server buffered {peak} bytes of replies"
+    srv.wait_lost(timeout=10)
+    s.close()
+
+
+def test_a_new_helo_cancels_the_previous_lookup(dns_server):
+    """One HELOCHECK lookup per session at a time: 50 pipelined EHLOs used
+    to leave 49 queries running after the session was gone."""
+    c = session(dns_server.port, HELO_A, helo="fail.test")
+    c.send(b"".join(b"EHLO h%d.fail.test\r\n" % i for i in range(50)) + b"QUIT\r\n")
+    replies = c.replies(51)
+    assert replies[-1][0] == 221
+    c.close()
+    dns_server.wait_lost()
+    assert dns_server.call(_live_lookups()) == 0
+
+
+async def _live_lookups() -> int:
+    import asyncio
+    await asyncio.sleep(0)
+    return sum(1 for t in asyncio.all_tasks()
+               if "Resolver.check" in repr(t.get_coro()) and not t.done())
+
+
 def test_swapped_limits_apply_to_new_sessions_only(start, rules_dir):
     """SIGHUP reload (ServerState.swap_policy with the Limits made from the
     new rules): a new session gets the new idle timeout, a session in
