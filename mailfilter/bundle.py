@@ -105,12 +105,18 @@ def serialize(compiled: Compiled) -> bytes:
 
 
 def write(compiled: Compiled, path: str) -> int:
-    """Write the bundle atomically (temp file, fsync, rename); returns its size."""
+    """Write the bundle atomically (temp file, fsync, rename); returns its size.
+    The file gets the mode a plain create would (0666 minus the umask), not
+    mkstemp's 0600: a server running as another user must be able to read a
+    bundle compiled by root (rules are not secrets)."""
     data = serialize(compiled)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".bundle-", dir=directory)
     try:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -137,6 +137,16 @@ def test_malformed_metadata_with_a_good_checksum_refused(written, tmp_path, old,
         bm.load(str(bad))
 
 
+def test_written_bundle_has_the_umask_mode(compiled, tmp_path):
+    """Not mkstemp's 0600: a server running as another user reads it."""
+    old = os.umask(0o027)
+    try:
+        bm.write(compiled, str(tmp_path / "u.mfb"))
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "u.mfb").st_mode & 0o777 == 0o640
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(bm.BundleError, match="cannot open bundle"):
         bm.load(str(tmp_path / "nope.mfb"))
