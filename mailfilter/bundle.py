@@ -165,7 +165,7 @@ class _LazyGate:
 
     def contains(self, text: bytes) -> bool:
         try:
-            compiled = compile_re2(self.pattern)
+            compiled = compile_re2(self.pattern, limit_expansion=False)
         except ValueError:
             self.matcher.set_gate(None)
             return True                   # no gate: every regex runs

@@ -89,13 +89,16 @@ def expansion(pattern: str) -> int:
     return product
 
 
-def compile_re2(pattern: str):
-    """Compile `pattern` (Latin-1 text) for bytes input, case-insensitive."""
+def compile_re2(pattern: str, limit_expansion: bool = True):
+    """Compile `pattern` (Latin-1 text) for bytes input, case-insensitive.
+    `limit_expansion=False` for a list's gate: an alternation of parts that
+    each passed the limit as rules (RE2 aborts on one oversized node, not on
+    many alternatives), which a total-size cap would wrongly refuse."""
     trailing = len(pattern) - len(pattern.rstrip("\\"))
     if trailing % 2:
         # RE2 refuses it; pyre2 would hand RE2 the C string's NUL after it
         raise RegexError(f"RE2 cannot compile /{_shown(pattern)}/: trailing backslash")
-    if expansion(pattern) > MAX_EXPANDED:
+    if limit_expansion and expansion(pattern) > MAX_EXPANDED:
         raise RegexError(f"RE2 cannot compile /{_shown(pattern)}/: over {MAX_EXPANDED} nodes "
                          "once its counted repeats are expanded (RE2 would abort)")
     try:

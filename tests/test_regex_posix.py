@@ -682,6 +682,27 @@ def test_patterns_that_would_make_re2_abort_are_refused(tmp_path):
     assert all("once its counted repeats are expanded" in e for e in errors)
 
 
+def test_a_large_gate_is_not_refused_by_the_rule_size_limit():
+    """The limit is for one rule's pattern; a list's gate (one alternation of
+    the gated regexes, each within the limit) of 10k regexes expands past it
+    in total and must still compile, or every regex would run per lookup."""
+    parts = [f"x{i}[a-z]{{2,9}}@" for i in range(10000)]
+    gate = "|".join(parts)
+    with pytest.raises(RegexError, match="counted repeats"):
+        compile_re2(gate)
+    assert compile_re2(gate, limit_expansion=False).search(b"x77abc@")
+    from mailfilter.bundle import _LazyGate
+
+    class _Matcher:
+        gate = "unset"
+
+        def set_gate(self, fn):
+            self.gate = fn
+    m = _Matcher()
+    assert _LazyGate(gate, m).contains(b"x9999zz@") is True
+    assert m.gate is not None and m.gate != "unset"
+
+
 def test_long_literal_regex_keeps_its_literal():
     # required_literal copied the run at every byte (quadratic: 100 KB took 13 s)
     assert required_literal("abcd" * 50000) == b"abcd" * 50000
