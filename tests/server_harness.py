@@ -22,8 +22,10 @@ Reverse DNS (the client host name) is off in both unless a test asks for it
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import queue
+import random
 import re
 import signal
 import socket
@@ -314,7 +316,43 @@ def read_new(path) -> list[bytes]:
 
 
 # ----------------------------------------------------------------- processes
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 1024
+
+
+def _bindable(port: int) -> bool:
+    for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        try:
+            with socket.socket(family) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind((host, port))
+        except OSError as exc:
+            if family == socket.AF_INET6 and exc.errno != errno.EADDRINUSE:
+                continue  # no IPv6 here: only the IPv4 check counts
+            return False
+    return True
+
+
 def free_port() -> int:
+    """A port for a server the test starts later (a spawned process cannot be
+    handed a bound socket). Taken below the kernel's ephemeral range when
+    there is room: a port bind(0) chose is in that range, and between this
+    call and the server's bind an outgoing connection (another test, a
+    neighbour's load) could be given it as its source port, which makes the
+    server's bind to 0.0.0.0 fail with EADDRINUSE."""
+    low = _ephemeral_low()
+    if low > 2048:
+        rng = random.Random()
+        for _ in range(200):
+            port = rng.randrange(1024, low)
+            if _bindable(port):
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

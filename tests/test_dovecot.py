@@ -16,6 +16,7 @@ import time
 import pytest
 
 from auth_helpers import USERS, make_userdb
+from tests.server_harness import free_port
 
 DOVECOT = shutil.which("dovecot") or (os.path.exists("/usr/sbin/dovecot") and "/usr/sbin/dovecot")
 REPLY = "/usr/lib/dovecot/checkpassword-reply"
@@ -61,12 +62,6 @@ service imap-login {{
   }}
 }}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
