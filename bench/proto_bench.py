@@ -41,6 +41,9 @@ class FakeTransport(asyncio.Transport):
     def is_closing(self):
         return self.closing
 
+    def get_write_buffer_size(self):
+        return 0  # every write "sent" at once: no back-pressure
+
     def pause_reading(self):
         pass
 
