@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from mailfilter.bundle import Bundle
 from mailfilter.dnscheck import literal_status
 from mailfilter.policy import Client, PolicyEngine, PolicyOptions, Verdict
-from mailfilter.replies import REPLIES, reply
-from mailfilter.smtpconn import NEED_DATA, Closed, EngineConfig, Mail, Rcpt, SMTPConnection
+from mailfilter.replies import REPLIES, Reply, reply
+from mailfilter.smtpconn import NEED_DATA, Closed, EngineConfig, Helo, Mail, Rcpt, SMTPConnection
 
 
 @dataclass
@@ -95,26 +95,32 @@ def _dns_check(res: StageResult, resolver, label: str, lookup, record, name: str
 class _Syntax:
     """The server's own command parsing (smtpconn) in front of the policy, so
     `check` refuses what the server refuses before any rule is asked
-    (`RCPT TO:<>`, 8-bit addresses, over-long ones, SIZE over databytes...)
-    and hands the policy the address as the server would."""
+    (`HELO` without a name, `RCPT TO:<>`, 8-bit addresses, over-long ones,
+    SIZE over databytes...) and hands the policy the name or address as the
+    server would (a HELO name without its padding). Arguments are sent as
+    the UTF-8 bytes a terminal gives, as a client would send them."""
 
-    def __init__(self, engine: PolicyEngine):
+    def __init__(self, engine: PolicyEngine, greeting: str):
         self.conn = SMTPConnection(EngineConfig(
-            greeting=engine.greeting, databytes=engine.bundle.integers.get("databytes", 0)))
+            greeting=greeting, databytes=engine.bundle.integers.get("databytes", 0)))
         self.closed = False         # too many bad commands: the server hangs up
 
-    def command(self, line: str, ok_reply: str):
-        """(address, None) when the engine passes `line` on as MAIL/RCPT
-        (answered `ok_reply`, as the policy's accept would), else (None, its
-        reply line)."""
+    def command(self, line: str, ok_reply: Reply | None = None):
+        """(event, None) when the engine passes `line` on as HELO/MAIL/RCPT
+        (answered `ok_reply`, as the policy's accept would; HELO: the
+        server's 250), else (None, its reply line)."""
         conn = self.conn
-        conn.receive_data(line.encode("latin-1", "replace") + b"\r\n")
+        conn.receive_data(line.encode("utf-8", "surrogateescape") + b"\r\n")
         while True:
             ev = conn.next_event()
-            if type(ev) is Mail or type(ev) is Rcpt:
-                conn.send(REPLIES[ok_reply])
+            if type(ev) is Helo:
+                conn.send(conn.helo_reply())
                 conn.data_to_send()
-                return ev.address, None
+                return ev, None
+            if type(ev) is Mail or type(ev) is Rcpt:
+                conn.send(ok_reply)
+                conn.data_to_send()
+                return ev, None
             if type(ev) is Closed:
                 self.closed = True
                 break
@@ -130,70 +136,93 @@ def _refused(stage: str, argument: str, line: str) -> StageResult:
                        "refused by the SMTP command parser, before any rule")
 
 
+def _mail_first(report: CheckReport, recipients, why: str) -> None:
+    """The server's answer to every RCPT after a MAIL it refused: 503."""
+    for rcpt in recipients:
+        report.stages.append(StageResult("RCPT", f"<{rcpt}>", "reject", str(reply("mail_first")),
+                                         "mail_first", None, why))
+
+
 def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | None = None,
               sender: str | None = None, recipients: list[str] = (),
               open_relay: bool = False, auth_user: str | None = None,
-              resolver=None) -> CheckReport:
+              resolver=None, auth_mode: str | None = None,
+              hostname: str | None = None) -> CheckReport:
     """With a dnscheck.Resolver the DNS checks are made with the server's own
     two calls (HELOCHECK: resolver.check, MFDNSCHECK: resolver.has_mx);
-    without one they are reported as not performed."""
-    engine = PolicyEngine(bundle, PolicyOptions(open_relay=open_relay))
+    without one they are reported as not performed. `auth_mode` and
+    `hostname` are the server's --auth and --hostname (serve.load_policy
+    makes --auth every client's default SMTPAUTH)."""
+    defaults = {} if auth_mode is None else {"SMTPAUTH": auth_mode}
+    engine = PolicyEngine(bundle, PolicyOptions(open_relay=open_relay, defaults=defaults))
+    greeting = hostname or engine.greeting
     session = engine.session(Client(ip=ip, host=host))
     report = CheckReport()
     connect = session.connect()
     res = _result(connect, f"{host}[{ip}]")
-    if not connect.accept:
+    res.reply = str(reply("greeting", greeting=greeting))
+    if not session.profile.allowed:
         res.verdict = "pending-reject"
-        res.note = "reported at every RCPT"
+        res.reason = "client_denied"
+        res.note = "220 now; every RCPT gets 553"
     report.stages.append(res)
     if auth_user:
         session.auth_success(auth_user)
+    syntax = _Syntax(engine, greeting)
     if helo is not None:
-        v = session.helo(helo)
-        res = _result(v, helo)
-        if session.helo_verdict is not None:
-            res.verdict = "pending-reject"
-            res.reason = session.helo_verdict[0]
-            res.note = "HELO gets 250; non-relay RCPTs get 550"
-        query = session.helo_dns_query()
-        if query is not None:
-            _dns_check(res, resolver, f"HELOCHECK DNS {query[0]} {query[1]}",
-                       lambda r: r.check(*query), session.set_helo_dns, query[1])
-        report.stages.append(res)
-    syntax = _Syntax(engine)
-    if sender is not None:
-        address, refused = syntax.command(f"MAIL FROM:<{sender}>", "mail_ok")
+        ev, refused = syntax.command(f"HELO {helo}")
+        if refused is not None:     # no name: the session goes on without a HELO
+            report.stages.append(_refused("HELO", helo, refused))
+        else:
+            v = session.helo(ev.name)           # the bytes as the server decodes them
+            res = _result(v, helo.strip(" "))
+            res.reply = str(syntax.conn.helo_reply())
+            if session.helo_verdict is not None:
+                res.verdict = "pending-reject"
+                res.reason = session.helo_verdict[0]
+                res.note = "HELO gets 250; non-relay RCPTs get 550"
+            query = session.helo_dns_query()
+            if query is not None:
+                _dns_check(res, resolver, f"HELOCHECK DNS {query[0]} {query[1]}",
+                           lambda r: r.check(*query), session.set_helo_dns, query[1])
+            report.stages.append(res)
+    if sender is None:
+        if recipients:
+            _mail_first(report, recipients, "give --from to check recipients")
+        return report
+    ev, refused = syntax.command(f"MAIL FROM:<{sender}>", REPLIES["mail_ok"])
+    if refused is not None:
+        report.stages.append(_refused("MAIL", f"<{sender}>", refused))
+        if not syntax.closed:
+            _mail_first(report, recipients, "MAIL was refused")
+        return report
+    v = session.mail(ev.address)
+    res = _result(v, f"<{sender}>")
+    if v.accept and session.sender_verdict is not None and not session.sender_bypass:
+        res.verdict = "pending-reject"
+        res.reason = session.sender_verdict[0]
+        res.note = "MAIL gets 250; every RCPT gets 553"
+    elif session.sender_bypass:
+        res.note = "sender bypasses badmailfrom (? entry)"
+    dom = session.mail_dns_query()
+    if dom is not None:
+        _dns_check(res, resolver, f"MFDNSCHECK MX {dom}", lambda r: r.has_mx(dom),
+                   session.set_mail_dns, dom)
+    report.stages.append(res)
+    if not v.accept:
+        _mail_first(report, recipients, "MAIL was refused")
+        return report
+    for rcpt in recipients:
+        ev, refused = syntax.command(f"RCPT TO:<{rcpt}>", REPLIES["rcpt_ok"])
         if refused is not None:
-            report.stages.append(_refused("MAIL", f"<{sender}>", refused))
-            return report
-        v = session.mail(address)
-        res = _result(v, f"<{sender}>")
-        if v.accept and session.sender_verdict is not None and not session.sender_bypass:
-            res.verdict = "pending-reject"
-            res.reason = session.sender_verdict[0]
-            res.note = "MAIL gets 250; every RCPT gets 553"
-        elif session.sender_bypass:
-            res.note = "sender bypasses badmailfrom (? entry)"
-        dom = session.mail_dns_query()
-        if dom is not None:
-            _dns_check(res, resolver, f"MFDNSCHECK MX {dom}", lambda r: r.has_mx(dom),
-                       session.set_mail_dns, dom)
+            report.stages.append(_refused("RCPT", f"<{rcpt}>", refused))
+            if syntax.closed:
+                _add_note(report.stages[-1], "the server closes the connection here")
+                break
+            continue
+        rv = session.rcpt(ev.address)
+        res = _result(rv, f"<{rcpt}>")
+        if rv.accept and rv.recipient is not None and rv.recipient != rcpt:
+            _add_note(res, f"delivered as <{rv.recipient}>")
         report.stages.append(res)
-        if v.accept:
-            for rcpt in recipients:
-                address, refused = syntax.command(f"RCPT TO:<{rcpt}>", "rcpt_ok")
-                if refused is not None:
-                    report.stages.append(_refused("RCPT", f"<{rcpt}>", refused))
-                    if syntax.closed:
-                        _add_note(report.stages[-1], "the server closes the connection here")
-                        break
-                    continue
-                rv = session.rcpt(address)
-                res = _result(rv, f"<{rcpt}>")
-                if rv.accept and rv.recipient is not None and rv.recipient != rcpt:
-                    _add_note(res, f"delivered as <{rv.recipient}>")
-                report.stages.append(res)
-    elif recipients:
-        report.stages.append(StageResult("RCPT", "", "reject", str(reply("mail_first")),
-                                         "mail_first", None, "give --from to check recipients"))
     return report

@@ -105,7 +105,15 @@ def _ip_address(text: str) -> str:
 def cmd_check(args) -> int:
     from mailfilter.bundle import BundleError
     from mailfilter.checkrun import run_check
+    from mailfilter.serve import StartupError, options_from
 
+    try:
+        # the server's settings that change its answers: --config, then the flags
+        server = options_from(argparse.Namespace(
+            config=args.config, auth=args.auth, hostname=args.hostname, open_relay=args.open_relay))
+    except StartupError as exc:
+        print(f"mailfilter check: {exc}", file=sys.stderr)
+        return 2
     try:
         loaded, diags = _load_for_check(args)
     except (OSError, ValueError, BundleError) as exc:
@@ -122,7 +130,8 @@ def cmd_check(args) -> int:
             return 2
     report = run_check(loaded, ip=args.ip, host=args.host, helo=args.helo,
                        sender=args.sender, recipients=args.rcpt,
-                       open_relay=args.open_relay, auth_user=args.auth_user, resolver=resolver)
+                       open_relay=server.open_relay, auth_user=args.auth_user, resolver=resolver,
+                       auth_mode=server.auth, hostname=server.hostname)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
@@ -163,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--rcpt", action="append", default=[], help="envelope recipient (repeatable)")
     k.add_argument("--auth-user", default=None, help="pretend the session authenticated as USER")
     k.add_argument("--open-relay", action="store_true", help="allow relaying without rcpthosts (SPEC A §4)")
+    k.add_argument("--auth", metavar="MODE", help="the server's --auth (every client's default SMTPAUTH)")
+    k.add_argument("--hostname", help="the server's --hostname (name in the greeting)")
+    k.add_argument("--config", help="the server's TOML file: its open_relay, auth and hostname apply")
     k.add_argument("--dns", nargs="?", const="", default=None, metavar="HOST:PORT",
                    help="perform the HELOCHECK A/M and MFDNSCHECK lookups the server would "
                         "(system resolver, or the one given)")

@@ -60,13 +60,20 @@ smtp:HOST:PORT, lmtp:HOST:PORT
     MAIL, DATA or the end of data -> 554 with the downstream's text and its
     enhanced code when it gave a valid 5.x.y (else 5.3.0); 5xx at the
     greeting or EHLO says nothing about the message and is 451.
-    RCPT: any 4xx -> 451; all 5xx -> 554; some 5xx and some 2xx -> 451 without
-    sending DATA (the client retries; a recipient is never silently dropped).
+    RCPT: any 4xx -> 451 without sending DATA (the client retries the
+    message); all 5xx -> 554; some 5xx and the rest 2xx -> the message goes
+    to the accepted ones, and the client's reply is a 554 saying so
+    ("delivered to 1 of 2 recipients; next hop rejected <r>: ...", the next
+    hop's enhanced code): SMTP has one reply per message, a 250 would drop
+    the refused recipient silently, and a 451 (as before) held the good
+    recipients' mail until the client's queue expired, then bounced it.
     LMTP (RFC 2033 §4.2): one reply per accepted recipient after DATA, kept in
     `per_recipient` (one downstream reply per envelope recipient, in order).
-    All 2xx -> 250; all 5xx -> 554; anything else (any 4xx, or a 2xx/5xx mix)
-    -> 451: recipients that were already delivered may then receive a
-    duplicate when the client retries, chosen over loss.
+    All 2xx -> 250; all 5xx -> 554; 2xx and 5xx -> the same 554 "delivered
+    to N of M"; any 4xx -> 451: recipients already delivered may then get a
+    duplicate when the client retries, chosen over loss (a deferral is
+    short-lived; a permanent refusal would have repeated the delivery on
+    every retry until the client gave up).
 discard
     Explicit benchmark sink: commit -> 250, nothing is written anywhere.
 """
@@ -319,7 +326,8 @@ class _SpoolSink(Sink):
         try:
             self._spool.write(chunk)
             self.size += len(chunk)
-            self._lines += chunk.count(b"\n")
+            # line ends on the wire: every LF, and every (bare) CR (forward.smtp_encode)
+            self._lines += chunk.count(b"\n") + chunk.count(b"\r")
             if not self._eight_bit and not chunk.isascii():
                 self._eight_bit = True
         except OSError as exc:  # rollover to disk failed: ENOSPC, EFBIG ...

@@ -19,9 +19,17 @@ from mailfilter.replies import Reply, reply
 def smtp_encode(chunk: bytes, at_bol: bool) -> tuple[bytes, bool]:
     """Stored LF text -> SMTP DATA wire form: dot-stuff (RFC 5321 §4.5.2) and
     LF -> CRLF, in bulk. `at_bol`: the previous chunk ended a line. Returns
-    the wire bytes and the new `at_bol`."""
+    the wire bytes and the new `at_bol`.
+
+    A CR in stored text is a bare CR (the spool keeps qmail's "CR not
+    followed by LF is stored as is", SPEC B §1.11): it goes out as a line
+    end, dot-stuffed like any other, never as a bare CR (RFC 5321 §2.3.8;
+    a next hop that ends DATA at `<CR>.<CR>` would otherwise read the rest
+    of the message as commands: SMTP smuggling, SPEC B §7.1)."""
     if not chunk:
         return b"", at_bol
+    if b"\r" in chunk:
+        chunk = chunk.replace(b"\r", b"\n")
     out = chunk.replace(b"\n.", b"\n..").replace(b"\n", b"\r\n")
     if at_bol and chunk[:1] == b".":
         out = b"." + out
@@ -126,10 +134,10 @@ def mail_parameters(keywords: frozenset[bytes], facts: SpoolFacts) -> bytes:
     return params
 
 
-def _rejected(x: Reply) -> Reply:
+def _rejected(x: Reply, name: str = "downstream_rejected", text: str | None = None) -> Reply:
     """554 with the downstream's text, and its enhanced code when it gave a
     valid permanent one (RFC 3463: 5.x.y with a 5xx); else 5.3.0."""
-    r = reply("downstream_rejected", text=x.text)
+    r = reply(name, text=x.text if text is None else text)
     if x.enhanced[:2] == "5." and x.code // 100 == 5:
         r = r._replace(enhanced=x.enhanced)
     return r
@@ -138,8 +146,13 @@ def _rejected(x: Reply) -> Reply:
 def _rcpt_verdict(rcpts: list[str], replies: list[Reply], stage: str) -> DeliveryResult | None:
     """None when every recipient got 2xx; else the message's 451/554 result.
 
-    Any 4xx -> 451; all 5xx -> 554; a 2xx/5xx mix -> 451 (never silently drop
-    a recipient; the client retries)."""
+    Any 4xx -> 451 (the client retries the whole message); all 5xx -> 554.
+    A 2xx/5xx mix: at RCPT, None too (the message goes to the accepted ones:
+    retrying cannot change a 5xx, and a 451 held their mail until the
+    client's queue expired); as the final outcome, a 554 that says how many
+    got it and why the others did not (SMTP has one reply for the message;
+    a 250 would silently drop the refused ones, a 451 would repeat the
+    delivery to the others on every retry)."""
     temp = [(r, x) for r, x in zip(rcpts, replies) if x.code // 100 != 2 and x.code < 500]
     perm = [(r, x) for r, x in zip(rcpts, replies) if x.code >= 500]
     if not temp and not perm:
@@ -153,9 +166,12 @@ def _rcpt_verdict(rcpts: list[str], replies: list[Reply], stage: str) -> Deliver
     if len(perm) == len(replies):
         return DeliveryResult(False, _rejected(x), None,
                               f"{stage} {x.code} <{r}> all recipients rejected")
-    return DeliveryResult(False, reply("downstream_rcpt_temp",
-                                       text=f"next hop rejected <{r}>: {x.text}; try again later"),
-                          None, f"{stage} {x.code} <{r}> partial rejection")
+    if stage == "rcpt":
+        return None
+    delivered = len(replies) - len(perm)
+    text = f"delivered to {delivered} of {len(replies)} recipients; next hop rejected <{r}>: {x.text}"
+    return DeliveryResult(False, _rejected(x, "downstream_partial", text), None,
+                          f"{stage} {x.code} <{r}> partial: delivered to {delivered} of {len(replies)}")
 
 
 class SmtpDelivery(_SpoolingDelivery):
@@ -251,6 +267,8 @@ class SmtpDelivery(_SpoolingDelivery):
                 verdict.per_recipient = rcpt_replies
             await self._quit(conn)
             return verdict
+        # the ones the next hop took; a 2xx/5xx mix goes on with these
+        accepted = [i for i, x in enumerate(rcpt_replies) if x.code // 100 == 2]
         r = await conn.command(b"DATA\r\n")
         if r.code != 354:
             await self._quit(conn)
@@ -261,7 +279,9 @@ class SmtpDelivery(_SpoolingDelivery):
             await conn.send(wire)
         await conn.send(b".\r\n" if at_bol else b"\r\n.\r\n")
         if self.lmtp:  # RFC 2033 §4.2: one reply per accepted recipient
-            finals = [await conn.reply() for _ in env.recipients]
+            finals = list(rcpt_replies)
+            for i in accepted:
+                finals[i] = await conn.reply()
             await self._quit(conn)
             verdict = _rcpt_verdict(env.recipients, finals, "eod")
             if verdict is None:
@@ -271,10 +291,12 @@ class SmtpDelivery(_SpoolingDelivery):
             return verdict
         r = await conn.reply()
         await self._quit(conn)
-        if r.code // 100 == 2:
-            res = _queued(_local_id(), f"eod {r.code} {r.text}")
-            return res
-        return perm("eod", r) if r.code >= 500 else temp("eod", r)
+        if r.code // 100 != 2:
+            return perm("eod", r) if r.code >= 500 else temp("eod", r)
+        if len(accepted) < len(rcpt_replies):   # delivered to some, refused at RCPT for the rest
+            finals = [r if x.code // 100 == 2 else x for x in rcpt_replies]
+            return _rcpt_verdict(env.recipients, finals, "eod")
+        return _queued(_local_id(), f"eod {r.code} {r.text}")
 
     @staticmethod
     async def _quit(conn: _Conn) -> None:

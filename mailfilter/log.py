@@ -19,19 +19,39 @@ logger = logging.getLogger("mailfilter")
 
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_@:[]<>+/=%!")
 
+# A value whose quoted form would pass this many characters is cut (a client
+# controls most of them: a HELO, an AUTH user name, the DATA line's list of
+# 1000 recipients) and says how much was left out, so a line stays readable
+# and fits one syslog datagram.
+MAX_VALUE = 512
+
+
+def _escape(c: str) -> str:
+    n = ord(c)
+    if n < 0x100:
+        return f"\\x{n:02x}"
+    return f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
 
 def quote(value) -> str:
+    """`value` as it stands, or double-quoted with `"` and `\\` escaped and
+    every other character outside printable ASCII written \\xNN, \\uNNNN or
+    \\UNNNNNNNN by its code point (one reading: \\x is always two digits)."""
     text = str(value)
-    if text and all(c in _SAFE for c in text):
+    if text and len(text) <= MAX_VALUE and all(c in _SAFE for c in text):
         return text
     out = []
-    for c in text:
+    size = 0
+    for i, c in enumerate(text):
         if c in '"\\':
-            out.append("\\" + c)
-        elif " " <= c <= "~":
-            out.append(c)
-        else:
-            out.append(f"\\x{ord(c):02x}")
+            c = "\\" + c
+        elif not " " <= c <= "~":
+            c = _escape(c)
+        size += len(c)
+        if size > MAX_VALUE:
+            out.append(f"...[{len(text) - i} more]")
+            break
+        out.append(c)
     return '"' + "".join(out) + '"'
 
 

@@ -117,7 +117,8 @@ class ClientProfile:
     __slots__ = ("rule_id", "rule", "allowed", "settings", "relay", "relay_suffix",
                  "helocheck", "mfdnscheck", "tarpit_count", "tarpit_delay", "recipients450",
                  "relaymailfrom", "nobadhelo", "disable_badmailfrom", "auth_required",
-                 "databytes", "max_recipients", "connect_verdict", "relay_verdict", "own_settings")
+                 "databytes", "max_recipients", "connect_verdict", "relay_verdict", "own_settings",
+                 "auth_required_verdict")
 
     def __init__(self, engine: "PolicyEngine", rule_id: int):
         b = engine.bundle
@@ -151,9 +152,11 @@ class ClientProfile:
         if self.allowed:
             self.connect_verdict = Verdict("CONNECT", True, engine.greeting_reply,
                                            "relay_client" if self.relay else "ok", self.rule)
-        else:
-            self.connect_verdict = Verdict("CONNECT", False, reply("client_denied"),
-                                           "client_denied", self.rule)
+        else:   # 220 now, 553 at every RCPT (SPEC A §3), like HELO and MAIL's pending verdicts
+            self.connect_verdict = Verdict("CONNECT", True, engine.greeting_reply,
+                                           "pending_client_denied", self.rule)
+        self.auth_required_verdict = Verdict("MAIL", False, reply("auth_required"), "auth_required",
+                                             engine.where(self.setting_rule("SMTPAUTH")))
         self.relay_verdict = Verdict("RCPT", True, _RCPT_OK, "relay_client", self.rule)
 
     def setting_rule(self, name: str) -> int:
@@ -168,10 +171,8 @@ _MAIL_OK = reply("mail_ok")
 _V_MAIL_OK = Verdict("MAIL", True, _MAIL_OK, "ok")
 _V_RCPT_OK = Verdict("RCPT", True, _RCPT_OK, "ok")
 _V_RCPT_AUTH = Verdict("RCPT", True, _RCPT_OK, "relay_auth")
-_V_RCPT_SENDER = Verdict("RCPT", True, _RCPT_OK, "relay_sender")
 _V_DATA_OK = Verdict("DATA", True, reply("data_go"), "ok")
 _V_NOTORIOUS = Verdict("DATA", False, reply("notorious_data"), "notorious", close=True)
-_V_AUTH_REQUIRED_MAIL = Verdict("MAIL", False, reply("auth_required"), "auth_required")
 
 
 # Shared verdicts are cached per rule id; a cache that reaches this many
@@ -240,7 +241,8 @@ class PolicyEngine:
                                  else _no_match)
         self.badrcptto_last = self.badrcptto.last_match if self.badrcptto is not None else _no_match
         self._pending: dict[tuple[str, str, int], Verdict] = {}
-        self._rejects: dict[tuple[str, str, int], Verdict] = {}
+        self._rejects: dict[tuple, Verdict] = {}
+        self._accepts: dict[tuple[str, int], Verdict] = {}
 
     def session(self, client: Client) -> "SessionPolicy":
         return SessionPolicy(self, client)
@@ -266,14 +268,27 @@ class PolicyEngine:
                           Verdict(stage, True, ok, "pending_" + why, self.where(rid)))
         return v
 
-    def reject_verdict(self, reason: str, name: str, rid: int) -> Verdict:
-        """The RCPT rejection with reply `name` for `reason` and rule `rid`,
-        no tarpit delay: one shared, read-only Verdict per (reason, name, rule)."""
-        key = (reason, name, rid)
+    def reject_verdict(self, reason: str, name: str, rid: int, rule: str | None = None) -> Verdict:
+        """The RCPT rejection with reply `name` for `reason` and rule `rid`
+        (or, for a refusal because a list does NOT name the address, that
+        list's file name `rule`), no tarpit delay: one shared, read-only
+        Verdict per (reason, name, rule)."""
+        key = (reason, name, rid, rule)
         v = self._rejects.get(key)
         if v is None:
             v = _remember(self._rejects, key,
-                          Verdict("RCPT", False, reply(name), reason, self.where(rid)))
+                          Verdict("RCPT", False, reply(name), reason, rule or self.where(rid)))
+        return v
+
+    def accept_verdict(self, reason: str, rid: int) -> Verdict:
+        """The RCPT accept naming rule `rid` (the rcpthosts, recipients or
+        relaymailfrom line that let it through): one shared Verdict per rule."""
+        if rid < 0:
+            return _V_RCPT_OK
+        key = (reason, rid)
+        v = self._accepts.get(key)
+        if v is None:
+            v = _remember(self._accepts, key, Verdict("RCPT", True, _RCPT_OK, reason, self.where(rid)))
         return v
 
     def local_literal(self, address: str) -> str:
@@ -346,7 +361,7 @@ class SessionPolicy:
         self.sender: str | None = None
         self.sender_verdict: tuple[str, int] | None = None
         self.sender_bypass = False
-        self.sender_relay = False
+        self.sender_relay: Verdict | None = None   # the relaymailfrom line's RCPT accept
         self.mail_dns: str | None = None
         self.rcpt_count = 0
         self.accepted = 0
@@ -365,7 +380,7 @@ class SessionPolicy:
 
     @property
     def relay_client(self) -> bool:
-        return self.profile.relay or self.authenticated is not None or self.sender_relay
+        return self.profile.relay or self.authenticated is not None or self.sender_relay is not None
 
     @property
     def databytes(self) -> int:
@@ -380,7 +395,7 @@ class SessionPolicy:
         self.sender = None
         self.sender_verdict = None
         self.sender_bypass = False
-        self.sender_relay = False
+        self.sender_relay = None
         self.mail_dns = None
         self.rcpt_count = 0
         self.accepted = 0
@@ -480,7 +495,7 @@ class SessionPolicy:
         self._in_transaction = True
         prof = self.profile
         if prof.auth_required and self.authenticated is None:
-            return _V_AUTH_REQUIRED_MAIL
+            return prof.auth_required_verdict
         eng = self.engine
         if sender and sender[-1] == "]":
             sender = eng.local_literal(sender)
@@ -489,8 +504,9 @@ class SessionPolicy:
             return _V_MAIL_OK
         data = sender.encode("latin-1", "replace")
         if prof.relaymailfrom and eng.relaymailfrom is not None:
-            if self._listed(eng.relaymailfrom, data, MODE_ADDRESS, qregex=False) >= 0:
-                self.sender_relay = True
+            rid = self._listed(eng.relaymailfrom, data, MODE_ADDRESS, qregex=False)
+            if rid >= 0:
+                self.sender_relay = eng.accept_verdict("relay_sender", rid)
         if prof.disable_badmailfrom:
             return _V_MAIL_OK
         sv = self.sender_verdict = self._sender_verdict(sender, data)
@@ -561,17 +577,18 @@ class SessionPolicy:
         self.mail_dns = status
 
     # -- RCPT (B §2.8 RCPT table, in order)
-    def _reject(self, reason: str, name: str, rid: int = -1, delay: float = 0.0) -> Verdict:
+    def _reject(self, reason: str, name: str, rid: int = -1, delay: float = 0.0,
+                rule: str | None = None) -> Verdict:
         if delay:
-            return Verdict("RCPT", False, reply(name), reason, self.engine.where(rid), delay)
-        return self.engine.reject_verdict(reason, name, rid)
+            return Verdict("RCPT", False, reply(name), reason, rule or self.engine.where(rid), delay)
+        return self.engine.reject_verdict(reason, name, rid, rule)
 
     def rcpt(self, recipient: str) -> Verdict:
         eng = self.engine
         prof = self.profile
         self._in_transaction = True
         self.rcpt_count += 1
-        relay = prof.relay or self.authenticated is not None or self.sender_relay
+        relay = prof.relay or self.authenticated is not None or self.sender_relay is not None
         delay = 0.0
         if not prof.allowed:
             return self._reject("client_denied", "client_denied", prof.rule_id)
@@ -592,8 +609,9 @@ class SessionPolicy:
                 verdict = self._dns_verdict()
                 if verdict is not None:
                     return verdict
-            if self._rcpthosts(data) == -2:
-                return self._reject("rcpthosts", "rcpthosts")
+            accepted_by = self._rcpthosts(data)
+            if accepted_by == -2:       # no rcpthosts line names the domain
+                return self._reject("rcpthosts", "rcpthosts", rule="rcpthosts")
             tarpit_count = prof.tarpit_count
             if tarpit_count:
                 if eng.recipients_present and self.failed_recipients >= tarpit_count:
@@ -605,10 +623,14 @@ class SessionPolicy:
                 # answering each further RCPT" (SPEC B §2.2)
                 if self.rcpt_count > tarpit_count and 0 < prof.tarpit_delay < 999:
                     delay = float(prof.tarpit_delay)
-            if eng.recipients_present and self._recipient_known(recipient) == -2:
-                self.failed_recipients += 1
-                return self._reject("no_mailbox", "no_mailbox_450" if prof.recipients450 else "no_mailbox",
-                                    delay=delay)
+            if eng.recipients_present:
+                known = self._recipient_known(recipient)
+                if known == -2:         # no recipients line names the address
+                    self.failed_recipients += 1
+                    return self._reject("no_mailbox", "no_mailbox_450" if prof.recipients450 else "no_mailbox",
+                                        delay=delay, rule="recipients")
+                if known >= 0:
+                    accepted_by = known
         elif eng.qregex:
             # qregex has no split horizon for badhelo: it binds relay clients
             # too; only badhelonorelay (and HELOCHECK) spare them (B §3.1)
@@ -637,15 +659,15 @@ class SessionPolicy:
             if prof.relay:
                 verdict = prof.relay_verdict
             else:
-                verdict = _V_RCPT_AUTH if self.authenticated is not None else _V_RCPT_SENDER
+                verdict = _V_RCPT_AUTH if self.authenticated is not None else self.sender_relay
             if prof.relay_suffix or delay or recipient is not given:
                 return Verdict("RCPT", True, _RCPT_OK, verdict.reason, verdict.rule, delay,
                                recipient=recipient + prof.relay_suffix)
             return verdict
         if delay or recipient is not given:
-            return Verdict("RCPT", True, _RCPT_OK, "ok", None, delay,
+            return Verdict("RCPT", True, _RCPT_OK, "ok", eng.where(accepted_by), delay,
                            recipient=None if recipient is given else recipient)
-        return _V_RCPT_OK
+        return eng.accept_verdict("ok", accepted_by)
 
     def _dns_verdict(self) -> Verdict | None:
         rule = self.profile.setting_rule
@@ -680,6 +702,8 @@ class SessionPolicy:
         eng = self.engine
         addr = recipient.lower()
         if "@" not in addr:
+            if addr == "postmaster":
+                return -1    # RFC 5321 §4.5.1: <postmaster> is always taken, whatever the list says
             addr += "@localhost"
         local, _, dom = addr.rpartition("@")
         unchecked = eng.recipients_unchecked

@@ -18,6 +18,9 @@ from typing import NamedTuple
 
 _LINES: dict = {}
 
+# RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets with its CRLF
+MAX_REPLY_LINE = 512
+
 
 class Reply(NamedTuple):
     code: int
@@ -37,6 +40,8 @@ class Reply(NamedTuple):
                 data = f"{self.code} {self.enhanced} {self.text}\r\n".encode()
             else:
                 data = f"{self.code} {self.text}\r\n".encode()
+            if len(data) > MAX_REPLY_LINE:  # a filled-in address or next-hop text
+                data = data[:MAX_REPLY_LINE - 5] + b"...\r\n"
             if self in _CONSTANTS:        # filled-in texts (queue ids) vary: not kept
                 _LINES[self] = data
         return data
@@ -124,6 +129,7 @@ REPLIES: dict[str, Reply] = {
     "downstream_temp": R(451, "4.4.1", "next hop temporarily unavailable"),
     "downstream_rejected": R(554, "5.3.0", "{text}"),
     "downstream_rcpt_temp": R(451, "4.4.1", "{text}"),
+    "downstream_partial": R(554, "5.3.0", "{text}"),
     # --- AUTH (SPEC B §4.6, §7.2, §7.6) -------------------------------------
     "auth_unavailable": R(503, "5.3.3", "auth not available"),
     "auth_already": R(503, "5.5.1", "you're already authenticated"),

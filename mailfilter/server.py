@@ -223,8 +223,9 @@ class SMTPProtocol(asyncio.Protocol):
             offer = self.auth.ehlo_keywords()
             if offer:
                 self.engine.set_extra_ehlo([*cfg.extra_ehlo, *offer])
+            self.engine.auth_offered = bool(offer)
             verdict = self.sp.connect()
-            if not verdict.accept:
+            if not self.sp.profile.allowed:     # 220 now, 553 at every RCPT: say so once
                 self._log(verdict)
             self.engine.greet()
             self._flush()
@@ -653,6 +654,15 @@ class SMTPProtocol(asyncio.Protocol):
         if self.sink is not None:
             self.sink.abort()
             self.sink = None
+        if ev.reason not in _QUIET_CLOSES:     # the server hung up: say why
+            r = self.engine.close_reply
+            log.event(action="close", reason=ev.reason.replace(" ", "_"), client=self.client_label,
+                      reply=None if r is None else str(r))
+
+
+# the client ended the session (EOF, QUIT); the engine's own closes (too many
+# errors, bare LF in DATA, an app reply 421/503 that closes) are logged
+_QUIET_CLOSES = frozenset(("eof", "quit"))
 
 
 def _cancelled(task) -> None:

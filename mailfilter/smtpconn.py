@@ -55,7 +55,7 @@ and nothing further is parsed, so replies always leave in command order. A 221 s
 by the application closes like QUIT.
 
 Who answers what. The engine answers, from the reply table, everything that needs
-no policy: unknown verbs (502), over-long lines (500), syntax errors (555/501),
+no policy: unknown verbs (500 unimplemented), over-long lines (500), syntax errors (555/501),
 bad sequence (503), ``SIZE=`` above databytes (552), unknown parameters (555),
 8-bit addresses without SMTPUTF8 (553 5.6.7), the recipient hard cap (452), NOOP,
 VRFY (252), HELP (214), RSET (250), QUIT (221), too many bad commands (421).
@@ -489,6 +489,10 @@ class SMTPConnection:
         self.config = cfg = config if config is not None else EngineConfig()
         self._host = host_of(cfg.greeting)
         self._extra_ehlo = list(cfg.extra_ehlo)
+        # the application's word on whether AUTH is offered to this client:
+        # None = it decides every AUTH itself; False = not offered, so AUTH
+        # goes to it whatever its arguments (503 comes before any 501)
+        self.auth_offered: bool | None = None
         self._buf = bytearray()
         self._out: list[bytes] = []
         self._events: deque = deque()
@@ -497,6 +501,7 @@ class SMTPConnection:
         self._eof = False
         self._closed: Closed | None = None
         self._close_reason: str | None = None
+        self.close_reply: Reply | None = None   # the last reply, when it closed the session
         self._skipping = False          # discarding the rest of an over-long line
         self._max_line = cfg.max_line
         self._max_auth_line = cfg.max_auth_line
@@ -594,7 +599,7 @@ class SMTPConnection:
         self._out.append(r.line())
         self._pending = None
         self._events.clear()
-        self._close(f"{r.code}")
+        self._close(f"{r.code}", r)
 
     def send(self, r: Reply | MultiReply, close: bool = False) -> None:
         """The application's reply to the pending event; applies the transition.
@@ -608,7 +613,7 @@ class SMTPConnection:
         self._out.append(line if line is not None else r.line())
         code = r.code
         if code == 421 or code == 221 or close:
-            self._close("quit" if code == 221 else str(code))
+            self._close("quit" if code == 221 else str(code), r)
             return
         cls = code // 100
         t = type(ev)
@@ -676,10 +681,11 @@ class SMTPConnection:
             self._closed = Closed(self._close_reason or "eof")
         return self._closed
 
-    def _close(self, reason: str) -> None:
+    def _close(self, reason: str, r: Reply | None = None) -> None:
         if self._state is not CLOSED:
             self._state = CLOSED
             self._close_reason = reason
+            self.close_reply = r
             self._buf.clear()
 
     def _reset_transaction(self) -> None:
@@ -704,8 +710,9 @@ class SMTPConnection:
         self._events.append(Anomaly(tag, detail))
         self.bad_commands += 1
         if self.bad_commands >= self.config.max_bad_commands:
-            self._out.append(reply("too_many_errors", host=self._host).line())
-            self._close("too many errors")
+            r = reply("too_many_errors", host=self._host)
+            self._out.append(r.line())
+            self._close("too many errors", r)
 
     # --- internals: line framing --------------------------------------------
     def _command_step(self) -> None:
@@ -854,6 +861,9 @@ class SMTPConnection:
             self._bad(REPLIES["auth_in_mail"], ANOMALY_SEQUENCE, "AUTH")
             return
         parts = arg.split()
+        if self.auth_offered is False:     # RFC 4954 §4: not advertised -> 503, however malformed
+            self._emit(AuthStart(parts[0].upper().decode("ascii", "replace") if parts else "", None))
+            return
         if not parts or len(parts) > 2 or not arg.isascii():
             self._bad(REPLIES["syntax_args"], ANOMALY_SYNTAX, "AUTH")
             return
@@ -1026,4 +1036,5 @@ _COMMANDS = {
     b"QUIT": SMTPConnection._cmd_quit,
     b"AUTH": SMTPConnection._cmd_auth,
 }
-"""The command table (qmail-smtpd ``smtpcommands[]``); anything else is 502."""
+"""The command table (qmail-smtpd ``smtpcommands[]``); anything else is
+500 unimplemented (SPEC A §5, B §2.8)."""

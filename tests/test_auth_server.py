@@ -71,6 +71,12 @@ def test_ehlo_offer_per_mode(start, mode, offer):
     if offer is None:
         code, msg = s.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0tim\0x").decode())
         assert (code, msg[:5]) == (503, b"5.3.3")
+        # not offered comes before any syntax check (RFC 4954 §4): no 501 for a bare AUTH
+        for args in ("", "a b c"):
+            code, msg = s.docmd("AUTH", args)
+            assert (code, msg[:5]) == (503, b"5.3.3"), args
+    else:
+        assert s.docmd("AUTH")[0] == 501
     s.quit()
 
 

@@ -235,3 +235,48 @@ def test_check_refuses_what_the_server_parser_refuses():
            "--from", "caf\u00e9@sender.example", "--rcpt", "info@example.com")
     assert r.returncode == 1
     assert "MAIL <caf\u00e9@sender.example>: reject \"553 5.6.7" in r.stdout
+
+
+def test_check_takes_the_servers_auth_hostname_and_config(tmp_path):
+    """`check` answers as `serve` with the same settings: --auth "!" makes
+    MAIL 530 (and every RCPT after it 503, as the server answers), --hostname
+    is in the 220; --config reads serve's TOML and the flags win over it."""
+    rules = os.path.join(ROOT, "rules")
+    args = ("check", "--rules", rules, "--ip", "203.0.113.9", "--helo", "mx.other.example",
+            "--from", "a@sender.example", "--rcpt", "info@example.com")
+    r = mf(*args, "--auth", "!", "--hostname", "other.example", "--json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    stages = json.loads(r.stdout)["stages"]
+    assert [(s["stage"], s["reply"]) for s in stages] == [
+        ("CONNECT", "220 other.example ESMTP"), ("HELO", "250 other.example"),
+        ("MAIL", "530 5.7.0 authentication required"), ("RCPT", "503 5.5.1 MAIL first")]
+    conf = tmp_path / "serve.toml"
+    conf.write_text('auth = "!"\nhostname = "cfg.example"\n')
+    r = mf(*args, "--config", str(conf))
+    assert r.returncode == 1 and '"220 cfg.example ESMTP"' in r.stdout
+    assert '"530 5.7.0 authentication required"' in r.stdout
+    r = mf(*args, "--config", str(conf), "--auth", "", "--hostname", "flag.example")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert '"220 flag.example ESMTP"' in r.stdout
+    conf.write_text('auth = 1\n')
+    r = mf(*args, "--config", str(conf))
+    assert r.returncode == 2 and "auth" in r.stderr
+
+
+def test_check_helo_goes_through_the_servers_parser(tmp_path):
+    """The server strips a HELO name's padding and answers an empty one 501
+    (the session goes on without a HELO); check did neither, so a padded
+    listed name passed and an empty one was tested against badhelo."""
+    rules = _rules(tmp_path, {"badhelo": "example.com\n", "rcpthosts": "example.com\n",
+                              "tcp.smtp": ':allow,HELOCHECK="."\n'})
+    padded = mf("check", "--rules", rules, "--helo", "example.com  ", "--from", "a@b.example",
+                "--rcpt", "u@example.com", "--json")
+    stages = json.loads(padded.stdout)["stages"]
+    assert padded.returncode == 1
+    assert (stages[1]["argument"], stages[1]["verdict"]) == ("example.com", "pending-reject")
+    assert stages[-1]["reply"] == "550 5.7.1 sorry, invalid HELO/EHLO greeting"
+    empty = mf("check", "--rules", rules, "--helo", "", "--from", "a@b.example",
+               "--rcpt", "u@example.com", "--json")
+    stages = json.loads(empty.stdout)["stages"]
+    assert stages[1]["reply"] == "501 5.5.4 syntax error, HELO/EHLO needs a domain"
+    assert stages[-1]["reason"] == "helo_missing"

@@ -638,6 +638,20 @@ def test_smtp_encode_dot_stuffing_any_split():
         assert a + b == want, i
 
 
+def test_smtp_encode_bare_cr_is_a_line_end():
+    """RFC 5321 §2.3.8: no bare CR on the wire. A stored bare CR (kept as is
+    for maildir, SPEC B §1.11) goes to a next hop as a line end and is
+    dot-stuffed, so `<CR>.<CR>` cannot end a next hop's DATA early (SMTP
+    smuggling, SPEC B §7.1)."""
+    data = b"hello\r.\rMAIL FROM:<ceo@x>\r\n.\n"
+    want = b"hello\r\n..\r\nMAIL FROM:<ceo@x>\r\n\r\n..\r\n"
+    assert smtp_encode(data, True) == (want, True)
+    for i in range(len(data) + 1):       # any split, a CR last in a chunk included
+        a, bol = smtp_encode(data[:i], True)
+        b, bol = smtp_encode(data[i:], bol)
+        assert a + b == want, i
+
+
 async def forward(peer_script, e, data, lmtp=False, **opts):
     async with Peer(peer_script, lmtp=lmtp) as peer:
         d = Delivery.from_spec(f"{'lmtp' if lmtp else 'smtp'}:127.0.0.1:{peer.port}", **opts)
@@ -709,12 +723,25 @@ def test_smtp_rcpt_550_all_is_554_no_data():
     assert "DATA" not in s.commands and s.message == b""
 
 
-def test_smtp_rcpt_partial_rejection_is_451_no_data():
-    script = {"rcpt": {"bad@example.org": "550 5.1.1 no such user"}}
+def test_smtp_rcpt_partial_deferral_is_451_no_data():
+    """A 4xx for one recipient: the whole message is retried (451), no DATA."""
+    script = {"rcpt": {"bad@example.org": "450 4.2.1 try later"}}
     res, (s,) = run(forward(script, env(rcpts=["ok@example.org", "bad@example.org"]), MSG))
     assert not res.ok and res.reply.code == 451 and res.reply.enhanced == "4.4.1"
-    assert "<bad@example.org>" in res.reply.text and "no such user" in res.reply.text
+    assert "<bad@example.org>" in res.reply.text and "try later" in res.reply.text
     assert "DATA" not in s.commands
+
+
+def test_smtp_rcpt_rejection_reply_fits_512_octets():
+    """RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets. The
+    recipient (up to ~500 octets) and the next hop's text (up to 300) made
+    an 851-octet 451; the line is cut, with "...", its code kept."""
+    long_rcpt = "r" * 480 + "@example.org"
+    script = {"rcpt": {long_rcpt: "550 5.1.1 " + "T" * 400}}
+    res, _ = run(forward(script, env(rcpts=["ok@example.org", long_rcpt]), MSG))
+    line = res.reply.line()
+    assert len(line) == 512 and line.startswith(b"554 5.1.1 delivered to 1 of 2 recipients; next hop rejected <rrr")
+    assert line.endswith(b"...\r\n")
 
 
 def test_smtp_rcpt_4xx_is_451():
@@ -758,13 +785,35 @@ def test_lmtp_mixed_results_per_recipient():
     assert "<b@x>" in res.reply.text
 
 
-def test_lmtp_all_5xx_is_554_and_2xx_5xx_mix_is_451():
+def test_lmtp_all_5xx_is_554_and_2xx_5xx_mix_is_554_delivered_to_some():
+    """A 2xx/5xx mix after DATA was 451, so every retry delivered the message
+    again to the recipient that had it, for as long as the client retried
+    (a 5xx does not go away): now one 554 that says who got it."""
     e = env(rcpts=["a@x", "b@x"])
     res, _ = run(forward({"eod": ["550 5.1.1 gone", "552 5.2.2 full"]}, e, MSG, lmtp=True))
     assert str(res.reply) == "554 5.1.1 gone"
-    res, _ = run(forward({"eod": ["250 2.0.0 ok", "550 5.1.1 gone"]}, e, MSG, lmtp=True))
-    assert res.reply.code == 451 and "<b@x>" in res.reply.text
-    assert [r.code for r in res.per_recipient] == [250, 550]
+    res, (s,) = run(forward({"eod": ["250 2.0.0 ok", "550 5.1.1 gone"]}, e, MSG, lmtp=True))
+    assert str(res.reply) == "554 5.1.1 delivered to 1 of 2 recipients; next hop rejected <b@x>: gone"
+    assert not res.ok and [r.code for r in res.per_recipient] == [250, 550]
+    assert s.message == MSG
+
+
+@pytest.mark.parametrize("lmtp", [False, True])
+def test_rcpt_5xx_for_some_delivers_to_the_others(lmtp):
+    """A 5xx at RCPT for one recipient and 2xx for the other: DATA goes to
+    the accepted one, whose mail used to wait behind a 451 until the
+    client's queue expired; the client gets 554 naming the refused one.
+    LMTP: one final reply per ACCEPTED recipient (RFC 2033 §4.2)."""
+    e = env(rcpts=["ok@example.org", "bad@example.org", "ok2@example.org"])
+    script = {"rcpt": {"bad@example.org": "550 5.1.1 no such user"}}
+    res, (s,) = run(forward(script, e, MSG, lmtp=lmtp))
+    assert s.commands[4:6] == ["RCPT TO:<ok2@example.org>", "DATA"]
+    assert s.message == MSG
+    assert not res.ok
+    assert str(res.reply) == ("554 5.1.1 delivered to 2 of 3 recipients; "
+                              "next hop rejected <bad@example.org>: no such user")
+    if lmtp:
+        assert [r.code for r in res.per_recipient] == [250, 550, 250]
 
 
 @pytest.mark.parametrize("lmtp", [False, True])
@@ -808,12 +857,13 @@ def test_smtp_mail_carries_size_and_body_8bitmime_when_announced(lmtp):
         async with Peer({"ehlo": EHLO_EXT}, lmtp=lmtp, strict=True) as peer:
             d = Delivery.from_spec(f"{'lmtp' if lmtp else 'smtp'}:127.0.0.1:{peer.port}")
             return await deliver(d, e, data, bytewise=len(data) < 200), peer.sessions
-    for data, body in ((eight, " BODY=8BITMIME"), (MSG, "")):
+    bare_cr = MSG + b"old mac\rline ends\r"     # each bare CR leaves as CRLF: one octet more
+    for data, body in ((eight, " BODY=8BITMIME"), (MSG, ""), (bare_cr, "")):
         res, (s,) = run(go(data))
         assert res.ok, (str(res.reply), res.detail)
-        wire_size = len(data) + data.count(b"\n")
+        wire_size = len(data) + data.count(b"\n") + data.count(b"\r")
         assert s.commands[1] == f"MAIL FROM:<a@example.com> SIZE={wire_size}{body}"
-        assert s.message == data
+        assert s.message == data.replace(b"\r", b"\n")
         # the estimate is the wire size before dot-stuffing (RFC 1870 allows
         # an estimate; the stuffed dots are the only difference)
         assert len(s.wire) - len(b".\r\n") - wire_size == MSG.count(b"\n.")

@@ -228,6 +228,76 @@ def test_too_many_bad_commands_421_and_close(server):
     assert server.state.connections == 0
 
 
+def test_server_closes_are_logged(server, decisions):
+    """Every close the server makes has a line saying why (DESIGN Errors and
+    logging): the too-many-errors 421 was not logged, unlike timeouts; a
+    client's QUIT is not a server decision."""
+    c = session(server.port)
+    c.send(b"BOGUS\r\n" * 10)
+    assert first(c.replies(11)[10]).startswith("421 4.7.0")
+    c.close()
+    server.wait_lost()
+    q = session(server.port)
+    q.cmd("QUIT")
+    q.close()
+    server.wait_lost()
+    closes = [l for l in decisions() if l.startswith("action=close")]
+    assert len(closes) == 1, closes
+    assert closes[0].startswith("action=close reason=too_many_errors client=unknown[127.0.0.1]:")
+    assert closes[0].endswith('reply="421 4.7.0 mx.test too many errors, closing connection"')
+
+
+def test_denied_client_connect_line_names_the_reply_sent(server, decisions):
+    """A `deny` client gets 220 and 553 at every RCPT (SPEC A §3): its
+    CONNECT line said reply="553 ..." although 220 was sent."""
+    c = RawClient(server.port, DENIED)
+    assert c.reply()[0] == 220
+    c.close()
+    server.wait_lost()
+    lines = [l for l in decisions() if "stage=CONNECT" in l]
+    assert len(lines) == 1
+    assert lines[0].startswith("action=accept stage=CONNECT reason=pending_client_denied rule=tcp.smtp:2 ")
+    assert lines[0].endswith('reply="220 mx.test ESMTP"')
+
+
+def test_decision_lines_name_the_rule_that_accepted_or_refused(server, decisions):
+    """README: every decision names its rule. An accepted RCPT names the
+    recipients (or rcpthosts) line that let it in; a refusal because no line
+    lists the address names the file."""
+    c = session(server.port)
+    assert first(c.cmd("MAIL FROM:<a@sender.test>"))[:3] == "250"
+    assert first(c.cmd("RCPT TO:<u2@example.com>"))[:3] == "250"
+    assert first(c.cmd("RCPT TO:<nobody@example.com>"))[:3] == "550"
+    assert first(c.cmd("RCPT TO:<x@far.example>"))[:3] == "553"
+    c.close()
+    server.wait_lost()
+    rcpt = [l for l in decisions() if "stage=RCPT" in l]
+    assert [l.split(" client=")[0] for l in rcpt] == [
+        "action=accept stage=RCPT reason=ok rule=recipients:3",
+        "action=reject stage=RCPT reason=no_mailbox rule=recipients",
+        "action=reject stage=RCPT reason=rcpthosts rule=rcpthosts",
+    ]
+
+
+def test_log_lines_stay_bounded_with_huge_client_input(server, decisions):
+    """A value is cut at log.MAX_VALUE characters with a note of what was
+    left out: 300 recipients of 200 octets made one 60 KB DATA line (1000
+    made 500 KB, more than a syslog datagram takes)."""
+    c = session(server.port)
+    assert first(c.cmd("MAIL FROM:<a@sender.test>"))[:3] == "250"
+    for i in range(300):
+        assert first(c.cmd(f"RCPT TO:<{'r' * 180}{i:03d}@example.net>"))[:3] == "250"
+    assert c.cmd("DATA")[0] == 354
+    c.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+    assert c.reply()[0] == 250
+    c.close()
+    server.wait_lost()
+    data = [l for l in decisions() if "stage=DATA" in l]
+    assert len(data) == 1 and "rcpts=300" in data[0]
+    assert len(data[0]) < 2000, len(data[0])
+    assert "more]" in data[0]
+
+
 def test_received_8bit_helo_one_question_mark_per_byte(server):
     """SPEC B §1.12: qmail's safeput works per byte, so each 8-bit byte of
     the HELO argument is one `?` in the Received line (c3 a9 74 e9 -> ??t?)."""
