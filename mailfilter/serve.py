@@ -84,6 +84,7 @@ class ServeOptions:
     max_per_ip: int = 100
     timeout: float | None = None        # default: rules' timeoutsmtpd, else 300
     session_deadline: float | None = None   # default: rules' timeoutsession, else 3600
+    shutdown_grace: float = 30.0        # SIGTERM: seconds a delivery in flight may take to finish
     syslog: bool = False
     syslog_socket: str = "/dev/log"
     log_level: str = "info"
@@ -110,7 +111,8 @@ def parse_listen(spec: str) -> tuple[str, int]:
 
 _BOOL_OPTIONS = ("open_relay", "syslog")
 _INT_OPTIONS = ("workers", "max_connections", "max_per_ip")
-_FLOAT_OPTIONS = ("timeout", "session_deadline", "checkpassword_timeout", "auth_fail_delay")
+_FLOAT_OPTIONS = ("timeout", "session_deadline", "checkpassword_timeout", "auth_fail_delay",
+                  "shutdown_grace")
 LOOPS = ("uvloop", "asyncio")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -155,6 +157,7 @@ def check_options(opts: ServeOptions) -> None:
             positive(flag, value)
     positive("--checkpassword-timeout", opts.checkpassword_timeout)
     positive("--auth-fail-delay", opts.auth_fail_delay, strict=False)
+    positive("--shutdown-grace", opts.shutdown_grace, strict=False)
     if opts.loop not in LOOPS:
         raise StartupError(f"--loop must be uvloop or asyncio, not {opts.loop!r}")
     if opts.log_level not in LOG_LEVELS:
@@ -376,20 +379,20 @@ async def serve(opts: ServeOptions, state: ServerState, ready=None, reuse_port: 
     await stop.wait()
     for s in servers:
         s.close()
-    await _drain_sessions(state)
+    await _drain_sessions(state, opts.shutdown_grace)
     for s in servers:
         await s.wait_closed()
     await state.delivery.close()
     state.auth.close()
 
 
-SHUTDOWN_GRACE = 30.0      # seconds a delivery in flight may take to finish after SIGTERM
+CANCEL_GRACE = 5.0         # after --shutdown-grace: seconds for the hand-overs cut short to clean up
 
 
-async def _drain_sessions(state: ServerState) -> None:
+async def _drain_sessions(state: ServerState, grace: float) -> None:
     """SIGTERM: idle sessions get 421 at once; a session whose reply is in
     flight (a delivery being committed, a DNS answer, a tarpit) may finish
-    it for up to SHUTDOWN_GRACE seconds, as qmail's running qmail-smtpd
+    it for up to `grace` seconds (--shutdown-grace), as qmail's running qmail-smtpd
     children finish after tcpserver stops: a message being stored is not
     thrown away (the client would send it again: a duplicate at best).
     Then every session left gets the 421."""
@@ -403,13 +406,23 @@ async def _drain_sessions(state: ServerState) -> None:
             session._abort(bye)
     if busy:
         logger.info("shutdown: waiting up to %g s for %d session(s) with a reply in flight",
-                    SHUTDOWN_GRACE, len(busy))
-        _, late = await asyncio.wait(busy, timeout=SHUTDOWN_GRACE)
+                    grace, len(busy))
+        _, late = await asyncio.wait(busy, timeout=grace)
         if late:
             logger.warning("shutdown: %d session(s) still busy after %g s: closed",
-                           len(late), SHUTDOWN_GRACE)
+                           len(late), grace)
+    else:
+        late = set()
     for session in list(state.sessions):
         session._abort(bye)
+    if late:
+        # cut short: each hand-over cleans up before the loop goes (a
+        # qmail-queue child is killed before it commits, as when the client
+        # leaves; left alone, it outlived the server on the asyncio loop and
+        # could still queue a message whose client was told 421)
+        for task in late:
+            task.cancel()
+        await asyncio.wait(late, timeout=CANCEL_GRACE)
     logger.info("shutdown: done")
 
 
@@ -538,7 +551,7 @@ def supervise(opts: ServeOptions) -> int:
 _FLAGS = ("rules", "bundle", "hostname", "deliver", "workers", "loop", "resolver", "remote_host",
           "syslog_socket", "max_connections", "max_per_ip", "timeout", "session_deadline", "log_level",
           "auth", "userdb", "checkpassword", "checkpassword_order", "checkpassword_timeout",
-          "auth_fail_delay")
+          "auth_fail_delay", "shutdown_grace")
 
 
 def _config_file(path: str, opts: ServeOptions) -> set[str]:
@@ -612,6 +625,8 @@ def add_arguments(p) -> None:
                    help="idle seconds per command (default: rules' timeoutsmtpd, else 300)")
     p.add_argument("--session-deadline", type=float,
                    help="seconds per session (default: rules' timeoutsession, else 3600)")
+    p.add_argument("--shutdown-grace", type=float,
+                   help="SIGTERM: seconds a delivery in flight may take to finish (default 30)")
     p.add_argument("--syslog", action="store_true", help="log to syslog, facility mail")
     p.add_argument("--syslog-socket", help="syslog socket (default /dev/log)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))

@@ -6,17 +6,19 @@ what it logs (stderr) or answers; every wait is bounded, nothing sleeps.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import smtplib
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
 from tests.server_harness import (
-    PLAIN, RELAY, TIMEOUT, LogReader, RawClient, Spawned, child_env, first, free_port,
+    LOOPS, PLAIN, RELAY, TIMEOUT, LogReader, RawClient, Spawned, child_env, first, free_port,
     maildir_files, read_new, run_cli, spawn_serve, write_rules,
 )
 
@@ -326,6 +328,57 @@ def test_sigterm_lets_a_delivery_in_flight_finish(tmp_path, rules):
         assert first(c.reply()).startswith("421 4.3.2 ")
         assert sp.proc.wait(TIMEOUT) == 0
         assert open(f"{out}.msg", "rb").read().endswith(b"Subject: in flight\n\nbody\n")
+    finally:
+        sp.stop()
+
+
+def _read_fifo(fd: int, until_eof: bool) -> bytes | None:
+    """From a non-blocking fifo: the first line (once a writer wrote one),
+    or with until_eof everything up to EOF (the writer closed: the fake
+    qmail-queue is dead); None when TIMEOUT passes first."""
+    data = b""
+    deadline = time.monotonic() + TIMEOUT
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            if until_eof:
+                return data
+            continue                    # no writer yet (Linux: no POLLHUP before one)
+        data += chunk
+        if not until_eof and b"\n" in data:
+            return data
+    return None
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_shutdown_kills_a_qmail_queue_cut_short(tmp_path, rules, loop):
+    """SIGTERM, and a hand-over still running when --shutdown-grace ends: it
+    is cancelled and cleans up before the process exits, so the qmail-queue
+    child is killed before it commits. On the asyncio loop it outlived the
+    server, free to queue a message whose client had been told 421."""
+    fifo = tmp_path / "ready"
+    os.mkfifo(fifo)
+    fakeqq = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_qmail_queue.py")
+    sp = spawn_serve("--rules", rules, "--loop", loop, "--shutdown-grace", "0.5",
+                     "--deliver", f"qmail-queue:{sys.executable} {fakeqq}",
+                     env={"FAKEQQ_EXIT": "hang", "FAKEQQ_READY": str(fifo)})
+    try:
+        c = session(sp.port, RELAY)
+        c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
+        assert [r[0] for r in c.replies(3)] == [250, 250, 354]
+        c.send(b"Subject: cut short\r\n\r\nbody\r\n.\r\n")
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            pid = int(_read_fifo(fd, until_eof=False))   # the child has the message
+            sp.signal(signal.SIGTERM)
+            assert first(c.reply()).startswith("421 4.3.2 ")
+            assert sp.proc.wait(TIMEOUT) == 0
+            # the child held the fifo open: EOF means it is dead
+            assert _read_fifo(fd, until_eof=True) is not None, f"qmail-queue {pid} outlived the server"
+        finally:
+            os.close(fd)
     finally:
         sp.stop()
 
