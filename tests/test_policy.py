@@ -364,3 +364,37 @@ def test_latin1_superscript_in_numeric_file_is_a_diagnostic(tmp_path):
     assert len(problems) == 2, problems
     assert problems[0].endswith("databytes:1: not an unsigned decimal number: '\u00b2': rule skipped")
     assert "tcp.smtp:1:" in problems[1] and problems[1].endswith("rule skipped")
+
+
+def test_relay_and_auth_verdicts_name_their_lines(tmp_path):
+    """README: every decision names its rule. A relaymailfrom relay names the
+    relaymailfrom line; MAIL refused for SMTPAUTH="!" names the tcp.smtp line
+    that set it (None when it is the server's global --auth); an accepted
+    RCPT names the rcpthosts or recipients line (both used to say nothing)."""
+    eng = engine(tmp_path, {"relaymailfrom": "# partners\nboss@partner.example\n",
+                            "recipients": "u@example.com\n@example.net\n",
+                            "rcpthosts": "example.com\nexample.net\n",
+                            "tcp.smtp": '203.0.113.7:allow,RELAYMAILFROM=""\n'
+                                        '203.0.113.8:allow,SMTPAUTH="!"\n:allow\n'})
+    s, v = envelope(eng, sender="boss@partner.example", rcpt="x@far.example", ip="203.0.113.7")
+    assert (v.accept, v.reason, v.rule) == (True, "relay_sender", "relaymailfrom:2")
+    s = eng.session(Client(ip="203.0.113.8"))
+    v = s.mail("a@sender.example")
+    assert (v.accept, v.reason, v.rule) == (False, "auth_required", "tcp.smtp:2")
+    for rcpt, rule in (("u@example.com", "recipients:1"), ("any@example.net", "recipients:2")):
+        s, v = envelope(eng, rcpt=rcpt)
+        assert (v.accept, v.reason, v.rule) == (True, "ok", rule)
+    glob = engine(tmp_path, {"tcp.smtp": ":allow\n"}, defaults={"SMTPAUTH": "!"})
+    v = glob.session(Client(ip="203.0.113.8")).mail("a@sender.example")
+    assert (v.accept, v.reason, v.rule) == (False, "auth_required", None)
+
+
+def test_unqualified_postmaster_is_never_refused_by_recipients(tmp_path):
+    """RFC 5321 §4.5.1: every server takes <postmaster> (no domain); the
+    recipients lookup as postmaster@localhost used to refuse it."""
+    eng = engine(tmp_path, {"recipients": "u@example.com\n"})
+    for rcpt in ("postmaster", "PostMaster"):
+        s, v = envelope(eng, rcpt=rcpt)
+        assert v.accept, (rcpt, v)
+    s, v = envelope(eng, rcpt="someone")          # other local names are still looked up
+    assert (v.accept, v.reason) == (False, "no_mailbox")
