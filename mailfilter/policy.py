@@ -242,7 +242,8 @@ class PolicyEngine:
         self.badrcptto_last = self.badrcptto.last_match if self.badrcptto is not None else _no_match
         self._pending: dict[tuple[str, str, int], Verdict] = {}
         self._rejects: dict[tuple, Verdict] = {}
-        self._accepts: dict[tuple[str, int], Verdict] = {}
+        self._accepts: dict[str, dict[int, Verdict]] = {}
+        self.rcpt_ok_by_rule: dict[int, Verdict] = {-1: _V_RCPT_OK}
 
     def session(self, client: Client) -> "SessionPolicy":
         return SessionPolicy(self, client)
@@ -282,13 +283,19 @@ class PolicyEngine:
 
     def accept_verdict(self, reason: str, rid: int) -> Verdict:
         """The RCPT accept naming rule `rid` (the rcpthosts, recipients or
-        relaymailfrom line that let it through): one shared Verdict per rule."""
+        relaymailfrom line that let it through): one shared Verdict per rule.
+        The "ok" ones are also in `rcpt_ok_by_rule`, which SessionPolicy.rcpt
+        reads first (a dict get instead of a call per accepted RCPT)."""
         if rid < 0:
             return _V_RCPT_OK
-        key = (reason, rid)
-        v = self._accepts.get(key)
+        cache = self.rcpt_ok_by_rule if reason == "ok" else self._accepts.setdefault(reason, {})
+        v = cache.get(rid)
         if v is None:
-            v = _remember(self._accepts, key, Verdict("RCPT", True, _RCPT_OK, reason, self.where(rid)))
+            if len(cache) >= _SHARED_VERDICTS_MAX:
+                cache.clear()
+                if reason == "ok":
+                    cache[-1] = _V_RCPT_OK
+            v = cache[rid] = Verdict("RCPT", True, _RCPT_OK, reason, self.where(rid))
         return v
 
     def local_literal(self, address: str) -> str:
@@ -667,7 +674,8 @@ class SessionPolicy:
         if delay or recipient is not given:
             return Verdict("RCPT", True, _RCPT_OK, "ok", eng.where(accepted_by), delay,
                            recipient=None if recipient is given else recipient)
-        return eng.accept_verdict("ok", accepted_by)
+        v = eng.rcpt_ok_by_rule.get(accepted_by)
+        return v if v is not None else eng.accept_verdict("ok", accepted_by)
 
     def _dns_verdict(self) -> Verdict | None:
         rule = self.profile.setting_rule
