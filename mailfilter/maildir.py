@@ -15,8 +15,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from mailfilter.delivery import (
-    _close_quietly, _counter, _pid, _unlink_quietly, _b, _check_env, CHUNK, Delivery, DeliveryResult, Envelope, _FixedResultSink, _oserr,
-    _queued, Sink, _store_failed,
+    _close_quietly, _counter, _pid, _unlink_quietly, _check_env, CHUNK, Delivery, DeliveryResult, Envelope, _FixedResultSink, _oserr,
+    _queued, Sink, _store_failed, smtp_path,
 )
 
 
@@ -29,10 +29,13 @@ _HEADER_UNSAFE = bytes.maketrans(b"\r\n\0", b"???")
 
 
 def envelope_headers(env: Envelope) -> bytes:
-    """`Return-Path: <sender>` + one `X-Envelope-To: <rcpt>` per recipient."""
-    out = [b"Return-Path: <", _b(env.sender).translate(_HEADER_UNSAFE), b">\n"]
+    """`Return-Path: <sender>` + one `X-Envelope-To: <rcpt>` per recipient.
+    The addresses arrive unquoted (`john smith@example.org`); smtp_path puts
+    back the RFC 5321 quoting, else a local part with a space or `>` would
+    make an invalid (or misparsed) angle-addr for every MDA reading it."""
+    out = [b"Return-Path: ", smtp_path(env.sender).translate(_HEADER_UNSAFE), b"\n"]
     for rcpt in env.recipients:
-        out += [b"X-Envelope-To: <", _b(rcpt).translate(_HEADER_UNSAFE), b">\n"]
+        out += [b"X-Envelope-To: ", smtp_path(rcpt).translate(_HEADER_UNSAFE), b"\n"]
     return b"".join(out)
 
 

@@ -311,6 +311,22 @@ def test_maildir_failed_fsync_is_451_and_nothing_stays(tmp_path, monkeypatch, fa
     assert ("fsync-" + fail) in [c[0] for c in spy.calls]
 
 
+def test_maildir_envelope_headers_are_rfc5321_quoted(tmp_path):
+    # The parser hands over unquoted addresses; written back unquoted,
+    # `<john smith@example.org>` is no valid angle-addr and `<a>b c@...>`
+    # ends at the first `>`. Same quoting as the smtp/lmtp MAIL/RCPT paths.
+    md = str(tmp_path / "m")
+    e = env(sender="john smith@example.org",
+            rcpts=["a>b c@example.com", 'q"b\\s@example.com', "plain.dots@example.com"])
+    assert run(_one(md, e, MSG)).ok
+    (name,) = listing(md)["new"]
+    with open(os.path.join(md, "new", name), "rb") as f:
+        assert f.read() == (b'Return-Path: <"john smith"@example.org>\n'
+                            b'X-Envelope-To: <"a>b c"@example.com>\n'
+                            b'X-Envelope-To: <"q\\"b\\\\s"@example.com>\n'
+                            b"X-Envelope-To: <plain.dots@example.com>\n" + MSG)
+
+
 def test_maildir_null_sender_and_bytewise_writes(tmp_path):
     md = str(tmp_path / "m")
     res = run(_one(md, env(sender=""), MSG, bytewise=True))
