@@ -34,8 +34,11 @@ maildir:DIR
     each into new/ and fsyncs new/ ONCE for the batch; each commit resolves
     only after its batch's directory fsync. Any OSError
     (ENOSPC, EFBIG, EACCES, ENOTDIR, ...) -> the tmp file is removed, nothing
-    is in new/, 451 store_failed. A process killed mid-message leaves at most
-    a file in tmp/ (the Maildir spec's 36-hour tmp/ cleanup removes it).
+    is in new/, 451 store_failed, and the next message first re-checks (and
+    remakes) tmp/, new/, cur/. A new/ that vanished under a message in flight
+    is made again (fsync'ed into DIR) and the rename retried once. A process
+    killed mid-message leaves at most a file in tmp/ (the Maildir spec's
+    36-hour tmp/ cleanup removes it).
 qmail-queue:PROG [ARGS]
     PROG and its arguments are split on whitespace. The message goes to the
     child's fd 0, the envelope `F<sender>\\0T<rcpt>\\0...\\0` to its fd 1
