@@ -46,7 +46,8 @@ qmail-queue:PROG [ARGS]
     451/554 with qmail.c's texts (SPEC B §1.11 table, `(#x.y.z)` dropped, the
     enhanced code carried up front); killed by a signal -> 451 qq crashed;
     spawn failure -> 451 unable to exec qq; exit 0 after we failed to write
-    the message -> 451 qq read error (qmail.c does the same).
+    the message -> 451 qq read error (qmail.c does the same). A PROG that
+    does not exist or is not executable is a start-up error (`check()`).
 smtp:HOST:PORT, lmtp:HOST:PORT
     One downstream connection per message (EHLO/LHLO, MAIL, RCPT each, DATA;
     LF -> CRLF and dot-stuffing done in bulk). When the next hop's EHLO/LHLO
@@ -272,7 +273,8 @@ class Delivery(ABC):
 
     def check(self) -> None:
         """At start-up: raise OSError when this hop cannot work at all (an
-        unusable spool), so the operator sees it before any mail is deferred.
+        unusable spool, a missing qmail-queue program), so the operator sees
+        it before any mail is deferred.
         Hops whose trouble is only known per message check nothing here."""
         return None
 

@@ -703,6 +703,45 @@ def test_qq_spawn_failure(tmp_path):
     assert not res.ok and str(res.reply) == "451 4.3.0 unable to exec qq"
 
 
+def test_qq_check_refuses_a_missing_or_non_executable_program(monkeypatch, tmp_path):
+    # Delivery.check() at start-up: a qmail-queue that cannot be executed
+    # would otherwise only show as a 451 after each whole message. PROG is
+    # resolved as the spawn resolves it: a path as is, a bare name on PATH.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    wrapper = bindir / "my-qmail-queue"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKEQQ}\n")
+    wrapper.chmod(0o755)
+    plain = tmp_path / "not-executable"
+    plain.write_text(wrapper.read_text())
+    plain.chmod(0o644)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'missing-dir'}:{bindir}")
+    monkeypatch.setenv("FAKEQQ_OUT", str(tmp_path / "qq"))
+    monkeypatch.setenv("FAKEQQ_EXIT", "0")
+
+    for ok in (f"{wrapper} --some-arg", "my-qmail-queue"):
+        d = Delivery.from_spec("qmail-queue:" + ok)
+        d.check()
+        assert run(deliver(d, env(), MSG)).ok      # the spawn finds it too
+
+    for spec, exc, strerror, name in [
+        (f"{tmp_path}/no-such-qq", FileNotFoundError,
+         "qmail-queue program not found", f"{tmp_path}/no-such-qq"),
+        ("no-such-qq-on-path", FileNotFoundError,
+         "qmail-queue program not found on PATH", "no-such-qq-on-path"),
+        (str(plain), PermissionError,
+         "qmail-queue program is not an executable file", str(plain)),
+        (str(bindir), PermissionError,
+         "qmail-queue program is not an executable file", str(bindir)),
+    ]:
+        d = Delivery.from_spec("qmail-queue:" + spec)
+        with pytest.raises(exc) as info:
+            d.check()
+        assert (info.value.strerror, info.value.filename) == (strerror, name)
+        # what the check predicts is what a message would get
+        assert str(run(deliver(d, env(), MSG)).reply) == "451 4.3.0 unable to exec qq"
+
+
 # ---------------------------------------------------------------------------
 # smtp / lmtp forwarding (DESIGN "Delivery": 250 only after downstream 250)
 # ---------------------------------------------------------------------------

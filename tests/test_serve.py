@@ -506,6 +506,23 @@ def test_serve_refuses_an_unusable_spool(tmp_path, rules):
         sp.stop()
 
 
+def test_serve_refuses_a_qmail_queue_it_cannot_run(tmp_path, rules):
+    """A missing or non-executable qmail-queue program is found at start-up
+    (exit 2, one line naming it), not as a 451 after every message."""
+    (tmp_path / "qq").write_text("#!/bin/sh\nexit 0\n")     # not executable
+    for spec, line in [
+        ("/nonexistent", "mailfilter serve: --deliver qmail-queue:/nonexistent: "
+                         "qmail-queue program not found: /nonexistent"),
+        (f"{tmp_path}/qq -x", f"mailfilter serve: --deliver qmail-queue:{tmp_path}/qq -x: "
+                              f"qmail-queue program is not an executable file: {tmp_path}/qq"),
+    ]:
+        r = run_cli("serve", "--rules", rules, "--listen", f"127.0.0.1:{free_port()}",
+                    "--deliver", f"qmail-queue:{spec}")
+        assert r.returncode == 2, r
+        assert r.stderr.splitlines()[-1] == line, r.stderr
+        assert "Traceback" not in r.stderr
+
+
 def test_serve_config_toml(tmp_path, rules):
     """serve.py --config: TOML keys are the long option names."""
     port = free_port()
