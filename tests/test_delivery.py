@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -345,29 +346,59 @@ async def _one(md, e, data, bytewise=False):
         await d.close()
 
 
-def test_maildir_concurrent_commits_all_land(tmp_path):
+def test_maildir_concurrent_commits_all_land(tmp_path, monkeypatch):
+    """60 concurrent commits all land, each exactly once, and share new/
+    fsyncs: while a batch's new/ fsync is in flight the next commits queue
+    up and go as ONE batch. The first new/ fsync is held until all 60 were
+    submitted (a slow disk, made deterministic), so with group commit there
+    are at most 2 batches / 2 new/ fsyncs; without it, up to 60."""
     md = str(tmp_path / "m")
+    newdir = os.path.join(md, "new")
+    n = 60
+    all_submitted = threading.Event()
+    new_fsyncs = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}") == newdir:
+            new_fsyncs.append(threading.current_thread().name)
+            all_submitted.wait(TIMEOUT)
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
 
     async def go():
         d = Delivery.from_spec("maildir:" + md)
-        bodies = [b"Subject: %d\n\nbody %d\n" % (i, i) for i in range(60)]
+        committer = d._committer_for()
+        submit, submitted = committer.submit, []
+
+        def counting_submit(job):
+            submit(job)
+            submitted.append(job)
+            if len(submitted) == n:
+                all_submitted.set()
+        committer.submit = counting_submit
+        bodies = [b"Subject: %d\n\nbody %d\n" % (i, i) for i in range(n)]
         res = await asyncio.gather(*(deliver(d, env(rcpts=[f"r{i}@x"]), b)
                                      for i, b in enumerate(bodies)))
-        stats = (d._committer.batches, d._committer.largest_batch)
+        stats = (committer.batches, committer.largest_batch)
         await d.close()
         return bodies, res, stats
     bodies, res, (batches, largest) = run(go())
     assert all(r.ok for r in res)
     qids = {r.reply.text.split()[-1] for r in res}
-    assert len(qids) == 60
+    assert len(qids) == n
     lst = listing(md)
-    assert lst["tmp"] == [] and len(lst["new"]) == 60
+    assert lst["tmp"] == [] and len(lst["new"]) == n
     stored = set()
     for name in lst["new"]:
         with open(os.path.join(md, "new", name), "rb") as f:
             stored.add(f.read().split(b"\n", 2)[2])
     assert stored == set(bodies)
-    assert 1 <= batches <= 60 and largest >= 1
+    # group commit: one new/ fsync per batch, and the commits that arrived
+    # during the first batch's fsync all went in one second batch
+    assert len(new_fsyncs) == batches <= 2, (new_fsyncs, batches)
+    assert largest >= n // 2
+    assert set(new_fsyncs) == {"maildir-commit"}
 
 
 def test_maildir_group_commit_one_batch(tmp_path):
