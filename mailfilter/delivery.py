@@ -24,16 +24,21 @@ maildir:DIR
     tmp/<time>.M<usec>P<pid>Q<n>.<host> (cr.yp.to/proto/maildir.html), fsync'ed,
     renamed into new/, then new/ is fsync'ed. The envelope is kept in the file
     as prepended headers: `Return-Path: <sender>` and one
-    `X-Envelope-To: <rcpt>` per recipient, before the Received header (CR, LF
-    and NUL in an address would be written as `?`). The qid in
+    `X-Envelope-To: <rcpt>` per recipient, before the Received header; each
+    address as an RFC 5321 §4.1.2 path (`smtp_path`: the local part quoted
+    when it is not a Dot-string, so `<"john smith"@example.org>`; CR, LF and
+    NUL in an address would be written as `?`). The qid in
     `250 ok <stamp> qp <qid>` is the M..P..Q.. part of the file name.
     Group commit (see `_Committer`): one committer thread takes every pending
     commit, fsyncs their files in parallel on a small thread pool, renames
     each into new/ and fsyncs new/ ONCE for the batch; each commit resolves
     only after its batch's directory fsync. Any OSError
     (ENOSPC, EFBIG, EACCES, ENOTDIR, ...) -> the tmp file is removed, nothing
-    is in new/, 451 store_failed. A process killed mid-message leaves at most
-    a file in tmp/ (the Maildir spec's 36-hour tmp/ cleanup removes it).
+    is in new/, 451 store_failed, and the next message first re-checks (and
+    remakes) tmp/, new/, cur/. A new/ that vanished under a message in flight
+    is made again (fsync'ed into DIR) and the rename retried once. A process
+    killed mid-message leaves at most a file in tmp/ (the Maildir spec's
+    36-hour tmp/ cleanup removes it).
 qmail-queue:PROG [ARGS]
     PROG and its arguments are split on whitespace. The message goes to the
     child's fd 0, the envelope `F<sender>\\0T<rcpt>\\0...\\0` to its fd 1
@@ -41,7 +46,8 @@ qmail-queue:PROG [ARGS]
     451/554 with qmail.c's texts (SPEC B §1.11 table, `(#x.y.z)` dropped, the
     enhanced code carried up front); killed by a signal -> 451 qq crashed;
     spawn failure -> 451 unable to exec qq; exit 0 after we failed to write
-    the message -> 451 qq read error (qmail.c does the same).
+    the message -> 451 qq read error (qmail.c does the same). A PROG that
+    does not exist or is not executable is a start-up error (`check()`).
 smtp:HOST:PORT, lmtp:HOST:PORT
     One downstream connection per message (EHLO/LHLO, MAIL, RCPT each, DATA;
     LF -> CRLF and dot-stuffing done in bulk). When the next hop's EHLO/LHLO
@@ -51,7 +57,7 @@ smtp:HOST:PORT, lmtp:HOST:PORT
     (RFC 6152; decided from the bytes, not from the client's declaration).
     An 8-bit message to a hop without 8BITMIME goes as is (qmail-remote
     does the same; no MIME down-conversion here). MAIL/RCPT carry RFC 5321
-    §4.1.2 paths (`forward.smtp_path`): the local part as a Dot-string when it
+    §4.1.2 paths (`smtp_path`): the local part as a Dot-string when it
     is one, else a Quoted-string; `<>` for the null sender. (qmail-queue's
     envelope takes the raw address: no quoting there.) 250 only after the
     downstream's 2xx to the end of data. Downstream 4xx, refused/reset
@@ -95,7 +101,7 @@ from mailfilter.replies import Reply, reply
 __all__ = [
     "Envelope", "DeliveryResult", "Delivery", "Sink", "MaildirDelivery",
     "QmailQueueDelivery", "SmtpDelivery", "LmtpDelivery", "DiscardDelivery",
-    "received_header", "smtp_encode", "QQ_EXITS",
+    "received_header", "smtp_encode", "smtp_path", "QQ_EXITS",
 ]
 
 SPOOL_MEMORY = 1 << 20     # SpooledTemporaryFile: bytes kept in memory
@@ -145,6 +151,29 @@ os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 def _local_id() -> str:
     """A process-unique id (`P<pid>Q<n>`) for replies of non-maildir hops."""
     return f"P{_pid[0]}Q{next(_counter)}"
+
+
+# RFC 5321 §4.1.2 atext (RFC 5322 §3.2.3); 8-bit bytes count as atext
+# (RFC 6531 UTF8-non-ascii) so an 8-bit local part is passed as written.
+_ATEXT = rb"A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\xff-"
+_DOT_STRING = re.compile(rb"[" + _ATEXT + rb"]+(?:\.[" + _ATEXT + rb"]+)*\Z")
+
+
+def smtp_path(addr: str) -> bytes:
+    """The RFC 5321 §4.1.2 path for an envelope address as the parser gives
+    it (unquoted): `<>` for the null sender; the local part as a Dot-string
+    when it is one, else as a Quoted-string with `"` and `\\` escaped; the
+    domain (after the last `@`) as is. Used for the smtp/lmtp MAIL and RCPT
+    commands and for the maildir Return-Path / X-Envelope-To headers."""
+    if not addr:
+        return b"<>"
+    raw = _b(addr)
+    local, at, domain = raw.rpartition(b"@")
+    if not at:
+        local, domain = raw, b""
+    if not _DOT_STRING.match(local):
+        local = b'"' + local.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    return b"<" + local + at + domain + b">"
 
 
 _ADDR_FORBIDDEN = re.compile(r"[\r\n\0]")
@@ -244,7 +273,8 @@ class Delivery(ABC):
 
     def check(self) -> None:
         """At start-up: raise OSError when this hop cannot work at all (an
-        unusable spool), so the operator sees it before any mail is deferred.
+        unusable spool, a missing qmail-queue program), so the operator sees
+        it before any mail is deferred.
         Hops whose trouble is only known per message check nothing here."""
         return None
 

@@ -11,7 +11,7 @@ import re
 
 from mailfilter.delivery import (
     _b, DeliveryResult, Envelope, SpoolFacts, _local_id, _oserr, _queued, _read_chunks,
-    _SpoolingDelivery,
+    _SpoolingDelivery, smtp_path,
 )
 from mailfilter.replies import Reply, reply
 
@@ -34,28 +34,6 @@ def smtp_encode(chunk: bytes, at_bol: bool) -> tuple[bytes, bool]:
     if at_bol and chunk[:1] == b".":
         out = b"." + out
     return out, chunk[-1:] == b"\n"
-
-
-# RFC 5321 §4.1.2 atext (RFC 5322 §3.2.3); 8-bit bytes count as atext
-# (RFC 6531 UTF8-non-ascii) so an 8-bit local part is passed as written.
-_ATEXT = rb"A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\xff-"
-_DOT_STRING = re.compile(rb"[" + _ATEXT + rb"]+(?:\.[" + _ATEXT + rb"]+)*\Z")
-
-
-def smtp_path(addr: str) -> bytes:
-    """The RFC 5321 §4.1.2 path for an envelope address as the parser gives
-    it (unquoted): `<>` for the null sender; the local part as a Dot-string
-    when it is one, else as a Quoted-string with `"` and `\\` escaped; the
-    domain (after the last `@`) as is."""
-    if not addr:
-        return b"<>"
-    raw = _b(addr)
-    local, at, domain = raw.rpartition(b"@")
-    if not at:
-        local, domain = raw, b""
-    if not _DOT_STRING.match(local):
-        local = b'"' + local.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
-    return b"<" + local + at + domain + b">"
 
 
 _ENH = re.compile(rb"^([245]\.\d{1,3}\.\d{1,3}) ")

@@ -15,8 +15,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from mailfilter.delivery import (
-    _close_quietly, _counter, _pid, _unlink_quietly, _b, _check_env, CHUNK, Delivery, DeliveryResult, Envelope, _FixedResultSink, _oserr,
-    _queued, Sink, _store_failed,
+    _close_quietly, _counter, _pid, _unlink_quietly, _check_env, CHUNK, Delivery, DeliveryResult, Envelope, _FixedResultSink, _oserr,
+    _queued, Sink, _store_failed, smtp_path,
 )
 
 
@@ -29,10 +29,13 @@ _HEADER_UNSAFE = bytes.maketrans(b"\r\n\0", b"???")
 
 
 def envelope_headers(env: Envelope) -> bytes:
-    """`Return-Path: <sender>` + one `X-Envelope-To: <rcpt>` per recipient."""
-    out = [b"Return-Path: <", _b(env.sender).translate(_HEADER_UNSAFE), b">\n"]
+    """`Return-Path: <sender>` + one `X-Envelope-To: <rcpt>` per recipient.
+    The addresses arrive unquoted (`john smith@example.org`); smtp_path puts
+    back the RFC 5321 quoting, else a local part with a space or `>` would
+    make an invalid (or misparsed) angle-addr for every MDA reading it."""
+    out = [b"Return-Path: ", smtp_path(env.sender).translate(_HEADER_UNSAFE), b"\n"]
     for rcpt in env.recipients:
-        out += [b"X-Envelope-To: <", _b(rcpt).translate(_HEADER_UNSAFE), b">\n"]
+        out += [b"X-Envelope-To: ", smtp_path(rcpt).translate(_HEADER_UNSAFE), b"\n"]
     return b"".join(out)
 
 
@@ -98,6 +101,30 @@ class _Committer:
             _close_quietly(job.file)
             _unlink_quietly(job.tmp)
 
+    def _rename(self, job: _Job) -> None:
+        """tmp/X -> new/X. When new/ itself has vanished (removed by hand or
+        a cleanup script) while tmp/X is still there, new/ is made again and
+        the rename tried once more: otherwise every message would get 451
+        until an operator recreated it. The new/ entry is made durable (fsync
+        of the maildir) here; the rename itself by the batch's fsync of new/,
+        as always, before any 250."""
+        try:
+            os.rename(job.tmp, job.new)
+            return
+        except FileNotFoundError:
+            if os.path.lexists(self.newdir) or not os.path.lexists(job.tmp):
+                raise  # not a missing new/ (tmp/X gone, or new/ is something else)
+        try:
+            os.mkdir(self.newdir, 0o700)
+        except FileExistsError:
+            pass  # made meanwhile (MaildirDelivery._ensure_dirs): still fsync below
+        fd = os.open(os.path.dirname(self.newdir), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(job.tmp, job.new)
+
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -125,7 +152,7 @@ class _Committer:
             if job.error is not None:
                 continue  # stage 1 failed: tmp file already removed
             try:
-                os.rename(job.tmp, job.new)
+                self._rename(job)
                 renamed.append(job)
             except OSError as exc:
                 job.error = exc
@@ -221,6 +248,11 @@ class _MaildirSink(Sink):
         # never a loss).
         res = await asyncio.shield(job.fut)
         self._state = "done"
+        if not res.ok:
+            # As for a failed open(): re-check (and remake) tmp/, new/, cur/
+            # before the next message, else a layout broken after this
+            # message was opened (tmp/ removed) fails the next one too.
+            self._d._dirs_ok = False
         return res
 
     def abort(self) -> None:

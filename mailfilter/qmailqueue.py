@@ -7,6 +7,7 @@ mapped as qmail.c does (SPEC B §1.11); 250 only on exit 0.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 
 from mailfilter.delivery import (
@@ -99,6 +100,27 @@ class QmailQueueDelivery(_SpoolingDelivery):
     @classmethod
     def parse(cls, arg: str, **options) -> "QmailQueueDelivery":
         return cls(arg.split(), **options)
+
+    def check(self) -> None:
+        """PROG resolves as the spawn resolves it (a name with a `/` as is,
+        else the first match on PATH: subprocess's rule) to an executable
+        file, else OSError naming it: a missing or non-executable qmail-queue
+        would otherwise be found only after each whole message was received,
+        as one 451 unable to exec qq per message."""
+        prog = self.argv[0]
+        if os.path.dirname(prog):
+            candidates = [prog]
+        else:
+            candidates = [os.path.join(d, prog) for d in os.get_exec_path()]
+        for path in candidates:
+            if os.path.isfile(path) and os.access(path, os.X_OK):
+                return
+        found = [p for p in candidates if os.path.exists(p)]
+        if found:
+            raise PermissionError(errno.EACCES, "qmail-queue program is not an executable file",
+                                  found[0])
+        raise FileNotFoundError(errno.ENOENT, "qmail-queue program not found"
+                                + ("" if os.path.dirname(prog) else " on PATH"), prog)
 
     async def _deliver(self, env: Envelope, spool, facts=None) -> DeliveryResult:
         loop = asyncio.get_running_loop()

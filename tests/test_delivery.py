@@ -10,9 +10,11 @@ import asyncio
 import calendar
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -311,6 +313,22 @@ def test_maildir_failed_fsync_is_451_and_nothing_stays(tmp_path, monkeypatch, fa
     assert ("fsync-" + fail) in [c[0] for c in spy.calls]
 
 
+def test_maildir_envelope_headers_are_rfc5321_quoted(tmp_path):
+    # The parser hands over unquoted addresses; written back unquoted,
+    # `<john smith@example.org>` is no valid angle-addr and `<a>b c@...>`
+    # ends at the first `>`. Same quoting as the smtp/lmtp MAIL/RCPT paths.
+    md = str(tmp_path / "m")
+    e = env(sender="john smith@example.org",
+            rcpts=["a>b c@example.com", 'q"b\\s@example.com', "plain.dots@example.com"])
+    assert run(_one(md, e, MSG)).ok
+    (name,) = listing(md)["new"]
+    with open(os.path.join(md, "new", name), "rb") as f:
+        assert f.read() == (b'Return-Path: <"john smith"@example.org>\n'
+                            b'X-Envelope-To: <"a>b c"@example.com>\n'
+                            b'X-Envelope-To: <"q\\"b\\\\s"@example.com>\n'
+                            b"X-Envelope-To: <plain.dots@example.com>\n" + MSG)
+
+
 def test_maildir_null_sender_and_bytewise_writes(tmp_path):
     md = str(tmp_path / "m")
     res = run(_one(md, env(sender=""), MSG, bytewise=True))
@@ -328,29 +346,59 @@ async def _one(md, e, data, bytewise=False):
         await d.close()
 
 
-def test_maildir_concurrent_commits_all_land(tmp_path):
+def test_maildir_concurrent_commits_all_land(tmp_path, monkeypatch):
+    """60 concurrent commits all land, each exactly once, and share new/
+    fsyncs: while a batch's new/ fsync is in flight the next commits queue
+    up and go as ONE batch. The first new/ fsync is held until all 60 were
+    submitted (a slow disk, made deterministic), so with group commit there
+    are at most 2 batches / 2 new/ fsyncs; without it, up to 60."""
     md = str(tmp_path / "m")
+    newdir = os.path.join(md, "new")
+    n = 60
+    all_submitted = threading.Event()
+    new_fsyncs = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}") == newdir:
+            new_fsyncs.append(threading.current_thread().name)
+            all_submitted.wait(TIMEOUT)
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
 
     async def go():
         d = Delivery.from_spec("maildir:" + md)
-        bodies = [b"Subject: %d\n\nbody %d\n" % (i, i) for i in range(60)]
+        committer = d._committer_for()
+        submit, submitted = committer.submit, []
+
+        def counting_submit(job):
+            submit(job)
+            submitted.append(job)
+            if len(submitted) == n:
+                all_submitted.set()
+        committer.submit = counting_submit
+        bodies = [b"Subject: %d\n\nbody %d\n" % (i, i) for i in range(n)]
         res = await asyncio.gather(*(deliver(d, env(rcpts=[f"r{i}@x"]), b)
                                      for i, b in enumerate(bodies)))
-        stats = (d._committer.batches, d._committer.largest_batch)
+        stats = (committer.batches, committer.largest_batch)
         await d.close()
         return bodies, res, stats
     bodies, res, (batches, largest) = run(go())
     assert all(r.ok for r in res)
     qids = {r.reply.text.split()[-1] for r in res}
-    assert len(qids) == 60
+    assert len(qids) == n
     lst = listing(md)
-    assert lst["tmp"] == [] and len(lst["new"]) == 60
+    assert lst["tmp"] == [] and len(lst["new"]) == n
     stored = set()
     for name in lst["new"]:
         with open(os.path.join(md, "new", name), "rb") as f:
             stored.add(f.read().split(b"\n", 2)[2])
     assert stored == set(bodies)
-    assert 1 <= batches <= 60 and largest >= 1
+    # group commit: one new/ fsync per batch, and the commits that arrived
+    # during the first batch's fsync all went in one second batch
+    assert len(new_fsyncs) == batches <= 2, (new_fsyncs, batches)
+    assert largest >= n // 2
+    assert set(new_fsyncs) == {"maildir-commit"}
 
 
 def test_maildir_group_commit_one_batch(tmp_path):
@@ -415,8 +463,11 @@ def test_maildir_parent_is_regular_file(tmp_path):
     assert "ENOTDIR" in res.detail
 
 
-def test_maildir_new_vanishes_before_commit(tmp_path):
-    # rename() into new/ fails (ENOENT): 451, tmp file removed, nothing stored.
+def test_maildir_new_vanishes_before_commit_is_remade(tmp_path, monkeypatch):
+    # new/ removed under a message in flight: rename() fails with ENOENT.
+    # new/ is made again, its entry fsync'ed into the maildir, the rename
+    # retried, and new/ fsync'ed before the 250 (a 451 here used to repeat
+    # for every message until an operator recreated new/).
     md = str(tmp_path / "m")
 
     async def go():
@@ -424,13 +475,73 @@ def test_maildir_new_vanishes_before_commit(tmp_path):
         sink = d.open(env())
         sink.write(MSG)
         os.rmdir(os.path.join(md, "new"))
+        spy = _SyncSpy(monkeypatch)
         res = await sink.commit()
+        monkeypatch.undo()
+        again = await deliver(d, env(), MSG)
         await d.close()
-        return res
-    res = run(go())
+        return res, spy.calls, again
+    res, calls, again = run(go())
+    assert res.ok and res.reply.code == 250, res.detail
+    assert again.ok and again.reply.code == 250, again.detail
+    lst = listing(md)
+    assert lst["tmp"] == [] and len(lst["new"]) == 2
+    name = res.detail.split()[1].removeprefix("new/")
+    with open(os.path.join(md, "new", name), "rb") as f:
+        assert f.read().endswith(MSG)
+    assert calls == [("fsync-file", os.path.join(md, "tmp", name)),
+                     ("rename", os.path.join(md, "new", name)),      # ENOENT
+                     ("fsync-dir", md),                              # new/ is in md
+                     ("rename", os.path.join(md, "new", name)),
+                     ("fsync-dir", os.path.join(md, "new"))]
+
+
+def test_maildir_gone_entirely_before_commit_is_451(tmp_path):
+    # Nothing to retry into: the whole maildir (tmp/X with it) is gone.
+    # 451, nothing recreated behind the message's back, and the next message
+    # makes the layout again (re-checked after a failure).
+    md = str(tmp_path / "m")
+
+    async def go():
+        d = Delivery.from_spec("maildir:" + md)
+        sink = d.open(env())
+        sink.write(MSG)
+        for sub in ("tmp", "new", "cur"):
+            shutil.rmtree(os.path.join(md, sub))
+        res = await sink.commit()
+        gone = os.listdir(md)
+        again = await deliver(d, env(), MSG)
+        await d.close()
+        return res, gone, again
+    res, gone, again = run(go())
     assert res.reply == reply("store_failed") and "ENOENT" in res.detail
-    assert os.listdir(os.path.join(md, "tmp")) == []
-    assert not os.path.exists(os.path.join(md, "new"))
+    assert gone == []
+    assert again.ok, again.detail
+    lst = listing(md)
+    assert lst["tmp"] == [] and len(lst["new"]) == 1
+
+
+def test_maildir_tmp_removed_in_flight_next_message_recovers(tmp_path):
+    # tmp/ removed while a message is written into it: that message is lost
+    # to the store (its rename fails: 451, the client retries); the failure
+    # makes the next message re-check the layout and remake tmp/ (it used to
+    # get a 451 as well, as the layout was only re-checked after a failed open).
+    md = str(tmp_path / "m")
+
+    async def go():
+        d = Delivery.from_spec("maildir:" + md)
+        sink = d.open(env())
+        sink.write(MSG)
+        shutil.rmtree(os.path.join(md, "tmp"))
+        res = await sink.commit()
+        again = await deliver(d, env(), MSG)
+        await d.close()
+        return res, again
+    res, again = run(go())
+    assert res.reply == reply("store_failed") and "ENOENT" in res.detail
+    assert again.ok, again.detail
+    lst = listing(md)
+    assert lst["tmp"] == [] and len(lst["new"]) == 1
 
 
 def test_maildir_efbig_in_child_is_451(tmp_path):
@@ -621,6 +732,45 @@ def test_qq_spawn_failure(tmp_path):
     d = Delivery.from_spec(f"qmail-queue:{tmp_path}/no-such-qmail-queue")
     res = run(deliver(d, env(), MSG))
     assert not res.ok and str(res.reply) == "451 4.3.0 unable to exec qq"
+
+
+def test_qq_check_refuses_a_missing_or_non_executable_program(monkeypatch, tmp_path):
+    # Delivery.check() at start-up: a qmail-queue that cannot be executed
+    # would otherwise only show as a 451 after each whole message. PROG is
+    # resolved as the spawn resolves it: a path as is, a bare name on PATH.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    wrapper = bindir / "my-qmail-queue"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKEQQ}\n")
+    wrapper.chmod(0o755)
+    plain = tmp_path / "not-executable"
+    plain.write_text(wrapper.read_text())
+    plain.chmod(0o644)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'missing-dir'}:{bindir}")
+    monkeypatch.setenv("FAKEQQ_OUT", str(tmp_path / "qq"))
+    monkeypatch.setenv("FAKEQQ_EXIT", "0")
+
+    for ok in (f"{wrapper} --some-arg", "my-qmail-queue"):
+        d = Delivery.from_spec("qmail-queue:" + ok)
+        d.check()
+        assert run(deliver(d, env(), MSG)).ok      # the spawn finds it too
+
+    for spec, exc, strerror, name in [
+        (f"{tmp_path}/no-such-qq", FileNotFoundError,
+         "qmail-queue program not found", f"{tmp_path}/no-such-qq"),
+        ("no-such-qq-on-path", FileNotFoundError,
+         "qmail-queue program not found on PATH", "no-such-qq-on-path"),
+        (str(plain), PermissionError,
+         "qmail-queue program is not an executable file", str(plain)),
+        (str(bindir), PermissionError,
+         "qmail-queue program is not an executable file", str(bindir)),
+    ]:
+        d = Delivery.from_spec("qmail-queue:" + spec)
+        with pytest.raises(exc) as info:
+            d.check()
+        assert (info.value.strerror, info.value.filename) == (strerror, name)
+        # what the check predicts is what a message would get
+        assert str(run(deliver(d, env(), MSG)).reply) == "451 4.3.0 unable to exec qq"
 
 
 # ---------------------------------------------------------------------------

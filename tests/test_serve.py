@@ -384,9 +384,9 @@ def test_shutdown_kills_a_qmail_queue_cut_short(tmp_path, rules, loop):
 
 
 def test_kill_9_during_delivery_leaves_nothing_partial(served, tmp_path):
-    """SPEC A §9 / DESIGN Delivery: kill -9 mid-message (and right after the
-    end of data) never leaves a partial message in new/: either nothing, or
-    the complete message; at most one file in tmp/."""
+    """SPEC A §9 / DESIGN Delivery: kill -9 mid-message leaves nothing in
+    new/ (at most one file in tmp/); kill -9 after the message was stored,
+    before the client read its 250, leaves exactly the complete message."""
     spool = tmp_path / "spool"
     sp = served()
     c = session(sp.port, RELAY)
@@ -402,7 +402,9 @@ def test_kill_9_during_delivery_leaves_nothing_partial(served, tmp_path):
     assert maildir_files(spool) == [] and maildir_files(spool, "cur") == []
     assert len(maildir_files(spool, "tmp")) <= 1
 
-    # again, killed right after the end of data, before reading the reply
+    # again, killed once the message is stored but before the client read
+    # its 250: the server's accept line (logged after new/ is fsync'ed) is
+    # the event, so the check below runs on a stored message, never on none
     sp2 = served()
     c = session(sp2.port, RELAY)
     c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
@@ -411,11 +413,13 @@ def test_kill_9_during_delivery_leaves_nothing_partial(served, tmp_path):
     for _ in range(8):
         c.send(chunk)
     c.send(b"END\r\n.\r\n")
+    (m,) = sp2.log.wait_for(r'action=accept stage=DATA .* detail="maildir new/(\S+) ')
     sp2.proc.kill()
-    sp2.proc.wait(TIMEOUT)
+    assert sp2.proc.wait(TIMEOUT) == -signal.SIGKILL
     c.close()
-    for raw in read_new(spool):
-        assert b"Subject: big2\n" in raw and raw.endswith(b"y" * 998 + b"\nEND\n"), raw[-200:]
+    assert maildir_files(spool) == [m.group(1)]
+    (raw,) = read_new(spool)
+    assert b"Subject: big2\n" in raw and raw.endswith(b"y" * 998 + b"\nEND\n"), raw[-200:]
     assert maildir_files(spool, "cur") == []
 
 
@@ -504,6 +508,23 @@ def test_serve_refuses_an_unusable_spool(tmp_path, rules):
         assert os.listdir(spool / "tmp") == []
     finally:
         sp.stop()
+
+
+def test_serve_refuses_a_qmail_queue_it_cannot_run(tmp_path, rules):
+    """A missing or non-executable qmail-queue program is found at start-up
+    (exit 2, one line naming it), not as a 451 after every message."""
+    (tmp_path / "qq").write_text("#!/bin/sh\nexit 0\n")     # not executable
+    for spec, line in [
+        ("/nonexistent", "mailfilter serve: --deliver qmail-queue:/nonexistent: "
+                         "qmail-queue program not found: /nonexistent"),
+        (f"{tmp_path}/qq -x", f"mailfilter serve: --deliver qmail-queue:{tmp_path}/qq -x: "
+                              f"qmail-queue program is not an executable file: {tmp_path}/qq"),
+    ]:
+        r = run_cli("serve", "--rules", rules, "--listen", f"127.0.0.1:{free_port()}",
+                    "--deliver", f"qmail-queue:{spec}")
+        assert r.returncode == 2, r
+        assert r.stderr.splitlines()[-1] == line, r.stderr
+        assert "Traceback" not in r.stderr
 
 
 def test_serve_config_toml(tmp_path, rules):
