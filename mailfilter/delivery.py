@@ -48,6 +48,8 @@ qmail-queue:PROG [ARGS]
     spawn failure -> 451 unable to exec qq; exit 0 after we failed to write
     the message -> 451 qq read error (qmail.c does the same). A PROG that
     does not exist or is not executable is a start-up error (`check()`).
+    A child still running after HANDOVER_TIMEOUT (540 s) is killed: 451 qq
+    timeout.
 smtp:HOST:PORT, lmtp:HOST:PORT
     One downstream connection per message (EHLO/LHLO, MAIL, RCPT each, DATA;
     LF -> CRLF and dot-stuffing done in bulk). When the next hop's EHLO/LHLO
@@ -62,7 +64,8 @@ smtp:HOST:PORT, lmtp:HOST:PORT
     envelope takes the raw address: no quoting there.) 250 only after the
     downstream's 2xx to the end of data. Downstream 4xx, refused/reset
     connection, protocol garbage (a malformed line, a code outside 200-599),
-    timeouts (connect 30 s, command 300 s by default) -> 451. A 5xx to
+    timeouts (connect 30 s, command 300 s, the whole hand-over 540 s:
+    HANDOVER_TIMEOUT, under a client's 10-minute wait) -> 451. A 5xx to
     MAIL, DATA or the end of data -> 554 with the downstream's text and its
     enhanced code when it gave a valid 5.x.y (else 5.3.0); 5xx at the
     greeting or EHLO says nothing about the message and is 451.
@@ -198,6 +201,14 @@ def _queued(qid: object, detail: str) -> DeliveryResult:
 
 def _store_failed(detail: str) -> DeliveryResult:
     return DeliveryResult(False, reply("store_failed"), None, detail)
+
+
+# The longest a hand-over to qmail-queue or an smtp:/lmtp: next hop may take:
+# under the 10 minutes a client waits for the reply to its final dot (RFC
+# 5321 §4.5.3.2.6). Past that it has given up and will send the message
+# again, so finishing later only makes a duplicate; at the deadline the
+# hand-over is abandoned (qmail-queue killed before it commits) with 451.
+HANDOVER_TIMEOUT = 540.0
 
 
 def _oserr(exc: BaseException) -> str:

@@ -10,8 +10,8 @@ import asyncio
 import re
 
 from mailfilter.delivery import (
-    _b, DeliveryResult, Envelope, SpoolFacts, _local_id, _oserr, _queued, _read_chunks,
-    _SpoolingDelivery, smtp_path,
+    HANDOVER_TIMEOUT, _b, DeliveryResult, Envelope, SpoolFacts, _local_id, _oserr, _queued,
+    _read_chunks, _SpoolingDelivery, smtp_path,
 )
 from mailfilter.replies import Reply, reply
 
@@ -158,13 +158,14 @@ class SmtpDelivery(_SpoolingDelivery):
     lmtp = False
 
     def __init__(self, host: str, port: int, *, connect_timeout: float = 30.0,
-                 command_timeout: float = 300.0, helo_name: str | None = None,
-                 **spool) -> None:
+                 command_timeout: float = 300.0, timeout: float = HANDOVER_TIMEOUT,
+                 helo_name: str | None = None, **spool) -> None:
         super().__init__(**spool)
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
+        self.timeout = timeout      # the whole hand-over, connect to the final reply
         self.helo_name = helo_name
         kind = "lmtp" if self.lmtp else "smtp"
         self.spec = f"{kind}:{host}:{port}" if ":" not in host else f"{kind}:[{host}]:{port}"
@@ -185,6 +186,14 @@ class SmtpDelivery(_SpoolingDelivery):
 
     async def _deliver(self, env: Envelope, spool, facts: SpoolFacts = SpoolFacts()) -> DeliveryResult:
         where = self._where()
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self._session(env, spool, facts, where)
+        except TimeoutError:    # the whole hand-over: delivery.HANDOVER_TIMEOUT
+            return DeliveryResult(False, reply("downstream_temp"), None,
+                                  f"{where} hand-over took over {self.timeout:g} s")
+
+    async def _session(self, env: Envelope, spool, facts: SpoolFacts, where: str) -> DeliveryResult:
         writer = None
         try:
             try:

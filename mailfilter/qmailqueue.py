@@ -11,7 +11,8 @@ import errno
 import os
 
 from mailfilter.delivery import (
-    _b, DeliveryResult, Envelope, _oserr, _queued, _read_chunks, _SpoolingDelivery,
+    HANDOVER_TIMEOUT, _b, DeliveryResult, Envelope, _oserr, _queued, _read_chunks,
+    _SpoolingDelivery,
 )
 from mailfilter.replies import Reply, reply
 
@@ -42,7 +43,7 @@ def _qq_table() -> dict[int, tuple[str, str]]:
 
 
 QQ_EXITS = _qq_table()
-TIMEOUT = 1200.0   # seconds for the whole hand-over (option `timeout`)
+TIMEOUT = HANDOVER_TIMEOUT   # seconds for the whole hand-over (option `timeout`)
 _QQ_OTHER = ("queue_temp", "qq temporary problem")
 
 

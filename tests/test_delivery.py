@@ -19,7 +19,7 @@ import threading
 import pytest
 
 from mailfilter.delivery import (
-    QQ_EXITS, Delivery, DiscardDelivery, Envelope, LmtpDelivery, MaildirDelivery,
+    HANDOVER_TIMEOUT, QQ_EXITS, Delivery, DiscardDelivery, Envelope, LmtpDelivery, MaildirDelivery,
     QmailQueueDelivery, SmtpDelivery, received_header, smtp_encode,
 )
 from mailfilter.replies import reply
@@ -854,6 +854,20 @@ def test_smtp_connection_refused():
     res = run(go())
     assert not res.ok and str(res.reply) == "451 4.4.1 next hop temporarily unavailable"
     assert "ECONNREFUSED" in res.detail
+
+
+def test_smtp_whole_hand_over_has_a_deadline():
+    """delivery.HANDOVER_TIMEOUT: the hand-over as a whole ends under the
+    client's 10-minute wait for the final reply (RFC 5321 §4.5.3.2.6); only
+    each command was bounded (300 s), so a slow next hop could take
+    (4 + recipients) x 300 s and deliver after the client had given up."""
+    assert HANDOVER_TIMEOUT < 600
+    assert Delivery.from_spec("smtp:127.0.0.1:25").timeout == HANDOVER_TIMEOUT
+    assert Delivery.from_spec("qmail-queue:/bin/true").timeout == HANDOVER_TIMEOUT
+    res, (s,) = run(forward({"eod": "hang"}, env(), MSG, timeout=0.5, command_timeout=30))
+    assert not res.ok and res.reply == reply("downstream_temp")
+    assert res.detail.endswith("hand-over took over 0.5 s")
+    assert s.message == MSG
 
 
 @pytest.mark.parametrize("stage", ["greeting", "ehlo", "mail", "rcpt", "data", "eod"])
