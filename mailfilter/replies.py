@@ -80,7 +80,8 @@ REPLIES: dict[str, Reply] = {
     "rcpt_ok": R(250, "2.1.5", "ok"),
     "rset": R(250, "2.0.0", "flushed"),
     "noop": R(250, "2.0.0", "ok"),
-    "vrfy": R(252, "2.1.5", "send some mail, i'll try my best"),
+    # nothing was verified: 2.0.0, not 2.1.5 "destination address valid" (RFC 3463)
+    "vrfy": R(252, "2.0.0", "send some mail, i'll try my best"),
     "data_go": R(354, "", "go ahead"),
     "queued": R(250, "2.0.0", "ok {stamp} qp {qid}"),
     # --- command errors (SPEC A §6, B §1.4) -------------------------------

@@ -513,7 +513,7 @@ def test_noop_vrfy_help(feed):
               cfg(features=["spamcontrol-compat"], help_url="https://example.org/mailfilter"))
     assert app.lines[1:] == [
         "250 2.0.0 ok",
-        "252 2.1.5 send some mail, i'll try my best",
+        "252 2.0.0 send some mail, i'll try my best",
         "214-2.0.0 mailfilter 0.1.0",
         "214-2.0.0 features: PIPELINING SIZE 8BITMIME ENHANCEDSTATUSCODES spamcontrol-compat",
         "214 2.0.0 https://example.org/mailfilter",
