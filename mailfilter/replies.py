@@ -41,7 +41,10 @@ class Reply(NamedTuple):
             else:
                 data = f"{self.code} {self.text}\r\n".encode()
             if len(data) > MAX_REPLY_LINE:  # a filled-in address or next-hop text
-                data = data[:MAX_REPLY_LINE - 5] + b"...\r\n"
+                cut = MAX_REPLY_LINE - 5
+                while data[cut] & 0xC0 == 0x80:  # not inside a UTF-8 sequence
+                    cut -= 1
+                data = data[:cut] + b"...\r\n"
             if self in _CONSTANTS:        # filled-in texts (queue ids) vary: not kept
                 _LINES[self] = data
         return data

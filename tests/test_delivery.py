@@ -906,6 +906,10 @@ def test_smtp_rcpt_rejection_reply_fits_512_octets():
     line = res.reply.line()
     assert len(line) == 512 and line.startswith(b"554 5.1.1 delivered to 1 of 2 recipients; next hop rejected <rrr")
     assert line.endswith(b"...\r\n")
+    # cut on a character boundary: the reply still decodes (str() is what the log writes)
+    for n in range(3):
+        r = reply("downstream_rejected", text="x" * (490 + n) + "\u00e9" * 40)
+        assert len(r.line()) <= 512 and str(r).endswith("...")
 
 
 def test_smtp_rcpt_4xx_is_451():
