@@ -706,7 +706,8 @@ class SessionPolicy:
         return rid if rid >= 0 else -2
 
     def _recipient_known(self, recipient: str) -> int:
-        """Rule id accepting the recipient, -1 if not checked, -2 = unknown (B §2.9)."""
+        """Rule id accepting the recipient (or the `!domain` / `!*` line that
+        exempts it from the check), -1 if not checked, -2 = unknown (B §2.9)."""
         eng = self.engine
         addr = recipient.lower()
         if "@" not in addr:
@@ -715,8 +716,10 @@ class SessionPolicy:
             addr += "@localhost"
         local, _, dom = addr.rpartition("@")
         unchecked = eng.recipients_unchecked
-        if unchecked is not None and unchecked.get(dom.encode("latin-1", "replace")) >= 0:
-            return -1
+        if unchecked is not None:
+            rid = unchecked.get(dom.encode("latin-1", "replace"))
+            if rid >= 0:
+                return rid              # `!domain`: not checked, that line let it in
         table = eng.recipients
         if table is not None:
             rid = table.get(addr.encode("latin-1", "replace"))
@@ -731,10 +734,11 @@ class SessionPolicy:
             if rid >= 0:
                 return rid
         # `!*`: recipients at domains the file does not name are not checked
-        if unchecked is not None and unchecked.get(b"*") >= 0 and not (
-                eng.recipients_domains is not None
-                and eng.recipients_domains.get(dom.encode("latin-1", "replace")) >= 0):
-            return -1
+        if unchecked is not None:
+            rid = unchecked.get(b"*")
+            if rid >= 0 and not (eng.recipients_domains is not None
+                                 and eng.recipients_domains.get(dom.encode("latin-1", "replace")) >= 0):
+                return rid
         return -2
 
     # -- DATA

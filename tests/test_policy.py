@@ -398,3 +398,16 @@ def test_unqualified_postmaster_is_never_refused_by_recipients(tmp_path):
         assert v.accept, (rcpt, v)
     s, v = envelope(eng, rcpt="someone")          # other local names are still looked up
     assert (v.accept, v.reason) == (False, "no_mailbox")
+
+
+def test_unchecked_recipient_names_the_exempting_line(tmp_path):
+    """A recipient let in because `recipients` does not check its domain
+    (`!domain`, or `!*` for domains it does not name) names that line."""
+    eng = engine(tmp_path, {"recipients": "u@example.com\n!example.org\n!*\n",
+                            "rcpthosts": "example.com\nexample.org\nexample.net\n"})
+    for rcpt, rule in (("x@example.org", "recipients:2"), ("y@example.net", "recipients:3"),
+                       ("u@example.com", "recipients:1")):
+        s, v = envelope(eng, rcpt=rcpt)
+        assert (v.accept, v.rule) == (True, rule), rcpt
+    s, v = envelope(eng, rcpt="nobody@example.com")        # a named domain is still checked
+    assert (v.accept, v.reason, v.rule) == (False, "no_mailbox", "recipients")
