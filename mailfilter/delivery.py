@@ -15,7 +15,10 @@ Message bytes arrive in qmail storage format (SPEC B §1.11): LF line ends,
 already dot-unstuffed; the caller writes the Received header first
 (`received_header`, SPEC B §1.12). Bodies are never held whole in memory:
 maildir writes straight into tmp/, the other sinks spool to a
-SpooledTemporaryFile (1 MB in memory, then disk).
+SpooledTemporaryFile (1 MB in memory, then disk). So qmail-queue starts
+after the end of data, not before the 354 as in qmail-smtpd (SPEC B §1.11):
+the message is checked (size, hops, content) before anything is queued,
+and a qmail-queue that cannot run is found at start-up (`check()`).
 
 Specs (`Delivery.from_spec`):
 
