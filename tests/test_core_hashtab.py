@@ -96,16 +96,30 @@ def test_differential_random(seed):
 def test_buffers_in_place_mmap_bytearray_and_misaligned(tmp_path):
     keys = [b"k%d" % i for i in range(100)]
     blob = C.hashtab_build(keys, list(range(100)))
+    # the same keys with other values: the same layout, only the value fields differ
+    other = C.hashtab_build(keys, [1000 + i for i in range(100)])
+    assert len(other) == len(blob) and other != blob
     f = tmp_path / "h.blob"
     f.write_bytes(b"\0" * 8 + blob)
     with open(f, "rb") as fh:
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        t = C.HashTable(memoryview(mm)[8:])
+        t = C.HashTable(memoryview(mm)[8:])                 # read-only, 8-byte aligned: in place
         assert t.get(b"K57") == 57
+        # the shared mapping shows a write to the file: a table read in place sees it
+        with open(f, "r+b") as w:
+            w.seek(8)
+            w.write(other)
+        assert mm[8:] == other
+        assert [t.get(k) for k in keys] == [1000 + i for i in range(100)]
         del t
-    t = C.HashTable(bytearray(blob))                       # writable: copied
+    ba = bytearray(blob)
+    t = C.HashTable(ba)                                     # writable: copied
     assert t.get(b"k99") == 99
-    odd = memoryview(b"\0" + blob)[1:]                      # misaligned: copied
+    ba[:] = other                                           # the caller changes its buffer...
+    assert [t.get(k) for k in keys] == list(range(100))     # ...the table keeps its own copy
+    ba[:] = bytes(len(ba))
+    assert [t.get(k) for k in keys] == list(range(100)) and t.get(b"k100") == -1
+    odd = memoryview(b"\0" + blob)[1:]                     # misaligned: copied
     assert C.HashTable(odd).get(b"k3") == 3
 
 

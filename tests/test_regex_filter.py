@@ -33,10 +33,42 @@ def random_text(rng):
     return bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
 
 
-def one_regex_matcher(pattern: str, with_filter: bool):
+class CountingRegex:
+    """RE2 behind a counter: how many times the ListMatcher ran the regex."""
+
+    def __init__(self, pattern: str):
+        self.rx = compile_re2(pattern)
+        self.calls = 0
+
+    def contains(self, text: bytes) -> bool:
+        self.calls += 1
+        return self.rx.contains(text)
+
+
+def one_regex_matcher(pattern: str, with_filter: bool, regex=None):
     blob = core.listmatch_build([], [], [], [], [7], [b""], [False],
                                 [regex_filter(pattern) if with_filter else b""])
-    return core.ListMatcher(blob, [compile_re2(pattern)])
+    return core.ListMatcher(blob, [regex if regex is not None else compile_re2(pattern)])
+
+
+def counted(pattern: str):
+    """(matcher, counter): a filtered one-regex matcher whose RE2 calls are counted."""
+    rx = CountingRegex(pattern)
+    return one_regex_matcher(pattern, True, rx), rx
+
+
+def record_admits(rec: bytes, text: bytes) -> bool:
+    """The filter record's documented meaning (listmatch_build), in Python:
+    False = the C side must answer "no match" without running the regex."""
+    if not rec:
+        return True
+    if len(text) < int.from_bytes(rec[:4], "little"):
+        return False
+    if len(rec) >= 36 and (not text or not rec[4 + (text[0] >> 3)] >> (text[0] & 7) & 1):
+        return False
+    if len(rec) == 68:
+        return any(rec[36 + (b >> 3)] >> (b & 7) & 1 for b in text)
+    return True
 
 
 def test_filters_are_sound():
@@ -45,19 +77,32 @@ def test_filters_are_sound():
     for _ in range(400):
         pattern = random_pattern(rng)
         compiled = compile_re2(pattern)
-        m = one_regex_matcher(pattern, True)
+        rec = regex_filter(pattern)
+        m, rx = counted(pattern)
         for _ in range(40):
             text = random_text(rng)
             expect = 7 if compiled.search(text) is not None else -1
+            before = rx.calls
             assert m.last_match(text, 0) == expect, (pattern, text)
+            # RE2 runs exactly when the filter lets the text through
+            admits = record_admits(rec, text)
+            assert rx.calls - before == (1 if admits else 0), (pattern, text, admits)
             checked += 1
+            ruled_out += not admits
     assert checked == 16000
     # the filters do rule things out (else the test proves nothing)
-    for pattern, text in (("^[0-9]{12,}@", b"alice@example.com"), ("^abc", b"xabc")):
-        rec = regex_filter(pattern)
-        assert rec and one_regex_matcher(pattern, True).last_match(text, 0) == -1
-        ruled_out += 1
-    assert ruled_out == 2
+    assert ruled_out > 5000, ruled_out          # 8885 with this seed
+    for pattern, text in (("^[0-9]{12,}@", b"alice@example.com"), ("^abc", b"xabc"),
+                          ("^abc", b""), ("viagra", b"viagr")):
+        assert regex_filter(pattern)
+        m, rx = counted(pattern)
+        assert m.last_match(text, 0) == -1 and m.first_fire(text) == -1
+        assert rx.calls == 0, (pattern, text)          # ruled out in C, RE2 never ran
+    # and a text that passes the filter does reach RE2, match or not
+    for pattern, text, expect in (("^[0-9]{12,}@", b"123456789012@x", 7),
+                                  ("^[0-9]{12,}@", b"1234567890123x", -1), ("^abc", b"abcd", 7)):
+        m, rx = counted(pattern)
+        assert m.last_match(text, 0) == expect and rx.calls == 1, (pattern, text)
 
 
 @pytest.mark.parametrize("pattern,text,fires", [
@@ -100,8 +145,14 @@ def test_required_bytes(pattern, required):
     assert len(rec) == 68
     got = bytes(b for b in range(256) if rec[36 + (b >> 3)] >> (b & 7) & 1)
     assert got == required
-    m = one_regex_matcher(pattern, True)
+    m, rx = counted(pattern)
     assert m.last_match(b"abcdef@example.com", 0) == -1     # none of them: no RE2 call
+    assert rx.calls == 0
+    # one required byte present (and long enough): the filter lets it through to RE2
+    text = b"abcdef@example.com" + bytes([required[0]]) * 8
+    assert record_admits(rec, text)
+    m.last_match(text, 0)
+    assert rx.calls == 1
 
 
 def test_required_bytes_first_bitmap_is_open_when_unanchored():

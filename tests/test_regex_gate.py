@@ -8,7 +8,7 @@ import pytest
 
 from mailfilter import bundle, compiler
 from mailfilter.bundle import MODE_ADDRESS
-from mailfilter.regexes import required_literal
+from mailfilter.regexes import compile_re2, required_literal
 
 WEAK = [r"^[a-z]{6}[0-9]{2}@", r"[0-9]{5,}", r"^x.*@", r"@.*\.(ru|cn)$", r"^[^@]{30,}@",
         r"(a|b)c@", r"^.$", r"[q-s]{3}"]
@@ -37,21 +37,55 @@ def random_address(rng):
     return (word + local + "@" + dom).encode()
 
 
+def count_gated(matcher, sources):
+    """Put a counter behind each gated regex of `matcher` (RE2 underneath);
+    returns the counter (a one-element list)."""
+    calls = [0]
+
+    def counting(rx):
+        def contains(text):
+            calls[0] += 1
+            return rx.contains(text)
+        return contains
+
+    for i in matcher.gated_regexes():
+        matcher.set_contains(i, counting(compile_re2(sources[i])))
+    return calls
+
+
 @pytest.mark.parametrize("dialect", ["spamcontrol", "qregex"])
 def test_gate_never_changes_an_answer(tmp_path, dialect):
     compiled = compiler.compile_dir(rules_dir(tmp_path, dialect))
     assert compiled.diagnostics == []
-    gated = bundle.from_compiled(compiled).lists["badmailfrom"]
+    b = bundle.from_compiled(compiled)
+    gated = b.lists["badmailfrom"]
     plain = bundle.from_compiled(compiled).lists["badmailfrom"]
     assert len(gated.gated_regexes()) >= len(WEAK)     # weak literals are gated
     plain.set_gate(None)
+    sources = b.meta["regex"]["badmailfrom"]
+    weak = [compile_re2(sources[i]) for i in gated.gated_regexes()]
+    gated_calls, plain_calls = count_gated(gated, sources), count_gated(plain, sources)
     rng = random.Random(20261125)
     queries = [random_address(rng) for _ in range(3000)] + [b"", b"@", b"x@x"]
+    closed = spared = opened = 0
     for q in queries:
+        g0, p0 = gated_calls[0], plain_calls[0]
         if dialect == "qregex":
             assert gated.first_fire(q) == plain.first_fire(q), q
         else:
             assert gated.last_match(q, MODE_ADDRESS) == plain.last_match(q, MODE_ADDRESS), q
+        if not any(rx.contains(q) for rx in weak):
+            # the gate (the alternation of the gated regexes) says no: the
+            # bundle installed it, so not one gated regex may run
+            closed += 1
+            assert gated_calls[0] == g0, q
+            spared += plain_calls[0] > p0       # without the gate they would have run
+        else:
+            opened += gated_calls[0] > g0
+    # the gate did work: many lookups ran no gated regex that the ungated list ran,
+    # and a text a gated regex matches still reaches the individual regexes
+    # (seed 20261125: 813 closed, spared 419 / 812, opened 819 / 2190)
+    assert closed > 600 and spared > 300 and opened > 600, (closed, spared, opened)
 
 
 def test_short_literals_are_not_selective():

@@ -1,5 +1,6 @@
 """The SQLite user database (userdb.py) and `mailfilter passwd` (passwdcli.py)."""
 import hmac
+import json
 import os
 import random
 import sqlite3
@@ -175,11 +176,24 @@ def test_import_is_one_transaction(db):
     assert db.get("a") is None
 
 
+EXPORT_KEYS = {"name", "cram", "hash", "home", "uid", "gid", "maildir", "shell", "changed"}
+
+
 def test_records_round_trip(db):
-    db.put_many([db.make_user("tim", b"t", home="/h", uid=5, gid=6),
-                 db.make_user("nocram", b"n", cram=False)])
+    secrets = ["t1m-S3cret!pw", "n0cram-S3cret!pw"]
+    db.put_many([db.make_user("tim", secrets[0].encode(), home="/h", uid=5, gid=6),
+                 db.make_user("nocram", secrets[1].encode(), cram=False)])
     text = db.export_records()
-    assert b"t" not in [l.encode() for l in text.splitlines()]
+    lines = text.splitlines()
+    assert lines[0] == userdb.EXPORT_HEADER and len(lines) == 3
+    records = [json.loads(line) for line in lines[1:]]
+    # the documented fields and nothing else: no plaintext (or any other) extra field
+    assert [set(r) for r in records] == [EXPORT_KEYS, EXPORT_KEYS]
+    for secret in secrets:
+        assert secret not in text
+        assert secret.encode().hex() not in text
+    assert [r["name"] for r in records] == ["nocram", "tim"]
+    assert all(r["hash"].startswith("scrypt$") for r in records)
     users = parse_records(text, "x")
     assert [u.name for u in users] == ["nocram", "tim"]
     assert users[1].cram == db.get("tim").cram and users[0].cram is None
