@@ -9,18 +9,7 @@ from mailfilter import bundle, compiler
 from mailfilter.bundle import MODE_ADDRESS
 from mailfilter.core import core
 from mailfilter.regexes import compile_re2
-
-
-class ContainsOnly:
-    """A regex that has contains() and nothing else, counting calls."""
-
-    def __init__(self, pattern: str):
-        self.rx = compile_re2(pattern)
-        self.calls = 0
-
-    def contains(self, text: bytes) -> bool:
-        self.calls += 1
-        return self.rx.contains(text)
+from tests.regex_helpers import CountingRegex
 
 
 class SearchOnly:
@@ -36,7 +25,7 @@ def matcher(regexes, negated=None):
 
 
 def test_only_contains_is_used():
-    rx = ContainsOnly(r"^spam[0-9]+@")
+    rx = CountingRegex(r"^spam[0-9]+@")
     m = matcher([rx])
     assert m.last_match(b"spam12@x", MODE_ADDRESS) == 1
     assert m.last_match(b"ham12@x", MODE_ADDRESS) == -1
@@ -61,7 +50,7 @@ def test_contains_result_is_taken_as_truth_value(truthy):
 
 
 def test_set_contains_swaps_one_entry():
-    m = matcher([ContainsOnly("a"), ContainsOnly("b")])
+    m = matcher([CountingRegex("a"), CountingRegex("b")])
     assert m.last_match(b"b", 0) == 2
     m.set_contains(1, lambda text: False)
     assert m.last_match(b"b", 0) == -1
@@ -92,7 +81,7 @@ def test_lazy_and_eager_bundles_agree(tmp_path):
 
 
 def test_lazy_regex_swaps_in_compiled_contains():
-    m = matcher([ContainsOnly("zzz")])
+    m = matcher([CountingRegex("zzz")])
     stub = bundle._LazyRegex("ab+c", 0)
     stub.matcher = m
     m.set_contains(0, stub.contains)
@@ -102,7 +91,7 @@ def test_lazy_regex_swaps_in_compiled_contains():
 
 
 def test_lazy_gate_answers_bool_then_steps_aside():
-    rx = ContainsOnly("x")
+    rx = CountingRegex("x")
     m = matcher([rx])
     gate = bundle._LazyGate("(?:x)|(?:y)", m)       # the alternation of the gated regexes
     m.set_gate(gate.contains)

@@ -9,6 +9,7 @@ import pytest
 
 from mailfilter.core import core
 from mailfilter.regexes import compile_re2, regex_filter
+from tests.regex_helpers import CountingRegex
 
 TEMPLATES = [
     "^[0-9]{{{n},}}@", "^[a-z0-9]{{{n},}}@", "^{w}", "^({w}|{v})x", "^[{c}-{d}]+\\.{w}$",
@@ -31,18 +32,6 @@ def random_pattern(rng):
 def random_text(rng):
     alphabet = b"abcdefkSxyzXZ0123456789.-@_\xe9\xc9\x80\xff%!=+"
     return bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
-
-
-class CountingRegex:
-    """RE2 behind a counter: how many times the ListMatcher ran the regex."""
-
-    def __init__(self, pattern: str):
-        self.rx = compile_re2(pattern)
-        self.calls = 0
-
-    def contains(self, text: bytes) -> bool:
-        self.calls += 1
-        return self.rx.contains(text)
 
 
 def one_regex_matcher(pattern: str, with_filter: bool, regex=None):

@@ -30,6 +30,7 @@ from mailfilter.regexes import (
     regex_filter,
     required_literal,
 )
+from tests.regex_helpers import CountingRegex
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
@@ -39,18 +40,6 @@ def single(pattern: str, negated: bool = False, regex=None):
     blob = core.listmatch_build([], [], [], [], [7], [required_literal(pattern)], [negated],
                                 [regex_filter(pattern)])
     return core.ListMatcher(blob, [regex if regex is not None else compile_re2(pattern)])
-
-
-class CountingRegex:
-    """RE2 behind a counter: how many times the ListMatcher ran the regex."""
-
-    def __init__(self, pattern: str):
-        self.rx = compile_re2(pattern)
-        self.calls = 0
-
-    def contains(self, text: bytes) -> bool:
-        self.calls += 1
-        return self.rx.contains(text)
 
 
 def ran_re2(pattern: str, text: bytes, expect: int) -> bool:
