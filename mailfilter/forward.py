@@ -112,10 +112,10 @@ def mail_parameters(keywords: frozenset[bytes], facts: SpoolFacts) -> bytes:
     return params
 
 
-def _rejected(x: Reply, name: str = "downstream_rejected", text: str | None = None) -> Reply:
+def _rejected(x: Reply, name: str = "downstream_rejected", **fields) -> Reply:
     """554 with the downstream's text, and its enhanced code when it gave a
     valid permanent one (RFC 3463: 5.x.y with a 5xx); else 5.3.0."""
-    r = reply(name, text=x.text if text is None else text)
+    r = reply(name, text=x.text, **fields)
     if x.enhanced[:2] == "5." and x.code // 100 == 5:
         r = r._replace(enhanced=x.enhanced)
     return r
@@ -137,8 +137,7 @@ def _rcpt_verdict(rcpts: list[str], replies: list[Reply], stage: str) -> Deliver
         return None
     if temp:
         r, x = temp[0]
-        return DeliveryResult(False, reply("downstream_rcpt_temp",
-                                           text=f"next hop deferred <{r}>: {x.text}"),
+        return DeliveryResult(False, reply("downstream_rcpt_temp", rcpt=r, text=x.text),
                               None, f"{stage} {x.code} <{r}>")
     r, x = perm[0]
     if len(perm) == len(replies):
@@ -147,8 +146,8 @@ def _rcpt_verdict(rcpts: list[str], replies: list[Reply], stage: str) -> Deliver
     if stage == "rcpt":
         return None
     delivered = len(replies) - len(perm)
-    text = f"delivered to {delivered} of {len(replies)} recipients; next hop rejected <{r}>: {x.text}"
-    return DeliveryResult(False, _rejected(x, "downstream_partial", text), None,
+    return DeliveryResult(False, _rejected(x, "downstream_partial", delivered=delivered,
+                                           total=len(replies), rcpt=r), None,
                           f"{stage} {x.code} <{r}> partial: delivered to {delivered} of {len(replies)}")
 
 

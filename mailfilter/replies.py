@@ -132,8 +132,10 @@ REPLIES: dict[str, Reply] = {
     "store_failed": R(451, "4.3.0", "temporary failure storing message"),
     "downstream_temp": R(451, "4.4.1", "next hop temporarily unavailable"),
     "downstream_rejected": R(554, "5.3.0", "{text}"),
-    "downstream_rcpt_temp": R(451, "4.4.1", "{text}"),
-    "downstream_partial": R(554, "5.3.0", "{text}"),
+    "downstream_rcpt_temp": R(451, "4.4.1", "next hop deferred <{rcpt}>: {text}"),
+    # a 2xx/5xx recipient mix: the message went to the accepted ones (delivery.py)
+    "downstream_partial": R(554, "5.3.0", "delivered to {delivered} of {total} recipients; "
+                                          "next hop rejected <{rcpt}>: {text}"),
     # --- AUTH (SPEC B §4.6, §7.2, §7.6) -------------------------------------
     "auth_unavailable": R(503, "5.3.3", "auth not available"),
     "auth_already": R(503, "5.5.1", "you're already authenticated"),
