@@ -636,7 +636,7 @@ class SMTPConnection:
         elif t is DataEnd:
             self._reset_transaction()
             if ev.bare_lf:
-                self._close("bare lf")
+                self._close("bare lf", r)
         elif t is Helo:
             if cls == 2:
                 self.helo = ev.name

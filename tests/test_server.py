@@ -1268,6 +1268,10 @@ def test_data_hops_and_bare_lf_lines(server, decisions):
     assert bare.startswith("action=tempfail stage=DATA reason=bare_lf "), bare   # a 451
     for line in (hops, bare):
         assert " helo=<client.test> from=<a@sender.test> to=<user@example.com> " in line
+    # the server hangs up after the bare-LF 451, and says so with the reply it closed on
+    (close,) = [l for l in decisions() if l.startswith("action=close")]
+    assert close.startswith("action=close reason=bare_lf client=unknown[127.0.0.1]:"), close
+    assert close.endswith('reply="451 4.5.2 See https://cr.yp.to/docs/smtplf.html."'), close
 
 
 def test_commit_failure_line_names_the_transaction(start, monkeypatch, decisions):
