@@ -107,6 +107,13 @@ def cmd_check(args) -> int:
     from mailfilter.checkrun import run_check
     from mailfilter.serve import StartupError, options_from
 
+    for flag, values in (("--helo", [args.helo]), ("--from", [args.sender]), ("--rcpt", args.rcpt)):
+        for value in values:
+            if value is not None and any(c in value for c in "\r\n"):
+                # each becomes one command line: a line end would make it two
+                print(f"mailfilter check: {flag} {value!r}: CR and LF cannot be part of "
+                      "an SMTP command", file=sys.stderr)
+                return 2
     try:
         # the server's settings that change its answers: --config, then the flags
         server = options_from(argparse.Namespace(

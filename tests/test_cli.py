@@ -280,3 +280,17 @@ def test_check_helo_goes_through_the_servers_parser(tmp_path):
     stages = json.loads(empty.stdout)["stages"]
     assert stages[1]["reply"] == "501 5.5.4 syntax error, HELO/EHLO needs a domain"
     assert stages[-1]["reason"] == "helo_missing"
+
+
+@pytest.mark.parametrize("flag,value", [("--helo", "a\r\nMAIL FROM:<x@y.example>"),
+                                        ("--from", "a@b.example\nRSET"), ("--rcpt", "x@example.com\rDATA")])
+def test_check_refuses_line_ends_in_arguments(flag, value):
+    """Each argument becomes one command line for the server's parser: a CR or
+    LF in it made two commands, and check reported the smuggled one's answer
+    (a NUL cannot reach argv at all)."""
+    args = {"--helo": "mx.other.example", "--from": "a@sender.example", "--rcpt": "info@example.com"}
+    args[flag] = value
+    r = mf("check", "--rules", os.path.join(ROOT, "rules"),
+           *[x for k, v in args.items() for x in (k, v)])
+    assert r.returncode == 2 and "CR and LF cannot be part of an SMTP command" in r.stderr
+    assert r.stdout == ""
