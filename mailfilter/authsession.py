@@ -49,8 +49,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import hashlib
+import ipaddress
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from mailfilter import log
@@ -102,6 +104,33 @@ class AuthConfig:
     table_size: int = 100_000          # keys kept per tracker (LRU)
 
 
+MAX_KEY = 64      # longer keys (a client's user name can be 12 KB) are kept as a digest
+
+
+def tracker_key(key: str) -> str:
+    """`key` itself, or for one longer than MAX_KEY a fixed-size digest of it:
+    the client chooses the user name, and 100k kept keys of 9 KB each were
+    1.2 GB per process."""
+    if len(key) <= MAX_KEY:
+        return key
+    return "#" + hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def ip_key(ip: str) -> str:
+    """The failure-counting key of a client address: IPv4 as is, IPv6 by its
+    /64 (one end site holds a whole /64, so per-address counting let a
+    single host spread its guesses over 2^64 keys)."""
+    if ":" not in ip:
+        return ip
+    try:
+        addr = ipaddress.IPv6Address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if addr.ipv4_mapped is not None:    # an IPv4 client on a dual-stack socket
+        return str(addr.ipv4_mapped)
+    return str(ipaddress.IPv6Network((addr, 64), strict=False))
+
+
 class FailureTracker:
     """Sliding-window failure counts with a temporary lockout, per key, and the
     attempts in flight (being verified) per key.
@@ -111,17 +140,24 @@ class FailureTracker:
     flight reach ``limit`` -- each attempt in flight may still become a
     failure, so parallel attempts cannot overrun the limit. Every admitted
     attempt is ``release``d once its failure (if any) is counted.
+
+    Memory is bounded in keys and in bytes: at most ``size`` keys per table
+    (LRU; an entry whose window has passed is dropped first), each key at
+    most MAX_KEY characters (tracker_key), each entry a list of at most
+    ``limit`` timestamps (the limit locks the key and drops the list); with
+    ``limit`` 0 nothing is counted, so nothing is kept.
     """
 
     def __init__(self, window: float, limit: int, lockout: float, size: int = 100_000,
                  clock=time.monotonic):
         self.window, self.limit, self.lockout, self.size = window, limit, lockout, size
         self.clock = clock
-        self._fails: OrderedDict[str, deque] = OrderedDict()
+        self._fails: OrderedDict[str, list[float]] = OrderedDict()
         self._locked: dict[str, float] = {}
         self._inflight: dict[str, int] = {}     # entries live only while attempts run
 
     def locked(self, key: str) -> bool:
+        key = tracker_key(key)
         until = self._locked.get(key)
         if until is None:
             return False
@@ -132,18 +168,25 @@ class FailureTracker:
 
     def failure(self, key: str) -> bool:
         """Count one failure; True when this one locked the key."""
+        if self.limit <= 0:             # no lockout: nothing to count
+            return False
+        key = tracker_key(key)
         now = self.clock()
-        q = self._fails.get(key)
+        edge = now - self.window
+        fails = self._fails
+        q = fails.get(key)
         if q is None:
-            q = self._fails[key] = deque()
-            if len(self._fails) > self.size:
-                self._fails.popitem(last=False)
+            if fails:   # the oldest entry goes at the size cap, or once its window has passed
+                oldest_key, oldest = next(iter(fails.items()))
+                if len(fails) >= self.size or not oldest or oldest[-1] <= edge:
+                    del fails[oldest_key]
+            q = fails[key] = []
         else:
-            self._fails.move_to_end(key)
+            fails.move_to_end(key)
         q.append(now)
-        while q and q[0] <= now - self.window:
-            q.popleft()
-        if self.limit > 0 and len(q) >= self.limit:
+        if q[0] <= edge:
+            q[:] = [t for t in q if t > edge]
+        if len(q) >= self.limit:
             del self._fails[key]
             self._locked[key] = now + self.lockout
             if len(self._locked) > self.size:
@@ -154,6 +197,7 @@ class FailureTracker:
     def admit(self, key: str) -> bool:
         """Reserve one attempt for `key`; False (nothing reserved) when the key is
         locked or failures in the window + attempts in flight reach the limit."""
+        key = tracker_key(key)
         if self.locked(key):
             return False
         n = self._inflight.get(key, 0)
@@ -164,6 +208,7 @@ class FailureTracker:
 
     def release(self, key: str) -> None:
         """End an admitted attempt (after its failure, if any, was counted)."""
+        key = tracker_key(key)
         n = self._inflight.get(key, 0) - 1
         if n > 0:
             self._inflight[key] = n
@@ -171,20 +216,24 @@ class FailureTracker:
             self._inflight.pop(key, None)
 
     def in_flight(self, key: str) -> int:
-        return self._inflight.get(key, 0)
+        return self._inflight.get(tracker_key(key), 0)
 
     def clear(self, key: str) -> None:
-        self._fails.pop(key, None)
+        self._fails.pop(tracker_key(key), None)
 
     def count(self, key: str) -> int:
         """Failures of `key` in the current window."""
-        q = self._fails.get(key)
+        q = self._fails.get(tracker_key(key))
         if q is None:
             return 0
         edge = self.clock() - self.window
-        while q and q[0] <= edge:
-            q.popleft()
+        if q and q[0] <= edge:
+            q[:] = [t for t in q if t > edge]
         return len(q)
+
+    def __len__(self) -> int:
+        """Keys with failures counted (for tests and the memory bound)."""
+        return len(self._fails)
 
 
 class AuthService:
@@ -257,7 +306,7 @@ class AuthSession:
         if ex is None:
             self._log("unknown_mech", mech, None)
             return reply("auth_unknown_mech")
-        if self.service.by_ip.locked(self.client.ip):
+        if self.service.by_ip.locked(ip_key(self.client.ip)):
             self._log("locked", mech, None, "client ip locked")
             return reply("auth_locked")
         self.exchange = ex
@@ -276,7 +325,7 @@ class AuthSession:
 
     async def _verify(self, creds: Credentials) -> Reply:
         svc = self.service
-        ip, user = self.client.ip, creds.user
+        ip, user = ip_key(self.client.ip), creds.user
         # reserve the attempt BEFORE verifying: failures + attempts in flight
         # stay within the limits however many arrive at once
         if not svc.by_ip.admit(ip):

@@ -6,7 +6,9 @@ import hmac
 
 import pytest
 
-from mailfilter.authsession import AuthConfig, AuthService, FailureTracker, parse_mode
+from mailfilter.authsession import (
+    MAX_KEY, AuthConfig, AuthService, FailureTracker, ip_key, parse_mode, tracker_key,
+)
 from mailfilter.policy import Client
 from mailfilter.smtpconn import AuthResponse, AuthStart
 from mailfilter.verify import DBVerifier
@@ -150,3 +152,47 @@ def test_mode_without_mechanism_and_not_offered(tmp_path):
     assert app.lines[-1] == "503 5.3.3 auth not available"
     assert not any("AUTH" in l for l in app.lines[:-1])
     loop.close()
+
+
+def test_failure_tables_are_bounded_in_bytes_not_only_keys():
+    """A client picks the user name (up to a 12 KB AUTH line): 100k kept
+    names of 9 KB with a deque each were 1.2 GB per process. Long keys are
+    kept as a fixed-size digest, each entry holds at most `limit` times."""
+    now = [0.0]
+    t = FailureTracker(600, 10, 900, size=1000, clock=lambda: now[0])
+    names = [f"{i:05d}" + "x" * 9000 for i in range(3000)]
+    for name in names:
+        assert t.failure(name) is False
+    assert len(t) == 1000                                    # the size cap
+    assert all(len(k) <= MAX_KEY for k in t._fails)
+    assert all(len(q) == 1 for q in t._fails.values())
+    long = names[-1]                                         # a long name still counts as itself
+    for _ in range(8):
+        t.failure(long)
+    assert t.count(long) == 9 and t.count(names[-2]) == 1
+    assert t.failure(long) is True and t.locked(long) and not t.locked(names[-2])
+    assert tracker_key(long) != tracker_key(names[-2]) and tracker_key("tim") == "tim"
+
+
+def test_failure_entries_past_their_window_make_room_and_limit_0_keeps_nothing():
+    now = [0.0]
+    t = FailureTracker(600, 5, 900, size=100, clock=lambda: now[0])
+    for i in range(50):
+        t.failure(f"u{i}")
+    now[0] = 601.0                                           # every window has passed
+    for i in range(50):
+        t.failure(f"v{i}")
+    assert len(t) == 50 and not any(k.startswith("u") for k in t._fails)
+    off = FailureTracker(600, 0, 900)
+    for i in range(100):
+        assert off.failure(f"w{i}") is False and off.admit(f"w{i}")
+    assert len(off) == 0
+
+
+def test_ip_key_counts_ipv6_per_64_and_mapped_ipv4_as_ipv4():
+    """One end site holds a /64: per-address counting gave a single host 2^64
+    keys to spread its guesses over."""
+    assert ip_key("2001:db8:1:2::5") == ip_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert ip_key("2001:db8:1:3::5") != ip_key("2001:db8:1:2::5")
+    assert ip_key("::ffff:192.0.2.7") == ip_key("192.0.2.7") == "192.0.2.7"
+    assert ip_key("fe80::1%eth0") == "fe80::/64"
