@@ -178,6 +178,8 @@ _V_NOTORIOUS = Verdict("DATA", False, reply("notorious_data"), "notorious", clos
 # Shared verdicts are cached per rule id; a cache that reaches this many
 # entries (distinct rules that rejected something) starts over.
 _SHARED_VERDICTS_MAX = 1 << 16
+# ClientProfiles (~1 KB each) likewise, per tcp.smtp rule that matched a client.
+_PROFILES_MAX = 1 << 14
 
 
 def _remember(cache: dict, key, verdict: Verdict) -> Verdict:
@@ -249,8 +251,13 @@ class PolicyEngine:
         return SessionPolicy(self, client)
 
     def profile(self, rule_id: int) -> ClientProfile:
+        """The client profile of tcp.smtp rule `rule_id`, built once; the
+        cache starts over at _PROFILES_MAX (clients fill it one rule at a
+        time: a 1M-line tcp.smtp would otherwise keep ~1 GB of profiles)."""
         prof = self._profiles.get(rule_id)
         if prof is None:
+            if len(self._profiles) >= _PROFILES_MAX:
+                self._profiles.clear()
             prof = self._profiles[rule_id] = ClientProfile(self, rule_id)
         return prof
 

@@ -411,3 +411,18 @@ def test_unchecked_recipient_names_the_exempting_line(tmp_path):
         assert (v.accept, v.rule) == (True, rule), rcpt
     s, v = envelope(eng, rcpt="nobody@example.com")        # a named domain is still checked
     assert (v.accept, v.reason, v.rule) == (False, "no_mailbox", "recipients")
+
+
+def test_client_profiles_cache_is_bounded(tmp_path, monkeypatch):
+    """One ClientProfile (~1 KB) per tcp.smtp rule a client matched: clients
+    fill it rule by rule, so a 1M-line tcp.smtp kept ~1 GB. The cache starts
+    over at its cap and the answers stay right."""
+    from mailfilter import policy as policy_mod
+
+    monkeypatch.setattr(policy_mod, "_PROFILES_MAX", 16)
+    lines = "".join(f'10.0.{i // 250}.{i % 250}:allow,MAXRECIPIENTS="{i + 1}"\n' for i in range(100))
+    eng = engine(tmp_path, {"tcp.smtp": lines + ":allow\n"})
+    for i in range(100):
+        s = eng.session(Client(ip=f"10.0.{i // 250}.{i % 250}"))
+        assert s.profile.max_recipients == i + 1 and s.profile.rule == f"tcp.smtp:{i + 1}"
+        assert len(eng._profiles) <= 16
