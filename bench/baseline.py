@@ -24,7 +24,7 @@ import ipaddress
 import os
 import re
 
-from mailfilter import controlfiles as cf
+from mailfilter.rules import controlfiles as cf
 
 WILDMAT_CHARS = frozenset("*?[\\")
 
@@ -202,7 +202,7 @@ class ScanList:
 
 
 class BaselineEngine:
-    """The envelope decision of mailfilter.policy for the generated rule sets
+    """The envelope decision of mailfilter.policy.engine for the generated rule sets
     (spamcontrol dialect; settings RELAYCLIENT / HELOCHECK="" / deny), with
     spamcontrol-style scanned lists. envelope() returns the RCPT verdict as
     (accept, reason) with policy's reason names."""

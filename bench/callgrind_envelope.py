@@ -20,8 +20,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import rulegen  # noqa: E402
-from mailfilter import bundle  # noqa: E402
-from mailfilter.policy import Client, PolicyEngine, PolicyOptions  # noqa: E402
+from mailfilter.rules import bundle  # noqa: E402
+from mailfilter.policy.engine import Client, PolicyEngine, PolicyOptions  # noqa: E402
 
 
 def main(n: int, passes: int, stage: str = "full") -> None:

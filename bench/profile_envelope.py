@@ -19,8 +19,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import rulegen  # noqa: E402
-from mailfilter import bundle  # noqa: E402
-from mailfilter.policy import Client, PolicyEngine, PolicyOptions  # noqa: E402
+from mailfilter.rules import bundle  # noqa: E402
+from mailfilter.policy.engine import Client, PolicyEngine, PolicyOptions  # noqa: E402
 
 
 def med_ns(fn, items, reps=5):

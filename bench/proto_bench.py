@@ -5,7 +5,7 @@ usage: .venv/bin/python bench/proto_bench.py [--rules DIR] [--messages N] [--siz
 
 The same session the load generator makes (EHLO once, then RSET/MAIL/RCPT/
 DATA/message per transaction; `new-conn` also does connection_made, EHLO,
-QUIT, connection_lost per message) is fed to mailfilter.server.SMTPProtocol in
+QUIT, connection_lost per message) is fed to mailfilter.smtp.protocol.SMTPProtocol in
 one process, with `discard` delivery. No kernel, no other process: the
 figure (CPU µs per message, best of --repeat) is the Python-level cost of
 engine + policy + content scan + delivery + logging + task machinery, stable
@@ -55,7 +55,7 @@ class FakeTransport(asyncio.Transport):
 
 
 async def drive(state, n: int, message: bytes, new_conn: bool) -> float:
-    from mailfilter.server import SMTPProtocol
+    from mailfilter.smtp.protocol import SMTPProtocol
     mail = b"MAIL FROM:<bench@sender.example>\r\n"
     rcpt = b"RCPT TO:<bench@example.net>\r\n"
     ehlo = b"EHLO bench.client.example\r\n"
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     import loadgen
     import servers
     from mailfilter import log
-    from mailfilter.serve import ServeOptions, build_state
+    from mailfilter.serve.lifecycle import ServeOptions, build_state
     log.setup("warning")
     logging.getLogger("mailfilter").setLevel(logging.WARNING)
     rules = a.rules or servers.norelay_rules(tempfile.mkdtemp())

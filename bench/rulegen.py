@@ -407,7 +407,9 @@ def ensure_rules(n: int, seed: int = 1) -> str:
 def ensure_bundle(n: int, seed: int = 1) -> str:
     """Path of the cached compiled bundle for (n, seed); compiled on first use
     or when the bundle format changed (the file does not load)."""
-    from mailfilter import bundle, compiler, controlfiles
+    from mailfilter.rules import bundle
+    from mailfilter.rules import compiler
+    from mailfilter.rules import controlfiles
 
     root = ensure_rules(n, seed)
     path = f"{root}.v{bundle.FORMAT_VERSION}.mfb"

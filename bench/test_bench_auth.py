@@ -18,13 +18,13 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "support"))
 
 from auth_helpers import PY, USERS, ServerThread, make_userdb, serve_opts  # noqa: E402
 
 from mailfilter.core import core  # noqa: E402
-from mailfilter.sasl import Credentials, new_challenge  # noqa: E402
-from mailfilter.verify import CheckpasswordVerifier, DBVerifier  # noqa: E402
+from mailfilter.auth.sasl import Credentials, new_challenge  # noqa: E402
+from mailfilter.auth.verify import CheckpasswordVerifier, DBVerifier  # noqa: E402
 
 BATCH = 1000
 PASSWORD = b"tanstaaftanstaaf"

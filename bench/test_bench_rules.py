@@ -28,11 +28,12 @@ import pytest
 import baseline
 import rulegen
 from conftest import NOTES, RESULTS, record, sizes
-from mailfilter import bundle as mfbundle
-from mailfilter import compiler, controlfiles
+from mailfilter.rules import bundle as mfbundle
+from mailfilter.rules import compiler
+from mailfilter.rules import controlfiles
 from mailfilter.core import core
-from mailfilter.policy import Client, PolicyEngine, PolicyOptions
-from mailfilter.regexes import compile_re2, required_literal
+from mailfilter.policy.engine import Client, PolicyEngine, PolicyOptions
+from mailfilter.rules.regexes import compile_re2, required_literal
 
 N_ENVELOPES = 4096
 _bundles: dict[int, mfbundle.Bundle] = {}
@@ -210,8 +211,8 @@ def status():
         if k in ("VmRSS", "VmHWM"):
             d[k] = int(v.split()[0]) / 1024
     return d
-from mailfilter import bundle
-from mailfilter.policy import PolicyEngine, PolicyOptions
+from mailfilter.rules import bundle
+from mailfilter.policy.engine import PolicyEngine, PolicyOptions
 before = status()
 t0 = time.perf_counter()
 b = bundle.load(sys.argv[1])

@@ -60,7 +60,9 @@ def _human(n: int) -> str:
 
 
 def cmd_compile(args) -> int:
-    from mailfilter import bundle, compiler, controlfiles
+    from mailfilter.rules import bundle
+    from mailfilter.rules import compiler
+    from mailfilter.rules import controlfiles
 
     t0 = time.perf_counter()
     try:
@@ -85,7 +87,8 @@ def cmd_compile(args) -> int:
 
 
 def _load_for_check(args):
-    from mailfilter import bundle, compiler
+    from mailfilter.rules import bundle
+    from mailfilter.rules import compiler
 
     if args.bundle:
         return bundle.load(args.bundle), []
@@ -95,7 +98,7 @@ def _load_for_check(args):
 
 def _ip_address(text: str) -> str:
     """argparse type for --ip: an IPv4 or IPv6 address literal, as the server sees one."""
-    from mailfilter.policy import pack_ip
+    from mailfilter.policy.engine import pack_ip
 
     if pack_ip(text) is None:
         raise argparse.ArgumentTypeError(f"not an IP address: {text!r}")
@@ -103,9 +106,9 @@ def _ip_address(text: str) -> str:
 
 
 def cmd_check(args) -> int:
-    from mailfilter.bundle import BundleError
-    from mailfilter.checkrun import run_check
-    from mailfilter.serve import StartupError, options_from
+    from mailfilter.rules.bundle import BundleError
+    from mailfilter.check import run_check
+    from mailfilter.serve.lifecycle import StartupError, options_from
 
     for flag, values in (("--helo", [args.helo]), ("--from", [args.sender]), ("--rcpt", args.rcpt)):
         for value in values:
@@ -129,7 +132,7 @@ def cmd_check(args) -> int:
     _print_diagnostics(diags)
     resolver = None
     if args.dns is not None:
-        from mailfilter.dnscheck import Resolver
+        from mailfilter.policy.dns import Resolver
         try:
             resolver = Resolver(args.dns or None)
         except ValueError as exc:
@@ -149,7 +152,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from mailfilter.serve import StartupError, options_from, run
+    from mailfilter.serve.lifecycle import StartupError, options_from, run
 
     try:
         opts = options_from(args)
@@ -188,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--json", action="store_true", help="machine-readable output")
     k.set_defaults(func=cmd_check)
 
-    from mailfilter.serve import add_arguments
+    from mailfilter.serve.lifecycle import add_arguments
 
     s = sub.add_parser("serve", help="run the SMTP server")
     add_arguments(s)
@@ -197,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(r)
     r.set_defaults(func=cmd_serve)
 
-    from mailfilter.passwdcli import add_parser as add_passwd
+    from mailfilter.auth.cli import add_parser as add_passwd
 
     add_passwd(sub)
     for name, text in (("checkpassword", "DJB checkpassword against the user database"),
@@ -213,7 +216,7 @@ _TOOLS = {"checkpassword": "checkpassword_main", "cmd5checkpw": "cmd5checkpw_mai
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in _TOOLS:     # DJB tools: no argparse of ours in front
-        from mailfilter import checkpw
+        from mailfilter.auth import checkpassword as checkpw
         return getattr(checkpw, _TOOLS[argv[0]])(argv[1:])
     args = build_parser().parse_args(argv)
     try:

@@ -1,5 +1,5 @@
 import os
 import sys
 
-# make `tests.oracles` importable as `oracles`
-sys.path.insert(0, os.path.dirname(__file__))
+# make `tests.support.oracles` importable as `oracles`
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "support"))

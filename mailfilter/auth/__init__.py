@@ -1,0 +1,1 @@
+"""SMTP AUTH: SASL exchanges, verifiers, the user database, checkpassword tools, auth syslog."""

@@ -1,0 +1,1 @@
+"""spamcontrol semantics over a loaded bundle (PolicyEngine, SessionPolicy) and the DNS checks."""

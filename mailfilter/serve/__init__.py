@@ -1,0 +1,1 @@
+"""`mailfilter serve`: options, start-up, reload, signals, drain, workers."""
