@@ -30,9 +30,9 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mailfilter.rules.bundle import MODE_ADDRESS, MODE_HOST, Bundle
-from mailfilter.rules.compiler import FLAG_EXCEPTION
-from mailfilter.rules.controlfiles import leading_int
+from mailfilter.rules.bundle import Bundle
+from mailfilter.rules.format import MODE_ADDRESS, MODE_HOST
+from mailfilter.rules.format import FLAG_EXCEPTION, leading_int
 from mailfilter.policy.localip import is_local_ipv4
 from mailfilter.smtp.replies import Reply, reply
 

@@ -37,7 +37,8 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 
-from mailfilter.rules.compiler import FLAG_ALLOW, FLAG_EXCEPTION, FLAG_NEGATED, KINDS, Compiled
+from mailfilter.rules.compiler import Compiled
+from mailfilter.rules.format import FLAG_ALLOW, FLAG_EXCEPTION, FLAG_NEGATED, KINDS
 from mailfilter.core import core
 from mailfilter.rules.regexes import compile_re2, gate_part
 
@@ -55,7 +56,7 @@ HEADER = struct.Struct("<8sIIIIQII32s7I28x")
 TOC_ENTRY = struct.Struct("<32sQQ")
 assert HEADER.size == 128
 
-MODE_EXACT, MODE_ADDRESS, MODE_HOST = 0, 1, 2
+from mailfilter.rules.format import MODE_ADDRESS, MODE_EXACT, MODE_HOST  # noqa: E402,F401
 
 
 class BundleError(Exception):

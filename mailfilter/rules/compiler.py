@@ -32,35 +32,10 @@ from mailfilter.rules import controlfiles as cf
 from mailfilter.core import core
 from mailfilter.rules.regexes import RegexError, compile_re2, regex_filter, required_literal
 
-# ---------------------------------------------------------------- rule table
-
-KINDS = (
-    "exact", "domain", "suffix", "wildmat", "regex", "cidr", "host",
-    "bypass", "antispoof", "unknownhost", "wellknown", "mismatch",
-    "heloaccept", "recipient", "catchall", "unchecked", "signature", "default",
+from mailfilter.rules.format import (  # noqa: F401  (re-exported for the compiler's callers)
+    BADMIMETYPE_MODES, FLAG_ALLOW, FLAG_EXCEPTION, FLAG_NEGATED, HELOCHECK_MODES, HOST_LISTS, KIND_CODE,
+    KINDS, KNOWN_SETTINGS, NUMERIC_SETTINGS, QREGEX_LISTS, SIGNATURE_LISTS, SPAMCONTROL_LISTS,
 )
-KIND_CODE = {name: i for i, name in enumerate(KINDS)}
-
-FLAG_EXCEPTION = 1   # spamcontrol `!` exception line (accept), or tcprules deny=0
-FLAG_NEGATED = 2     # qregex `!`: fires when the regex does NOT match
-FLAG_ALLOW = 4       # tcp.smtp rule says allow
-
-# Lists by role. Pattern lists get a ListMatcher; matching mode per list.
-SPAMCONTROL_LISTS = ("badmailfrom", "badrcptto", "badhelo", "relaymailfrom")
-QREGEX_LISTS = ("badmailfrom", "badmailfromnorelay", "badrcptto",
-                "badrcpttonorelay", "badhelo", "badhelonorelay")
-HOST_LISTS = ("rcpthosts", "morercpthosts")   # merged into L:rcpthosts
-SIGNATURE_LISTS = {"badmimetypes": 9, "badloadertypes": 5}  # SPEC B §2.8
-
-# tcp.smtp per-client settings we understand (SPEC A §3, B §1.2, §2.4, §4.3).
-KNOWN_SETTINGS = frozenset({
-    "RELAYCLIENT", "HELOCHECK", "MFDNSCHECK", "DATABYTES", "MAXRECIPIENTS",
-    "TARPITCOUNT", "TARPITDELAY", "SMTPAUTH", "RECIPIENTS450", "BADMIMETYPE",
-    "BADLOADERTYPE", "RELAYMAILFROM", "NOBADHELO", "DISABLE_BADMAILFROM",
-})
-HELOCHECK_MODES = ("", "!", ".", "=", "A", "M")
-BADMIMETYPE_MODES = ("", "!", "+", "-")
-NUMERIC_SETTINGS = ("DATABYTES", "MAXRECIPIENTS", "TARPITCOUNT", "TARPITDELAY")
 
 
 def setting_problem(name: str, value: str) -> str | None:

@@ -25,6 +25,8 @@ import os
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from mailfilter.rules.format import leading_int  # noqa: F401  (controlfiles' callers use it too)
+
 # Files the compiler knows, by role.
 LIST_FILES = (
     "rcpthosts", "morercpthosts", "badmailfrom", "badrcptto", "badhelo",
@@ -113,17 +115,9 @@ def _first_line(data: bytes) -> str | None:
     return first or None
 
 
+
+
 _DIGITS = frozenset("0123456789")
-
-
-def leading_int(text: str) -> int | None:
-    """The leading ASCII decimal digits of `text` as an int (qmail's scan_ulong,
-    B §1.2), None if there are none. Only 0-9 count: str.isdigit() also takes
-    Latin-1 superscripts such as "\xb2", which int() refuses."""
-    n = 0
-    while n < len(text) and text[n] in _DIGITS:
-        n += 1
-    return int(text[:n]) if n else None
 
 
 def read_rules_dir(root: str) -> RulesSource:

@@ -1,0 +1,53 @@
+"""What the rule compiler and the bundle loader both need: entry kinds, rule
+flags, match modes, list roles and the tcp.smtp setting names.
+
+Invariant: this module imports nothing from mailfilter. The server process
+(bundle.py, policy/) takes its constants from here, so serving a bundle never
+imports the compiler side (compiler.py, controlfiles.py, re2syntax.py).
+Changing a value here changes the bundle format: bump bundle.FORMAT_VERSION.
+"""
+from __future__ import annotations
+
+# ---------------------------------------------------------------- rule table
+KINDS = (
+    "exact", "domain", "suffix", "wildmat", "regex", "cidr", "host",
+    "bypass", "antispoof", "unknownhost", "wellknown", "mismatch",
+    "heloaccept", "recipient", "catchall", "unchecked", "signature", "default",
+)
+KIND_CODE = {name: i for i, name in enumerate(KINDS)}
+
+FLAG_EXCEPTION = 1   # spamcontrol `!` exception line (accept), or tcprules deny=0
+FLAG_NEGATED = 2     # qregex `!`: fires when the regex does NOT match
+FLAG_ALLOW = 4       # tcp.smtp rule says allow
+
+# Lists by role. Pattern lists get a ListMatcher; matching mode per list.
+SPAMCONTROL_LISTS = ("badmailfrom", "badrcptto", "badhelo", "relaymailfrom")
+QREGEX_LISTS = ("badmailfrom", "badmailfromnorelay", "badrcptto",
+                "badrcpttonorelay", "badhelo", "badhelonorelay")
+HOST_LISTS = ("rcpthosts", "morercpthosts")   # merged into L:rcpthosts
+SIGNATURE_LISTS = {"badmimetypes": 9, "badloadertypes": 5}  # SPEC B §2.8
+
+# tcp.smtp per-client settings we understand (SPEC A §3, B §1.2, §2.4, §4.3).
+KNOWN_SETTINGS = frozenset({
+    "RELAYCLIENT", "HELOCHECK", "MFDNSCHECK", "DATABYTES", "MAXRECIPIENTS",
+    "TARPITCOUNT", "TARPITDELAY", "SMTPAUTH", "RECIPIENTS450", "BADMIMETYPE",
+    "BADLOADERTYPE", "RELAYMAILFROM", "NOBADHELO", "DISABLE_BADMAILFROM",
+})
+HELOCHECK_MODES = ("", "!", ".", "=", "A", "M")
+BADMIMETYPE_MODES = ("", "!", "+", "-")
+NUMERIC_SETTINGS = ("DATABYTES", "MAXRECIPIENTS", "TARPITCOUNT", "TARPITDELAY")
+
+# Match modes of ListMatcher.last_match (how a text is cut into candidate keys).
+MODE_EXACT, MODE_ADDRESS, MODE_HOST = 0, 1, 2
+
+_DIGITS = frozenset("0123456789")
+
+
+def leading_int(text: str) -> int | None:
+    """The leading ASCII decimal digits of `text` as an int (qmail's scan_ulong,
+    B §1.2), None if there are none. Only 0-9 count: str.isdigit() also takes
+    Latin-1 superscripts such as "\xb2", which int() refuses."""
+    n = 0
+    while n < len(text) and text[n] in _DIGITS:
+        n += 1
+    return int(text[:n]) if n else None
