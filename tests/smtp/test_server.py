@@ -463,14 +463,14 @@ def test_tarpit_does_not_block_the_loop(server, monkeypatch):
     the loop waits": while session 1 sits in its tarpit (2 s), session 2 runs a
     whole transaction. Ordering is checked via events, not by timing."""
     in_tarpit = threading.Event()
-    real = SMTPProtocol._tarpit
+    real = SMTPProtocol._sleep
 
-    async def spy(self, ev, v):
-        assert v.delay == 2.0
+    async def spy(self, seconds):
+        assert seconds == 2.0
         in_tarpit.set()
-        return await real(self, ev, v)
+        return await real(self, seconds)
 
-    monkeypatch.setattr(SMTPProtocol, "_tarpit", spy)
+    monkeypatch.setattr(SMTPProtocol, "_sleep", spy)
     order = []
     c1 = session(server.port, TARPIT)
     assert first(c1.cmd("MAIL FROM:<a@sender.test>")) == "250 2.1.0 ok"

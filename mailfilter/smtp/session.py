@@ -1,0 +1,565 @@
+"""One SMTP session without I/O: engine + policy + AUTH + the transaction.
+
+Job: everything one SMTP session decides, for the asyncio shell
+(smtp/protocol.py) and for `mailfilter check` (mailfilter/check.py) alike, so
+`check` answers what the server answers by construction. The Session owns
+
+- the engine (smtp/engine.py: framing, command table, transitions, replies),
+- the SessionPolicy (policy/: spamcontrol semantics, one Verdict per stage),
+- the AUTH sub-dialogue (auth/session.py),
+- the transaction: sender, MAIL parameters and the accepted recipients (as
+  delivered), kept here and nowhere else (the engine keeps only the state
+  its sequencing needs, the policy only its verdicts),
+- the end-of-data policy: the engine's bare LF / hop / size refusal, the
+  badmimetypes/badloadertypes scan, and the rule that decided,
+- the decision log lines (log.py), one per verdict.
+
+Theory of operation
+-------------------
+The shell feeds bytes with ``receive_data()`` and calls ``drain()``, which
+answers every complete command synchronously and returns ``None`` when it
+needs more input, or a *request* when an answer needs the world:
+
+=================  ===========================================  ===================
+request            the shell does                                then
+=================  ===========================================  ===================
+``Lookup``         starts the DNS query (HELOCHECK A/M:          ``drain()`` again
+                   ``kind="helo"``; MFDNSCHECK: ``kind="mx"``)   at once (no wait)
+                   in the background; a newer Lookup of the
+                   same kind replaces (cancels) the older one
+``AwaitLookups``   waits until the started lookups are           ``dns_answers()``,
+                   answered (a RCPT needs them)                  ``resume()``
+``Delay``          waits ``seconds`` (tarpit, RCPT)              ``resume()``
+``Commit``         awaits ``sink.commit()`` (delivery)           ``resume(result)``
+``AuthStep``       awaits ``awaitable`` (AUTH verification       ``resume(reply)``
+                   and failure delay, auth/session.py)
+=================  ===========================================  ===================
+
+``resume()`` (or ``resume(error=exc)`` when the awaited thing raised) may
+return the next request (DNS answers, then a tarpit Delay); else the shell
+calls ``drain()`` again. While a request is outstanding the engine
+holds any pipelined input (``next_event()`` is PAUSED), so replies leave in
+command order (RFC 2920). ``data_to_send()`` gives every queued reply for one
+write; ``closing`` says the session is over.
+
+Invariants:
+- no awaits and no sockets here: every method returns at once;
+- "250 means stored": the reply to the end of data is the delivery's reply
+  (a Commit's result), and a commit that raised is a 451, never a 250;
+- a verdict is logged once, where it is given (pending HELO/MAIL verdicts
+  when seen, RCPT verdicts when answered, DATA when the message is done);
+- the policy (and so the rule bundle) is the one the session started with.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+from mailfilter import log
+from mailfilter.delivery import Envelope
+from mailfilter.policy.engine import Client, PolicyEngine, Verdict
+from mailfilter.smtp.content import ContentScanner
+from mailfilter.smtp.engine import (
+    NEED_DATA, PAUSED, Anomaly, AuthResponse, AuthStart, Closed, DataChunk, DataEnd,
+    DataStart, EngineConfig, Helo, Mail, Rcpt, Rset, SMTPConnection, host_of,
+)
+from mailfilter.smtp.received import received_header
+from mailfilter.smtp.replies import Reply, reply
+
+logger = logging.getLogger("mailfilter")
+
+__all__ = ["SessionConfig", "Session", "Transaction",
+           "Lookup", "AwaitLookups", "Delay", "Commit", "AuthStep", "AWAIT_LOOKUPS"]
+
+
+# --- requests: what the session needs from the shell --------------------------
+class Lookup:
+    """Start a DNS check now and hand its answer back when a RCPT needs it:
+    kind "helo" -> resolver.check(rdtype, name); kind "mx" -> resolver.has_mx(name)."""
+    __slots__ = ("kind", "rdtype", "name")
+
+    def __init__(self, kind: str, rdtype: str, name: str) -> None:
+        self.kind = kind
+        self.rdtype = rdtype
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Lookup({self.kind} {self.rdtype} {self.name})"
+
+
+class AwaitLookups:
+    """Wait for the answers of the Lookups started so far, then dns_answers()."""
+    __slots__ = ()
+
+
+AWAIT_LOOKUPS = AwaitLookups()
+
+
+class Delay:
+    """Wait `seconds` before the reply (tarpit)."""
+    __slots__ = ("seconds",)
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+
+class Commit:
+    """Await `sink.commit()`; resume(result) with its DeliveryResult."""
+    __slots__ = ("sink",)
+
+    def __init__(self, sink) -> None:
+        self.sink = sink
+
+
+class AuthStep:
+    """Await `awaitable` (AUTH verification, failure delay); resume(reply)."""
+    __slots__ = ("awaitable",)
+
+    def __init__(self, awaitable) -> None:
+        self.awaitable = awaitable
+
+
+# --- configuration shared by the sessions of one policy ------------------------
+class SessionConfig:
+    """What every new session starts from: the policy (one rule bundle), the
+    AUTH service, the delivery, the engine configuration. A SIGHUP reload
+    makes a new SessionConfig; sessions in flight keep theirs."""
+
+    __slots__ = ("policy", "auth", "delivery", "engine_config", "host", "dns")
+
+    def __init__(self, policy: PolicyEngine, *, auth=None, delivery=None, hostname: str | None = None,
+                 features: list[str] | None = None, max_bad_commands: int = 10,
+                 dns: bool = True) -> None:
+        if auth is None:
+            from mailfilter.auth.session import AuthService   # verifier made on first AUTH
+            auth = AuthService()
+        self.policy = policy
+        self.auth = auth
+        self.delivery = delivery
+        self.dns = dns      # the shell can answer Lookups (it has a resolver)
+        self.engine_config = EngineConfig(
+            greeting=hostname or policy.greeting,
+            databytes=policy.bundle.integers.get("databytes", 0),
+            max_bad_commands=max_bad_commands,
+            features=[f"rules-dialect={policy.bundle.dialect}", *(features or [])],
+        )
+        self.host = host_of(self.engine_config.greeting)   # this server's name in replies
+
+
+class Transaction:
+    """The mail transaction (RFC 5321 §3.3): the one place that holds it."""
+
+    __slots__ = ("sender", "params", "recipients")
+
+    def __init__(self) -> None:
+        self.sender: str | None = None      # as the policy took it (address literal rewritten)
+        self.params: dict = _NO_PARAMS      # MAIL parameters (SIZE, BODY, AUTH, SMTPUTF8)
+        self.recipients: list[str] = []     # accepted, as delivered (RELAYCLIENT suffix)
+
+    def begin(self, sender: str | None, params: dict) -> None:
+        """A MAIL the server took (2xx): a new transaction."""
+        self.sender = sender
+        self.params = params
+        if self.recipients:
+            self.recipients = []
+
+    def clear(self) -> None:
+        """RSET, HELO, end of data, a refused MAIL: no transaction."""
+        if self.sender is not None or self.recipients:
+            self.sender = None
+            self.params = _NO_PARAMS
+            self.recipients = []
+
+
+_NO_LOOKUPS = frozenset()
+_HELO = frozenset(("helo",))
+_MX = frozenset(("mx",))
+_NO_PARAMS: dict = {}     # shared, never mutated: MAIL's params dict replaces it
+
+
+# the client ended the session (EOF, QUIT); the engine's own closes (too many
+# errors, bare LF in DATA, an app reply 421/503 that closes) are logged
+_QUIET_CLOSES = frozenset(("eof", "quit"))
+
+
+class Session:
+    """One SMTP session, sans-IO. See the module docstring."""
+
+    __slots__ = ("config", "client", "label", "engine", "policy", "auth", "tx", "sink", "scanner",
+                 "scan_choice", "lookups", "last_verdict", "_then")
+
+    def __init__(self, config: SessionConfig, client: Client) -> None:
+        self.config = config
+        self.client = client
+        self.label = f"{client.host}[{client.ip}]:{client.port}"
+        self.tx = Transaction()
+        self.sink = None
+        self.scanner: ContentScanner | None = None
+        self.scan_choice: tuple | None = None      # (relay, mime, loader, strict, first)
+        self.lookups = _NO_LOOKUPS                 # kinds asked for and not yet answered
+        self.last_verdict: Verdict | None = None   # the latest policy verdict (`check` shows it)
+        self._then = None                          # continuation of the outstanding request
+        self.policy = sp = config.policy.session(client)
+        cfg = config.engine_config
+        if sp.databytes != cfg.databytes:
+            cfg = dataclasses.replace(cfg, databytes=sp.databytes)
+        self.engine = engine = SMTPConnection(cfg)
+        self.auth = config.auth.session(sp, client, config.host)   # SMTPAUTH per client
+        offer = self.auth.ehlo_keywords()
+        if offer:
+            engine.set_extra_ehlo([*cfg.extra_ehlo, *offer])
+        engine.auth_offered = bool(offer)
+
+    # --- the shell's API ----------------------------------------------------
+    def start(self) -> None:
+        """Queue the greeting (a denied client gets its 220 too, and 553 at
+        every RCPT: the refusal is logged once, here)."""
+        v = self.last_verdict = self.policy.connect()
+        if not self.policy.profile.allowed:
+            self._log(v)
+        self.engine.greet()
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from the client; b"" is EOF."""
+        self.engine.receive_data(data)
+
+    def data_to_send(self) -> bytes:
+        return self.engine.data_to_send()
+
+    @property
+    def closing(self) -> bool:
+        return self.engine.closing
+
+    @property
+    def host(self) -> str:
+        return self.engine.host
+
+    def drain(self):
+        """Answer every complete event; None when input is needed (or the
+        session closed), else the request the shell must fulfil first."""
+        engine = self.engine
+        handlers = _HANDLERS
+        while True:
+            ev = engine.next_event()
+            if ev is NEED_DATA or ev is PAUSED:
+                return None
+            handler = handlers.get(type(ev))
+            if handler is not None:
+                request = handler(self, ev)
+                if request is not None:
+                    return request
+            if type(ev) is Closed:
+                return None
+
+    def resume(self, result=None, error: BaseException | None = None):
+        """The answer to the outstanding request (or the exception it raised);
+        returns the next request the answer led to (a tarpit Delay after the
+        DNS answers), else None: then drain() goes on."""
+        then, self._then = self._then, None
+        if then is None:            # aborted meanwhile (timeout, shutdown): nothing owed
+            return None
+        return then(result, error)
+
+    def dns_answers(self, answers: dict[str, str]) -> None:
+        """The statuses of the lookups started so far, by kind (dns.py's
+        ok/fail/temp/nullmx), handed in before the RCPT that waited."""
+        sp = self.policy
+        for kind, status in answers.items():
+            if kind == "helo":
+                sp.set_helo_dns(status)
+            else:
+                sp.set_mail_dns(status)
+        self.lookups = _NO_LOOKUPS
+
+    def abort(self, r: Reply) -> None:
+        """An unsolicited final reply (timeout, shutdown, internal error): the
+        message in progress is dropped, the session closes. A request still
+        outstanding is finished by its resume() (a commit that completes
+        still logs its decision line) but owes no reply any more."""
+        self._drop_message()
+        self.engine.abort(r)
+
+    def lost(self) -> None:
+        """The connection is gone: drop a message being received."""
+        self._drop_message()
+
+    def authenticated_as(self, user: str) -> None:
+        """Treat the session as authenticated as `user` (`check --auth-user`)."""
+        self.policy.auth_success(user)
+
+    # --- helpers --------------------------------------------------------------
+    def _log(self, v: Verdict, rcpt: str | None = None) -> None:
+        sp = self.policy
+        log.decision(v, client=self.label, helo=sp.helo_name, sender=sp.sender, rcpt=rcpt,
+                     auth=sp.authenticated)
+
+    def _drop_message(self) -> None:
+        if self.sink is not None:
+            self.sink.abort()
+            self.sink = None
+        self.scanner = None
+
+    def _wait(self, request, then):
+        self._then = then
+        return request
+
+    # --- HELO / EHLO ------------------------------------------------------------
+    def on_helo(self, ev: Helo):
+        sp = self.policy
+        v = self.last_verdict = sp.helo(ev.name)
+        self.tx.clear()
+        if sp.helo_verdict is not None:
+            self._log(v)
+        engine = self.engine
+        engine.send(engine.ehlo_reply() if ev.verb == "EHLO" else engine.helo_reply())
+        if self.lookups:
+            self.lookups = self.lookups - _HELO
+        query = sp.helo_dns_query() if self.config.dns else None
+        if query is not None:
+            self.lookups = self.lookups | _HELO
+            return Lookup("helo", query[0], query[1])
+        return None
+
+    # --- MAIL ---------------------------------------------------------------------
+    def on_mail(self, ev: Mail):
+        sp = self.policy
+        v = self.last_verdict = sp.mail(ev.address)
+        if v.reply.code < 300:
+            self.tx.begin(sp.sender, ev.params)
+        else:
+            self.tx.clear()
+        if not v.accept or sp.sender_verdict is not None:
+            self._log(v)
+        if self.lookups:
+            self.lookups = self.lookups - _MX
+        self.engine.send(v.reply)
+        domain = sp.mail_dns_query() if self.config.dns else None
+        if domain is not None:
+            self.lookups = self.lookups | _MX
+            return Lookup("mx", "MX", domain)
+        return None
+
+    # --- RCPT -----------------------------------------------------------------------
+    def on_rcpt(self, ev: Rcpt):
+        if self.lookups:            # HELOCHECK / MFDNSCHECK answers needed first
+            return self._wait(AWAIT_LOOKUPS, lambda _r, error: self._rcpt(ev, error))
+        return self._rcpt(ev, None)
+
+    def _rcpt(self, ev: Rcpt, error):
+        if error is not None:
+            raise error
+        v = self.last_verdict = self.policy.rcpt(ev.address)
+        if v.delay:
+            return self._wait(Delay(v.delay), lambda _r, err: self._rcpt_answer(ev, v, err))
+        return self._rcpt_answer(ev, v, None)
+
+    def _rcpt_answer(self, ev: Rcpt, v: Verdict, error):
+        if error is not None:
+            raise error
+        if v.accept:
+            self.tx.recipients.append(v.recipient if v.recipient is not None else ev.address)
+        self._log(v, ev.address)
+        if self.engine.pending is not None:     # None: aborted during a tarpit
+            self.engine.send(v.reply)
+        return None
+
+    # --- DATA -------------------------------------------------------------------------
+    def on_data_start(self, ev: DataStart):
+        sp = self.policy
+        v = self.last_verdict = sp.data()
+        if not v.accept:
+            self._log(v)
+            # notorious session: 503 and hang up; the engine closes, so
+            # nothing pipelined after DATA is parsed or checked
+            self.engine.send(v.reply, close=v.close)
+            return None
+        tx = self.tx
+        client = self.client
+        env = Envelope(
+            sender=tx.sender or "", recipients=list(tx.recipients), helo=sp.helo_name or "",
+            client_ip=client.ip, client_host=client.host, auth_user=sp.authenticated, tls=False,
+            local_host=self.engine.host, esmtp=self.engine.esmtp)
+        sink = self.config.delivery.open(env)
+        sink.write(received_header(env))
+        self.sink = sink
+        self.scanner = self._content_scanner()
+        self.engine.send(v.reply)
+        return None
+
+    def _content_scanner(self) -> ContentScanner | None:
+        """A scanner per message when the client's BADMIMETYPE/BADLOADERTYPE
+        ask for one; the choice depends only on the session's settings and
+        its relay state, so it is made once per relay state."""
+        relay = self.policy.relay_client
+        choice = self.scan_choice
+        if choice is None or choice[0] != relay:
+            choice = self.scan_choice = (relay, *self._scan_lists(relay))
+        _, mime, loader, strict, first = choice
+        if mime is None and loader is None and not strict:
+            return None
+        return ContentScanner(mime, loader, strict_whitespace=strict, loader_first=first)
+
+    def _scan_lists(self, relay: bool):
+        sp = self.policy
+        sigs = sp.engine.bundle.signatures
+        mime_mode = sp.setting("BADMIMETYPE")
+        loader_mode = sp.setting("BADLOADERTYPE")
+        mime = sigs.get("badmimetypes") if mime_mode is not None and mime_mode != "-" \
+            and not (mime_mode == "+" and relay) else None
+        loader = sigs.get("badloadertypes") if loader_mode and loader_mode != "-" \
+            and not (loader_mode == "+" and relay) else None
+        # BADLOADERTYPE=c: spamcontrol looks up only the windows starting with c;
+        # "+" (no character given) looks at every window
+        first = ord(loader_mode[0]) if loader and loader_mode != "+" else None
+        # "!" checks whitespace in base64 lines even without a badmimetypes file
+        return mime, loader, mime_mode == "!", first
+
+    def on_data_chunk(self, ev: DataChunk):
+        if self.sink is not None:
+            self.sink.write(ev.data)
+        if self.scanner is not None:
+            self.scanner.feed(ev.data)
+        return None
+
+    def on_data_end(self, ev: DataEnd):
+        engine = self.engine
+        sink, self.sink = self.sink, None
+        scanner, self.scanner = self.scanner, None
+        reason = engine.data_end_refusal(ev)       # the reply's name is the reason
+        rule = None
+        if reason is None and scanner is not None:
+            scanner.finish()
+            if scanner.hit is not None:
+                kind, rid = scanner.hit
+                reason = "bad_content"
+                if rid < 0:     # whitespace in base64: the client's BADMIMETYPE="!" decided
+                    rid = self.policy.profile.setting_rule("BADMIMETYPE")
+                rule = self.policy.engine.bundle.where(rid) if rid >= 0 else kind
+        if reason is not None:
+            r = reply(reason)
+            if sink is not None:
+                sink.abort()
+            if rule is None:
+                rule = self._data_end_rule(reason)
+            if log.logger.isEnabledFor(logging.INFO):
+                log.event(action="tempfail" if r.temporary else "reject", stage="DATA",
+                          rule=rule, reason=reason, client=self.label,
+                          **self._who(), size=ev.size, hops=ev.hops, reply=str(r))
+            self.tx.clear()
+            engine.send(r)
+            return None
+        # the transaction as the decision line names it, taken before any await
+        who = self._who() if log.logger.isEnabledFor(logging.INFO) else None
+        t0 = time.monotonic()
+        try:
+            result = sink.commit_now()
+        except Exception:
+            engine.send(self._commit_failed(sink, who))
+            return None
+        if result is None:              # the next hop needs I/O: the shell awaits it
+            return self._wait(Commit(sink), lambda res, error: self._commit_done(sink, ev, t0, who, res, error))
+        engine.send(self._committed(result, ev, t0, who))
+        return None
+
+    def _commit_done(self, sink, ev: DataEnd, t0: float, who, result, error) -> None:
+        if error is not None:
+            r = self._commit_failed(sink, who, error)
+        else:
+            r = self._committed(result, ev, t0, who)
+        if self.engine.pending is not None:
+            self.engine.send(r)
+
+    def _who(self) -> dict:
+        """helo=, from= and to= (every accepted recipient, comma separated)
+        for a DATA-stage decision line."""
+        sp = self.policy
+        return {"helo": None if sp.helo_name is None else f"<{sp.helo_name}>",
+                "from": None if sp.sender is None else f"<{sp.sender}>",
+                "to": ",".join(f"<{r}>" for r in self.tx.recipients) or None,
+                "auth": sp.authenticated}
+
+    def _data_end_rule(self, reason: str) -> str | None:
+        """What decided an engine refusal at the end of data: the size limit
+        names where DATABYTES came from (the client's tcp.smtp line, else the
+        databytes control file); the hop limit is qmail's built-in MAXHOPS;
+        bare LF is refused unconditionally (no rule)."""
+        if reason == "size_exceeded":
+            rid = self.policy.profile.setting_rule("DATABYTES")
+            return self.policy.engine.bundle.where(rid) if rid >= 0 else "databytes"
+        if reason == "too_many_hops":
+            return "maxhops"
+        return None
+
+    def _commit_failed(self, sink, who: dict | None, error: BaseException | None = None) -> Reply:
+        """A commit that raised: the message is dropped, the client retries (451)."""
+        if error is None:
+            logger.exception("delivery failed client=%s", self.label)
+        else:
+            logger.error("delivery failed client=%s", self.label, exc_info=error)
+        sink.abort()
+        r = reply("store_failed")
+        log.event(action="tempfail", stage="DATA", reason="delivery_error",
+                  client=self.label, **(who or {}), reply=str(r))
+        self.tx.clear()
+        return r
+
+    def _committed(self, result, ev: DataEnd, t0: float, who: dict | None) -> Reply:
+        """The reply to a finished commit; its decision line."""
+        if who is not None:   # format the line only if someone reads it
+            log.event(action="accept" if result.ok else ("tempfail" if result.reply.temporary else "reject"),
+                      stage="DATA", client=self.label, **who, size=ev.size,
+                      rcpts=len(self.tx.recipients), ms=f"{(time.monotonic() - t0) * 1000:.1f}",
+                      detail=result.detail or None, reply=str(result.reply))
+        self.tx.clear()
+        return result.reply
+
+    # --- AUTH, RSET, anomalies, close ---------------------------------------------
+    def on_auth(self, ev):
+        """The AUTH sub-dialogue (auth/session.py); verification and the
+        failure delay are awaited by the shell."""
+        r = self.auth.handle(ev)
+        if isinstance(r, Reply):
+            self.engine.send(r)
+            return None
+        return self._wait(AuthStep(r), self._auth_done)
+
+    def _auth_done(self, r, error) -> None:
+        if error is not None:
+            raise error
+        if self.engine.pending is not None:
+            self.engine.send(r)
+
+    def on_rset(self, ev: Rset):
+        self.policy.reset()
+        self.tx.clear()
+        return None
+
+    def on_anomaly(self, ev: Anomaly):
+        log.anomaly(ev.tag, client=self.label, detail=ev.detail)
+        return None
+
+    def on_closed(self, ev: Closed):
+        self._drop_message()
+        if ev.reason not in _QUIET_CLOSES:     # the server hung up: say why
+            r = self.engine.close_reply
+            log.event(action="close", reason=ev.reason.replace(" ", "_"), client=self.label,
+                      reply=None if r is None else str(r))
+        return None
+
+
+_HANDLERS = {
+    Helo: Session.on_helo,
+    Mail: Session.on_mail,
+    Rcpt: Session.on_rcpt,
+    DataStart: Session.on_data_start,
+    DataChunk: Session.on_data_chunk,
+    DataEnd: Session.on_data_end,
+    AuthStart: Session.on_auth,
+    AuthResponse: Session.on_auth,
+    Rset: Session.on_rset,
+    Anomaly: Session.on_anomaly,
+    Closed: Session.on_closed,
+}
+"""Event type -> the Session's handler; events not listed (Quit, Noop, Vrfy,
+Help) were answered by the engine and need nothing."""
