@@ -1,8 +1,11 @@
-"""`mailfilter check`: drive one SessionPolicy through a whole envelope.
+"""`mailfilter check`: one envelope through the server's own Session.
 
-Job: the same calls the server makes (connect, HELO, MAIL, each RCPT), with
-the reply the server would send at each stage and the deciding rule as
-file:line, like `postmap -q` for a whole envelope. Verdicts that qmail
+Job: the commands a client would send (HELO, MAIL, each RCPT) fed to the
+same sans-IO Session the server runs (smtp/session.py: engine, policy,
+replies), with the reply the server would send at each stage and the
+deciding rule as file:line, like `postmap -q` for a whole envelope: check =
+server by construction (tests/smtp/test_check_vs_server.py proves it on
+real sockets). Verdicts that qmail
 reports later (client, HELO, sender: at RCPT, SPEC B §1.5, §2.7) are shown
 at their own stage as "pending" so the operator sees where they come from.
 """
@@ -11,11 +14,11 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from mailfilter.rules.bundle import Bundle
 from mailfilter.policy.dns import literal_status
 from mailfilter.policy.engine import Client, PolicyEngine, PolicyOptions, Verdict
-from mailfilter.smtp.replies import REPLIES, Reply, reply
-from mailfilter.smtp.engine import NEED_DATA, Closed, EngineConfig, Helo, Mail, Rcpt, SMTPConnection
+from mailfilter.rules.bundle import Bundle
+from mailfilter.smtp.replies import REPLIES
+from mailfilter.smtp.session import AwaitLookups, Delay, Lookup, Session, SessionConfig
 
 
 @dataclass
@@ -75,59 +78,58 @@ def _add_note(res: StageResult, note: str) -> None:
     res.note = f"{res.note}; {note}" if res.note else note
 
 
-def _dns_check(res: StageResult, resolver, label: str, lookup, record, name: str) -> None:
-    """The server's DNS call for this stage, or a note that it was skipped;
-    an address literal needs no DNS (dnscheck.literal_status), so it is
-    judged here as the server judges it, with or without --dns."""
-    literal = literal_status(name)
-    if literal is not None:
-        record(literal)
-        _add_note(res, f"{label}: {literal} (address literal, no lookup)")
-        return
-    if resolver is None:
-        _add_note(res, f"{label}: not performed (use --dns)")
-        return
-    status = asyncio.run(lookup(resolver))
-    record(status)
-    _add_note(res, f"{label}: {status}")
+class _Driver:
+    """Feeds `check`'s commands to a Session exactly as a client would and
+    fulfils its requests synchronously: a DNS Lookup with the server's own
+    resolver calls (HELOCHECK: resolver.check, MFDNSCHECK: resolver.has_mx)
+    when --dns was given, an address literal without DNS (as the server
+    judges it), otherwise a note that the lookup was skipped; a tarpit Delay
+    is not waited for (its length is shown). Arguments are sent as the UTF-8
+    bytes a terminal gives, as a client would send them."""
 
+    def __init__(self, session: Session, resolver) -> None:
+        self.session = session
+        self.resolver = resolver
+        self.notes: list[str] = []
 
-class _Syntax:
-    """The server's own command parsing (smtpconn) in front of the policy, so
-    `check` refuses what the server refuses before any rule is asked
-    (`HELO` without a name, `RCPT TO:<>`, 8-bit addresses, over-long ones,
-    SIZE over databytes...) and hands the policy the name or address as the
-    server would (a HELO name without its padding). Arguments are sent as
-    the UTF-8 bytes a terminal gives, as a client would send them."""
+    def command(self, line: str) -> tuple[Verdict | None, str]:
+        """(the policy's verdict, or None when the command never reached the
+        policy (the engine answered it), and the reply as sent)."""
+        session = self.session
+        session.last_verdict = None
+        self.notes = []
+        session.receive_data(line.encode("utf-8", "surrogateescape") + b"\r\n")
+        request = session.drain()
+        while request is not None:
+            request = self._fulfil(request)
+            if request is None:
+                request = session.drain()
+        lines = session.data_to_send().decode("utf-8", "replace").split("\r\n")
+        return session.last_verdict, " / ".join(text for text in lines if text)
 
-    def __init__(self, engine: PolicyEngine, greeting: str):
-        self.conn = SMTPConnection(EngineConfig(
-            greeting=greeting, databytes=engine.bundle.integers.get("databytes", 0)))
-        self.closed = False         # too many bad commands: the server hangs up
-
-    def command(self, line: str, ok_reply: Reply | None = None):
-        """(event, None) when the engine passes `line` on as HELO/MAIL/RCPT
-        (answered `ok_reply`, as the policy's accept would; HELO: the
-        server's 250), else (None, its reply line)."""
-        conn = self.conn
-        conn.receive_data(line.encode("utf-8", "surrogateescape") + b"\r\n")
-        while True:
-            ev = conn.next_event()
-            if type(ev) is Helo:
-                conn.send(conn.helo_reply())
-                conn.data_to_send()
-                return ev, None
-            if type(ev) is Mail or type(ev) is Rcpt:
-                conn.send(ok_reply)
-                conn.data_to_send()
-                return ev, None
-            if type(ev) is Closed:
-                self.closed = True
-                break
-            if ev is NEED_DATA or getattr(ev, "owes_reply", False):
-                break
-        lines = conn.data_to_send().decode("latin-1").split("\r\n")
-        return None, " / ".join(line for line in lines if line)
+    def _fulfil(self, request):
+        session = self.session
+        if type(request) is Lookup:
+            label = (f"HELOCHECK DNS {request.rdtype} {request.name}" if request.kind == "helo"
+                     else f"MFDNSCHECK MX {request.name}")
+            status = literal_status(request.name)
+            if status is not None:
+                self.notes.append(f"{label}: {status} (address literal, no lookup)")
+            elif self.resolver is None:
+                self.notes.append(f"{label}: not performed (use --dns)")
+            else:
+                r = self.resolver
+                status = asyncio.run(r.check(request.rdtype, request.name) if request.kind == "helo"
+                                     else r.has_mx(request.name))
+                self.notes.append(f"{label}: {status}")
+            session.dns_answers({} if status is None else {request.kind: status})
+            return None
+        if type(request) is AwaitLookups:        # every Lookup was answered when asked
+            session.dns_answers({})
+            return session.resume()
+        if type(request) is Delay:               # shown as a note on the verdict, not waited for
+            return session.resume()
+        raise RuntimeError(f"check cannot fulfil {request!r}")   # no DATA, no AUTH dialogue
 
 
 def _refused(stage: str, argument: str, line: str) -> StageResult:
@@ -136,11 +138,15 @@ def _refused(stage: str, argument: str, line: str) -> StageResult:
                        "refused by the SMTP command parser, before any rule")
 
 
-def _mail_first(report: CheckReport, recipients, why: str) -> None:
-    """The server's answer to every RCPT after a MAIL it refused: 503."""
-    for rcpt in recipients:
-        report.stages.append(StageResult("RCPT", f"<{rcpt}>", "reject", str(reply("mail_first")),
-                                         "mail_first", None, why))
+_MAIL_FIRST = str(REPLIES["mail_first"])
+
+
+def _engine_reply(stage: str, argument: str, line: str, why: str) -> StageResult:
+    """A command the engine answered without asking the policy: after a
+    refused (or missing) MAIL every RCPT gets the server's 503."""
+    if line == _MAIL_FIRST:
+        return StageResult(stage, argument, "reject", line, "mail_first", None, why)
+    return _refused(stage, argument, line)
 
 
 def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | None = None,
@@ -148,81 +154,72 @@ def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | Non
               open_relay: bool = False, auth_user: str | None = None,
               resolver=None, auth_mode: str | None = None,
               hostname: str | None = None) -> CheckReport:
-    """With a dnscheck.Resolver the DNS checks are made with the server's own
-    two calls (HELOCHECK: resolver.check, MFDNSCHECK: resolver.has_mx);
-    without one they are reported as not performed. `auth_mode` and
-    `hostname` are the server's --auth and --hostname (serve.load_policy
-    makes --auth every client's default SMTPAUTH)."""
+    """One envelope through the server's own Session (smtp/session.py): the
+    same engine, policy and replies the server uses. With a
+    policy/dns.py Resolver the DNS checks are made with the server's own two
+    calls; without one they are reported as not performed. `auth_mode` and
+    `hostname` are the server's --auth and --hostname (the server makes
+    --auth every client's default SMTPAUTH)."""
     defaults = {} if auth_mode is None else {"SMTPAUTH": auth_mode}
     engine = PolicyEngine(bundle, PolicyOptions(open_relay=open_relay, defaults=defaults))
-    greeting = hostname or engine.greeting
-    session = engine.session(Client(ip=ip, host=host))
+    session = Session(SessionConfig(engine, hostname=hostname), Client(ip=ip, host=host))
+    sp = session.policy
+    drive = _Driver(session, resolver)
     report = CheckReport()
-    connect = session.connect()
-    res = _result(connect, f"{host}[{ip}]")
-    res.reply = str(reply("greeting", greeting=greeting))
-    if not session.profile.allowed:
+    session.start()
+    res = _result(session.last_verdict, f"{host}[{ip}]")
+    res.reply = session.data_to_send().decode("utf-8", "replace").rstrip("\r\n")
+    if not sp.profile.allowed:
         res.verdict = "pending-reject"
         res.reason = "client_denied"
         res.note = "220 now; every RCPT gets 553"
     report.stages.append(res)
     if auth_user:
-        session.auth_success(auth_user)
-    syntax = _Syntax(engine, greeting)
+        session.authenticated_as(auth_user)
     if helo is not None:
-        ev, refused = syntax.command(f"HELO {helo}")
-        if refused is not None:     # no name: the session goes on without a HELO
-            report.stages.append(_refused("HELO", helo, refused))
+        v, line = drive.command(f"HELO {helo}")
+        if v is None:               # no name: the session goes on without a HELO
+            report.stages.append(_refused("HELO", helo, line))
         else:
-            v = session.helo(ev.name)           # the bytes as the server decodes them
             res = _result(v, helo.strip(" "))
-            res.reply = str(syntax.conn.helo_reply())
-            if session.helo_verdict is not None:
+            res.reply = line
+            if sp.helo_verdict is not None:
                 res.verdict = "pending-reject"
-                res.reason = session.helo_verdict[0]
+                res.reason = sp.helo_verdict[0]
                 res.note = "HELO gets 250; non-relay RCPTs get 550"
-            query = session.helo_dns_query()
-            if query is not None:
-                _dns_check(res, resolver, f"HELOCHECK DNS {query[0]} {query[1]}",
-                           lambda r: r.check(*query), session.set_helo_dns, query[1])
+            for note in drive.notes:
+                _add_note(res, note)
             report.stages.append(res)
-    if sender is None:
-        if recipients:
-            _mail_first(report, recipients, "give --from to check recipients")
-        return report
-    ev, refused = syntax.command(f"MAIL FROM:<{sender}>", REPLIES["mail_ok"])
-    if refused is not None:
-        report.stages.append(_refused("MAIL", f"<{sender}>", refused))
-        if not syntax.closed:
-            _mail_first(report, recipients, "MAIL was refused")
-        return report
-    v = session.mail(ev.address)
-    res = _result(v, f"<{sender}>")
-    if v.accept and session.sender_verdict is not None and not session.sender_bypass:
-        res.verdict = "pending-reject"
-        res.reason = session.sender_verdict[0]
-        res.note = "MAIL gets 250; every RCPT gets 553"
-    elif session.sender_bypass:
-        res.note = "sender bypasses badmailfrom (? entry)"
-    dom = session.mail_dns_query()
-    if dom is not None:
-        _dns_check(res, resolver, f"MFDNSCHECK MX {dom}", lambda r: r.has_mx(dom),
-                   session.set_mail_dns, dom)
-    report.stages.append(res)
-    if not v.accept:
-        _mail_first(report, recipients, "MAIL was refused")
-        return report
+    why = "give --from to check recipients"
+    if sender is not None:
+        v, line = drive.command(f"MAIL FROM:<{sender}>")
+        if v is None:
+            report.stages.append(_refused("MAIL", f"<{sender}>", line))
+        else:
+            res = _result(v, f"<{sender}>")
+            res.reply = line
+            if v.accept and sp.sender_verdict is not None and not sp.sender_bypass:
+                res.verdict = "pending-reject"
+                res.reason = sp.sender_verdict[0]
+                res.note = "MAIL gets 250; every RCPT gets 553"
+            elif sp.sender_bypass:
+                res.note = "sender bypasses badmailfrom (? entry)"
+            for note in drive.notes:
+                _add_note(res, note)
+            report.stages.append(res)
+        why = "MAIL was refused"
     for rcpt in recipients:
-        ev, refused = syntax.command(f"RCPT TO:<{rcpt}>", REPLIES["rcpt_ok"])
-        if refused is not None:
-            report.stages.append(_refused("RCPT", f"<{rcpt}>", refused))
-            if syntax.closed:
+        if session.closing:
+            break
+        v, line = drive.command(f"RCPT TO:<{rcpt}>")
+        if v is None:
+            report.stages.append(_engine_reply("RCPT", f"<{rcpt}>", line, why))
+            if session.closing:
                 _add_note(report.stages[-1], "the server closes the connection here")
-                break
             continue
-        rv = session.rcpt(ev.address)
-        res = _result(rv, f"<{rcpt}>")
-        if rv.accept and rv.recipient is not None and rv.recipient != rcpt:
-            _add_note(res, f"delivered as <{rv.recipient}>")
+        res = _result(v, f"<{rcpt}>")
+        res.reply = line
+        if v.accept and v.recipient is not None and v.recipient != rcpt:
+            _add_note(res, f"delivered as <{v.recipient}>")
         report.stages.append(res)
     return report
