@@ -1,7 +1,8 @@
 """`mailfilter serve`'s options: ONE table, and everything derived from it.
 
 Job: each option is declared once, in OPTIONS (name, kind, default, range or
-choices, help, flag, metavar). From that table come
+choices, help, repeatable or not; the flag and the TOML keys follow from the
+name). From that table come
   - ServeOptions, the dataclass the server is built from (fields, defaults);
   - add_arguments(), the argparse flags (`--max-per-ip` for max_per_ip),
     with help text that always names the default;
@@ -20,7 +21,8 @@ Invariants:
     one member of a group, not two;
   - a boolean flag only switches on: "not given" never overrides the file.
 
-This module imports no I/O and nothing from the rules compiler.
+Reading an option touches no file but the TOML one: what a value names
+(rules, spool, resolver, ports) is checked when lifecycle.py opens it.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mailfilter.smtp.protocol import REMOTE_HOST_MODES
+from mailfilter.smtp.protocol import REMOTE_HOST_MODES    # the server checks them too
 
 DEFAULT_RULES = "rules"
 DEFAULT_LISTEN = "127.0.0.1:2525"
@@ -102,7 +104,8 @@ class Option:
 
     @property
     def optional(self) -> bool:
-        """None is a value: "not set, decide later" (from the rules, or off)."""
+        """None is a value: "not set, decide later" (from the rules, or
+        off), or another member of the exclusive group was chosen."""
         return self.default is None or self.exclusive is not None
 
     def shown_default(self) -> str:
