@@ -109,7 +109,8 @@ def main(argv=None) -> int:
     import loadgen
     import servers
     from mailfilter import log
-    from mailfilter.serve.lifecycle import ServeOptions, build_state
+    from mailfilter.serve.config import ServeOptions
+    from mailfilter.serve.lifecycle import build_state
     log.setup("warning")
     logging.getLogger("mailfilter").setLevel(logging.WARNING)
     rules = a.rules or servers.norelay_rules(tempfile.mkdtemp())

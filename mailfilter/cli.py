@@ -1,14 +1,14 @@
 """Command line: `mailfilter compile | check | serve | run | passwd | checkpassword | cmd5checkpw`
-(also `python -m mailfilter`).
+(also `python -m mailfilter`); `mailfilter --version` prints the version.
 
 `run` is `serve` on the embedded defaults: rules/ compiled at start, listen
 127.0.0.1:2525, deliver to maildir:var/spool.
 
 Exit codes: compile 0 ok / 1 diagnostics printed / 2 error; check 0 every
 recipient accepted / 1 something rejected / 2 error or diagnostics; passwd
-0 / 1 refused / 2 error (passwdcli.py); checkpassword and cmd5checkpw follow
+0 / 1 refused / 2 error (auth/cli.py); checkpassword and cmd5checkpw follow
 the DJB interface: exec PROG on success, 1 bad login, 2 misuse, 111
-temporary (checkpw.py). Those two take their arguments verbatim (PROG may
+temporary (auth/checkpassword.py). Those two take their arguments verbatim (PROG may
 have options of its own), so main() hands them over before argparse.
 """
 from __future__ import annotations
@@ -18,6 +18,8 @@ import json
 import os
 import sys
 import time
+
+from mailfilter import PRODUCT, __version__
 
 DEFAULT_RULES = "rules"
 DEFAULT_BUNDLE = os.path.join("var", "rules.mfb")
@@ -108,7 +110,7 @@ def _ip_address(text: str) -> str:
 def cmd_check(args) -> int:
     from mailfilter.rules.bundle import BundleError
     from mailfilter.check import run_check
-    from mailfilter.serve.lifecycle import StartupError, options_from
+    from mailfilter.serve.config import StartupError, options_from
 
     for flag, values in (("--helo", [args.helo]), ("--from", [args.sender]), ("--rcpt", args.rcpt)):
         for value in values:
@@ -152,7 +154,8 @@ def cmd_check(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from mailfilter.serve.lifecycle import StartupError, options_from, run
+    from mailfilter.serve.config import StartupError, options_from
+    from mailfilter.serve.supervise import run
 
     try:
         opts = options_from(args)
@@ -164,6 +167,7 @@ def cmd_serve(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mailfilter", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"{PRODUCT} {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compile", help="compile a rules directory into a bundle")
@@ -191,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--json", action="store_true", help="machine-readable output")
     k.set_defaults(func=cmd_check)
 
-    from mailfilter.serve.lifecycle import add_arguments
+    from mailfilter.serve.config import add_arguments
 
     s = sub.add_parser("serve", help="run the SMTP server")
     add_arguments(s)

@@ -1,1 +1,3 @@
-"""`mailfilter serve`: options, start-up, reload, signals, drain, workers."""
+"""`mailfilter serve`: config.py (the option table: flags, TOML file, checks),
+lifecycle.py (one serving process: start, reload, signals, drain), supervise.py
+(the process tree: one process or --workers N)."""

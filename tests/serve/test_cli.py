@@ -294,3 +294,21 @@ def test_check_refuses_line_ends_in_arguments(flag, value):
            *[x for k, v in args.items() for x in (k, v)])
     assert r.returncode == 2 and "CR and LF cannot be part of an SMTP command" in r.stderr
     assert r.stdout == ""
+
+
+def test_version_is_the_package_version():
+    """`mailfilter --version`: one line, `mailfilter X.Y.Z`, exit 0; the
+    version is the package's (and the installed distribution's, if any)."""
+    import importlib.metadata
+    import re
+
+    import mailfilter
+
+    r = mf("--version")
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"mailfilter {mailfilter.__version__}\n", "")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", mailfilter.__version__)
+    try:
+        installed = importlib.metadata.version("mailfilter")
+    except importlib.metadata.PackageNotFoundError:     # run from a checkout, not installed
+        installed = None
+    assert installed in (None, mailfilter.__version__)

@@ -154,7 +154,8 @@ def test_limits_from_rules_and_options(tmp_path, files, argv, idle, deadline):
     read but unused), then 300 / 3600. The server's deadline itself:
     test_server.py test_session_deadline_421."""
     from mailfilter.cli import build_parser
-    from mailfilter.serve.lifecycle import build_state, options_from
+    from mailfilter.serve.config import options_from
+    from mailfilter.serve.lifecycle import build_state
     rules = write_rules(tmp_path / "r", files)
     opts = options_from(build_parser().parse_args(["serve", "--rules", rules, "--remote-host", "off",
                                                    "--deliver", "discard", *argv]))
@@ -640,10 +641,49 @@ def test_sighup_reloads_a_bundle_and_refuses_a_broken_one(tmp_path, rules):
         sp.stop()
 
 
+# A serving process with the compiler refused: importing it is an ImportError.
+# The bundle loader imported it too (Compiled): it is dropped from sys.modules
+# and from the package first, so only a new import can bring it back.
+_NO_COMPILER = """
+import asyncio, importlib.abc, sys
+import mailfilter.rules, mailfilter.rules.bundle
+
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "mailfilter.rules.compiler":
+            raise ImportError("the serving process imported the rules compiler")
+
+sys.modules.pop("mailfilter.rules.compiler", None)
+vars(mailfilter.rules).pop("compiler", None)
+sys.meta_path.insert(0, Refuse())
+from mailfilter.cli import build_parser
+from mailfilter.serve import lifecycle, supervise
+from mailfilter.serve.config import options_from
+opts = options_from(build_parser().parse_args(["serve", "--deliver", "discard", *sys.argv[1:]]))
+state = lifecycle.build_state(opts)
+assert asyncio.run(lifecycle.reload(state, opts))
+print("served without the compiler")
+"""
+
+
+def test_a_bundle_server_never_imports_the_compiler(tmp_path, rules):
+    """`serve --bundle`: start-up and reload load the bundle and nothing of
+    the compiler; `serve --rules` compiles at start (so the guard is live)."""
+    bundle = str(tmp_path / "rules.mfb")
+    assert run_cli("compile", rules, "-o", bundle).returncode == 0
+    served = subprocess.run([sys.executable, "-c", _NO_COMPILER, "--bundle", bundle],
+                            capture_output=True, text=True, env=child_env(), timeout=60)
+    assert served.returncode == 0 and served.stdout == "served without the compiler\n", served.stderr
+    compiled = subprocess.run([sys.executable, "-c", _NO_COMPILER, "--rules", rules],
+                              capture_output=True, text=True, env=child_env(), timeout=60)
+    assert compiled.returncode == 1
+    assert "ImportError: the serving process imported the rules compiler" in compiled.stderr
+
+
 # ------------------------------------------------------------------ options: file and command line
 def opts_of(*argv):
     from mailfilter.cli import build_parser
-    from mailfilter.serve.lifecycle import options_from
+    from mailfilter.serve.config import options_from
     return options_from(build_parser().parse_args(["serve", *map(str, argv)]))
 
 
@@ -651,7 +691,7 @@ def test_rule_source_command_line_replaces_the_config_file(tmp_path):
     """serve.options_from: `--rules` on the command line drops a config
     `bundle` (it used to win, load_policy prefers a bundle), `--bundle`
     drops a config `rules`; a file alone decides; a file with both is an error."""
-    from mailfilter.serve.lifecycle import StartupError
+    from mailfilter.serve.config import StartupError
     with_bundle = tmp_path / "b.toml"
     with_bundle.write_text('bundle = "/srv/rules.mfb"\n')
     with_rules = tmp_path / "r.toml"
@@ -686,7 +726,8 @@ def test_command_line_beats_the_config_file(tmp_path):
 def test_remote_host_option_parsing(tmp_path, rules):
     """--remote-host off|ptr|confirmed (default confirmed), also `remote_host`
     / `remote-host` in the config file; anything else is refused at start."""
-    from mailfilter.serve.lifecycle import StartupError, build_state
+    from mailfilter.serve.config import StartupError
+    from mailfilter.serve.lifecycle import build_state
     assert opts_of().remote_host == "confirmed"
     for mode in ("off", "ptr", "confirmed"):
         assert opts_of("--remote-host", mode).remote_host == mode
@@ -719,7 +760,8 @@ def test_config_bundle_yields_to_command_line_rules(tmp_path, rules):
 def test_bad_resolver_is_a_startup_error(rules, spec):
     """--resolver accepts IP, IP:PORT, [V6], [V6]:PORT or a bare IPv6
     address; anything else stops the start (forms: test_dnscheck.py)."""
-    from mailfilter.serve.lifecycle import StartupError, build_state
+    from mailfilter.serve.config import StartupError
+    from mailfilter.serve.lifecycle import build_state
     with pytest.raises(StartupError) as err:
         build_state(opts_of("--rules", rules, "--deliver", "discard", "--resolver", spec))
     assert str(err.value).startswith(f"--resolver {spec!r}: ")
@@ -755,11 +797,12 @@ def test_reload_frees_the_replaced_rules(tmp_path, rules):
     from mailfilter.rules import bundle as bundle_mod
     from mailfilter.rules import compiler
     from mailfilter.serve import lifecycle as serve_mod
+    from mailfilter.serve.config import ServeOptions
 
     write_rules(rules, {"badmailfrom": "/^[0-9]{6,}@/\n/spam[0-9]+/\n@spam.example.org\n"})
     mfb = str(tmp_path / "rules.mfb")
     bundle_mod.write(compiler.compile_dir(rules), mfb)
-    opts = serve_mod.ServeOptions(rules=None, bundle=mfb, deliver="discard", remote_host="off")
+    opts = ServeOptions(rules=None, bundle=mfb, deliver="discard", remote_host="off")
 
     def stubs() -> int:     # regexes waiting for their first use, in every live rule set
         return sum(1 for o in gc.get_objects() if type(o) is bundle_mod._LazyRegex)

@@ -1,0 +1,344 @@
+"""`mailfilter serve`'s options: ONE table, and everything derived from it.
+
+Job: each option is declared once, in OPTIONS (name, kind, default, range or
+choices, help, repeatable or not; the flag and the TOML keys follow from the
+name). From that table come
+  - ServeOptions, the dataclass the server is built from (fields, defaults);
+  - add_arguments(), the argparse flags (`--max-per-ip` for max_per_ip),
+    with help text that always names the default;
+  - the `--config FILE` reader: TOML keys are the option names, `_` or `-`;
+  - check_options(), the types, ranges and choices of every value, wherever
+    it came from (command line, TOML file, or a ServeOptions made in code).
+
+Invariants:
+  - a value has its option's kind or the start stops with a one-line
+    StartupError (exit 2): a TOML string "false" for a boolean is an error,
+    never true (a non-empty string is true in Python, and `open_relay` is the
+    one setting that must never switch on by accident);
+  - the command line wins over the file; an option with an `exclusive` group
+    given on the command line replaces the file's choice in that group
+    (`--rules` drops a file's `bundle` and vice versa); the file may name
+    one member of a group, not two;
+  - a boolean flag only switches on: "not given" never overrides the file.
+
+Reading an option touches no file but the TOML one: what a value names
+(rules, spool, resolver, ports) is checked when lifecycle.py opens it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mailfilter.smtp.protocol import REMOTE_HOST_MODES    # the server checks them too
+
+DEFAULT_RULES = "rules"
+DEFAULT_LISTEN = "127.0.0.1:2525"
+DEFAULT_DELIVER = "maildir:var/spool"
+DEFAULT_TIMEOUT = 300.0               # without --timeout and timeoutsmtpd
+DEFAULT_SESSION_DEADLINE = 3600.0     # without --session-deadline and timeoutsession
+LOOPS = ("uvloop", "asyncio")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+CHECKPASSWORD_ORDERS = ("djb", "dabrowski")
+
+
+class StartupError(Exception):
+    """A setting (or what it names) that keeps the server from starting:
+    one line for stderr, exit 2."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What values an option takes."""
+    annotation: type
+    expects: str                        # "must be <expects>": the error text
+    accepts: Callable[[object], bool]
+    convert: Callable = lambda v: v     # a TOML value accepted -> the option's value
+    cli_type: Callable | None = None    # argparse's type=
+    metavar: str | None = None          # in --help, unless the option names its own
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)      # True is an int in Python
+
+
+BOOL = Kind(bool, "true or false", lambda v: isinstance(v, bool))
+INT = Kind(int, "an integer", _is_int, cli_type=int, metavar="N")
+SECONDS = Kind(float, "a number of seconds", lambda v: _is_int(v) or isinstance(v, float),
+               convert=float, cli_type=float, metavar="SECONDS")
+TEXT = Kind(str, "a string", lambda v: isinstance(v, str))
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting of `mailfilter serve`.
+
+    `default_help` describes a default of None ("rules' smtpgreeting/me");
+    other defaults are shown as they are. `minimum`/`strict` bound a number
+    (strict: above it, else at least it); `choices` bound a string.
+    `repeatable`: the flag may be given several times and the TOML value may
+    be one string or a list of them; the value is a list.
+    """
+    name: str
+    kind: Kind
+    default: object
+    help: str
+    default_help: str | None = None
+    choices: tuple[str, ...] | None = None
+    minimum: float | None = None
+    strict: bool = False
+    repeatable: bool = False
+    metavar: str | None = None
+    group: str | None = None            # argparse argument group (help layout)
+    exclusive: str | None = None        # members replace each other (the rule source)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def toml_keys(self) -> tuple[str, str]:
+        return self.name, self.name.replace("_", "-")
+
+    @property
+    def optional(self) -> bool:
+        """None is a value: "not set, decide later" (from the rules, or
+        off), or another member of the exclusive group was chosen."""
+        return self.default is None or self.exclusive is not None
+
+    def shown_default(self) -> str:
+        if self.default_help is not None:
+            return self.default_help
+        value = self.default
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, float):
+            return f"{value:g}"
+        if isinstance(value, list):
+            return ", ".join(value)
+        return str(value)
+
+    def help_text(self) -> str:
+        return f"{self.help} (default: {self.shown_default()})"
+
+    def expects(self) -> str:
+        if self.repeatable:
+            return f'"{self.metavar}" or a list of them'
+        return self.kind.expects
+
+
+AUTH = "SMTP AUTH (SPEC A §7, B §4)"
+RULE_SOURCE = "rule source"
+
+OPTIONS: tuple[Option, ...] = (
+    Option("rules", TEXT, DEFAULT_RULES, "rules directory, compiled at start", metavar="DIR",
+           exclusive=RULE_SOURCE),
+    Option("bundle", TEXT, None, "compiled bundle file (`mailfilter compile`), instead of --rules",
+           default_help="none", metavar="FILE", exclusive=RULE_SOURCE),
+    Option("listen", TEXT, [DEFAULT_LISTEN], "address to listen on (repeatable; [IPV6]:PORT "
+           "takes IPv6 only, so 0.0.0.0:25 and [::]:25 together are dual stack)",
+           repeatable=True, metavar="HOST:PORT"),
+    Option("hostname", TEXT, None, "name in the greeting", default_help="rules' smtpgreeting/me",
+           metavar="NAME"),
+    Option("deliver", TEXT, DEFAULT_DELIVER,
+           "maildir:DIR, qmail-queue:PROG, smtp:HOST:PORT, lmtp:HOST:PORT or discard",
+           metavar="SPEC"),
+    Option("workers", INT, 1, "processes sharing the port with SO_REUSEPORT", minimum=1),
+    Option("loop", TEXT, "uvloop", "event loop", choices=LOOPS),
+    Option("open_relay", BOOL, False, "allow running without rcpthosts (SPEC A §4)"),
+    Option("resolver", TEXT, None,
+           "DNS server for the client host name, HELOCHECK A/M and MFDNSCHECK: IP, IP:PORT, "
+           "[IPV6]:PORT or a bare IPv6 address; several separated by commas are asked in order",
+           default_help="/etc/resolv.conf", metavar="ADDR"),
+    Option("remote_host", TEXT, "confirmed",
+           "client host name (qmail's TCPREMOTEHOST, used by tcp.smtp =host rules, HELOCHECK "
+           "\"=\", decorated badmailfrom and the Received header): off = always unknown "
+           "(tcpserver -H), ptr = first PTR name, confirmed = the PTR name only if it resolves "
+           "back to the client address (tcpserver -p, Postfix)", choices=REMOTE_HOST_MODES),
+    Option("max_connections", INT, 10_000, "sessions at once in this process", minimum=1),
+    Option("max_per_ip", INT, 100, "sessions at once from one client address", minimum=1),
+    Option("timeout", SECONDS, None, "idle seconds per command", minimum=0, strict=True,
+           default_help=f"rules' timeoutsmtpd, else {DEFAULT_TIMEOUT:g}"),
+    Option("session_deadline", SECONDS, None, "seconds per session", minimum=0, strict=True,
+           default_help=f"rules' timeoutsession, else {DEFAULT_SESSION_DEADLINE:g}"),
+    Option("shutdown_grace", SECONDS, 30.0,
+           "SIGTERM: seconds a delivery in flight may take to finish", minimum=0),
+    Option("syslog", BOOL, False, "log to syslog, facility mail"),
+    Option("syslog_socket", TEXT, "/dev/log", "syslog socket", metavar="PATH"),
+    Option("log_level", TEXT, "info", "least severe level logged", choices=LOG_LEVELS),
+    # `auth` is the global SMTPAUTH; tcp.smtp SMTPAUTH overrides it per client
+    Option("auth", TEXT, None,
+           'global SMTPAUTH: "" = LOGIN PLAIN, "+cram" = LOGIN PLAIN CRAM-MD5, "cram" = CRAM-MD5, '
+           '"!..." = also required before MAIL, "-" = off; tcp.smtp SMTPAUTH overrides it per '
+           "client", default_help="not offered", metavar="MODE", group=AUTH),
+    Option("userdb", TEXT, "var/users.db", "user database", metavar="PATH", group=AUTH),
+    Option("checkpassword", TEXT, None,
+           "verify with a checkpassword-compatible program per attempt, e.g. "
+           '"mailfilter cmd5checkpw /bin/true", instead of the user database',
+           default_help="none: the user database", metavar='"PROG ARGS"', group=AUTH),
+    Option("checkpassword_order", TEXT, "djb", "CRAM-MD5 fd 3 order: djb = user, digest, "
+           "challenge; dabrowski = user, challenge, digest", choices=CHECKPASSWORD_ORDERS,
+           group=AUTH),
+    Option("checkpassword_timeout", SECONDS, 10.0, "seconds per checkpassword attempt",
+           minimum=0, strict=True, group=AUTH),
+    Option("auth_fail_delay", SECONDS, 2.0, "seconds before each 535", minimum=0, group=AUTH),
+)
+
+BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
+BY_TOML_KEY: dict[str, Option] = {key: o for o in OPTIONS for key in o.toml_keys}
+
+
+def _field(o: Option):
+    annotation = list[o.kind.annotation] if o.repeatable else o.kind.annotation
+    if o.optional:
+        annotation = annotation | None
+    if isinstance(o.default, list):     # a fresh list per instance
+        default = o.default
+        return o.name, annotation, dataclasses.field(default_factory=lambda: list(default))
+    return o.name, annotation, dataclasses.field(default=o.default)
+
+
+ServeOptions = dataclasses.make_dataclass("ServeOptions", [_field(o) for o in OPTIONS])
+ServeOptions.__module__ = __name__
+ServeOptions.__doc__ = "The settings of one `mailfilter serve`: one field per entry of OPTIONS."
+
+
+# ------------------------------------------------------------------ checks
+def _choices_text(choices) -> str:
+    if len(choices) == 2:
+        return " or ".join(choices)
+    return "one of " + ", ".join(choices)
+
+
+def check_value(o: Option, value) -> None:
+    """`value` against the option's kind, range and choices; StartupError
+    naming the flag (the operator's word for it, wherever it came from)."""
+    if value is None and o.optional:
+        return
+    if o.repeatable:
+        if not (isinstance(value, list) and value):
+            raise StartupError(f"{o.flag} must be {o.expects()}, not {value!r}")
+        values = value
+    else:
+        values = [value]
+    for v in values:
+        if not o.kind.accepts(v):
+            raise StartupError(f"{o.flag} must be {o.expects()}, not {value!r}")
+        if o.minimum is not None:
+            ok = v > o.minimum if o.strict else v >= o.minimum
+            if not (ok and math.isfinite(v)):
+                raise StartupError(f"{o.flag} must be {'above' if o.strict else 'at least'} "
+                                   f"{o.minimum:g}, not {v!r}")
+        if o.choices is not None and v not in o.choices:
+            raise StartupError(f"{o.flag} must be {_choices_text(o.choices)}, not {v!r}")
+
+
+def parse_listen(spec: str) -> tuple[str, int]:
+    host, sep, port = spec.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise StartupError(f"--listen wants HOST:PORT with PORT 0-65535, got {spec!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def check_options(opts) -> None:
+    """Every value against its option, then the rules between options."""
+    for o in OPTIONS:
+        check_value(o, getattr(opts, o.name))
+    if opts.rules is None and opts.bundle is None:
+        raise StartupError("give --rules DIR or --bundle FILE")
+    for spec in opts.listen:
+        host, port = parse_listen(spec)
+        if port == 0 and opts.workers > 1:
+            raise StartupError(f"--listen {spec}: --workers needs a fixed port (0 picks one per worker)")
+
+
+# ------------------------------------------------------------------ TOML
+def from_toml(key: str, value, where: str):
+    """A TOML value as its option's value; StartupError naming the key as
+    the file spells it (`where` comes first). Types only: ranges and
+    choices are check_options' (one message for the flag and the key)."""
+    o = BY_TOML_KEY.get(key)
+    if o is None:
+        raise StartupError(f"{where}unknown setting {key!r}")
+    if o.repeatable:
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, list) and items and all(o.kind.accepts(v) for v in items):
+            return [o.kind.convert(v) for v in items]
+    elif o.kind.accepts(value):
+        return o.kind.convert(value)
+    raise StartupError(f"{where}{key} must be {o.expects()}, not {value!r}")
+
+
+def read_config(path: str) -> dict[str, object]:
+    """The TOML file at `path` as {option name: value}."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise StartupError(f"--config {path}: {exc}") from None
+    values: dict[str, object] = {}
+    for key, value in data.items():
+        name = BY_TOML_KEY[key].name if key in BY_TOML_KEY else key
+        values[name] = from_toml(key, value, f"--config {path}: ")
+    for group in {o.exclusive for o in OPTIONS if o.exclusive}:
+        named = [o.name for o in OPTIONS if o.exclusive == group and o.name in values]
+        if len(named) > 1:
+            raise StartupError(f"--config {path}: give {' or '.join(named)}, not both")
+    return values
+
+
+# ------------------------------------------------------------------ command line
+def _from_command_line(args, o: Option):
+    """The option's value on the command line, None when not given (a
+    boolean flag only says on; an absent attribute: a caller's Namespace
+    with a few of serve's settings, as `mailfilter check` makes)."""
+    value = getattr(args, o.name, None)
+    if o.kind is BOOL and value is not True:
+        return None
+    return value
+
+
+def options_from(args) -> ServeOptions:
+    """ServeOptions from the defaults, then --config, then the command line
+    (which wins; its --rules or --bundle replaces the file's rule source)."""
+    opts = ServeOptions()
+    path = getattr(args, "config", None)
+    layers = [read_config(path) if path else {},
+              {o.name: v for o in OPTIONS if (v := _from_command_line(args, o)) is not None}]
+    for layer in layers:
+        for name, value in layer.items():
+            setattr(opts, name, value)
+            group = BY_NAME[name].exclusive
+            if group is not None:       # a rule source named here replaces the one before
+                for other in OPTIONS:
+                    if other.exclusive == group and other.name != name and other.name not in layer:
+                        setattr(opts, other.name, None)
+    return opts
+
+
+def add_arguments(p) -> None:
+    """serve's flags on the argparse parser `p`; every default is None
+    (= not given), so options_from can tell a flag from the file's value."""
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="TOML file of these settings, keys as the long options with _ or - "
+                        "(listen = [\"127.0.0.1:2525\"]); the command line wins (default: none)")
+    groups: dict[str | None, object] = {None: p}
+    exclusive: dict[str, object] = {}
+    for o in OPTIONS:
+        if o.group not in groups:
+            groups[o.group] = p.add_argument_group(o.group)
+        where = groups[o.group]
+        if o.exclusive is not None:
+            if o.exclusive not in exclusive:
+                exclusive[o.exclusive] = where.add_mutually_exclusive_group()
+            where = exclusive[o.exclusive]
+        kw = {"help": o.help_text().replace("%", "%%"), "default": None}
+        if o.kind is BOOL:
+            kw["action"] = "store_true"
+        else:
+            kw.update(action="append" if o.repeatable else "store",
+                      metavar=o.metavar or o.kind.metavar,
+                      type=o.kind.cli_type, choices=o.choices)
+        where.add_argument(o.flag, **kw)

@@ -1,0 +1,136 @@
+"""`mailfilter serve`'s process tree: one serving process, or `--workers N`.
+
+Job: `run(opts)` checks the options, sets up logging and either serves in
+this process (lifecycle.run_process) or forks N workers that each bind the
+same ports with SO_REUSEPORT and supervises them.
+
+Invariants of the supervisor:
+  - no other process holds a port before the workers fork (SO_REUSEPORT
+    would otherwise let a second instance, with other rules and another
+    spool, silently take part of the connections): check_ports_free;
+  - SIGHUP/SIGTERM/SIGINT to the parent reach every worker;
+  - a worker that dies is logged and replaced, at most one restart a second
+    (a worker that dies at once would otherwise fork in a tight loop);
+  - a worker that cannot start (exit 2: bad rules, port taken) stops them
+    all with exit 2: the others would fail the same way;
+  - a worker exits with its parent (PR_SET_PDEATHSIG), so a killed parent
+    leaves no orphan serving old rules.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+
+from mailfilter import log
+from mailfilter.serve.config import ServeOptions, StartupError, check_options, parse_listen
+from mailfilter.serve.lifecycle import bound_socket, early_hup, run_process
+
+logger = logging.getLogger("mailfilter")
+
+RESTART_MIN_INTERVAL = 1.0      # a worker that keeps dying is restarted at most once a second
+
+
+def run(opts: ServeOptions) -> int:
+    """`mailfilter serve` after its options are read: the exit status."""
+    try:
+        check_options(opts)
+        if opts.workers > 1:
+            check_ports_free(opts)
+    except StartupError as exc:
+        print(f"mailfilter serve: {exc}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGHUP, early_hup.note)   # inherited by the workers until their loop runs
+    log.setup(opts.log_level, use_syslog=opts.syslog, syslog_address=opts.syslog_socket)
+    if opts.workers <= 1:
+        return run_process(opts, reuse_port=False)
+    return supervise(opts)
+
+
+def check_ports_free(opts: ServeOptions) -> None:
+    """Before --workers forks: bind each address WITHOUT SO_REUSEPORT (and
+    without listening), which fails when anybody holds the port, including
+    another instance whose workers set SO_REUSEPORT and would otherwise
+    share it silently."""
+    for spec in opts.listen:
+        bound_socket(*parse_listen(spec), reuse_port=False).close()
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a worker: SIGTERM when the parent dies (Linux PR_SET_PDEATHSIG),
+    so a killed supervisor leaves no orphan serving old rules."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:          # it died before prctl took effect
+        os._exit(0)
+
+
+def _spawn_worker(opts: ServeOptions) -> int:
+    """Fork one worker; the child serves and never returns here."""
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            # not the parent's forwarding handlers (a restarted worker inherits them)
+            signal.signal(signal.SIGHUP, early_hup.note)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            _die_with_parent(parent)
+            code = run_process(opts, reuse_port=True)
+        finally:
+            os._exit(code)
+    return pid
+
+
+def supervise(opts: ServeOptions) -> int:
+    """The --workers parent: forward signals, restart dead workers, stop
+    when one cannot start (exit 2) or on SIGTERM/SIGINT."""
+    children: dict[int, float] = {}     # pid -> start time
+    stopping: list[int] = []
+    status = 0
+
+    def forward(signum, _frame=None):
+        if signum != signal.SIGHUP:
+            stopping.append(signum)
+        for child in list(children):
+            try:
+                os.kill(child, signum)
+            except ProcessLookupError:
+                pass
+
+    for _ in range(opts.workers):
+        children[_spawn_worker(opts)] = time.monotonic()
+    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    if early_hup.take():                # came before `forward` was in place
+        forward(signal.SIGHUP)
+    while children:
+        try:
+            pid, wstatus = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        started = children.pop(pid, None)
+        if started is None:
+            continue
+        code = os.waitstatus_to_exitcode(wstatus)
+        if stopping:
+            status = status or code
+            continue
+        if code == 2:                   # start-up error: the others are alike
+            logger.error("worker %d could not start (exit 2); stopping", pid)
+            status = 2
+            forward(signal.SIGTERM)
+            continue
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        logger.error("worker %d %s; starting a new one", pid, how)
+        if time.monotonic() - started < RESTART_MIN_INTERVAL:
+            time.sleep(RESTART_MIN_INTERVAL)
+        if not stopping:
+            children[_spawn_worker(opts)] = time.monotonic()
+    return status

@@ -1,0 +1,208 @@
+"""serve/config.py: the one option table and what is derived from it (the
+argparse flags, the TOML keys, ServeOptions, check_options). Each test walks
+the table, so an option added to it is tested without a line here; the
+processes that read these options: test_serve.py."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import pytest
+
+from mailfilter.cli import build_parser
+from mailfilter.serve.config import (
+    BOOL, INT, OPTIONS, SECONDS, TEXT, ServeOptions, StartupError, check_options, options_from,
+)
+
+IDS = [o.name for o in OPTIONS]
+
+
+def parse(*argv, command="serve"):
+    return build_parser().parse_args([command, *map(str, argv)])
+
+
+def subparser(command):
+    parser = build_parser()
+    [sub] = [a for a in parser._actions if a.dest == "command"]
+    return sub.choices[command]
+
+
+def good_value(o):
+    """A value of the option's kind, range and choices, never its default."""
+    if o.choices:
+        return next(c for c in reversed(o.choices) if c != o.default)
+    if o.repeatable:
+        return ["127.0.0.1:25", "[::1]:2525"]
+    return {BOOL: True, INT: 7, SECONDS: 7.5, TEXT: "x.example"}[o.kind]
+
+
+def wrong_value(o):
+    """A TOML value of another type (a string "false" for a boolean: true in Python)."""
+    if o.repeatable:
+        return 2525
+    return {BOOL: "false", INT: "7", SECONDS: "30", TEXT: 1}[o.kind]
+
+
+def argv_for(o, value) -> list[str]:
+    if o.kind is BOOL:
+        return [o.flag] if value else []
+    values = value if o.repeatable else [value]
+    return [x for v in values for x in (o.flag, str(v))]
+
+
+def toml_line(key, value) -> str:
+    # JSON's true/false, numbers, strings and arrays of them are valid TOML
+    return f"{key} = {json.dumps(value)}\n"
+
+
+def from_file(tmp_path, text, *argv):
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(text)
+    return options_from(parse("--config", cfg, *argv))
+
+
+@pytest.mark.parametrize("command", ["serve", "run"])
+def test_every_flag_has_help_naming_its_default(command):
+    """--help names each default, and the default it names is the one
+    ServeOptions has (read back from the help text, in the option's kind)."""
+    actions = {a.option_strings[-1]: a for a in subparser(command)._actions if a.option_strings}
+    defaults = ServeOptions()
+    for flag, action in actions.items():
+        if flag == "--help":
+            continue
+        m = re.search(r"\(default: ([^()]*)\)$", action.help or "")
+        assert m, f"{flag}: no default in its help: {action.help!r}"
+    for o in OPTIONS:
+        shown = re.search(r"\(default: ([^()]*)\)$", actions[o.flag].help).group(1)
+        default = getattr(defaults, o.name)
+        if o.default_help is not None:
+            assert default is None and shown == o.default_help, o.name
+        elif o.kind is BOOL:
+            assert shown == {False: "off", True: "on"}[default], o.name
+        elif o.kind in (INT, SECONDS):
+            assert o.kind.annotation(shown) == default, o.name
+        elif o.repeatable:
+            assert shown.split(", ") == default, o.name
+        else:
+            assert shown == default, o.name
+
+
+def test_flags_toml_keys_and_fields_are_the_table():
+    """Nothing is declared beside the table: serve's flags are the table's
+    (plus --config and --help), ServeOptions' fields are its names."""
+    flags = {s for a in subparser("serve")._actions for s in a.option_strings}
+    assert flags == {o.flag for o in OPTIONS} | {"--config", "-h", "--help"}
+    assert [f.name for f in dataclasses.fields(ServeOptions)] == [o.name for o in OPTIONS]
+    assert {o.flag for o in OPTIONS} == {"--" + o.name.replace("_", "-") for o in OPTIONS}
+
+
+@pytest.mark.parametrize("o", OPTIONS, ids=IDS)
+def test_each_option_from_the_command_line(o):
+    value = good_value(o)
+    opts = options_from(parse(*argv_for(o, value)))
+    assert getattr(opts, o.name) == value and type(getattr(opts, o.name)) is type(value)
+    check_options(opts)
+    if o.kind in (INT, SECONDS):                  # argparse refuses another type
+        with pytest.raises(SystemExit):
+            parse(o.flag, "seven")
+    if o.choices:
+        with pytest.raises(SystemExit):
+            parse(o.flag, "none-of-them")
+    if o.kind is BOOL:                            # a switch takes no value
+        with pytest.raises(SystemExit):
+            parse(o.flag, "false")
+
+
+@pytest.mark.parametrize("o", OPTIONS, ids=IDS)
+def test_each_option_from_the_config_file(tmp_path, o):
+    """Both spellings of the key; the value keeps its kind (an integer
+    number of seconds becomes a float); a value of another type is refused
+    naming the key as the file spells it."""
+    value = good_value(o)
+    for key in sorted({o.name, o.name.replace("_", "-")}):      # the long option, _ or -
+        opts = from_file(tmp_path, toml_line(key, value))
+        assert getattr(opts, o.name) == value and type(getattr(opts, o.name)) is type(value)
+        check_options(opts)
+        bad = wrong_value(o)
+        with pytest.raises(StartupError) as err:
+            from_file(tmp_path, toml_line(key, bad))
+        assert str(err.value) == (f"--config {tmp_path / 'serve.toml'}: {key} must be "
+                                  f"{o.expects()}, not {bad!r}")
+    if o.kind is SECONDS:
+        assert getattr(from_file(tmp_path, toml_line(o.name, 7)), o.name) == 7.0
+        assert type(getattr(from_file(tmp_path, toml_line(o.name, 7)), o.name)) is float
+    if o.kind is INT:
+        with pytest.raises(StartupError, match=f"{o.name} must be an integer, not 2.5"):
+            from_file(tmp_path, toml_line(o.name, 2.5))
+    if o.repeatable:                              # one string is a list of one
+        assert getattr(from_file(tmp_path, toml_line(o.name, value[0])), o.name) == value[:1]
+        with pytest.raises(StartupError, match=f"{o.name} must be"):
+            from_file(tmp_path, toml_line(o.name, []))
+
+
+@pytest.mark.parametrize("o", [o for o in OPTIONS if o.minimum is not None or o.choices],
+                         ids=lambda o: o.name)
+def test_ranges_and_choices_name_the_flag_wherever_the_value_came_from(tmp_path, o):
+    if o.choices:
+        bad, message = "none-of-them", f"{o.flag} must be "
+    else:
+        bad = o.minimum if o.strict else o.minimum - 1
+        bad = o.kind.convert(bad)
+        message = f"{o.flag} must be {'above' if o.strict else 'at least'} {o.minimum:g}, not {bad!r}"
+    with pytest.raises(StartupError) as err:
+        check_options(from_file(tmp_path, toml_line(o.name, bad)))
+    assert str(err.value).startswith(message)
+    if not o.choices:
+        with pytest.raises(StartupError) as err:
+            check_options(options_from(parse(o.flag, bad)))
+        assert str(err.value) == message
+        edge = o.kind.convert(o.minimum + 1 if o.strict else o.minimum)
+        check_options(from_file(tmp_path, toml_line(o.name, edge)))
+    if o.kind is SECONDS:
+        for odd in ("nan", "inf"):
+            with pytest.raises(StartupError, match=f"{o.flag} must be"):
+                check_options(options_from(parse(o.flag, odd)))
+
+
+@pytest.mark.parametrize("o", OPTIONS, ids=IDS)
+def test_options_made_in_code_are_checked_too(o):
+    """A ServeOptions made by a caller (tests, bench) gets the same checks
+    as one read from the command line or a file."""
+    bad = wrong_value(o)
+    with pytest.raises(StartupError, match=f"^{re.escape(o.flag)} must be {re.escape(o.expects())}, "):
+        check_options(dataclasses.replace(ServeOptions(), **{o.name: bad}))
+
+
+def test_a_switch_not_given_keeps_the_files_value(tmp_path):
+    """`open_relay = true` in the file stays on without --open-relay (a
+    switch only switches on); `mailfilter check` passes its own
+    open_relay=False the same way."""
+    import argparse
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text("open_relay = true\nsyslog = true\n")
+    opts = options_from(parse("--config", cfg))
+    assert (opts.open_relay, opts.syslog) == (True, True)
+    check = argparse.Namespace(config=str(cfg), auth=None, hostname=None, open_relay=False)
+    assert options_from(check).open_relay is True
+    assert options_from(argparse.Namespace(open_relay=False)).open_relay is False
+
+
+def test_unknown_key_and_bad_file(tmp_path):
+    with pytest.raises(StartupError, match="unknown setting 'config'"):
+        from_file(tmp_path, 'config = "other.toml"\n')          # not a setting of its own
+    with pytest.raises(StartupError, match=r"^--config \S+serve.toml: "):
+        from_file(tmp_path, "listen = [\n")
+    with pytest.raises(StartupError, match=r"^--config \S+missing.toml: "):
+        options_from(parse("--config", tmp_path / "missing.toml"))
+
+
+def test_defaults_without_flags_or_file():
+    """The embedded defaults (`mailfilter run`): every field of a
+    ServeOptions() is the table's default; a fresh list for each."""
+    opts = options_from(parse(command="run"))
+    assert opts == ServeOptions()
+    for o in OPTIONS:
+        assert getattr(opts, o.name) == o.default
+    assert opts.listen is not ServeOptions().listen
+    check_options(opts)
