@@ -293,7 +293,7 @@ async def _drain_sessions(state: ServerState, grace: float) -> None:
         if task is not None and not task.done():
             busy.append(task)
         else:
-            session._abort(bye)
+            session.abort(bye)
     if busy:
         logger.info("shutdown: waiting up to %g s for %d session(s) with a reply in flight",
                     grace, len(busy))
@@ -304,7 +304,7 @@ async def _drain_sessions(state: ServerState, grace: float) -> None:
     else:
         late = set()
     for session in list(state.sessions):
-        session._abort(bye)
+        session.abort(bye)
     if late:
         # cut short: each hand-over cleans up before the loop goes (a
         # qmail-queue child is killed before it commits, as when the client

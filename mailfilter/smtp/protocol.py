@@ -298,8 +298,6 @@ class SMTPProtocol(asyncio.Protocol):
         self.session.abort(r)
         self._flush()
 
-    _abort = abort      # serve/lifecycle.py's shutdown drain calls it by this name
-
     # ------------------------------------------------------------ input
     def data_received(self, data: bytes) -> None:
         engine = self.engine        # the session's engine: its receive_data, one call less per read

@@ -13,7 +13,8 @@ import socket
 import sys
 import threading
 
-from mailfilter.serve.lifecycle import ServeOptions, build_state, new_loop
+from mailfilter.serve.config import ServeOptions
+from mailfilter.serve.lifecycle import build_state, new_loop
 from mailfilter.smtp.protocol import SMTPProtocol
 from mailfilter.auth.userdb import UserDB
 
