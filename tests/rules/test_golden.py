@@ -13,7 +13,7 @@ import pytest
 
 from mailfilter.rules import bundle as bundle_mod
 from mailfilter.rules import compiler
-from mailfilter.rules.bundle import MODE_ADDRESS, MODE_EXACT, MODE_HOST
+from mailfilter.rules.format import MODE_ADDRESS, MODE_EXACT, MODE_HOST
 from mailfilter.check import run_check
 from mailfilter.policy.engine import Client, PolicyEngine
 

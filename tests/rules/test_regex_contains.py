@@ -8,7 +8,7 @@ import pytest
 from mailfilter.rules import bundle
 
 from mailfilter.rules import compiler
-from mailfilter.rules.bundle import MODE_ADDRESS
+from mailfilter.rules.format import MODE_ADDRESS
 from mailfilter.core import core
 from mailfilter.rules.regexes import compile_re2
 from tests.support.regex_helpers import CountingRegex
