@@ -1,4 +1,4 @@
-"""controlfiles.py: qmail control-file reading rules (SPEC B §1.3) and the
+"""mailfilter/rules/controlfiles.py: qmail control-file reading rules (SPEC B §1.3) and the
 tcprules syntax of tcp.smtp (SPEC A §3). No _core needed."""
 import ipaddress
 

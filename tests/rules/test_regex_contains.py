@@ -1,8 +1,9 @@
-"""ListMatcher asks regexes only "does it match" (`.contains(bytes) -> bool`,
-no Match object), through the lazy stubs of bundle.py as well as with eager
+"""ListMatcher asks regexes only "does it match" (`.contains(bytes) -> bool`, no
+Match object), through the lazy stubs of rules/bundle.py as well as with eager
 compilation. Answers must equal RE2's `search(...) is not None` (the oracle
-in tests/oracles/matchers.py still uses `search`, so the differential tests
-of test_core_listmatch.py compare the two methods on every lookup)."""
+in tests/support/oracles/matchers.py still uses `search`, so the differential
+tests of tests/core/test_listmatch.py compare the two methods on every
+lookup)."""
 import pytest
 
 from mailfilter.rules import bundle
