@@ -1,7 +1,10 @@
-"""The one door to the compiled extension mailfilter._core.
+"""The one door to the compiled extension mailfilter._core (built from
+_core/_core.pyx; its API contract is _core/README.md).
 
-There is no pure-Python fallback (DESIGN.md): if the extension is missing the
-import fails here with a one-line hint instead of a bare ModuleNotFoundError.
+There is no pure-Python fallback: the pure-Python twins of the matchers
+(tests/support/oracles/) are test oracles, never a slow path a server could
+run on without anyone noticing. If the extension is missing, the import fails
+here with a one-line hint instead of a bare ModuleNotFoundError.
 """
 try:
     from mailfilter import _core

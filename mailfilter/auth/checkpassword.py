@@ -7,13 +7,13 @@ program (SPEC B §6.1); exit 1 for a wrong login, 2 for misuse, 111 for a
 temporary problem (user database unreadable, chdir/setuid/exec failure).
 
 checkpassword PROG [ARGS]   (DJB interface against the user database)
-    fd 3: login NUL password NUL [timestamp NUL]; the timestamp is ignored,
-    as in DJB's own program. The password is checked against the record's
-    scrypt hash (userdb.py); an unknown login is checked against a dummy
-    record with the records' scrypt parameters first (the same cost, so no
-    timing oracle for login names). On success: USER, HOME, SHELL (and MAILDIR
-    when the record has one) are set, the working directory becomes HOME (when
-    set), and -- when running as root and the record has uid/gid --
+    fd 3: login NUL password NUL [timestamp NUL]; the timestamp is ignored, as
+    in DJB's own program. The password is checked against the record's scrypt
+    hash (mailfilter/auth/userdb.py); an unknown login is checked against a
+    dummy record with the records' scrypt parameters first (the same cost, so
+    no timing oracle for login names). On success: USER, HOME, SHELL (and
+    MAILDIR when the record has one) are set, the working directory becomes
+    HOME (when set), and -- when running as root and the record has uid/gid --
     supplementary groups, gid and uid are changed to the user's; then PROG is
     exec'ed. Records without uid/gid keep the caller's ids (virtual users).
 
@@ -32,10 +32,10 @@ cmd5checkpw PROG [ARGS]     (SPEC B §5: cmd5checkpw 0.30 compatible)
 
 Both: the database is ``--db PATH``, else ``$MAILFILTER_USERDB``, else
 var/users.db (relative to the working directory), opened read-only. Every
-attempt is logged to syslog (authlog.py: ident = tool name, LOG_PID,
-facility authpriv unless MAILFILTER_SYSLOG_FACILITY says mail): result,
-mechanism, user, TCPREMOTEIP, TCPLOCALPORT, reason -- never the password,
-digest or challenge.
+attempt is logged to syslog (mailfilter/auth/syslog.py: ident = tool name,
+LOG_PID, facility authpriv unless MAILFILTER_SYSLOG_FACILITY says mail):
+result, mechanism, user, TCPREMOTEIP, TCPLOCALPORT, reason -- never the
+password, digest or challenge.
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """`mailfilter passwd add|set|del|list|import|export`: manage the user database.
 
-Job: the operator's door to userdb.py. Passwords are read without echo
-(getpass, asked twice on a terminal) or, with ``--stdin``, as one line from
-standard input; they are never taken from the command line (argv is visible
-to every local user) and never printed.
+Job: the operator's door to mailfilter/auth/userdb.py. Passwords are read
+without echo (getpass, asked twice on a terminal) or, with ``--stdin``, as
+one line from standard input; they are never taken from the command line
+(argv is visible to every local user) and never printed.
 
     passwd [--db PATH] add USER [--stdin] [--home H] [--uid N] [--gid N]
                                 [--maildir M] [--shell S] [--no-cram]

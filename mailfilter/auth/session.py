@@ -1,10 +1,12 @@
 """SMTP AUTH inside a server session: modes, the offer, the dialogue, failures.
 
-Job: glue between the engine's AuthStart/AuthResponse events (smtpconn), the
-SASL exchanges (sasl), a verifier (verify) and the session policy. server.py
-calls ``AuthSession.handle(ev)`` and gets either a Reply to send now or a
-coroutine whose result is the Reply (run with ``_later``, so the loop never
-waits on a verifier, a spawned checkpassword or the failure delay).
+Job: glue between the engine's AuthStart/AuthResponse events
+(mailfilter/smtp/engine.py), the SASL exchanges (mailfilter/auth/sasl.py), a
+verifier (mailfilter/auth/verify.py) and the session policy. The SMTP session
+(mailfilter/smtp/protocol.py) calls ``AuthSession.handle(ev)`` and gets
+either a Reply to send now or a coroutine whose result is the Reply (run
+with ``_later``, so the loop never waits on a verifier, a spawned
+checkpassword or the failure delay).
 
 SMTPAUTH modes (SPEC B §4.3, Hoffmann; global ``--auth MODE`` is the default
 of the per-client tcp.smtp setting ``SMTPAUTH``; prefixes case-insensitive)::
@@ -14,17 +16,18 @@ of the per-client tcp.smtp setting ``SMTPAUTH``; prefixes case-insensitive)::
     "" / other     AUTH LOGIN PLAIN
     "+cram"        AUTH LOGIN PLAIN CRAM-MD5
     "cram"         AUTH CRAM-MD5
-    "!" prefix     the same offer, and AUTH required before MAIL (530, policy.py)
+    "!" prefix     the same offer, and AUTH required before MAIL (530,
+                   mailfilter/policy/engine.py)
 
-Replies (SPEC B §4.6, RFC 4954; all from replies.py): unknown or not offered
-mechanism 504; ``*`` 501 cancelled; bad base64 / empty line / wrong shape 501
-malformed; success 235 and ``sp.auth_success(user)`` (relay as
+Replies (SPEC B §4.6, RFC 4954; all from mailfilter/smtp/replies.py): unknown
+or not offered mechanism 504; ``*`` 501 cancelled; bad base64 / empty line /
+wrong shape 501 malformed; success 235 and ``sp.auth_success(user)`` (relay as
 RELAYCLIENT="", the user in Received (ESMTPA) and decision lines); wrong
-credentials 535 after ``fail_delay`` seconds (asyncio.sleep); verifier
-trouble 454 4.7.0; locked client IP or user 454 4.7.0 (auth_locked) without
-verifying; the ``max_session_failures``-th failure in one session 421 and
-close. The engine itself answers a second AUTH (503) and AUTH in a
-transaction (503); ``MAIL FROM:<..> AUTH=`` is never looked at here.
+credentials 535 after ``fail_delay`` seconds (asyncio.sleep); verifier trouble
+454 4.7.0; locked client IP or user 454 4.7.0 (auth_locked) without verifying;
+the ``max_session_failures``-th failure in one session 421 and close. The
+engine itself answers a second AUTH (503) and AUTH in a transaction (503);
+``MAIL FROM:<..> AUTH=`` is never looked at here.
 
 Failure accounting: a failure (535) counts for the client IP and for the user
 name in sliding windows of ``window`` seconds; ``max_fail_ip`` /

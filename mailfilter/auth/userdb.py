@@ -33,7 +33,8 @@ same record"):
   them too (constant-time): both secrets come from one password written in one
   transaction, and a record whose two halves disagree refuses PLAIN/LOGIN
   rather than silently trusting one half. The scrypt check is the slow part
-  (~tens of ms); the server runs it in a worker thread (verify.py).
+  (~tens of ms); the server runs it in a worker thread
+  (mailfilter/auth/verify.py).
 - An unknown user costs the same: the server and both checkpassword tools
   check the password against ``dummy_user()`` -- random secrets, the scrypt
   parameters most common among the records -- and only then fail, so the

@@ -284,8 +284,9 @@ def fd3_payload(creds: Credentials, order: str = "djb") -> bytes:
 
     ValueError when a field holds a NUL byte: it would end that field early and
     let the client choose the next ones (a LOGIN password ``digest NUL
-    challenge`` is a CRAM-MD5 answer to cmd5checkpw). sasl.py already refuses
-    such input as malformed; this is the second line of defence."""
+    challenge`` is a CRAM-MD5 answer to cmd5checkpw). mailfilter/auth/sasl.py
+    already refuses such input as malformed; this is the second line of
+    defence."""
     user = creds.user.encode("utf-8", "surrogateescape")
     if b"\0" in user or b"\0" in creds.secret or (creds.cram and b"\0" in creds.challenge):
         raise ValueError("NUL byte in a credentials field")

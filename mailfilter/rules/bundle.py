@@ -11,13 +11,13 @@ Layout (all integers little-endian):
    24  payload    u64 length of everything after the header
    32  crc32      u32 of the payload
    36  reserved   u32
-   40  fingerprint 32 SHA-256 of the source files (compiler.fingerprint)
+   40  fingerprint 32 SHA-256 of the source files (rules/compiler.py fingerprint)
    72  counts     7 x u32: exact, domain+suffix+host, wildmat, regex, cidr, decorated, other
   100  reserved to 128
   table of contents: n_sections x 48 bytes (name 32 bytes NUL-padded, offset u64, length u64)
   sections, each 8-byte aligned; offsets are from the start of the file.
 
-Sections are the flat blobs of compiler.py. Loading reads the file into an
+Sections are the flat blobs of rules/compiler.py. Loading reads the file into an
 anonymous memory map (see load(): never file-backed, so replacing the file
 in place cannot crash a running server), checks magic, version, byte order,
 length and checksum, then hands read-only memoryview slices to the Cython
@@ -37,9 +37,8 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 
-from mailfilter.rules.compiler import Compiled
-from mailfilter.rules.format import FLAG_ALLOW, FLAG_EXCEPTION, FLAG_NEGATED, KINDS
 from mailfilter.core import core
+from mailfilter.rules.format import FLAG_ALLOW, FLAG_EXCEPTION, FLAG_NEGATED, KINDS, Compiled
 from mailfilter.rules.regexes import compile_re2, gate_part
 
 MAGIC = b"MFBUNDL\0"
@@ -55,8 +54,6 @@ BYTEORDER = 0x01020304
 HEADER = struct.Struct("<8sIIIIQII32s7I28x")
 TOC_ENTRY = struct.Struct("<32sQQ")
 assert HEADER.size == 128
-
-from mailfilter.rules.format import MODE_ADDRESS, MODE_EXACT, MODE_HOST  # noqa: E402,F401
 
 
 class BundleError(Exception):

@@ -28,14 +28,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from mailfilter.rules import controlfiles as cf
 from mailfilter.core import core
-from mailfilter.rules.regexes import RegexError, compile_re2, regex_filter, required_literal
-
-from mailfilter.rules.format import (  # noqa: F401  (re-exported for the compiler's callers)
+from mailfilter.rules import controlfiles as cf
+from mailfilter.rules.format import (
     BADMIMETYPE_MODES, FLAG_ALLOW, FLAG_EXCEPTION, FLAG_NEGATED, HELOCHECK_MODES, HOST_LISTS, KIND_CODE,
-    KINDS, KNOWN_SETTINGS, NUMERIC_SETTINGS, QREGEX_LISTS, SIGNATURE_LISTS, SPAMCONTROL_LISTS,
+    KINDS, KNOWN_SETTINGS, NUMERIC_SETTINGS, QREGEX_LISTS, SIGNATURE_LISTS, Compiled,
 )
+from mailfilter.rules.prefilters import regex_filter, required_literal
+from mailfilter.rules.regexes import RegexError, compile_re2
 
 
 def setting_problem(name: str, value: str) -> str | None:
@@ -57,18 +57,6 @@ def setting_problem(name: str, value: str) -> str | None:
 _has_wildmat = re.compile(r"[*?\[\\]").search
 _has_space = re.compile(r"\s").search
 _ASCII_DIGITS = frozenset("0123456789")
-
-
-@dataclass
-class Compiled:
-    """The result of compiling one rules directory (input to bundle.write)."""
-    sections: dict[str, bytes]
-    meta: dict
-    rule_table: bytes
-    n_rules: int
-    fingerprint: bytes
-    diagnostics: list[cf.Diagnostic]
-    counts: dict[str, int]
 
 
 @dataclass

@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from mailfilter.rules.format import leading_int  # noqa: F401  (controlfiles' callers use it too)
+from mailfilter.rules.format import leading_int
 
 # Files the compiler knows, by role.
 LIST_FILES = (
@@ -98,7 +98,10 @@ def _strip_bom(data: bytes) -> bytes:
     return data[3:] if data.startswith(_BOM) else data
 
 
-def _significant_lines(name: str, data: bytes) -> list[Line]:
+def significant_lines(name: str, data: bytes) -> list[Line]:
+    """The entries of list file `name` (its bytes `data`), by the reading
+    rules above: Latin-1, trailing blanks and CR stripped, leading blanks
+    kept, empty and `#` lines skipped, each with its 1-based line number."""
     data = _strip_bom(data)
     make = Line._make
     out = []
@@ -139,7 +142,7 @@ def read_rules_dir(root: str) -> RulesSource:
     for name in LIST_FILES:
         data = load(name)
         if data is not None:
-            src.lists[name] = _significant_lines(name, data)
+            src.lists[name] = significant_lines(name, data)
     for name in FIRST_LINE_FILES:
         data = load(name)
         if data is not None:
@@ -164,7 +167,7 @@ def read_rules_dir(root: str) -> RulesSource:
         src.scalars["dialect"] = "spamcontrol"
     data = load(TCP_RULES_FILE)
     if data is not None:
-        for line in _significant_lines(TCP_RULES_FILE, data):
+        for line in significant_lines(TCP_RULES_FILE, data):
             try:
                 src.tcp_rules.append(parse_tcp_rule(line))
             except ValueError as exc:

@@ -1,12 +1,16 @@
 """What the rule compiler and the bundle loader both need: entry kinds, rule
-flags, match modes, list roles and the tcp.smtp setting names.
+flags, match modes, list roles, the tcp.smtp setting names and the shape of
+a compiled rule set (Compiled, what bundle.write serialises).
 
 Invariant: this module imports nothing from mailfilter. The server process
-(bundle.py, policy/) takes its constants from here, so serving a bundle never
-imports the compiler side (compiler.py, controlfiles.py, re2syntax.py).
+(rules/bundle.py, policy/) takes its constants from here, so serving a bundle
+never imports the compiler side (rules/compiler.py, rules/controlfiles.py,
+rules/prefilters.py); tests/rules/test_layering.py checks it.
 Changing a value here changes the bundle format: bump bundle.FORMAT_VERSION.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 # ---------------------------------------------------------------- rule table
 KINDS = (
@@ -41,6 +45,21 @@ NUMERIC_SETTINGS = ("DATABYTES", "MAXRECIPIENTS", "TARPITCOUNT", "TARPITDELAY")
 MODE_EXACT, MODE_ADDRESS, MODE_HOST = 0, 1, 2
 
 _DIGITS = frozenset("0123456789")
+
+
+@dataclass
+class Compiled:
+    """One rules directory compiled (compiler.compile_dir), the input of
+    bundle.write / bundle.from_compiled. Everything but `diagnostics` goes
+    into the bundle; `diagnostics` are the compiler's controlfiles.Diagnostic
+    (file:line, why the line was skipped) for the operator."""
+    sections: dict[str, bytes]
+    meta: dict
+    rule_table: bytes
+    n_rules: int
+    fingerprint: bytes
+    diagnostics: list
+    counts: dict[str, int]
 
 
 def leading_int(text: str) -> int | None:

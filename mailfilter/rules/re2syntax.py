@@ -1,8 +1,9 @@
 r"""Read a regex the way pyre2 + RE2 read it, for analysis only.
 
-Job: give the prefilters of regexes.py a Python parse tree (re._parser) of a
-pattern written in RE2 syntax, so they can derive literals and byte sets
-without ever trusting Python's own reading of RE2 syntax, which differs
+Job: give the filters of prefilters.py (compiler) and the expansion check of
+regexes.py (compiler and bundle loader) a Python parse tree (re._parser) of
+a pattern written in RE2 syntax, so they can derive literals, byte sets and
+sizes without ever trusting Python's own reading of RE2 syntax, which differs
 (POSIX classes `[[:digit:]]`, `\Q...\E`, `\pN`, `\C`, `{,n}`, octal
 escapes, `(?U)`...).
 

@@ -615,7 +615,7 @@ def test_server_unknown_user_runs_the_scrypt_of_the_records(tmp_path):
     assert hwm_kib / 1024 >= 128
 
 
-# --- verify.py units ---------------------------------------------------------------------
+# --- mailfilter/auth/verify.py units -----------------------------------------------------
 def test_fd3_layouts():
     plain = Credentials("PLAIN", "tim", b"pw")
     cram = Credentials("CRAM-MD5", "tim", b"d" * 32, b"<1.2@h>")

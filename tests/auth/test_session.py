@@ -1,5 +1,6 @@
-"""authsession.py: SMTPAUTH modes, failure tracking, and the AUTH dialogue on the
-sans-IO engine fed whole and one byte at a time (DESIGN.md, Tests)."""
+"""mailfilter/auth/session.py: SMTPAUTH modes, failure tracking, and the AUTH
+dialogue on the sans-IO engine fed whole and one byte at a time (DESIGN.md,
+Tests)."""
 import asyncio
 import base64
 import hmac

@@ -1,4 +1,5 @@
-"""The SQLite user database (userdb.py) and `mailfilter passwd` (passwdcli.py)."""
+"""The SQLite user database (mailfilter/auth/userdb.py) and `mailfilter passwd`
+(mailfilter/auth/cli.py)."""
 import hmac
 import json
 import os

@@ -7,6 +7,7 @@ import pytest
 
 from mailfilter.rules import bundle as bm
 from mailfilter.rules import compiler
+from mailfilter.rules.format import MODE_ADDRESS
 
 RULES = os.path.join(os.path.dirname(__file__), "golden", "spamcontrol", "rules")
 
@@ -33,9 +34,9 @@ def test_round_trip_same_answers(compiled, written):
     queries = [b"spammer@example.org", b"x@spam.example.org", b"boss@freemail.example",
                b"anyone@freemail.example", b"nobody@nowhere.example", b""]
     for q in queries:
-        assert (disk.lists["badmailfrom"].last_match(q, bm.MODE_ADDRESS)
-                == mem.lists["badmailfrom"].last_match(q, bm.MODE_ADDRESS))
-    rid = disk.lists["badmailfrom"].last_match(b"spammer@example.org", bm.MODE_ADDRESS)
+        assert (disk.lists["badmailfrom"].last_match(q, MODE_ADDRESS)
+                == mem.lists["badmailfrom"].last_match(q, MODE_ADDRESS))
+    rid = disk.lists["badmailfrom"].last_match(b"spammer@example.org", MODE_ADDRESS)
     assert disk.where(rid) == "badmailfrom:2"
     assert disk.rule(rid).kind == "exact"
 
@@ -168,10 +169,10 @@ def test_loaded_bundle_survives_the_file_being_overwritten_in_place(written):
     # the file into anonymous memory, so the loaded rules keep answering.
     b = bm.load(written)
     m = b.lists["badmailfrom"]
-    before = m.last_match(b"spammer@example.org", bm.MODE_ADDRESS)
+    before = m.last_match(b"spammer@example.org", MODE_ADDRESS)
     with open(written, "r+b") as fh:
         fh.truncate(0)
-    assert m.last_match(b"spammer@example.org", bm.MODE_ADDRESS) == before >= 0
+    assert m.last_match(b"spammer@example.org", MODE_ADDRESS) == before >= 0
     assert b.where(before) == "badmailfrom:2"
     with pytest.raises(bm.BundleError, match="empty file"):
         bm.load(written)

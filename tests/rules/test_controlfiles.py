@@ -1,4 +1,4 @@
-"""controlfiles.py: qmail control-file reading rules (SPEC B §1.3) and the
+"""mailfilter/rules/controlfiles.py: qmail control-file reading rules (SPEC B §1.3) and the
 tcprules syntax of tcp.smtp (SPEC A §3). No _core needed."""
 import ipaddress
 
@@ -39,7 +39,7 @@ def test_utf8_bom_is_dropped(tmp_path):
     assert src.diagnostics == [] and len(src.tcp_rules) == 1
     from mailfilter.rules import bundle
     from mailfilter.rules import compiler
-    from mailfilter.rules.bundle import MODE_ADDRESS, MODE_HOST
+    from mailfilter.rules.format import MODE_ADDRESS, MODE_HOST
     b = bundle.from_compiled(compiler.compile_dir(str(tmp_path)))
     assert b.lists["rcpthosts"].last_match(b"example.com", MODE_HOST) >= 0
     assert b.lists["badmailfrom"].last_match(b"spam@example.org", MODE_ADDRESS) >= 0

@@ -1,6 +1,6 @@
 """Golden files for the compiler and policy (Postfix dict_cidr .in/.ref style).
 
-Each directory under tests/golden/ holds `rules/` (a rules directory),
+Each directory under tests/rules/golden/ holds `rules/` (a rules directory),
 `queries` (one lookup per line) and `expected` (diagnostics, then one answer
 per query). The answers were checked by hand against SPEC A §1-§4 and
 B §1.8, §2.5-§2.9, §3.2. Regenerate after an intended change with
@@ -13,7 +13,7 @@ import pytest
 
 from mailfilter.rules import bundle as bundle_mod
 from mailfilter.rules import compiler
-from mailfilter.rules.bundle import MODE_ADDRESS, MODE_EXACT, MODE_HOST
+from mailfilter.rules.format import MODE_ADDRESS, MODE_EXACT, MODE_HOST
 from mailfilter.check import run_check
 from mailfilter.policy.engine import Client, PolicyEngine
 

@@ -1,14 +1,15 @@
-"""ListMatcher asks regexes only "does it match" (`.contains(bytes) -> bool`,
-no Match object), through the lazy stubs of bundle.py as well as with eager
+"""ListMatcher asks regexes only "does it match" (`.contains(bytes) -> bool`, no
+Match object), through the lazy stubs of rules/bundle.py as well as with eager
 compilation. Answers must equal RE2's `search(...) is not None` (the oracle
-in tests/oracles/matchers.py still uses `search`, so the differential tests
-of test_core_listmatch.py compare the two methods on every lookup)."""
+in tests/support/oracles/matchers.py still uses `search`, so the differential
+tests of tests/core/test_listmatch.py compare the two methods on every
+lookup)."""
 import pytest
 
 from mailfilter.rules import bundle
 
 from mailfilter.rules import compiler
-from mailfilter.rules.bundle import MODE_ADDRESS
+from mailfilter.rules.format import MODE_ADDRESS
 from mailfilter.core import core
 from mailfilter.rules.regexes import compile_re2
 from tests.support.regex_helpers import CountingRegex

@@ -1,4 +1,4 @@
-"""Regex filters (regexes.regex_filter + _core listmatch): a minimum length and,
+"""Regex filters (prefilters.regex_filter + _core listmatch): a minimum length and,
 for `^`-anchored patterns, the possible first bytes, checked in C before RE2
 runs. Soundness: whenever the filter rules a text out, RE2 must not match it.
 Checked through the C path: a one-regex ListMatcher must answer exactly what
@@ -8,7 +8,8 @@ import random
 import pytest
 
 from mailfilter.core import core
-from mailfilter.rules.regexes import compile_re2, regex_filter
+from mailfilter.rules.prefilters import regex_filter
+from mailfilter.rules.regexes import compile_re2
 from tests.support.regex_helpers import CountingRegex
 
 TEMPLATES = [

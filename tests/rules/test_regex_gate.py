@@ -9,8 +9,9 @@ import pytest
 from mailfilter.rules import bundle
 
 from mailfilter.rules import compiler
-from mailfilter.rules.bundle import MODE_ADDRESS
-from mailfilter.rules.regexes import compile_re2, required_literal
+from mailfilter.rules.format import MODE_ADDRESS
+from mailfilter.rules.prefilters import required_literal
+from mailfilter.rules.regexes import compile_re2
 
 WEAK = [r"^[a-z]{6}[0-9]{2}@", r"[0-9]{5,}", r"^x.*@", r"@.*\.(ru|cn)$", r"^[^@]{30,}@",
         r"(a|b)c@", r"^.$", r"[q-s]{3}"]

@@ -1,4 +1,4 @@
-r"""Regex prefilters under RE2 syntax (regexes._analysis, required_literal,
+r"""Regex prefilters under RE2 syntax (re2syntax.analysis, required_literal,
 regex_filter, the bundle's gate): every filter must be a NECESSARY condition
 for an RE2 match of exactly that pattern (case-insensitive, Latin-1, through
 pyre2). Python's `re` parser reads RE2 syntax differently (`[[:digit:]]` is a
@@ -24,14 +24,9 @@ from mailfilter.rules import bundle
 from mailfilter.rules import compiler
 from mailfilter.rules import controlfiles as cf
 from mailfilter.core import core
-from mailfilter.rules.regexes import (
-    RegexError,
-    _analysis,
-    compile_re2,
-    gate_part,
-    regex_filter,
-    required_literal,
-)
+from mailfilter.rules.prefilters import regex_filter, required_literal
+from mailfilter.rules.re2syntax import analysis
+from mailfilter.rules.regexes import RegexError, compile_re2, gate_part
 from tests.support.regex_helpers import CountingRegex
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -147,7 +142,7 @@ CASES = [
 @pytest.mark.parametrize("pattern,text,literal", CASES)
 def test_divergent_syntax(pattern, text, literal):
     assert compile_re2(pattern).search(text) is not None, "case must match under RE2"
-    assert _analysis(pattern) is not None, "the analysis reads this pattern"
+    assert analysis(pattern) is not None, "the analysis reads this pattern"
     assert required_literal(pattern) == literal
     assert assert_agrees(pattern, text)
 
@@ -199,16 +194,16 @@ def test_no_future_warning():
     # Python's parser warns "Possible nested set" on `[[` and on `--`, `&&`,
     # `~~`, `||` in a set; the analysis must never let that reach a user
     # (nor turn it into "no filter" when warnings are errors)
-    _analysis.cache_clear()
+    analysis.cache_clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for pattern in [c[0] for c in CASES] + ["[[a]", "[*--]", "[--/]x", "[a&&b]", "[a||b]",
                                                 "[a~~b]", "[[:digit:][]x", "[]-a]"]:
             compile_re2(pattern)                    # RE2 takes them all
-            assert _analysis(pattern) is not None, pattern
+            assert analysis(pattern) is not None, pattern
             required_literal(pattern)
             regex_filter(pattern)
-    _analysis.cache_clear()
+    analysis.cache_clear()
 
 
 # ----------------------------------------------------------------- the gate
@@ -599,7 +594,7 @@ def test_differential_random_re2_patterns():
         stats["filtered"] += bool(rec)
         stats["anchored"] += len(rec) in (36, 68)
         stats["posix"] += "[:" in p.text
-        stats["unsure"] += _analysis(p.text) is None
+        stats["unsure"] += analysis(p.text) is None
         for t in ts:
             stats["pairs"] += 1
             stats["hits"] += agreement.check(t)
@@ -652,7 +647,7 @@ def test_differential_token_soup():
         except RegexError:
             continue
         taken += 1
-        unsure += _analysis(pattern) is None
+        unsure += analysis(pattern) is None
         raw = pattern.encode("latin-1")
         for _ in range(12):
             text = bytes(rng.choice(raw) for _ in range(rng.randint(0, 10)))
@@ -709,7 +704,6 @@ def test_a_large_gate_is_not_refused_by_the_rule_size_limit():
     with pytest.raises(RegexError, match="counted repeats"):
         compile_re2(gate)
     assert compile_re2(gate, limit_expansion=False).search(b"x77abc@")
-    from mailfilter.rules.bundle import _LazyGate
 
     class _Matcher:
         gate = "unset"
@@ -717,7 +711,7 @@ def test_a_large_gate_is_not_refused_by_the_rule_size_limit():
         def set_gate(self, fn):
             self.gate = fn
     m = _Matcher()
-    assert _LazyGate(gate, m).contains(b"x9999zz@") is True
+    assert bundle._LazyGate(gate, m).contains(b"x9999zz@") is True
     assert m.gate is not None and m.gate != "unset"
 
 
