@@ -20,8 +20,9 @@ import pytest
 
 from mailfilter.delivery import (
     HANDOVER_TIMEOUT, QQ_EXITS, Delivery, DiscardDelivery, Envelope, LmtpDelivery, MaildirDelivery,
-    QmailQueueDelivery, SmtpDelivery, received_header, smtp_encode,
+    QmailQueueDelivery, SmtpDelivery, smtp_encode,
 )
+from mailfilter.smtp.received import received_header
 from mailfilter.smtp.replies import reply
 from tests.support.smtp_peer import Peer
 
