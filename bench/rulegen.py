@@ -33,30 +33,12 @@ import os
 import random
 import shutil
 import sys
+from typing import Callable, NamedTuple
 
 GEN_VERSION = 2     # 2: no two tcp.smtp lines with the same key (a diagnostic since then)
 CACHE_DIR = os.environ.get(
     "MAILFILTER_BENCH_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache"))
 
-# share of n per (file, kind)
-MIX = [
-    ("badmailfrom", "exact", 0.38),
-    ("badmailfrom", "domain", 0.09),
-    ("badmailfrom", "suffix", 0.05),
-    ("badmailfrom", "wildmat", 0.06),
-    ("badmailfrom", "regex", 0.006),
-    ("badrcptto", "exact", 0.10),
-    ("badrcptto", "domain", 0.02),
-    ("badrcptto", "wildmat", 0.02),
-    ("badrcptto", "regex", 0.002),
-    ("badhelo", "exact", 0.07),
-    ("badhelo", "suffix", 0.03),
-    ("badhelo", "wildmat", 0.02),
-    ("badhelo", "regex", 0.002),
-    ("rcpthosts", "host", 0.05),
-    ("rcpthosts", "suffix", 0.06),
-    ("tcp.smtp", "cidr", 0.04),
-]
 N_SAMPLES = 400          # hit material kept per (file, kind) in the manifest
 NOLIT_REGEX_PER_LIST = 2  # fixed, independent of n
 
@@ -219,146 +201,205 @@ TCP_SETTINGS = [
 ]
 
 
-def generate(root: str, n: int, seed: int) -> dict:
-    """Write the rules directory `root` (must not exist) and return the manifest."""
-    g = _Gen(seed)
-    r = g.r
-    counts = {(f, k): max(1, round(n * share)) for f, k, share in MIX}
-    # our own domains first: rcpthosts needs them and badrcptto refers to them
-    n_host, n_suf = counts[("rcpthosts", "host")], counts[("rcpthosts", "suffix")]
-    our_hosts = [f"{g.word(OK_SYL)}{i}.{r.choice(OUR_TLD)}" for i in range(n_host)]
-    our_suffixes = [f".{g.word(OK_SYL)}{i}.{r.choice(OUR_TLD)}" for i in range(n_suf)]
-    ours_sample = our_hosts[: max(50, min(len(our_hosts), 5000))]
+# ----------------------------------------------------------------- the lists
+# One table (LISTS) says what each file holds; one loop (generate) writes it.
+# The order of the lists and of their rows is the order in which the seeded
+# random stream is consumed: reordering them changes the output (bump
+# GEN_VERSION).
 
-    files: dict[str, list[str]] = {"badmailfrom": [], "badrcptto": [], "badhelo": [],
-                                   "rcpthosts": [], "tcp.smtp": []}
-    samples: dict[str, dict[str, list]] = {f: {} for f in files}
+class _Row(NamedTuple):
+    """One kind of entry in one file."""
+    kind: str
+    share: float                 # of n
+    make: Callable               # _Run -> (entry, hit example or None: no sample)
+    reserve: int = 0             # entries of this kind that are fixed, not generated
+    then: Callable | None = None  # (_Run, file, entry), after the entry's sample is kept
 
-    def keep(f: str, kind: str, hit) -> None:
-        lst = samples[f].setdefault(kind, [])
+
+class _List(NamedTuple):
+    """One file: its generated rows, shuffled (or not), then the fixed parts."""
+    name: str
+    rows: tuple
+    shuffle: bool = True
+    head: tuple = ()             # fixed first entries: (entry, kind, hit template or None)
+    nolit: tuple = ()            # regexes without a literal, inserted at random places
+    tail: tuple = ()             # fixed last entries
+
+
+class _Run:
+    """What one generate() call shares between the entry makers."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.g = g = _Gen(seed)
+        self.r = r = g.r
+        self.counts = {(spec.name, row.kind): max(1, round(n * row.share))
+                       for spec in LISTS for row in spec.rows}
+        # our own domains first: rcpthosts lists them and badrcptto refers to them
+        self.our_hosts = [f"{g.word(OK_SYL)}{i}.{r.choice(OUR_TLD)}"
+                          for i in range(self.counts[("rcpthosts", "host")])]
+        self.our_suffixes = [f".{g.word(OK_SYL)}{i}.{r.choice(OUR_TLD)}"
+                             for i in range(self.counts[("rcpthosts", "suffix")])]
+        self.ours_sample = self.our_hosts[: max(50, min(len(self.our_hosts), 5000))]
+        self.spam_domains = [g.spam_domain() for _ in
+                             range(max(10, self.counts[("badmailfrom", "exact")] // 8))]
+        self.hosts = enumerate(self.our_hosts)
+        self.suffixes = enumerate(self.our_suffixes)
+        self.seen_nets: set = set()
+        self.trailer: dict[str, list[str]] = {spec.name: [] for spec in LISTS}
+        self.samples: dict[str, dict[str, list]] = {spec.name: {} for spec in LISTS}
+
+    def keep(self, f: str, kind: str, hit) -> None:
+        lst = self.samples[f].setdefault(kind, [])
         if len(lst) < N_SAMPLES:
             lst.append(hit)
         else:                                          # reservoir-ish: stay spread out
-            j = r.randrange(len(lst) * 4)
+            j = self.r.randrange(len(lst) * 4)
             if j < len(lst):
                 lst[j] = hit
 
-    # ---- badmailfrom
-    out = files["badmailfrom"]
-    spam_domains = [g.spam_domain() for _ in range(max(10, counts[("badmailfrom", "exact")] // 8))]
-    for _ in range(counts[("badmailfrom", "exact")]):
-        a = f"{g.local()}.{g.serial}@{r.choice(spam_domains)}"
-        g.serial += 1
-        out.append(a)
-        keep("badmailfrom", "exact", a)
-    exceptions = []
-    for _ in range(counts[("badmailfrom", "domain")]):
-        d = g.spam_domain()
-        out.append("@" + d)
-        keep("badmailfrom", "domain", f"{g.local()}@{d}")
-        if r.random() < 0.02:                          # `@dom` then `!boss@dom`
-            exceptions.append(f"!postmaster@{d}")
-            keep("badmailfrom", "exception", f"postmaster@{d}")
-    for _ in range(counts[("badmailfrom", "suffix")]):
-        d = g.spam_domain()
-        out.append("." + d)
-        keep("badmailfrom", "suffix", f"{g.local()}@{g.word()}.{d}")
-    for _ in range(counts[("badmailfrom", "wildmat")]):
-        e, hit = _wild_badmailfrom(g)
-        out.append(e)
-        keep("badmailfrom", "wildmat", hit)
-    nolit = NOLIT["badmailfrom"]
-    for _ in range(max(0, counts[("badmailfrom", "regex")] - len(nolit))):
-        e, hit = _regex_badmailfrom(g)
-        out.append(f"/{e}/")
-        keep("badmailfrom", "regex", hit)
-    r.shuffle(out)
-    for e, hit in nolit:
-        out.insert(r.randrange(len(out) + 1), f"/{e}/")
-        keep("badmailfrom", "regex_nolit", hit)
-    out.extend(exceptions)
 
-    # ---- badrcptto: relay probes first (fixed), then the bulk
-    out = files["badrcptto"]
-    bulk = []
-    for _ in range(counts[("badrcptto", "exact")]):
-        a = f"{g.local()}-{g.serial}@{r.choice(ours_sample)}"
-        g.serial += 1
-        bulk.append(a)
-        keep("badrcptto", "exact", a)
-    for _ in range(counts[("badrcptto", "domain")]):
-        d = g.spam_domain()
-        bulk.append("@" + d)
-        keep("badrcptto", "domain", f"{g.local()}@{d}")
-    for _ in range(max(0, counts[("badrcptto", "wildmat")] - 3)):
-        e, hit = _wild_badrcptto(g, ours_sample)
-        bulk.append(e)
-        keep("badrcptto", "wildmat", hit)
-    nolit = NOLIT["badrcptto"]
-    for _ in range(max(0, counts[("badrcptto", "regex")] - len(nolit))):
-        e, hit = _regex_badrcptto(g, ours_sample)
-        bulk.append(f"/{e}/")
-        keep("badrcptto", "regex", hit)
-    r.shuffle(bulk)
-    out += ["*%*", "*!*", "*@*@*"] + bulk
-    keep("badrcptto", "wildmat", f"a%b@{ours_sample[0]}")
-    for e, hit in nolit:
-        out.insert(r.randrange(len(out) + 1), f"/{e}/")
-        keep("badrcptto", "regex_nolit", hit)
+def _slashed(pair: tuple[str, str]) -> tuple[str, str]:
+    """A regex template's (pattern, hit) as a list entry `/pattern/`."""
+    return f"/{pair[0]}/", pair[1]
 
-    # ---- badhelo
-    out = files["badhelo"]
-    for _ in range(counts[("badhelo", "exact")]):
-        h = f"{g.word()}{g.serial}.{r.choice(SPAM_TLD)}"
-        g.serial += 1
-        out.append(h)
-        keep("badhelo", "exact", h)
-    for _ in range(counts[("badhelo", "suffix")]):
-        d = g.spam_domain()
-        out.append("." + d)
-        keep("badhelo", "suffix", f"mx{r.randint(1, 9)}.{d}")
-    for _ in range(counts[("badhelo", "wildmat")]):
-        e, hit = _wild_badhelo(g)
-        out.append(e)
-        keep("badhelo", "wildmat", hit)
-    nolit = NOLIT["badhelo"]
-    for _ in range(max(0, counts[("badhelo", "regex")] - len(nolit))):
-        e, hit = _regex_badhelo(g)
-        out.append(f"/{e}/")
-        keep("badhelo", "regex", hit)
-    r.shuffle(out)
-    for e, hit in nolit:
-        out.insert(r.randrange(len(out) + 1), f"/{e}/")
-        keep("badhelo", "regex_nolit", hit)
 
-    # ---- rcpthosts
-    out = files["rcpthosts"]
-    out += our_hosts + our_suffixes
-    r.shuffle(out)
-    for h in our_hosts[:N_SAMPLES]:
-        keep("rcpthosts", "host", h)
-    for s in our_suffixes[:N_SAMPLES]:
-        keep("rcpthosts", "suffix", f"mail{s}")
+def _exact_badmailfrom(run: _Run):
+    g = run.g
+    a = f"{g.local()}.{g.serial}@{g.r.choice(run.spam_domains)}"
+    g.serial += 1
+    return a, a
 
-    # ---- tcp.smtp
-    out = files["tcp.smtp"]
-    seen_nets: set = set()
-    for _ in range(counts[("tcp.smtp", "cidr")]):
-        while True:                     # a repeated key would be a diagnostic
-            key, hit = _ip_net(g)
-            nets = _key_networks(key)
-            if not nets & seen_nets:
-                break
-        seen_nets |= nets
-        x, acc = r.random(), 0.0
-        for share, action, _deny in TCP_SETTINGS:
-            acc += share
-            if x < acc:
-                break
-        out.append(f"{key}:{action}")
-        keep("tcp.smtp", "cidr", hit)
-    out.append('127.0.0.1:allow,RELAYCLIENT=""')
-    out.append(':allow,HELOCHECK="",MAXRECIPIENTS="100"')
+
+def _exact_badrcptto(run: _Run):
+    g = run.g
+    a = f"{g.local()}-{g.serial}@{g.r.choice(run.ours_sample)}"
+    g.serial += 1
+    return a, a
+
+
+def _exact_badhelo(run: _Run):
+    g = run.g
+    h = f"{g.word()}{g.serial}.{g.r.choice(SPAM_TLD)}"
+    g.serial += 1
+    return h, h
+
+
+def _domain(run: _Run):
+    d = run.g.spam_domain()
+    return "@" + d, f"{run.g.local()}@{d}"
+
+
+def _exception(run: _Run, f: str, entry: str) -> None:
+    """Now and then an `@dom` gets a `!postmaster@dom` exception, listed
+    after everything else (the file's trailer)."""
+    if run.r.random() < 0.02:
+        d = entry[1:]
+        run.trailer[f].append(f"!postmaster@{d}")
+        run.keep(f, "exception", f"postmaster@{d}")
+
+
+def _suffix_badmailfrom(run: _Run):
+    g = run.g
+    d = g.spam_domain()
+    return "." + d, f"{g.local()}@{g.word()}.{d}"
+
+
+def _suffix_badhelo(run: _Run):
+    d = run.g.spam_domain()
+    return "." + d, f"mx{run.r.randint(1, 9)}.{d}"
+
+
+def _our_host(run: _Run):
+    """The next of our hosts; the first N_SAMPLES are the samples."""
+    i, h = next(run.hosts)
+    return h, (h if i < N_SAMPLES else None)
+
+
+def _our_suffix(run: _Run):
+    i, s = next(run.suffixes)
+    return s, (f"mail{s}" if i < N_SAMPLES else None)
+
+
+def _tcp_rule(run: _Run):
+    """A tcp.smtp line whose networks overlap no earlier line's (a repeated
+    key would be a compiler diagnostic), with an action drawn by share."""
+    while True:
+        key, hit = _ip_net(run.g)
+        nets = _key_networks(key)
+        if not nets & run.seen_nets:
+            break
+    run.seen_nets |= nets
+    x, acc = run.r.random(), 0.0
+    for share, action, _deny in TCP_SETTINGS:
+        acc += share
+        if x < acc:
+            break
+    return f"{key}:{action}", hit
+
+
+# badrcptto starts with relay probes (fixed): `*%*`, `*!*`, `*@*@*`
+PROBES = (("*%*", "wildmat", "a%b@{our}"), ("*!*", "wildmat", None),
+          ("*@*@*", "wildmat", None))
+
+LISTS = (
+    _List("badmailfrom", (
+        _Row("exact", 0.38, _exact_badmailfrom),
+        _Row("domain", 0.09, _domain, then=_exception),
+        _Row("suffix", 0.05, _suffix_badmailfrom),
+        _Row("wildmat", 0.06, lambda run: _wild_badmailfrom(run.g)),
+        _Row("regex", 0.006, lambda run: _slashed(_regex_badmailfrom(run.g)),
+             reserve=len(NOLIT["badmailfrom"])),
+    ), nolit=tuple(NOLIT["badmailfrom"])),
+    _List("badrcptto", (
+        _Row("exact", 0.10, _exact_badrcptto),
+        _Row("domain", 0.02, _domain),
+        _Row("wildmat", 0.02, lambda run: _wild_badrcptto(run.g, run.ours_sample),
+             reserve=len(PROBES)),
+        _Row("regex", 0.002, lambda run: _slashed(_regex_badrcptto(run.g, run.ours_sample)),
+             reserve=len(NOLIT["badrcptto"])),
+    ), head=PROBES, nolit=tuple(NOLIT["badrcptto"])),
+    _List("badhelo", (
+        _Row("exact", 0.07, _exact_badhelo),
+        _Row("suffix", 0.03, _suffix_badhelo),
+        _Row("wildmat", 0.02, lambda run: _wild_badhelo(run.g)),
+        _Row("regex", 0.002, lambda run: _slashed(_regex_badhelo(run.g)),
+             reserve=len(NOLIT["badhelo"])),
+    ), nolit=tuple(NOLIT["badhelo"])),
+    _List("rcpthosts", (
+        _Row("host", 0.05, _our_host),
+        _Row("suffix", 0.06, _our_suffix),
+    )),
+    _List("tcp.smtp", (
+        _Row("cidr", 0.04, _tcp_rule),
+    ), shuffle=False, tail=('127.0.0.1:allow,RELAYCLIENT=""',
+                            ':allow,HELOCHECK="",MAXRECIPIENTS="100"')),
+)
+
+
+def generate(root: str, n: int, seed: int) -> dict:
+    """Write the rules directory `root` (must not exist) and return the manifest."""
+    run = _Run(n, seed)
+    files: dict[str, list[str]] = {}
+    for spec in LISTS:
+        bulk = []
+        for row in spec.rows:
+            for _ in range(max(0, run.counts[(spec.name, row.kind)] - row.reserve)):
+                entry, hit = row.make(run)
+                bulk.append(entry)
+                if hit is not None:
+                    run.keep(spec.name, row.kind, hit)
+                if row.then is not None:
+                    row.then(run, spec.name, entry)
+        if spec.shuffle:
+            run.r.shuffle(bulk)
+        out = files[spec.name] = [entry for entry, _kind, _hit in spec.head] + bulk
+        for _entry, kind, hit in spec.head:
+            if hit is not None:
+                run.keep(spec.name, kind, hit.format(our=run.ours_sample[0]))
+        for e, hit in spec.nolit:
+            out.insert(run.r.randrange(len(out) + 1), f"/{e}/")
+            run.keep(spec.name, "regex_nolit", hit)
+        out += run.trailer[spec.name] + list(spec.tail)
 
     os.makedirs(root)
     for name, lines in files.items():
@@ -374,8 +415,8 @@ def generate(root: str, n: int, seed: int) -> dict:
     manifest = {
         "n": n, "seed": seed, "gen_version": GEN_VERSION, "entries": total,
         "per_file": {k: len(v) for k, v in files.items()},
-        "per_kind": {f"{f}/{k}": c for (f, k), c in counts.items()},
-        "samples": samples,
+        "per_kind": {f"{f}/{k}": c for (f, k), c in run.counts.items()},
+        "samples": run.samples,
     }
     with open(os.path.join(root, "manifest.json"), "w") as fh:
         json.dump(manifest, fh)

@@ -1,6 +1,6 @@
 """smtp:HOST:PORT / lmtp:HOST:PORT -- forward to a downstream MTA.
 
-Job and invariants: see mailfilter/delivery.py ("smtp:HOST:PORT, lmtp:HOST:PORT"):
+Job and invariants: see the package docstring ("smtp:HOST:PORT, lmtp:HOST:PORT"):
 250 only after the downstream's 2xx to the end of data; any 4xx, connection
 or protocol failure is 451; a recipient is never silently dropped.
 """
@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import re
 
-from mailfilter.delivery import (
-    HANDOVER_TIMEOUT, _b, DeliveryResult, Envelope, SpoolFacts, _local_id, _oserr, _queued,
-    _read_chunks, _SpoolingDelivery, smtp_path,
+from mailfilter.delivery.base import (
+    HANDOVER_TIMEOUT, DeliveryResult, local_id, os_error_text, queued,
 )
+from mailfilter.delivery.envelope import Envelope, smtp_path, text_bytes
+from mailfilter.delivery.spool import SpoolFacts, SpoolingDelivery, read_chunks
 from mailfilter.smtp.replies import Reply, reply
+
+__all__ = ["SmtpDelivery", "LmtpDelivery", "ehlo_keywords", "mail_parameters", "smtp_encode"]
 
 
 def smtp_encode(chunk: bytes, at_bol: bool) -> tuple[bytes, bool]:
@@ -151,7 +154,7 @@ def _rcpt_verdict(rcpts: list[str], replies: list[Reply], stage: str) -> Deliver
                           f"{stage} {x.code} <{r}> partial: delivered to {delivered} of {len(replies)}")
 
 
-class SmtpDelivery(_SpoolingDelivery):
+class SmtpDelivery(SpoolingDelivery, kind="smtp", form="smtp:HOST:PORT"):
     """smtp:HOST:PORT -- forward with 250 only after the downstream's 250."""
 
     lmtp = False
@@ -199,14 +202,14 @@ class SmtpDelivery(_SpoolingDelivery):
                 async with asyncio.timeout(self.connect_timeout):
                     reader, writer = await asyncio.open_connection(self.host, self.port)
             except (OSError, TimeoutError) as exc:
-                raise _Downstream(f"connect: {_oserr(exc)}") from exc
+                raise _Downstream(f"connect: {os_error_text(exc)}") from exc
             conn = _Conn(reader, writer, self.command_timeout)
             res = await self._transaction(conn, env, spool, facts)
             res.detail = f"{where} {res.detail}"
             return res
         except (_Downstream, OSError, TimeoutError, ValueError) as exc:
             # ValueError: StreamReader line limit exceeded by a runaway reply
-            why = str(exc) if isinstance(exc, _Downstream) else _oserr(exc)
+            why = str(exc) if isinstance(exc, _Downstream) else os_error_text(exc)
             return DeliveryResult(False, reply("downstream_temp"), None, f"{where} {why}")
         finally:
             if writer is not None:
@@ -229,7 +232,7 @@ class SmtpDelivery(_SpoolingDelivery):
         greet = await conn.reply()
         if greet.code != 220:
             return temp("greeting", greet)  # 5xx here is not about the message
-        name = _b(self.helo_name or env.local_host or "localhost")
+        name = text_bytes(self.helo_name or env.local_host or "localhost")
         if self.lmtp:
             r = await conn.command(b"LHLO " + name + b"\r\n")
         else:
@@ -260,7 +263,7 @@ class SmtpDelivery(_SpoolingDelivery):
             await self._quit(conn)
             return perm("data", r) if r.code >= 500 else temp("data", r)
         at_bol = True
-        for chunk in _read_chunks(spool):
+        for chunk in read_chunks(spool):
             wire, at_bol = smtp_encode(chunk, at_bol)
             await conn.send(wire)
         await conn.send(b".\r\n" if at_bol else b"\r\n.\r\n")
@@ -271,7 +274,7 @@ class SmtpDelivery(_SpoolingDelivery):
             await self._quit(conn)
             verdict = _rcpt_verdict(env.recipients, finals, "eod")
             if verdict is None:
-                return DeliveryResult(True, _queued(_local_id(), "").reply, finals,
+                return DeliveryResult(True, queued(local_id(), "").reply, finals,
                                       f"eod {finals[0].code} x{len(finals)}")
             verdict.per_recipient = finals
             return verdict
@@ -282,7 +285,7 @@ class SmtpDelivery(_SpoolingDelivery):
         if len(accepted) < len(rcpt_replies):   # delivered to some, refused at RCPT for the rest
             finals = [r if x.code // 100 == 2 else x for x in rcpt_replies]
             return _rcpt_verdict(env.recipients, finals, "eod")
-        return _queued(_local_id(), f"eod {r.code} {r.text}")
+        return queued(local_id(), f"eod {r.code} {r.text}")
 
     @staticmethod
     async def _quit(conn: _Conn) -> None:
@@ -295,7 +298,7 @@ class SmtpDelivery(_SpoolingDelivery):
             pass
 
 
-class LmtpDelivery(SmtpDelivery):
+class LmtpDelivery(SmtpDelivery, kind="lmtp", form="lmtp:HOST:PORT"):
     """lmtp:HOST:PORT -- RFC 2033, per-recipient replies after DATA."""
 
     lmtp = True

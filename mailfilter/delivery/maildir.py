@@ -1,6 +1,6 @@
 """maildir:DIR -- fsync'ed Maildir store with group commit.
 
-Job and invariants: see mailfilter/delivery.py ("maildir:DIR"): a message
+Job and invariants: see the package docstring ("maildir:DIR"): a message
 is acknowledged only after its file is fsync'ed, renamed into new/ and new/ is
 fsync'ed; any OSError removes the tmp file and answers 451.
 """
@@ -14,10 +14,20 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from mailfilter.delivery import (
-    _close_quietly, _counter, _pid, _unlink_quietly, _check_env, CHUNK, Delivery, DeliveryResult, Envelope, _FixedResultSink, _oserr,
-    _queued, Sink, _store_failed, smtp_path,
+from mailfilter.delivery.base import (
+    CHUNK, Delivery, DeliveryResult, FixedResultSink, Sink, close_quietly, local_id,
+    os_error_text, queued, store_failed,
 )
+from mailfilter.delivery.envelope import Envelope, check_envelope, smtp_path
+
+__all__ = ["MaildirDelivery", "envelope_headers"]
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass  # gone already, or left in tmp/: the Maildir 36-hour cleanup removes it
 
 
 def _hostname_part() -> str:
@@ -98,7 +108,7 @@ class _Committer:
             except OSError as exc:
                 job.error = exc
         if job.error is not None:
-            _close_quietly(job.file)
+            close_quietly(job.file)
             _unlink_quietly(job.tmp)
 
     def _rename(self, job: _Job) -> None:
@@ -138,7 +148,7 @@ class _Committer:
             except BaseException as exc:  # a bug here must not hang every commit
                 for job in batch:
                     job.error = job.error or exc
-                    _close_quietly(job.file)
+                    close_quietly(job.file)
                     self._resolve(job)     # a second resolution is ignored
 
     def _commit_batch(self, batch: list[_Job]) -> None:
@@ -179,9 +189,9 @@ class _Committer:
     @staticmethod
     def _resolve(job: _Job) -> None:
         if job.error is None:
-            res = _queued(job.qid, f"maildir new/{os.path.basename(job.new)} size={job.size}")
+            res = queued(job.qid, f"maildir new/{os.path.basename(job.new)} size={job.size}")
         else:
-            res = _store_failed(f"maildir {_oserr(job.error)}")
+            res = store_failed(f"maildir {os_error_text(job.error)}")
         try:
             job.loop.call_soon_threadsafe(_set_result, job.fut, res)
         except RuntimeError:
@@ -259,16 +269,16 @@ class _MaildirSink(Sink):
         if self._state != "open":
             return  # committing/committed mail is not ours to remove
         self._state = "aborted"
-        _close_quietly(self._job.file)
+        close_quietly(self._job.file)
         _unlink_quietly(self._job.tmp)
 
 
 def _failed_sink(detail: str) -> Sink:
     """Stands in when the store cannot even open a file: commit -> 451."""
-    return _FixedResultSink(lambda: _store_failed(detail))
+    return FixedResultSink(lambda: store_failed(detail))
 
 
-class MaildirDelivery(Delivery):
+class MaildirDelivery(Delivery, kind="maildir", form="maildir:DIR"):
     """maildir:DIR -- see the module docstring for layout and durability."""
 
     def __init__(self, path: str, *, sync_threads: int = 16, file_mode: int = 0o600) -> None:
@@ -326,20 +336,20 @@ class MaildirDelivery(Delivery):
         return self._committer
 
     def open(self, env: Envelope) -> Sink:
-        _check_env(env)
+        check_envelope(env)
         try:
             if not self._dirs_ok:
                 self._ensure_dirs()
             now = time.time()
             sec = int(now)
-            qid = f"M{int((now - sec) * 1e6)}P{_pid[0]}Q{next(_counter)}"
+            qid = f"M{int((now - sec) * 1e6)}{local_id()}"     # M<usec>P<pid>Q<n>
             name = f"{sec}.{qid}.{self._host}"
             tmp = os.path.join(self._tmp, name)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                          self.file_mode)
         except OSError as exc:
             self._dirs_ok = False  # re-check the layout next time
-            return _failed_sink(f"maildir {_oserr(exc)}")
+            return _failed_sink(f"maildir {os_error_text(exc)}")
         job = _Job(open(fd, "wb", buffering=CHUNK), tmp, os.path.join(self._new, name), qid)
         sink = _MaildirSink(self, job)
         sink.write(envelope_headers(env))

@@ -1,6 +1,6 @@
 """qmail-queue:PROG -- hand the message to a qmail-queue-compatible program.
 
-Job and invariants: see mailfilter/delivery.py ("qmail-queue:PROG"): message
+Job and invariants: see the package docstring ("qmail-queue:PROG"): message
 on the child's fd 0, envelope `F<sender>\0T<rcpt>\0...\0` on fd 1; exit codes
 mapped as qmail.c does (SPEC B §1.11); 250 only on exit 0.
 """
@@ -10,11 +10,12 @@ import asyncio
 import errno
 import os
 
-from mailfilter.delivery import (
-    HANDOVER_TIMEOUT, _b, DeliveryResult, Envelope, _oserr, _queued, _read_chunks,
-    _SpoolingDelivery,
-)
+from mailfilter.delivery.base import HANDOVER_TIMEOUT, DeliveryResult, os_error_text, queued
+from mailfilter.delivery.envelope import Envelope, text_bytes
+from mailfilter.delivery.spool import SpoolingDelivery, read_chunks
 from mailfilter.smtp.replies import Reply, reply
+
+__all__ = ["QmailQueueDelivery", "QQ_EXITS", "TIMEOUT", "qq_envelope", "qq_reply"]
 
 
 def _qq_table() -> dict[int, tuple[str, str]]:
@@ -57,9 +58,9 @@ def qq_reply(status: int) -> Reply:
 
 def qq_envelope(env: Envelope) -> bytes:
     """qmail-queue(8) envelope: F<sender>\\0 T<rcpt>\\0 ... \\0."""
-    parts = [b"F", _b(env.sender), b"\0"]
+    parts = [b"F", text_bytes(env.sender), b"\0"]
     for rcpt in env.recipients:
-        parts += [b"T", _b(rcpt), b"\0"]
+        parts += [b"T", text_bytes(rcpt), b"\0"]
     parts.append(b"\0")
     return b"".join(parts)
 
@@ -84,7 +85,7 @@ def _drop_envelope(transport: asyncio.WriteTransport) -> None:
         transport.abort()
 
 
-class QmailQueueDelivery(_SpoolingDelivery):
+class QmailQueueDelivery(SpoolingDelivery, kind="qmail-queue", form="qmail-queue:PROG [ARGS]"):
     """qmail-queue:PROG [ARGS] -- the qmail-queue protocol (SPEC B §1.11).
 
     `timeout` (seconds, default TIMEOUT): the whole hand-over, from spawn to
@@ -132,7 +133,7 @@ class QmailQueueDelivery(_SpoolingDelivery):
         except OSError as exc:
             os.close(wfd)
             return DeliveryResult(False, reply("queue_temp", text="unable to exec qq"),
-                                  None, f"qmail-queue spawn {self.argv[0]}: {_oserr(exc)}")
+                                  None, f"qmail-queue spawn {self.argv[0]}: {os_error_text(exc)}")
         finally:
             os.close(rfd)
         wfile = open(wfd, "wb", buffering=0)
@@ -145,7 +146,7 @@ class QmailQueueDelivery(_SpoolingDelivery):
         try:
             async with asyncio.timeout(self.timeout):
                 try:
-                    for chunk in _read_chunks(spool):
+                    for chunk in read_chunks(spool):
                         proc.stdin.write(chunk)
                         await proc.stdin.drain()
                     proc.stdin.close()
@@ -175,8 +176,8 @@ class QmailQueueDelivery(_SpoolingDelivery):
         detail = f"qmail-queue pid={proc.pid} exit={status}"
         if status == 0:
             if write_error is None and env_error is None:
-                return _queued(proc.pid, detail)
+                return queued(proc.pid, detail)
             # qmail.c: exit 0 with a write error is "qq read error"
             return DeliveryResult(False, reply("queue_temp", text="qq read error"), None,
-                                  f"{detail} write error {_oserr(write_error or env_error)}")
+                                  f"{detail} write error {os_error_text(write_error or env_error)}")
         return DeliveryResult(False, qq_reply(status), None, detail)

@@ -30,12 +30,22 @@ Invariants:
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:  # pragma: no cover
-    from mailfilter.delivery import Envelope
+__all__ = ["received_header", "safe", "date822", "Trace"]
 
-__all__ = ["received_header", "safe", "date822"]
+
+class Trace(Protocol):
+    """What the header is made of: the session facts of the message's
+    envelope (mailfilter.delivery.Envelope has them). Named here so that
+    this module needs nothing from delivery."""
+    helo: str                   # Latin-1 decoded HELO/EHLO argument; "" when none
+    client_ip: str
+    client_host: str            # "unknown" when there is no PTR name
+    auth_user: str | None
+    tls: bool
+    local_host: str
+    esmtp: bool                 # EHLO (False: HELO)
 
 _SAFE = frozenset(
     b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.@%+/=:-"
@@ -79,7 +89,7 @@ def date822(when: float) -> bytes:
     return text
 
 
-def protocol(env: "Envelope") -> bytes:
+def protocol(env: Trace) -> bytes:
     """The with-protocol (SPEC B §1.12): `SMTP` for a session that greeted
     with HELO (RFC 5321 / RFC 3848 §1); after EHLO the RFC 3848 §2 names
     ESMTP, ESMTPA (authenticated), ESMTPS (TLS), ESMTPSA. The S and A forms
@@ -89,7 +99,7 @@ def protocol(env: "Envelope") -> bytes:
     return b"ESMTP" + (b"S" if env.tls else b"") + (b"A" if env.auth_user else b"")
 
 
-def received_header(env: "Envelope", when: float | None = None) -> bytes:
+def received_header(env: Trace, when: float | None = None) -> bytes:
     """The two-line Received header for `env`, LF-terminated (SPEC B §1.12)."""
     remotehost = env.client_host or "unknown"
     out = [b"Received: from ", safe(remotehost)]

@@ -1,4 +1,6 @@
-"""HashTable (HTAB blob): hand cases, differential vs HashOracle, blob corruption.
+"""HashTable (HTAB blob): hand cases, differential vs HashOracle, corrupt
+fields (tag, version, truncations and random flips for every structure:
+test_blob_corruption.py).
 
 Semantics: _core/README.md "hashtab.pxi"; ASCII-only case folding (SPEC A §1).
 """
@@ -123,18 +125,6 @@ def test_buffers_in_place_mmap_bytearray_and_misaligned(tmp_path):
     assert C.HashTable(odd).get(b"k3") == 3
 
 
-def test_bad_tag_version_and_every_truncation():
-    blob = C.hashtab_build([b"alpha", b"beta", b"gamma"], [1, 2, 3])
-    with pytest.raises(ValueError, match="tag"):
-        C.HashTable(b"XTAB" + blob[4:])
-    with pytest.raises(ValueError, match="version"):
-        C.HashTable(blob[:4] + struct.pack("<I", 2) + blob[8:])
-    for cut in range(len(blob)):
-        with pytest.raises(ValueError):
-            C.HashTable(blob[:cut])
-    assert C.HashTable(blob).get(b"GAMMA") == 3
-
-
 def test_garbage_fields_rejected():
     blob = bytearray(C.hashtab_build([b"alpha", b"beta"], [1, 2]))
     nslots = struct.unpack_from("<I", blob, 8)[0]
@@ -161,21 +151,3 @@ def test_garbage_fields_rejected():
             break
     else:
         pytest.fail("no used slot")
-
-
-def test_random_corruption_never_crashes():
-    r = random.Random(7)
-    blob = C.hashtab_build([b"key%d" % i for i in range(50)], list(range(50)))
-    ok = 0
-    for _ in range(2000):
-        bad = bytearray(blob)
-        for _ in range(r.randint(1, 4)):
-            bad[r.randrange(len(bad))] = r.randrange(256)
-        try:
-            t = C.HashTable(bytes(bad))
-        except ValueError:
-            continue
-        ok += 1
-        for i in range(0, 50, 7):
-            assert t.get(b"key%d" % i) in range(-1, 2 ** 31)
-    assert ok > 0

@@ -20,8 +20,9 @@ import pytest
 
 from mailfilter.delivery import (
     HANDOVER_TIMEOUT, QQ_EXITS, Delivery, DiscardDelivery, Envelope, LmtpDelivery, MaildirDelivery,
-    QmailQueueDelivery, SmtpDelivery, received_header, smtp_encode,
+    QmailQueueDelivery, SmtpDelivery, smtp_encode,
 )
+from mailfilter.smtp.received import received_header
 from mailfilter.smtp.replies import reply
 from tests.support.smtp_peer import Peer
 
@@ -463,11 +464,58 @@ def test_maildir_parent_is_regular_file(tmp_path):
     assert "ENOTDIR" in res.detail
 
 
-def test_maildir_new_vanishes_before_commit_is_remade(tmp_path, monkeypatch):
-    # new/ removed under a message in flight: rename() fails with ENOENT.
+# A part of the layout removed while a message is in flight (between open
+# and commit): (what goes, the first commit's reply code, what is left in the
+# maildir right after it, messages in new/ once one more was delivered).
+IN_FLIGHT_REMOVALS = {
     # new/ is made again, its entry fsync'ed into the maildir, the rename
-    # retried, and new/ fsync'ed before the 250 (a 451 here used to repeat
-    # for every message until an operator recreated new/).
+    # retried (a 451 here used to repeat for every message until an operator
+    # recreated new/); the order is checked in the next test
+    "new": (("new",), 250, ["cur", "new", "tmp"], 2),
+    # the message is lost to the store (its rename fails: 451, the client
+    # retries); the failure makes the next message re-check the layout and
+    # remake tmp/ (it used to get a 451 as well, as the layout was only
+    # re-checked after a failed open)
+    "tmp": (("tmp",), 451, ["cur", "new"], 1),
+    # nothing to retry into: 451, nothing recreated behind the message's
+    # back, and the next message makes the layout again
+    "all": (("tmp", "new", "cur"), 451, [], 1),
+}
+
+
+@pytest.mark.parametrize("removed", sorted(IN_FLIGHT_REMOVALS))
+def test_maildir_layout_removed_in_flight(tmp_path, removed):
+    subdirs, code, left, in_new = IN_FLIGHT_REMOVALS[removed]
+    md = str(tmp_path / "m")
+
+    async def go():
+        d = Delivery.from_spec("maildir:" + md)
+        sink = d.open(env())
+        sink.write(MSG)
+        for sub in subdirs:
+            shutil.rmtree(os.path.join(md, sub))
+        res = await sink.commit()
+        after = sorted(os.listdir(md))
+        again = await deliver(d, env(), MSG)
+        await d.close()
+        return res, after, again
+    res, after, again = run(go())
+    assert res.reply.code == code, res.detail
+    if code == 250:
+        name = res.detail.split()[1].removeprefix("new/")
+        with open(os.path.join(md, "new", name), "rb") as f:
+            assert f.read().endswith(MSG)
+    else:
+        assert res.reply == reply("store_failed") and "ENOENT" in res.detail
+    assert after == left
+    assert again.ok and again.reply.code == 250, again.detail
+    lst = listing(md)
+    assert lst["tmp"] == [] and len(lst["new"]) == in_new
+
+
+def test_maildir_new_remade_in_flight_is_durable_before_250(tmp_path, monkeypatch):
+    # rename() fails with ENOENT; new/ is made, its entry fsync'ed into the
+    # maildir, the rename retried, and new/ fsync'ed: all before the 250.
     md = str(tmp_path / "m")
 
     async def go():
@@ -477,71 +525,16 @@ def test_maildir_new_vanishes_before_commit_is_remade(tmp_path, monkeypatch):
         os.rmdir(os.path.join(md, "new"))
         spy = _SyncSpy(monkeypatch)
         res = await sink.commit()
-        monkeypatch.undo()
-        again = await deliver(d, env(), MSG)
         await d.close()
-        return res, spy.calls, again
-    res, calls, again = run(go())
+        return res, spy.calls
+    res, calls = run(go())
     assert res.ok and res.reply.code == 250, res.detail
-    assert again.ok and again.reply.code == 250, again.detail
-    lst = listing(md)
-    assert lst["tmp"] == [] and len(lst["new"]) == 2
     name = res.detail.split()[1].removeprefix("new/")
-    with open(os.path.join(md, "new", name), "rb") as f:
-        assert f.read().endswith(MSG)
     assert calls == [("fsync-file", os.path.join(md, "tmp", name)),
                      ("rename", os.path.join(md, "new", name)),      # ENOENT
                      ("fsync-dir", md),                              # new/ is in md
                      ("rename", os.path.join(md, "new", name)),
                      ("fsync-dir", os.path.join(md, "new"))]
-
-
-def test_maildir_gone_entirely_before_commit_is_451(tmp_path):
-    # Nothing to retry into: the whole maildir (tmp/X with it) is gone.
-    # 451, nothing recreated behind the message's back, and the next message
-    # makes the layout again (re-checked after a failure).
-    md = str(tmp_path / "m")
-
-    async def go():
-        d = Delivery.from_spec("maildir:" + md)
-        sink = d.open(env())
-        sink.write(MSG)
-        for sub in ("tmp", "new", "cur"):
-            shutil.rmtree(os.path.join(md, sub))
-        res = await sink.commit()
-        gone = os.listdir(md)
-        again = await deliver(d, env(), MSG)
-        await d.close()
-        return res, gone, again
-    res, gone, again = run(go())
-    assert res.reply == reply("store_failed") and "ENOENT" in res.detail
-    assert gone == []
-    assert again.ok, again.detail
-    lst = listing(md)
-    assert lst["tmp"] == [] and len(lst["new"]) == 1
-
-
-def test_maildir_tmp_removed_in_flight_next_message_recovers(tmp_path):
-    # tmp/ removed while a message is written into it: that message is lost
-    # to the store (its rename fails: 451, the client retries); the failure
-    # makes the next message re-check the layout and remake tmp/ (it used to
-    # get a 451 as well, as the layout was only re-checked after a failed open).
-    md = str(tmp_path / "m")
-
-    async def go():
-        d = Delivery.from_spec("maildir:" + md)
-        sink = d.open(env())
-        sink.write(MSG)
-        shutil.rmtree(os.path.join(md, "tmp"))
-        res = await sink.commit()
-        again = await deliver(d, env(), MSG)
-        await d.close()
-        return res, again
-    res, again = run(go())
-    assert res.reply == reply("store_failed") and "ENOENT" in res.detail
-    assert again.ok, again.detail
-    lst = listing(md)
-    assert lst["tmp"] == [] and len(lst["new"]) == 1
 
 
 def test_maildir_efbig_in_child_is_451(tmp_path):
