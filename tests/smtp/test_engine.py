@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import pytest
 
-from mailfilter.smtp.replies import reply
+from mailfilter.smtp import engine
+from mailfilter.smtp.replies import Reply, reply
 from mailfilter.smtp.engine import (
     AUTH, CLOSED, DATA, IDLE, MAIL, NEED_DATA, PAUSED, RCPT, Anomaly, AuthResponse,
     AuthStart, Closed, DataChunk, DataEnd, DataStart, EngineConfig, EngineError, Helo,
     Help, Mail, MultiReply, Noop, Quit, Rcpt, Rset, SMTPConnection, Vrfy,
 )
+from mailfilter.smtp import events
 from smtp_driver import CFG, FEEDS, App, feed_whole, run
 
 GREETING = "220 mx.example.com ESMTP"
@@ -116,8 +118,8 @@ def test_helo_ends_transaction(feed):
     """HELO/EHLO end any transaction (SPEC B §1.5, §2.7)."""
     app = run(feed, b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nEHLO x\r\nRCPT TO:<g@h.i>\r\n", cfg())
     assert app.lines[-1] == "503 5.5.1 MAIL first"
-    assert app.conn.sender is None and app.conn.recipients == []
-    assert app.conn.state == IDLE
+    assert app.conn.state == IDLE and app.conn.rcpt_count == 0
+    assert app.of(Rcpt) == [Rcpt("d@e.f", {})]
 
 
 # --- pipelining (RFC 2920, SPEC B §7.3) ---------------------------------------------
@@ -132,7 +134,7 @@ def test_pipelined_group_answered_in_one_write():
     assert app.merged() == [Mail("a@example.org", {}), Rcpt("b@example.com", {}),
                             Rcpt("c@example.com", {}), DataStart()]
     assert app.conn.state == DATA
-    assert app.conn.recipients == ["b@example.com", "c@example.com"]
+    assert app.conn.rcpt_count == 2
 
 
 def test_pipelined_transaction(feed):
@@ -192,7 +194,7 @@ def test_empty_message(feed):
     assert app.of(DataChunk) == []
     assert data_end(app) == DataEnd(0, False, 0, False)
     assert app.lines[-2:] == ["250 2.0.0 ok 1700000000 qp 4711", "250 2.0.0 ok"]
-    assert app.conn.state == IDLE and app.conn.sender is None
+    assert app.conn.state == IDLE and app.conn.rcpt_count == 0
 
 
 def test_empty_line_message(feed):
@@ -426,8 +428,8 @@ def test_anomalies_never_carry_secrets(feed):
 def test_nested_mail_503(feed):
     app = run(feed, b"MAIL FROM:<a@b.c>\r\nMAIL FROM:<d@e.f>\r\n", cfg())
     assert app.lines[1:] == ["250 2.1.0 ok", "503 5.5.1 nested MAIL command"]
-    assert app.conn.sender == "a@b.c"
-    assert app.merged()[-1] == Anomaly("BAD SEQUENCE", "MAIL")
+    assert app.conn.state == MAIL
+    assert app.merged() == [Mail("a@b.c", {}), Anomaly("BAD SEQUENCE", "MAIL")]
 
 
 def test_rcpt_before_mail(feed):
@@ -454,19 +456,18 @@ def test_states_through_a_transaction():
     """The state table of the module docstring, step by step (SPEC B §1.5)."""
     app = App(cfg(), manual=True)
     conn = app.conn
-    seen = [conn.state]
+    seen = [(conn.state, conn.rcpt_count)]
     conn.receive_data(tx(b"x\r\n.\r\n"))
     for r in (reply("mail_ok"), reply("rcpt_ok"), reply("data_go")):
         assert conn.next_event().owes_reply
         conn.send(r)
-        seen.append(conn.state)
+        seen.append((conn.state, conn.rcpt_count))
     assert conn.next_event() == DataChunk(b"x\n")
     assert isinstance(conn.next_event(), DataEnd)
-    seen.append(conn.state)
+    seen.append((conn.state, conn.rcpt_count))
     conn.send(reply("queued", stamp="1", qid="2"))
-    seen.append(conn.state)
-    assert seen == [IDLE, MAIL, RCPT, DATA, DATA, IDLE]
-    assert conn.sender is None and conn.recipients == []
+    seen.append((conn.state, conn.rcpt_count))
+    assert seen == [(IDLE, 0), (MAIL, 0), (RCPT, 1), (DATA, 1), (DATA, 1), (IDLE, 0)]
 
 
 def test_rejected_mail_and_rcpt_do_not_open_or_count():
@@ -480,8 +481,9 @@ def test_rejected_mail_and_rcpt_do_not_open_or_count():
         "503 5.5.1 MAIL first", "250 2.1.0 ok",
         "553 5.7.1 sorry, that domain isn't in my list of allowed rcpthosts",
         "503 5.5.1 RCPT first", "250 2.1.5 ok"]
-    assert app.conn.sender == "y@ok" and app.conn.recipients == ["a@b"]
-    assert app.conn.state == RCPT
+    assert app.of(Mail) == [Mail("x@spam", {}), Mail("y@ok", {})]
+    assert app.of(Rcpt) == [Rcpt("a@elsewhere", {}), Rcpt("a@b", {})]
+    assert app.conn.state == RCPT and app.conn.rcpt_count == 1
 
 
 def test_data_refused_ends_transaction():
@@ -498,13 +500,14 @@ def test_rset(feed):
     assert app.lines[1:] == ["250 2.1.0 ok", "250 2.1.5 ok", "250 2.0.0 flushed",
                              "503 5.5.1 MAIL first"]
     assert app.merged()[2] == Rset()
-    assert app.conn.sender is None and app.conn.recipients == []
+    assert app.conn.state == IDLE and app.conn.rcpt_count == 0
 
 
 def test_max_recipients_hard_cap(feed):
     app = run(feed, tx(b"", rcpts=3)[:-len(b"DATA\r\n")], cfg(max_recipients=2))
     assert app.lines[-1] == "452 4.5.3 sorry, too many recipients"
-    assert app.conn.recipients == ["r0@example.com", "r1@example.com"]
+    assert app.of(Rcpt) == [Rcpt("r0@example.com", {}), Rcpt("r1@example.com", {})]
+    assert app.conn.rcpt_count == 2 and app.conn.state == RCPT
     assert app.conn.bad_commands == 0
 
 
@@ -541,7 +544,7 @@ def test_case_insensitive_verbs(feed):
 def test_mail_address_forms(feed, line, address):
     app = run(feed, line + b"\r\n", cfg())
     assert app.merged() == [Mail(address, {})]
-    assert app.conn.sender == address
+    assert app.conn.state == MAIL
 
 
 @pytest.mark.parametrize("line,expected", [
@@ -567,7 +570,8 @@ def test_mail_address_forms(feed, line, address):
 def test_mail_syntax_errors(feed, line, expected):
     app = run(feed, line + b"\r\n", cfg())
     assert app.lines[1:] == [expected]
-    assert app.conn.sender is None and app.conn.bad_commands == 1
+    assert app.conn.state == IDLE and app.conn.bad_commands == 1
+    assert app.of(Mail) == []
     assert isinstance(app.merged()[0], Anomaly)
 
 
@@ -578,7 +582,8 @@ def test_rcpt_syntax_and_params(feed):
     assert app.lines[1:] == ["250 2.1.0 ok", "555 5.5.4 syntax error", "555 5.5.4 syntax error",
                              "555 5.5.4 unsupported parameter NOTIFY", "250 2.1.5 ok",
                              "250 2.1.5 ok"]
-    assert app.conn.recipients == ["d@e.f", "Postmaster"]
+    assert app.of(Rcpt) == [Rcpt("d@e.f", {}), Rcpt("Postmaster", {})]
+    assert app.conn.rcpt_count == 2
 
 
 @pytest.mark.parametrize("tail", [b" \t", b" \x0b", b" \x0c", b" \r", b"\x20\x20"])
@@ -587,7 +592,7 @@ def test_rcpt_whitespace_after_the_path_is_no_parameter(feed, tail):
     raise IndexError: strip(b" ") kept it, split() found nothing -> 421)."""
     app = run(feed, b"MAIL FROM:<a@b.c>" + tail + b"\r\nRCPT TO:<d@e.f>" + tail + b"\r\n", cfg())
     assert app.lines[1:] == ["250 2.1.0 ok", "250 2.1.5 ok"]
-    assert app.conn.recipients == ["d@e.f"]
+    assert app.of(Rcpt) == [Rcpt("d@e.f", {})] and app.conn.rcpt_count == 1
 
 
 def test_rcpt_unknown_parameter_names_are_not_echoed_raw(feed):
@@ -649,6 +654,18 @@ def test_eightbit_address_with_smtputf8(feed):
     app = run(feed, b"MAIL FROM:<" + addr + b"> SMTPUTF8\r\nRCPT TO:<" + addr + b">\r\n",
               cfg(smtputf8=True))
     assert app.merged() == [Mail("jö@example.org", {"SMTPUTF8": True}), Rcpt("jö@example.org", {})]
+
+
+def test_smtputf8_is_per_transaction(feed):
+    """RCPT addresses are decoded by the SMTPUTF8 of the MAIL that opened this
+    transaction, not of an earlier one (RFC 6531 §3.4)."""
+    addr = "jö@example.org".encode()
+    app = run(feed, b"MAIL FROM:<a@b.c> SMTPUTF8\r\nRCPT TO:<" + addr + b">\r\nRSET\r\n"
+              b"MAIL FROM:<a@b.c>\r\nRCPT TO:<" + addr + b">\r\n", cfg(smtputf8=True))
+    assert app.lines[1:] == ["250 2.1.0 ok", "250 2.1.5 ok", "250 2.0.0 flushed", "250 2.1.0 ok",
+                             "553 5.6.7 non-ASCII address needs SMTPUTF8"]
+    assert app.of(Rcpt) == [Rcpt("jö@example.org", {})]
+    assert app.conn.mail_smtputf8 is False and app.conn.rcpt_count == 0
 
 
 # --- AUTH framing (SPEC B §4.4, §7.6) ------------------------------------------------
@@ -772,3 +789,72 @@ def test_ehlo_reply_cached_per_greeting_and_keywords():
     assert b.ehlo_reply().line().endswith(b"250 AUTH LOGIN PLAIN\r\n")
     assert SMTPConnection(EngineConfig(greeting="mx.b")).ehlo_reply().line().startswith(b"250-mx.b\r\n")
     assert repr(MultiReply(250, ["x", "y"])) == "MultiReply(250, ('x', 'y'), '')"
+
+
+# --- the transition table is the docstring's (h11 _state.py pattern) ----------------
+
+def docstring_transitions(doc: str) -> tuple[dict, set]:
+    """The theory-of-operation table of ``doc`` as {(state, event, class): (new,
+    effect)}, and the effect names its "Effects:" list describes."""
+    lines = doc.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:3] == ["state", "event", "reply"])
+    assert set(lines[start + 1].split()) == {"-----", "------------", "-------", "------"}
+    table: dict = {}
+    for line in lines[start + 2:]:
+        if not line.strip():
+            break
+        words = line.split()
+        arrow = words.index("->")
+        state, event, classes = words[0], words[1], words[2:arrow]
+        new, effect = words[arrow + 1], (words[arrow + 2:] or [None])
+        assert len(effect) == 1, line
+        assert state in events.STATES and new in events.STATES, line
+        for c in classes:
+            key = (state, getattr(events, event), int(c))
+            assert key not in table, f"row twice: {line}"
+            table[key] = (new, effect[0])
+    described = set()
+    for line in lines[lines.index("Effects:") + 1:]:
+        if line.startswith("* "):
+            described.add(line[2:].split(":")[0])
+        elif line.strip() and not line.startswith("  "):
+            break                     # the list ended
+    return table, described
+
+
+def test_docstring_table_is_the_table_send_runs():
+    documented, described = docstring_transitions(engine.__doc__)
+    assert len(documented) >= 30
+    missing = set(engine.TRANSITIONS) - set(documented)
+    undocumented = set(documented) - set(engine.TRANSITIONS)
+    assert not missing and not undocumented, (missing, undocumented)
+    assert documented == engine.TRANSITIONS
+    used = {effect for _, effect in engine.TRANSITIONS.values()} - {None}
+    assert used == set(engine.EFFECTS) == described
+
+
+def test_docstring_parser_sees_a_changed_row():
+    """The comparison above can fail: a row changed in the text is found."""
+    doc = engine.__doc__.replace("MAIL   Rcpt          2        -> RCPT   count",
+                                 "MAIL   Rcpt          2        -> MAIL   count")
+    assert doc != engine.__doc__
+    documented, _ = docstring_transitions(doc)
+    assert documented != engine.TRANSITIONS
+    assert documented[(MAIL, Rcpt, 2)] == (MAIL, "count")
+
+
+def test_every_pending_event_has_a_row_for_every_reply_class():
+    """2xx to 5xx all lead somewhere: send() never meets a hole for a reply of the table."""
+    pairs = {(state, event) for state, event, _ in engine.TRANSITIONS}
+    assert {event for _, event in pairs} == {Helo, Mail, Rcpt, DataStart, DataEnd,
+                                             AuthStart, AuthResponse}
+    for state, event in pairs:
+        assert all((state, event, c) in engine.TRANSITIONS for c in (2, 3, 4, 5)), (state, event)
+
+
+def test_reply_outside_the_table_is_an_engine_error():
+    conn = SMTPConnection(cfg())
+    conn.receive_data(b"MAIL FROM:<a@b.c>\r\n")
+    assert isinstance(conn.next_event(), Mail)
+    with pytest.raises(EngineError):
+        conn.send(Reply(199, "", "no such class"))

@@ -1,0 +1,178 @@
+"""The DATA byte machine: the message from the wire to its stored form.
+
+``DataReader`` consumes the engine's input buffer while the session is in the
+DATA state and queues ``DataChunk`` events (the stored form: LF line ends,
+dot-unstuffed) and, at the end of data, one ``DataEnd`` (SPEC B §1.11, §7.1).
+
+Theory of operation
+-------------------
+
+The first region gets a virtual CRLF in front (dropped again from the stored
+form), which turns the "first line is '.'" case into the general
+``CRLF . CRLF`` search and makes the first line's dot-stuffing regular. Each
+pass takes everything buffered except a suffix that may begin an end marker
+(``\\r``, ``\\r\\n``, ``\\r\\n.``, ``\\r\\n.\\r``: at most 4 bytes carried over),
+so a region never ends inside a CRLF pair and never ends at a line start. Per
+region, all bulk operations:
+
+* end: ``find(b"\\r\\n.\\r\\n")``;
+* bare LF: ``count(b"\\n") != count(b"\\r\\n")`` (the smuggling forms
+  ``\\n.\\r\\n`` and ``\\r\\n.\\n`` are bare LFs); on a hit the data before the
+  first bare LF is delivered, the rest of the input is discarded (the session
+  ends) and ``DataEnd(bare_lf=True)`` is emitted at once;
+* storage form: ``replace(b"\\r\\n", b"\\n").replace(b"\\n.", b"\\n")`` (CRLF ->
+  LF, dot-unstuffing; a CR not followed by LF stays);
+* size: length as stored; over ``databytes`` the chunks stop (the stored prefix
+  up to exactly ``databytes`` octets is delivered), the input is consumed up to
+  the end of data and ``DataEnd(oversized=True)`` reports the full stored size;
+* hops: in the header block (up to the first empty line) lines starting with
+  ``received`` or ``delivered`` (ASCII case-insensitive) are counted over the
+  stored form; only complete lines are counted, an incomplete line's first 10
+  bytes are carried to the next region.
+
+Invariants: the engine's buffer never holds more than 4 bytes of the message
+between passes; the bytes after the end of data stay in the buffer, untouched
+(pipelined commands wait for the reply to DataEnd).
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from mailfilter.smtp.events import DataChunk, DataEnd
+
+__all__ = ["DataReader"]
+
+_END = b"\r\n.\r\n"
+_CRLF = b"\r\n"
+_LF = b"\n"
+_LFDOT = b"\n."
+_HDR_END = b"\n\n"
+_RECEIVED = b"\nreceived"
+_DELIVERED = b"\ndelivered"
+
+
+class DataReader:
+    """One DATA byte machine, bound to the engine's input buffer and event
+    queue; ``reset()`` before each message, ``step()`` whenever bytes arrived."""
+
+    __slots__ = ("_buf", "_events", "_databytes", "_size", "_oversized", "_hops",
+                 "_in_headers", "_hcarry", "_hskip", "_first")
+
+    def __init__(self, buf: bytearray, events: deque, databytes: int) -> None:
+        self._buf = buf
+        self._events = events
+        self._databytes = databytes     # 0 = unlimited
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new message (the 354 was sent)."""
+        self._size = 0
+        self._oversized = False
+        self._hops = 0
+        self._in_headers = True
+        self._hcarry = b""
+        self._hskip = False
+        self._first = True
+
+    def step(self) -> DataEnd | None:
+        """Consume what is buffered; queue its chunks. Returns the DataEnd
+        (also queued, after the chunks) when the message ended, else None."""
+        buf = self._buf
+        first = self._first
+        if first:
+            # the virtual CRLF before the first line: "." alone is an empty message
+            head = bytes(buf[:3])
+            if head == b".\r\n":
+                del buf[:3]
+                self._store(_LF)
+                return self._end(False)
+            if head in (b"", b".", b".\r"):
+                return None
+        end = buf.find(_END)
+        if end >= 0:
+            cut, consume, final = end + 2, end + 5, True
+        else:
+            if buf.endswith(b"\r"):
+                hold = 4 if buf.endswith(b"\r\n.\r") else 1
+            elif buf.endswith(b"\r\n"):
+                hold = 2
+            elif buf.endswith(b"\r\n."):
+                hold = 3
+            else:
+                hold = 0
+            cut = consume = len(buf) - hold
+            if cut <= 0:
+                return None
+            final = False
+        with memoryview(buf) as mv:
+            region = mv[:cut].tobytes()
+        del buf[:consume]
+        if first:
+            region = _CRLF + region
+        out = region.replace(_CRLF, _LF)
+        # every LF came from a CRLF iff the LF count equals the CRLFs replaced
+        bare = region.count(_LF) != len(region) - len(out)
+        if bare:
+            region = region[:_first_bare_lf(region)]
+            out = region.replace(_CRLF, _LF)
+        self._store(out.replace(_LFDOT, _LF))
+        if bare:
+            buf.clear()
+            return self._end(True)
+        if final:
+            return self._end(False)
+        return None
+
+    def _end(self, bare_lf: bool) -> DataEnd:
+        ev = DataEnd(self._size, self._oversized, self._hops, bare_lf)
+        self._events.append(ev)
+        return ev
+
+    def _store(self, out: bytes) -> None:
+        """Count a region in stored form and queue it as a DataChunk."""
+        if self._in_headers:
+            self._count_hops(out)
+        if self._first:
+            self._first = False
+            out = out[1:]              # the virtual line start
+        before = self._size
+        self._size = before + len(out)
+        if self._oversized:
+            return
+        db = self._databytes
+        if db and self._size > db:
+            self._oversized = True
+            out = out[:db - before]
+        if out:
+            self._events.append(DataChunk(out))
+
+    def _count_hops(self, out: bytes) -> None:
+        """Count Received/Delivered lines of the header block (SPEC B §1.11)."""
+        if self._hskip:
+            i = out.find(_LF)
+            if i < 0:
+                return
+            out = out[i:]
+            self._hskip = False
+        s = self._hcarry + out
+        end = s.find(_HDR_END)
+        if end >= 0:
+            block = s[:end + 1]
+            self._in_headers = False
+            self._hcarry = b""
+        else:
+            last = s.rfind(_LF)      # s always starts with a line start LF
+            block = s[:last]
+            self._hcarry = s[last:last + 10]
+            self._hskip = len(s) - last > 10
+        if block:
+            low = block.lower()
+            self._hops += low.count(_RECEIVED) + low.count(_DELIVERED)
+
+
+def _first_bare_lf(region: bytes) -> int:
+    """Index of the first LF not preceded by CR (caller knows there is one)."""
+    i = region.find(_LF)
+    while i > 0 and region[i - 1] == 13:
+        i = region.find(_LF, i + 1)
+    return i
