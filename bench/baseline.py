@@ -214,7 +214,7 @@ class BaselineEngine:
         self.rcpthosts = {ln.lower() for ln in read_lines(os.path.join(root, "rcpthosts"))}
         self.tcp: dict[tuple[int, int], dict[int, tuple[bool, dict]]] = {}
         self.default: tuple[bool, dict] | None = None
-        for ln in cf._significant_lines("tcp.smtp", open(os.path.join(root, "tcp.smtp"), "rb").read()):
+        for ln in cf.significant_lines("tcp.smtp", open(os.path.join(root, "tcp.smtp"), "rb").read()):
             rule = cf.parse_tcp_rule(ln)
             val = (rule.allow, dict(rule.env))
             if rule.kind == "default":

@@ -33,7 +33,8 @@ from mailfilter.rules import compiler
 from mailfilter.rules import controlfiles
 from mailfilter.core import core
 from mailfilter.policy.engine import Client, PolicyEngine, PolicyOptions
-from mailfilter.rules.regexes import compile_re2, required_literal
+from mailfilter.rules.prefilters import required_literal
+from mailfilter.rules.regexes import compile_re2
 
 N_ENVELOPES = 4096
 _bundles: dict[int, mfbundle.Bundle] = {}

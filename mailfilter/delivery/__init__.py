@@ -117,7 +117,3 @@ __all__ = [
 ]
 
 from_spec = Delivery.from_spec
-
-# tests/smtp/test_server.py patches the discard sink under its former private
-# name `_FixedResultSink`; this alias goes once it patches base.FixedResultSink.
-from mailfilter.delivery.base import FixedResultSink as _FixedResultSink  # noqa: E402

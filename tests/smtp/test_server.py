@@ -817,7 +817,7 @@ def test_discard_commit_answers_at_once_and_pipelined_input_goes_on(start, monke
     async def awaited(self):
         raise AssertionError("commit() awaited although commit_now() answered")
 
-    monkeypatch.setattr(delivery._FixedResultSink, "commit", awaited)
+    monkeypatch.setattr(delivery.base.FixedResultSink, "commit", awaited)
     srv = start(deliver="discard")
     c = session(srv.port)
     txn = b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n"
@@ -841,7 +841,7 @@ def test_commit_now_failure_is_451_and_the_session_goes_on(start, monkeypatch):
     def boom(self):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(delivery._FixedResultSink, "commit_now", boom)
+    monkeypatch.setattr(delivery.base.FixedResultSink, "commit_now", boom)
     srv = start(deliver="discard")
     assert first(_one_message(srv.port)) == "451 4.3.0 temporary failure storing message"
 
@@ -1280,7 +1280,7 @@ def test_commit_failure_line_names_the_transaction(start, monkeypatch, decisions
     def boom(self):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(delivery._FixedResultSink, "commit_now", boom)
+    monkeypatch.setattr(delivery.base.FixedResultSink, "commit_now", boom)
     srv = start(deliver="discard")
     assert first(_one_message(srv.port)) == "451 4.3.0 temporary failure storing message"
     srv.wait_lost()
