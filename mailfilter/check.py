@@ -12,6 +12,7 @@ at their own stage as "pending" so the operator sees where they come from.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from dataclasses import dataclass, field
 
 from mailfilter.policy.dns import literal_status
@@ -19,6 +20,7 @@ from mailfilter.policy.engine import Client, PolicyEngine, PolicyOptions, Verdic
 from mailfilter.rules.bundle import Bundle
 from mailfilter.smtp.replies import REPLIES
 from mailfilter.smtp.session import AwaitLookups, Delay, Lookup, Session, SessionConfig
+from mailfilter.tls import TLSSettings
 
 
 @dataclass
@@ -153,16 +155,24 @@ def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | Non
               sender: str | None = None, recipients: list[str] = (),
               open_relay: bool = False, auth_user: str | None = None,
               resolver=None, auth_mode: str | None = None,
-              hostname: str | None = None) -> CheckReport:
+              hostname: str | None = None, tls: bool = False,
+              tls_settings: TLSSettings | None = None) -> CheckReport:
     """One envelope through the server's own Session (smtp/session.py): the
     same engine, policy and replies the server uses. With a
     policy/dns.py Resolver the DNS checks are made with the server's own two
     calls; without one they are reported as not performed. `auth_mode` and
     `hostname` are the server's --auth and --hostname (the server makes
-    --auth every client's default SMTPAUTH)."""
+    --auth every client's default SMTPAUTH). `tls`: the session runs inside
+    TLS (after STARTTLS, or on the implicit-TLS listener), so the CONNECT
+    stage names what such a session is offered (EHLO keywords, AUTH
+    mechanisms); `tls_settings` are the server's (default: TLS available,
+    as with the embedded certificate)."""
     defaults = {} if auth_mode is None else {"SMTPAUTH": auth_mode}
     engine = PolicyEngine(bundle, PolicyOptions(open_relay=open_relay, defaults=defaults))
-    session = Session(SessionConfig(engine, hostname=hostname), Client(ip=ip, host=host))
+    if tls_settings is None:      # the server's default: a certificate, so STARTTLS
+        tls_settings = TLSSettings(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    session = Session(SessionConfig(engine, hostname=hostname, tls=tls_settings),
+                      Client(ip=ip, host=host), tls="TLS" if tls else None)
     sp = session.policy
     drive = _Driver(session, resolver)
     report = CheckReport()
@@ -173,6 +183,8 @@ def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | Non
         res.verdict = "pending-reject"
         res.reason = "client_denied"
         res.note = "220 now; every RCPT gets 553"
+    if tls:
+        _add_note(res, "inside TLS; EHLO offers " + " ".join(session.engine.ehlo_keywords()))
     report.stages.append(res)
     if auth_user:
         session.authenticated_as(auth_user)

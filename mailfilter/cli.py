@@ -143,7 +143,7 @@ def cmd_check(args) -> int:
     report = run_check(loaded, ip=args.ip, host=args.host, helo=args.helo,
                        sender=args.sender, recipients=args.rcpt,
                        open_relay=server.open_relay, auth_user=args.auth_user, resolver=resolver,
-                       auth_mode=server.auth, hostname=server.hostname)
+                       auth_mode=server.auth, hostname=server.hostname, tls=args.tls)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--dns", nargs="?", const="", default=None, metavar="HOST:PORT",
                    help="perform the HELOCHECK A/M and MFDNSCHECK lookups the server would "
                         "(system resolver, or the one given)")
+    k.add_argument("--tls", action="store_true",
+                   help="a session inside TLS (after STARTTLS, or on --listen-tls): the CONNECT "
+                        "line names what it is offered (EHLO keywords, AUTH mechanisms)")
     k.add_argument("--json", action="store_true", help="machine-readable output")
     k.set_defaults(func=cmd_check)
 

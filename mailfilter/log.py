@@ -59,14 +59,14 @@ def kv(**fields) -> str:
     return " ".join(f"{k}={quote(v)}" for k, v in fields.items() if v is not None)
 
 
-def decision(verdict, *, client: str, helo=None, sender=None, rcpt=None, **extra) -> None:
+def decision(verdict, *, client: str, tls=None, helo=None, sender=None, rcpt=None, **extra) -> None:
     """Log one policy verdict (policy.Verdict)."""
     if not logger.isEnabledFor(logging.INFO):
         return
     action = "accept" if verdict.accept else ("tempfail" if verdict.reply.temporary else "reject")
     logger.info(kv(
         action=action, stage=verdict.stage, reason=verdict.reason, rule=verdict.rule,
-        client=client,
+        client=client, tls=tls,
         helo=None if helo is None else f"<{helo}>",
         **{"from": None if sender is None else f"<{sender}>"},
         to=None if rcpt is None else f"<{rcpt}>",

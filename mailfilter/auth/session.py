@@ -107,6 +107,8 @@ class AuthConfig:
     table_size: int = 100_000          # keys kept per tracker (LRU)
 
 
+NEEDS_TLS = frozenset(("PLAIN", "LOGIN"))    # mechanisms that send the password itself
+
 MAX_KEY = 64      # longer keys (a client's user name can be 12 KB) are kept as a digest
 
 
@@ -263,16 +265,23 @@ class AuthService:
         if self._verifier is not None:
             self._verifier.close()
 
-    def session(self, sp, client, host: str) -> "AuthSession":
-        return AuthSession(self, sp, client, host)
+    def session(self, sp, client, host: str, *, tls: bool = False,
+                plaintext_ok: bool = True) -> "AuthSession":
+        return AuthSession(self, sp, client, host, tls=tls, plaintext_ok=plaintext_ok)
 
 
 class AuthSession:
     """One connection's AUTH dialogue. See the module docstring."""
 
-    __slots__ = ("service", "sp", "client", "host", "mode", "exchange", "failures", "label")
+    __slots__ = ("service", "sp", "client", "host", "mode", "exchange", "failures", "label",
+                 "cleartext_ok")
 
-    def __init__(self, service: AuthService, sp, client, host: str):
+    def __init__(self, service: AuthService, sp, client, host: str, *, tls: bool = False,
+                 plaintext_ok: bool = True):
+        # PLAIN and LOGIN send the password itself: inside TLS only, unless
+        # TLS cannot be had or the operator allows them in clear
+        # (--auth-plaintext); CRAM-MD5 never shows the password (RFC 4954 §4)
+        self.cleartext_ok = tls or plaintext_ok
         self.service = service
         self.sp = sp
         self.client = client
@@ -282,9 +291,17 @@ class AuthSession:
         self.failures = 0
         self.label = f"{client.host}[{client.ip}]:{client.port}"
 
+    def mechanisms(self) -> tuple[str, ...]:
+        """The mechanisms offered now: the SMTPAUTH mode's, less PLAIN and
+        LOGIN while they would cross the network in clear."""
+        mechs = self.mode.mechanisms
+        if self.cleartext_ok:
+            return mechs
+        return tuple(m for m in mechs if m not in NEEDS_TLS)
+
     def ehlo_keywords(self) -> list[str]:
         """The EHLO line for this client (RFC 4954 §3), or nothing."""
-        mechs = self.mode.mechanisms
+        mechs = self.mechanisms()
         return [f"AUTH {' '.join(mechs)}"] if mechs else []
 
     def _log(self, result: str, mech: str | None, user: str | None, reason: str | None = None) -> None:
@@ -305,6 +322,9 @@ class AuthSession:
         if not mechs:
             self._log("unavailable", mech, None)
             return reply("auth_unavailable")
+        if mech in NEEDS_TLS and mech in mechs and not self.cleartext_ok:
+            self._log("refused", mech, None, "needs TLS")
+            return reply("auth_needs_tls")      # RFC 4954 §4: 538 before STARTTLS
         ex = new_exchange(mech, self.host) if mech in mechs else None
         if ex is None:
             self._log("unknown_mech", mech, None)

@@ -27,7 +27,7 @@ class Envelope:
     client_ip: str
     client_host: str            # "unknown" when there is no PTR name
     auth_user: str | None
-    tls: bool
+    tls: str | bool | None      # "TLSv1.3/CIPHER" when received over TLS; falsy in clear
     local_host: str
     esmtp: bool = True          # the session greeted with EHLO (False: HELO)
 

@@ -32,7 +32,7 @@ from mailfilter.core import core
 from mailfilter.rules import controlfiles as cf
 from mailfilter.rules.format import (
     BADMIMETYPE_MODES, FLAG_ALLOW, FLAG_EXCEPTION, FLAG_NEGATED, HELOCHECK_MODES, HOST_LISTS, KIND_CODE,
-    KINDS, KNOWN_SETTINGS, NUMERIC_SETTINGS, QREGEX_LISTS, SIGNATURE_LISTS, Compiled,
+    KINDS, KNOWN_SETTINGS, NUMERIC_SETTINGS, QREGEX_LISTS, SIGNATURE_LISTS, UCSPITLS_MODES, Compiled,
 )
 from mailfilter.rules.prefilters import regex_filter, required_literal
 from mailfilter.rules.regexes import RegexError, compile_re2
@@ -46,6 +46,9 @@ def setting_problem(name: str, value: str) -> str | None:
                 + ", ".join(repr(m) for m in HELOCHECK_MODES))
     if name in NUMERIC_SETTINGS and not (value and set(value) <= _ASCII_DIGITS):
         return f"{name}={value!r} is not a decimal number"
+    if name == "UCSPITLS" and value not in UCSPITLS_MODES:
+        return (f"UCSPITLS={value!r} is not one of "
+                + ", ".join(repr(m) for m in UCSPITLS_MODES))
     if name == "BADMIMETYPE" and value not in BADMIMETYPE_MODES:
         return (f"BADMIMETYPE={value!r} is not one of "
                 + ", ".join(repr(m) for m in BADMIMETYPE_MODES))

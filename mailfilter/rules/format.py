@@ -36,9 +36,11 @@ KNOWN_SETTINGS = frozenset({
     "RELAYCLIENT", "HELOCHECK", "MFDNSCHECK", "DATABYTES", "MAXRECIPIENTS",
     "TARPITCOUNT", "TARPITDELAY", "SMTPAUTH", "RECIPIENTS450", "BADMIMETYPE",
     "BADLOADERTYPE", "RELAYMAILFROM", "NOBADHELO", "DISABLE_BADMAILFROM",
+    "UCSPITLS",     # s/qmail: "" STARTTLS offered, "-" not offered, "!" required before MAIL
 })
 HELOCHECK_MODES = ("", "!", ".", "=", "A", "M")
 BADMIMETYPE_MODES = ("", "!", "+", "-")
+UCSPITLS_MODES = ("", "-", "!")
 NUMERIC_SETTINGS = ("DATABYTES", "MAXRECIPIENTS", "TARPITCOUNT", "TARPITDELAY")
 
 # Match modes of ListMatcher.last_match (how a text is cut into candidate keys).

@@ -52,6 +52,8 @@ application's reply to the pending event moves the state by this table,
     AUTH   AuthResponse  2        -> IDLE   auth
     AUTH   AuthResponse  3        -> AUTH
     AUTH   AuthResponse  4 5      -> IDLE
+    IDLE   StartTLS      2        -> IDLE   tls
+    IDLE   StartTLS      3 4 5    -> IDLE
 
 Effects:
 
@@ -64,7 +66,13 @@ Effects:
 * done: the transaction is forgotten; after ``DataEnd(bare_lf=True)`` the session
   closes (qmail drops it);
 * auth: ``authenticated`` := True (3 = a 334 challenge: the next line is an
-  AuthResponse).
+  AuthResponse);
+* tls: the 220 to STARTTLS: every byte buffered after the STARTTLS line is
+  discarded, never parsed (RFC 3207 §6; Postfix CVE-2011-0411: commands a
+  client pipelines in clear must not run inside TLS). Input stops until the
+  shell reports the handshake with ``tls_started()``, which forgets
+  everything learnt in clear (RFC 3207 §4.2): HELO/EHLO, AUTH, the
+  transaction; the state is IDLE and ``tls`` is True.
 
 Whatever the table says, a 421 or 221 reply, or ``send(r, close=True)``, closes
 the session (CLOSED, then ``Closed``). The engine moves the state itself only
@@ -75,7 +83,8 @@ close, and an over-long AUTH line ends the exchange (AUTH -> IDLE, 500 5.5.6).
 Sequence guards (503, the state decides; nothing changes): MAIL in MAIL or RCPT
 (nested MAIL); RCPT in IDLE (MAIL first); DATA in IDLE (MAIL first) or MAIL (RCPT
 first); AUTH once authenticated, then AUTH in MAIL or RCPT (no auth during mail
-transaction). While a reply is owed ``next_event()`` returns ``PAUSED`` and
+transaction); STARTTLS in MAIL or RCPT (no STARTTLS during mail transaction)
+or once in TLS (TLS already active); STARTTLS with arguments is 501. While a reply is owed ``next_event()`` returns ``PAUSED`` and
 nothing further is parsed, so replies always leave in command order; commands
 pipelined after the end of data stay buffered until the application has replied
 to ``DataEnd``.
@@ -105,7 +114,7 @@ from mailfilter.smtp.events import (
     ANOMALY_BARE_NEWLINE, ANOMALY_EIGHTBIT, ANOMALY_LINE_LIMIT, ANOMALY_SEQUENCE,
     ANOMALY_SYNTAX, ANOMALY_UNKNOWN, AUTH, CLOSED, DATA, IDLE, MAIL, NEED_DATA, PAUSED,
     RCPT, Anomaly, AuthResponse, AuthStart, Closed, DataChunk, DataEnd, DataStart, Event,
-    Help, Helo, Mail, Noop, Quit, Rcpt, Rset, Vrfy,
+    Help, Helo, Mail, Noop, Quit, Rcpt, Rset, StartTLS, Vrfy,
 )
 from mailfilter.smtp.replies import REPLIES, Reply, multiline, reply
 
@@ -114,7 +123,7 @@ __all__ = [
     "NEED_DATA", "PAUSED",
     "IDLE", "MAIL", "RCPT", "DATA", "AUTH", "CLOSED",
     "Event", "Helo", "Mail", "Rcpt", "DataStart", "DataChunk", "DataEnd",
-    "AuthStart", "AuthResponse", "Rset", "Quit", "Noop", "Vrfy", "Help",
+    "AuthStart", "AuthResponse", "StartTLS", "Rset", "Quit", "Noop", "Vrfy", "Help",
     "Anomaly", "Closed",
     "ANOMALY_BARE_NEWLINE", "ANOMALY_LINE_LIMIT", "ANOMALY_UNKNOWN",
     "ANOMALY_SEQUENCE", "ANOMALY_SYNTAX", "ANOMALY_EIGHTBIT",
@@ -127,7 +136,7 @@ class EngineError(RuntimeError):
 
 
 # --- the transition table (see the module docstring) -----------------------------
-EFFECTS = ("helo", "open", "count", "data", "drop", "done", "auth")
+EFFECTS = ("helo", "open", "count", "data", "drop", "done", "auth", "tls")
 
 _TRANSITION_ROWS = (
     # state  event         reply classes  -> state  effect
@@ -148,6 +157,8 @@ _TRANSITION_ROWS = (
     (AUTH, AuthResponse, (2,),           IDLE, "auth"),
     (AUTH, AuthResponse, (3,),           AUTH, None),
     (AUTH, AuthResponse, (4, 5),         IDLE, None),
+    (IDLE, StartTLS,     (2,),           IDLE, "tls"),
+    (IDLE, StartTLS,     (3, 4, 5),      IDLE, None),
 )
 
 TRANSITIONS: dict = {(state, event, cls): (new, effect)
@@ -281,6 +292,8 @@ class SMTPConnection:
         self.bad_commands = 0
         self.rcpt_count = 0             # recipients accepted in this transaction
         self.mail_smtputf8 = False      # this transaction's MAIL carried SMTPUTF8
+        self.tls = False                # the session runs inside TLS (tls_started)
+        self._tls_wait = False          # 220 to STARTTLS sent: no input until tls_started
 
     # --- public API ---------------------------------------------------------
     @property
@@ -342,9 +355,26 @@ class SMTPConnection:
         name = self.data_end_refusal(ev)
         return None if name is None else REPLIES[name]
 
+    def tls_started(self) -> None:
+        """The TLS handshake after our 220 succeeded (or an implicit-TLS
+        connection begins): forget what the client said in clear (RFC 3207
+        §4.2) and read commands again."""
+        self._tls_wait = False
+        self.tls = True
+        self._buf.clear()
+        self._skipping = False
+        if self._state is not CLOSED:
+            self._state = IDLE
+        self._forget_transaction()
+        self.helo = None
+        self.esmtp = False
+        self.authenticated = False
+
     def receive_data(self, data: bytes) -> None:
-        """Feed received bytes; ``b""`` means EOF."""
-        if self._state is CLOSED:
+        """Feed received bytes; ``b""`` means EOF. Between the 220 to STARTTLS
+        and tls_started() no plaintext may arrive: the shell feeds the
+        handshake to TLS, and a byte given here then is discarded."""
+        if self._state is CLOSED or (self._tls_wait and data):
             return
         if data:
             if self._eof:
@@ -408,6 +438,9 @@ class SMTPConnection:
             self.esmtp = ev.verb == "EHLO"
         elif effect == "auth":
             self.authenticated = True
+        elif effect == "tls":
+            self._buf.clear()           # pipelined after STARTTLS in clear: dropped (RFC 3207 §6)
+            self._tls_wait = True
         else:  # pragma: no cover - TRANSITIONS names only the effects above
             raise EngineError(f"unknown effect {effect!r}")
 
@@ -636,6 +669,16 @@ class SMTPConnection:
             initial = "" if parts[1] == b"=" else parts[1].decode("ascii")
         self._emit(AuthStart(mech, initial))
 
+    def _cmd_starttls(self, arg: bytes) -> None:
+        if self.tls:
+            self._bad(REPLIES["tls_active"], ANOMALY_SEQUENCE, "STARTTLS")
+        elif self._state in _TRANSACTION:
+            self._bad(REPLIES["tls_in_mail"], ANOMALY_SEQUENCE, "STARTTLS")
+        elif arg.strip(b" "):
+            self._bad(REPLIES["syntax_args"], ANOMALY_SYNTAX, "STARTTLS")
+        else:
+            self._emit(StartTLS())
+
     def _reject(self, e: ParseError, verb: str) -> None:
         if e.bad:
             self._bad(e.reply, e.tag, e.detail if e.detail is not None else verb)
@@ -655,6 +698,7 @@ _COMMANDS = {
     b"HELP": SMTPConnection._cmd_help,
     b"QUIT": SMTPConnection._cmd_quit,
     b"AUTH": SMTPConnection._cmd_auth,
+    b"STARTTLS": SMTPConnection._cmd_starttls,
 }
 """The command table (qmail-smtpd ``smtpcommands[]``); anything else is
 500 unimplemented (SPEC A §5, B §2.8)."""

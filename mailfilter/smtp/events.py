@@ -16,7 +16,7 @@ __all__ = [
     "IDLE", "MAIL", "RCPT", "DATA", "AUTH", "CLOSED", "STATES",
     "NEED_DATA", "PAUSED",
     "Event", "Helo", "Mail", "Rcpt", "DataStart", "DataChunk", "DataEnd",
-    "AuthStart", "AuthResponse", "Rset", "Quit", "Noop", "Vrfy", "Help",
+    "AuthStart", "AuthResponse", "StartTLS", "Rset", "Quit", "Noop", "Vrfy", "Help",
     "Anomaly", "Closed",
     "ANOMALY_BARE_NEWLINE", "ANOMALY_LINE_LIMIT", "ANOMALY_UNKNOWN",
     "ANOMALY_SEQUENCE", "ANOMALY_SYNTAX", "ANOMALY_EIGHTBIT",
@@ -134,6 +134,14 @@ class AuthResponse(Event):
 
 class Rset(Event):
     __slots__ = ()
+
+
+class StartTLS(Event):
+    """STARTTLS without arguments, outside a transaction, not yet in TLS
+    (RFC 3207 §4); the application answers 220 (then the TLS handshake) or
+    454 (TLS not available)."""
+    __slots__ = ()
+    owes_reply = True
 
 
 class Quit(Event):

@@ -51,7 +51,11 @@ from mailfilter.delivery import Delivery
 from mailfilter.policy.engine import Client, PolicyEngine
 from mailfilter.smtp.engine import SMTPConnection
 from mailfilter.smtp.replies import reply
-from mailfilter.smtp.session import AwaitLookups, AuthStep, Commit, Delay, Lookup, Session, SessionConfig
+from mailfilter.smtp.session import (
+    AwaitLookups, AuthStep, Commit, Delay, Handshake, Lookup, Session, SessionConfig,
+)
+from mailfilter.smtp.tls import TLSFailed, TLSLayer
+from mailfilter.tls import NO_TLS, TLSSettings
 
 logger = logging.getLogger("mailfilter")
 
@@ -74,7 +78,8 @@ class ServerState:
 
     def __init__(self, policy: PolicyEngine, delivery: Delivery, *, limits: Limits | None = None,
                  resolver=None, hostname: str | None = None, features: list[str] | None = None,
-                 auth: AuthService | None = None, remote_host: str = "confirmed"):
+                 auth: AuthService | None = None, remote_host: str = "confirmed",
+                 tls: TLSSettings = NO_TLS):
         if remote_host not in REMOTE_HOST_MODES:
             raise ValueError(f"remote_host must be one of {', '.join(REMOTE_HOST_MODES)}, "
                              f"not {remote_host!r}")
@@ -89,6 +94,7 @@ class ServerState:
         self.per_ip: dict[str, int] = defaultdict(int)
         self.sessions: set["SMTPProtocol"] = set()
         self.loop: asyncio.AbstractEventLoop | None = None    # cached: get_running_loop() costs a getpid()
+        self.tls = tls
         self.swap_policy(policy)
 
     def swap_policy(self, policy: PolicyEngine, limits: Limits | None = None) -> None:
@@ -101,9 +107,15 @@ class ServerState:
         self.session_config = SessionConfig(
             policy, auth=self.auth, delivery=self.delivery, hostname=self.hostname,
             features=self.features, max_bad_commands=self.limits.max_bad_commands,
-            dns=self.resolver is not None)
+            dns=self.resolver is not None, tls=self.tls)
         self.engine_config = self.session_config.engine_config
         self.host = self.session_config.host       # for replies before a session exists
+
+    def swap_tls(self, tls: TLSSettings) -> None:
+        """New certificates or TLS options (SIGHUP) for new sessions; a
+        session keeps the settings it started with."""
+        self.tls = tls
+        self.swap_policy(self.policy)
 
     @property
     def looks_up_hosts(self) -> bool:
@@ -124,10 +136,14 @@ class SMTPProtocol(asyncio.Protocol):
         "state", "transport", "session", "engine", "client", "client_label", "loop",
         "last_read", "timer", "deadline_at", "waiting", "task", "lookups",
         "counted", "reading_paused", "limits", "early", "write_paused",
+        "implicit_tls", "tls", "handshake_timer",
     )
 
-    def __init__(self, state: ServerState):
+    def __init__(self, state: ServerState, implicit_tls: bool = False):
         self.state = state
+        self.implicit_tls = implicit_tls    # a --listen-tls connection: TLS from the first byte
+        self.tls: TLSLayer | None = None    # the record layer once TLS starts
+        self.handshake_timer = None
         self.session: Session | None = None
         self.engine: SMTPConnection | None = None   # the session's engine, once there is one
         self.transport = None
@@ -173,7 +189,18 @@ class SMTPProtocol(asyncio.Protocol):
         self.deadline_at = loop.time() + lim.session_deadline
         self.client = Client(ip=ip, port=peer[1], local_ip=local[0], local_port=local[1])
         self.client_label = f"{self.client.host}[{ip}]:{peer[1]}"
-        if not st.looks_up_hosts:
+        if self.implicit_tls:
+            # RFC 8314: the handshake first, the greeting inside TLS; the host
+            # name lookup runs meanwhile
+            if not st.tls.available:
+                log.event(action="tls_fail", stage="CONNECT", reason="no_certificate",
+                          client=self.client_label)
+                transport.close()
+                return
+            self._start_tls(st.tls)
+            if not st.looks_up_hosts:
+                return
+        elif not st.looks_up_hosts:
             self._start_session()
             return
         self.early = bytearray()
@@ -192,10 +219,12 @@ class SMTPProtocol(asyncio.Protocol):
         if self.transport.is_closing():
             return
         self.client.host = host or "unknown"
+        if self.tls is not None and not self.tls.handshaken:
+            return                      # implicit TLS: the session starts after the handshake
         self._start_session()
         early, self.early = self.early, None
         if early and self.session is not None:
-            self.data_received(bytes(early))
+            self._take(bytes(early))
         if not self.waiting:
             self._resume_reading()
 
@@ -205,7 +234,8 @@ class SMTPProtocol(asyncio.Protocol):
         client = self.client
         self.client_label = f"{client.host}[{client.ip}]:{client.port}"
         try:
-            session = Session(st.session_config, client)
+            session = Session(st.session_config, client,
+                              tls=self.tls.info if self.tls is not None else None)
             session.start()
             self.session = session
             self.engine = session.engine
@@ -226,6 +256,8 @@ class SMTPProtocol(asyncio.Protocol):
             self.session.lost()
         if self.timer is not None:
             self.timer.cancel()
+        if self.handshake_timer is not None:
+            self.handshake_timer.cancel()
         if self.task is not None and not self.task.done():
             self.task.cancel()
         for task in self.lookups.values():
@@ -300,6 +332,18 @@ class SMTPProtocol(asyncio.Protocol):
 
     # ------------------------------------------------------------ input
     def data_received(self, data: bytes) -> None:
+        tls = self.tls
+        if tls is not None:
+            data = self._decrypt(data)      # may finish the handshake first
+            if data:
+                self._take(data)
+            if tls.eof:                     # close_notify: as a FIN in clear
+                self.eof_received()
+            return
+        self._take(data)
+
+    def _take(self, data: bytes) -> None:
+        """Plaintext from the client: to the engine, or kept until the session exists."""
         engine = self.engine        # the session's engine: its receive_data, one call less per read
         if engine is None:
             self._early_data(data)
@@ -320,6 +364,10 @@ class SMTPProtocol(asyncio.Protocol):
             self._pause_reading()
 
     def eof_received(self):
+        tls = self.tls
+        if tls is not None and not tls.handshaken:
+            self._tls_failed("eof")    # the client left mid-handshake
+            return False
         if self.session is None:
             # EOF before the greeting (host lookup in flight): the client is
             # gone (a FIN looks the same as a half-close, and a client that
@@ -371,6 +419,11 @@ class SMTPProtocol(asyncio.Protocol):
             coro = request.sink.commit()
         elif t is AuthStep:
             coro = request.awaitable
+        elif t is Handshake:
+            self._flush()           # the 220 leaves in clear; what follows is TLS
+            self.waiting = True     # no command is read until the handshake is done
+            self._start_tls(self.session.config.tls)
+            return _TASK
         else:   # pragma: no cover - Session only makes the requests above
             raise TypeError(f"unknown session request {request!r}")
         self._flush()           # replies so far leave now, before the wait
@@ -437,9 +490,84 @@ class SMTPProtocol(asyncio.Protocol):
         engine = self.engine        # Session.data_to_send / .closing, without the extra calls
         out = engine.data_to_send()
         if out and not self.transport.is_closing():
-            self.transport.write(out)
+            tls = self.tls
+            if tls is None:
+                self.transport.write(out)
+            elif tls.handshaken:
+                tls.send(out)
+                self.transport.write(tls.data_to_send())
+            # mid-handshake (a timeout or shutdown 421): nothing can be said
         if engine.closing and not self.transport.is_closing():
+            if self.tls is not None and self.tls.handshaken:
+                self.tls.close()        # close_notify after the last reply
+                self.transport.write(self.tls.data_to_send())
             self._close()
+
+    # ------------------------------------------------------------ TLS
+    def _start_tls(self, settings: TLSSettings) -> None:
+        """The record layer begins (after our 220 to STARTTLS, or at connect
+        for implicit TLS); the handshake must end within its timeout."""
+        self.tls = TLSLayer(settings.context)
+        self.handshake_timer = self.loop.call_later(settings.handshake_timeout,
+                                                    self._handshake_timeout)
+
+    def _decrypt(self, data: bytes) -> bytes:
+        """Ciphertext in, plaintext for the engine out; runs the handshake
+        and its completion, writes what TLS has to send."""
+        tls = self.tls
+        was_handshaken = tls.handshaken
+        try:
+            plain = tls.feed(data)
+        except TLSFailed as exc:
+            self._tls_failed(str(exc))
+            return b""
+        out = tls.data_to_send()
+        if out:
+            self.transport.write(out)
+        if not was_handshaken and tls.handshaken:
+            self._handshake_done()      # before the plaintext: the session must be in TLS first
+        return plain
+
+    def _handshake_done(self) -> None:
+        if self.handshake_timer is not None:
+            self.handshake_timer.cancel()
+            self.handshake_timer = None
+        session = self.session
+        if session is None:             # implicit TLS: now the session (unless the lookup runs)
+            if self.task is None:
+                self._start_session()
+            return
+        # STARTTLS: the session starts over inside TLS (RFC 3207 §4.2)
+        self.waiting = False
+        self.last_read = self.loop.time()
+        try:
+            after = session.resume(self.tls.info)
+        except Exception:
+            logger.exception("internal error client=%s", self.client_label)
+            self.abort(reply("internal_error", host=session.host))
+            return
+        self._drain(after)
+
+    def _handshake_timeout(self) -> None:
+        self.handshake_timer = None
+        self._tls_failed("timeout")
+
+    def _tls_failed(self, reason: str) -> None:
+        """A handshake that failed, stalled or was abandoned: one log line,
+        the alert (if any) sent, the connection closed; nothing else runs."""
+        if self.transport.is_closing():
+            return
+        if self.handshake_timer is not None:
+            self.handshake_timer.cancel()
+            self.handshake_timer = None
+        log.event(action="tls_fail", stage="STARTTLS" if self.session is not None else "CONNECT",
+                  reason=reason, client=self.client_label)
+        out = self.tls.data_to_send() if self.tls is not None else b""
+        if out:
+            self.transport.write(out)
+        if self.session is not None:
+            self.session.lost()
+        self._close()
 
     def _close(self) -> None:
         """Close once the replies are out. close() alone waits for the write

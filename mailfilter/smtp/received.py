@@ -4,10 +4,11 @@ Job: reproduce qmail-smtpd's two-line trace header (SPEC B §1.12, qmail
 `received.c` + `date822fmt.c`) byte for byte, with the RFC 3848 protocol names:
 
     Received: from <REMOTEHOST> (HELO <helo>) (<AUTHUSER>@<REMOTEIP>)
-      by <LOCAL> with <PROTO>; <d> <Mon> <yyyy> <hh>:<mm>:<ss> -0000
+      by <LOCAL> with <PROTO> (<TLS version> <cipher>); <d> <Mon> <yyyy> <hh>:<mm>:<ss> -0000
 
 where <PROTO> is SMTP after HELO, ESMTP after EHLO, ESMTPA / ESMTPS /
-ESMTPSA with AUTH and/or TLS (`protocol()`).
+ESMTPSA with AUTH and/or TLS (`protocol()`); inside TLS the version and
+cipher follow as a comment.
 
 Invariants:
 - LF line ends only: the message is in qmail storage format (SPEC B §1.11).
@@ -43,7 +44,7 @@ class Trace(Protocol):
     client_ip: str
     client_host: str            # "unknown" when there is no PTR name
     auth_user: str | None
-    tls: bool
+    tls: str | bool | None      # "TLSv1.3/TLS_AES_256_GCM_SHA384" in TLS; falsy in clear
     local_host: str
     esmtp: bool                 # EHLO (False: HELO)
 
@@ -52,6 +53,8 @@ _SAFE = frozenset(
 )
 # bytes.translate table: safe bytes map to themselves, every other byte to "?"
 _TABLE = bytes(b if b in _SAFE else ord("?") for b in range(256))
+# the TLS comment: version and cipher names are [A-Za-z0-9._-] and a space
+_TLS_TABLE = bytes(b if b in _SAFE or b in b"_ " else ord("?") for b in range(256))
 FIELD_MAX = 255
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
            "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -112,6 +115,12 @@ def received_header(env: Trace, when: float | None = None) -> bytes:
     if env.auth_user:
         out += [safe(env.auth_user), b"@"]
     out += [safe(env.client_ip or "unknown"), b")\n  by ",
-            safe(env.local_host or "unknown"), b" with ", protocol(env), b"; ",
+            safe(env.local_host or "unknown"), b" with ", protocol(env)]
+    if env.esmtp and isinstance(env.tls, str):
+        # the TLS version and cipher as a comment after the protocol (RFC 5321
+        # §4.4 allows CFWS there; RFC 3848 names only the protocol)
+        out += [b" (", env.tls.replace("/", " ").encode("ascii", "replace")[:FIELD_MAX]
+                .translate(_TLS_TABLE), b")"]
+    out += [b"; ",
             date822(time.time() if when is None else when), b"\n"]
     return b"".join(out)

@@ -151,6 +151,12 @@ REPLIES: dict[str, Reply] = {
     "auth_required": R(530, "5.7.0", "authentication required"),
     "auth_needs_tls": R(538, "5.7.11", "encryption required for requested authentication mechanism"),
     "auth_challenge": R(334, "", "{data}"),
+    # --- STARTTLS (RFC 3207) --------------------------------------------------
+    "starttls_go": R(220, "2.0.0", "Ready to start TLS"),
+    "tls_unavailable": R(454, "4.7.0", "TLS not available due to temporary reason"),
+    "tls_active": R(503, "5.5.1", "TLS already active"),
+    "tls_in_mail": R(503, "5.5.1", "no STARTTLS during mail transaction"),
+    "tls_required": R(530, "5.7.0", "Must issue a STARTTLS command first"),
     # --- delivery additions (SPEC B §1.11: qmail-queue exits whose enhanced
     # code is not 4.3.0 / 5.3.0) ---------------------------------------------
     "queue_temp_net": R(451, "4.4.1", "{text}"),

@@ -33,6 +33,9 @@ request            the shell does                                then
 ``Commit``         awaits ``sink.commit()`` (delivery)           ``resume(result)``
 ``AuthStep``       awaits ``awaitable`` (AUTH verification       ``resume(reply)``
                    and failure delay, auth/session.py)
+``Handshake``      writes the 220 to STARTTLS in clear, then     ``resume(info)``,
+                   runs the TLS handshake (smtp/tls.py); a       info = "TLSv1.3/
+                   failed one ends the connection (logged)       CIPHER"
 =================  ===========================================  ===================
 
 ``resume()`` (or ``resume(error=exc)`` when the awaited thing raised) may
@@ -62,15 +65,17 @@ from mailfilter.policy.engine import Client, PolicyEngine, Verdict
 from mailfilter.smtp.content import ContentScanner
 from mailfilter.smtp.engine import (
     NEED_DATA, PAUSED, Anomaly, AuthResponse, AuthStart, Closed, DataChunk, DataEnd,
-    DataStart, EngineConfig, Helo, Mail, Rcpt, Rset, SMTPConnection, host_of,
+    DataStart, EngineConfig, Helo, Mail, Rcpt, Rset, SMTPConnection, StartTLS, host_of,
 )
 from mailfilter.smtp.received import received_header
-from mailfilter.smtp.replies import Reply, reply
+from mailfilter.smtp.replies import REPLIES, Reply, reply
+from mailfilter.tls import NO_TLS, TLSSettings
 
 logger = logging.getLogger("mailfilter")
 
 __all__ = ["SessionConfig", "Session", "Transaction",
-           "Lookup", "AwaitLookups", "Delay", "Commit", "AuthStep", "AWAIT_LOOKUPS"]
+           "Lookup", "AwaitLookups", "Delay", "Commit", "AuthStep", "Handshake",
+           "AWAIT_LOOKUPS", "HANDSHAKE"]
 
 
 # --- requests: what the session needs from the shell --------------------------
@@ -120,17 +125,26 @@ class AuthStep:
         self.awaitable = awaitable
 
 
+class Handshake:
+    """The 220 to STARTTLS is queued: write it, run the TLS handshake, then
+    resume(info) with the session's "version/cipher" (smtp/tls.describe)."""
+    __slots__ = ()
+
+
+HANDSHAKE = Handshake()
+
+
 # --- configuration shared by the sessions of one policy ------------------------
 class SessionConfig:
     """What every new session starts from: the policy (one rule bundle), the
     AUTH service, the delivery, the engine configuration. A SIGHUP reload
     makes a new SessionConfig; sessions in flight keep theirs."""
 
-    __slots__ = ("policy", "auth", "delivery", "engine_config", "host", "dns")
+    __slots__ = ("policy", "auth", "delivery", "engine_config", "host", "dns", "tls")
 
     def __init__(self, policy: PolicyEngine, *, auth=None, delivery=None, hostname: str | None = None,
                  features: list[str] | None = None, max_bad_commands: int = 10,
-                 dns: bool = True) -> None:
+                 dns: bool = True, tls: TLSSettings = NO_TLS) -> None:
         if auth is None:
             from mailfilter.auth.session import AuthService   # verifier made on first AUTH
             auth = AuthService()
@@ -138,6 +152,7 @@ class SessionConfig:
         self.auth = auth
         self.delivery = delivery
         self.dns = dns      # the shell can answer Lookups (it has a resolver)
+        self.tls = tls      # STARTTLS offered when tls.available; --require-tls; --auth-plaintext
         self.engine_config = EngineConfig(
             greeting=hostname or policy.greeting,
             databytes=policy.bundle.integers.get("databytes", 0),
@@ -187,9 +202,11 @@ class Session:
     """One SMTP session, sans-IO. See the module docstring."""
 
     __slots__ = ("config", "client", "label", "engine", "policy", "auth", "tx", "sink", "scanner",
-                 "scan_choice", "lookups", "last_verdict", "_then")
+                 "scan_choice", "lookups", "last_verdict", "_then", "tls", "tls_mode")
 
-    def __init__(self, config: SessionConfig, client: Client) -> None:
+    def __init__(self, config: SessionConfig, client: Client, tls: str | None = None) -> None:
+        """`tls`: the "version/cipher" of an implicit-TLS connection (RFC 8314),
+        whose session starts inside TLS; None for a connection in clear."""
         self.config = config
         self.client = client
         self.label = f"{client.host}[{client.ip}]:{client.port}"
@@ -200,15 +217,34 @@ class Session:
         self.lookups = _NO_LOOKUPS                 # kinds asked for and not yet answered
         self.last_verdict: Verdict | None = None   # the latest policy verdict (`check` shows it)
         self._then = None                          # continuation of the outstanding request
+        self.tls = tls                             # "TLSv1.3/CIPHER" once in TLS, else None
         self.policy = sp = config.policy.session(client)
+        # UCSPITLS (s/qmail's tcp.smtp setting): "-" no STARTTLS for this
+        # client, "!" STARTTLS required before MAIL; --require-tls for all
+        mode = sp.setting("UCSPITLS")
+        self.tls_mode = "!" if config.tls.required and mode != "-" else (mode or "")
         cfg = config.engine_config
         if sp.databytes != cfg.databytes:
             cfg = dataclasses.replace(cfg, databytes=sp.databytes)
         self.engine = engine = SMTPConnection(cfg)
-        self.auth = config.auth.session(sp, client, config.host)   # SMTPAUTH per client
+        # PLAIN and LOGIN only inside TLS when TLS can be had (RFC 4954 §4, 538)
+        plaintext_ok = not config.tls.available or config.tls.plaintext_auth
+        self.auth = config.auth.session(sp, client, config.host, tls=tls is not None,
+                                        plaintext_ok=plaintext_ok)   # SMTPAUTH per client
+        if tls is not None:
+            engine.tls_started()
+        self._offer()
+
+    def _offer(self) -> None:
+        """The EHLO keywords for this client now: STARTTLS while it can be
+        had and is not running, AUTH with the mechanisms allowed so far."""
+        engine = self.engine
+        extra = list(engine.config.extra_ehlo)
+        if self.tls is None and self.config.tls.available and self.tls_mode != "-":
+            extra.append("STARTTLS")
         offer = self.auth.ehlo_keywords()
-        if offer:
-            engine.set_extra_ehlo([*cfg.extra_ehlo, *offer])
+        extra.extend(offer)
+        engine.set_extra_ehlo(extra)
         engine.auth_offered = bool(offer)
 
     # --- the shell's API ----------------------------------------------------
@@ -292,7 +328,7 @@ class Session:
     def _log(self, v: Verdict, rcpt: str | None = None) -> None:
         sp = self.policy
         log.decision(v, client=self.label, helo=sp.helo_name, sender=sp.sender, rcpt=rcpt,
-                     auth=sp.authenticated)
+                     auth=sp.authenticated, tls=self.tls or "-")
 
     def _drop_message(self) -> None:
         if self.sink is not None:
@@ -323,6 +359,8 @@ class Session:
 
     # --- MAIL ---------------------------------------------------------------------
     def on_mail(self, ev: Mail):
+        if self.tls_mode == "!" and self.tls is None:
+            return self._tls_first()
         sp = self.policy
         v = self.last_verdict = sp.mail(ev.address)
         if v.reply.code < 300:
@@ -338,6 +376,17 @@ class Session:
         if domain is not None:
             self.lookups = self.lookups | _MX
             return Lookup("mx", "MX", domain)
+        return None
+
+    def _tls_first(self):
+        """530 before MAIL in clear when the client must use TLS (UCSPITLS="!"
+        or --require-tls, RFC 3207 §4); the policy is not asked."""
+        rid = self.policy.profile.setting_rule("UCSPITLS")
+        rule = self.policy.engine.bundle.where(rid) if rid >= 0 else "require-tls"
+        v = self.last_verdict = Verdict("MAIL", False, REPLIES["tls_required"], "tls_required", rule)
+        self._log(v)
+        self.tx.clear()
+        self.engine.send(v.reply)
         return None
 
     # --- RCPT -----------------------------------------------------------------------
@@ -378,7 +427,7 @@ class Session:
         client = self.client
         env = Envelope(
             sender=tx.sender or "", recipients=list(tx.recipients), helo=sp.helo_name or "",
-            client_ip=client.ip, client_host=client.host, auth_user=sp.authenticated, tls=False,
+            client_ip=client.ip, client_host=client.host, auth_user=sp.authenticated, tls=self.tls,
             local_host=self.engine.host, esmtp=self.engine.esmtp)
         sink = self.config.delivery.open(env)
         sink.write(received_header(env))
@@ -474,7 +523,8 @@ class Session:
         """helo=, from= and to= (every accepted recipient, comma separated)
         for a DATA-stage decision line."""
         sp = self.policy
-        return {"helo": None if sp.helo_name is None else f"<{sp.helo_name}>",
+        return {"tls": self.tls or "-",
+                "helo": None if sp.helo_name is None else f"<{sp.helo_name}>",
                 "from": None if sp.sender is None else f"<{sp.sender}>",
                 "to": ",".join(f"<{r}>" for r in self.tx.recipients) or None,
                 "auth": sp.authenticated}
@@ -530,6 +580,32 @@ class Session:
         if self.engine.pending is not None:
             self.engine.send(r)
 
+    def on_starttls(self, ev: StartTLS):
+        """220 and a Handshake request, or 454 when TLS cannot be had here
+        (no certificate, --no-tls, UCSPITLS="-" for this client)."""
+        if not self.config.tls.available or self.tls_mode == "-":
+            self.engine.send(REPLIES["tls_unavailable"])
+            return None
+        self.engine.send(REPLIES["starttls_go"])
+        return self._wait(HANDSHAKE, self._tls_started)
+
+    def _tls_started(self, info, error) -> None:
+        """The handshake succeeded: the session starts over inside TLS,
+        knowing nothing the client said in clear (RFC 3207 §4.2)."""
+        if error is not None:
+            raise error
+        self.tls = info
+        self.engine.tls_started()
+        # a new SessionPolicy and AUTH dialogue: HELO, its verdict, AUTH and
+        # the transaction are gone; the client's tcp.smtp profile is the same
+        config = self.config
+        self.policy = sp = config.policy.session(self.client)
+        self.auth = config.auth.session(sp, self.client, config.host, tls=True, plaintext_ok=True)
+        self.scan_choice = None
+        self.lookups = _NO_LOOKUPS
+        self.tx.clear()
+        self._offer()
+
     def on_rset(self, ev: Rset):
         self.policy.reset()
         self.tx.clear()
@@ -557,6 +633,7 @@ _HANDLERS = {
     DataEnd: Session.on_data_end,
     AuthStart: Session.on_auth,
     AuthResponse: Session.on_auth,
+    StartTLS: Session.on_starttls,
     Rset: Session.on_rset,
     Anomaly: Session.on_anomaly,
     Closed: Session.on_closed,

@@ -847,7 +847,7 @@ def test_every_pending_event_has_a_row_for_every_reply_class():
     """2xx to 5xx all lead somewhere: send() never meets a hole for a reply of the table."""
     pairs = {(state, event) for state, event, _ in engine.TRANSITIONS}
     assert {event for _, event in pairs} == {Helo, Mail, Rcpt, DataStart, DataEnd,
-                                             AuthStart, AuthResponse}
+                                             AuthStart, AuthResponse, engine.StartTLS}
     for state, event in pairs:
         assert all((state, event, c) in engine.TRANSITIONS for c in (2, 3, 4, 5)), (state, event)
 
@@ -858,3 +858,37 @@ def test_reply_outside_the_table_is_an_engine_error():
     assert isinstance(conn.next_event(), Mail)
     with pytest.raises(EngineError):
         conn.send(Reply(199, "", "no such class"))
+
+
+# ------------------------------------------------------------------ STARTTLS
+def test_starttls_220_discards_what_was_pipelined_after_it():
+    """RFC 3207 §6: after the 220 nothing buffered in clear is parsed; input
+    is ignored until tls_started(), which forgets HELO and AUTH (§4.2)."""
+    conn = engine.SMTPConnection(engine.EngineConfig(greeting="mx.test"))
+    conn.receive_data(b"EHLO c\r\n")
+    ev = conn.next_event()
+    conn.send(conn.ehlo_reply())
+    conn.receive_data(b"STARTTLS\r\nMAIL FROM:<a@b>\r\nRSET\r\n")
+    assert type(conn.next_event()) is engine.StartTLS
+    assert conn.next_event() is engine.PAUSED
+    conn.send(engine.REPLIES["starttls_go"])
+    assert conn.data_to_send().endswith(b"220 2.0.0 Ready to start TLS\r\n")
+    assert conn.next_event() is engine.NEED_DATA        # MAIL and RSET are gone
+    conn.receive_data(b"NOOP\r\n")                     # cleartext during the handshake: ignored
+    assert conn.next_event() is engine.NEED_DATA
+    assert conn.helo == "c" and conn.esmtp and not conn.tls
+    conn.tls_started()
+    assert conn.tls and conn.helo is None and not conn.esmtp and conn.state == IDLE
+    conn.receive_data(b"RCPT TO:<x@y>\r\nSTARTTLS\r\n")
+    assert type(conn.next_event()) is engine.Anomaly     # 503 MAIL first: the MAIL never ran
+    assert type(conn.next_event()) is engine.Anomaly     # 503 TLS already active
+    assert conn.data_to_send() == b"503 5.5.1 MAIL first\r\n503 5.5.1 TLS already active\r\n"
+
+
+def test_starttls_454_leaves_the_session_in_clear():
+    conn = engine.SMTPConnection(engine.EngineConfig(greeting="mx.test"))
+    conn.receive_data(b"STARTTLS\r\nNOOP\r\n")
+    assert type(conn.next_event()) is engine.StartTLS
+    conn.send(engine.REPLIES["tls_unavailable"])
+    assert type(conn.next_event()) is engine.Noop        # input goes on in clear
+    assert not conn.tls

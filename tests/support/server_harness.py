@@ -38,6 +38,7 @@ from mailfilter.rules import bundle as bundle_mod
 from mailfilter.rules import compiler
 from mailfilter.delivery import Delivery
 from mailfilter.policy.engine import PolicyEngine, PolicyOptions
+from mailfilter.tls import NO_TLS, TLSSettings
 from mailfilter.smtp.protocol import Limits, ServerState, SMTPProtocol
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -120,8 +121,8 @@ class RecordingProtocol(SMTPProtocol):
 
     __slots__ = ("server", "writes", "conn_id")
 
-    def __init__(self, state, server: "ServerThread"):
-        super().__init__(state)
+    def __init__(self, state, server: "ServerThread", implicit_tls: bool = False):
+        super().__init__(state, implicit_tls)
         self.server = server
         self.writes: list[bytes] = []
 
@@ -148,14 +149,17 @@ class RecordingProtocol(SMTPProtocol):
 class ServerThread:
     """mailfilter.smtp.protocol on `kind` loop in a thread, port 0 on 127.0.0.1."""
 
-    def __init__(self, kind: str, state: ServerState):
+    def __init__(self, kind: str, state: ServerState, implicit_tls: bool = False):
         self.kind = kind
         self.state = state
         self.loop = new_loop(kind)
         self.connections: list[RecordingProtocol] = []
         self.lost: "queue.Queue[RecordingProtocol]" = queue.Queue()
         self.port = 0
+        self.tls_port = 0           # an implicit-TLS listener too (RFC 8314), when asked for
+        self._implicit_tls = implicit_tls
         self._server = None
+        self._tls_server = None
         self._thread = threading.Thread(target=self._run, name=f"server-{kind}", daemon=True)
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -166,6 +170,10 @@ class ServerThread:
             self._server = self.loop.run_until_complete(self.loop.create_server(
                 lambda: RecordingProtocol(self.state, self), "127.0.0.1", 0))
             self.port = self._server.sockets[0].getsockname()[1]
+            if self._implicit_tls:
+                self._tls_server = self.loop.run_until_complete(self.loop.create_server(
+                    lambda: RecordingProtocol(self.state, self, implicit_tls=True), "127.0.0.1", 0))
+                self.tls_port = self._tls_server.sockets[0].getsockname()[1]
         except BaseException as exc:  # pragma: no cover - reported by start()
             self._error = exc
             self._ready.set()
@@ -191,6 +199,8 @@ class ServerThread:
     def stop(self) -> None:
         async def shutdown():
             self._server.close()
+            if self._tls_server is not None:
+                self._tls_server.close()
             for proto in list(self.state.sessions):
                 if proto.transport is not None:
                     proto.transport.close()
@@ -212,19 +222,22 @@ class ServerThread:
 
 
 def make_state(rules_dir: str, deliver: str, *, limits: Limits | None = None,
-               resolver=None, open_relay: bool = False, remote_host: str = "off") -> ServerState:
+               resolver=None, open_relay: bool = False, remote_host: str = "off",
+               tls: TLSSettings = NO_TLS, auth=None) -> ServerState:
     """remote_host is "off" unless a test is about host names: the client
     stays `unknown` whatever /etc/resolv.conf or a test resolver would say,
     and no PTR query reaches a test's DNS responder or delays a connection."""
     return ServerState(policy_for(rules_dir, open_relay), Delivery.from_spec(deliver),
-                       limits=limits, resolver=resolver, remote_host=remote_host)
+                       limits=limits, resolver=resolver, remote_host=remote_host, tls=tls, auth=auth)
 
 
 def start_server(kind: str, rules_dir: str, maildir: str, *, deliver: str | None = None,
-                 **state_kw) -> ServerThread:
+                 implicit_tls: bool = False, **state_kw) -> ServerThread:
     """A started ServerThread on loop `kind` delivering to maildir:`maildir`
-    (or `deliver`); `srv.maildir` names the spool for the test's checks."""
-    srv = ServerThread(kind, make_state(rules_dir, deliver or f"maildir:{maildir}", **state_kw)).start()
+    (or `deliver`); `srv.maildir` names the spool for the test's checks;
+    `implicit_tls` adds a --listen-tls style listener on `srv.tls_port`."""
+    srv = ServerThread(kind, make_state(rules_dir, deliver or f"maildir:{maildir}", **state_kw),
+                       implicit_tls=implicit_tls).start()
     srv.maildir = maildir
     return srv
 
