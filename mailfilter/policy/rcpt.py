@@ -33,14 +33,16 @@ LOCALMFCHECK rows (not implemented), SIZE is refused at MAIL, and
 MAXRECIPIENTS counts accepted recipients only.
 
 Invariants: a check is a function (session, recipient, data, relay) ->
-Verdict or None, where `recipient` is the address after the literal rewrite
-and `data` its latin-1 bytes; each one is right on its own, whatever ran
-before. Only tarpit_delay (rcpt_delay), rcpthosts and recipients
-(rcpt_rule), recipients (failed_recipients) and tarpit_limit (notorious)
-change the session. Calls are the cost of this stage, so SessionPolicy.rcpt
+Verdict or None, where `recipient` is the address after the literal rewrite,
+`data` its latin-1 bytes and `relay` whether the client may relay; it
+decides from these and the session alone, whatever ran before it (a refusal
+after tarpit_delay carries the rcpt_delay it set). Only tarpit_delay
+(rcpt_delay), rcpthosts and recipients (rcpt_rule, the line that let the
+recipient in), recipients (failed_recipients) and tarpit_limit (notorious)
+change the session. Calls are what this stage costs, so SessionPolicy.rcpt
 runs a plan: the rows that can fire for the client's profile (RcptCheck.
 wanted) and the session's state ("needs": a verdict or DNS answer kept from
-HELO or MAIL, or an earlier RCPT); the answers are those of the full table.
+HELO or MAIL, or an earlier RCPT); its answers are those of the full table.
 """
 from __future__ import annotations
 
