@@ -47,7 +47,7 @@ import dns.nameserver
 import dns.resolver
 import dns.reversename
 
-from mailfilter.policy.engine import DNS_FAIL, DNS_NULLMX, DNS_OK, DNS_TEMP
+from mailfilter.policy.verdict import DNS_FAIL, DNS_NULLMX, DNS_OK, DNS_TEMP
 
 UNKNOWN = "unknown"     # TCPREMOTEHOST when there is no (confirmed) name
 _HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\Z")

@@ -1,19 +1,38 @@
-"""Is an IPv4 address one of this host's own? (qmail's `ipme`, SPEC B §1.7)
+"""Address literals: pack_ip, and is an IPv4 address one of this host's own?
+(qmail's `ipme`, SPEC B §1.7)
 
-Job: answer for the `localiphost` substitution, which rewrites a recipient or
-sender domain literal `[d.d.d.d]` naming this host. qmail-smtpd lists the
-interface addresses once at start (ipme.c); here the kernel answers instead:
-binding a socket to an address succeeds exactly when the address is assigned
-to this host (127.0.0.0/8 included), so addresses added later count too and
-no interface listing is needed.
+Job: what the `localiphost` substitution needs to know about a domain literal
+`[d.d.d.d]` in a recipient or sender: is it an address at all (pack_ip), and
+is it one of this host's. qmail-smtpd lists the interface addresses once at
+start (ipme.c); here the kernel answers instead: binding a socket to an
+address succeeds exactly when the address is assigned to this host
+(127.0.0.0/8 included), so addresses added later count too and no interface
+listing is needed.
 
-Invariants: no packet is sent (a UDP socket is bound to port 0 and closed);
-answers are cached per address, bounded; any error means "not local".
+Invariants: is_local_ipv4 sends no packet (a UDP socket is bound to port 0
+and closed); its answers are cached per address, bounded; any error means
+"not local".
 """
 from __future__ import annotations
 
 import socket
 from functools import lru_cache
+
+
+_inet_pton, _AF_INET, _AF_INET6 = socket.inet_pton, socket.AF_INET, socket.AF_INET6
+
+
+def pack_ip(ip: str) -> bytes | None:
+    """4 or 16 bytes for an address literal (an IPv6 zone `%...` is ignored),
+    None if it is not one. Only IPv6 text contains ':' and dotted IPv4 never
+    does, so one inet_pton call decides. CidrTrie.lookup_text does the same
+    in C; this is its reference (tests)."""
+    try:
+        if ":" in ip:
+            return _inet_pton(_AF_INET6, ip.split("%", 1)[0])
+        return _inet_pton(_AF_INET, ip)
+    except OSError:
+        return None
 
 
 @lru_cache(maxsize=1024)

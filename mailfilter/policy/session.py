@@ -1,0 +1,335 @@
+"""SessionPolicy: spamcontrol semantics for one SMTP connection. No I/O.
+
+Job: keep one connection's policy state (client profile, HELO, AUTH, the
+transaction's sender and counters) and answer each SMTP stage with a
+Verdict. The server and `mailfilter check` both drive a SessionPolicy
+through the same calls: connect(), helo(), mail(), rcpt(), data(), so a
+`check` answer is the server's answer.
+
+Semantics (SPEC A §1-§4, B §2.4-§2.9, §3; bugs of B §2.14 fixed):
+- per-client settings come from tcp.smtp (ClientProfile);
+- split horizon: relay clients (RELAYCLIENT set, authenticated, or a
+  relaymailfrom sender where RELAYMAILFROM is set for the client) skip HELO
+  checks, MFDNSCHECK, rcpthosts, recipients and `+` entries; badmailfrom and
+  badrcptto apply to everyone;
+- verdicts about the client, the HELO name and the sender are computed when
+  seen (HELO and MAIL answer 250) and reported at RCPT, by the checks of
+  policy/rcpt.py in spamcontrol's order;
+- spamcontrol dialect: the last matching line of a list decides, `!` lines are
+  exceptions (every entry kind takes part); qregex dialect: the first firing
+  line decides and `!` means "must match" (B §3.2);
+- DNS answers (HELOCHECK A/M, MFDNSCHECK) are looked up by the caller and
+  handed in (set_helo_dns / set_mail_dns): this module never blocks.
+Quirks fixed: `@dom-` and `user@dom+` entries work (B §2.14 #1, #2), a DNS
+soft failure is one 451 at RCPT (#3), SIZE is refused at MAIL by the engine
+(#4), matching is case-insensitive in every stage (#5), only accepted
+recipients count towards MAXRECIPIENTS (#7).
+
+Invariants: the transaction fields hold their initial values whenever
+_in_transaction is False; Verdicts returned may be shared (read-only).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mailfilter.rules.format import FLAG_EXCEPTION, MODE_ADDRESS, MODE_HOST
+from mailfilter.policy.rcpt import HISTORY, KEPT_HELO, KEPT_MAIL
+from mailfilter.policy.verdict import (DNS_OK, NO_RULE, RCPT_OK, V_DATA_OK, V_MAIL_OK, V_NOTORIOUS,
+                                       V_RCPT_AUTH, Client, Verdict)
+
+if TYPE_CHECKING:
+    from mailfilter.policy.engine import PolicyEngine
+
+
+def _domain(address: str) -> str:
+    at = address.rfind("@")
+    return address[at + 1:] if at >= 0 else ""
+
+
+class SessionPolicy:
+    """Per-connection policy state. Methods return Verdicts; nothing blocks."""
+
+    __slots__ = ("engine", "client", "profile", "authenticated", "helo_name", "helo_verdict",
+                 "helo_skip_dns", "helo_dns", "notorious", "failed_recipients", "sender",
+                 "sender_verdict", "sender_bypass", "sender_relay", "mail_dns", "rcpt_count",
+                 "accepted", "rcpt_rule", "rcpt_delay", "_in_transaction")
+
+    def __init__(self, engine: PolicyEngine, client: Client):
+        self.engine = engine
+        self.client = client
+        self.profile = engine.client_profile(client)
+        # False while the transaction fields below hold their initial values
+        # (set by every method that changes one): resetting is then a no-op.
+        self._in_transaction = False
+        self.authenticated: str | None = None
+        self.helo_name: str | None = None
+        self.helo_verdict: tuple[str, int] | None = None   # (reason, rule id) when rejected
+        self.helo_skip_dns = False
+        self.helo_dns: str | None = None
+        self.notorious = False
+        self.failed_recipients = 0
+        self.sender: str | None = None
+        self.sender_verdict: tuple[str, int] | None = None
+        self.sender_bypass = False
+        self.sender_relay: Verdict | None = None   # the relaymailfrom line's RCPT accept
+        self.mail_dns: str | None = None
+        self.rcpt_count = 0
+        self.accepted = 0
+        # the RCPT being checked: the rcpthosts or recipients line that let
+        # it in, the tarpit delay of its answer (set by rcpt(), then its checks)
+        self.rcpt_rule = NO_RULE
+        self.rcpt_delay = 0.0
+
+    # -- settings
+    @property
+    def settings(self) -> dict[str, str]:
+        return self.profile.settings
+
+    @property
+    def client_rule(self) -> int:
+        return self.profile.rule_id
+
+    def setting(self, name: str) -> str | None:
+        return self.profile.settings.get(name)
+
+    @property
+    def relay_client(self) -> bool:
+        return self.profile.relay or self.authenticated is not None or self.sender_relay is not None
+
+    @property
+    def databytes(self) -> int:
+        return self.profile.databytes
+
+    @property
+    def max_recipients(self) -> int:
+        return self.profile.max_recipients
+
+    def _reset_transaction(self) -> None:
+        self._in_transaction = False
+        self.sender = None
+        self.sender_verdict = None
+        self.sender_bypass = False
+        self.sender_relay = None
+        self.mail_dns = None
+        self.rcpt_count = 0
+        self.accepted = 0
+
+    def connect(self) -> Verdict:
+        return self.profile.connect_verdict
+
+    # -- HELO/EHLO (B §2.7): always 250, verdict kept for RCPT
+    def helo(self, name: str) -> Verdict:
+        if self._in_transaction:
+            self._reset_transaction()
+        self.helo_name = name
+        self.helo_verdict = None
+        self.helo_skip_dns = False
+        self.helo_dns = None
+        eng = self.engine
+        prof = self.profile
+        if eng.qregex:
+            if not prof.nobadhelo:
+                data = name.encode("latin-1", "replace")
+                rid = eng.listed(eng.badhelo, data, MODE_HOST)
+                if rid >= 0:
+                    self.helo_verdict = ("bad_helo", rid)
+                elif not self.relay_client:
+                    rid = eng.listed(eng.badhelonorelay, data, MODE_HOST)
+                    if rid >= 0:
+                        self.helo_verdict = ("bad_helo_norelay", rid)
+            if self.helo_verdict is None and prof.helocheck is not None:
+                # the dialect decides how lists read; HELOCHECK's other demands hold too
+                self.helo_verdict = self._helocheck_name(name, prof.helocheck)
+        elif prof.helocheck is not None:
+            self.helo_verdict = self._spamcontrol_helo(name, prof.helocheck)
+        hv = self.helo_verdict
+        if hv is not None:             # 250 now, 550 at RCPT (SPEC B §2.7)
+            return eng.pending_verdict("HELO", hv[0], hv[1])
+        return eng.v_helo
+
+    def _helocheck_name(self, name: str, mode: str) -> tuple[str, int] | None:
+        """HELOCHECK's demands on the name itself, apart from the badhelo list
+        (B §2.8): `!` and `.` refuse an empty name, `=` one that is not the
+        client's host name. A client without a known name ("unknown") cannot
+        pass `=`, not even by saying `HELO unknown`."""
+        if mode in ("!", ".") and not name.strip():
+            return ("helo_empty", self.profile.setting_rule("HELOCHECK"))
+        if mode == "=":
+            host = self.client.host.lower()
+            if host == "unknown" or name.lower() != host:
+                return ("helo_mismatch", self.profile.setting_rule("HELOCHECK"))
+        return None
+
+    def _spamcontrol_helo(self, name: str, mode: str) -> tuple[str, int] | None:
+        eng = self.engine
+        if mode in ("!", ".") and not name.strip():
+            return ("helo_empty", self.profile.setting_rule("HELOCHECK"))
+        if mode == "!":
+            return None
+        key = name.lower().encode("latin-1", "replace")
+        if eng.helo_accept is not None:
+            rid = eng.helo_accept.get(key)
+            if rid >= 0:                       # name!: acceptable, no DNS test
+                self.helo_skip_dns = True
+                return None
+        rid = eng.badhelo_last(key, MODE_HOST)     # last match decides, `!` = exception (B §2.5)
+        if rid >= 0 and not eng.rule_words[3 * rid] & FLAG_EXCEPTION:
+            return ("bad_helo", rid)
+        return self._helocheck_name(name, mode) if mode == "=" else None
+
+    def helo_dns_query(self) -> tuple[str, str] | None:
+        """(rdtype, name) the caller should resolve for HELOCHECK A/M, or None."""
+        mode = self.profile.helocheck
+        if (mode in ("A", "M") and self.helo_name and not self.helo_skip_dns
+                and self.helo_verdict is None and not self.relay_client):
+            return ("A" if mode == "A" else "MX", self.helo_name)
+        return None
+
+    def set_helo_dns(self, status: str) -> None:
+        self.helo_dns = status
+
+    # -- MAIL (B §2.8 MAIL list)
+    def mail(self, sender: str) -> Verdict:
+        if self._in_transaction:
+            self._reset_transaction()
+        self._in_transaction = True
+        prof = self.profile
+        if prof.auth_required and self.authenticated is None:
+            return prof.auth_required_verdict
+        eng = self.engine
+        if sender and sender[-1] == "]":
+            sender = eng.local_literal(sender)
+        self.sender = sender
+        if not sender:
+            return V_MAIL_OK
+        data = sender.encode("latin-1", "replace")
+        if prof.relaymailfrom and eng.relaymailfrom is not None:
+            rid = eng.listed(eng.relaymailfrom, data, MODE_ADDRESS, qregex=False)
+            if rid >= 0:
+                self.sender_relay = eng.accept_verdict("relay_sender", rid)
+        if prof.disable_badmailfrom:
+            return V_MAIL_OK
+        sv = self.sender_verdict = self._sender_verdict(sender, data)
+        if sv is None:
+            return V_MAIL_OK
+        # 250 now, the rejection is reported at every RCPT (SPEC B §1.5)
+        return eng.pending_verdict("MAIL", sv[0], sv[1])
+
+    def _sender_verdict(self, sender: str, data: bytes) -> tuple[str, int] | None:
+        eng = self.engine
+        if eng.qregex:
+            rid = eng.listed(eng.badmailfrom, data, MODE_ADDRESS)
+            if rid < 0 and not self.relay_client:
+                rid = eng.listed(eng.badmailfromnorelay, data, MODE_ADDRESS)
+            return ("badmailfrom", rid) if rid >= 0 else None
+        if eng.mf_decorated:
+            verdict = self._decorated(sender)
+            if verdict is not None or self.sender_bypass:
+                return verdict
+        rid = eng.badmailfrom_last(data, MODE_ADDRESS)   # last match decides, `!` = exception (B §2.5)
+        if rid >= 0 and not eng.rule_words[3 * rid] & FLAG_EXCEPTION:
+            return ("badmailfrom", rid)
+        return None
+
+    def _decorated(self, sender: str) -> tuple[str, int] | None:
+        """Decorated badmailfrom entries, in spamcontrol's order (B §2.6)."""
+        eng = self.engine
+        folded = sender.lower()
+        dom = _domain(folded)
+        at_dom = ("@" + dom).encode("latin-1", "replace")
+        full = folded.encode("latin-1", "replace")
+        if eng.mf_bypass is not None and eng.mf_bypass.get(full) >= 0:
+            self.sender_bypass = True
+            return None
+        host = self.client.host.lower()
+        if eng.mf_antispoof is not None and not self.relay_client:
+            rid = max(eng.mf_antispoof.get(full), eng.mf_antispoof.get(at_dom))
+            if rid >= 0:
+                return ("badmailfrom", rid)
+        if eng.mf_unknownhost is not None and host == "unknown":
+            rid = eng.mf_unknownhost.get(at_dom)
+            if rid >= 0:
+                return ("badmailfrom", rid)
+        if eng.mf_wellknown is not None and dom:
+            rid = eng.mf_wellknown.get(at_dom)
+            if rid >= 0 and not (host == dom or host.endswith("." + dom)):
+                return ("badmailfrom", rid)
+        if eng.mf_mismatch is not None and dom and host != "unknown" \
+                and not (host == dom or host.endswith("." + dom)):
+            part = host
+            while part:
+                rid = eng.mf_mismatch.get(part.encode("latin-1", "replace"))
+                if rid >= 0:
+                    return ("badmailfrom", rid)
+                dot = part.find(".")
+                part = part[dot + 1:] if dot >= 0 else ""
+        return None
+
+    def mail_dns_query(self) -> str | None:
+        """Sender domain the caller should MX-check for MFDNSCHECK, or None."""
+        if (self.profile.mfdnscheck and self.sender and not self.sender_bypass
+                and not self.relay_client):
+            return _domain(self.sender) or None
+        return None
+
+    def set_mail_dns(self, status: str) -> None:
+        self._in_transaction = True
+        self.mail_dns = status
+
+    # -- RCPT: the checks of policy/rcpt.py, then the accept
+    def rcpt(self, recipient: str) -> Verdict:
+        """The first refusal of the rows of rcpt.RCPT_CHECKS that can fire
+        (the profile's plan for this state), else the accept."""
+        self._in_transaction = True
+        self.rcpt_count += 1
+        prof = self.profile
+        relay = prof.relay or self.authenticated is not None or self.sender_relay is not None
+        given = recipient
+        if recipient and recipient[-1] == "]":
+            recipient = self.engine.local_literal(recipient)
+        data = recipient.encode("latin-1", "replace")   # one byte per character
+        self.rcpt_rule = NO_RULE
+        self.rcpt_delay = 0.0
+        # the state bits of rcpt.py: which rows can fire at all
+        state = 0
+        if self.helo_verdict is not None or (self.helo_dns is not None
+                                             and self.helo_dns != DNS_OK):
+            state = KEPT_HELO
+        if self.sender_verdict is not None or (self.mail_dns is not None
+                                               and self.mail_dns != DNS_OK):
+            state |= KEPT_MAIL
+        if self.rcpt_count > 1 or self.failed_recipients:
+            state |= HISTORY
+        checks = (prof.relay_rcpt_plans if relay else prof.rcpt_plans)[state]
+        for check in checks:
+            verdict = check(self, recipient, data, relay)
+            if verdict is not None:
+                return verdict
+        self.accepted += 1
+        if relay:       # delivered with the RELAYCLIENT value appended (B §1.9)
+            if prof.relay:
+                verdict = prof.relay_verdict
+            else:
+                verdict = V_RCPT_AUTH if self.authenticated is not None else self.sender_relay
+            if prof.relay_suffix or recipient is not given:
+                return Verdict("RCPT", True, RCPT_OK, verdict.reason, verdict.rule,
+                               recipient=recipient + prof.relay_suffix)
+            return verdict
+        eng = self.engine
+        delay = self.rcpt_delay
+        if delay or recipient is not given:
+            return Verdict("RCPT", True, RCPT_OK, "ok", eng.where(self.rcpt_rule), delay,
+                           recipient=None if recipient is given else recipient)
+        v = eng.rcpt_ok_by_rule.get(self.rcpt_rule)
+        return v if v is not None else eng.accept_verdict("ok", self.rcpt_rule)
+
+    # -- DATA
+    def data(self) -> Verdict:
+        return V_NOTORIOUS if self.notorious else V_DATA_OK
+
+    # -- AUTH success (SPEC A §7): relaying as RELAYCLIENT="" for the session
+    def auth_success(self, user: str) -> None:
+        self.authenticated = user
+
+    def reset(self) -> None:
+        self._reset_transaction()
