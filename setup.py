@@ -2,7 +2,7 @@
 
 _core.pyx `include`s one .pxi per concept (hash table, Aho-Corasick, wildmat,
 CIDR trie, list matcher, CRAM-MD5); several extensions under mailfilter._core.*
-compile but fail to import (DESIGN.md, build note), hence the unity build.
+compile but fail to import (docs/architecture.md#build), hence the unity build.
 Set MAILFILTER_DEBUG=1 to build with bounds checks and C asserts on.
 """
 import os

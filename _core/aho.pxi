@@ -1,8 +1,7 @@
 # aho.pxi: compact Aho-Corasick automaton over bytes -> int32 pattern ids.
 #
 # Job: find which of many fixed literals occur in a short text, in one pass,
-# with cost independent of the number of patterns (DESIGN.md "literal
-# fragments and wildmat skeletons -> one Aho-Corasick automaton").
+# with cost independent of the number of patterns (docs/architecture.md#the-rule-compiler).
 #
 # Representation (memory-compact, 16 bytes per state plus 8 per output):
 # states are numbered in BFS order, root = 0. In BFS order the children of a

@@ -1,9 +1,11 @@
-# cidr.pxi: longest-prefix match for IPv4 and IPv6 (client rules, SPEC A.3).
+# cidr.pxi: longest-prefix match for IPv4 and IPv6 (client rules,
+# docs/behaviour/tcp-smtp.md#which-rule-applies).
 """Longest-prefix CIDR trie for IPv4 and IPv6 over a flat, mmap-able blob.
 
 Job: map a client address (packed, 4 or 16 bytes) to the rule id of the
-longest prefix that contains it (tcprules-style client rules, SPEC Part A §3;
-prefixes per RFC 4632 / RFC 4291 §2.3), -1 when no prefix does.
+longest prefix that contains it (tcprules-style client rules,
+docs/behaviour/tcp-smtp.md#which-rule-applies; prefixes per RFC 4632 / RFC 4291 §2.3), -1
+when no prefix does.
 
 Structure: two path-compressed binary tries (Patricia tries), one for IPv4 and
 one for IPv6. Every node holds a prefix (key bits + length); a node with

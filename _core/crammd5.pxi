@@ -1,5 +1,6 @@
 # crammd5.pxi: HMAC-MD5 for CRAM-MD5 from stored inner/outer MD5 states.
-"""CRAM-MD5 verification (SPEC B §5.3, §7.5; RFC 2104, RFC 2195).
+"""CRAM-MD5 verification (docs/behaviour/checkpassword.md#mailfilter-cmd5checkpw,
+docs/behaviour/auth.md#mechanisms; RFC 2104, RFC 2195).
 
 Job: the server never keeps the clear CRAM-MD5 password. It keeps the two MD5
 chaining states HMAC-MD5 reaches after its first block on each side, as

@@ -3,7 +3,7 @@
 #
 # Job and invariants
 # - Case folding is ASCII only: A-Z -> a-z; every other byte (including bytes
-#   >= 0x80) is left as is (SPEC Part A §1, _core/README.md "General rules").
+#   >= 0x80) is left as is (docs/behaviour/control-files.md#case, _core/README.md "General rules").
 # - hash_bytes() is stable across hosts and runs: it reads words as
 #   little-endian and has no per-process seed, because hash values are stored
 #   in blobs that are built once and loaded elsewhere.
@@ -26,7 +26,7 @@ cdef bint _MF_LITTLE_ENDIAN = _sys.byteorder == "little"
 
 
 cdef inline unsigned char fold(unsigned char c) noexcept nogil:
-    """ASCII-only lower-casing of one byte (SPEC A §1)."""
+    """ASCII-only lower-casing of one byte (docs/behaviour/control-files.md#case)."""
     if <unsigned char>(c - 65) < 26:
         return c + 32
     return c

@@ -1,7 +1,8 @@
 # hashtab.pxi: open-addressing hash table over folded byte keys -> int32.
 #
-# Job: exact / @domain / .suffix / host lookups of a control file (SPEC B §2.5
-# stage 2 "exact entries", ASCII case-insensitive; Part A §1).
+# Job: exact / @domain / .suffix / host lookups of a control file
+# (docs/behaviour/control-files.md#which-match-wins stage 2 "exact entries", ASCII
+# case-insensitive; docs/behaviour/control-files.md#case).
 #
 # Blob layout ("HTAB", version 1; little-endian, arrays 8-byte aligned):
 #   0   char[4]  tag "HTAB"

@@ -3,16 +3,19 @@
 # Job: answer "which rule of this file decides for this text" in time that
 # does not grow with the number of rules:
 #   - exact / @domain / .suffix / host keys: one HTAB hash table, a handful of
-#     probes chosen by the lookup mode (SPEC B §2.5 stage 2, B §1.8);
+#     probes chosen by the lookup mode (docs/behaviour/control-files.md#which-match-wins stage 2,
+#     docs/behaviour/control-files.md#rcpthosts);
 #   - wildmat and regex entries ("pattern entries"): one AHOC automaton over
 #     their required literals yields the candidates; entries without a literal
 #     are always candidates; only candidates are evaluated.
 # Two dialects:
-#   - last_match (spamcontrol, SPEC B §2.5 "last matching line decides"): the
+#   - last_match (spamcontrol, docs/behaviour/control-files.md#which-match-wins "last matching
+#     line decides"): the
 #     LARGEST rule id among matching hash keys, wildmat entries and
 #     non-negated regexes; candidates are tried in descending id order and
 #     the first match (or reaching the best hash hit) ends the search.
-#   - first_fire (qregex, SPEC B §3.2 "first line that fires decides"): over
+#   - first_fire (qregex, docs/behaviour/control-files.md#qregex-dialect "first line that
+#     fires decides"): over
 #     regex entries only, the SMALLEST id that fires; a `!` (negated) entry
 #     fires when its regex does NOT match, and an absent required literal
 #     proves "no match" without running the regex.
@@ -428,8 +431,8 @@ cdef class ListMatcher:
         return state[0] == 1
 
     def last_match(self, bytes text not None, int mode):
-        """spamcontrol dialect (SPEC B §2.5): the largest rule id of all entries
-        matching `text` (hash keys per `mode`, wildmat, non-negated regexes),
+        """spamcontrol dialect (docs/behaviour/control-files.md#which-match-wins): the largest rule
+        id of all entries matching `text` (hash keys per `mode`, wildmat, non-negated regexes),
         -1 if none."""
         if mode < 0 or mode > 2:
             raise ValueError(f"last_match: unknown mode {mode}")
@@ -500,8 +503,8 @@ cdef class ListMatcher:
                 free(t)
 
     def first_fire(self, bytes text not None):
-        """qregex dialect (SPEC B §3.2): over regex entries only, the smallest
-        rule id that fires (normal: regex matches; `!`: regex does not match),
+        """qregex dialect (docs/behaviour/control-files.md#qregex-dialect): over regex entries
+        only, the smallest rule id that fires (normal: regex matches; `!`: regex does not match),
         -1 if none."""
         cdef Py_ssize_t n = PyBytes_GET_SIZE(text)
         cdef unsigned char stack_text[_LM_STACK_TEXT]

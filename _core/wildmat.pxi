@@ -1,6 +1,6 @@
 # wildmat.pxi: INN / spamcontrol wildmat, ASCII case-insensitive.
 #
-# Semantics (SPEC B §2.5 table; Rich Salz's INN wildmat; _core/README.md):
+# Semantics (docs/behaviour/control-files.md#wildmat; Rich Salz's INN wildmat; _core/README.md):
 #   *       any sequence, including empty; consecutive * act as one
 #   ?       exactly one byte
 #   [abc]   one byte from the set; [a-z] a range (lo > hi matches nothing)
@@ -9,7 +9,7 @@
 #           inside a set \ is an ordinary byte (as in Salz's wildmat)
 #   \x      literal x (outside sets); a trailing lone \ is malformed
 #   other   literal; the pattern must match the WHOLE text
-# Case: SPEC Part A §1 makes matching ASCII case-insensitive (spamcontrol's
+# Case: docs/behaviour/control-files.md#case makes matching ASCII case-insensitive (spamcontrol's
 # case-sensitive wildmat stage is a quirk we do not copy): a text byte matches
 # if it or its other ASCII case would match. wm_match() takes the text folded
 # and the pattern folded by wm_fold_pattern(): everything outside [...] is
@@ -129,8 +129,8 @@ def wm_fold_pattern(bytes pattern not None):
 
 
 def wildmat_match(bytes pattern not None, bytes text not None):
-    """True if `pattern` (wildmat, SPEC B §2.5) matches the whole `text`,
-    ASCII case-insensitively."""
+    """True if `pattern` (wildmat, docs/behaviour/control-files.md#wildmat) matches
+    the whole `text`, ASCII case-insensitively."""
     fp = wm_fold_pattern(pattern)
     ft = fold_bytes(text)
     return wm_match(<const unsigned char*>PyBytes_AS_STRING(fp), PyBytes_GET_SIZE(fp),

@@ -6,7 +6,7 @@ replies), with the reply the server would send at each stage and the
 deciding rule as file:line, like `postmap -q` for a whole envelope: check =
 server by construction (tests/smtp/test_check_vs_server.py proves it on
 real sockets). Verdicts that qmail
-reports later (client, HELO, sender: at RCPT, SPEC B §1.5, §2.7) are shown
+reports later (client, HELO, sender: at RCPT, docs/behaviour/smtp.md#pending-verdicts) are shown
 at their own stage as "pending" so the operator sees where they come from.
 """
 from __future__ import annotations

@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--from", dest="sender", default=None, help="envelope sender ('' for <>)")
     k.add_argument("--rcpt", action="append", default=[], help="envelope recipient (repeatable)")
     k.add_argument("--auth-user", default=None, help="pretend the session authenticated as USER")
-    k.add_argument("--open-relay", action="store_true", help="allow relaying without rcpthosts (SPEC A §4)")
+    k.add_argument("--open-relay", action="store_true", help="allow relaying without rcpthosts (docs/behaviour/control-files.md#rcpthosts)")
     k.add_argument("--auth", metavar="MODE", help="the server's --auth (every client's default SMTPAUTH)")
     k.add_argument("--hostname", help="the server's --hostname (name in the greeting)")
     k.add_argument("--config", help="the server's TOML file: its open_relay, auth and hostname apply")

@@ -1,6 +1,6 @@
 """Logging: one key=value decision line per verdict, anomalies, syslog.
 
-Format (DESIGN.md, Errors and logging):
+Format (docs/architecture.md#errors-and-logging):
   action=reject stage=RCPT rule=badrcptto:14 client=host[ip]:port helo=<..>
   from=<..> to=<..> reply="553 5.7.1 .."
 Values that could carry spaces, quotes or control characters are quoted and

@@ -3,8 +3,8 @@
 Job: be the ``checkprogram`` of qmail-smtpd-auth, Dovecot's ``passdb
 checkpassword``, qmail-popup, or mailfilter's own ``--checkpassword``:
 read fd 3 to EOF (at most 512 bytes), decide, and on success exec the next
-program (SPEC B §6.1); exit 1 for a wrong login, 2 for misuse, 111 for a
-temporary problem (user database unreadable, chdir/setuid/exec failure).
+program (docs/behaviour/checkpassword.md#the-fd-3-interface); exit 1 for a wrong login, 2 for
+misuse, 111 for a temporary problem (user database unreadable, chdir/setuid/exec failure).
 
 checkpassword PROG [ARGS]   (DJB interface against the user database)
     fd 3: login NUL password NUL [timestamp NUL]; the timestamp is ignored, as
@@ -17,7 +17,7 @@ checkpassword PROG [ARGS]   (DJB interface against the user database)
     supplementary groups, gid and uid are changed to the user's; then PROG is
     exec'ed. Records without uid/gid keep the caller's ids (virtual users).
 
-cmd5checkpw PROG [ARGS]     (SPEC B §5: cmd5checkpw 0.30 compatible)
+cmd5checkpw PROG [ARGS]     (docs/behaviour/checkpassword.md#mailfilter-cmd5checkpw: cmd5checkpw 0.30 compatible)
     With a challenge: CRAM-MD5 (RFC 2195) -- the response is verified from the
     user database's stored HMAC-MD5 states (core.cram_verify, constant-time),
     or, with ``--passwd FILE`` (poppasswd ``login:password``, clear text),
@@ -28,7 +28,8 @@ cmd5checkpw PROG [ARGS]     (SPEC B §5: cmd5checkpw 0.30 compatible)
     order: ``djb`` (default; login NUL digest NUL challenge NUL, Hoffmann
     0.30 / jms1 / vchkpw) or ``dabrowski`` (login NUL challenge NUL digest
     NUL, cmd5checkpw 0.22) by ``--order`` or ``CMD5CHECKPW_ORDER``. No
-    process state is changed before the exec (SPEC B §5.4).
+    process state is changed before the exec
+    (docs/behaviour/checkpassword.md#mailfilter-cmd5checkpw).
 
 Both: the database is ``--db PATH``, else ``$MAILFILTER_USERDB``, else
 var/users.db (relative to the working directory), opened read-only. Every
@@ -212,7 +213,8 @@ def cmd5checkpw_main(argv: list[str] | None = None) -> int:
         tool.note("error", "-", None, str(fields))
         return EXIT_MISUSE
     login, f2, f3 = fields
-    # SPEC B §4.5: empty third field -> plain; else CRAM in the chosen order.
+    # docs/behaviour/checkpassword.md#field-orders: empty third field -> plain; else CRAM in
+    # the chosen order.
     if not f3:
         mech, secret, challenge = "PLAIN/LOGIN", f2, b""
     elif order == "djb":

@@ -14,9 +14,9 @@ one line from standard input; they are never taken from the command line
     passwd [--db PATH] export [-o FILE]
 
 ``import FILE`` reads a cmd5checkpw/poppasswd file (``login:password`` in
-clear text, ``#`` comments and blank lines allowed, SPEC B §5.2) and upserts
-every user in ONE transaction: any bad line is reported as ``FILE:LINE:
-problem`` and nothing at all is imported (exit 1). ``export`` writes the
+clear text, ``#`` comments and blank lines allowed,
+docs/behaviour/auth.md#user-database) and upserts every user in ONE transaction: any bad line is
+reported as ``FILE:LINE: problem`` and nothing at all is imported (exit 1). ``export`` writes the
 records -- CRAM states and scrypt hashes, never a clear password (there is
 none) -- as ``# mailfilter-userdb-export v1`` followed by one JSON object per
 user; ``import --records`` reads that back (moving a database between

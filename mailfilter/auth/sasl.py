@@ -11,7 +11,7 @@ no verification (that is mailfilter.auth.verify's job).
         send 334 base64(out.data); out = ex.step(next_line)
     out is Credentials -> verify it;  out is Failure -> reply REPLIES[out.reply]
 
-Rules (SPEC B §4.4, §4.6, §7.5, §7.6; RFC 4954, RFC 4616, RFC 2195,
+Rules (docs/behaviour/auth.md#dialogue, #mechanisms; RFC 4954, RFC 4616, RFC 2195,
 draft-murchison-sasl-login):
 - a continuation line equal to ``*`` cancels (501 ``auth_cancelled``);
 - an empty continuation line, a line that is not strict base64, or decoded
@@ -92,7 +92,7 @@ _CANCELLED = Failure("auth_cancelled", "cancelled")
 def b64decode_line(line: bytes | str) -> bytes | None:
     """Strict RFC 4648 base64 of one continuation line; None when malformed.
 
-    Empty input is malformed here (SPEC B §4.4: "an empty continuation line
+    Empty input is malformed here (docs/behaviour/auth.md#dialogue: "an empty continuation line
     ... is malformed"); callers that accept ``=`` translate it first.
     """
     if isinstance(line, str):
@@ -192,7 +192,7 @@ class Plain(Exchange):
 
     def _start(self, initial: str | None) -> Outcome:
         if initial is None:
-            return Challenge(b"")            # "334 " (SPEC B §4.4)
+            return Challenge(b"")            # "334 " (docs/behaviour/auth.md#dialogue)
         data = self._initial(initial)
         return data if isinstance(data, Failure) else self._step(data)
 

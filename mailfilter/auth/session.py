@@ -8,7 +8,7 @@ either a Reply to send now or a coroutine whose result is the Reply (run
 with ``_later``, so the loop never waits on a verifier, a spawned
 checkpassword or the failure delay).
 
-SMTPAUTH modes (SPEC B §4.3, Hoffmann; global ``--auth MODE`` is the default
+SMTPAUTH modes (docs/behaviour/auth.md#modes, Hoffmann; global ``--auth MODE`` is the default
 of the per-client tcp.smtp setting ``SMTPAUTH``; prefixes case-insensitive)::
 
     unset          nothing offered; AUTH -> 503 5.3.3
@@ -19,7 +19,7 @@ of the per-client tcp.smtp setting ``SMTPAUTH``; prefixes case-insensitive)::
     "!" prefix     the same offer, and AUTH required before MAIL (530,
                    mailfilter/policy/engine.py)
 
-Replies (SPEC B §4.6, RFC 4954; all from mailfilter/smtp/replies.py): unknown
+Replies (docs/behaviour/auth.md#dialogue, RFC 4954; all from mailfilter/smtp/replies.py): unknown
 or not offered mechanism 504; ``*`` 501 cancelled; bad base64 / empty line /
 wrong shape 501 malformed; success 235 and ``sp.auth_success(user)`` (relay as
 RELAYCLIENT="", the user in Received (ESMTPA) and decision lines); wrong
@@ -78,7 +78,8 @@ _OFF = AuthMode((), False)
 
 @functools.lru_cache(maxsize=256)     # per connection, from a handful of tcp.smtp values
 def parse_mode(value: str | None) -> AuthMode:
-    """SMTPAUTH value -> offered mechanisms and "required before MAIL" (SPEC B §4.3)."""
+    """SMTPAUTH value -> offered mechanisms and "required before MAIL"
+    (docs/behaviour/auth.md#modes)."""
     if value is None or value == "-":
         return _OFF
     v = value.lower()

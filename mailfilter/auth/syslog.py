@@ -1,11 +1,12 @@
-"""Syslog for the checkpassword tools (SPEC B §5.5, SPEC A §8).
+"""Syslog for the checkpassword tools (docs/behaviour/checkpassword.md#syslog).
 
 Job: write one RFC 3164 datagram per authentication attempt to the local
 syslog socket: ``<PRI>Mmm dd hh:mm:ss ident[pid]: auth RESULT mech=.. user=..
 ip=.. reason=..``. The stdlib ``syslog`` module cannot be pointed at another
 socket (tests bind their own), hence these few lines.
 
-Configuration (environment, as checkpassword tools are configured, B §6.1):
+Configuration (environment, as checkpassword tools are configured,
+docs/behaviour/checkpassword.md#the-fd-3-interface):
 - ``MAILFILTER_SYSLOG_SOCKET``: unix datagram socket path (default /dev/log);
 - ``MAILFILTER_SYSLOG_FACILITY``: ``authpriv`` (default), ``auth`` or ``mail``.
 
@@ -78,7 +79,8 @@ class SyslogWriter:
 
     def attempt(self, result: str, mech: str, user: str | None, ip: str | None,
                 reason: str | None = None, port: str | None = None) -> None:
-        """One attempt: result is success / fail / error (SPEC B §5.5)."""
+        """One attempt: result is success / fail / error
+        (docs/behaviour/checkpassword.md#syslog)."""
         level = {"success": LOG_INFO, "fail": LOG_NOTICE}.get(result, LOG_ERR)
         self.send(level, f"auth {result} " + kv(mech=mech, user=user, ip=ip or "unknown",
                                                  port=port, reason=reason))

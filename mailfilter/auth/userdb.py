@@ -2,7 +2,7 @@
 
 Job: store, per user, what PLAIN/LOGIN and CRAM-MD5 need to verify a login and
 what a checkpassword program needs to start the next program (home, uid, gid,
-maildir, shell) -- and never the clear password (DESIGN.md, Auth; issue 4).
+maildir, shell) -- and never the clear password (docs/behaviour/auth.md#user-database; issue 4).
 
 Schema (PRAGMA user_version = 1)::
 
@@ -193,7 +193,7 @@ def valid_name(name: str) -> bool:
             and name == name.strip() and all(c.isprintable() for c in name))
 
 
-# --- poppasswd files (SPEC B §5.2) -----------------------------------------------
+# --- poppasswd files (docs/behaviour/auth.md#user-database) --------------------------------------
 class PoppasswdError(UserDBError):
     def __init__(self, problems: list[str]):
         super().__init__("\n".join(problems))
@@ -201,7 +201,7 @@ class PoppasswdError(UserDBError):
 
 
 def parse_poppasswd(text: str, path: str = "-") -> list[tuple[str, str]]:
-    """``login:password`` lines (cmd5checkpw / poppasswd, SPEC B §5.2).
+    """``login:password`` lines (cmd5checkpw / poppasswd, docs/behaviour/auth.md#user-database).
 
     The login ends at the FIRST ':'; the password is the rest of the line (it
     may contain ':'). Blank lines and lines starting with '#' are skipped; a

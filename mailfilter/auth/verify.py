@@ -25,8 +25,8 @@ OK / FAIL (535) / TEMP (454), never blocking the event loop.
   itself runs on the loop with a zero busy timeout when the connection is
   current; when SQLite reports a lock, or the file must be (re)opened, it is
   done in a worker thread instead.
-- CheckpasswordVerifier (SPEC B §4.5, §6.4): per attempt, spawn
-  ``argv = [checkprogram, subprogram, ...]`` with fd 3 = the read end of a
+- CheckpasswordVerifier (docs/behaviour/checkpassword.md#field-orders, #server-side):
+  per attempt, spawn ``argv = [checkprogram, subprogram, ...]`` with fd 3 = the read end of a
   pipe holding the three NUL-terminated fields, stdin/stdout on /dev/null,
   the client's TCP* variables and PROTO=TCP in the environment; wait for it
   without blocking the loop (pidfd readable, else a thread) with a timeout,
@@ -36,12 +36,12 @@ fd 3 layouts (``fd3_payload``):
     PLAIN/LOGIN, both orders     user NUL password NUL NUL
     CRAM-MD5, order "djb"        user NUL hexdigest NUL challenge NUL   (default)
     CRAM-MD5, order "dabrowski"  user NUL challenge NUL hexdigest NUL
-The payload is refused (FAIL, nothing spawned) above 512 bytes (SPEC B §6.4.4)
-and when any field holds a NUL byte (it would shift the fields: a LOGIN
-password ``digest NUL challenge`` read as a CRAM-MD5 answer).
+The payload is refused (FAIL, nothing spawned) above 512 bytes
+(docs/behaviour/checkpassword.md#server-side) and when any field holds a NUL byte (it would shift
+the fields: a LOGIN password ``digest NUL challenge`` read as a CRAM-MD5 answer).
 
-Exit status mapping (SPEC B §6.4.2): 0 -> OK; 1, 3, 12, 13, 15, 20-23 -> FAIL;
-2, 111, any other status, a signal, the timeout, a spawn error -> TEMP.
+Exit status mapping (docs/behaviour/checkpassword.md#exit-codes): 0 -> OK; 1, 3, 12, 13,
+15, 20-23 -> FAIL; 2, 111, any other status, a signal, the timeout, a spawn error -> TEMP.
 
 Invariants: secrets go to the child's pipe only, never to argv, environment,
 logs or exception text; every child is reaped.
@@ -68,8 +68,10 @@ __all__ = [
     "fd3_payload", "exit_result", "FD3_LIMIT", "FAIL_CODES",
 ]
 
-FD3_LIMIT = 512                                    # DJB interface, SPEC B §6.1
-FAIL_CODES = frozenset({1, 3, 12, 13, 15, 20, 21, 22, 23})   # vchkpw + DJB, SPEC B §6.4.2
+FD3_LIMIT = 512                                    # DJB interface,
+                                                   # docs/behaviour/checkpassword.md#the-fd-3-interface
+FAIL_CODES = frozenset({1, 3, 12, 13, 15, 20, 21, 22, 23})   # vchkpw + DJB,
+                                                             # docs/behaviour/checkpassword.md#exit-codes
 
 
 class Result(enum.Enum):
@@ -280,7 +282,7 @@ class DBVerifier:
 
 # --- an external checkpassword program -----------------------------------------------
 def fd3_payload(creds: Credentials, order: str = "djb") -> bytes:
-    """The bytes written to the checkprogram's fd 3 (SPEC B §4.5 conclusion).
+    """The bytes written to the checkprogram's fd 3 (docs/behaviour/checkpassword.md#field-orders).
 
     ValueError when a field holds a NUL byte: it would end that field early and
     let the client choose the next ones (a LOGIN password ``digest NUL
@@ -298,7 +300,7 @@ def fd3_payload(creds: Credentials, order: str = "djb") -> bytes:
 
 
 def exit_result(status: int) -> Verdict:
-    """Map a waitpid() status to a Verdict (SPEC B §6.4.2)."""
+    """Map a waitpid() status to a Verdict (docs/behaviour/checkpassword.md#exit-codes)."""
     if os.WIFSIGNALED(status):
         return Verdict(Result.TEMP, f"killed by signal {os.WTERMSIG(status)}")
     code = os.waitstatus_to_exitcode(status)
@@ -310,7 +312,8 @@ def exit_result(status: int) -> Verdict:
 
 
 class CheckpasswordVerifier:
-    """Spawns ``argv`` per attempt, fd 3 per SPEC B §4.5, asynchronously."""
+    """Spawns ``argv`` per attempt, fd 3 per docs/behaviour/checkpassword.md#field-orders,
+    asynchronously."""
 
     def __init__(self, argv: list[str] | str, *, order: str = "djb", timeout: float = 10.0,
                  base_env: dict[str, str] | None = None):
@@ -331,7 +334,7 @@ class CheckpasswordVerifier:
             payload = fd3_payload(creds, self.order)
         except ValueError:                               # nothing spawned
             return Verdict(Result.FAIL, "NUL byte in credentials")
-        if len(payload) > FD3_LIMIT:                     # SPEC B §6.4.4: before spawning
+        if len(payload) > FD3_LIMIT:                     # docs/behaviour/checkpassword.md#server-side: before spawning
             return Verdict(Result.FAIL, "credentials over 512 bytes")
         child_env = dict(self.base_env)
         if env is not None:

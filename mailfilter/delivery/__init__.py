@@ -11,23 +11,23 @@ is no import cycle.
 
 Job: after DATA the server writes the message into a Sink and awaits
 `sink.commit()`; the DeliveryResult carries the one reply to send. This is the
-only `await` on the message path (DESIGN.md "Data flow").
+only `await` on the message path (docs/architecture.md#data-flow).
 
-Invariant (SPEC A §9 "250 means stored"): `ok=True` / 250 only after the next
+Invariant (docs/behaviour/delivery.md#250-means-stored): `ok=True` / 250 only after the next
 hop has the message durably: the fsync'ed Maildir file renamed into new/ with
 new/ fsync'ed, qmail-queue exit 0, or the downstream's 250 after DATA. Every
 failure is a 4xx (the client retries) unless the next hop itself rejected the
 message permanently (5xx from qmail-queue's permanent exits or downstream).
 Never a silent accept, never a silently dropped recipient.
 
-Message bytes arrive in qmail storage format (SPEC B §1.11): LF line ends,
-already dot-unstuffed; the caller writes the Received header first
-(mailfilter.smtp.received, SPEC B §1.12). Bodies are never held whole in memory:
-maildir writes straight into tmp/, the other sinks spool to a
-SpooledTemporaryFile (1 MB in memory, then disk). So qmail-queue starts
-after the end of data, not before the 354 as in qmail-smtpd (SPEC B §1.11):
-the message is checked (size, hops, content) before anything is queued,
-and a qmail-queue that cannot run is found at start-up (`check()`).
+Message bytes arrive in qmail storage format
+(docs/behaviour/delivery.md#storage-format): LF line ends, already dot-unstuffed; the caller writes
+the Received header first (mailfilter.smtp.received, docs/behaviour/smtp.md#received-header).
+Bodies are never held whole in memory: maildir writes straight into tmp/, the other
+sinks spool to a SpooledTemporaryFile (1 MB in memory, then disk). So qmail-queue starts
+after the end of data, not before the 354 as in qmail-smtpd
+(docs/behaviour/delivery.md#storage-format): the message is checked (size, hops, content) before
+anything is queued, and a qmail-queue that cannot run is found at start-up (`check()`).
 
 Specs (`Delivery.from_spec`):
 
@@ -55,8 +55,8 @@ qmail-queue:PROG [ARGS]
     PROG and its arguments are split on whitespace. The message goes to the
     child's fd 0, the envelope `F<sender>\\0T<rcpt>\\0...\\0` to its fd 1
     (qmail-queue(8)). Exit 0 -> 250 with qid = child pid; other exits map to
-    451/554 with qmail.c's texts (SPEC B §1.11 table, `(#x.y.z)` dropped, the
-    enhanced code carried up front); killed by a signal -> 451 qq crashed;
+    451/554 with qmail.c's texts (docs/behaviour/delivery.md#qmail-queue-exit-codes,
+    `(#x.y.z)` dropped, the enhanced code carried up front); killed by a signal -> 451 qq crashed;
     spawn failure -> 451 unable to exec qq; exit 0 after we failed to write
     the message -> 451 qq read error (qmail.c does the same). A PROG that
     does not exist or is not executable is a start-up error (`check()`).

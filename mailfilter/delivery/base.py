@@ -7,8 +7,8 @@ spec (`Delivery.from_spec`) and opens one Sink per message; the Sink's
 commit gives the one DeliveryResult whose reply the client gets.
 
 Invariants:
-- "250 means stored" (SPEC A §9): a result with ok=True (`queued`) is only
-  made once the next hop holds the message durably; every failure of ours is
+- "250 means stored" (docs/behaviour/delivery.md#250-means-stored): a result with ok=True
+  (`queued`) is only made once the next hop holds the message durably; every failure of ours is
   `store_failed` (451) or a hop-specific 4xx/5xx.
 - Each hop class registers the spec kind it parses as a class keyword
   (`class MaildirDelivery(Delivery, kind="maildir", form="maildir:DIR")`), so

@@ -67,9 +67,10 @@ _ADDR_FORBIDDEN = re.compile(r"[\r\n\0]")
 
 def check_envelope(env: Envelope) -> None:
     """Caller bugs, refused loudly with ValueError: no recipients
-    (qmail-queue would accept and deliver to nobody, a silent loss, SPEC A
-    §9), or CR/LF/NUL in an address (SMTP command injection downstream; NUL
-    splits the qmail-queue envelope). The SMTP parser never produces either."""
+    (qmail-queue would accept and deliver to nobody, a silent loss,
+    docs/behaviour/delivery.md#250-means-stored), or CR/LF/NUL in an address (SMTP command
+    injection downstream; NUL splits the qmail-queue envelope). The SMTP parser never
+    produces either."""
     if not env.recipients:
         raise ValueError("delivery: envelope has no recipients")
     for addr in (env.sender, *env.recipients):

@@ -25,10 +25,10 @@ def smtp_encode(chunk: bytes, at_bol: bool) -> tuple[bytes, bool]:
     the wire bytes and the new `at_bol`.
 
     A CR in stored text is a bare CR (the spool keeps qmail's "CR not
-    followed by LF is stored as is", SPEC B §1.11): it goes out as a line
-    end, dot-stuffed like any other, never as a bare CR (RFC 5321 §2.3.8;
+    followed by LF is stored as is", docs/behaviour/delivery.md#storage-format): it
+    goes out as a line end, dot-stuffed like any other, never as a bare CR (RFC 5321 §2.3.8;
     a next hop that ends DATA at `<CR>.<CR>` would otherwise read the rest
-    of the message as commands: SMTP smuggling, SPEC B §7.1)."""
+    of the message as commands: SMTP smuggling, docs/behaviour/smtp.md#data)."""
     if not chunk:
         return b"", at_bol
     if b"\r" in chunk:

@@ -2,7 +2,7 @@
 
 Job and invariants: see the package docstring ("qmail-queue:PROG"): message
 on the child's fd 0, envelope `F<sender>\0T<rcpt>\0...\0` on fd 1; exit codes
-mapped as qmail.c does (SPEC B §1.11); 250 only on exit 0.
+mapped as qmail.c does (docs/behaviour/delivery.md#qmail-queue-exit-codes); 250 only on exit 0.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ __all__ = ["QmailQueueDelivery", "QQ_EXITS", "TIMEOUT", "qq_envelope", "qq_reply
 
 
 def _qq_table() -> dict[int, tuple[str, str]]:
-    # SPEC B §1.11 (qmail.c qmail_close): exit -> (reply name, text).
+    # docs/behaviour/delivery.md#qmail-queue-exit-codes (qmail.c qmail_close): exit ->
+    # (reply name, text).
     t: dict[int, tuple[str, str]] = {}
     for code in range(11, 41):
         t[code] = ("queue_perm", "qq permanent problem")
@@ -86,7 +87,8 @@ def _drop_envelope(transport: asyncio.WriteTransport) -> None:
 
 
 class QmailQueueDelivery(SpoolingDelivery, kind="qmail-queue", form="qmail-queue:PROG [ARGS]"):
-    """qmail-queue:PROG [ARGS] -- the qmail-queue protocol (SPEC B §1.11).
+    """qmail-queue:PROG [ARGS] -- the qmail-queue protocol
+    (docs/behaviour/delivery.md#qmail-queue).
 
     `timeout` (seconds, default TIMEOUT): the whole hand-over, from spawn to
     exit; past it the child is killed and the reply is 451 qq timeout."""

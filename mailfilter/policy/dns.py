@@ -5,7 +5,7 @@ Job: answer "does this name have an A / MX record" with one of
 policy.DNS_OK / DNS_FAIL / DNS_TEMP, and "what is this client's name"
 (qmail's TCPREMOTEHOST, as tcpserver finds it), never blocking the event loop.
 
-Semantics (SPEC B §2.4, §2.7, §7.2):
+Semantics (docs/behaviour/tcp-smtp.md#settings, docs/behaviour/smtp.md#replies):
 - MX check (MFDNSCHECK): NXDOMAIN -> fail; an MX set -> ok, except a lone
   null MX (RFC 7505, `0 .`) -> nullmx (the caller answers 550 5.7.27, §4.2);
   no MX but an A/AAAA record -> ok (implicit MX, RFC 5321 §5.1); no MX and

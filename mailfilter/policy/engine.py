@@ -36,9 +36,11 @@ __all__ = ["Client", "ClientProfile", "DNS_FAIL", "DNS_NULLMX", "DNS_OK", "DNS_T
 
 @dataclass
 class PolicyOptions:
-    open_relay: bool = False    # SPEC A §4: only when the operator says so
+    open_relay: bool = False    # docs/behaviour/control-files.md#rcpthosts: only when the
+                                # operator says so
     defaults: dict[str, str] = field(default_factory=dict)  # global settings (env names)
-    is_local_ip: Callable[[str], bool] = is_local_ipv4      # for localiphost (B §1.7)
+    is_local_ip: Callable[[str], bool] = is_local_ipv4      # for localiphost
+                                                            # (docs/behaviour/control-files.md#localiphost)
 
 
 # Shared verdicts are cached per rule id; a cache that reaches this many
@@ -129,9 +131,10 @@ class PolicyEngine:
 
     def listed(self, matcher, data: bytes, mode: int, qregex: bool | None = None) -> int:
         """Deciding rule id if `data` is listed (rejected), else NO_RULE; an
-        `!` exception as last match means "not listed" (spamcontrol, B §2.5).
-        `qregex`: the list's dialect (default: the rules'); relaymailfrom is
-        a spamcontrol list in both dialects (compiled as one, rules/README)."""
+        `!` exception as last match means "not listed" (spamcontrol,
+        docs/behaviour/control-files.md#which-match-wins). `qregex`: the list's dialect (default:
+        the rules'); relaymailfrom is a spamcontrol list in both dialects (compiled as one,
+        rules/README)."""
         if matcher is None:
             return NO_RULE
         if self.qregex if qregex is None else qregex:
@@ -146,8 +149,9 @@ class PolicyEngine:
         return self.bundle.where(rid) if rid >= 0 else None
 
     def pending_verdict(self, stage: str, why: str, rid: int) -> Verdict:
-        """HELO/MAIL answer 250 while a rejection waits for RCPT (SPEC B
-        §1.5, §2.7): one shared, read-only Verdict per (stage, why, rule)."""
+        """HELO/MAIL answer 250 while a rejection waits for RCPT
+        (docs/behaviour/smtp.md#pending-verdicts): one shared, read-only Verdict per
+        (stage, why, rule)."""
         key = (stage, why, rid)
         v = self._pending.get(key)
         if v is None:
@@ -190,8 +194,8 @@ class PolicyEngine:
 
     def local_literal(self, address: str) -> str:
         """`address` with a domain literal naming this host replaced by
-        `localiphost` (SPEC B §1.7: the part after the last `@` is exactly
-        `[d.d.d.d]` and the address is one of ours), else `address` itself."""
+        `localiphost` (docs/behaviour/control-files.md#localiphost: the part after the
+        last `@` is exactly `[d.d.d.d]` and the address is one of ours), else `address` itself."""
         at = address.rfind("@")
         dom = address[at + 1:]
         if at < 0 or len(dom) < 9 or dom[0] != "[" or dom[-1] != "]":

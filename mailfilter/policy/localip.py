@@ -1,5 +1,5 @@
 """Address literals: pack_ip, and is an IPv4 address one of this host's own?
-(qmail's `ipme`, SPEC B §1.7)
+(qmail's `ipme`, docs/behaviour/control-files.md#localiphost)
 
 Job: what the `localiphost` substitution needs to know about a domain literal
 `[d.d.d.d]` in a recipient or sender: is it an address at all (pack_ip), and

@@ -5,7 +5,7 @@ the global defaults, read into typed fields (numbers qmail-style), the
 verdicts that depend on nothing else, and the RCPT checks that can fire for
 such a client (rcpt.plan), one plan for relay clients and one for the others.
 
-Invariants: settings are the qmail environment names (SPEC A §3); "set"
+Invariants: settings are the qmail environment names (docs/behaviour/tcp-smtp.md#settings); "set"
 (even to "") and "unset" differ, as in qmail. A profile is read-only once
 built and shared by every session of its rule.
 """
@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 
 def int_setting(value: str | None, default: int = 0) -> int:
-    """qmail-style: leading decimal digits, garbage -> default (B §1.2)."""
+    """qmail-style: leading decimal digits, garbage -> default
+    (docs/behaviour/tcp-smtp.md#values)."""
     if value is None:
         return default
     n = leading_int(value.strip())
@@ -72,7 +73,8 @@ class ClientProfile:
         if self.allowed:
             self.connect_verdict = Verdict("CONNECT", True, engine.greeting_reply,
                                            "relay_client" if self.relay else "ok", self.rule)
-        else:   # 220 now, 553 at every RCPT (SPEC A §3), like HELO and MAIL's pending verdicts
+        else:   # 220 now, 553 at every RCPT (docs/behaviour/tcp-smtp.md#denied-clients), like HELO
+                # and MAIL's pending verdicts
             self.connect_verdict = Verdict("CONNECT", True, engine.greeting_reply,
                                            "pending_client_denied", self.rule)
         self.auth_required_verdict = Verdict("MAIL", False, reply("auth_required"), "auth_required",

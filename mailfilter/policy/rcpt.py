@@ -68,7 +68,8 @@ NOT_LISTED = -2         # it applies, and no line names the address: refuse
 # -- the checks, in table order
 
 def _client_denied(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> Verdict | None:
-    return s.profile.denied_verdict     # 220 at connect, 553 at every RCPT (SPEC A §3)
+    return s.profile.denied_verdict     # 220 at connect, 553 at every RCPT
+                                        # (docs/behaviour/tcp-smtp.md#denied-clients)
 
 
 def _auth_required(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> Verdict | None:
@@ -92,7 +93,8 @@ def _bad_helo(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> Ver
     if hv is None:
         return None
     # qregex has no split horizon for badhelo: it binds relay clients too;
-    # only badhelonorelay (and HELOCHECK) spare them (B §3.1)
+    # only badhelonorelay (and HELOCHECK) spare them
+    # (docs/behaviour/control-files.md#qregex-dialect)
     if relay and not (s.engine.qregex and hv[0] == "bad_helo"):
         return None
     return s.engine.reject_verdict(hv[0], "bad_helo", hv[1])
@@ -130,7 +132,8 @@ def _rcpthosts(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> Ve
     if eng.rcpthosts_present:
         at = data.rfind(b"@")    # the recipient's last "@" (latin-1: same position)
         if at < 0:
-            return None          # B §1.8 step 2: addresses without @ are local
+            return None          # docs/behaviour/control-files.md#rcpthosts step 2: addresses
+                                 # without @ are local
         matcher = eng.rcpthosts  # None: an existing but empty rcpthosts names no domain
         rid = matcher.last_match(data[at + 1:], MODE_HOST) if matcher is not None else NO_RULE
         if rid >= 0:
@@ -154,7 +157,7 @@ def _tarpit_limit(s: SessionPolicy, recipient: str, data: bytes, relay: bool) ->
 
 def _tarpit_delay(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> None:
     # "after tarpitcount RCPTs, sleep tarpitdelay seconds before answering
-    # each further RCPT" (SPEC B §2.2); 999 means notorious, not a delay
+    # each further RCPT" (docs/behaviour/tcp-smtp.md#settings); 999 means notorious, not a delay
     prof = s.profile
     count = prof.tarpit_count
     if count and s.rcpt_count > count and 0 < prof.tarpit_delay < 999:
@@ -189,7 +192,8 @@ def _badrcptto(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> Ve
     eng = s.engine
     if eng.qregex:
         rid = eng.listed(eng.badrcptto, data, MODE_ADDRESS)
-    else:                                        # last match decides, `!` = exception (B §2.5)
+    else:                                        # last match decides, `!` = exception
+                                                 # (docs/behaviour/control-files.md#which-match-wins)
         rid = eng.badrcptto_last(data, MODE_ADDRESS)
         if rid >= 0 and eng.rule_words[3 * rid] & FLAG_EXCEPTION:
             rid = NO_RULE
@@ -275,7 +279,8 @@ def _by_state(wanted: tuple[RcptCheck, ...]) -> tuple[tuple[Check, ...], ...]:
 
 def recipient_rule(eng: PolicyEngine, recipient: str) -> int:
     """The recipients line accepting `recipient` (or the `!domain` / `!*`
-    line that exempts it from the check), NOT_CHECKED, or NOT_LISTED (B §2.9)."""
+    line that exempts it from the check), NOT_CHECKED, or NOT_LISTED
+    (docs/behaviour/control-files.md#recipients)."""
     addr = recipient.lower()
     if "@" not in addr:
         if addr == "postmaster":

@@ -6,7 +6,11 @@ Verdict. The server and `mailfilter check` both drive a SessionPolicy
 through the same calls: connect(), helo(), mail(), rcpt(), data(), so a
 `check` answer is the server's answer.
 
-Semantics (SPEC A §1-§4, B §2.4-§2.9, §3; bugs of B §2.14 fixed):
+Semantics
+(docs/behaviour/control-files.md#which-match-wins, #regular-expressions, #rcpthosts,
+#decorated-entries, #recipients, #qregex-dialect, docs/behaviour/tcp-smtp.md#settings,
+docs/behaviour/smtp.md#pending-verdicts, #rcpt-checks; spamcontrol's bugs fixed
+(docs/behaviour/differences.md#spamcontrol-bugs)):
 - per-client settings come from tcp.smtp (ClientProfile);
 - split horizon: relay clients (RELAYCLIENT set, authenticated, or a
   relaymailfrom sender where RELAYMAILFROM is set for the client) skip HELO
@@ -17,13 +21,13 @@ Semantics (SPEC A §1-§4, B §2.4-§2.9, §3; bugs of B §2.14 fixed):
   policy/rcpt.py in spamcontrol's order;
 - spamcontrol dialect: the last matching line of a list decides, `!` lines are
   exceptions (every entry kind takes part); qregex dialect: the first firing
-  line decides and `!` means "must match" (B §3.2);
+  line decides and `!` means "must match" (docs/behaviour/control-files.md#qregex-dialect);
 - DNS answers (HELOCHECK A/M, MFDNSCHECK) are looked up by the caller and
   handed in (set_helo_dns / set_mail_dns): this module never blocks.
-Quirks fixed: `@dom-` and `user@dom+` entries work (B §2.14 #1, #2), a DNS
-soft failure is one 451 at RCPT (#3), SIZE is refused at MAIL by the engine
-(#4), matching is case-insensitive in every stage (#5), only accepted
-recipients count towards MAXRECIPIENTS (#7).
+Quirks fixed: `@dom-` and `user@dom+` entries work
+(docs/behaviour/differences.md#spamcontrol-bugs #1, #2), a DNS soft failure is one 451 at RCPT
+(#3), SIZE is refused at MAIL by the engine (#4), matching is case-insensitive in every stage
+(#5), only accepted recipients count towards MAXRECIPIENTS (#7).
 
 Invariants: the transaction fields hold their initial values whenever
 _in_transaction is False; Verdicts returned may be shared (read-only).
@@ -117,7 +121,7 @@ class SessionPolicy:
     def connect(self) -> Verdict:
         return self.profile.connect_verdict
 
-    # -- HELO/EHLO (B §2.7): always 250, verdict kept for RCPT
+    # -- HELO/EHLO (docs/behaviour/smtp.md#pending-verdicts): always 250, verdict kept for RCPT
     def helo(self, name: str) -> Verdict:
         if self._in_transaction:
             self._reset_transaction()
@@ -143,14 +147,15 @@ class SessionPolicy:
         elif prof.helocheck is not None:
             self.helo_verdict = self._spamcontrol_helo(name, prof.helocheck)
         hv = self.helo_verdict
-        if hv is not None:             # 250 now, 550 at RCPT (SPEC B §2.7)
+        if hv is not None:             # 250 now, 550 at RCPT
+                                       # (docs/behaviour/smtp.md#pending-verdicts)
             return eng.pending_verdict("HELO", hv[0], hv[1])
         return eng.v_helo
 
     def _helocheck_name(self, name: str, mode: str) -> tuple[str, int] | None:
         """HELOCHECK's demands on the name itself, apart from the badhelo list
-        (B §2.8): `!` and `.` refuse an empty name, `=` one that is not the
-        client's host name. A client without a known name ("unknown") cannot
+        (docs/behaviour/tcp-smtp.md#settings): `!` and `.` refuse an empty name, `=`
+        one that is not the client's host name. A client without a known name ("unknown") cannot
         pass `=`, not even by saying `HELO unknown`."""
         if mode in ("!", ".") and not name.strip():
             return ("helo_empty", self.profile.setting_rule("HELOCHECK"))
@@ -172,7 +177,8 @@ class SessionPolicy:
             if rid >= 0:                       # name!: acceptable, no DNS test
                 self.helo_skip_dns = True
                 return None
-        rid = eng.badhelo_last(key, MODE_HOST)     # last match decides, `!` = exception (B §2.5)
+        rid = eng.badhelo_last(key, MODE_HOST)     # last match decides, `!` = exception
+                                                   # (docs/behaviour/control-files.md#which-match-wins)
         if rid >= 0 and not eng.rule_words[3 * rid] & FLAG_EXCEPTION:
             return ("bad_helo", rid)
         return self._helocheck_name(name, mode) if mode == "=" else None
@@ -188,7 +194,7 @@ class SessionPolicy:
     def set_helo_dns(self, status: str) -> None:
         self.helo_dns = status
 
-    # -- MAIL (B §2.8 MAIL list)
+    # -- MAIL (docs/behaviour/smtp.md#mail-checks)
     def mail(self, sender: str) -> Verdict:
         if self._in_transaction:
             self._reset_transaction()
@@ -212,7 +218,8 @@ class SessionPolicy:
         sv = self.sender_verdict = self._sender_verdict(sender, data)
         if sv is None:
             return V_MAIL_OK
-        # 250 now, the rejection is reported at every RCPT (SPEC B §1.5)
+        # 250 now, the rejection is reported at every RCPT
+        # (docs/behaviour/smtp.md#pending-verdicts)
         return eng.pending_verdict("MAIL", sv[0], sv[1])
 
     def _sender_verdict(self, sender: str, data: bytes) -> tuple[str, int] | None:
@@ -226,13 +233,15 @@ class SessionPolicy:
             verdict = self._decorated(sender)
             if verdict is not None or self.sender_bypass:
                 return verdict
-        rid = eng.badmailfrom_last(data, MODE_ADDRESS)   # last match decides, `!` = exception (B §2.5)
+        rid = eng.badmailfrom_last(data, MODE_ADDRESS)   # last match decides, `!` = exception
+                                                         # (docs/behaviour/control-files.md#which-match-wins)
         if rid >= 0 and not eng.rule_words[3 * rid] & FLAG_EXCEPTION:
             return ("badmailfrom", rid)
         return None
 
     def _decorated(self, sender: str) -> tuple[str, int] | None:
-        """Decorated badmailfrom entries, in spamcontrol's order (B §2.6)."""
+        """Decorated badmailfrom entries, in spamcontrol's order
+        (docs/behaviour/control-files.md#decorated-entries)."""
         eng = self.engine
         folded = sender.lower()
         dom = _domain(folded)
@@ -306,7 +315,8 @@ class SessionPolicy:
             if verdict is not None:
                 return verdict
         self.accepted += 1
-        if relay:       # delivered with the RELAYCLIENT value appended (B §1.9)
+        if relay:       # delivered with the RELAYCLIENT value appended
+                        # (docs/behaviour/tcp-smtp.md#settings)
             if prof.relay:
                 verdict = prof.relay_verdict
             else:
@@ -327,7 +337,8 @@ class SessionPolicy:
     def data(self) -> Verdict:
         return V_NOTORIOUS if self.notorious else V_DATA_OK
 
-    # -- AUTH success (SPEC A §7): relaying as RELAYCLIENT="" for the session
+    # -- AUTH success (docs/behaviour/auth.md#after-success): relaying as
+    # RELAYCLIENT="" for the session
     def auth_success(self, user: str) -> None:
         self.authenticated = user
 

@@ -14,7 +14,10 @@ Invariants:
 - rule ids are dense, assigned in file order then line order, so within one
   file a larger id is a later line ("last match wins" = largest id);
 - every skipped line produces exactly one Diagnostic naming file:line;
-- list semantics follow SPEC A §1-§3 and B §2.5-§2.9, §3.2; the entry kinds
+- list semantics follow
+  docs/behaviour/control-files.md#which-match-wins, #regular-expressions, #decorated-entries,
+  #recipients, #qregex-dialect, docs/behaviour/tcp-smtp.md#settings,
+  docs/behaviour/smtp.md#pending-verdicts, #rcpt-checks; the entry kinds
   are documented in rules/README.md.
 """
 from __future__ import annotations
@@ -242,7 +245,8 @@ class _Compiler:
         parts.regex_sources.append(pattern)
         parts.regex_filters.append(regex_filter(pattern))
 
-    # -- spamcontrol pattern lists (SPEC A §1, B §2.5, §2.6)
+    # -- spamcontrol pattern lists
+    # (docs/behaviour/control-files.md#which-match-wins, #decorated-entries)
     def spamcontrol_entry(self, parts: _ListParts, line: cf.Line, body: str, flags: int) -> None:
         if not body:
             self.diag(line, "empty entry after '!'")
@@ -325,7 +329,7 @@ class _Compiler:
                 elif core_.startswith(".") or (_has_wildmat(core_) and not literal_entry(core_)):
                     self.diag(line, f"a '{mark}' entry takes a plain address or @domain, not a wildmat or .suffix")
                 elif mark != "+" and not core_.startswith("@"):
-                    self.diag(line, f"'{mark}' takes @domain only (SPEC B §2.6), not a full address: "
+                    self.diag(line, f"'{mark}' takes @domain only (docs/behaviour/control-files.md#decorated-entries), not a full address: "
                                     f"write @{core_.rpartition('@')[2]}{mark}")
                 elif not core_.rpartition("@")[2] or _has_space(core_):
                     self.diag(line, "decorated entry names no address or domain")
@@ -375,7 +379,8 @@ class _Compiler:
                 self.spamcontrol_entry(parts, line, text, 0)
         self.put_list(name, parts)
 
-    # -- qregex (SPEC A §2, B §3.2): every line a regex, `!` = must match
+    # -- qregex (docs/behaviour/control-files.md#regular-expressions, #qregex-dialect): every line
+    # a regex, `!` = must match
     def compile_qregex_list(self, name: str, lines: list[cf.Line]) -> None:
         parts = _ListParts()
         for line in self.each(name, lines):
@@ -390,14 +395,16 @@ class _Compiler:
                 self.add_regex(parts, line, text, 0)
         self.put_list(name, parts)
 
-    # -- rcpthosts + morercpthosts (SPEC B §1.8): exact domain or .suffix
+    # -- rcpthosts + morercpthosts (docs/behaviour/control-files.md#rcpthosts): exact
+    # domain or .suffix
     def compile_rcpthosts(self) -> None:
         present = [n for n in HOST_LISTS if n in self.src.lists]
         if not present:
             return
-        # either file turns the check on, even empty (SPEC B §1.8: an existing
-        # empty list accepts no domain); an empty morercpthosts alone used to
-        # count as "no list" (open relay with --open-relay, postmaster refused)
+        # either file turns the check on, even empty
+        # (docs/behaviour/control-files.md#rcpthosts: an existing empty list accepts no domain); an
+        # empty morercpthosts alone used to count as "no list" (open relay with --open-relay,
+        # postmaster refused)
         self.meta["rcpthosts_present"] = True
         parts = _ListParts()
         for name in present:
@@ -412,7 +419,8 @@ class _Compiler:
                 parts.hash_ids.append(rid)
         self.put_list("rcpthosts", parts)
 
-    # -- recipients (SPEC B §2.9, text form): addresses, @domain catch-alls
+    # -- recipients (docs/behaviour/control-files.md#recipients, text form): addresses,
+    # @domain catch-alls
     def compile_recipients(self, lines: list[cf.Line]) -> None:
         keys: list[bytes] = []
         ids: list[int] = []
@@ -449,7 +457,7 @@ class _Compiler:
                 continue
             if local.endswith("-") and "-" in local[:-1]:
                 self.diag(line, f"an extension entry is the local part up to and including its FIRST '-' "
-                                f"(SPEC B §2.9), so {text!r} can never match: write "
+                                f"(docs/behaviour/control-files.md#recipients), so {text!r} can never match: write "
                                 f"{local[:local.index('-') + 1]}@{dom}")
                 continue
             kind = "catchall" if text.startswith("@") else "recipient"
@@ -479,7 +487,7 @@ class _Compiler:
             self.sections["A:" + name] = core.aho_build(patterns, ids, False)
             self.meta["signatures"].append(name)
 
-    # -- tcp.smtp (SPEC A §3)
+    # -- tcp.smtp (docs/behaviour/tcp-smtp.md#syntax)
     def compile_tcp_rules(self) -> None:
         settings: list[dict[str, str]] = []
         settings_index: dict[tuple, int] = {}

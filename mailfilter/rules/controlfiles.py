@@ -5,7 +5,7 @@ Job: turn files into plain records that remember where they came from
 (`path:line: problem: rule skipped`). Classification of list entries into
 matcher kinds is the compiler's job; this module never imports mailfilter._core.
 
-Reading rules (SPEC B §1.3, qmail control.c):
+Reading rules (docs/behaviour/control-files.md#reading-control-files, qmail control.c):
 - list files: one entry per line; trailing spaces, tabs and CR/LF stripped,
   leading whitespace KEPT; empty lines and lines starting with `#` skipped; a
   last line without newline counts;
@@ -31,7 +31,7 @@ from mailfilter.rules.format import leading_int
 LIST_FILES = (
     "rcpthosts", "morercpthosts", "badmailfrom", "badrcptto", "badhelo",
     "relaymailfrom", "recipients", "badmimetypes", "badloadertypes",
-    # qregex dialect split-horizon files (SPEC B §3.1)
+    # qregex dialect split-horizon files (docs/behaviour/control-files.md#qregex-dialect)
     "badmailfromnorelay", "badrcpttonorelay", "badhelonorelay",
 )
 FIRST_LINE_FILES = ("me", "smtpgreeting", "localiphost", "dialect")

@@ -29,9 +29,10 @@ SPAMCONTROL_LISTS = ("badmailfrom", "badrcptto", "badhelo", "relaymailfrom")
 QREGEX_LISTS = ("badmailfrom", "badmailfromnorelay", "badrcptto",
                 "badrcpttonorelay", "badhelo", "badhelonorelay")
 HOST_LISTS = ("rcpthosts", "morercpthosts")   # merged into L:rcpthosts
-SIGNATURE_LISTS = {"badmimetypes": 9, "badloadertypes": 5}  # SPEC B §2.8
+SIGNATURE_LISTS = {"badmimetypes": 9, "badloadertypes": 5}  # docs/behaviour/control-files.md#content-signatures
 
-# tcp.smtp per-client settings we understand (SPEC A §3, B §1.2, §2.4, §4.3).
+# tcp.smtp per-client settings we understand (docs/behaviour/tcp-smtp.md#settings,
+# docs/behaviour/auth.md#modes).
 KNOWN_SETTINGS = frozenset({
     "RELAYCLIENT", "HELOCHECK", "MFDNSCHECK", "DATABYTES", "MAXRECIPIENTS",
     "TARPITCOUNT", "TARPITDELAY", "SMTPAUTH", "RECIPIENTS450", "BADMIMETYPE",
@@ -66,8 +67,8 @@ class Compiled:
 
 def leading_int(text: str) -> int | None:
     """The leading ASCII decimal digits of `text` as an int (qmail's scan_ulong,
-    B §1.2), None if there are none. Only 0-9 count: str.isdigit() also takes
-    Latin-1 superscripts such as "\xb2", which int() refuses."""
+    docs/behaviour/tcp-smtp.md#values), None if there are none. Only 0-9 count:
+    str.isdigit() also takes Latin-1 superscripts such as "\xb2", which int() refuses."""
     n = 0
     while n < len(text) and text[n] in _DIGITS:
         n += 1

@@ -8,7 +8,7 @@ Job: from a pattern's RE2 reading (re2syntax.analysis), derive
 Both are stored in the bundle: the server never computes them and never
 imports this module.
 
-Invariants (SPEC A §2):
+Invariants (docs/behaviour/control-files.md#regular-expressions):
 - every filter is a NECESSARY condition for an RE2 match of exactly the
   pattern RE2 runs. Python's `re` parser reads RE2 syntax differently (POSIX
   classes `[[:digit:]]`, `\Q...\E`, `\pN`, `\C`, `{,n}`, octal escapes,

@@ -5,12 +5,14 @@ calls (`.contains`), or refuses it with RegexError; `gate_part` wraps a
 pattern as one branch of a list's gate. The filters the compiler derives
 from a pattern live in prefilters.py (compile side only).
 
-Invariants (SPEC A §2, DESIGN.md):
+Invariants (docs/behaviour/control-files.md#regular-expressions,
+docs/architecture.md#the-rule-compiler):
 - every regex is compiled by RE2 through pyre2; pyre2's silent fallback to
   Python's backtracking `re` (back-references, look-around) is switched to an
   exception and any non-RE2 object is refused, so a ReDoS-prone pattern is a
   compile error with file:line, never a slow path at SMTP time;
-- matching is ASCII case-insensitive and unanchored (qregex semantics, B §3.2);
+- matching is ASCII case-insensitive and unanchored (qregex semantics,
+  docs/behaviour/control-files.md#qregex-dialect);
 - a pattern whose counted repeats would expand past MAX_EXPANDED nodes never
   reaches RE2 (RE2 aborts the process on it). The bundle loader compiles
   with the same check, so a bundle holding such a pattern (written before

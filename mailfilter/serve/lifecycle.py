@@ -1,9 +1,9 @@
 """`mailfilter serve`, one serving process: start, reload, stop.
 
 Job: build the ServerState from ServeOptions (compile `--rules` or load
-`--bundle`, refuse an accidental open relay: SPEC A §4), listen on every
-`--listen` address, and run until SIGTERM/SIGINT, then drain
-(`_drain_sessions`). The options themselves are config.py's; several
+`--bundle`, refuse an accidental open relay:
+docs/behaviour/control-files.md#rcpthosts), listen on every `--listen` address, and run until
+SIGTERM/SIGINT, then drain (`_drain_sessions`). The options themselves are config.py's; several
 processes sharing the port (`--workers`) are supervise.py's.
 
 SIGHUP recompiles (with `--rules`: in a child process, `mailfilter

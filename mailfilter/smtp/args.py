@@ -21,7 +21,7 @@ __all__ = [
     "decode_address", "decode_xtext", "unknown_param",
 ]
 
-MAX_ADDRESS = 900          # qmail addrparse limit (SPEC B §1.6 step 6)
+MAX_ADDRESS = 900          # qmail addrparse limit (docs/behaviour/smtp.md#addresses step 6)
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _XDIGITS = frozenset(b"0123456789ABCDEFabcdef")
 _ESMTP_KEYWORD = re.compile(rb"[A-Za-z0-9][A-Za-z0-9-]{0,63}\Z")
@@ -42,9 +42,10 @@ class ParseError(Exception):
 def parse_path(arg: bytes, keyword: bytes) -> tuple[bytes, bytes]:
     """Split ``FROM:<path> params`` into (address bytes, params bytes).
 
-    RFC 5321 keyword (case-insensitive), brackets required (spamcontrol, SPEC B
-    §2.8 step 2), spaces tolerated between the colon and ``<``, quotes and
-    backslashes removed (SPEC B §1.6 step 4), a source route dropped (step 3).
+    RFC 5321 keyword (case-insensitive), brackets required (spamcontrol,
+    docs/behaviour/smtp.md#addresses step 2), spaces tolerated between the colon and
+    ``<``, quotes and backslashes removed (docs/behaviour/smtp.md#addresses step 4), a source route
+    dropped (step 3).
     """
     k = len(keyword)
     if arg[:k].upper() != keyword:

@@ -2,7 +2,7 @@
 
 Job: look at message bytes as they stream (LF line ends, already
 dot-unstuffed) and remember the first signature hit, without holding the
-message. Semantics (SPEC B §2.8, "Content filters"):
+message. Semantics (docs/behaviour/smtp.md#content-checks, "Content filters"):
 - inside any MIME part whose header has a `Content-Transfer-Encoding:` value
   starting with `base64` (spamcontrol compares the line's start, so
   `base64 (comment)` and `base64;` count), the first non-empty body line is

@@ -2,7 +2,7 @@
 
 ``DataReader`` consumes the engine's input buffer while the session is in the
 DATA state and queues ``DataChunk`` events (the stored form: LF line ends,
-dot-unstuffed) and, at the end of data, one ``DataEnd`` (SPEC B §1.11, §7.1).
+dot-unstuffed) and, at the end of data, one ``DataEnd`` (docs/behaviour/smtp.md#data).
 
 Theory of operation
 -------------------
@@ -147,7 +147,7 @@ class DataReader:
             self._events.append(DataChunk(out))
 
     def _count_hops(self, out: bytes) -> None:
-        """Count Received/Delivered lines of the header block (SPEC B §1.11)."""
+        """Count Received/Delivered lines of the header block (docs/behaviour/smtp.md#data)."""
         if self._hskip:
             i = out.find(_LF)
             if i < 0:

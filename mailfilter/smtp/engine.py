@@ -3,9 +3,10 @@
 No sockets, no asyncio, no policy. The I/O shell feeds received bytes with
 ``receive_data()``, drains ``next_event()`` until ``NEED_DATA``, answers the
 events that owe a reply with ``send()``, and writes ``data_to_send()`` once per
-batch, so pipelined commands are answered in one write (RFC 2920, SPEC B §7.3).
-The pattern is h11's ``_connection.py`` / ``_state.py``; the command table and the
-DATA byte machine follow qmail-smtpd (SPEC B §1.4-§1.6, §1.11).
+batch, so pipelined commands are answered in one write (RFC 2920,
+docs/behaviour/smtp.md#command-lines). The pattern is h11's ``_connection.py`` / ``_state.py``; the
+command table and the DATA byte machine follow qmail-smtpd
+(docs/behaviour/smtp.md#commands, #states, #addresses, #data).
 
 This module frames command lines, runs the command table and the transition
 table, and queues replies. Its vocabulary (states, events) is in
@@ -21,10 +22,10 @@ Theory of operation
 
 Input is framed in one of three modes:
 
-* command mode: lines up to LF, one CR before it removed (SPEC B §1.4); at most
-  ``max_line`` octets including the terminator (RFC 5321 §4.5.3.1). A longer line
-  is answered ``500 5.5.2`` once and discarded up to its LF. A line ending in a bare
-  LF is accepted and reported as ``Anomaly("BARE NEWLINE")``.
+* command mode: lines up to LF, one CR before it removed
+  (docs/behaviour/smtp.md#command-lines); at most ``max_line`` octets including the terminator (RFC
+  5321 §4.5.3.1). A longer line is answered ``500 5.5.2`` once and discarded up to its LF. A line
+  ending in a bare LF is accepted and reported as ``Anomaly("BARE NEWLINE")``.
 * auth mode: every line (up to ``max_auth_line`` octets) is an ``AuthResponse``.
 * data mode: the byte machine of ``smtp/data.py``.
 
@@ -254,8 +255,8 @@ def _verb_label(line: bytes) -> str:
     """What the log may say about a command line: its verb when it is a known
     one, else only the line's length. Anything else may be a secret: a
     password a client pipelined after an AUTH that was refused arrives here as
-    an "unknown verb", and base64 can look like a word (DESIGN: no secret is
-    logged)."""
+    an "unknown verb", and base64 can look like a word
+    (docs/architecture.md#design-rules: no secret is logged)."""
     verb = line.split(b" ", 1)[0].upper()
     if verb in _NAMED_VERBS:
         return verb.decode("ascii")
@@ -340,8 +341,8 @@ class SMTPConnection:
 
     def data_end_refusal(self, ev: DataEnd) -> str | None:
         """Why the engine refuses a DataEnd, as the name of its reply (qmail
-        order, SPEC B §1.11): "bare_lf", "too_many_hops", "size_exceeded"; None
-        when it does not."""
+        order, docs/behaviour/smtp.md#end-of-data): "bare_lf", "too_many_hops",
+        "size_exceeded"; None when it does not."""
         if ev.bare_lf:
             return "bare_lf"
         if ev.hops >= self.config.max_hops:
@@ -402,7 +403,7 @@ class SMTPConnection:
     def send(self, r: Reply | MultiReply, close: bool = False) -> None:
         """The application's reply to the pending event; applies the transition.
         `close`: hang up after this reply (spamcontrol's notorious-session 503,
-        SPEC B §2.8); nothing buffered or pipelined after it is processed."""
+        docs/behaviour/smtp.md#data); nothing buffered or pipelined after it is processed."""
         ev = self._pending
         if ev is None:
             raise EngineError("send() without a pending event")
@@ -701,4 +702,4 @@ _COMMANDS = {
     b"STARTTLS": SMTPConnection._cmd_starttls,
 }
 """The command table (qmail-smtpd ``smtpcommands[]``); anything else is
-500 unimplemented (SPEC A §5, B §2.8)."""
+500 unimplemented (docs/behaviour/smtp.md#replies, #commands)."""

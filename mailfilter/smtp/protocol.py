@@ -33,7 +33,7 @@ Invariants:
   sessions only;
 - "250 means stored": the reply after DATA is the delivery's reply; an
   exception anywhere in a session is logged with its traceback and answered
-  421 4.3.0 on that connection only (DESIGN.md, Errors and logging);
+  421 4.3.0 on that connection only (docs/architecture.md#errors-and-logging);
 - limits: global and per-IP connection caps (421 4.7.0 at connect), an idle
   timeout per read, a total session deadline, the engine's line and
   bad-command limits, databytes while streaming.

@@ -1,6 +1,6 @@
 """The Received header mailfilter prepends to every accepted message.
 
-Job: reproduce qmail-smtpd's two-line trace header (SPEC B §1.12, qmail
+Job: reproduce qmail-smtpd's two-line trace header (docs/behaviour/smtp.md#received-header, qmail
 `received.c` + `date822fmt.c`) byte for byte, with the RFC 3848 protocol names:
 
     Received: from <REMOTEHOST> (HELO <helo>) (<AUTHUSER>@<REMOTEIP>)
@@ -11,7 +11,8 @@ ESMTPSA with AUTH and/or TLS (`protocol()`); inside TLS the version and
 cipher follow as a comment.
 
 Invariants:
-- LF line ends only: the message is in qmail storage format (SPEC B §1.11).
+- LF line ends only: the message is in qmail storage format
+  (docs/behaviour/delivery.md#storage-format).
 - `(HELO <helo>)` only when the HELO/EHLO argument differs, ASCII
   case-insensitively, from the remote host name (qmail `case_diffs`); an empty
   HELO means "none given" and is omitted like qmail's default helohost.
@@ -61,7 +62,7 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
 
 
 def safe(value: str) -> bytes:
-    """qmail `safeput`: unsafe bytes become `?` (SPEC B §1.12); at most
+    """qmail `safeput`: unsafe bytes become `?` (docs/behaviour/smtp.md#received-header); at most
     FIELD_MAX bytes."""
     return value.encode("utf-8", "surrogateescape")[:FIELD_MAX].translate(_TABLE)
 
@@ -93,8 +94,8 @@ def date822(when: float) -> bytes:
 
 
 def protocol(env: Trace) -> bytes:
-    """The with-protocol (SPEC B §1.12): `SMTP` for a session that greeted
-    with HELO (RFC 5321 / RFC 3848 §1); after EHLO the RFC 3848 §2 names
+    """The with-protocol (docs/behaviour/smtp.md#received-header): `SMTP` for a
+    session that greeted with HELO (RFC 5321 / RFC 3848 §1); after EHLO the RFC 3848 §2 names
     ESMTP, ESMTPA (authenticated), ESMTPS (TLS), ESMTPSA. The S and A forms
     exist for ESMTP only (AUTH and STARTTLS need EHLO)."""
     if not env.esmtp:
@@ -103,7 +104,8 @@ def protocol(env: Trace) -> bytes:
 
 
 def received_header(env: Trace, when: float | None = None) -> bytes:
-    """The two-line Received header for `env`, LF-terminated (SPEC B §1.12)."""
+    """The two-line Received header for `env`, LF-terminated
+    (docs/behaviour/smtp.md#received-header)."""
     remotehost = env.client_host or "unknown"
     out = [b"Received: from ", safe(remotehost)]
     helo = wire_bytes(env.helo)

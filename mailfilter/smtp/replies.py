@@ -1,9 +1,9 @@
 """Every SMTP reply text mailfilter sends, in one table.
 
-Codes and phrases follow spamcontrol 2.7 / qmail (SPEC B §1.4, §2.11, §4.6) with
-RFC 3463 enhanced codes up front instead of qmail's trailing `(#x.y.z)`
-(SPEC A §5, B §7.2). Nothing else in the package writes reply text: code that
-needs a reply names it here (`REPLIES["badmailfrom"]`) and may only fill the
+Codes and phrases follow spamcontrol 2.7 / qmail (docs/behaviour/smtp.md#commands, #replies,
+docs/behaviour/auth.md#dialogue) with RFC 3463 enhanced codes up front instead of qmail's
+trailing `(#x.y.z)` (docs/behaviour/smtp.md#replies). Nothing else in the package writes
+reply text: code that needs a reply names it here (`REPLIES["badmailfrom"]`) and may only fill the
 `{}` placeholders a template declares.
 
 Invariants: every entry is one line without CR/LF; every 2xx, 4xx and 5xx
@@ -87,8 +87,9 @@ REPLIES: dict[str, Reply] = {
     "vrfy": R(252, "2.0.0", "send some mail, i'll try my best"),
     "data_go": R(354, "", "go ahead"),
     "queued": R(250, "2.0.0", "ok {stamp} qp {qid}"),
-    # --- command errors (SPEC A §6, B §1.4) -------------------------------
-    # unknown verbs: spamcontrol 2.7's 500 (vanilla qmail: 502), SPEC B §2.8, A §5
+    # --- command errors (docs/behaviour/differences.md#smtp-commands, docs/behaviour/smtp.md#commands) ---
+    # unknown verbs: spamcontrol 2.7's 500 (vanilla qmail: 502),
+    # docs/behaviour/smtp.md#commands, #replies
     "unrecognized": R(500, "5.5.1", "unimplemented"),
     "line_too_long": R(500, "5.5.2", "line too long"),
     "syntax": R(555, "5.5.4", "syntax error"),
@@ -109,7 +110,7 @@ REPLIES: dict[str, Reply] = {
     "internal_error": R(421, "4.3.0", "{host} internal error, closing connection"),
     "bare_lf": R(451, "4.5.2", "See https://cr.yp.to/docs/smtplf.html."),
     "non_ascii_envelope": R(553, "5.6.7", "non-ASCII address needs SMTPUTF8"),
-    # --- policy (SPEC B §2.8, §2.11) ---------------------------------------
+    # --- policy (docs/behaviour/smtp.md#rcpt-checks, #replies) -----------------------------------
     "client_denied": R(553, "5.7.1", "sorry, your client address is not allowed here"),
     "bad_helo": R(550, "5.7.1", "sorry, invalid HELO/EHLO greeting"),
     "helo_dns_temp": R(451, "4.4.3", "DNS temporary failure"),
@@ -126,7 +127,7 @@ REPLIES: dict[str, Reply] = {
     "too_many_hops": R(554, "5.4.6", "too many hops, this message is looping"),
     "bad_content": R(554, "5.3.2", "sorry, invalid message content"),
     "notorious_data": R(503, "5.5.1", "DATA command not accepted at this time"),
-    # --- delivery (SPEC A §9, B §1.11) --------------------------------------
+    # --- delivery (docs/behaviour/delivery.md#250-means-stored, docs/behaviour/smtp.md#data) -----
     "queue_temp": R(451, "4.3.0", "{text}"),
     "queue_perm": R(554, "5.3.0", "{text}"),
     "store_failed": R(451, "4.3.0", "temporary failure storing message"),
@@ -136,7 +137,7 @@ REPLIES: dict[str, Reply] = {
     # a 2xx/5xx recipient mix: the message went to the accepted ones (delivery.py)
     "downstream_partial": R(554, "5.3.0", "delivered to {delivered} of {total} recipients; "
                                           "next hop rejected <{rcpt}>: {text}"),
-    # --- AUTH (SPEC B §4.6, §7.2, §7.6) -------------------------------------
+    # --- AUTH (docs/behaviour/auth.md#dialogue, docs/behaviour/smtp.md#replies) ------------------
     "auth_unavailable": R(503, "5.3.3", "auth not available"),
     "auth_already": R(503, "5.5.1", "you're already authenticated"),
     "auth_in_mail": R(503, "5.5.1", "no auth during mail transaction"),
@@ -157,16 +158,17 @@ REPLIES: dict[str, Reply] = {
     "tls_active": R(503, "5.5.1", "TLS already active"),
     "tls_in_mail": R(503, "5.5.1", "no STARTTLS during mail transaction"),
     "tls_required": R(530, "5.7.0", "Must issue a STARTTLS command first"),
-    # --- delivery additions (SPEC B §1.11: qmail-queue exits whose enhanced
+    # --- delivery additions (docs/behaviour/delivery.md#qmail-queue-exit-codes: qmail-queue
+    # exits whose enhanced
     # code is not 4.3.0 / 5.3.0) ---------------------------------------------
     "queue_temp_net": R(451, "4.4.1", "{text}"),
     "queue_temp_comm": R(451, "4.4.2", "{text}"),
     "queue_perm_addr": R(554, "5.1.3", "{text}"),
-    # --- engine additions (smtpconn: HELP, SPEC B §2.15) --------------------
+    # --- engine additions (smtpconn: HELP, docs/behaviour/smtp.md#commands) --------------------
     "help": R(214, "2.0.0", "{product} {version}"),
     "help_features": R(214, "2.0.0", "features: {features}"),
     "help_url": R(214, "2.0.0", "{url}"),
-    # --- auth additions (authsession: SPEC A §7, B §4.6) ---------------------
+    # --- auth additions (authsession: docs/behaviour/auth.md#failures-and-lockout, #dialogue) ----
     "auth_too_many": R(421, "4.7.0", "{host} too many authentication failures, closing connection"),
 }
 

@@ -1,6 +1,7 @@
 """SMTP AUTH end to end: the real server on 127.0.0.1 (asyncio and uvloop), real
 clients (smtplib, swaks), the user DB and external checkpassword programs
-(SPEC A §7-§8, B §4, §6.4)."""
+(docs/behaviour/auth.md#after-success,
+docs/behaviour/checkpassword.md#field-orders, #server-side)."""
 import asyncio
 import base64
 import glob

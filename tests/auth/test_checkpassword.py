@@ -1,6 +1,6 @@
 """`mailfilter checkpassword` / `mailfilter cmd5checkpw` as real spawned processes:
 fd 3 in, exit 0 via exec / 1 / 2 / 111 out, syslog lines on a real datagram socket
-(SPEC A §8, B §5, §6.1)."""
+(docs/behaviour/checkpassword.md#syslog, #mailfilter-cmd5checkpw, #the-fd-3-interface)."""
 import hmac
 import os
 import shutil

@@ -1,4 +1,5 @@
-"""Dovecot as a real checkpassword caller (SPEC B §6.3): a throwaway Dovecot 2.3
+"""Dovecot as a real checkpassword caller
+(docs/behaviour/checkpassword.md#mailfilter-checkpassword): a throwaway Dovecot 2.3
 with ``passdb checkpassword`` = ``mailfilter checkpassword``, driven by poplib.
 
 Skipped when dovecot is not installed (Debian: dovecot-core dovecot-pop3d) or

@@ -1,5 +1,5 @@
 """SASL mechanisms (mailfilter.auth.sasl): RFC 4616 / RFC 2195 vectors and the dialogue rules
-of SPEC B §4.4, §4.6, §7.5."""
+of docs/behaviour/auth.md#dialogue, #mechanisms."""
 import base64
 import hmac
 import re
@@ -25,7 +25,8 @@ def test_plain_rfc4616_examples(msg, user, authzid, pw):
         if initial:
             out = ex.start(b64(msg).decode())
         else:
-            assert ex.start(None) == Challenge(b"")          # "334 " (SPEC B §4.4)
+            assert ex.start(None) == Challenge(b"")          # "334 "
+                                                             # (docs/behaviour/auth.md#dialogue)
             out = ex.step(b64(msg))
         assert isinstance(out, Credentials)
         assert (out.mechanism, out.user, out.authzid, out.secret, out.challenge) == \
@@ -79,7 +80,7 @@ def test_login_dialogue_and_initial_user():
     ex = new_exchange("login")
     assert ex.start(b64(b"tim").decode()) == Challenge(b"Password:")
     assert ex.step(b64(b"x")).user == "tim"
-    # the prompts are the base64 strings of SPEC B §4.4
+    # the prompts are the base64 strings of docs/behaviour/auth.md#dialogue
     assert b64(b"Username:") == b"VXNlcm5hbWU6" and b64(b"Password:") == b"UGFzc3dvcmQ6"
 
 

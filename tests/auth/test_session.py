@@ -1,6 +1,6 @@
 """mailfilter/auth/session.py: SMTPAUTH modes, failure tracking, and the AUTH
-dialogue on the sans-IO engine fed whole and one byte at a time (DESIGN.md,
-Tests)."""
+dialogue on the sans-IO engine fed whole and one byte at a time
+(docs/architecture.md#tests-and-benches)."""
 import asyncio
 import base64
 import hmac

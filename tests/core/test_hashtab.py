@@ -2,7 +2,8 @@
 fields (tag, version, truncations and random flips for every structure:
 test_blob_corruption.py).
 
-Semantics: _core/README.md "hashtab.pxi"; ASCII-only case folding (SPEC A §1).
+Semantics: _core/README.md "hashtab.pxi"; ASCII-only case folding
+(docs/behaviour/control-files.md#case).
 """
 import mmap
 import random

@@ -1,5 +1,6 @@
-"""ListMatcher (LMAT blob): last_match (spamcontrol, SPEC B §2.5) and
-first_fire (qregex, SPEC B §3.2), hand cases, differential vs the literal
+"""ListMatcher (LMAT blob): last_match (spamcontrol,
+docs/behaviour/control-files.md#which-match-wins) and first_fire (qregex,
+docs/behaviour/control-files.md#qregex-dialect), hand cases, differential vs the literal
 oracle, corrupt fields (tag, version, truncations and random flips for
 every structure: test_blob_corruption.py). Semantics: _core/README.md
 "listmatch.pxi"."""
@@ -72,7 +73,7 @@ def test_host_and_exact_modes():
 
 
 def test_last_match_wins_across_kinds():
-    # B §2.5: the last matching line (largest id) decides
+    # docs/behaviour/control-files.md#which-match-wins: the last matching line (largest id) decides
     m, _ = make([b"joe@example.com"], [5], [b"*@example.com", b"j*"], [2, 7],
                 [b"^joe@"], [4], [b"joe@"])
     assert m.last_match(b"joe@example.com", MODE_ADDRESS) == 7
@@ -105,7 +106,8 @@ def test_regex_runs_on_original_text_case_insensitive():
 
 
 def test_first_fire_qregex_semantics():
-    # B §3.2: first firing line wins; `!` fires when the regex does NOT match
+    # docs/behaviour/control-files.md#qregex-dialect: first firing line wins; `!` fires when the
+    # regex does NOT match
     m, _ = make(regexes=[b"@example\\.com$", b"^[a-z0-9.]+@", b"viagra"],
                 regex_ids=[10, 11, 12], literals=[b"@example.com", b"@", b"viagra"],
                 negated=[False, True, False])

@@ -1,6 +1,7 @@
-"""wildmat (SPEC B §2.5 table, INN/spamcontrol), ASCII case-insensitive (SPEC A §1).
+"""wildmat (docs/behaviour/control-files.md#wildmat, INN/spamcontrol), ASCII case-insensitive
+(docs/behaviour/control-files.md#case).
 
-Hand cases name the SPEC B §2.5 table row they exercise; the differential
+Hand cases name the docs/behaviour/control-files.md#wildmat row they exercise; the differential
 tests compare with the recursive oracle in tests/oracles/matchers.py.
 """
 import random
@@ -13,7 +14,7 @@ from mailfilter.core import core as C
 M = C.wildmat_match
 
 CASES = [
-    # B §2.5 row `*`: any sequence, including empty
+    # docs/behaviour/control-files.md#wildmat row `*`: any sequence, including empty
     (b"*", b"", True),
     (b"*", b"anything@at.all", True),
     (b"*@example.com", b"joe@example.com", True),
@@ -23,24 +24,25 @@ CASES = [
     (b"a*b*c", b"abc", True),
     (b"a*b*c", b"axxbyyc", True),
     (b"a*b*c", b"axxbyy", False),
-    # B §2.5 row `*`: consecutive `*` act as one
+    # docs/behaviour/control-files.md#wildmat row `*`: consecutive `*` act as one
     (b"a***b", b"ab", True),
     (b"a***b", b"a-x-b", True),
     (b"**", b"", True),
     (b"***x", b"yyx", True),
-    # B §2.5 row `?`: exactly one character (not "zero or one")
+    # docs/behaviour/control-files.md#wildmat row `?`: exactly one character (not "zero or one")
     (b"a?c", b"abc", True),
     (b"a?c", b"ac", False),
     (b"a?c", b"abbc", False),
     (b"?", b"", False),
     (b"??", b"\xff\x00", True),
-    # B §2.5 row `[abc]`, `[a-z]`
+    # docs/behaviour/control-files.md#wildmat row `[abc]`, `[a-z]`
     (b"[abc]x", b"bx", True),
     (b"[abc]x", b"dx", False),
     (b"user[0-9]@x", b"user7@x", True),
     (b"user[0-9]@x", b"usera@x", False),
     (b"[z-a]", b"m", False),                    # empty range
-    # B §2.5 row `[^…]`: negated set; `!` is NOT the negation character
+    # docs/behaviour/control-files.md#wildmat row `[^…]`: negated set; `!` is NOT the
+    # negation character
     (b"[^abc]", b"d", True),
     (b"[^abc]", b"a", False),
     (b"[^a-z]x", b"9x", True),
@@ -57,20 +59,21 @@ CASES = [
     (b"[a-]", b"-", True),
     (b"[a-]", b"b", False),
     (b"[]-a]", b"^", True),                     # range ']'..'a' contains '^'
-    # B §2.5 row `\x`: literal x
+    # docs/behaviour/control-files.md#wildmat row `\x`: literal x
     (b"\\*", b"*", True),
     (b"\\*", b"a", False),
     (b"\\?", b"?", True),
     (b"\\?", b"x", False),
     (b"a\\[b", b"a[b", True),
     (b"\\\\", b"\\", True),
-    # B §2.5 row "other": literal, whole string must match
+    # docs/behaviour/control-files.md#wildmat row "other": literal, whole string must match
     (b"abc", b"abc", True),
     (b"abc", b"abcd", False),
     (b"abc", b"xabc", False),
     (b"", b"", True),
     (b"", b"a", False),
-    # SPEC A §1: ASCII case-insensitive everywhere; 8-bit bytes compared as is
+    # docs/behaviour/control-files.md#case: ASCII case-insensitive everywhere; 8-bit
+    # bytes compared as is
     (b"*@EXAMPLE.com", b"Joe@example.COM", True),
     (b"[A-C]z", b"bZ", True),
     (b"\\A", b"a", True),
@@ -112,7 +115,7 @@ def test_table(pattern, text, expected):
 
 
 def test_only_star_line_matches_everything():
-    # B §2.5: "A line consisting only of `*` matches everything"
+    # docs/behaviour/control-files.md#wildmat: "A line consisting only of `*` matches everything"
     r = random.Random(1)
     for _ in range(100):
         t = bytes(r.randrange(256) for _ in range(r.randint(0, 40)))

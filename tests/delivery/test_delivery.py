@@ -1,6 +1,6 @@
 """Delivery tests: real directories, real processes, real sockets on 127.0.0.1.
 
-SPEC A §9 "250 means stored": every test checks both the reply and where the
+docs/behaviour/delivery.md#250-means-stored: every test checks both the reply and where the
 bytes ended up (or that they ended up nowhere). No sleeps: every wait is on a
 real event (a result, a pipe line, a process exit) with a bounded timeout.
 """
@@ -44,7 +44,7 @@ _loop_factory = asyncio.new_event_loop
 
 @pytest.fixture(autouse=True, params=sorted(LOOPS))
 def event_loop_kind(request):
-    """DESIGN "Tests": one suite, two event loops (asyncio and uvloop)."""
+    """docs/architecture.md#tests-and-benches: one suite, two event loops (asyncio and uvloop)."""
     global _loop_factory
     _loop_factory = LOOPS[request.param]
     yield request.param
@@ -144,14 +144,14 @@ def test_discard_always_queued():
 
 
 # ---------------------------------------------------------------------------
-# Received header (SPEC B §1.12, RFC 3848)
+# Received header (docs/behaviour/smtp.md#received-header, RFC 3848)
 # ---------------------------------------------------------------------------
 
 WHEN = calendar.timegm((1995, 9, 26, 4, 46, 54))
 
 
 def test_received_spec_example_esmtpa():
-    # SPEC B §1.12 example, with the auth user in the TCPREMOTEINFO slot.
+    # docs/behaviour/smtp.md#received-header example, with the auth user in the TCPREMOTEINFO slot.
     e = env(helo="uunet.uu.net", client_ip="192.48.96.5", client_host="relay1.uu.net",
             auth_user="7", local_host="silverton.berkeley.edu")
     assert received_header(e, WHEN) == (
@@ -172,7 +172,8 @@ def test_received_first_line_stays_within_998_characters():
 @pytest.mark.parametrize("esmtp,tls,auth,proto", [
     (True, False, None, b"ESMTP"), (True, False, "u", b"ESMTPA"),
     (True, True, None, b"ESMTPS"), (True, True, "u", b"ESMTPSA"),
-    (False, False, None, b"SMTP"),          # HELO: plain SMTP (SPEC B §1.12, RFC 3848)
+    (False, False, None, b"SMTP"),          # HELO: plain SMTP
+                                            # (docs/behaviour/smtp.md#received-header, RFC 3848)
 ])
 def test_received_protocols(esmtp, tls, auth, proto):
     h = received_header(env(tls=tls, auth_user=auth, esmtp=esmtp), WHEN)
@@ -180,7 +181,7 @@ def test_received_protocols(esmtp, tls, auth, proto):
 
 
 def test_received_helo_omitted_when_equal_or_absent():
-    # SPEC B §1.12: (HELO x) only when it differs case-insensitively.
+    # docs/behaviour/smtp.md#received-header: (HELO x) only when it differs case-insensitively.
     same = env(helo="CLIENT.Test", client_host="client.test")
     assert received_header(same, WHEN).startswith(b"Received: from client.test (192.0.2.1)\n")
     none = env(helo="", client_host="unknown")
@@ -214,7 +215,7 @@ def test_received_8bit_helo_is_one_question_mark_per_wire_byte():
     assert b"(HELO h?.test)" in received_header(e, WHEN)
 
 # ---------------------------------------------------------------------------
-# maildir (DESIGN "Delivery"; SPEC A §9)
+# maildir (docs/behaviour/delivery.md#maildir; docs/behaviour/delivery.md#250-means-stored)
 # ---------------------------------------------------------------------------
 
 def listing(md):
@@ -231,7 +232,7 @@ def test_maildir_layout_and_envelope_headers(tmp_path):
         hdr = received_header(e, WHEN)
         sink.write(hdr)
         sink.write(MSG)
-        # SPEC A §9: before commit the message is only in tmp/
+        # docs/behaviour/delivery.md#250-means-stored: before commit the message is only in tmp/
         before = listing(md)
         res = await sink.commit()
         await d.close()
@@ -287,8 +288,8 @@ async def _deliver_once(md: str):
 
 
 def test_maildir_fsyncs_file_then_renames_then_fsyncs_new(tmp_path, monkeypatch):
-    """SPEC A §9 / issue 3: write to tmp/, fsync, rename into new/, fsync new/,
-    and only then 250."""
+    """docs/behaviour/delivery.md#250-means-stored / issue 3: write to tmp/, fsync, rename into
+    new/, fsync new/, and only then 250."""
     md = str(tmp_path / "Maildir")
     spy = _SyncSpy(monkeypatch)
     res = run(_deliver_once(md))
@@ -632,7 +633,7 @@ def test_maildir_large_message_streams(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# qmail-queue (SPEC B §1.11)
+# qmail-queue (docs/behaviour/delivery.md#qmail-queue)
 # ---------------------------------------------------------------------------
 
 FAKEQQ = os.path.join(ROOT, "tests", "support", "fake_qmail_queue.py")
@@ -690,7 +691,7 @@ def test_qq_exit_codes(monkeypatch, tmp_path, how, line):
 
 
 def test_qq_exit_table_matches_spec():
-    # SPEC B §1.11 table, spot checks over the whole range
+    # docs/behaviour/delivery.md#qmail-queue-exit-codes, spot checks over the whole range
     assert QQ_EXITS[115] == QQ_EXITS[11]
     assert QQ_EXITS[54][1] == "qq read error" and QQ_EXITS[120][1] == "unable to exec qq"
     assert all(QQ_EXITS[c][1] == "qq trouble creating files in queue" for c in range(62, 67))
@@ -767,7 +768,7 @@ def test_qq_check_refuses_a_missing_or_non_executable_program(monkeypatch, tmp_p
 
 
 # ---------------------------------------------------------------------------
-# smtp / lmtp forwarding (DESIGN "Delivery": 250 only after downstream 250)
+# smtp / lmtp forwarding (docs/behaviour/delivery.md#smtp-and-lmtp: 250 only after downstream 250)
 # ---------------------------------------------------------------------------
 
 def test_smtp_encode_dot_stuffing_any_split():
@@ -783,9 +784,9 @@ def test_smtp_encode_dot_stuffing_any_split():
 
 def test_smtp_encode_bare_cr_is_a_line_end():
     """RFC 5321 §2.3.8: no bare CR on the wire. A stored bare CR (kept as is
-    for maildir, SPEC B §1.11) goes to a next hop as a line end and is
+    for maildir, docs/behaviour/delivery.md#storage-format) goes to a next hop as a line end and is
     dot-stuffed, so `<CR>.<CR>` cannot end a next hop's DATA early (SMTP
-    smuggling, SPEC B §7.1)."""
+    smuggling, docs/behaviour/smtp.md#data)."""
     data = b"hello\r.\rMAIL FROM:<ceo@x>\r\n.\n"
     want = b"hello\r\n..\r\nMAIL FROM:<ceo@x>\r\n\r\n..\r\n"
     assert smtp_encode(data, True) == (want, True)

@@ -1,5 +1,5 @@
-"""localiphost (SPEC B §1.7): a domain literal `[d.d.d.d]` naming this host is
-replaced by `localiphost` (default `me`) in senders and recipients, before
+"""localiphost (docs/behaviour/control-files.md#localiphost): a domain literal `[d.d.d.d]`
+naming this host is replaced by `localiphost` (default `me`) in senders and recipients, before
 rcpthosts, recipients and the lists see the address; the message is stored
 for the rewritten address."""
 import smtplib

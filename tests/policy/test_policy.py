@@ -1,5 +1,7 @@
-"""policy.py per-client settings and verdict order (SPEC B §2.4, §2.7, §2.8 RCPT
-table, §3.1; SPEC A §4, §7). Each test builds a small rules directory."""
+"""policy.py per-client settings and verdict order (docs/behaviour/tcp-smtp.md#settings,
+docs/behaviour/smtp.md#pending-verdicts, #rcpt-checks,
+docs/behaviour/control-files.md#qregex-dialect; docs/behaviour/control-files.md#rcpthosts,
+docs/behaviour/auth.md#after-success). Each test builds a small rules directory."""
 import pytest
 
 from mailfilter.rules import bundle
@@ -99,7 +101,8 @@ def test_helocheck_dns_a(tmp_path):
         s.set_helo_dns(status)
         s.mail("a@b.example")
         assert s.rcpt("u@example.com").reply.code == code
-    s.helo("OK.example")                       # name!: no DNS test (B §2.6)
+    s.helo("OK.example")                       # name!: no DNS test
+                                               # (docs/behaviour/control-files.md#acceptable-helo-names)
     assert s.helo_dns_query() is None
 
 
@@ -115,7 +118,8 @@ def test_mfdnscheck(tmp_path):
     assert (v.reply.code, v.reply.enhanced, v.reason) == (553, "5.1.8", "mf_dns")
     s.mail("a@slow.example")
     s.set_mail_dns(DNS_TEMP)
-    assert s.rcpt("u@example.com").reply.code == 451     # one 451, quirk B §2.14 #3 fixed
+    assert s.rcpt("u@example.com").reply.code == 451     # one 451, quirk
+                                                         # docs/behaviour/differences.md#spamcontrol-bugs #3 fixed
     s.mail("vip@nxdomain.example")                      # ? bypass skips MFDNSCHECK
     assert s.mail_dns_query() is None
     relay = eng.session(Client(ip="127.0.0.1"))
@@ -139,10 +143,12 @@ def test_smtpauth_required(tmp_path):
     assert (v.accept, v.reply.code) == (False, 530)
     s.auth_success("alice")
     assert s.mail("a@b.example").accept
-    v = s.rcpt("u@far.example")                         # authenticated: relay (SPEC A §7)
+    v = s.rcpt("u@far.example")                         # authenticated: relay
+                                                        # (docs/behaviour/auth.md#after-success)
     assert v.accept and v.reason == "relay_auth"
     s.reset()
-    assert s.authenticated == "alice"                    # survives RSET (B §4.7)
+    assert s.authenticated == "alice"                    # survives RSET
+                                                         # (docs/behaviour/auth.md#after-success)
 
 
 def test_recipients450_and_notorious(tmp_path):
@@ -164,7 +170,8 @@ def test_maxrecipients_counts_accepted_only(tmp_path):
     s = eng.session(Client(ip="203.0.113.5"))
     s.mail("a@b.example")
     assert s.rcpt("bad@example.com").reason == "badrcptto"
-    assert s.rcpt("good@example.com").accept              # quirk B §2.14 #7 fixed
+    assert s.rcpt("good@example.com").accept              # quirk
+                                                          # docs/behaviour/differences.md#spamcontrol-bugs #7 fixed
     assert s.rcpt("more@example.com").reply.code == 452
 
 
@@ -199,13 +206,13 @@ def test_no_rcpthosts_refuses_unless_open_relay(tmp_path):
 def test_relayclient_suffix_and_defaults(tmp_path):
     eng = engine(tmp_path, {"tcp.smtp": '10.:allow,RELAYCLIENT="@fix"\n'}, defaults={"MAXRECIPIENTS": "5"})
     s, v = envelope(eng, ip="10.1.1.1", rcpt="u@far.example")
-    assert v.recipient == "u@far.example@fix"            # B §1.9
+    assert v.recipient == "u@far.example@fix"            # docs/behaviour/tcp-smtp.md#settings
     assert s.max_recipients == 5                         # global default kept
 
 
 def test_setting_verdicts_name_their_tcp_smtp_line(tmp_path):
     """A verdict a per-client setting caused names the tcp.smtp line that set it
-    (DESIGN "Errors and logging": the deciding rule as file:line); a setting
+    (docs/architecture.md#errors-and-logging: the deciding rule as file:line); a setting
     from the global defaults names no line."""
     eng = engine(tmp_path, {"tcp.smtp": '203.0.113.5:allow,HELOCHECK="=",MAXRECIPIENTS="1"\n'
                                         '203.0.113.6:allow,MFDNSCHECK=""\n'
@@ -241,8 +248,8 @@ def test_tarpit_refusal_names_its_line(tmp_path):
 
 
 def test_morercpthosts_merged_with_rcpthosts(tmp_path):
-    """SPEC B §1.8: morercpthosts extends rcpthosts (qmail: its cdb); either
-    file alone is enough to turn the check on."""
+    """docs/behaviour/control-files.md#rcpthosts: morercpthosts extends rcpthosts (qmail:
+    its cdb); either file alone is enough to turn the check on."""
     eng = engine(tmp_path, {"rcpthosts": "example.com\n", "morercpthosts": "example.net\n.sub.example.org\n"})
     for rcpt, ok in (("u@example.com", True), ("u@example.net", True), ("u@a.sub.example.org", True),
                      ("u@sub.example.org", False), ("u@elsewhere.example", False)):
@@ -263,8 +270,8 @@ def test_morercpthosts_merged_with_rcpthosts(tmp_path):
 
 @pytest.mark.parametrize("text", ["", "# no domains yet\n"])
 def test_an_empty_morercpthosts_alone_is_a_list(tmp_path, text):
-    """SPEC B §1.8: an existing list, even empty, turns the check on: no
-    domain is accepted for non-relay clients, a bare `postmaster` still is
+    """docs/behaviour/control-files.md#rcpthosts: an existing list, even empty, turns
+    the check on: no domain is accepted for non-relay clients, a bare `postmaster` still is
     (README). It used to count as "no list": an open relay with
     --open-relay, and postmaster refused without."""
     d = tmp_path / "emptymore"
@@ -302,7 +309,7 @@ def test_qregex_relaymailfrom_is_a_spamcontrol_list(tmp_path):
 
 def test_qregex_badhelo_binds_relay_clients(tmp_path):
     """qregex: `badhelo` has no split horizon (only NOBADHELO turns it off);
-    `badhelonorelay` spares relay clients (SPEC B §3.1)."""
+    `badhelonorelay` spares relay clients (docs/behaviour/control-files.md#qregex-dialect)."""
     eng = engine(tmp_path, {"dialect": "qregex\n", "badhelo": "^bad\\.example$\n",
                             "badhelonorelay": "^local$\n",
                             "tcp.smtp": '127.0.0.2:allow,RELAYCLIENT=""\n'
@@ -327,7 +334,8 @@ def test_qregex_badhelo_binds_relay_clients(tmp_path):
 
 def test_recipients_bang_star_spares_only_unnamed_domains(tmp_path):
     """rules/README.md: `!*` = recipients at domains NOT named in the file are
-    not checked; a domain the file names stays fail-closed (SPEC B §2.9)."""
+    not checked; a domain the file names stays fail-closed
+    (docs/behaviour/control-files.md#recipients)."""
     eng = engine(tmp_path, {"rcpthosts": "example.com\nexample.net\nother.example\n",
                             "recipients": "user@example.com\nlist-@example.net\n!*\n"})
     for rcpt, ok in (("user@example.com", True), ("nosuch@example.com", False),

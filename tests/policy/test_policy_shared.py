@@ -1,6 +1,7 @@
 """policy.py fast paths: shared (cached) verdicts per rule id, the skipped
 transaction reset, exceptions on the inlined spamcontrol path. Every cached
-verdict must equal the one built fresh (SPEC B §1.5, §2.5, §2.7, §2.8)."""
+verdict must equal the one built fresh (docs/behaviour/smtp.md#pending-verdicts, #rcpt-checks,
+docs/behaviour/control-files.md#which-match-wins)."""
 import pytest
 
 from mailfilter.rules import bundle

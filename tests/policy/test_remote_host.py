@@ -4,9 +4,11 @@ tcpserver looks the client's name up before qmail-smtpd runs; mailfilter does
 the same before the greeting (server.py `remote_host`): "confirmed" (default,
 tcpserver -p / Postfix) keeps the first PTR name only if it resolves back to
 the client address, "ptr" takes it as it is, "off" keeps "unknown" (tcpserver
--H). The name feeds tcp.smtp `=host` / `=.suffix` / `=` keys (SPEC A §3, B
-§2.10 key order), HELOCHECK "=" (B §2.4), decorated badmailfrom `@dom=` /
-`~dom` (B §2.6) and the Received header (B §1.12).
+-H). The name feeds tcp.smtp `=host` / `=.suffix` / `=` keys
+(docs/behaviour/tcp-smtp.md#which-rule-applies key order), HELOCHECK "="
+(docs/behaviour/tcp-smtp.md#settings), decorated badmailfrom `@dom=` /
+`~dom` (docs/behaviour/control-files.md#decorated-entries) and the Received header
+(docs/behaviour/smtp.md#received-header).
 
 Real sockets on 127.0.0.1 on both loops; clients bind their own 127.0.0.x
 address so each has its own PTR record in the test DNS responder
@@ -163,7 +165,8 @@ def _deliver(c: RawClient, sender="a@rdns.test", rcpt="user@example.com") -> str
     ("other.test", b"Received: from good.rdns.test (HELO other.test) (127.0.0.21)\n"),
 ])
 def test_received_header_names_the_host(start, helo, trace):
-    """SPEC B §1.12: `from <TCPREMOTEHOST>`; `(HELO x)` only when it differs."""
+    """docs/behaviour/smtp.md#received-header: `from <TCPREMOTEHOST>`; `(HELO x)` only
+    when it differs."""
     srv = start()
     c = greeted(srv.port, GOOD, helo)
     assert _deliver(c).startswith("250 2.0.0 ok")
@@ -176,7 +179,7 @@ def test_received_header_names_the_host(start, helo, trace):
     ("mx.eq.test", OK), ("MX.EQ.Test", OK), ("other.test", BAD_HELO),
 ])
 def test_helocheck_equals_through_the_server(start, helo, expect):
-    """SPEC B §2.4 HELOCHECK "=": the HELO must be the client's host name
+    """docs/behaviour/tcp-smtp.md#settings HELOCHECK "=": the HELO must be the client's host name
     (case-insensitive); the setting itself comes from a tcp.smtp `=.suffix` key."""
     srv = start()
     c = greeted(srv.port, HELO_EQ, helo)
@@ -186,8 +189,9 @@ def test_helocheck_equals_through_the_server(start, helo, expect):
 
 
 def test_tcp_smtp_host_rules_through_the_server(start):
-    """SPEC A §3 / B §2.10: `=host` (RELAYCLIENT) and `=.suffix` (deny) keys
-    apply to clients with no address rule; an unconfirmed name matches none."""
+    """docs/behaviour/tcp-smtp.md#denied-clients, #which-rule-applies: `=host` (RELAYCLIENT) and
+    `=.suffix` (deny) keys apply to clients with no address rule; an unconfirmed name
+    matches none."""
     srv = start()
     c = greeted(srv.port, NAMED_RELAY)
     assert first(c.cmd("MAIL FROM:<a@sender.test>")) == "250 2.1.0 ok"
@@ -212,8 +216,8 @@ def test_tcp_smtp_host_rules_through_the_server(start):
     (NX, "x@gmail.test", OK),                  # ~dom never for "unknown"
 ])
 def test_decorated_badmailfrom_with_host_names(start, source, sender, expect):
-    """SPEC B §2.6: `@dom=` (well-known domain) and `~dom` (mismatched domains)
-    compare the sender with the client's host name."""
+    """docs/behaviour/control-files.md#decorated-entries: `@dom=` (well-known domain) and `~dom`
+    (mismatched domains) compare the sender with the client's host name."""
     srv = start()
     c = greeted(srv.port, source)
     c.send(f"MAIL FROM:<{sender}>\r\nRCPT TO:<user@example.com>\r\n".encode())

@@ -1,4 +1,4 @@
-"""The bundle file (DESIGN.md, issue 2 "The bundle"): round trip through a real
+"""The bundle file (docs/architecture.md#the-rule-bundle): round trip through a real
 file and mmap, and refusal of truncated, corrupt and wrong-version bundles."""
 import os
 import struct

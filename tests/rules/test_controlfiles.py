@@ -1,5 +1,6 @@
-"""mailfilter/rules/controlfiles.py: qmail control-file reading rules (SPEC B §1.3) and the
-tcprules syntax of tcp.smtp (SPEC A §3). No _core needed."""
+"""mailfilter/rules/controlfiles.py: qmail control-file reading rules
+(docs/behaviour/control-files.md#reading-control-files) and the tcprules syntax of tcp.smtp
+(docs/behaviour/tcp-smtp.md#syntax). No _core needed."""
 import ipaddress
 
 import pytest
@@ -12,8 +13,9 @@ def write(tmp_path, name, data: bytes):
 
 
 def test_list_reading_rules(tmp_path):
-    # B §1.3: trailing whitespace stripped, leading kept, '#' and blank lines
-    # skipped, last line without newline accepted, line numbers are 1-based.
+    # docs/behaviour/control-files.md#reading-control-files: trailing whitespace stripped, leading
+    # kept, '#' and blank lines skipped, last line without newline accepted, line
+    # numbers are 1-based.
     write(tmp_path, "badmailfrom", b"# comment\n\na@b \t\r\n  lead@x\n#x\nlast@y")
     src = cf.read_rules_dir(str(tmp_path))
     lines = src.lists["badmailfrom"]
@@ -63,7 +65,7 @@ def test_first_line_and_integer_files(tmp_path):
     src = cf.read_rules_dir(str(tmp_path))
     assert src.scalars["me"] == "mx.example.com"
     assert src.integers["databytes"] == 1000          # leading digits
-    assert "timeoutsmtpd" not in src.integers         # B §1.3: treated as absent
+    assert "timeoutsmtpd" not in src.integers         # docs/behaviour/control-files.md#reading-control-files: treated as absent
     assert [str(d).rsplit("/", 1)[-1] for d in src.diagnostics] == [
         "timeoutsmtpd:1: not an unsigned decimal number: 'x12': rule skipped"]
 

@@ -2,8 +2,10 @@
 
 Each directory under tests/rules/golden/ holds `rules/` (a rules directory),
 `queries` (one lookup per line) and `expected` (diagnostics, then one answer
-per query). The answers were checked by hand against SPEC A §1-§4 and
-B §1.8, §2.5-§2.9, §3.2. Regenerate after an intended change with
+per query). The answers were checked by hand against
+docs/behaviour/control-files.md#which-match-wins, #regular-expressions, #rcpthosts,
+#decorated-entries, #recipients, #qregex-dialect, docs/behaviour/tcp-smtp.md#settings,
+docs/behaviour/smtp.md#pending-verdicts, #rcpt-checks. Regenerate after an intended change with
 MAILFILTER_REGEN_GOLDEN=1 and review the diff.
 """
 import os

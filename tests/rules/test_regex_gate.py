@@ -1,7 +1,8 @@
 """The regex gate (bundle._LazyGate + ListMatcher.set_gate): regexes without a
 selective literal are pre-tested with one RE2 alternation. It must never change
 an answer: differential test against the same list without a gate, for both
-dialects (last match wins, SPEC B §2.5; first line fires, B §3.2)."""
+dialects (last match wins, docs/behaviour/control-files.md#which-match-wins; first line fires,
+docs/behaviour/control-files.md#qregex-dialect)."""
 import random
 
 import pytest

@@ -185,7 +185,7 @@ def test_compile_progress_bar_on_a_terminal(tmp_path):
 
 def test_check_dns_checks_use_the_servers_resolver(tmp_path):
     """`check --dns HOST:PORT` makes the HELOCHECK=A and MFDNSCHECK lookups
-    the server makes (SPEC B §2.4, §2.7) against a real DNS responder."""
+    the server makes (docs/behaviour/tcp-smtp.md#settings) against a real DNS responder."""
     from tests.support.dns_responder import DnsResponder
 
     rules = tmp_path / "rules"
@@ -221,8 +221,9 @@ def test_check_dns_checks_use_the_servers_resolver(tmp_path):
 
 def test_check_refuses_what_the_server_parser_refuses():
     """`check` puts the server's command parser before the policy: an empty
-    recipient (`RCPT TO:<>`) is 555 as in the server (SPEC A §6 RFC 5321
-    strictness), not a mailbox lookup; the next recipient is still checked."""
+    recipient (`RCPT TO:<>`) is 555 as in the server
+    (docs/behaviour/differences.md#smtp-commands RFC 5321 strictness), not a mailbox lookup; the
+    next recipient is still checked."""
     r = mf("check", "--rules", os.path.join(ROOT, "rules"), "--ip", "203.0.113.9",
            "--helo", "mx.other.example", "--from", "a@sender.example",
            "--rcpt", "", "--rcpt", "info@example.com", "--json")

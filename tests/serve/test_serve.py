@@ -59,7 +59,7 @@ def served(tmp_path, rules):
 
 
 def test_sighup_reload_new_rules_for_new_sessions_only(served, rules, tmp_path):
-    """serve.py / DESIGN bundle: SIGHUP recompiles; new sessions see the new
+    """serve.py / docs/operations.md#reloading: SIGHUP recompiles; new sessions see the new
     rules; a session opened before the reload keeps the rules it started with."""
     sp = served()
     assert rcpt_verdict(sp.port, "new-spammer@evil.test") == "250 2.1.5 ok"
@@ -78,7 +78,7 @@ def test_sighup_reload_new_rules_for_new_sessions_only(served, rules, tmp_path):
 
 def test_sighup_broken_rules_keep_old_rules(served, rules):
     """serve.py reload: a rules dir that fails to load (rcpthosts removed ->
-    start-up error, SPEC A §4) keeps the old rules and logs why."""
+    start-up error, docs/behaviour/control-files.md#rcpthosts) keeps the old rules and logs why."""
     sp = served()
     os.unlink(os.path.join(rules, "rcpthosts"))
     with open(os.path.join(rules, "badmailfrom"), "a") as fh:
@@ -385,9 +385,9 @@ def test_shutdown_kills_a_qmail_queue_cut_short(tmp_path, rules, loop):
 
 
 def test_kill_9_during_delivery_leaves_nothing_partial(served, tmp_path):
-    """SPEC A §9 / DESIGN Delivery: kill -9 mid-message leaves nothing in
-    new/ (at most one file in tmp/); kill -9 after the message was stored,
-    before the client read its 250, leaves exactly the complete message."""
+    """docs/behaviour/delivery.md#250-means-stored / docs/behaviour/delivery.md#maildir: kill -9
+    mid-message leaves nothing in new/ (at most one file in tmp/); kill -9 after the
+    message was stored, before the client read its 250, leaves exactly the complete message."""
     spool = tmp_path / "spool"
     sp = served()
     c = session(sp.port, RELAY)
@@ -426,7 +426,8 @@ def test_kill_9_during_delivery_leaves_nothing_partial(served, tmp_path):
 
 # ------------------------------------------------------------------ CLI
 def test_serve_refuses_without_rcpthosts(tmp_path):
-    """SPEC A §4: no rcpthosts -> refuse to start, exit 2, a clear message."""
+    """docs/behaviour/control-files.md#rcpthosts: no rcpthosts -> refuse to start, exit 2, a
+    clear message."""
     rules = write_rules(tmp_path / "rules", remove=("rcpthosts",))
     for cmd in ("serve", "run"):
         r = run_cli(cmd, "--rules", rules, "--listen", f"127.0.0.1:{free_port()}",
@@ -438,7 +439,8 @@ def test_serve_refuses_without_rcpthosts(tmp_path):
 
 
 def test_serve_open_relay_explicit(served, tmp_path):
-    """SPEC A §4: with --open-relay and no rcpthosts, any domain is accepted."""
+    """docs/behaviour/control-files.md#rcpthosts: with --open-relay and no rcpthosts, any
+    domain is accepted."""
     rules = write_rules(tmp_path / "open", remove=("rcpthosts", "recipients"))
     sp = served("--rules", rules, "--open-relay")
     assert rcpt_verdict(sp.port, "a@sender.test", "x@anywhere.test") == "250 2.1.5 ok"
@@ -564,7 +566,7 @@ def test_loop_flag_selects_asyncio(served, tmp_path, config):
 
 def test_serve_timeout_option(served):
     """`--timeout 1`: an idle client gets 421 4.4.2 and is disconnected
-    (SPEC B §7.1; qmail's timeoutsmtpd as a command-line option)."""
+    (docs/operations.md#limits-and-timeouts; qmail's timeoutsmtpd as a command-line option)."""
     sp = served("--timeout", "1")
     c = session(sp.port)
     assert first(c.reply()) == "421 4.4.2 mx.test timeout, closing connection"
@@ -618,7 +620,8 @@ def test_syslog_facility_mail(tmp_path, rules):
 def test_sighup_reloads_a_bundle_and_refuses_a_broken_one(tmp_path, rules):
     """Issue 2/3: `serve --bundle FILE` + `mailfilter compile` + SIGHUP swaps
     in the new bundle; a truncated bundle is refused (BundleError) and the
-    rules in force stay (DESIGN.md: a reload that fails keeps the old bundle)."""
+    rules in force stay (docs/operations.md#reloading: a reload that fails keeps
+    the old bundle)."""
     bundle = str(tmp_path / "rules.mfb")
     assert run_cli("compile", rules, "-o", bundle).returncode == 0
     sp = spawn_serve("--bundle", bundle, "--deliver", f"maildir:{tmp_path}/spool")

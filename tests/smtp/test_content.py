@@ -1,5 +1,5 @@
-"""content.py: badmimetypes / badloadertypes during DATA (SPEC B §2.8,
-"Content filters"), fed whole and one byte at a time (DESIGN.md: every
+"""content.py: badmimetypes / badloadertypes during DATA (docs/behaviour/smtp.md#content-checks,
+"Content filters"), fed whole and one byte at a time (docs/architecture.md#tests-and-benches: every
 byte-level scenario both ways), with the real Aho-Corasick automata."""
 import base64
 
@@ -82,7 +82,7 @@ CASES = [
      {"strict_whitespace": True}, ("badloadertypes", 20)),
     ("whitespace before loader", message([("Content-Transfer-Encoding: base64", "AAAA\nAA AAMi5kb")]),
      {"strict_whitespace": True}, ("badmimetypes", -1)),
-    # BADLOADERTYPE=c: only windows starting with c (SPEC B §2.8)
+    # BADLOADERTYPE=c: only windows starting with c (docs/behaviour/smtp.md#content-checks)
     ("loader with its first character", message([("Content-Transfer-Encoding: base64", "AAAAMzIuZA")]),
      {"loader_first": ord("M")}, ("badloadertypes", 21)),
     ("loader with another first character", message([("Content-Transfer-Encoding: base64", "AAAAMzIuZA")]),
@@ -117,7 +117,7 @@ def test_inactive_without_automata():
 
 
 def test_whitespace_check_needs_no_signature_list():
-    # SPEC B §2.4: BADMIMETYPE="!" is a check of its own
+    # docs/behaviour/tcp-smtp.md#settings: BADMIMETYPE="!" is a check of its own
     s = ContentScanner(None, None, strict_whitespace=True)
     assert s.active
     s.feed(message([("Content-Transfer-Encoding: base64", "AAAA\tAAAA")]))

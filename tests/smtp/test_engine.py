@@ -3,7 +3,7 @@
 Every scenario goes through ``run(feed, ...)`` with ``feed`` parametrized over the
 whole input, one byte at a time and random fragments; ``run`` also asserts that the
 fragmented feeds give exactly the events (DataChunks joined) and output of the whole
-feed (DESIGN.md "Tests and benches").
+feed (docs/architecture.md#tests-and-benches).
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def data_end(app: App) -> DataEnd:
     return ev
 
 
-# --- greeting, HELO, EHLO (SPEC B §1.4, §2.7, §7.3) --------------------------------
+# --- greeting, HELO, EHLO (docs/behaviour/smtp.md#commands, #greeting-and-ehlo) ------------------
 
 def test_greeting_is_first_output():
     app = App(CFG)
@@ -63,7 +63,8 @@ def test_greeting_is_first_output():
 
 
 def test_ehlo_lines_exact(feed):
-    """EHLO: greeting, PIPELINING, SIZE n, 8BITMIME, ENHANCEDSTATUSCODES, extras (SPEC A §5)."""
+    """EHLO: greeting, PIPELINING, SIZE n, 8BITMIME, ENHANCEDSTATUSCODES, extras
+    (docs/behaviour/smtp.md#replies)."""
     c = cfg(databytes=10485760, extra_ehlo=["AUTH PLAIN LOGIN CRAM-MD5"])
     app = run(feed, b"EHLO client.example.org\r\n", c)
     assert app.lines == [
@@ -81,7 +82,8 @@ def test_ehlo_lines_exact(feed):
 
 
 def test_ehlo_per_session_extras_and_smtputf8():
-    """The AUTH offer is per session (SPEC A §7); SMTPUTF8 advertised when enabled (§7.3)."""
+    """The AUTH offer is per session (docs/behaviour/auth.md#modes); SMTPUTF8 advertised when
+    enabled (docs/behaviour/smtp.md#greeting-and-ehlo)."""
     conn = SMTPConnection(cfg(smtputf8=True, extra_ehlo=["AUTH CRAM-MD5"]))
     conn.set_extra_ehlo(["AUTH PLAIN LOGIN"])
     assert conn.ehlo_reply("mx2").line() == (
@@ -92,7 +94,8 @@ def test_ehlo_per_session_extras_and_smtputf8():
 
 
 def test_helo(feed):
-    """HELO gets `250 <greeting>` without enhanced code (RFC 2034 §3, SPEC B §1.4)."""
+    """HELO gets `250 <greeting>` without enhanced code (RFC 2034 §3,
+    docs/behaviour/smtp.md#commands)."""
     app = run(feed, b"helo client.example.org\r\n", cfg())
     assert app.lines == [GREETING, "250 mx.example.com"]
     assert app.merged() == [Helo("HELO", "client.example.org")]
@@ -115,14 +118,14 @@ def test_helo_eightbit_reported(feed):
 
 
 def test_helo_ends_transaction(feed):
-    """HELO/EHLO end any transaction (SPEC B §1.5, §2.7)."""
+    """HELO/EHLO end any transaction (docs/behaviour/smtp.md#states)."""
     app = run(feed, b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nEHLO x\r\nRCPT TO:<g@h.i>\r\n", cfg())
     assert app.lines[-1] == "503 5.5.1 MAIL first"
     assert app.conn.state == IDLE and app.conn.rcpt_count == 0
     assert app.of(Rcpt) == [Rcpt("d@e.f", {})]
 
 
-# --- pipelining (RFC 2920, SPEC B §7.3) ---------------------------------------------
+# --- pipelining (RFC 2920, docs/behaviour/smtp.md#command-lines) ---------------------------------
 
 def test_pipelined_group_answered_in_one_write():
     app = App(cfg())
@@ -179,7 +182,7 @@ def test_send_without_pending_event_is_an_error():
         conn.send(reply("ok"))
 
 
-# --- DATA byte machine (SPEC B §1.11, §7.1) -----------------------------------------
+# --- DATA byte machine (docs/behaviour/smtp.md#data) -----------------------------------------
 
 def test_dot_unstuffing(feed):
     """`..x` -> `.x`; qmail also drops a lone leading dot (`.y` -> `y`), first line too."""
@@ -189,7 +192,7 @@ def test_dot_unstuffing(feed):
 
 
 def test_empty_message(feed):
-    """A "." first line right after 354 is an empty message (SPEC B §1.11)."""
+    """A "." first line right after 354 is an empty message (docs/behaviour/smtp.md#data)."""
     app = run(feed, tx(b".\r\nNOOP\r\n"), cfg())
     assert app.of(DataChunk) == []
     assert data_end(app) == DataEnd(0, False, 0, False)
@@ -224,14 +227,14 @@ def test_message_split_at_every_boundary(cut):
 
 
 def test_crlf_to_lf_and_bare_cr_kept(feed):
-    """Stored with LF; a CR not followed by LF is kept as is (SPEC B §1.11)."""
+    """Stored with LF; a CR not followed by LF is kept as is (docs/behaviour/smtp.md#data)."""
     app = run(feed, tx(b"a\rb\r\nc\r\r\n\r\r\n.\r\n"), cfg())
     assert app.data() == b"a\rb\nc\r\n\r\n"
     assert data_end(app) == DataEnd(9, False, 0, False)
 
 
 def test_bare_cr_dot_is_not_end_of_data(feed):
-    """`\\r.\\r\\n` is not an end of data (SMTP smuggling, SPEC B §7.1)."""
+    """`\\r.\\r\\n` is not an end of data (SMTP smuggling, docs/behaviour/smtp.md#data)."""
     app = run(feed, tx(b"a\r\n\r.\r\nb\r\n.\r\n"), cfg())
     assert app.data() == b"a\n\r.\nb\n"
     assert data_end(app) == DataEnd(7, False, 0, False)
@@ -239,7 +242,8 @@ def test_bare_cr_dot_is_not_end_of_data(feed):
 
 
 def test_bare_lf_in_data(feed):
-    """Any bare LF -> DataEnd(bare_lf) at once, 451, session dropped (SPEC B §1.11, A §6)."""
+    """Any bare LF -> DataEnd(bare_lf) at once, 451, session dropped (docs/behaviour/smtp.md#data,
+    docs/behaviour/differences.md#smtp-commands)."""
     app = run(feed, tx(b"ok line\r\nbad\nmore\r\n.\r\nNOOP\r\n"), cfg())
     assert app.data() == b"ok line\nbad"
     assert data_end(app) == DataEnd(11, False, 0, True)
@@ -251,7 +255,8 @@ def test_bare_lf_in_data(feed):
 @pytest.mark.parametrize("form", [b"\n.\r\n", b"\r\n.\n", b"\n.\n", b"\n"],
                          ids=["LF.CRLF", "CRLF.LF", "LF.LF", "LF"])
 def test_smuggling_forms_are_bare_lf(feed, form):
-    """`<LF>.<CRLF>`, `<CRLF>.<LF>`: never an end of data, always bare LF (SPEC B §7.1)."""
+    """`<LF>.<CRLF>`, `<CRLF>.<LF>`: never an end of data, always bare LF
+    (docs/behaviour/smtp.md#data)."""
     smuggled = b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<v@example.com>\r\nDATA\r\nx\r\n"
     app = run(feed, tx(b"hello" + form + smuggled + b".\r\n"), cfg())
     ev = data_end(app)
@@ -267,7 +272,8 @@ def test_first_line_bare_lf(feed):
 
 
 def test_databytes_exact_limit_accepted(feed):
-    """Size counted as stored (LF, unstuffed); exactly databytes is fine (SPEC B §1.11)."""
+    """Size counted as stored (LF, unstuffed); exactly databytes is fine
+    (docs/behaviour/smtp.md#data)."""
     body = b"0123456789\r\n..abcdefg\r\n"          # stored: 11 + 9 = 20 bytes
     app = run(feed, tx(body + b".\r\n"), cfg(databytes=20))
     assert data_end(app) == DataEnd(20, False, 0, False)
@@ -287,7 +293,8 @@ def test_databytes_plus_one_oversized(feed):
 
 
 def test_size_param_too_big_at_mail(feed):
-    """`MAIL ... SIZE=n` with n > databytes -> 552 5.3.4 at MAIL (RFC 1870, SPEC B §4.8)."""
+    """`MAIL ... SIZE=n` with n > databytes -> 552 5.3.4 at MAIL (RFC 1870,
+    docs/behaviour/smtp.md#mail-parameters)."""
     app = run(feed, b"MAIL FROM:<a@b.c> SIZE=1001\r\nMAIL FROM:<a@b.c> SIZE=1000\r\n",
               cfg(databytes=1000))
     assert app.lines[1:] == ["552 5.3.4 sorry, that message size exceeds my databytes limit",
@@ -317,7 +324,7 @@ HEADERS = (b"Received: from a by b\r\n"
 
 
 def test_hop_count(feed):
-    """Received/Delivered lines of the header block only (SPEC B §1.11)."""
+    """Received/Delivered lines of the header block only (docs/behaviour/smtp.md#data)."""
     app = run(feed, tx(HEADERS + b".\r\n"), cfg())
     assert data_end(app).hops == 5
 
@@ -340,7 +347,7 @@ def test_hop_count_blank_first_line(feed):
 
 
 def test_hop_limit_reply(feed):
-    """hops >= max_hops -> 554 5.4.6 (SPEC B §1.11 final reply table)."""
+    """hops >= max_hops -> 554 5.4.6 (docs/behaviour/smtp.md#end-of-data)."""
     app = run(feed, tx(b"Received: x\r\n" * 3 + b"\r\nbody\r\n.\r\n"), cfg(max_hops=3))
     assert data_end(app).hops == 3
     assert app.lines[-1] == "554 5.4.6 too many hops, this message is looping"
@@ -363,7 +370,7 @@ def test_large_message_streams_with_small_tail():
     assert data_end(app) == DataEnd(200 * (50 * 76 + 3), False, 0, False)
 
 
-# --- line length, bad commands (RFC 5321 §4.5.3.1, SPEC A §6) ----------------------
+# --- line length, bad commands (RFC 5321 §4.5.3.1, docs/behaviour/differences.md#smtp-commands) ---
 
 def test_line_512_ok_513_too_long(feed):
     ok = b"NOOP " + b"x" * (512 - 7) + b"\r\n"
@@ -382,7 +389,8 @@ def test_very_long_line_discarded_then_session_continues(feed):
 
 
 def test_bad_commands_limit_421(feed):
-    """Ten bad commands -> each answered, then 421 4.7.0 and close (SPEC A §6)."""
+    """Ten bad commands -> each answered, then 421 4.7.0 and close
+    (docs/behaviour/differences.md#smtp-commands)."""
     app = run(feed, b"XYZZY\r\n" * 9 + b"\r\nNOOP\r\nNOOP\r\n", cfg())
     assert app.lines[1:] == ["500 5.5.1 unimplemented"] * 10 + [
         "421 4.7.0 mx.example.com too many errors, closing connection"]
@@ -402,14 +410,15 @@ def test_bad_command_limit_configurable(feed):
 
 
 def test_bare_newline_command(feed):
-    """A command ending in bare LF is accepted (qmail, SPEC B §1.4) and reported."""
+    """A command ending in bare LF is accepted (qmail, docs/behaviour/smtp.md#command-lines)
+    and reported."""
     app = run(feed, b"NOOP\nnoop\r\n", cfg())
     assert app.lines[1:] == ["250 2.0.0 ok", "250 2.0.0 ok"]
     assert app.merged() == [Anomaly("BARE NEWLINE", "NOOP"), Noop(), Noop()]
 
 
 def test_anomalies_never_carry_secrets(feed):
-    """DESIGN "nothing secret logged": a bare-LF AUTH response and a password
+    """docs/architecture.md#design-rules: a bare-LF AUTH response and a password
     pipelined after a refused AUTH (it arrives as an unknown "verb") are
     reported without their text; known verbs are still named."""
     secret = b"V1JPTkdQQVNTMw=="                  # base64 of a password
@@ -423,7 +432,7 @@ def test_anomalies_never_carry_secrets(feed):
     assert any(d == "AUTH response" or d.startswith("<") for d in details)
 
 
-# --- sequence (SPEC A §6, B §1.5, RFC 5321 §3.3) -------------------------------------
+# --- sequence (docs/behaviour/differences.md#smtp-commands, docs/behaviour/smtp.md#states, RFC 5321 §3.3) ---
 
 def test_nested_mail_503(feed):
     app = run(feed, b"MAIL FROM:<a@b.c>\r\nMAIL FROM:<d@e.f>\r\n", cfg())
@@ -446,14 +455,15 @@ def test_data_before_mail_and_before_rcpt(feed):
 
 
 def test_data_with_argument_is_501(feed):
-    """RFC 5321 §4.1.1.4: DATA takes no argument (SPEC A §6: RFC 5321 where qmail is lax)."""
+    """RFC 5321 §4.1.1.4: DATA takes no argument (docs/behaviour/differences.md#smtp-commands: RFC
+    5321 where qmail is lax)."""
     app = run(feed, tx(b"")[:-2] + b" now\r\n", cfg())
     assert app.lines[-1] == "501 5.5.4 syntax error in parameters or arguments"
     assert app.conn.state == RCPT and app.conn.bad_commands == 1
 
 
 def test_states_through_a_transaction():
-    """The state table of the module docstring, step by step (SPEC B §1.5)."""
+    """The state table of the module docstring, step by step (docs/behaviour/smtp.md#states)."""
     app = App(cfg(), manual=True)
     conn = app.conn
     seen = [(conn.state, conn.rcpt_count)]
@@ -471,7 +481,7 @@ def test_states_through_a_transaction():
 
 
 def test_rejected_mail_and_rcpt_do_not_open_or_count():
-    """A policy rejection leaves the state as is (SPEC B §2.8)."""
+    """A policy rejection leaves the state as is (docs/behaviour/smtp.md#rcpt-checks)."""
     script = {Mail: [reply("badmailfrom"), reply("mail_ok")],
               Rcpt: [reply("rcpthosts"), reply("rcpt_ok")]}
     app = run(feed_whole, b"MAIL FROM:<x@spam>\r\nRCPT TO:<a@b>\r\nMAIL FROM:<y@ok>\r\n"
@@ -530,7 +540,7 @@ def test_case_insensitive_verbs(feed):
         "Mail", "Rcpt", "DataStart", "DataEnd", "Quit", "Closed"]
 
 
-# --- address and parameter parsing (SPEC B §1.6, §2.8, §4.8, §7.3) ---------------
+# --- address and parameter parsing (docs/behaviour/smtp.md#addresses, #rcpt-checks, #mail-parameters) ---
 
 @pytest.mark.parametrize("line,address", [
     (b"MAIL FROM:<a@b.c>", "a@b.c"),
@@ -548,7 +558,8 @@ def test_mail_address_forms(feed, line, address):
 
 
 @pytest.mark.parametrize("line,expected", [
-    (b"MAIL FROM:a@b.c", "555 5.5.4 syntax error"),           # brackets required (§2.8)
+    (b"MAIL FROM:a@b.c", "555 5.5.4 syntax error"),           # brackets required
+                                                              # (docs/behaviour/smtp.md#addresses)
     (b"MAIL <a@b.c>", "555 5.5.4 syntax error"),              # FROM: required
     (b"MAIL FROM:<a@b.c", "555 5.5.4 syntax error"),
     (b"MAIL FROM:<a@b.c>SIZE=1", "555 5.5.4 syntax error"),
@@ -603,7 +614,7 @@ def test_rcpt_unknown_parameter_names_are_not_echoed_raw(feed):
 
 
 def test_send_close_hangs_up_after_that_reply():
-    """send(r, close=True) (spamcontrol's notorious-session 503, SPEC B §2.8):
+    """send(r, close=True) (spamcontrol's notorious-session 503, docs/behaviour/smtp.md#data):
     nothing pipelined after it is parsed; the next event is Closed."""
     conn = SMTPConnection(cfg())
     conn.greet()
@@ -620,14 +631,15 @@ def test_send_close_hangs_up_after_that_reply():
 
 
 def test_auth_param_decoded_never_grants(feed):
-    """AUTH= is xtext-decoded and reported; it never authenticates (SPEC A §7, B §7.6)."""
+    """AUTH= is xtext-decoded and reported; it never authenticates
+    (docs/behaviour/auth.md#dialogue)."""
     app = run(feed, b"MAIL FROM:<a@b.c> AUTH=u+2Bx@b.c BODY=7bit\r\n", cfg())
     assert app.merged() == [Mail("a@b.c", {"AUTH": "u+x@b.c", "BODY": "7BIT"})]
     assert app.conn.authenticated is False
 
 
 def test_eightbit_address_without_smtputf8(feed):
-    """Non-ASCII envelope without SMTPUTF8 -> 553 5.6.7 (SPEC B §7.3)."""
+    """Non-ASCII envelope without SMTPUTF8 -> 553 5.6.7 (docs/behaviour/smtp.md#addresses)."""
     addr = "jö@example.org".encode()
     app = run(feed, b"MAIL FROM:<" + addr + b">\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<" + addr + b">\r\n",
               cfg())
@@ -668,7 +680,7 @@ def test_smtputf8_is_per_transaction(feed):
     assert app.conn.mail_smtputf8 is False and app.conn.rcpt_count == 0
 
 
-# --- AUTH framing (SPEC B §4.4, §7.6) ------------------------------------------------
+# --- AUTH framing (docs/behaviour/auth.md#dialogue) ----------------------------------------------
 
 def auth_script(*replies):
     return {AuthStart: replies[0], AuthResponse: list(replies[1:])}
@@ -719,11 +731,12 @@ def test_auth_long_line(feed):
 
 
 def test_auth_sequence_errors(feed):
-    """AUTH in a transaction or after success -> 503 (RFC 4954 §4, SPEC B §4.6)."""
+    """AUTH in a transaction or after success -> 503 (RFC 4954 §4,
+    docs/behaviour/auth.md#dialogue)."""
     script = {AuthStart: reply("auth_ok")}
     app = run(feed, b"MAIL FROM:<a@b.c>\r\nAUTH PLAIN AGEAYg==\r\nRSET\r\n"
               b"AUTH PLAIN AGEAYg==\r\nRSET\r\nAUTH PLAIN AGEAYg==\r\nAUTH\r\n", cfg(), script)
-    # authentication survives RSET (RFC 4954, SPEC B §4.7)
+    # authentication survives RSET (RFC 4954, docs/behaviour/auth.md#after-success)
     assert app.lines[1:] == ["250 2.1.0 ok", "503 5.5.1 no auth during mail transaction",
                              "250 2.0.0 flushed", "235 2.7.0 ok, go ahead", "250 2.0.0 flushed",
                              "503 5.5.1 you're already authenticated",

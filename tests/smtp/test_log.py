@@ -1,5 +1,5 @@
-"""mailfilter.log: one line per record whatever a client sends (DESIGN
-Errors and logging): quoting, escaping by code point, the value cap."""
+"""mailfilter.log: one line per record whatever a client sends
+(docs/architecture.md#errors-and-logging): quoting, escaping by code point, the value cap."""
 from mailfilter import log
 
 

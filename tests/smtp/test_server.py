@@ -96,8 +96,9 @@ def stored_body(raw: bytes) -> bytes:
 
 # ------------------------------------------------------------------ session
 def test_full_transaction_smtplib(server):
-    """SPEC B §1.4-§1.5 command table through a real client; A §9 "250 means
-    stored": the 250 after DATA names the maildir file that is in new/."""
+    """docs/behaviour/smtp.md#commands, #states command table through a real client;
+    docs/behaviour/delivery.md#250-means-stored: the 250 after DATA names the maildir file
+    that is in new/."""
     with smtp(server.port) as s:
         code, _ = s.ehlo("client.test")
         assert code == 250
@@ -132,7 +133,7 @@ def _store_one(c: RawClient) -> None:
 
 @pytest.mark.parametrize("verb,proto", [("HELO", b"SMTP"), ("EHLO", b"ESMTP")])
 def test_received_protocol_helo_smtp_ehlo_esmtp(server, verb, proto):
-    """SPEC B §1.12 / RFC 3848: a session that greeted with HELO is `with
+    """docs/behaviour/smtp.md#received-header / RFC 3848: a session that greeted with HELO is `with
     SMTP`, one that used EHLO `with ESMTP` (the last greeting counts)."""
     c = RawClient(server.port)
     assert c.reply()[0] == 220
@@ -145,7 +146,7 @@ def test_received_protocol_helo_smtp_ehlo_esmtp(server, verb, proto):
 
 
 def test_pipelined_commands_answered_in_one_write(server):
-    """SPEC B §7.3 PIPELINING / DESIGN "answered in one transport.write":
+    """docs/behaviour/smtp.md#command-lines PIPELINING / docs/architecture.md#design-rules:
     MAIL, RCPT, RCPT, DATA in one packet -> four replies in ONE write."""
     c = session(server.port)
     proto = server.connections[-1]
@@ -169,7 +170,8 @@ def test_pipelined_commands_answered_in_one_write(server):
 
 
 def test_help_vrfy_noop_rset_quit(server):
-    """SPEC B §1.4 (VRFY 252, NOOP, RSET, QUIT), §2.15 HELP multi-line, §7.2 codes."""
+    """docs/behaviour/smtp.md#commands (VRFY 252, NOOP, RSET, QUIT),
+    docs/behaviour/smtp.md#commands HELP multi-line, docs/behaviour/smtp.md#replies codes."""
     c = session(server.port)
     code, lines = c.cmd("HELP")
     assert code == 214 and len(lines) >= 2
@@ -179,7 +181,7 @@ def test_help_vrfy_noop_rset_quit(server):
     assert first(c.cmd("NOOP")) == "250 2.0.0 ok"
     assert first(c.cmd("MAIL FROM:<a@sender.test>")) == "250 2.1.0 ok"
     assert first(c.cmd("RSET")) == "250 2.0.0 flushed"
-    # RSET ended the transaction (B §1.5)
+    # RSET ended the transaction (docs/behaviour/smtp.md#states)
     assert first(c.cmd("RCPT TO:<user@example.com>")) == "503 5.5.1 MAIL first"
     assert first(c.cmd("QUIT")) == "221 2.0.0 mx.test"
     assert c.at_eof()
@@ -187,7 +189,9 @@ def test_help_vrfy_noop_rset_quit(server):
 
 
 def test_unknown_command_502_and_session_continues(server, decisions):
-    """SPEC B §2.8 (spamcontrol: unknown verb -> 500, vanilla 502), A §5, §6; the session goes on."""
+    """docs/behaviour/smtp.md#commands (spamcontrol: unknown verb -> 500, vanilla 502),
+    docs/behaviour/smtp.md#replies, docs/behaviour/differences.md#smtp-commands; the
+    session goes on."""
     c = session(server.port)
     assert first(c.cmd("EXPN list")) == "500 5.5.1 unimplemented"
     assert first(c.cmd("MAILX FROM:<a@b>")) == "500 5.5.1 unimplemented"
@@ -198,7 +202,8 @@ def test_unknown_command_502_and_session_continues(server, decisions):
 
 
 def test_overlong_line_500_and_session_continues(server):
-    """SPEC A §6, B §7.1: 512 octets incl. CRLF is the limit; 513 -> 500 5.5.2."""
+    """docs/behaviour/differences.md#smtp-commands, docs/behaviour/smtp.md#limits: 512 octets incl.
+    CRLF is the limit; 513 -> 500 5.5.2."""
     c = session(server.port)
     ok = "NOOP " + "x" * (512 - 2 - 5)
     assert len(ok) + 2 == 512
@@ -216,7 +221,8 @@ def test_overlong_line_500_and_session_continues(server):
 
 
 def test_too_many_bad_commands_421_and_close(server):
-    """SPEC A §6 / DESIGN Errors: after max_bad_commands (10) errors, 421 and close."""
+    """docs/behaviour/differences.md#smtp-commands / docs/architecture.md#errors-and-logging: after
+    max_bad_commands (10) errors, 421 and close."""
     c = session(server.port)
     c.send(b"BOGUS\r\n" * 12)
     replies = c.replies(11)
@@ -229,9 +235,9 @@ def test_too_many_bad_commands_421_and_close(server):
 
 
 def test_server_closes_are_logged(server, decisions):
-    """Every close the server makes has a line saying why (DESIGN Errors and
-    logging): the too-many-errors 421 was not logged, unlike timeouts; a
-    client's QUIT is not a server decision."""
+    """Every close the server makes has a line saying why
+    (docs/architecture.md#errors-and-logging): the too-many-errors 421 was not logged,
+    unlike timeouts; a client's QUIT is not a server decision."""
     c = session(server.port)
     c.send(b"BOGUS\r\n" * 10)
     assert first(c.replies(11)[10]).startswith("421 4.7.0")
@@ -248,8 +254,9 @@ def test_server_closes_are_logged(server, decisions):
 
 
 def test_denied_client_connect_line_names_the_reply_sent(server, decisions):
-    """A `deny` client gets 220 and 553 at every RCPT (SPEC A §3): its
-    CONNECT line said reply="553 ..." although 220 was sent."""
+    """A `deny` client gets 220 and 553 at every RCPT
+    (docs/behaviour/tcp-smtp.md#denied-clients): its CONNECT line said reply="553 ..." although
+    220 was sent."""
     c = RawClient(server.port, DENIED)
     assert c.reply()[0] == 220
     c.close()
@@ -299,8 +306,8 @@ def test_log_lines_stay_bounded_with_huge_client_input(server, decisions):
 
 
 def test_received_8bit_helo_one_question_mark_per_byte(server):
-    """SPEC B §1.12: qmail's safeput works per byte, so each 8-bit byte of
-    the HELO argument is one `?` in the Received line (c3 a9 74 e9 -> ??t?)."""
+    """docs/behaviour/smtp.md#received-header: qmail's safeput works per byte, so
+    each 8-bit byte of the HELO argument is one `?` in the Received line (c3 a9 74 e9 -> ??t?)."""
     c = RawClient(server.port)
     assert c.reply()[0] == 220
     c.send(b"HELO \xc3\xa9t\xe9\r\n")
@@ -332,9 +339,9 @@ def test_received_8bit_helo_one_question_mark_per_byte(server):
      "action=reject stage=RCPT reason=no_mailbox "),
 ])
 def test_policy_rejections_at_rcpt_with_rule_in_log(server, decisions, sender, rcpt, reply, log):
-    """SPEC B §2.8 RCPT table (#9 rcpthosts, #12 recipients, #15 badmailfrom,
-    #16 badrcptto), B §1.10 (verdict at MAIL, reported at RCPT), A §5 replies,
-    DESIGN "one decision line per verdict" naming file:line."""
+    """docs/behaviour/smtp.md#rcpt-checks (#9 rcpthosts, #12 recipients, #15 badmailfrom,
+    #16 badrcptto), docs/behaviour/smtp.md#pending-verdicts (verdict at MAIL, reported at RCPT),
+    docs/behaviour/smtp.md#replies replies, docs/operations.md#decision-lines naming file:line."""
     c = session(server.port)
     assert first(c.cmd(f"MAIL FROM:<{sender}>")) == "250 2.1.0 ok"
     assert first(c.cmd(f"RCPT TO:<{rcpt}>")) == reply
@@ -371,8 +378,9 @@ BAD_HELO = "550 5.7.1 sorry, invalid HELO/EHLO greeting"
     ("127.0.0.15", "localhost", "250 2.1.5 ok", None),      # HELOCHECK unset: no check
 ])
 def test_helocheck_modes_through_the_server(start, tmp_path, decisions, source, helo, expect, reason):
-    """SPEC B §2.4 HELOCHECK "" (badhelo), "!" (HELO required), "." (both),
-    §2.7 (250 to HELO, the verdict at RCPT), §2.8 #5/#6, with the rule in the log."""
+    """docs/behaviour/tcp-smtp.md#settings HELOCHECK "" (badhelo), "!" (HELO required), "." (both),
+    docs/behaviour/smtp.md#pending-verdicts (250 to HELO, the verdict at RCPT),
+    docs/behaviour/smtp.md#rcpt-checks #5/#6, with the rule in the log."""
     srv = start(rules=write_rules(tmp_path / "hc", HELOCHECK_RULES))
     c = RawClient(srv.port, source)
     assert c.reply()[0] == 220
@@ -392,7 +400,8 @@ def test_helocheck_modes_through_the_server(start, tmp_path, decisions, source, 
 ])
 def test_anomalies_in_the_log(server, decisions, send, reply, tag):
     """smtpconn's anomaly tags reach the log as one key=value line naming
-    the client (SPEC B §1.4 bare LF, A §6 / RFC 5321 line length)."""
+    the client (docs/behaviour/smtp.md#command-lines bare LF,
+    docs/behaviour/differences.md#smtp-commands / RFC 5321 line length)."""
     c = session(server.port)
     c.send(send)
     assert first(c.reply()) == reply
@@ -402,7 +411,8 @@ def test_anomalies_in_the_log(server, decisions, send, reply, tag):
 
 
 def test_tcp_smtp_deny_553_at_rcpt(server, decisions):
-    """SPEC A §3 / rules README: a `deny` client is refused at every RCPT, 553 5.7.1."""
+    """docs/behaviour/tcp-smtp.md#denied-clients / rules README: a `deny` client is refused at
+    every RCPT, 553 5.7.1."""
     c = session(server.port, DENIED)
     assert first(c.cmd("MAIL FROM:<a@sender.test>")) == "250 2.1.0 ok"
     assert first(c.cmd("RCPT TO:<user@example.com>")) == "553 5.7.1 sorry, your client address is not allowed here"
@@ -414,7 +424,8 @@ def test_tcp_smtp_deny_553_at_rcpt(server, decisions):
 
 
 def test_relayclient_relays_and_badmailfrom_still_applies(server):
-    """SPEC B §1.9 RELAYCLIENT: rcpthosts and recipients skipped, badmailfrom kept."""
+    """docs/behaviour/tcp-smtp.md#settings RELAYCLIENT: rcpthosts and recipients skipped,
+    badmailfrom kept."""
     c = session(server.port, RELAY)
     assert first(c.cmd("MAIL FROM:<a@sender.test>")) == "250 2.1.0 ok"
     assert first(c.cmd("RCPT TO:<someone@elsewhere.test>")) == "250 2.1.5 ok"
@@ -430,7 +441,8 @@ def test_relayclient_relays_and_badmailfrom_still_applies(server):
 
 
 def test_relayclient_suffix_appended(server):
-    """SPEC B §1.9: RELAYCLIENT="@fixme" turns u@d into u@d@fixme for delivery."""
+    """docs/behaviour/tcp-smtp.md#settings: RELAYCLIENT="@fixme" turns u@d into u@d@fixme
+    for delivery."""
     c = session(server.port, SUFFIX)
     assert first(c.cmd("MAIL FROM:<a@sender.test>")) == "250 2.1.0 ok"
     assert first(c.cmd("RCPT TO:<u@elsewhere.test>")) == "250 2.1.5 ok"
@@ -443,8 +455,8 @@ def test_relayclient_suffix_appended(server):
 
 
 def test_maxrecipients_452(server):
-    """SPEC B §2.4 MAXRECIPIENTS, §2.8 #18: 452 4.5.3 beyond the limit; the
-    message goes to the accepted recipients only."""
+    """docs/behaviour/tcp-smtp.md#settings MAXRECIPIENTS, docs/behaviour/smtp.md#rcpt-checks #18:
+    452 4.5.3 beyond the limit; the message goes to the accepted recipients only."""
     c = session(server.port, MAXRCPT)
     c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\n"
            b"RCPT TO:<u2@example.com>\r\nRCPT TO:<u3@example.com>\r\nDATA\r\n")
@@ -459,9 +471,10 @@ def test_maxrecipients_452(server):
 
 
 def test_tarpit_does_not_block_the_loop(server, monkeypatch):
-    """SPEC B §2.4 TARPITCOUNT/TARPITDELAY, §2.8 #11; DESIGN "nothing else on
-    the loop waits": while session 1 sits in its tarpit (2 s), session 2 runs a
-    whole transaction. Ordering is checked via events, not by timing."""
+    """docs/behaviour/tcp-smtp.md#settings TARPITCOUNT/TARPITDELAY,
+    docs/behaviour/smtp.md#rcpt-checks #11; docs/architecture.md#design-rules: while session 1 sits
+    in its tarpit (2 s), session 2 runs a whole transaction. Ordering is checked via events,
+    not by timing."""
     in_tarpit = threading.Event()
     real = SMTPProtocol._sleep
 
@@ -525,7 +538,8 @@ def dns_server(start):
     ("fail.test", "451 4.4.3 DNS temporary failure"),
 ])
 def test_mfdnscheck(dns_server, decisions, domain, expect):
-    """SPEC B §2.4 MFDNSCHECK, §2.8 #8, §7.2 (5.1.8 / 4.4.3): the MX lookup is
+    """docs/behaviour/tcp-smtp.md#settings MFDNSCHECK, docs/behaviour/smtp.md#rcpt-checks #8,
+    docs/behaviour/smtp.md#replies (5.1.8 / 4.4.3): the MX lookup is
     started at MAIL and decided at RCPT, via the server's dnspython resolver."""
     c = session(dns_server.port, MFDNS)
     c.send(f"MAIL FROM:<someone@{domain}>\r\nRCPT TO:<user@example.com>\r\n".encode())
@@ -541,7 +555,8 @@ def test_mfdnscheck(dns_server, decisions, domain, expect):
 
 
 def test_mfdnscheck_not_for_other_clients(dns_server):
-    """MFDNSCHECK is a per-client setting (SPEC A §3): no lookup without it."""
+    """MFDNSCHECK is a per-client setting (docs/behaviour/tcp-smtp.md#settings): no
+    lookup without it."""
     c = session(dns_server.port, PLAIN)
     c.send(b"MAIL FROM:<someone@nx.test>\r\nRCPT TO:<user@example.com>\r\n")
     assert [first(r) for r in c.replies(2)] == ["250 2.1.0 ok", "250 2.1.5 ok"]
@@ -563,8 +578,8 @@ def test_mfdnscheck_not_for_other_clients(dns_server):
     (HELO_M, "nx.test", "550 5.7.1 sorry, invalid HELO/EHLO greeting", ("nx.test", "MX")),
 ])
 def test_helocheck_a_and_m(dns_server, source, helo, expect, query):
-    """SPEC B §2.4 HELOCHECK A/M, §2.7 (DNS hard failure -> reject at RCPT,
-    soft failure -> 451), §2.8 #7."""
+    """docs/behaviour/tcp-smtp.md#settings HELOCHECK A/M, docs/behaviour/tcp-smtp.md#settings (DNS
+    hard failure -> reject at RCPT, soft failure -> 451), docs/behaviour/smtp.md#rcpt-checks #7."""
     c = session(dns_server.port, source, helo=helo)
     c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\n")
     assert first(c.reply()) == "250 2.1.0 ok"
@@ -594,7 +609,8 @@ def test_address_literals_need_no_dns(dns_server, source, helo, sender, expect):
 
 
 def test_dns_unreachable_resolver_is_temporary(start):
-    """SPEC B §2.7 / dnscheck: a resolver that never answers -> 451, not 5xx."""
+    """docs/behaviour/tcp-smtp.md#settings / dnscheck: a resolver that never answers ->
+    451, not 5xx."""
     with DnsResponder({"x.test": "DROP"}) as dns:
         srv = start(resolver=Resolver(dns.address, timeout=0.5))
         c = session(srv.port, MFDNS)
@@ -605,7 +621,7 @@ def test_dns_unreachable_resolver_is_temporary(start):
 
 # ------------------------------------------------------------------ DATA
 def test_dot_stuffing_round_trip(server):
-    """SPEC B §1.11 transparency: `..x` -> `.x`, CRLF -> LF, a lone CR kept."""
+    """docs/behaviour/smtp.md#data transparency: `..x` -> `.x`, CRLF -> LF, a lone CR kept."""
     c = session(server.port)
     c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
     assert [r[0] for r in c.replies(3)] == [250, 250, 354]
@@ -633,8 +649,9 @@ def test_dot_stuffing_round_trip_smtplib(server):
     b"Subject: s\r\n\r\nbare\nlf\r\n.\r\n",
 ], ids=["LF.CRLF", "CRLF.LF", "bare-LF"])
 def test_smuggling_and_bare_lf_451_close_nothing_stored(server, payload):
-    """SPEC A §6, B §1.11, §7.1 (SMTP smuggling): a bare LF in DATA -> 451 and
-    the connection is dropped; nothing reaches new/, nothing is left in tmp/."""
+    """docs/behaviour/differences.md#smtp-commands, docs/behaviour/smtp.md#data (SMTP smuggling): a
+    bare LF in DATA -> 451 and the connection is dropped; nothing reaches new/, nothing is
+    left in tmp/."""
     c = session(server.port)
     c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
     assert [r[0] for r in c.replies(3)] == [250, 250, 354]
@@ -649,9 +666,11 @@ def test_smuggling_and_bare_lf_451_close_nothing_stored(server, payload):
 
 
 def test_databytes_exceeded_streamed_552(server):
-    """SPEC B §1.11 databytes (per-client DATABYTES, §2.4), §7.2 552 5.3.4: a
+    """docs/behaviour/smtp.md#data databytes (per-client DATABYTES,
+    docs/behaviour/tcp-smtp.md#settings), docs/behaviour/smtp.md#replies 552 5.3.4: a
     message far larger than the limit is streamed; 552 after the end of data,
-    nothing stored, the session goes on. EHLO advertises SIZE 2000 (§7.3)."""
+    nothing stored, the session goes on. EHLO advertises SIZE 2000
+    (docs/behaviour/smtp.md#greeting-and-ehlo)."""
     c = RawClient(server.port, SMALL)
     assert c.reply()[0] == 220
     code, lines = c.cmd("EHLO big.test")
@@ -672,7 +691,7 @@ def test_databytes_exceeded_streamed_552(server):
 
 
 def test_databytes_exact_limit_accepted(server):
-    """SPEC B §1.11: exactly databytes octets (as stored) are accepted."""
+    """docs/behaviour/smtp.md#data: exactly databytes octets (as stored) are accepted."""
     c = session(server.port, SMALL)
     c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
     assert [r[0] for r in c.replies(3)] == [250, 250, 354]
@@ -686,7 +705,8 @@ def test_databytes_exact_limit_accepted(server):
 
 
 def test_size_parameter_too_big_552_at_mail(server):
-    """SPEC B §7.3 SIZE (RFC 1870): MAIL ... SIZE=m with m > databytes -> 552 5.3.4."""
+    """docs/behaviour/smtp.md#mail-parameters SIZE (RFC 1870): MAIL ... SIZE=m with m > databytes
+    -> 552 5.3.4."""
     c = session(server.port, SMALL)
     assert first(c.cmd("MAIL FROM:<a@sender.test> SIZE=2001")) == \
         "552 5.3.4 sorry, that message size exceeds my databytes limit"
@@ -696,7 +716,7 @@ def test_size_parameter_too_big_552_at_mail(server):
 
 @pytest.mark.parametrize("hops,expect", [(99, 250), (100, 554)])
 def test_hop_count(server, hops, expect):
-    """SPEC B §1.11 hop counting: >= 100 Received/Delivered lines -> 554 5.4.6."""
+    """docs/behaviour/smtp.md#data hop counting: >= 100 Received/Delivered lines -> 554 5.4.6."""
     c = session(server.port)
     c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
     assert [r[0] for r in c.replies(3)] == [250, 250, 354]
@@ -731,8 +751,9 @@ def mime_message(b64: bytes) -> bytes:
     (PLAIN, EXE_B64, 250, None),            # BADMIMETYPE not set for this client
 ])
 def test_badmimetypes_badloadertypes(server, decisions, source, b64, expect, rule):
-    """SPEC B §2.4 BADMIMETYPE/BADLOADERTYPE, §2.8 content filters: an MZ
-    attachment -> 554 5.3.2 and nothing stored, the rule in the log line."""
+    """docs/behaviour/tcp-smtp.md#settings BADMIMETYPE/BADLOADERTYPE,
+    docs/behaviour/smtp.md#content-checks content filters: an MZ attachment -> 554 5.3.2 and
+    nothing stored, the rule in the log line."""
     c = session(server.port, source)
     c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
     assert [r[0] for r in c.replies(3)] == [250, 250, 354]
@@ -752,11 +773,11 @@ def test_badmimetypes_badloadertypes(server, decisions, source, b64, expect, rul
 
 
 @pytest.mark.parametrize("setting,body,expect,rule", [
-    # SPEC B §2.4: "!" rejects whitespace in base64 lines even with no
+    # docs/behaviour/tcp-smtp.md#settings: "!" rejects whitespace in base64 lines even with no
     # signature file at all (it used to make no scanner: the check was off)
     ('BADMIMETYPE="!"', b"AAAA AAAA\r\n", 554, "rule=tcp.smtp:1 "),   # the setting's line
     ('BADMIMETYPE="!"', b"AAAAAAAA\r\n", 250, None),
-    # SPEC B §2.8: BADLOADERTYPE=c looks only at windows starting with c
+    # docs/behaviour/smtp.md#content-checks: BADLOADERTYPE=c looks only at windows starting with c
     ('BADLOADERTYPE="T"', b"AAAAMi5kbGwAAAAA\r\n", 250, None),
     ('BADLOADERTYPE="M"', b"AAAAMi5kbGwAAAAA\r\n", 554, "rule=badloadertypes:1 "),
 ])
@@ -781,8 +802,8 @@ def test_content_settings_without_a_mime_list(start, tmp_path, decisions, settin
 
 @pytest.mark.parametrize("how", ["close", "reset"])
 def test_connection_lost_in_data_leaves_nothing(server, how):
-    """SPEC A §9: a client that goes away mid-message gets nothing stored;
-    the aborted tmp/ file is removed (no leftovers)."""
+    """docs/behaviour/delivery.md#250-means-stored: a client that goes away mid-message
+    gets nothing stored; the aborted tmp/ file is removed (no leftovers)."""
     c = session(server.port)
     c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
     assert [r[0] for r in c.replies(3)] == [250, 250, 354]
@@ -834,8 +855,8 @@ def test_discard_commit_answers_at_once_and_pipelined_input_goes_on(start, monke
 
 
 def test_commit_now_failure_is_451_and_the_session_goes_on(start, monkeypatch):
-    """SPEC A §9: a commit that raises, even one answered without waiting,
-    is 451 (never 250), and the session stays usable."""
+    """docs/behaviour/delivery.md#250-means-stored: a commit that raises, even one answered
+    without waiting, is 451 (never 250), and the session stays usable."""
     from mailfilter import delivery
 
     def boom(self):
@@ -873,8 +894,8 @@ def test_sink_commit_now_contract(tmp_path):
     ({"eod": "554 5.7.1 spam"}, "554"),
 ])
 def test_downstream_smtp_replies(start, script, expect):
-    """SPEC A §9: forwarding to a downstream MTA answers 250 only after its
-    250; a downstream temp failure (or a dropped connection) -> 451, so the
+    """docs/behaviour/delivery.md#250-means-stored: forwarding to a downstream MTA answers
+    250 only after its 250; a downstream temp failure (or a dropped connection) -> 451, so the
     client retries; a downstream 5xx for the message -> 554."""
     from tests.support.smtp_peer import Peer
     peer = Peer(script=script)
@@ -895,8 +916,8 @@ def test_downstream_smtp_replies(start, script, expect):
 
 
 def test_unwritable_spool_451(start, tmp_path):
-    """SPEC A §9 / DESIGN Delivery: a maildir that cannot be written (its parent
-    is a regular file) -> 451 after DATA; never 250."""
+    """docs/behaviour/delivery.md#250-means-stored / docs/behaviour/delivery.md#maildir: a maildir
+    that cannot be written (its parent is a regular file) -> 451 after DATA; never 250."""
     blocker = tmp_path / "file"
     blocker.write_text("not a directory\n")
     srv = start(deliver=f"maildir:{blocker}/spool")
@@ -906,8 +927,8 @@ def test_unwritable_spool_451(start, tmp_path):
 
 
 def test_internal_error_421_on_that_connection_only(start, monkeypatch):
-    """DESIGN Errors: an internal error -> traceback logged, 421 4.3.0 on that
-    connection only; the next connection is served normally."""
+    """docs/architecture.md#errors-and-logging: an internal error -> traceback logged,
+    421 4.3.0 on that connection only; the next connection is served normally."""
     srv = start()
     real = srv.state.delivery.open
     calls = []
@@ -931,8 +952,8 @@ def test_internal_error_421_on_that_connection_only(start, monkeypatch):
 
 # ------------------------------------------------------------------ timeouts
 def test_idle_timeout_421(start, decisions):
-    """SPEC B §7.1 server timeouts (configurable; qmail timeoutsmtpd): a silent
-    client gets 421 4.4.2 and is disconnected."""
+    """docs/operations.md#limits-and-timeouts server timeouts (configurable; qmail
+    timeoutsmtpd): a silent client gets 421 4.4.2 and is disconnected."""
     srv = start(limits=Limits(idle_timeout=0.5))
     c = session(srv.port)
     assert first(c.cmd("NOOP")) == "250 2.0.0 ok"
@@ -989,7 +1010,7 @@ def test_session_deadline_421_while_the_client_keeps_busy(start, decisions):
 
 
 def test_notorious_session_processes_nothing_after_its_503(start, tmp_path, decisions):
-    """SPEC B §2.8: TARPITDELAY=999 -> DATA gets 503 and the session ends.
+    """docs/behaviour/smtp.md#data: TARPITDELAY=999 -> DATA gets 503 and the session ends.
     Commands pipelined behind DATA are neither answered nor run through the
     policy (they used to produce decision lines for replies never sent)."""
     rules = write_rules(tmp_path / "notorious",
@@ -1114,7 +1135,7 @@ def test_swapped_limits_apply_to_new_sessions_only(start, rules_dir):
 
 
 def test_global_connection_cap_421(start, decisions):
-    """DESIGN / server.py limits: over max_connections -> 421 4.7.0 at connect."""
+    """docs/operations.md#limits-and-timeouts: over max_connections -> 421 4.7.0 at connect."""
     srv = start(limits=Limits(max_connections=2))
     a, b = session(srv.port), session(srv.port, RELAY)
     c = RawClient(srv.port, MAXRCPT)
@@ -1169,7 +1190,8 @@ SMTP_SOURCE = "/usr/sbin/smtp-source" if os.access("/usr/sbin/smtp-source", os.X
 @pytest.mark.skipif(SWAKS is None, reason="swaks not installed (apt-get install swaks; see .ci/run)")
 @pytest.mark.parametrize("pipelining", [False, True])
 def test_swaks(server, pipelining):
-    """DESIGN Tests: a real client (swaks), with and without PIPELINING (B §7.3)."""
+    """docs/architecture.md#tests-and-benches: a real client (swaks), with and without PIPELINING
+    (docs/behaviour/smtp.md#command-lines)."""
     args = [SWAKS, "--server", f"127.0.0.1:{server.port}", "--ehlo", "swaks.test",
             "--from", "a@sender.test", "--to", "user@example.com,u2@example.com",
             "--header", "Subject: swaks test", "--body", "hello from swaks\n.dot line\n",
@@ -1227,7 +1249,7 @@ def _send_message(port, source, body: bytes, rcpts=("user@example.com",), helo="
 
 
 def test_data_accept_line_names_helo_from_and_every_recipient(server, decisions):
-    """DESIGN "Errors and logging": the DATA decision line names helo, from
+    """docs/architecture.md#errors-and-logging: the DATA decision line names helo, from
     and to (all accepted recipients, one line per message)."""
     r = _send_message(server.port, PLAIN, b"Subject: x\r\n\r\nhi\r\n.\r\n",
                       rcpts=("user@example.com", "u2@example.com"))

@@ -1,4 +1,4 @@
-"""A fake qmail-queue (qmail-queue(8) protocol, SPEC B §1.11) for tests.
+"""A fake qmail-queue (qmail-queue(8) protocol, docs/behaviour/delivery.md#qmail-queue) for tests.
 
 Reads the message from fd 0 to EOF, then the envelope from fd 1 to EOF, writes
 them to $FAKEQQ_OUT.msg and $FAKEQQ_OUT.env, and exits with $FAKEQQ_EXIT

@@ -10,7 +10,7 @@ threading.Event set by the server) with a bounded timeout; nothing sleeps.
 
 `RecordingProtocol` is SMTPProtocol plus two observation points: every
 transport.write() is recorded per connection (to check "pipelined commands are
-answered in one write", SPEC B §7.3) and connection_lost sets an event.
+answered in one write", docs/behaviour/smtp.md#command-lines) and connection_lost sets an event.
 
 `spawn_serve()` starts a real `python -m mailfilter serve` process and waits
 until its port accepts (for SIGHUP, --workers and kill -9 tests).

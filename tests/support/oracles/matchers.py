@@ -2,8 +2,9 @@
 
 They implement the contract in _core/README.md literally and slowly: no
 automaton, no prefilter, no clever algorithms. Semantics sources:
-SPEC Part A §1 (ASCII case-insensitive everywhere), B §2.5 (wildmat,
-last-match-wins), B §3.2 (qregex first-firing-line-wins, `!` = require).
+docs/behaviour/control-files.md#case (ASCII case-insensitive everywhere),
+docs/behaviour/control-files.md#wildmat (wildmat, last-match-wins),
+docs/behaviour/control-files.md#qregex-dialect (qregex first-firing-line-wins, `!` = require).
 """
 from functools import lru_cache
 
