@@ -209,13 +209,18 @@ class Connection:
         if wire.eof:
             raise TLSFailed("connection closed by next hop before the handshake")
         try:
-            transport = await wire.loop.start_tls(
-                wire.transport, wire, context, server_hostname=server_hostname,
-                ssl_handshake_timeout=handshake_timeout)
-        except (ssl.SSLError, OSError) as exc:   # SSLCertVerificationError, resets, TimeoutError
+            # our own deadline (a TimeoutError both loops raise alike); the
+            # loop's, later, is only a backstop
+            async with asyncio.timeout(handshake_timeout):
+                transport = await wire.loop.start_tls(
+                    wire.transport, wire, context, server_hostname=server_hostname,
+                    ssl_handshake_timeout=handshake_timeout + 5)
+        except BaseException as exc:
             wire.eof = True
             wire.gone()          # start_tls closed the transport; we get no connection_lost
-            raise TLSFailed(failure_text(exc)) from exc
+            if isinstance(exc, (ssl.SSLError, OSError)):  # verification, resets, TimeoutError
+                raise TLSFailed(failure_text(exc)) from exc
+            raise
         if transport is None:    # the connection went in the handshake's last moment
             wire.eof = True
             wire.gone()
