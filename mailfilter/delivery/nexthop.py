@@ -102,6 +102,8 @@ class _Wire(asyncio.Protocol):
             self._wakeup.set_result(None)
 
     async def wait(self) -> None:
+        """Until the next event (bytes, EOF, loss, writable again). One
+        waiter at a time: the dialogue either reads or drains, never both."""
         self._wakeup = self.loop.create_future()
         try:
             await self._wakeup

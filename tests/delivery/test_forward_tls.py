@@ -10,6 +10,7 @@ cleartext fallback, and from_spec's handling of the TLS options.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 
 import pytest
@@ -299,3 +300,41 @@ def test_unreadable_ca_file_is_a_configuration_error(tmp_path):
     junk.write_text("not a certificate\n")
     with pytest.raises(ValueError, match=f"tls_ca {junk}"):
         Delivery.from_spec("smtp:127.0.0.1:25", tls_ca=str(junk))
+
+
+# ---------------------------------------------------------------------------
+# another implementation as the next hop: aiosmtpd with STARTTLS required
+# ---------------------------------------------------------------------------
+
+def test_interop_with_aiosmtpd_requiring_starttls(run, ca, tmp_path):
+    """Our client against a server we did not write (aiosmtpd, the bench
+    extra): its STARTTLS, its 530 before TLS, verified by our CA file."""
+    controller_mod = pytest.importorskip("aiosmtpd.controller")
+
+    class Keep:
+        def __init__(self):
+            self.got = []
+
+        async def handle_DATA(self, server, session, envelope):
+            self.got.append((envelope.mail_from, envelope.rcpt_tos, envelope.content,
+                             session.ssl is not None))
+            return "250 2.0.0 kept"
+
+    with socket.socket() as s:          # a free port (aiosmtpd's Controller needs one)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    keep = Keep()
+    tls = server_context(*ca.issue("aio", ips=("127.0.0.1",)))
+    ctl = controller_mod.Controller(keep, hostname="127.0.0.1", port=port, tls_context=tls,
+                                    require_starttls=True, server_hostname="aio.test")
+    ctl.start()
+    try:
+        d = Delivery.from_spec(f"smtp+tls-required:127.0.0.1:{port}", tls_ca=ca.file)
+        res = run(deliver(d, env(), MSG))
+    finally:
+        ctl.stop()
+    assert res.ok, (str(res.reply), res.detail)
+    assert " verified eod 250 kept" in res.detail and " TLSv1." in res.detail
+    ((sender, rcpts, content, in_tls),) = keep.got
+    assert (sender, rcpts, in_tls) == ("a@example.com", ["b@example.org"], True)
+    assert content.replace(b"\r\n", b"\n") == MSG

@@ -31,7 +31,7 @@ context. Inside TLS the "ehlo_tls" stage answers EHLO/LHLO (default: the
   "inject" -- `220 ...` and a `250 injected` line in one write (a
               cleartext response injected behind the 220), then the handshake.
 `Session.tls` is `TLSv1.3/TLS_AES_256_GCM_SHA384` once the handshake
-succeeded; `Session.tls_error` says why a handshake failed on our side.
+succeeded; `Session.tls_error` says why the peer's side of a handshake failed.
 """
 from __future__ import annotations
 
