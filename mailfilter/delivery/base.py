@@ -29,7 +29,7 @@ from mailfilter.delivery.envelope import Envelope
 from mailfilter.smtp.replies import Reply, reply
 
 __all__ = [
-    "CHUNK", "HANDOVER_TIMEOUT", "Delivery", "DeliveryResult", "FixedResultSink", "Sink",
+    "CHUNK", "HANDOVER_TIMEOUT", "TLS_OPTIONS", "Delivery", "DeliveryResult", "FixedResultSink", "Sink",
     "close_quietly", "local_id", "os_error_text", "queued", "store_failed",
 ]
 
@@ -41,6 +41,9 @@ CHUNK = 1 << 16            # read/write unit when streaming a message
 # again, so finishing later only makes a duplicate; at the deadline the
 # hand-over is abandoned (qmail-queue killed before it commits) with 451.
 HANDOVER_TIMEOUT = 540.0
+
+# from_spec options only the hops that speak TLS take (see Delivery.from_spec)
+TLS_OPTIONS = ("tls_verify", "tls_ca")
 
 
 @dataclass
@@ -144,6 +147,7 @@ class Delivery(ABC):
 
     spec: str = ""
     form: ClassVar[str] = ""     # the spec's shape, for errors: `maildir:DIR`
+    speaks_tls: ClassVar[bool] = False   # takes TLS_OPTIONS (smtp:, lmtp: next hops)
     _kinds: ClassVar[dict[str, type[Delivery]]] = {}
 
     def __init_subclass__(cls, *, kind: str | None = None, form: str = "", **kw) -> None:
@@ -157,14 +161,27 @@ class Delivery(ABC):
     @staticmethod
     def from_spec(spec: str, **options) -> Delivery:
         """Parse `maildir:DIR`, `qmail-queue:PROG [ARGS]`, `smtp:HOST:PORT`,
-        `lmtp:HOST:PORT` or `discard`. Options go to the class (timeouts...).
-        A malformed spec raises ValueError naming the accepted forms."""
+        `lmtp:HOST:PORT` (also `smtp+tls-required:`, `lmtp+tls-required:`)
+        or `discard`. Options go to the class (timeouts...).
+        A malformed spec raises ValueError naming the accepted forms.
+
+        TLS_OPTIONS (`tls_verify`, `tls_ca`) are for hops that speak TLS;
+        set on any other hop they are a ValueError naming the option (the
+        operator asked for something that hop cannot do). Left at None or
+        False they are dropped, so a configuration layer may pass its
+        settings whatever the spec."""
         if not isinstance(spec, str):
             raise ValueError(f"delivery spec must be a string, not {type(spec).__name__}")
         kind, colon, arg = spec.strip().partition(":")
         cls = Delivery._kinds.get(kind)
         # a kind whose form has an argument needs the colon; `discard` has none
         if cls is not None and bool(colon) == (":" in cls.form):
+            if not cls.speaks_tls:
+                for name in TLS_OPTIONS:
+                    if options.get(name) not in (None, False):
+                        raise ValueError(f"option {name} is for smtp: and lmtp: next hops; "
+                                         f"{cls.form} does not use TLS")
+                    options.pop(name, None)
             return cls.parse(arg, **options)
         forms = [c.form for c in Delivery._kinds.values()]
         raise ValueError(f"bad delivery spec {spec!r}: expected "

@@ -1,22 +1,63 @@
-"""smtp:HOST:PORT / lmtp:HOST:PORT -- forward to a downstream MTA.
+"""smtp:HOST:PORT / lmtp:HOST:PORT -- forward to a downstream MTA, in TLS
+when the next hop offers STARTTLS.
 
 Job and invariants: see the package docstring ("smtp:HOST:PORT, lmtp:HOST:PORT"):
 250 only after the downstream's 2xx to the end of data; any 4xx, connection
-or protocol failure is 451; a recipient is never silently dropped.
+or protocol failure is 451; a recipient is never silently dropped. The
+connection itself (replies, STARTTLS upgrade) is nexthop.py; the client
+SSLContext, one per Delivery, is tlsclient.py.
+
+TLS to the next hop (RFC 3207):
+- Opportunistic by default (RFC 7435): when the EHLO/LHLO reply lists
+  STARTTLS, the hand-over goes in TLS, and any certificate is taken (an
+  unauthenticated TLS beats clear). After the handshake EHLO/LHLO is sent
+  again and only that reply's extensions are used (RFC 3207 §4.2). A next
+  hop that does not list STARTTLS gets the message in clear.
+- `smtp+tls-required:HOST:PORT`, `lmtp+tls-required:HOST:PORT` and
+  certificate verification (`tls_verify=True`, or `tls_ca=FILE`) never hand
+  over in clear: no STARTTLS in the reply -> 451 4.7.0. Verification
+  implies it: were clear still allowed, whoever strips STARTTLS from the
+  EHLO reply would get the mail without any certificate to check.
+- STARTTLS listed but failing -> 451 4.7.0, in every mode: a 4xx/5xx to
+  STARTTLS, a handshake that breaks, a certificate that does not verify,
+  or bytes behind the 220 (nexthop.py). Never a fallback to clear, on this
+  connection or a new one: after a failed handshake the connection is
+  unusable (TLS records of unknown state crossed it), and a retry in clear
+  would hand the mail to anyone able to break a handshake (one RST, one
+  garbled record) on a path to a hop that said it speaks TLS. The client
+  keeps the message and retries; a 454 is temporary by definition (RFC 3207
+  §4), and a broken handshake usually is.
+- The log detail says how the hand-over went, after the next hop:
+  `smtp HOST:PORT TLSv1.3/TLS_AES_256_GCM_SHA384 eod 250 ...` (with
+  ` verified` after the cipher when the certificate was checked) or
+  `smtp HOST:PORT clear eod 250 ...`; a TLS failure as
+  `smtp HOST:PORT starttls: <reason>`.
 """
 from __future__ import annotations
 
 import asyncio
-import re
 
 from mailfilter.delivery.base import (
     HANDOVER_TIMEOUT, DeliveryResult, local_id, os_error_text, queued,
 )
 from mailfilter.delivery.envelope import Envelope, smtp_path, text_bytes
+from mailfilter.delivery.nexthop import Connection, NextHopError, TLSFailed
 from mailfilter.delivery.spool import SpoolFacts, SpoolingDelivery, read_chunks
+from mailfilter.delivery.tlsclient import client_context
 from mailfilter.smtp.replies import Reply, reply
 
-__all__ = ["SmtpDelivery", "LmtpDelivery", "ehlo_keywords", "mail_parameters", "smtp_encode"]
+__all__ = [
+    "SmtpDelivery", "LmtpDelivery", "SmtpTlsRequiredDelivery", "LmtpTlsRequiredDelivery",
+    "ehlo_keywords", "mail_parameters", "smtp_encode",
+]
+
+# A hand-over that TLS stopped: 451 with RFC 3463 X.7.0 "other or undefined
+# security status" (the client retries; the next hop's own codes say
+# nothing here, it never saw the message).
+# TODO(integrator): move into REPLIES (smtp/replies.py) as "downstream_no_tls"
+# and "downstream_tls_failed", then use reply(name) here.
+NO_TLS = Reply(451, "4.7.0", "next hop does not offer TLS, which is required")
+TLS_FAILED = Reply(451, "4.7.0", "TLS to the next hop failed")
 
 
 def smtp_encode(chunk: bytes, at_bol: bool) -> tuple[bytes, bool]:
@@ -37,63 +78,6 @@ def smtp_encode(chunk: bytes, at_bol: bool) -> tuple[bytes, bool]:
     if at_bol and chunk[:1] == b".":
         out = b"." + out
     return out, chunk[-1:] == b"\n"
-
-
-_ENH = re.compile(rb"^([245]\.\d{1,3}\.\d{1,3}) ")
-_PRINTABLE = bytes(b if 32 <= b < 127 else ord("?") for b in range(256))
-
-
-class _Downstream(Exception):
-    """Transport-level failure talking to the next hop (-> 451)."""
-
-
-class _Conn:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 timeout: float) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.timeout = timeout
-        self.lines: list[bytes] = []     # the texts of the last reply, one per line
-
-    async def reply(self) -> Reply:
-        """One (possibly multi-line) reply as a Reply: code, enhanced, text;
-        the lines' texts stay in `self.lines` (EHLO keywords)."""
-        texts = []
-        code = None
-        async with asyncio.timeout(self.timeout):
-            while True:
-                line = await self.reader.readline()
-                if not line.endswith(b"\n"):
-                    raise _Downstream("connection closed by next hop")
-                line = line.rstrip(b"\r\n")
-                # RFC 5321 §4.2: a reply code is 2xx-5xx; anything else is a
-                # protocol error (451), never a permanent rejection.
-                if (len(line) < 3 or not line[:3].isdigit() or line[:1] not in b"2345"
-                        or line[3:4] not in (b"", b" ", b"-")):
-                    raise _Downstream("malformed reply from next hop: "
-                                      + line[:40].translate(_PRINTABLE).decode("ascii"))
-                if code is not None and int(line[:3]) != code:
-                    raise _Downstream("inconsistent multi-line reply from next hop")
-                code = int(line[:3])
-                texts.append(line[4:])
-                if line[3:4] != b"-":
-                    break
-        self.lines = texts
-        text = b" ".join(texts)
-        m = _ENH.match(text)
-        enhanced = m.group(1).decode() if m else ""
-        if m:
-            text = text[m.end():]
-        return Reply(code, enhanced, text[:300].translate(_PRINTABLE).decode("ascii"))
-
-    async def command(self, line: bytes) -> Reply:
-        self.writer.write(line)
-        return await self.reply()
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        async with asyncio.timeout(self.timeout):
-            await self.writer.drain()
 
 
 def ehlo_keywords(lines: list[bytes]) -> frozenset[bytes]:
@@ -155,26 +139,37 @@ def _rcpt_verdict(rcpts: list[str], replies: list[Reply], stage: str) -> Deliver
 
 
 class SmtpDelivery(SpoolingDelivery, kind="smtp", form="smtp:HOST:PORT"):
-    """smtp:HOST:PORT -- forward with 250 only after the downstream's 250."""
+    """smtp:HOST:PORT -- forward with 250 only after the downstream's 250,
+    in TLS when the next hop offers it. Options (besides the timeouts):
+    `tls_verify=True` checks the certificate against the system store,
+    `tls_ca=FILE` against FILE's CA certificates (and implies tls_verify);
+    both make TLS required (module docstring)."""
 
     lmtp = False
+    require_tls = False        # the +tls-required kinds
+    speaks_tls = True          # Delivery.from_spec: takes tls_verify / tls_ca
 
     def __init__(self, host: str, port: int, *, connect_timeout: float = 30.0,
                  command_timeout: float = 300.0, timeout: float = HANDOVER_TIMEOUT,
-                 helo_name: str | None = None, **spool) -> None:
+                 helo_name: str | None = None, tls_verify: bool = False,
+                 tls_ca: str | None = None, **spool) -> None:
         super().__init__(**spool)
         self.host = host
         self.port = port
-        self.connect_timeout = connect_timeout
+        self.connect_timeout = connect_timeout   # also bounds the TLS handshake
         self.command_timeout = command_timeout
         self.timeout = timeout      # the whole hand-over, connect to the final reply
         self.helo_name = helo_name
-        kind = "lmtp" if self.lmtp else "smtp"
+        self.tls_verify = bool(tls_verify) or tls_ca is not None
+        self.tls_required = self.require_tls or self.tls_verify
+        # one context for every message: built (and a CA file read) once, here
+        self.tls_context = client_context(verify=self.tls_verify, cafile=tls_ca)
+        kind = self.form.partition(":")[0]
         self.spec = f"{kind}:{host}:{port}" if ":" not in host else f"{kind}:[{host}]:{port}"
 
     @classmethod
     def parse(cls, arg: str, **options) -> "SmtpDelivery":
-        kind = "lmtp" if cls.lmtp else "smtp"
+        kind = cls.form.partition(":")[0]
         host, colon, port = arg.rpartition(":")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
@@ -195,32 +190,40 @@ class SmtpDelivery(SpoolingDelivery, kind="smtp", form="smtp:HOST:PORT"):
             return DeliveryResult(False, reply("downstream_temp"), None,
                                   f"{where} hand-over took over {self.timeout:g} s")
 
-    async def _session(self, env: Envelope, spool, facts: SpoolFacts, where: str) -> DeliveryResult:
-        writer = None
-        try:
-            try:
-                async with asyncio.timeout(self.connect_timeout):
-                    reader, writer = await asyncio.open_connection(self.host, self.port)
-            except (OSError, TimeoutError) as exc:
-                raise _Downstream(f"connect: {os_error_text(exc)}") from exc
-            conn = _Conn(reader, writer, self.command_timeout)
-            res = await self._transaction(conn, env, spool, facts)
-            res.detail = f"{where} {res.detail}"
-            return res
-        except (_Downstream, OSError, TimeoutError, ValueError) as exc:
-            # ValueError: StreamReader line limit exceeded by a runaway reply
-            why = str(exc) if isinstance(exc, _Downstream) else os_error_text(exc)
-            return DeliveryResult(False, reply("downstream_temp"), None, f"{where} {why}")
-        finally:
-            if writer is not None:
-                writer.close()
-                try:
-                    async with asyncio.timeout(1.0):
-                        await writer.wait_closed()
-                except (OSError, TimeoutError):
-                    pass
+    def _security(self, conn: Connection) -> str:
+        """`clear`, or the TLS version/cipher (` verified` when checked)."""
+        return conn.security + (" verified" if conn.tls and self.tls_verify else "")
 
-    async def _transaction(self, conn: _Conn, env: Envelope, spool,
+    async def _session(self, env: Envelope, spool, facts: SpoolFacts, where: str) -> DeliveryResult:
+        conn = None
+        try:
+            conn = await Connection.open(self.host, self.port, connect_timeout=self.connect_timeout,
+                                         timeout=self.command_timeout)
+            res = await self._transaction(conn, env, spool, facts)
+            res.detail = f"{where} {self._security(conn)} {res.detail}"
+            return res
+        except TLSFailed as exc:
+            return DeliveryResult(False, TLS_FAILED, None, f"{where} starttls: {exc}")
+        except (NextHopError, OSError) as exc:     # OSError: TimeoutError of a command too
+            why = str(exc) if isinstance(exc, NextHopError) else os_error_text(exc)
+            how = f" {self._security(conn)}" if conn is not None else ""
+            return DeliveryResult(False, reply("downstream_temp"), None, f"{where}{how} {why}")
+        finally:
+            if conn is not None:
+                await conn.close()
+
+    async def _hello(self, conn: Connection, name: bytes) -> Reply:
+        """LHLO, or EHLO with the HELO fallback (RFC 5321 §3.2); after HELO
+        `conn.lines` is empty: no extensions, whatever the reply lists."""
+        if self.lmtp:
+            return await conn.command(b"LHLO " + name + b"\r\n")
+        r = await conn.command(b"EHLO " + name + b"\r\n")
+        if r.code >= 500:
+            r = await conn.command(b"HELO " + name + b"\r\n")
+            conn.lines = []
+        return r
+
+    async def _transaction(self, conn: Connection, env: Envelope, spool,
                            facts: SpoolFacts) -> DeliveryResult:
         def temp(stage: str, r: Reply) -> DeliveryResult:
             return DeliveryResult(False, reply("downstream_temp"), None,
@@ -233,15 +236,23 @@ class SmtpDelivery(SpoolingDelivery, kind="smtp", form="smtp:HOST:PORT"):
         if greet.code != 220:
             return temp("greeting", greet)  # 5xx here is not about the message
         name = text_bytes(self.helo_name or env.local_host or "localhost")
-        if self.lmtp:
-            r = await conn.command(b"LHLO " + name + b"\r\n")
-        else:
-            r = await conn.command(b"EHLO " + name + b"\r\n")
-            if r.code >= 500:  # RFC 5321 §3.2: fall back to HELO
-                r = await conn.command(b"HELO " + name + b"\r\n")
-                conn.lines = []            # HELO: no extensions, whatever it lists
+        r = await self._hello(conn, name)
         if r.code != 250:
             return temp("ehlo", r)
+        if b"STARTTLS" in ehlo_keywords(conn.lines):
+            r = await conn.command(b"STARTTLS\r\n")
+            if r.code != 220:       # offered, then refused: 451, never on in clear
+                await self._quit(conn)
+                raise TLSFailed(f"{r.code} {r.enhanced + ' ' if r.enhanced else ''}{r.text}")
+            await conn.starttls(self.tls_context, self.host, self.connect_timeout)
+            # RFC 3207 §4.2: what the first reply said is forgotten; the
+            # extensions (SIZE, 8BITMIME) are the ones offered inside TLS
+            r = await self._hello(conn, name)
+            if r.code != 250:
+                return temp("ehlo", r)
+        elif self.tls_required:
+            await self._quit(conn)
+            return DeliveryResult(False, NO_TLS, None, "STARTTLS not offered, TLS required")
         params = mail_parameters(ehlo_keywords(conn.lines), facts)
         r = await conn.command(b"MAIL FROM:" + smtp_path(env.sender) + params + b"\r\n")
         if r.code // 100 != 2:
@@ -288,13 +299,13 @@ class SmtpDelivery(SpoolingDelivery, kind="smtp", form="smtp:HOST:PORT"):
         return queued(local_id(), f"eod {r.code} {r.text}")
 
     @staticmethod
-    async def _quit(conn: _Conn) -> None:
+    async def _quit(conn: Connection) -> None:
         """QUIT and wait (briefly) for the 221, so the downstream logs a clean
         session end. Politeness only: the outcome is already decided."""
         conn.timeout = min(conn.timeout, 5.0)
         try:
             await conn.command(b"QUIT\r\n")
-        except (_Downstream, OSError, TimeoutError, ValueError):
+        except (NextHopError, OSError):
             pass
 
 
@@ -302,3 +313,17 @@ class LmtpDelivery(SmtpDelivery, kind="lmtp", form="lmtp:HOST:PORT"):
     """lmtp:HOST:PORT -- RFC 2033, per-recipient replies after DATA."""
 
     lmtp = True
+
+
+class SmtpTlsRequiredDelivery(SmtpDelivery, kind="smtp+tls-required",
+                              form="smtp+tls-required:HOST:PORT"):
+    """smtp+tls-required:HOST:PORT -- smtp:, never in clear (451 4.7.0)."""
+
+    require_tls = True
+
+
+class LmtpTlsRequiredDelivery(LmtpDelivery, kind="lmtp+tls-required",
+                              form="lmtp+tls-required:HOST:PORT"):
+    """lmtp+tls-required:HOST:PORT -- lmtp:, never in clear (451 4.7.0)."""
+
+    require_tls = True

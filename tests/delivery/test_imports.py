@@ -20,7 +20,8 @@ DELIVERY_MODULES = [
     "mailfilter.delivery", "mailfilter.delivery.envelope", "mailfilter.delivery.base",
     "mailfilter.delivery.spool", "mailfilter.delivery.maildir",
     "mailfilter.delivery.qmailqueue", "mailfilter.delivery.forward",
-    "mailfilter.delivery.discard",
+    "mailfilter.delivery.discard", "mailfilter.delivery.nexthop",
+    "mailfilter.delivery.tlsclient",
 ]
 
 
@@ -38,7 +39,8 @@ def test_imports_first_in_a_fresh_interpreter(module):
               "print(sorted(Delivery._kinds))")
     assert p.returncode == 0, p.stderr
     assert p.stdout.split("\n")[0] == str(sorted(
-        ["discard", "lmtp", "maildir", "qmail-queue", "smtp"]))
+        ["discard", "lmtp", "lmtp+tls-required", "maildir", "qmail-queue", "smtp",
+         "smtp+tls-required"]))
 
 
 def test_received_needs_nothing_from_delivery():
@@ -62,7 +64,10 @@ def test_no_lazy_re_export():
     ("mailfilter.delivery.qmailqueue", ["QmailQueueDelivery", "QQ_EXITS", "qq_reply",
                                         "qq_envelope"]),
     ("mailfilter.delivery.forward", ["SmtpDelivery", "LmtpDelivery", "smtp_encode",
-                                     "ehlo_keywords", "mail_parameters"]),
+                                     "ehlo_keywords", "mail_parameters",
+                                     "SmtpTlsRequiredDelivery", "LmtpTlsRequiredDelivery"]),
+    ("mailfilter.delivery.nexthop", ["Connection", "NextHopError", "TLSFailed"]),
+    ("mailfilter.delivery.tlsclient", ["client_context", "describe", "failure_text"]),
 ])
 def test_public_names_stay_where_callers_import_them(module, names):
     p = fresh(f"from {module} import {', '.join(names)}")

@@ -17,11 +17,27 @@ keyword its EHLO/LHLO reply did not list (RFC 5321 §4.1.1.11) and 552 to a
 SIZE= above its announced `SIZE n` (RFC 1870 §6.1).
 Everything is recorded before the reply to it is written, so a test that has
 awaited the delivery result can read the records without further sync.
+
+STARTTLS (RFC 3207): `Peer(tls=server_context)` lists STARTTLS in its
+EHLO/LHLO reply until the session is in TLS (so does a script with a
+"starttls" stage), answers STARTTLS from the "starttls" stage (default
+`220 2.0.0 ready to start TLS`) and then does the handshake with that
+context. Inside TLS the "ehlo_tls" stage answers EHLO/LHLO (default: the
+"ehlo" stage, without STARTTLS). Besides a reply line, "drop" and "hang",
+"starttls" may be:
+  "break"  -- 220, then bytes that are no TLS record, then close;
+  "close"  -- 220, then close before any handshake;
+  "stall"  -- 220, then never a byte of handshake;
+  "inject" -- `220 ...` and a `250 injected` line in one write (a
+              cleartext response injected behind the 220), then the handshake.
+`Session.tls` is `TLSv1.3/TLS_AES_256_GCM_SHA384` once the handshake
+succeeded; `Session.tls_error` says why the peer's side of a handshake failed.
 """
 from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 from dataclasses import dataclass, field
 
 DEFAULTS = {
@@ -32,6 +48,7 @@ DEFAULTS = {
     "data": "354 go ahead",
     "eod": "250 2.0.0 ok queued",
     "quit": "221 2.0.0 bye",
+    "starttls": "220 2.0.0 ready to start TLS",
 }
 
 # RFC 5321 §4.1.2 (ASCII only): Path = "<" Mailbox ">"; "<>" for MAIL and
@@ -73,20 +90,34 @@ def strict_mail_params(params: list[str], ehlo_reply: str) -> str | None:
     return None
 
 
+def with_keyword(ehlo_reply: str, keyword: str) -> str:
+    """A 250 EHLO/LHLO reply with one more extension line."""
+    if not ehlo_reply.startswith("250"):
+        return ehlo_reply
+    texts = [line[4:] for line in ehlo_reply.split("\r\n")] + [keyword]
+    last = len(texts) - 1
+    return "\r\n".join(f"250{'-' if i < last else ' '}{t}" for i, t in enumerate(texts))
+
+
 @dataclass
 class Session:
     commands: list[str] = field(default_factory=list)
     wire: bytes = b""        # DATA bytes as received, up to and incl. ".\r\n"
     message: bytes = b""     # un-stuffed, CRLF -> LF
     rcpts_ok: list[str] = field(default_factory=list)
+    tls: str | None = None   # "TLSv1.3/TLS_AES_256_GCM_SHA384" once in TLS
+    tls_error: str | None = None
 
 
 class Peer:
     def __init__(self, script: dict | None = None, lmtp: bool = False,
-                 strict: bool = False) -> None:
+                 strict: bool = False, tls: ssl.SSLContext | None = None) -> None:
+        self.offers_starttls = tls is not None or "starttls" in (script or {})
         self.script = dict(DEFAULTS, **(script or {}))
+        self.script.setdefault("ehlo_tls", self.script["ehlo"])
         self.lmtp = lmtp
         self.strict = strict
+        self.tls = tls
         self.sessions: list[Session] = []
         self._server: asyncio.AbstractServer | None = None
         self._handlers: set[asyncio.Task] = set()
@@ -129,6 +160,53 @@ class Peer:
         await writer.drain()
         return True
 
+    def _ehlo(self, s: Session) -> str:
+        """The EHLO/LHLO reply for the session's state: STARTTLS listed
+        until TLS is on (RFC 3207 §4.2: not after)."""
+        if s.tls is not None:
+            return self._action("ehlo_tls")
+        reply = self._action("ehlo")
+        return with_keyword(reply, "STARTTLS") if self.offers_starttls else reply
+
+    async def _starttls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        s: Session) -> asyncio.StreamWriter | None:
+        """Answer STARTTLS and do the handshake: the writer to go on with
+        (a new one inside TLS), or None when the session ends."""
+        act = self._action("starttls")
+        ready = DEFAULTS["starttls"].encode() + b"\r\n"
+        if act in ("break", "close", "stall"):
+            writer.write(ready)
+            if act == "break":
+                writer.write(b"this is no TLS record, just text\r\n" * 8)
+            await writer.drain()
+            if act == "stall":
+                await reader.read()          # until the client gives up and closes
+            return None
+        if act == "inject":
+            writer.write(ready + b"250 injected\r\n")   # one write: one segment
+            await writer.drain()
+        elif not await self._say(writer, act):
+            return None
+        elif not act.startswith("220"):
+            return writer
+        # loop.start_tls, not StreamWriter.start_tls: when the client goes
+        # as the handshake ends, the loop returns no transport, and a
+        # StreamWriter left holding None fails in its __del__.
+        loop = asyncio.get_running_loop()
+        protocol = writer.transport.get_protocol()
+        try:
+            transport = await loop.start_tls(writer.transport, protocol, self.tls,
+                                             server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            s.tls_error = getattr(exc, "reason", None) or type(exc).__name__
+            return None
+        if transport is None:
+            s.tls_error = "connection lost at the end of the handshake"
+            return None
+        obj = transport.get_extra_info("ssl_object")
+        s.tls = f"{obj.version()}/{obj.cipher()[0]}"
+        return asyncio.StreamWriter(transport, protocol, reader, loop)
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._handlers.add(asyncio.current_task())
         self._writers.add(writer)
@@ -151,12 +229,22 @@ class Peer:
                         and not strict_path_ok(verb, path)):
                     act = "501 5.1.3 bad address syntax"
                 elif (self.strict and verb == "MAIL"
-                        and strict_mail_params(params, self._action("ehlo")) is not None):
-                    act = strict_mail_params(params, self._action("ehlo"))
+                        and strict_mail_params(params, self._ehlo(s)) is not None):
+                    act = strict_mail_params(params, self._ehlo(s))
                 elif verb == "HELO" and "helo" in self.script:
                     act = self._action("helo")
-                elif verb in ("EHLO", "HELO", "LHLO"):
+                elif verb in ("EHLO", "LHLO"):
+                    act = self._ehlo(s)
+                elif verb == "HELO":
                     act = self._action("ehlo")
+                elif verb == "STARTTLS" and self.offers_starttls and s.tls is None:
+                    tls_writer = await self._starttls(reader, writer, s)
+                    if tls_writer is None:
+                        return
+                    self._writers.discard(writer)
+                    writer = tls_writer
+                    self._writers.add(writer)
+                    continue
                 elif verb == "MAIL":
                     act = self._action("mail")
                 elif verb == "RCPT":
