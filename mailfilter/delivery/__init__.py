@@ -4,7 +4,8 @@ The package is the one door to delivery: `Delivery.from_spec` (also
 `from_spec`), `Sink`, `Envelope` and the hop classes are imported from here.
 Layout: envelope.py (Envelope, address forms), base.py (Delivery, Sink,
 DeliveryResult, shared replies), spool.py (the spooling sink), one module per
-next hop (maildir.py, qmailqueue.py, forward.py, discard.py). Each hop
+next hop (maildir.py, qmailqueue.py, forward.py with its connection in
+nexthop.py and its client TLS context in tlsclient.py, discard.py). Each hop
 registers its spec kind with the Delivery class; importing this package
 imports every hop, and no module here imports the package itself, so there
 is no import cycle.
@@ -62,7 +63,13 @@ qmail-queue:PROG [ARGS]
     does not exist or is not executable is a start-up error (`check()`).
     A child still running after HANDOVER_TIMEOUT (540 s) is killed: 451 qq
     timeout.
-smtp:HOST:PORT, lmtp:HOST:PORT
+smtp:HOST:PORT, lmtp:HOST:PORT, smtp+tls-required:HOST:PORT, lmtp+tls-required:HOST:PORT
+    STARTTLS whenever the next hop offers it (RFC 3207, opportunistic as RFC
+    7435: unverified unless `tls_verify=True` or `tls_ca=FILE` is given, which
+    also makes TLS required), then EHLO/LHLO again; a refused or broken
+    STARTTLS is 451 4.7.0, never a fallback to clear; the +tls-required
+    kinds refuse a hop without STARTTLS (451 4.7.0). forward.py's docstring
+    has the details.
     One downstream connection per message (EHLO/LHLO, MAIL, RCPT each, DATA;
     LF -> CRLF and dot-stuffing done in bulk). When the next hop's EHLO/LHLO
     lists them, MAIL FROM carries `SIZE=` (RFC 1870: the spooled size with

@@ -44,7 +44,7 @@ from mailfilter.delivery.envelope import Envelope, smtp_path, text_bytes
 from mailfilter.delivery.nexthop import Connection, NextHopError, TLSFailed
 from mailfilter.delivery.spool import SpoolFacts, SpoolingDelivery, read_chunks
 from mailfilter.delivery.tlsclient import client_context
-from mailfilter.smtp.replies import Reply, reply
+from mailfilter.smtp.replies import REPLIES, Reply, reply
 
 __all__ = [
     "SmtpDelivery", "LmtpDelivery", "SmtpTlsRequiredDelivery", "LmtpTlsRequiredDelivery",
@@ -54,10 +54,9 @@ __all__ = [
 # A hand-over that TLS stopped: 451 with RFC 3463 X.7.0 "other or undefined
 # security status" (the client retries; the next hop's own codes say
 # nothing here, it never saw the message).
-# TODO(integrator): move into REPLIES (smtp/replies.py) as "downstream_no_tls"
-# and "downstream_tls_failed", then use reply(name) here.
-NO_TLS = Reply(451, "4.7.0", "next hop does not offer TLS, which is required")
-TLS_FAILED = Reply(451, "4.7.0", "TLS to the next hop failed")
+# the replies when TLS to the next hop is required and not offered, or fails
+NO_TLS = REPLIES["downstream_no_tls"]
+TLS_FAILED = REPLIES["downstream_tls_failed"]
 
 
 def smtp_encode(chunk: bytes, at_bol: bool) -> tuple[bytes, bool]:

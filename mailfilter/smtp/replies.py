@@ -134,6 +134,9 @@ REPLIES: dict[str, Reply] = {
     "downstream_temp": R(451, "4.4.1", "next hop temporarily unavailable"),
     "downstream_rejected": R(554, "5.3.0", "{text}"),
     "downstream_rcpt_temp": R(451, "4.4.1", "next hop deferred <{rcpt}>: {text}"),
+    # TLS to the next hop (delivery/forward.py): required but not offered, or failed
+    "downstream_no_tls": R(451, "4.7.0", "next hop does not offer TLS, which is required"),
+    "downstream_tls_failed": R(451, "4.7.0", "TLS to the next hop failed"),
     # a 2xx/5xx recipient mix: the message went to the accepted ones (delivery.py)
     "downstream_partial": R(554, "5.3.0", "delivered to {delivered} of {total} recipients; "
                                           "next hop rejected <{rcpt}>: {text}"),

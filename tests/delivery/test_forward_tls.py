@@ -33,7 +33,7 @@ if uvloop is not None:
 
 @pytest.fixture(params=sorted(LOOPS))
 def run(request):
-    """DESIGN "Tests": every test on both event loops."""
+    """docs/architecture.md#tests-and-benches: every test on both event loops."""
     def run(coro, timeout: float = 30):
         async def bounded():
             return await asyncio.wait_for(coro, timeout)
