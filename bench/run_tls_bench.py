@@ -3,7 +3,8 @@
 usage: .venv/bin/python bench/run_tls_bench.py [--kinds ecdsa,rsa]
           [--servers mf-tls,postfix-tls,aiosmtpd-tls] [--seconds 5] [--repeat 3]
           [-c 100] [--procs N] [--handshake-c 20] [--idle 5000] [--postfix-idle 300]
-          [--idle-kinds ecdsa] [--out bench/TLS.md] [--quick]
+          [--idle-kinds ecdsa] [--idle-modes starttls,implicit]
+          [--out bench/TLS.md] [--quick]
 
 Issue 12's three measurements, every server in its own process on 127.0.0.1
 (bench/servers.py `make_tls`), the client in others (bench/tlsload.py):
@@ -14,8 +15,9 @@ Issue 12's three measurements, every server in its own process on 127.0.0.1
 2. handshakes per second, and per second of server CPU (= per core), from
    `--procs` client processes: connect, handshake, QUIT;
 3. idle TLS connections: a freshly started server, N connections that
-   completed the handshake and a post-TLS EHLO, the server's RSS and PSS per
-   connection; for Postfix (one smtpd process per connection) N is capped at
+   completed the handshake (STARTTLS, then implicit TLS on another fresh
+   server) and a post-TLS EHLO, the server's RSS and PSS per connection;
+   for Postfix (one smtpd process per connection) N is capped at
    `--postfix-idle` and the mean smtpd process is reported beside the tree.
 
 Servers are probed first (bench/tlsload.py --probe): one whose STARTTLS is
@@ -186,26 +188,29 @@ class Run:
     def idle_for_kind(self, pair, names, workdir):
         a = self.a
         for name in names:
-            n = min(a.idle, a.postfix_idle) if name == "postfix-tls" else a.idle
-            s = self.start(name, workdir, pair, max_conns=n + 50)
-            if s is None:
-                continue
-            try:
-                if not self.check(s, pair):
-                    continue
-                r = tlsload(s.port, ["--tls", "starttls", "--idle", str(n), "--serial", str(a.serial),
-                                     "--expect-key", tlscerts.expected_peer_kind(pair.kind),
-                                     *(["--per-process", s.per_process] if s.per_process else [])],
-                            s.pid, timeout=1800)
-                r["load"] = uptime()
-            finally:
-                s.stop()
-            self.idle[(pair.kind, name)] = r
-            pp = r.get("per_process") or {}
-            self.log(f"idle {pair.kind} {name:12} n={n} opened {r.get('idle_opened')} "
-                     f"rss/conn {r.get('rss_kb_per_conn')} KB pss/conn {r.get('pss_kb_per_conn')} KB "
-                     + (f"{pp.get('name')} rss {pp.get('rss_kb')} pss {pp.get('pss_kb')} KB " if pp else "")
-                     + f"err {r.get('errors')}+{r.get('idle_errors')}")
+            for mode in a.idle_modes:
+                n = min(a.idle, a.postfix_idle) if name == "postfix-tls" else a.idle
+                s = self.start(name, workdir, pair, max_conns=n + 50)
+                if s is None:
+                    break
+                try:
+                    modes = self.check(s, pair)
+                    if mode not in modes:
+                        break
+                    port = s.tls_port if mode == "implicit" else s.port
+                    r = tlsload(port, ["--tls", mode, "--idle", str(n), "--serial", str(a.serial),
+                                       "--expect-key", tlscerts.expected_peer_kind(pair.kind),
+                                       *(["--per-process", s.per_process] if s.per_process else [])],
+                                s.pid, timeout=1800)
+                    r["load"] = uptime()
+                finally:
+                    s.stop()
+                self.idle[(pair.kind, name, mode)] = r
+                pp = r.get("per_process") or {}
+                self.log(f"idle {pair.kind} {mode:8} {name:12} n={n} opened {r.get('idle_opened')} "
+                         f"rss/conn {r.get('rss_kb_per_conn')} KB pss/conn {r.get('pss_kb_per_conn')} KB "
+                         + (f"{pp.get('name')} rss {pp.get('rss_kb')} pss {pp.get('pss_kb')} KB " if pp else "")
+                         + f"err {r.get('errors')}+{r.get('idle_errors')}")
 
 
 # ----------------------------------------------------------------- rendering
@@ -290,18 +295,18 @@ def render(meta, names, notes, run: Run, kinds) -> str:
                  "at srv ≈ 1.0 is saturated.")
         L.append("")
     if run.idle:
-        L.append("### Idle TLS connections (fresh server; N connections completed STARTTLS and a "
-                 "post-TLS EHLO, then stay silent)")
+        L.append("### Idle TLS connections (fresh server; N connections completed the handshake "
+                 "and a post-TLS EHLO, then stay silent; goal mf ≤ 40 KB per connection)")
         L.append("")
-        L.append("| server | cert | N held | RSS KB/conn | PSS KB/conn | per smtpd process RSS / PSS KB | "
+        L.append("| server | TLS | cert | N held | RSS KB/conn | PSS KB/conn | per smtpd process RSS / PSS KB | "
                  "tree RSS before → with N (MB) | fresh txn p50/p99 before → with N (ms) | errors |")
-        L.append("|---|---|---|---|---|---|---|---|---|")
-        for (kind, name), r in run.idle.items():
+        L.append("|---|---|---|---|---|---|---|---|---|---|")
+        for (kind, name, mode), r in run.idle.items():
             b, a = r.get("mem_before") or {}, r.get("mem_after") or {}
             pp = r.get("per_process")
             held = f"{r.get('idle_opened')}" + (f" ({r.get('idle_still_open')} still open)"
                                                if r.get("idle_still_open") != r.get("idle_opened") else "")
-            L.append(f"| {name} | {kind} | {held} | {fmt(r.get('rss_kb_per_conn'), 1)} | "
+            L.append(f"| {name} | {mode} | {kind} | {held} | {fmt(r.get('rss_kb_per_conn'), 1)} | "
                      f"{fmt(r.get('pss_kb_per_conn'), 1)} | "
                      + (f"{fmt(pp['rss_kb'], 0)} / {fmt(pp['pss_kb'], 0)} ({pp['n']} smtpd)" if pp else "–")
                      + f" | {fmt(b.get('rss_kb', 0) / 1024, 1)} → {fmt(a.get('rss_kb', 0) / 1024, 1)} | "
@@ -323,11 +328,11 @@ def render(meta, names, notes, run: Run, kinds) -> str:
                 kinds_[k] = kinds_.get(k, 0) + v
         if kinds_:
             errs.append(f"| {kind} {lbl} | {name} | {', '.join(f'{k}: {v}' for k, v in kinds_.items())} |")
-    for (kind, name), r in run.idle.items():
+    for (kind, name, mode), r in run.idle.items():
         kinds_ = {**(r.get("error_kinds") or {}),
                   **{f"idle {k}": v for k, v in (r.get("idle_error_kinds") or {}).items()}}
         if kinds_:
-            errs.append(f"| idle {kind} | {name} | {', '.join(f'{k}: {v}' for k, v in kinds_.items())} |")
+            errs.append(f"| idle {mode} {kind} | {name} | {', '.join(f'{k}: {v}' for k, v in kinds_.items())} |")
     L.append("### Errors (every unexpected reply, failed handshake, wrong key, connection failure "
              "or timeout, all runs)")
     L.append("")
@@ -355,6 +360,8 @@ def main(argv=None) -> int:
     p.add_argument("--postfix-idle", type=int, default=300,
                    help="cap for Postfix: one smtpd process (~13 MB RSS) per connection")
     p.add_argument("--idle-kinds", default="ecdsa")
+    p.add_argument("--idle-modes", default="starttls,implicit",
+                   help="how the idle connections start TLS (a fresh server for each)")
     p.add_argument("--serial", type=int, default=100, help="fresh transactions per idle measurement")
     p.add_argument("--quick", action="store_true",
                    help="tiny run: 3 cells, c=10, 1 s, 1 repeat, 100 idle (the harness's own test)")
@@ -365,6 +372,7 @@ def main(argv=None) -> int:
         a.idle, a.postfix_idle, a.serial = min(a.idle, 100), min(a.postfix_idle, 30), 10
     kinds = [k for k in a.kinds.split(",") if k]
     idle_kinds = [k for k in a.idle_kinds.split(",") if k] if a.idle else []
+    a.idle_modes = [m for m in a.idle_modes.split(",") if m]
     names = srv.available(a.servers.split(","))
     a.mf_has_tls = "mf-tls" in names and srv.mailfilter_has_tls()
     t0 = time.monotonic()
