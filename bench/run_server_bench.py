@@ -254,18 +254,20 @@ def render(meta, servers, cells, matrix, source, idle, idle_levels) -> str:
     return "\n".join(L)
 
 
-def write_out(path: str, table: str) -> None:
+def write_out(path: str, table: str, begin: str = BEGIN, end: str = END,
+              title: str = "# SMTP server benchmark") -> None:
+    """Replace the block between the markers in `path`; the text around it stays."""
     text = ""
     if os.path.exists(path):
         with open(path) as fh:
             text = fh.read()
-    block = f"{BEGIN}\n{table}\n{END}"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
+    block = f"{begin}\n{table}\n{end}"
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        _, _, tail = rest.partition(end)
         text = head + block + tail
     else:
-        text = "# SMTP server benchmark\n\n" + block + "\n" + text
+        text = f"{title}\n\n" + block + "\n" + text
     with open(path, "w") as fh:
         fh.write(text)
 

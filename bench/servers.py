@@ -17,10 +17,31 @@ Servers (name -> what runs):
                policy or storage): what the loop, the kernel and one Python
                callback per read cost; the floor for any Python+uvloop server
 
+TLS servers (`make_tls(name, workdir, pair)`, pair from tlscerts.make_pair;
+every one gets the same certificate and key and two ports: `port` offers
+STARTTLS (RFC 3207), `tls_port` is implicit TLS (RFC 8314, 465 style)):
+- mf-tls:      mailfilter as an operator starts it: uvloop, one worker,
+               discard, the non-relay rules, `--tls-cert/--tls-key`,
+               `--listen-tls`. Until mailfilter has these options (issue 12)
+               it does not start; the TLS harness then skips it with a note.
+- aiosmtpd-tls: aiosmtpd + uvloop, `tls_context=` (STARTTLS, which aiosmtpd
+               runs over asyncio's pure-Python SSLProtocol even on uvloop),
+               `require_starttls=False`; implicit TLS through uvloop's
+               create_server(ssl=); handle_DATA -> "250 OK"
+- postfix-tls: a throwaway Postfix instance (its own config, queue and data
+               directories, `master -d` in its own session; root only):
+               smtpd with `smtpd_tls_chain_files`, `smtpd_tls_security_level
+               = may`, a second smtpd with `smtpd_tls_wrappermode = yes`;
+               accepted mail goes through cleanup and qmgr to the discard
+               transport; the queue is on tmpfs when BENCH_DIR is (default
+               /dev/shm), no reverse DNS (`smtpd_peername_lookup = no`), no
+               inflow throttle, no per-client connection limit
+
 A port is picked by binding 127.0.0.1:0 and releasing it just before the
 server starts (the tiny race is acceptable for a bench). Every server gets
-RLIMIT_NOFILE raised to its hard limit (preexec) and a connection cap above
-the idle test's 9000 connections.
+RLIMIT_NOFILE raised to its hard limit (preexec; as root to NOFILE_ROOT,
+the hard limit included) and a connection cap above the idle tests' 10000
+connections.
 
 `norelay_rules()` copies rules/ and replaces tcp.smtp so that 127.0.0.1 is an
 ordinary (non-relay) client with HELOCHECK=".", MAXRECIPIENTS, TARPITCOUNT
@@ -43,10 +64,16 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import tlscerts  # noqa: E402
+
 ROOT = os.path.dirname(HERE)
 PY = sys.executable
 SMTP_SINK = "/usr/sbin/smtp-sink"
 SMTP_SOURCE = "/usr/sbin/smtp-source"
+POSTFIX = "/usr/sbin/postfix"
+POSTFIX_MASTER = "/usr/lib/postfix/sbin/master"
+TLS_SERVERS = ("mf-tls", "postfix-tls", "aiosmtpd-tls")
 
 NORELAY_TCP_SMTP = """\
 # bench: 127.0.0.1 is NOT a relay client; full spamcontrol checks on every message
@@ -75,6 +102,34 @@ async def main(port):
     await asyncio.Event().wait()
 
 uvloop.run(main(int(sys.argv[-1])))
+'''
+
+
+# aiosmtpd with TLS: STARTTLS on one port, implicit TLS on the other, the
+# same context (the bench's certificate) for both.
+AIOSMTPD_TLS_SINK = r'''
+import asyncio, ssl, sys
+import uvloop
+from aiosmtpd.smtp import SMTP
+
+class Sink:
+    async def handle_DATA(self, server, session, envelope):
+        return "250 OK"
+
+async def main(port, tls_port, cert, key):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    loop = asyncio.get_running_loop()
+    handler = Sink()
+    await loop.create_server(
+        lambda: SMTP(handler, hostname="sink.test", tls_context=ctx, require_starttls=False),
+        "127.0.0.1", port, backlog=4096)
+    await loop.create_server(lambda: SMTP(handler, hostname="sink.test"),
+                             "127.0.0.1", tls_port, backlog=4096, ssl=ctx)
+    await asyncio.Event().wait()
+
+port, tls_port, cert, key = sys.argv[-4:]
+uvloop.run(main(int(port), int(tls_port), cert, key))
 '''
 
 
@@ -127,8 +182,17 @@ uvloop.run(main(int(sys.argv[-1])))
 """
 
 
+NOFILE_ROOT = 65536     # as root the hard limit may go up too: room for the idle tests' connections
+
+
 def _raise_nofile():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if os.geteuid() == 0 and hard < NOFILE_ROOT:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE_ROOT, NOFILE_ROOT))
+            return
+        except (ValueError, OSError):
+            pass
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
@@ -168,14 +232,37 @@ def norelay_rules(dest: str) -> str:
     return rules
 
 
+def wait_tcp(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Wait until something accepts TCP connections on the port (a TLS port
+    says nothing before the handshake)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
+
+
 class Server:
     def __init__(self, name: str, argv: list[str], port: int, tmp: str | None = None,
-                 note: str = ""):
+                 note: str = "", tls_port: int | None = None, kind: str = "",
+                 prepare=None, new_session: bool = False, per_process: str = "",
+                 log_file: str | None = None):
         self.name = name
         self.argv = argv
         self.port = port
         self.tmp = tmp
         self.note = note
+        self.tls_port = tls_port        # implicit TLS listener, if any
+        self.kind = kind                # certificate kind (tlscerts.KINDS), TLS servers only
+        self.prepare = prepare          # called before the process starts (Postfix: `postfix check`)
+        self.new_session = new_session  # own session: Postfix's master signals its process group
+        self.per_process = per_process  # the process name that holds one connection (Postfix: smtpd)
+        self.log_file = log_file        # where the server logs besides stdout/stderr
         self.proc: subprocess.Popen | None = None
         self.log = None
 
@@ -185,20 +272,30 @@ class Server:
 
     def start(self) -> "Server":
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(self.argv, cwd=ROOT, stdout=self.log, stderr=self.log,
-                                     stdin=subprocess.DEVNULL, preexec_fn=_raise_nofile)
         try:
+            if self.prepare is not None:
+                self.prepare()
+            self.proc = subprocess.Popen(self.argv, cwd=ROOT, stdout=self.log, stderr=self.log,
+                                         stdin=subprocess.DEVNULL, preexec_fn=_raise_nofile,
+                                         start_new_session=self.new_session)
             wait_port(self.port, self.proc)
-        except Exception:
+            if self.tls_port:
+                wait_tcp(self.tls_port, self.proc)
+        except Exception as exc:
+            out = self.output()
             self.stop()
-            raise RuntimeError(f"{self.name} did not start: {self.output()[-2000:]}")
+            raise RuntimeError(f"{self.name} did not start: {exc}: {out[-2000:]}")
         return self
 
     def output(self) -> str:
-        if self.log is None:
-            return ""
-        self.log.seek(0)
-        return self.log.read().decode("utf-8", "replace")
+        text = ""
+        if self.log is not None:
+            self.log.seek(0)
+            text = self.log.read().decode("utf-8", "replace")
+        if self.log_file and os.path.exists(self.log_file):
+            with open(self.log_file, "rb") as fh:
+                text += fh.read()[-20000:].decode("utf-8", "replace")
+        return text
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -208,6 +305,13 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc is not None and self.new_session:
+            # the server's own process group (its id is the pid we started):
+            # children a dead master left behind
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         if self.tmp and os.path.isdir(self.tmp):
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
@@ -263,12 +367,27 @@ def make(name: str, workdir: str) -> Server:
     raise ValueError(f"unknown server {name!r}")
 
 
+def postfix_usable() -> bool:
+    """A throwaway Postfix instance needs the package and root (master runs
+    as root and drops to the postfix user per service)."""
+    if not (os.access(POSTFIX_MASTER, os.X_OK) and os.access(POSTFIX, os.X_OK)) or os.geteuid() != 0:
+        return False
+    try:
+        import pwd
+        pwd.getpwnam("postfix")
+    except KeyError:
+        return False
+    return True
+
+
 def available(names: list[str]) -> list[str]:
     out = []
     for n in names:
         if n == "smtp-sink" and not os.access(SMTP_SINK, os.X_OK):
             continue
-        if n == "aiosmtpd":
+        if n == "postfix-tls" and not postfix_usable():
+            continue
+        if n in ("aiosmtpd", "aiosmtpd-tls"):
             try:
                 import aiosmtpd  # noqa: F401
             except ImportError:
@@ -277,8 +396,145 @@ def available(names: list[str]) -> list[str]:
     return out
 
 
+def mailfilter_has_tls() -> bool:
+    """Does this mailfilter have the serve options of issue 12 (--tls-cert,
+    --listen-tls)? Before it does, the TLS harness skips mailfilter."""
+    out = subprocess.run([PY, "-m", "mailfilter", "serve", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    return "--tls-cert" in out.stdout and "--listen-tls" in out.stdout
+
+
+# ----------------------------------------------------------------- TLS servers
+def bench_dir() -> str:
+    """Where throwaway server state goes: BENCH_DIR, else tmpfs (/dev/shm)
+    so that Postfix's queue files cost no disk I/O (mailfilter discards)."""
+    d = os.environ.get("BENCH_DIR")
+    if d:
+        return d
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else "/var/tmp"
+
+
+POSTFIX_MAIN_CF = """\
+# throwaway bench instance (bench/servers.py); nothing here is a recommendation
+compatibility_level = 3.6
+queue_directory = {d}/queue
+data_directory = {d}/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix.bench.test
+mydestination =
+alias_maps =
+alias_database =
+local_recipient_maps =
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+relay_domains = example.net
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+default_transport = discard:bench
+relay_transport = discard:bench
+# as mailfilter --remote-host off: no reverse DNS per connection
+smtpd_peername_lookup = no
+# the bench client is one address with 100 connections; Postfix's default
+# is 50 per client (127.0.0.1 is in mynetworks and exempt, said explicitly)
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+# no pause before accepting a message when the queue is busy
+in_flow_delay = 0
+smtpd_tls_chain_files = {key}, {cert}
+smtpd_tls_security_level = may
+smtpd_tls_loglevel = 0
+maillog_file = {d}/maillog
+maillog_file_prefixes = {d}
+"""
+
+# smtpd's process limit (7th column) bounds the connections Postfix serves at
+# once: one smtpd process per connection.
+POSTFIX_MASTER_CF = """\
+127.0.0.1:{port} inet n - n - {maxproc} smtpd
+127.0.0.1:{tls_port} inet n - n - {maxproc} smtpd -o smtpd_tls_wrappermode=yes
+cleanup unix n - n - 0 cleanup
+qmgr unix n - n 300 1 qmgr
+tlsmgr unix - - n 1000? 1 tlsmgr
+rewrite unix - - n - - trivial-rewrite
+bounce unix - - n - 0 bounce
+defer unix - - n - 0 bounce
+trace unix - - n - 0 bounce
+verify unix - - n - 1 verify
+flush unix n - n 1000? 0 flush
+proxymap unix - - n - - proxymap
+discard unix - - n - - discard
+anvil unix - - n - 1 anvil
+scache unix - - n - 1 scache
+postlog unix-dgram n - n - 1 postlogd
+"""
+
+
+def _postfix(name: str, pair: "tlscerts.CertPair", maxproc: int) -> Server:
+    port, tls_port = free_port(), free_port()
+    d = tempfile.mkdtemp(prefix="bench-postfix-", dir=bench_dir())
+    os.chmod(d, 0o755)       # the postfix user reaches queue/ and data/ through it
+    etc = os.path.join(d, "etc")
+
+    def prepare():
+        os.makedirs(etc)
+        os.makedirs(os.path.join(d, "queue"))
+        os.makedirs(os.path.join(d, "data"))
+        import pwd
+        os.chown(os.path.join(d, "data"), pwd.getpwnam("postfix").pw_uid, -1)
+        with open(os.path.join(etc, "main.cf"), "w") as fh:
+            fh.write(POSTFIX_MAIN_CF.format(d=d, key=pair.key, cert=pair.cert))
+        with open(os.path.join(etc, "master.cf"), "w") as fh:
+            fh.write(POSTFIX_MASTER_CF.format(port=port, tls_port=tls_port, maxproc=maxproc))
+        # creates the queue's subdirectories with their owners and modes
+        out = subprocess.run([POSTFIX, "-c", etc, "check"], capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise RuntimeError(f"postfix check: {out.stdout}{out.stderr}")
+
+    # -d: stay in the foreground (our child); -s: keep stdout/stderr
+    argv = [POSTFIX_MASTER, "-c", etc, "-d", "-s"]
+    return Server(name, argv, port, tmp=d, tls_port=tls_port, kind=pair.kind, prepare=prepare,
+                  new_session=True, per_process="smtpd", log_file=os.path.join(d, "maillog"),
+                  note=TLS_NOTES[name])
+
+
+TLS_NOTES = {
+    "mf-tls": "mailfilter, uvloop, 1 worker, discard, full rule checks (non-relay), no reverse DNS, "
+              "--tls-cert/--tls-key/--listen-tls",
+    "aiosmtpd-tls": "aiosmtpd + uvloop with TLS (STARTTLS over asyncio's SSLProtocol, implicit TLS over "
+                    "uvloop's), handle_DATA -> 250 OK",
+    "postfix-tls": "Postfix smtpd with TLS (throwaway instance; queue on tmpfs, discard transport, "
+                   "no reverse DNS)",
+}
+
+
+def make_tls(name: str, workdir: str, pair: "tlscerts.CertPair", max_conns: int = 100) -> Server:
+    """Build (not start) the TLS server `name` (one of TLS_SERVERS) with `pair`.
+
+    max_conns: connections the server must hold at once (Postfix sizes its
+    smtpd process limit from it; the others take 20000 anyway)."""
+    if name == "mf-tls":
+        rules = norelay_rules(workdir)
+        s = _mailfilter(name, rules, "discard", "uvloop", note=TLS_NOTES[name])
+        s.tls_port = free_port()
+        s.kind = pair.kind
+        s.argv += ["--workers", "1", "--tls-cert", pair.cert, "--tls-key", pair.key,
+                   "--listen-tls", f"127.0.0.1:{s.tls_port}"]
+        return s
+    if name == "aiosmtpd-tls":
+        port, tls_port = free_port(), free_port()
+        return Server(name, [PY, os.path.abspath(__file__), "aiosmtpd-tls-sink", str(port), str(tls_port),
+                             pair.cert, pair.key], port, tls_port=tls_port, kind=pair.kind,
+                      note=TLS_NOTES[name])
+    if name == "postfix-tls":
+        return _postfix(name, pair, max(100, max_conns))
+    raise ValueError(f"unknown TLS server {name!r} (one of {TLS_SERVERS})")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "aiosmtpd-sink":
+    if len(sys.argv) == 6 and sys.argv[1] == "aiosmtpd-tls-sink":
+        _raise_nofile()
+        exec(compile(AIOSMTPD_TLS_SINK, "aiosmtpd_tls_sink", "exec"), {"__name__": "aiosmtpd_tls_sink"})
+    elif len(sys.argv) == 3 and sys.argv[1] == "aiosmtpd-sink":
         _raise_nofile()
         exec(compile(AIOSMTPD_SINK, "aiosmtpd_sink", "exec"), {"__name__": "aiosmtpd_sink"})
     elif len(sys.argv) == 3 and sys.argv[1] == "uvloop-floor":
@@ -287,8 +543,12 @@ if __name__ == "__main__":
     elif len(sys.argv) == 2:
         # manual: python bench/servers.py NAME -> start it and wait for ^C
         work = tempfile.mkdtemp(prefix="bench-")
-        s = make(sys.argv[1], work).start()
-        print(f"{s.name} pid {s.pid} on 127.0.0.1:{s.port}", flush=True)
+        if sys.argv[1] in TLS_SERVERS:     # with a fresh ECDSA certificate
+            s = make_tls(sys.argv[1], work, tlscerts.make_pair("ecdsa", os.path.join(work, "tls"))).start()
+        else:
+            s = make(sys.argv[1], work).start()
+        print(f"{s.name} pid {s.pid} on 127.0.0.1:{s.port}"
+              + (f", implicit TLS on 127.0.0.1:{s.tls_port}" if s.tls_port else ""), flush=True)
         try:
             s.proc.wait()
         except KeyboardInterrupt:
@@ -297,5 +557,6 @@ if __name__ == "__main__":
             s.stop()
             shutil.rmtree(work, ignore_errors=True)
     else:
-        print("usage: servers.py NAME | aiosmtpd-sink PORT", file=sys.stderr)
+        print("usage: servers.py NAME | aiosmtpd-sink PORT | aiosmtpd-tls-sink PORT TLS_PORT CERT KEY",
+              file=sys.stderr)
         sys.exit(2)
