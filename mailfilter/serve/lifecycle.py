@@ -122,7 +122,8 @@ def build_state(opts: ServeOptions) -> ServerState:
                            + (f": {exc.filename}" if exc.filename else "")) from None
     tls = build_tls(opts, policy)
     return ServerState(policy, delivery, limits=limits_for(opts, policy), resolver=resolver,
-                       hostname=opts.hostname, auth=build_auth(opts), remote_host=opts.remote_host)
+                       hostname=opts.hostname, auth=build_auth(opts), remote_host=opts.remote_host,
+                       tls=tls)
 
 
 def build_delivery(opts: ServeOptions) -> Delivery:
@@ -179,8 +180,9 @@ def build_tls(opts: ServeOptions, policy: PolicyEngine) -> TLSSettings:
 
 async def reload_tls(state: ServerState, opts: ServeOptions) -> TLSSettings | None:
     """SIGHUP: read the certificates again (off the loop: an RSA key check
-    or a new embedded certificate takes milliseconds); a bad new pair is
-    logged and the current settings stay. The new settings, or None."""
+    or a new embedded certificate takes milliseconds) and swap them in for
+    new sessions (a session keeps the settings it started with); a bad new
+    pair is logged and the current settings stay. The new settings, or None."""
     if opts.no_tls:
         return None
     loop = asyncio.get_running_loop()
@@ -190,6 +192,8 @@ async def reload_tls(state: ServerState, opts: ServeOptions) -> TLSSettings | No
     except TLSConfigError as exc:
         logger.error("TLS reload refused: %s", exc)
         return None
+    state.swap_tls(settings)
+    logger.info("TLS reload ok")
     return settings
 
 

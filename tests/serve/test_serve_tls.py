@@ -192,3 +192,17 @@ def test_sighup_with_a_bad_new_certificate_keeps_the_old(served, tmp_path):
     sp.signal(signal.SIGHUP)
     sp.log.wait_for(rf"ERROR TLS reload refused: {re.escape(str(pair.key))}: does not match "
                     rf"the certificate in {re.escape(str(pair.cert))}$")
+
+
+def test_sighup_swaps_in_a_new_certificate(served, tmp_path):
+    """A good new pair in the same files: read on SIGHUP, logged, swapped
+    in for new sessions."""
+    pair = write_pair(tmp_path / "certs", kind="rsa")
+    sp = served("--tls-cert", pair.cert, "--tls-key", pair.key)
+    assert f"SHA-256 {pair.fingerprint}" in sp.log.text()
+    new = write_pair(tmp_path / "certs", kind="rsa")            # the same two files
+    assert new.fingerprint != pair.fingerprint
+    sp.signal(signal.SIGHUP)
+    sp.log.wait_for(r"INFO TLS reload ok$")
+    sp.log.wait_for(rf"TLS certificate {re.escape(str(new.cert))}: .*SHA-256 {new.fingerprint}$")
+    assert "TLS reload refused" not in sp.log.text()
