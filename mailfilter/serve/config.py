@@ -132,9 +132,9 @@ class Option:
         return self.kind.expects
 
 
-AUTH = "SMTP AUTH (SPEC A §7, B §4)"
-TLS = "TLS (RFC 3207 STARTTLS, RFC 8314 implicit TLS)"
+AUTH = "SMTP AUTH (docs/behaviour/auth.md#modes)"
 RULE_SOURCE = "rule source"
+TLS = "TLS (RFC 3207 STARTTLS, RFC 8314 implicit TLS)"
 
 OPTIONS: tuple[Option, ...] = (
     Option("rules", TEXT, DEFAULT_RULES, "rules directory, compiled at start", metavar="DIR",
@@ -151,7 +151,7 @@ OPTIONS: tuple[Option, ...] = (
            metavar="SPEC"),
     Option("workers", INT, 1, "processes sharing the port with SO_REUSEPORT", minimum=1),
     Option("loop", TEXT, "uvloop", "event loop", choices=LOOPS),
-    Option("open_relay", BOOL, False, "allow running without rcpthosts (SPEC A §4)"),
+    Option("open_relay", BOOL, False, "allow running without rcpthosts (docs/behaviour/control-files.md#rcpthosts)"),
     Option("resolver", TEXT, None,
            "DNS server for the client host name, HELOCHECK A/M and MFDNSCHECK: IP, IP:PORT, "
            "[IPV6]:PORT or a bare IPv6 address; several separated by commas are asked in order",

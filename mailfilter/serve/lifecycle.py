@@ -1,12 +1,10 @@
 """`mailfilter serve`, one serving process: start, reload, stop.
 
 Job: build the ServerState from ServeOptions (compile `--rules` or load
-`--bundle`, refuse an accidental open relay: SPEC A §4; the TLS settings:
-tls/context.py), listen on every `--listen` address (STARTTLS, RFC 3207)
-and `--listen-tls` address (implicit TLS, RFC 8314), and run until
-SIGTERM/SIGINT, then drain (`_drain_sessions`). The options themselves are
-config.py's; several processes sharing the ports (`--workers`) are
-supervise.py's.
+`--bundle`, refuse an accidental open relay:
+docs/behaviour/control-files.md#rcpthosts), listen on every `--listen` address, and run until
+SIGTERM/SIGINT, then drain (`_drain_sessions`). The options themselves are config.py's; several
+processes sharing the port (`--workers`) are supervise.py's.
 
 SIGHUP recompiles (with `--rules`: in a child process, `mailfilter
 compile`, since compiling in a thread would hold the GIL and stall every
@@ -21,9 +19,13 @@ start-up is kept (`early_hup`) and answered by one reload once the
 server listens (the default action, death, would take the MX down after a
 restart + HUP).
 
-SIGHUP also reads the certificates again (after the rules: the embedded
-certificate follows the rules' `me`); a bad new pair is logged ("TLS reload
-refused: FILE: why") and the current one kept, whatever the rules did.
+TLS (tls/context.py): the settings are built at start, a certificate that
+cannot be served is a start-up error naming its file; `--listen` addresses
+offer STARTTLS (RFC 3207), `--listen-tls` addresses speak TLS from the
+first byte (RFC 8314 §3). SIGHUP also reads the certificates again (after
+the rules: the embedded certificate follows the rules' `me`); a bad new
+pair is logged ("TLS reload refused: FILE: why") and the current one kept,
+whatever the rules did.
 
 Limits that come from the rules (`timeoutsmtpd` -> the idle timeout,
 `timeoutsession` -> the session deadline) apply unless `--timeout` /

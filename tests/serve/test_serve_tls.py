@@ -81,7 +81,7 @@ def test_no_tls(served, tmp_path):
 
 
 def test_operator_pairs_logged_with_subject_type_and_expiry(served, tmp_path):
-    ec, rsa = write_pair(tmp_path / "certs", kind="ec"), write_pair(tmp_path / "certs", kind="rsa")
+    ec, rsa = write_pair(tmp_path / "certs", kind="ecdsa"), write_pair(tmp_path / "certs", kind="rsa")
     sp = served("--tls-cert", ec.cert, "--tls-key", ec.key, "--tls-cert", rsa.cert,
                 "--tls-key", rsa.key, "--require-tls", "--tls-min-version", "TLSv1.3")
     text = sp.log.text()

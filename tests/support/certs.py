@@ -3,11 +3,12 @@ is ever checked in): ECDSA P-256 and RSA-2048 leafs, self-signed or signed
 by a throwaway CA, expired or not yet valid ones, and pairs whose key does
 not belong to their certificate.
 
-    pair = write_pair(tmp_path, kind="ec", host="mx.test")   # Pair(cert=..., key=...)
-    ca = make_ca(tmp_path)                                    # a CA for chains and verification
+    pair = write_pair(tmp_path, kind="ecdsa", host="mx.test")  # Pair(cert=..., key=...)
+    ca = make_ca(tmp_path)                                      # a CA for chains and verification
     leaf = ca.issue(tmp_path, kind="rsa", host="mx.test", chain=True)
     ctx.load_cert_chain(leaf.cert, leaf.key)
     client_ctx.load_verify_locations(ca.cert)
+    pair = make_pair(tmp_path, "mx.test", "rsa")                # the short form
 
 Every file is PEM; keys are unencrypted PKCS#8 (what the server reads).
 """
@@ -24,12 +25,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-KINDS = ("ec", "rsa")
+KINDS = ("ecdsa", "rsa")
 
 
-def new_key(kind: str = "ec"):
-    """A fresh private key: "ec" = ECDSA P-256, "rsa" = RSA-2048."""
-    if kind == "ec":
+def new_key(kind: str = "ecdsa"):
+    """A fresh private key: "ecdsa" = ECDSA P-256, "rsa" = RSA-2048."""
+    if kind == "ecdsa":
         return ec.generate_private_key(ec.SECP256R1())
     if kind == "rsa":
         return rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -118,7 +119,7 @@ def _write(path: Path, data: bytes, mode: int = 0o600) -> Path:
     return path
 
 
-def write_pair(directory, *, kind: str = "ec", host: str = "mx.test", name: str | None = None,
+def write_pair(directory, *, kind: str = "ecdsa", host: str = "mx.test", name: str | None = None,
                expired: bool = False, not_yet_valid: bool = False, issuer: "CA | None" = None,
                chain: bool = False, password: bytes | None = None) -> Pair:
     """NAME.crt and NAME.key under `directory` (NAME: kind-host by default).
@@ -145,7 +146,7 @@ def write_pair(directory, *, kind: str = "ec", host: str = "mx.test", name: str 
                 _write(directory / f"{name}.key", key_pem(key, password)), cert, key, kind)
 
 
-def mismatched_pair(directory, *, kind: str = "ec", host: str = "mx.test",
+def mismatched_pair(directory, *, kind: str = "ecdsa", host: str = "mx.test",
                     name: str | None = None) -> Pair:
     """A certificate and a key file that do not belong together (the key is
     another key of the same kind)."""
@@ -169,7 +170,7 @@ class CA:
         return write_pair(directory, issuer=self, **kw)
 
 
-def make_ca(directory, *, name: str = "Test CA", kind: str = "ec") -> CA:
+def make_ca(directory, *, name: str = "Test CA", kind: str = "ecdsa") -> CA:
     directory = Path(directory)
     key = new_key(kind)
     now = _now()
@@ -177,3 +178,10 @@ def make_ca(directory, *, name: str = "Test CA", kind: str = "ec") -> CA:
     stem = name.lower().replace(" ", "-")
     return CA(_write(directory / f"{stem}.crt", cert_pem(cert), 0o644),
               _write(directory / f"{stem}.key", key_pem(key)), cert, key)
+
+
+def make_pair(directory, host: str, kind: str = "ecdsa", *, expired: bool = False) -> Pair:
+    """A self-signed pair for `host` in HOST-KIND.crt/.key (HOST-KIND-expired
+    when `expired`): write_pair's short form."""
+    return write_pair(directory, kind=kind, host=host, expired=expired,
+                      name=f"{host}-{kind}{'-expired' if expired else ''}")

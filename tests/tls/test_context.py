@@ -29,7 +29,7 @@ TLS13 = ssl.TLSVersion.TLSv1_3
 
 @pytest.fixture
 def ec_pair(tmp_path):
-    return write_pair(tmp_path, kind="ec")
+    return write_pair(tmp_path, kind="ecdsa")
 
 
 @pytest.fixture
