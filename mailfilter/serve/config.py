@@ -33,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailfilter.smtp.protocol import REMOTE_HOST_MODES    # the server checks them too
+from mailfilter.tls import selfsigned
+from mailfilter.tls.context import MIN_VERSIONS
 
 DEFAULT_RULES = "rules"
 DEFAULT_LISTEN = "127.0.0.1:2525"
@@ -42,6 +44,7 @@ DEFAULT_SESSION_DEADLINE = 3600.0     # without --session-deadline and timeoutse
 LOOPS = ("uvloop", "asyncio")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 CHECKPASSWORD_ORDERS = ("djb", "dabrowski")
+TLS_VERSIONS = tuple(MIN_VERSIONS)
 
 
 class StartupError(Exception):
@@ -131,6 +134,7 @@ class Option:
 
 AUTH = "SMTP AUTH (docs/behaviour/auth.md#modes)"
 RULE_SOURCE = "rule source"
+TLS = "TLS (RFC 3207 STARTTLS, RFC 8314 implicit TLS)"
 
 OPTIONS: tuple[Option, ...] = (
     Option("rules", TEXT, DEFAULT_RULES, "rules directory, compiled at start", metavar="DIR",
@@ -184,6 +188,43 @@ OPTIONS: tuple[Option, ...] = (
     Option("checkpassword_timeout", SECONDS, 10.0, "seconds per checkpassword attempt",
            minimum=0, strict=True, group=AUTH),
     Option("auth_fail_delay", SECONDS, 2.0, "seconds before each 535", minimum=0, group=AUTH),
+    Option("auth_plaintext", BOOL, False,
+           "offer and accept AUTH PLAIN and LOGIN before TLS too: passwords cross the network "
+           "in clear; a warning at start. Without it they wait for STARTTLS: 538 5.7.11, RFC 4954",
+           group=AUTH),
+    # TLS: the settings of tls/context.py (what is served) and the SMTP side's (when)
+    Option("tls_cert", TEXT, None,
+           "certificate file, PEM, the server's own certificate first, then its chain; "
+           "repeatable, paired in order with --tls-key: an ECDSA and an RSA pair are served "
+           "side by side and the client's signature algorithms choose",
+           default_help="a self-signed ECDSA P-256 certificate for --hostname or the rules' me, "
+                        f"made on first start under {selfsigned.DEFAULT_DIR}/ relative to the "
+                        "working directory",
+           repeatable=True, metavar="FILE", group=TLS),
+    Option("tls_key", TEXT, None,
+           "private key file of the --tls-cert in the same position, PEM, unencrypted",
+           default_help=f"the self-signed certificate's, {selfsigned.DEFAULT_DIR}/"
+                        f"{selfsigned.KEY_FILE}",
+           repeatable=True, metavar="FILE", group=TLS),
+    Option("no_tls", BOOL, False, "no TLS at all: no STARTTLS, no --listen-tls, no self-signed "
+           "certificate", group=TLS),
+    Option("listen_tls", TEXT, None, "address for implicit TLS, the client speaks TLS first: "
+           "RFC 8314, port 465 submission; repeatable, forms as --listen",
+           default_help="none", repeatable=True, metavar="HOST:PORT", group=TLS),
+    Option("tls_min_version", TEXT, "TLSv1.2", "oldest TLS version accepted", choices=TLS_VERSIONS,
+           group=TLS),
+    Option("tls_handshake_timeout", SECONDS, 30.0, "seconds for a client to finish the TLS "
+           "handshake, STARTTLS or implicit", minimum=0, strict=True, group=TLS),
+    Option("require_tls", BOOL, False, "every client must start TLS before MAIL: 530 5.7.0, "
+           "RFC 3207 §4; tcp.smtp UCSPITLS=\"!\" does it per client", group=TLS),
+    Option("tls_allow_expired", BOOL, False, "serve an expired or not yet valid --tls-cert, with "
+           "a warning, instead of refusing to start", group=TLS),
+    Option("next_hop_tls_verify", BOOL, False,
+           "verify the certificate of an smtp: or lmtp: --deliver next hop against the system "
+           "CA store; without it the next hop's STARTTLS is opportunistic, RFC 7435", group=TLS),
+    Option("next_hop_tls_ca", TEXT, None, "CA file for --next-hop-tls-verify instead of the system "
+           "store; implies --next-hop-tls-verify", default_help="the system store",
+           metavar="FILE", group=TLS),
 )
 
 BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
@@ -235,11 +276,20 @@ def check_value(o: Option, value) -> None:
             raise StartupError(f"{o.flag} must be {_choices_text(o.choices)}, not {v!r}")
 
 
-def parse_listen(spec: str) -> tuple[str, int]:
+def parse_listen(spec: str, flag: str = "--listen") -> tuple[str, int]:
     host, sep, port = spec.rpartition(":")
     if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
-        raise StartupError(f"--listen wants HOST:PORT with PORT 0-65535, got {spec!r}")
+        raise StartupError(f"{flag} wants HOST:PORT with PORT 0-65535, got {spec!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def listeners(opts) -> list[tuple[str, str, int, bool]]:
+    """(flag, host, port, implicit TLS) of every address to listen on:
+    --listen (STARTTLS unless --no-tls), then --listen-tls."""
+    found = [("--listen", *parse_listen(spec), False) for spec in opts.listen]
+    found += [("--listen-tls", *parse_listen(spec, "--listen-tls"), True)
+              for spec in opts.listen_tls or ()]
+    return found
 
 
 def check_options(opts) -> None:
@@ -248,10 +298,29 @@ def check_options(opts) -> None:
         check_value(o, getattr(opts, o.name))
     if opts.rules is None and opts.bundle is None:
         raise StartupError("give --rules DIR or --bundle FILE")
-    for spec in opts.listen:
-        host, port = parse_listen(spec)
+    seen: dict[tuple[str, int], str] = {}
+    for flag, host, port, _ in listeners(opts):
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         if port == 0 and opts.workers > 1:
-            raise StartupError(f"--listen {spec}: --workers needs a fixed port (0 picks one per worker)")
+            raise StartupError(f"{flag} {where}: --workers needs a fixed port (0 picks one per worker)")
+        if port and (host, port) in seen:
+            # with --workers every listener sets SO_REUSEPORT: two of ours on one
+            # address would bind both and split its connections between them
+            raise StartupError(f"{flag} {where}: given twice (also {seen[host, port]})")
+        seen[host, port] = flag
+    _check_tls(opts)
+
+
+def _check_tls(opts) -> None:
+    certs, keys = opts.tls_cert or [], opts.tls_key or []
+    if len(certs) != len(keys):
+        raise StartupError(f"--tls-cert and --tls-key pair in order: {len(certs)} --tls-cert "
+                           f"and {len(keys)} --tls-key given")
+    if opts.no_tls:
+        for flag, given in (("--tls-cert", certs), ("--listen-tls", opts.listen_tls),
+                            ("--require-tls", opts.require_tls)):
+            if given:
+                raise StartupError(f"--no-tls and {flag}: one turns TLS off, the other needs it")
 
 
 # ------------------------------------------------------------------ TOML

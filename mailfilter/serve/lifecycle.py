@@ -19,6 +19,14 @@ start-up is kept (`early_hup`) and answered by one reload once the
 server listens (the default action, death, would take the MX down after a
 restart + HUP).
 
+TLS (tls/context.py): the settings are built at start, a certificate that
+cannot be served is a start-up error naming its file; `--listen` addresses
+offer STARTTLS (RFC 3207), `--listen-tls` addresses speak TLS from the
+first byte (RFC 8314 §3). SIGHUP also reads the certificates again (after
+the rules: the embedded certificate follows the rules' `me`); a bad new
+pair is logged ("TLS reload refused: FILE: why") and the current one kept,
+whatever the rules did.
+
 Limits that come from the rules (`timeoutsmtpd` -> the idle timeout,
 `timeoutsession` -> the session deadline) apply unless `--timeout` /
 `--session-deadline` were given, and are re-read on every reload.
@@ -47,10 +55,13 @@ from mailfilter.policy.dns import Resolver
 from mailfilter.policy.engine import PolicyEngine, PolicyOptions
 from mailfilter.serve.config import (
     BY_NAME, DEFAULT_SESSION_DEADLINE, DEFAULT_TIMEOUT, ServeOptions, StartupError, check_options,
-    check_value, parse_listen,
+    check_value, listeners,
 )
+from mailfilter.smtp.engine import host_of
 from mailfilter.smtp.replies import reply
 from mailfilter.smtp.protocol import Limits, ServerState, SMTPProtocol
+from mailfilter.tls import TLSSettings
+from mailfilter.tls.context import TLSConfigError, check_ca_file, load_settings
 
 logger = logging.getLogger("mailfilter")
 
@@ -105,17 +116,87 @@ def build_state(opts: ServeOptions) -> ServerState:
     logger.info("starting (pid %d): %s", os.getpid(),
                 f"loading bundle {opts.bundle}" if opts.bundle else f"compiling rules {opts.rules}")
     policy = load_policy(opts)
-    try:
-        delivery = Delivery.from_spec(opts.deliver)
-    except ValueError as exc:
-        raise StartupError(f"--deliver: {exc}") from None
+    delivery = build_delivery(opts)
     try:
         delivery.check()        # an unusable spool would defer every message with 451
     except OSError as exc:
         raise StartupError(f"--deliver {opts.deliver}: {exc.strerror or exc}"
                            + (f": {exc.filename}" if exc.filename else "")) from None
+    tls = build_tls(opts, policy)
     return ServerState(policy, delivery, limits=limits_for(opts, policy), resolver=resolver,
-                       hostname=opts.hostname, auth=build_auth(opts), remote_host=opts.remote_host)
+                       hostname=opts.hostname, auth=build_auth(opts), remote_host=opts.remote_host,
+                       tls=tls)
+
+
+def build_delivery(opts: ServeOptions) -> Delivery:
+    """The next hop; the next-hop TLS options are passed only when given
+    (the hops that have no TLS refuse them)."""
+    hop_tls = {}
+    if opts.next_hop_tls_verify or opts.next_hop_tls_ca:
+        hop_tls["tls_verify"] = True
+    if opts.next_hop_tls_ca:
+        try:
+            check_ca_file(opts.next_hop_tls_ca)
+        except TLSConfigError as exc:
+            raise StartupError(f"{exc.option} {exc}") from None
+        hop_tls["tls_ca"] = opts.next_hop_tls_ca
+    try:
+        delivery = Delivery.from_spec(opts.deliver, **hop_tls)
+    except ValueError as exc:
+        raise StartupError(f"--deliver: {exc}") from None
+    except TypeError:
+        if not hop_tls:
+            raise
+        # a hop class whose constructor takes no TLS keywords
+        raise StartupError(f"--deliver {opts.deliver}: this next hop takes no TLS options "
+                           "(--next-hop-tls-verify, --next-hop-tls-ca)") from None
+    return delivery
+
+
+def certificate_host(opts: ServeOptions, policy: PolicyEngine) -> str:
+    """The name the embedded certificate is made for: --hostname (its
+    first word, as in replies), else the rules' `me`, else the greeting's."""
+    if opts.hostname:
+        return host_of(opts.hostname)
+    me = policy.bundle.scalars.get("me", "").strip()
+    return host_of(me) if me else policy.hostname
+
+
+def build_tls(opts: ServeOptions, policy: PolicyEngine) -> TLSSettings:
+    """The TLS settings at start, logged; StartupError naming the file."""
+    try:
+        settings = load_settings(opts, certificate_host(opts, policy))
+    except TLSConfigError as exc:
+        raise StartupError(f"{exc.option} {exc}") from None
+    if not settings.available:
+        logger.info("TLS off (--no-tls): STARTTLS not offered")
+    else:
+        logger.info("TLS on: %s or later, handshake timeout %g s%s", opts.tls_min_version,
+                    settings.handshake_timeout,
+                    ", required before MAIL (--require-tls)" if settings.required else "")
+        if settings.plaintext_auth:
+            logger.warning("--auth-plaintext: AUTH PLAIN and LOGIN are accepted before TLS: "
+                           "passwords can cross the network in clear")
+    return settings
+
+
+async def reload_tls(state: ServerState, opts: ServeOptions) -> TLSSettings | None:
+    """SIGHUP: read the certificates again (off the loop: an RSA key check
+    or a new embedded certificate takes milliseconds) and swap them in for
+    new sessions (a session keeps the settings it started with); a bad new
+    pair is logged and the current settings stay. The new settings, or None."""
+    if opts.no_tls:
+        return None
+    loop = asyncio.get_running_loop()
+    try:
+        settings = await loop.run_in_executor(
+            None, load_settings, opts, certificate_host(opts, state.policy))
+    except TLSConfigError as exc:
+        logger.error("TLS reload refused: %s", exc)
+        return None
+    state.swap_tls(settings)
+    logger.info("TLS reload ok")
+    return settings
 
 
 def build_auth(opts: ServeOptions):
@@ -183,7 +264,16 @@ async def _recompile(opts: ServeOptions) -> PolicyEngine:
 
 
 async def reload(state: ServerState, opts: ServeOptions) -> bool:
-    """SIGHUP: build new rules off the loop; keep the old ones on failure."""
+    """SIGHUP: new rules, then the certificates (for the new rules' `me`);
+    each failure keeps what it would have replaced. True when the rules
+    were reloaded."""
+    ok = await reload_rules(state, opts)
+    await reload_tls(state, opts)
+    return ok
+
+
+async def reload_rules(state: ServerState, opts: ServeOptions) -> bool:
+    """Build new rules off the loop; keep the old ones on failure."""
     loop = asyncio.get_running_loop()
     try:
         if opts.bundle:
@@ -203,8 +293,9 @@ async def reload(state: ServerState, opts: ServeOptions) -> bool:
     return True
 
 
-def bound_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
-    """A bound TCP socket for host:port; StartupError naming the address."""
+def bound_socket(host: str, port: int, reuse_port: bool, flag: str = "--listen") -> socket.socket:
+    """A bound TCP socket for host:port; StartupError naming the option
+    and the address."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -219,12 +310,12 @@ def bound_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     except OSError as exc:
         sock.close()
         where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
-        raise StartupError(f"--listen {where}: {exc.strerror or exc}") from None
+        raise StartupError(f"{flag} {where}: {exc.strerror or exc}") from None
     return sock
 
 
-def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
-    sock = bound_socket(host, port, reuse_port)
+def _bind(host: str, port: int, reuse_port: bool, flag: str) -> socket.socket:
+    sock = bound_socket(host, port, reuse_port, flag)
     sock.listen(4096)
     sock.setblocking(False)
     return sock
@@ -252,12 +343,17 @@ async def serve(opts: ServeOptions, state: ServerState, ready=None, reuse_port: 
     """Listen, answer signals, and on SIGTERM/SIGINT close and drain."""
     loop = asyncio.get_running_loop()
     servers = []
-    for spec in opts.listen:
-        host, port = parse_listen(spec)
-        sock = _bind(host, port, reuse_port)
-        servers.append(await loop.create_server(lambda: SMTPProtocol(state), sock=sock))
-        logger.info("listening on %s:%d (pid %d, %s loop)", host, sock.getsockname()[1],
-                    os.getpid(), type(loop).__module__.split(".")[0])
+    for flag, host, port, implicit_tls in listeners(opts):
+        sock = _bind(host, port, reuse_port, flag)
+        if implicit_tls:        # RFC 8314 §3: TLS from the first byte, then the greeting
+            factory = lambda: SMTPProtocol(state, implicit_tls=True)    # noqa: E731
+            kind = "implicit TLS"
+        else:
+            factory = lambda: SMTPProtocol(state)                       # noqa: E731
+            kind = "no TLS" if opts.no_tls else "STARTTLS"
+        servers.append(await loop.create_server(factory, sock=sock))
+        logger.info("listening on %s:%d (pid %d, %s loop, %s)", host, sock.getsockname()[1],
+                    os.getpid(), type(loop).__module__.split(".")[0], kind)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)

@@ -25,7 +25,7 @@ import sys
 import time
 
 from mailfilter import log
-from mailfilter.serve.config import ServeOptions, StartupError, check_options, parse_listen
+from mailfilter.serve.config import ServeOptions, StartupError, check_options, listeners
 from mailfilter.serve.lifecycle import bound_socket, early_hup, run_process
 
 logger = logging.getLogger("mailfilter")
@@ -50,12 +50,12 @@ def run(opts: ServeOptions) -> int:
 
 
 def check_ports_free(opts: ServeOptions) -> None:
-    """Before --workers forks: bind each address WITHOUT SO_REUSEPORT (and
-    without listening), which fails when anybody holds the port, including
-    another instance whose workers set SO_REUSEPORT and would otherwise
-    share it silently."""
-    for spec in opts.listen:
-        bound_socket(*parse_listen(spec), reuse_port=False).close()
+    """Before --workers forks: bind each address (--listen and --listen-tls)
+    WITHOUT SO_REUSEPORT (and without listening), which fails when anybody
+    holds the port, including another instance whose workers set
+    SO_REUSEPORT and would otherwise share it silently."""
+    for flag, host, port, _ in listeners(opts):
+        bound_socket(host, port, reuse_port=False, flag=flag).close()
 
 
 def _die_with_parent(parent: int) -> None:

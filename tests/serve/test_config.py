@@ -12,7 +12,8 @@ import pytest
 
 from mailfilter.cli import build_parser
 from mailfilter.serve.config import (
-    BOOL, INT, OPTIONS, SECONDS, TEXT, ServeOptions, StartupError, check_options, options_from,
+    BOOL, BY_NAME, INT, OPTIONS, SECONDS, TEXT, ServeOptions, StartupError, check_options,
+    listeners, options_from,
 )
 
 IDS = [o.name for o in OPTIONS]
@@ -33,8 +34,21 @@ def good_value(o):
     if o.choices:
         return next(c for c in reversed(o.choices) if c != o.default)
     if o.repeatable:
-        return ["127.0.0.1:25", "[::1]:2525"]
+        return {"HOST:PORT": ["127.0.0.1:25", "[::1]:2525"],
+                "FILE": [f"{o.name}-ec.pem", f"{o.name}-rsa.pem"]}[o.metavar]
     return {BOOL: True, INT: 7, SECONDS: 7.5, TEXT: "x.example"}[o.kind]
+
+
+# an option whose value needs another's: --tls-cert and --tls-key pair in order
+PAIRED = {"tls_cert": "tls_key", "tls_key": "tls_cert"}
+
+
+def good_values(o) -> dict:
+    """The option's good value, with the values of the options it needs."""
+    values = {o.name: good_value(o)}
+    if o.name in PAIRED:
+        values[PAIRED[o.name]] = good_value(BY_NAME[PAIRED[o.name]])
+    return values
 
 
 def wrong_value(o):
@@ -100,7 +114,8 @@ def test_flags_toml_keys_and_fields_are_the_table():
 @pytest.mark.parametrize("o", OPTIONS, ids=IDS)
 def test_each_option_from_the_command_line(o):
     value = good_value(o)
-    opts = options_from(parse(*argv_for(o, value)))
+    opts = options_from(parse(*[a for name, v in good_values(o).items()
+                                for a in argv_for(BY_NAME[name], v)]))
     assert getattr(opts, o.name) == value and type(getattr(opts, o.name)) is type(value)
     check_options(opts)
     if o.kind in (INT, SECONDS):                  # argparse refuses another type
@@ -120,8 +135,9 @@ def test_each_option_from_the_config_file(tmp_path, o):
     number of seconds becomes a float); a value of another type is refused
     naming the key as the file spells it."""
     value = good_value(o)
+    needed = "".join(toml_line(name, v) for name, v in good_values(o).items() if name != o.name)
     for key in sorted({o.name, o.name.replace("_", "-")}):      # the long option, _ or -
-        opts = from_file(tmp_path, toml_line(key, value))
+        opts = from_file(tmp_path, toml_line(key, value) + needed)
         assert getattr(opts, o.name) == value and type(getattr(opts, o.name)) is type(value)
         check_options(opts)
         bad = wrong_value(o)
@@ -206,3 +222,58 @@ def test_defaults_without_flags_or_file():
         assert getattr(opts, o.name) == o.default
     assert opts.listen is not ServeOptions().listen
     check_options(opts)
+
+
+# ------------------------------------------------------------------ rules between the TLS options
+def _checked(*argv):
+    check_options(options_from(parse(*argv)))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tls-cert", "a.pem"], "--tls-cert and --tls-key pair in order: 1 --tls-cert and 0 --tls-key given"),
+    (["--tls-key", "a.key"], "--tls-cert and --tls-key pair in order: 0 --tls-cert and 1 --tls-key given"),
+    (["--tls-cert", "a.pem", "--tls-cert", "b.pem", "--tls-key", "a.key"],
+     "--tls-cert and --tls-key pair in order: 2 --tls-cert and 1 --tls-key given"),
+    (["--no-tls", "--tls-cert", "a.pem", "--tls-key", "a.key"],
+     "--no-tls and --tls-cert: one turns TLS off, the other needs it"),
+    (["--no-tls", "--listen-tls", "127.0.0.1:465"],
+     "--no-tls and --listen-tls: one turns TLS off, the other needs it"),
+    (["--no-tls", "--require-tls"], "--no-tls and --require-tls: one turns TLS off, the other needs it"),
+    (["--listen", "127.0.0.1:465", "--listen-tls", "127.0.0.1:465"],
+     "--listen-tls 127.0.0.1:465: given twice (also --listen)"),
+    (["--listen-tls", "[::1]:465", "--listen-tls", "[::1]:465"],
+     "--listen-tls [::1]:465: given twice (also --listen-tls)"),
+    (["--workers", "2", "--listen", "127.0.0.1:25", "--listen-tls", "127.0.0.1:0"],
+     "--listen-tls 127.0.0.1:0: --workers needs a fixed port (0 picks one per worker)"),
+    (["--listen-tls", "465"], "--listen-tls wants HOST:PORT with PORT 0-65535, got '465'"),
+])
+def test_tls_options_that_contradict_each_other(argv, message):
+    with pytest.raises(StartupError) as err:
+        _checked(*argv)
+    assert str(err.value) == message
+
+
+def test_tls_options_that_go_together():
+    _checked("--tls-cert", "ec.pem", "--tls-key", "ec.key", "--tls-cert", "rsa.pem",
+             "--tls-key", "rsa.key", "--require-tls", "--auth-plaintext", "--tls-allow-expired")
+    _checked("--no-tls", "--auth-plaintext")          # AUTH in clear without TLS: nothing contradicts
+    _checked("--listen", "127.0.0.1:0", "--listen-tls", "127.0.0.1:0")    # two ports picked
+    _checked("--next-hop-tls-ca", "ca.pem")           # implies --next-hop-tls-verify
+
+
+def test_listeners_in_order_with_their_kind():
+    opts = options_from(parse("--listen", "127.0.0.1:25", "--listen", "[::]:25",
+                              "--listen-tls", ":465", "--listen-tls", "[::1]:465"))
+    assert listeners(opts) == [("--listen", "127.0.0.1", 25, False), ("--listen", "::", 25, False),
+                               ("--listen-tls", "0.0.0.0", 465, True),
+                               ("--listen-tls", "::1", 465, True)]
+    assert listeners(ServeOptions()) == [("--listen", "127.0.0.1", 2525, False)]
+
+
+def test_tls_defaults():
+    """TLS is on by default with the embedded certificate (no pair given)."""
+    opts = ServeOptions()
+    assert (opts.no_tls, opts.tls_cert, opts.tls_key, opts.listen_tls) == (False, None, None, None)
+    assert (opts.tls_min_version, opts.tls_handshake_timeout) == ("TLSv1.2", 30.0)
+    assert not (opts.require_tls or opts.auth_plaintext or opts.tls_allow_expired
+                or opts.next_hop_tls_verify or opts.next_hop_tls_ca)

@@ -559,7 +559,7 @@ def test_loop_flag_selects_asyncio(served, tmp_path, config):
         cfg.write_text(config)
         args += ["--config", str(cfg)]
     sp = served(*args)
-    sp.log.wait_for(r"listening on 127\.0\.0\.1:\d+ \(pid \d+, asyncio loop\)")
+    sp.log.wait_for(r"listening on 127\.0\.0\.1:\d+ \(pid \d+, asyncio loop, STARTTLS\)")
     assert "uvloop loop" not in sp.log.text()
     assert rcpt_verdict(sp.port, "a@sender.test") == "250 2.1.5 ok"
 
