@@ -148,7 +148,7 @@ OPTIONS: tuple[Option, ...] = (
            metavar="NAME"),
     Option("deliver", TEXT, DEFAULT_DELIVER,
            "maildir:DIR, qmail-queue:PROG, smtp:HOST:PORT, lmtp:HOST:PORT or discard",
-           metavar="SPEC"),
+           metavar="NEXT_HOP"),
     Option("workers", INT, 1, "processes sharing the port with SO_REUSEPORT", minimum=1),
     Option("loop", TEXT, "uvloop", "event loop", choices=LOOPS),
     Option("open_relay", BOOL, False, "allow running without rcpthosts (docs/behaviour/control-files.md#rcpthosts)"),

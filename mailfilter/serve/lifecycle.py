@@ -142,14 +142,8 @@ def build_delivery(opts: ServeOptions) -> Delivery:
         hop_tls["tls_ca"] = opts.next_hop_tls_ca
     try:
         delivery = Delivery.from_spec(opts.deliver, **hop_tls)
-    except ValueError as exc:
+    except ValueError as exc:       # a malformed spec, or TLS options for a hop without TLS
         raise StartupError(f"--deliver: {exc}") from None
-    except TypeError:
-        if not hop_tls:
-            raise
-        # a hop class whose constructor takes no TLS keywords
-        raise StartupError(f"--deliver {opts.deliver}: this next hop takes no TLS options "
-                           "(--next-hop-tls-verify, --next-hop-tls-ca)") from None
     return delivery
 
 

@@ -601,7 +601,7 @@ def test_server_unknown_user_runs_the_scrypt_of_the_records(tmp_path):
                    timeout=120)
     from tests.support.server_harness import spawn_serve
     sp = spawn_serve("--rules", make_rules(tmp_path), "--deliver", "discard", "--auth", "",
-                     "--userdb", path, "--auth-fail-delay", "0")
+                     "--userdb", path, "--auth-fail-delay", "0", "--no-tls")
     try:
         with smtplib.SMTP("127.0.0.1", sp.port, timeout=30) as s:
             s.ehlo("c")

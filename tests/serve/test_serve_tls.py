@@ -146,7 +146,8 @@ def test_next_hop_tls_options(tmp_path, rules):
     not one is named at start."""
     base = ("--listen", f"127.0.0.1:{free_port()}")
     for args in (["--next-hop-tls-verify"], ["--next-hop-tls-ca", str(write_ca(tmp_path))]):
-        assert serve_error(tmp_path, rules, *base, *args).startswith("--deliver ")
+        assert serve_error(tmp_path, rules, *base, *args).startswith(
+            "--deliver: option tls_verify is for smtp: and lmtp: next hops")
     missing = tmp_path / "none.pem"
     assert serve_error(tmp_path, rules, *base, "--deliver", "smtp:127.0.0.1:2",
                        "--next-hop-tls-ca", missing) == \

@@ -52,7 +52,11 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-def _san(host: str) -> x509.GeneralName:
+def _san(host) -> x509.GeneralName:
+    """An IP address SAN for an address, else a DNS name; a GeneralName as is
+    (a test that wants an address written as a DNS name says so)."""
+    if isinstance(host, x509.GeneralName):
+        return host
     try:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
@@ -61,9 +65,11 @@ def _san(host: str) -> x509.GeneralName:
 
 def make_cert(key, host: str = "mx.test", *, issuer_key=None, issuer: x509.Certificate | None = None,
               not_before: datetime.datetime | None = None,
-              not_after: datetime.datetime | None = None, ca: bool = False) -> x509.Certificate:
+              not_after: datetime.datetime | None = None, ca: bool = False,
+              alt_names: tuple = ()) -> x509.Certificate:
     """A certificate for `key`'s public half, subject CN=host (and the host
-    as subjectAltName unless `ca`); self-signed unless issuer/issuer_key."""
+    plus `alt_names` (DNS names or IP addresses) as subjectAltName unless
+    `ca`); self-signed unless issuer/issuer_key."""
     now = _now()
     not_before = not_before or now - datetime.timedelta(hours=1)
     not_after = not_after or now + datetime.timedelta(days=30)
@@ -84,7 +90,8 @@ def make_cert(key, host: str = "mx.test", *, issuer_key=None, issuer: x509.Certi
                           encipher_only=False, decipher_only=False), critical=True)
     else:
         builder = (builder
-                   .add_extension(x509.SubjectAlternativeName([_san(host)]), critical=False)
+                   .add_extension(x509.SubjectAlternativeName([_san(h) for h in (host, *alt_names)]),
+                                  critical=False)
                    .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
                                   critical=False))
     builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
@@ -121,7 +128,8 @@ def _write(path: Path, data: bytes, mode: int = 0o600) -> Path:
 
 def write_pair(directory, *, kind: str = "ecdsa", host: str = "mx.test", name: str | None = None,
                expired: bool = False, not_yet_valid: bool = False, issuer: "CA | None" = None,
-               chain: bool = False, password: bytes | None = None) -> Pair:
+               chain: bool = False, password: bytes | None = None,
+               alt_names: tuple = ()) -> Pair:
     """NAME.crt and NAME.key under `directory` (NAME: kind-host by default).
     expired: valid until yesterday; not_yet_valid: from tomorrow on;
     issuer: signed by that CA (chain: the CA certificate follows the leaf in
@@ -138,9 +146,10 @@ def write_pair(directory, *, kind: str = "ecdsa", host: str = "mx.test", name: s
         window = dict(not_before=now + datetime.timedelta(days=1),
                       not_after=now + datetime.timedelta(days=30))
     if issuer is not None:
-        cert = make_cert(key, host, issuer=issuer.certificate, issuer_key=issuer.private_key, **window)
+        cert = make_cert(key, host, issuer=issuer.certificate, issuer_key=issuer.private_key,
+                         alt_names=alt_names, **window)
     else:
-        cert = make_cert(key, host, **window)
+        cert = make_cert(key, host, alt_names=alt_names, **window)
     pem = cert_pem(cert) + (cert_pem(issuer.certificate) if chain and issuer is not None else b"")
     return Pair(_write(directory / f"{name}.crt", pem, 0o644),
                 _write(directory / f"{name}.key", key_pem(key, password)), cert, key, kind)
