@@ -269,7 +269,7 @@ class SMTPConnection:
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = cfg = config if config is not None else EngineConfig()
         self._host = host_of(cfg.greeting)
-        self._extra_ehlo = list(cfg.extra_ehlo)
+        self._extra_ehlo = tuple(cfg.extra_ehlo)
         # the application's word on whether AUTH is offered to this client:
         # None = it decides every AUTH itself; False = not offered, so AUTH
         # goes to it whatever its arguments (503 comes before any 501)
@@ -315,9 +315,9 @@ class SMTPConnection:
         """The event a reply is owed for, if any."""
         return self._pending
 
-    def set_extra_ehlo(self, lines: list[str]) -> None:
+    def set_extra_ehlo(self, lines) -> None:
         """Per-session extra EHLO keywords (the AUTH offer depends on the client)."""
-        self._extra_ehlo = list(lines)
+        self._extra_ehlo = tuple(lines)
 
     def ehlo_keywords(self) -> list[str]:
         cfg = self.config

@@ -140,7 +140,7 @@ class SessionConfig:
     AUTH service, the delivery, the engine configuration. A SIGHUP reload
     makes a new SessionConfig; sessions in flight keep theirs."""
 
-    __slots__ = ("policy", "auth", "delivery", "engine_config", "host", "dns", "tls")
+    __slots__ = ("policy", "auth", "delivery", "engine_config", "host", "dns", "tls", "offers")
 
     def __init__(self, policy: PolicyEngine, *, auth=None, delivery=None, hostname: str | None = None,
                  features: list[str] | None = None, max_bad_commands: int = 10,
@@ -153,6 +153,7 @@ class SessionConfig:
         self.delivery = delivery
         self.dns = dns      # the shell can answer Lookups (it has a resolver)
         self.tls = tls      # STARTTLS offered when tls.available; --require-tls; --auth-plaintext
+        self.offers: dict = {}  # (STARTTLS?, AUTH mechanisms) -> the extra EHLO keywords
         self.engine_config = EngineConfig(
             greeting=hostname or policy.greeting,
             databytes=policy.bundle.integers.get("databytes", 0),
@@ -237,15 +238,20 @@ class Session:
 
     def _offer(self) -> None:
         """The EHLO keywords for this client now: STARTTLS while it can be
-        had and is not running, AUTH with the mechanisms allowed so far."""
+        had and is not running, AUTH with the mechanisms allowed so far.
+        A handful of combinations exist per configuration: made once each."""
         engine = self.engine
-        extra = list(engine.config.extra_ehlo)
-        if self.tls is None and self.config.tls.available and self.tls_mode != "-":
-            extra.append("STARTTLS")
-        offer = self.auth.ehlo_keywords()
-        extra.extend(offer)
+        config = self.config
+        starttls = self.tls is None and config.tls.available and self.tls_mode != "-"
+        mechs = self.auth.mechanisms()
+        key = (starttls, mechs)
+        extra = config.offers.get(key)
+        if extra is None:       # the engine's own keywords are the configuration's
+            extra = config.offers[key] = (*config.engine_config.extra_ehlo,
+                                          *(("STARTTLS",) if starttls else ()),
+                                          *self.auth.ehlo_keywords())
         engine.set_extra_ehlo(extra)
-        engine.auth_offered = bool(offer)
+        engine.auth_offered = bool(mechs)
 
     # --- the shell's API ----------------------------------------------------
     def start(self) -> None:
