@@ -19,6 +19,7 @@ from mailfilter.delivery.base import (
     os_error_text, queued, store_failed,
 )
 from mailfilter.delivery.envelope import Envelope, check_envelope, smtp_path
+from mailfilter.delivery.tmpsweep import STALE_AFTER, SWEEP_INTERVAL, TmpSweeper
 
 __all__ = ["MaildirDelivery", "envelope_headers"]
 
@@ -27,7 +28,7 @@ def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
     except OSError:
-        pass  # gone already, or left in tmp/: the Maildir 36-hour cleanup removes it
+        pass  # gone already, or left in tmp/: the 36-hour sweep removes it (tmpsweep.py)
 
 
 def _hostname_part() -> str:
@@ -51,10 +52,11 @@ def envelope_headers(env: Envelope) -> bytes:
 
 class _Job:
     """One maildir message handed from the event loop to the committer."""
-    __slots__ = ("file", "tmp", "new", "qid", "error", "loop", "fut", "size")
+    __slots__ = ("file", "tmp", "new", "qid", "error", "loop", "fut", "size", "live")
 
-    def __init__(self, file, tmp: str, new: str, qid: str) -> None:
+    def __init__(self, file, tmp: str, new: str, qid: str, live: "_LiveNames") -> None:
         self.file = file
+        self.live = live
         self.tmp = tmp
         self.new = new
         self.qid = qid
@@ -188,6 +190,7 @@ class _Committer:
 
     @staticmethod
     def _resolve(job: _Job) -> None:
+        job.live.discard(job.tmp)   # renamed or removed by now: no longer in tmp/
         if job.error is None:
             res = queued(job.qid, f"maildir new/{os.path.basename(job.new)} size={job.size}")
         else:
@@ -196,6 +199,11 @@ class _Committer:
             job.loop.call_soon_threadsafe(_set_result, job.fut, res)
         except RuntimeError:
             pass  # loop closed: nobody is waiting any more
+
+    def run_aside(self, fn) -> None:
+        """Run fn on the fsync pool (the periodic tmp/ sweep): the event loop
+        must not scan a directory, and a pass needs no thread of its own."""
+        self._pool.submit(fn)
 
     def pause(self) -> None:
         """Hold durable files back from stage 2 (tests: build a known batch)."""
@@ -271,6 +279,30 @@ class _MaildirSink(Sink):
         self._state = "aborted"
         close_quietly(self._job.file)
         _unlink_quietly(self._job.tmp)
+        self._job.live.discard(self._job.tmp)
+
+
+class _LiveNames:
+    """Names in tmp/ this process has open (being written or committed): the
+    tmp/ sweep never removes them. A name is added before its file is created
+    and dropped after the file has left tmp/, so a listed file of ours is
+    always in the set. Touched from the loop, the committer and the pool."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._names: set[str] = set()
+
+    def add(self, path: str) -> None:
+        with self._lock:
+            self._names.add(os.path.basename(path))
+
+    def discard(self, path: str) -> None:
+        with self._lock:
+            self._names.discard(os.path.basename(path))
+
+    def snapshot(self) -> set[str]:
+        with self._lock:
+            return set(self._names)
 
 
 def _failed_sink(detail: str) -> Sink:
@@ -281,7 +313,9 @@ def _failed_sink(detail: str) -> Sink:
 class MaildirDelivery(Delivery, kind="maildir", form="maildir:DIR"):
     """maildir:DIR -- see the module docstring for layout and durability."""
 
-    def __init__(self, path: str, *, sync_threads: int = 16, file_mode: int = 0o600) -> None:
+    def __init__(self, path: str, *, sync_threads: int = 16, file_mode: int = 0o600,
+                 clock=time.time, stale_after: float = STALE_AFTER,
+                 sweep_interval: float = SWEEP_INTERVAL) -> None:
         if not path:
             raise ValueError("maildir: needs a directory, e.g. maildir:/var/mail/inbox")
         self.path = os.path.abspath(path)
@@ -293,6 +327,10 @@ class MaildirDelivery(Delivery, kind="maildir", form="maildir:DIR"):
         self._dirs_ok = False
         self._committer: _Committer | None = None
         self._host = _hostname_part()
+        self._live = _LiveNames()
+        # crash leftovers in tmp/: at check() (start), then hourly from open()
+        self.sweeper = TmpSweeper(self._tmp, self._live.snapshot, clock=clock,
+                                  stale_after=stale_after, interval=sweep_interval)
 
     @classmethod
     def parse(cls, arg: str, **options) -> "MaildirDelivery":
@@ -320,7 +358,9 @@ class MaildirDelivery(Delivery, kind="maildir", form="maildir:DIR"):
     def check(self) -> None:
         """tmp/, new/, cur/ exist (made if missing) and a file can be
         created, written and removed in tmp/ (the real path of every
-        message), else OSError: ENOTDIR, EACCES, EROFS, ENOSPC..."""
+        message), else OSError: ENOTDIR, EACCES, EROFS, ENOSPC...
+        Then removes the stale files a killed server left in tmp/
+        (tmpsweep.py); serve runs this before it accepts, so synchronously."""
         self._ensure_dirs()
         probe = os.path.join(self._tmp, f".check.P{os.getpid()}.{self._host}")
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.file_mode)
@@ -329,6 +369,8 @@ class MaildirDelivery(Delivery, kind="maildir", form="maildir:DIR"):
         finally:
             os.close(fd)
             os.unlink(probe)
+        self.sweeper.due()          # starts the hourly period now
+        self.sweeper.sweep()
 
     def _committer_for(self) -> _Committer:
         if self._committer is None:
@@ -337,6 +379,7 @@ class MaildirDelivery(Delivery, kind="maildir", form="maildir:DIR"):
 
     def open(self, env: Envelope) -> Sink:
         check_envelope(env)
+        tmp = ""
         try:
             if not self._dirs_ok:
                 self._ensure_dirs()
@@ -345,12 +388,18 @@ class MaildirDelivery(Delivery, kind="maildir", form="maildir:DIR"):
             qid = f"M{int((now - sec) * 1e6)}{local_id()}"     # M<usec>P<pid>Q<n>
             name = f"{sec}.{qid}.{self._host}"
             tmp = os.path.join(self._tmp, name)
+            self._live.add(tmp)     # before the file exists: the sweep must never see it unclaimed
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                          self.file_mode)
         except OSError as exc:
             self._dirs_ok = False  # re-check the layout next time
+            if tmp:
+                self._live.discard(tmp)
             return _failed_sink(f"maildir {os_error_text(exc)}")
-        job = _Job(open(fd, "wb", buffering=CHUNK), tmp, os.path.join(self._new, name), qid)
+        if self.sweeper.due():
+            self._committer_for().run_aside(self.sweeper.sweep)
+        job = _Job(open(fd, "wb", buffering=CHUNK), tmp, os.path.join(self._new, name), qid,
+                   self._live)
         sink = _MaildirSink(self, job)
         sink.write(envelope_headers(env))
         return sink
