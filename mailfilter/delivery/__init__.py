@@ -51,7 +51,7 @@ maildir:DIR
     remakes) tmp/, new/, cur/. A new/ that vanished under a message in flight
     is made again (fsync'ed into DIR) and the rename retried once. A process
     killed mid-message leaves at most a file in tmp/ (the Maildir spec's
-    36-hour tmp/ cleanup removes it).
+    36-hour tmp/ cleanup removes it: at start and by the hourly sweep, tmpsweep.py, docs/behaviour/delivery.md#maildir).
 qmail-queue:PROG [ARGS]
     PROG and its arguments are split on whitespace. The message goes to the
     child's fd 0, the envelope `F<sender>\\0T<rcpt>\\0...\\0` to its fd 1
