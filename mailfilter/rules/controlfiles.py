@@ -13,6 +13,8 @@ Reading rules (docs/behaviour/control-files.md#reading-control-files, qmail cont
 - integer files: the first line parsed as unsigned decimal; if it does not
   start with a digit the file counts as absent.
 - a UTF-8 byte order mark at the start of any file is dropped.
+- a line over MAX_LINE bytes is a diagnostic and never parsed
+  (docs/behaviour/control-files.md#limits).
 A missing file means the feature is off (returns None / empty list).
 
 Bytes are decoded as Latin-1 so every byte maps to exactly one character and
