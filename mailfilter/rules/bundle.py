@@ -23,8 +23,10 @@ in place cannot crash a running server), checks magic, version, byte order,
 length and checksum, then hands read-only memoryview slices to the Cython
 classes, which use them in place: no per-entry Python objects except the compiled
 regexes (stored as text, compiled by RE2 on first use, see _LazyRegex; or at
-load with eager_regex=True). A bad bundle raises BundleError
-with a message that says what is wrong; load() can be called again at any time
+load with eager_regex=True). A bad bundle raises BundleError, always
+starting with the bundle path, with a message that says what is wrong (a
+rule row that names no file is found when first used, by rule()/where()); load()
+can be called again at any time
 (SIGHUP reload) and returns a new, independent Bundle.
 """
 from __future__ import annotations
@@ -205,7 +207,18 @@ class Bundle:
         self.source = source
         self.eager_regex = eager_regex
         self._keep = _keep          # the mmap, kept alive as long as the bundle
-        mv = memoryview(buf)
+        try:
+            self._parse(memoryview(buf), source)
+        except BundleError:
+            raise
+        except Exception as exc:
+            # The checks below name what they test; anything else a damaged
+            # (or hand-made, with a recomputed CRC) bundle trips over, such as
+            # a UnicodeDecodeError or struct.error deep in a section, must
+            # still say which file it is: the operator has several.
+            raise BundleError(f"{source}: damaged bundle ({type(exc).__name__}: {exc})") from None
+
+    def _parse(self, mv: memoryview, source: str) -> None:
         if len(mv) < HEADER.size:
             raise BundleError(f"{source}: truncated bundle ({len(mv)} bytes, header needs {HEADER.size})")
         (magic, version, byteorder, n_sections, n_rules, payload_len, crc, _r,
@@ -228,7 +241,11 @@ class Bundle:
         self._sections: dict[str, memoryview] = {}
         for i in range(n_sections):
             raw, off, length = TOC_ENTRY.unpack_from(mv, HEADER.size + i * TOC_ENTRY.size)
-            name = raw.rstrip(b"\0").decode()
+            try:
+                name = raw.rstrip(b"\0").decode()
+            except UnicodeDecodeError:
+                raise BundleError(f"{source}: section {i} has a name that is not UTF-8 "
+                                  f"({raw.rstrip(bytes(1))[:32]!r})") from None
             if off < HEADER.size or off + length > len(mv):
                 raise BundleError(f"{source}: section {name} lies outside the file")
             self._sections[name] = mv[off:off + length]
@@ -290,12 +307,24 @@ class Bundle:
             raise IndexError(rid)
         words = self.rule_words
         w0 = words[3 * rid]
-        return RuleRef(rid, self.files[w0 >> 16], words[3 * rid + 1],
-                       KINDS[(w0 >> 8) & 0xFF], w0 & 0xFF, words[3 * rid + 2])
+        try:
+            return RuleRef(rid, self.files[w0 >> 16], words[3 * rid + 1],
+                           KINDS[(w0 >> 8) & 0xFF], w0 & 0xFF, words[3 * rid + 2])
+        except IndexError:
+            raise self._bad_rule(rid, w0) from None
 
     def where(self, rid: int) -> str:
         w0 = self.rule_words[3 * rid]
-        return f"{self.files[w0 >> 16]}:{self.rule_words[3 * rid + 1]}"
+        try:
+            return f"{self.files[w0 >> 16]}:{self.rule_words[3 * rid + 1]}"
+        except IndexError:
+            raise self._bad_rule(rid, w0) from None
+
+    def _bad_rule(self, rid: int, w0: int) -> BundleError:
+        """The rule table is not walked at load (a million rules would cost a
+        reload time); a damaged row is named when it is first used."""
+        return BundleError(f"{self.source}: rule {rid} names file {w0 >> 16} and kind "
+                           f"{(w0 >> 8) & 0xFF}, which the bundle does not have")
 
     def flags(self, rid: int) -> int:
         return self.rule_words[3 * rid] & 0xFF

@@ -35,7 +35,7 @@ from mailfilter.core import core
 from mailfilter.rules import controlfiles as cf
 from mailfilter.rules.format import (
     BADMIMETYPE_MODES, FLAG_ALLOW, FLAG_EXCEPTION, FLAG_NEGATED, HELOCHECK_MODES, HOST_LISTS, KIND_CODE,
-    KINDS, KNOWN_SETTINGS, NUMERIC_SETTINGS, QREGEX_LISTS, SIGNATURE_LISTS, UCSPITLS_MODES, Compiled,
+    KINDS, KNOWN_SETTINGS, NUMERIC_SETTINGS, QREGEX_LISTS, SIGNATURE_LISTS, UCSPITLS_MODES, Compiled, quoted,
 )
 from mailfilter.rules.prefilters import regex_filter, required_literal
 from mailfilter.rules.regexes import RegexError, compile_re2
@@ -45,18 +45,18 @@ def setting_problem(name: str, value: str) -> str | None:
     """Why `name=value` is meaningless, or None. qmail reads a garbage number
     as 0 (= no limit) and an unknown HELOCHECK mode as no test: silently."""
     if name == "HELOCHECK" and value not in HELOCHECK_MODES:
-        return (f"HELOCHECK={value!r} is not one of "
+        return (f"HELOCHECK={quoted(value)} is not one of "
                 + ", ".join(repr(m) for m in HELOCHECK_MODES))
     if name in NUMERIC_SETTINGS and not (value and set(value) <= _ASCII_DIGITS):
-        return f"{name}={value!r} is not a decimal number"
+        return f"{name}={quoted(value)} is not a decimal number"
     if name == "UCSPITLS" and value not in UCSPITLS_MODES:
-        return (f"UCSPITLS={value!r} is not one of "
+        return (f"UCSPITLS={quoted(value)} is not one of "
                 + ", ".join(repr(m) for m in UCSPITLS_MODES))
     if name == "BADMIMETYPE" and value not in BADMIMETYPE_MODES:
-        return (f"BADMIMETYPE={value!r} is not one of "
+        return (f"BADMIMETYPE={quoted(value)} is not one of "
                 + ", ".join(repr(m) for m in BADMIMETYPE_MODES))
     if name == "BADLOADERTYPE" and not (value in ("+", "-") or (len(value) == 1 and value in _BASE64)):
-        return (f"BADLOADERTYPE={value!r} is not one base64 character (the first character "
+        return (f"BADLOADERTYPE={quoted(value)} is not one base64 character (the first character "
                 "of the loader signatures), '+' or '-'")
     return None
 
@@ -308,14 +308,14 @@ class _Compiler:
                 local, at, dom = key.rpartition("@")
                 if (not at or not local or not dom or _has_wildmat(local) or _has_space(key)
                         or (_has_wildmat(dom) and not is_address_literal(dom))):
-                    self.diag(line, f"a '?' bypass entry takes a full address user@domain, not {key!r}")
+                    self.diag(line, f"a '?' bypass entry takes a full address user@domain, not {quoted(key)}")
                 else:
                     deco("bypass", line, key)
                 continue
             if text.startswith("~"):                       # ~dom: mismatched domains
                 key = text[1:].lstrip(".")
                 if not key or "@" in key or _has_wildmat(key) or _has_space(key):
-                    self.diag(line, f"a '~' entry takes a host or domain name (~yahoo.com), not {text[1:]!r}")
+                    self.diag(line, f"a '~' entry takes a host or domain name (~yahoo.com), not {quoted(text[1:])}")
                 else:
                     deco("mismatch", line, key)
                 continue
@@ -411,7 +411,7 @@ class _Compiler:
             for line in self.each(name, self.src.lists[name]):
                 text = line.text
                 if not _rcpthost_ok(text):
-                    self.diag(line, f"{name} takes a domain or .suffix, not {text!r}")
+                    self.diag(line, f"{name} takes a domain or .suffix, not {quoted(text)}")
                     continue
                 kind = "suffix" if text.startswith(".") else "host"
                 rid = self.add_rule(line, kind)
@@ -445,11 +445,11 @@ class _Compiler:
                 self.diag(line, "cdb and program recipient checks are not supported; list addresses in the file")
                 continue
             if "@" not in text or _has_space(text):
-                self.diag(line, f"expected user@domain, @domain or !domain, not {text!r}")
+                self.diag(line, f"expected user@domain, @domain or !domain, not {quoted(text)}")
                 continue
             local, _, dom = text.rpartition("@")
             if not dom:
-                self.diag(line, f"{text!r} names no domain")
+                self.diag(line, f"{quoted(text)} names no domain")
                 continue
             if "*" in text:
                 self.diag(line, "recipients entries are literal ('*' is no wildcard); "
@@ -457,7 +457,7 @@ class _Compiler:
                 continue
             if local.endswith("-") and "-" in local[:-1]:
                 self.diag(line, f"an extension entry is the local part up to and including its FIRST '-' "
-                                f"(docs/behaviour/control-files.md#recipients), so {text!r} can never match: write "
+                                f"(docs/behaviour/control-files.md#recipients), so {quoted(text)} can never match: write "
                                 f"{local[:local.index('-') + 1]}@{dom}")
                 continue
             kind = "catchall" if text.startswith("@") else "recipient"

@@ -13,6 +13,8 @@ Reading rules (docs/behaviour/control-files.md#reading-control-files, qmail cont
 - integer files: the first line parsed as unsigned decimal; if it does not
   start with a digit the file counts as absent.
 - a UTF-8 byte order mark at the start of any file is dropped.
+- a line over MAX_LINE bytes is a diagnostic and never parsed
+  (docs/behaviour/control-files.md#limits).
 A missing file means the feature is off (returns None / empty list).
 
 Bytes are decoded as Latin-1 so every byte maps to exactly one character and
@@ -25,7 +27,7 @@ import os
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from mailfilter.rules.format import leading_int
+from mailfilter.rules.format import clip, leading_int, quoted
 
 # Files the compiler knows, by role.
 LIST_FILES = (
@@ -37,6 +39,16 @@ LIST_FILES = (
 FIRST_LINE_FILES = ("me", "smtpgreeting", "localiphost", "dialect")
 INT_FILES = ("databytes", "timeoutsmtpd", "maxrecipients", "timeoutsession")
 TCP_RULES_FILE = "tcp.smtp"
+# The longest line any control file may have, in bytes (docs/behaviour/
+# control-files.md#limits). The longest real entries are an RFC 5321 path
+# (256 octets) with its decorations, a tcp.smtp line with every setting, and
+# a regex; 4096 is sixteen addresses' worth, and a longer alternation means
+# the same split over several lines. A longer line is refused before it is
+# parsed: a 100 MB regex line used to cost minutes and gigabytes in the
+# regex analysis before RE2 refused it.
+MAX_LINE = 4096
+# A diagnostic's problem text is cut here whatever it quotes.
+MAX_PROBLEM = 400
 DIALECTS = ("spamcontrol", "qregex")
 
 
@@ -56,6 +68,11 @@ class Diagnostic:
     path: str
     line: int
     problem: str
+
+    def __post_init__(self) -> None:
+        # each message quotes with format.quoted; this bounds the rest (a
+        # setting name, a suggested rewrite) so no message repeats a long line
+        object.__setattr__(self, "problem", clip(self.problem, MAX_PROBLEM))
 
     def __str__(self) -> str:
         return f"{self.path}:{self.line}: {self.problem}: rule skipped"
@@ -98,10 +115,12 @@ def _strip_bom(data: bytes) -> bytes:
     return data[3:] if data.startswith(_BOM) else data
 
 
-def significant_lines(name: str, data: bytes) -> list[Line]:
+def significant_lines(name: str, data: bytes, too_long: list | None = None) -> list[Line]:
     """The entries of list file `name` (its bytes `data`), by the reading
     rules above: Latin-1, trailing blanks and CR stripped, leading blanks
-    kept, empty and `#` lines skipped, each with its 1-based line number."""
+    kept, empty and `#` lines skipped, each with its 1-based line number.
+    An entry over MAX_LINE bytes is left out and its (line number, length)
+    appended to `too_long`: nothing after this sees it."""
     data = _strip_bom(data)
     make = Line._make
     out = []
@@ -109,8 +128,17 @@ def significant_lines(name: str, data: bytes) -> list[Line]:
     for number, raw in enumerate(data.decode("latin-1").split("\n"), start=1):
         text = raw.rstrip(" \t\r")
         if text and text[0] != "#":
+            if len(text) > MAX_LINE:
+                if too_long is not None:
+                    too_long.append((number, len(text)))
+                continue
             append(make((name, number, text)))
     return out
+
+
+def too_long_problem(length: int) -> str:
+    return (f"line of {length} bytes, over the {MAX_LINE}-byte limit "
+            "(docs/behaviour/control-files.md#limits)")
 
 
 def _first_line(data: bytes) -> str | None:
@@ -139,35 +167,57 @@ def read_rules_dir(root: str) -> RulesSource:
         src.files[name] = data
         return data
 
+    def refuse(name: str, number: int, length: int) -> None:
+        src.diagnostics.append(Diagnostic(os.path.join(root, name), number, too_long_problem(length)))
+
+    def lines(name: str, data: bytes) -> list[Line]:
+        too_long: list[tuple[int, int]] = []
+        out = significant_lines(name, data, too_long)
+        for number, length in too_long:
+            refuse(name, number, length)
+        return out
+
+    def first_line(name: str, data: bytes) -> str | None:
+        """The first line, or None if empty or too long (then the file
+        counts as absent, as for a number file that holds no number)."""
+        value = _first_line(data)
+        if value is not None and len(value) > MAX_LINE:
+            refuse(name, 1, len(value))
+            return None
+        return value
+
     for name in LIST_FILES:
         data = load(name)
         if data is not None:
-            src.lists[name] = significant_lines(name, data)
+            src.lists[name] = lines(name, data)
     for name in FIRST_LINE_FILES:
         data = load(name)
         if data is not None:
-            value = _first_line(data)
+            value = first_line(name, data)
             if value is not None:
                 src.scalars[name] = value
     for name in INT_FILES:
         data = load(name)
         if data is not None:
             first = _first_line(data) or ""
+            if len(first) > MAX_LINE:
+                refuse(name, 1, len(first))
+                continue
             value = leading_int(first)
             if value is None:
                 src.diagnostics.append(Diagnostic(
                     os.path.join(root, name), 1,
-                    f"not an unsigned decimal number: {first!r}"))
+                    f"not an unsigned decimal number: {quoted(first)}"))
             else:
                 src.integers[name] = value
     if src.scalars.get("dialect", "spamcontrol") not in DIALECTS:
         src.diagnostics.append(Diagnostic(
             os.path.join(root, "dialect"), 1,
-            f"unknown dialect {src.scalars['dialect']!r} (expected one of {', '.join(DIALECTS)})"))
+            f"unknown dialect {quoted(src.scalars['dialect'])} (expected one of {', '.join(DIALECTS)})"))
         src.scalars["dialect"] = "spamcontrol"
     data = load(TCP_RULES_FILE)
     if data is not None:
-        for line in significant_lines(TCP_RULES_FILE, data):
+        for line in lines(TCP_RULES_FILE, data):
             try:
                 src.tcp_rules.append(parse_tcp_rule(line))
             except ValueError as exc:
@@ -205,10 +255,10 @@ def _parse_env(rest: str) -> tuple[tuple[str, str], ...]:
     while i < n:
         eq = rest.find("=", i)
         if eq < 0:
-            raise ValueError(f"setting without '=': {rest[i:]!r}")
+            raise ValueError(f"setting without '=': {quoted(rest[i:])}")
         name = rest[i:eq]
         if not name or not all(c.isalnum() or c == "_" for c in name):
-            raise ValueError(f"bad variable name {name!r}")
+            raise ValueError(f"bad variable name {quoted(name)}")
         j = eq + 1
         if j < n and rest[j] in "\"'":
             quote = rest[j]
@@ -236,21 +286,35 @@ def _ipv4_range(key: str) -> tuple:
     first = ipaddress.IPv4Address(f"{head}.{lo_s}")
     last = ipaddress.IPv4Address(f"{head}.{hi_s}")
     if last < first:
-        raise ValueError(f"empty address range {key!r}")
+        raise ValueError(f"empty address range {quoted(key)}")
     return tuple(ipaddress.summarize_address_range(first, last))
+
+
+class HostBitsSet(ValueError):
+    """A CIDR key with bits set past its prefix (docs/behaviour/tcp-smtp.md#syntax)."""
+
+
+def _cidr(key: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """`10.0.0.0/8`. `1.2.3.4/8` is refused, not widened to 1.0.0.0/8 (as
+    Postfix's cidr tables refuse it): the writer meant either a host or a
+    network, and guessing the wider one could open a relay to a /8."""
+    net = ipaddress.ip_network(key, strict=False)
+    if net.network_address != ipaddress.ip_interface(key).ip:
+        raise HostBitsSet(f"{clip(key)} has host bits set; did you mean {net}?")
+    return net
 
 
 def _network(key: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     """CIDR (`10.0.0.0/8`, `2001:db8::/32`), a single address, or qmail's
     dotted prefix (`10.`, `192.168.1.`)."""
     if "/" in key:
-        return ipaddress.ip_network(key, strict=False)
+        return _cidr(key)
     if ":" in key:
         return ipaddress.IPv6Network(key)
     if key.endswith("."):
         octets = key[:-1].split(".")
         if len(octets) > 3 or not all(o and set(o) <= _DIGITS and int(o) < 256 for o in octets):
-            raise ValueError(f"bad IPv4 prefix {key!r}")
+            raise ValueError(f"bad IPv4 prefix {quoted(key)}")
         padded = octets + ["0"] * (4 - len(octets))
         return ipaddress.IPv4Network(f"{'.'.join(padded)}/{8 * len(octets)}")
     return ipaddress.IPv4Network(key)
@@ -276,6 +340,8 @@ def parse_tcp_rule(line: Line) -> TcpRule:
             nets = _ipv4_range(key)
             return TcpRule(kind="cidr", network=None, networks=nets, host="", **common)
         net = _network(key)
+    except HostBitsSet:
+        raise
     except ValueError as exc:
-        raise ValueError(f"bad address or network {key!r} ({exc})") from None
+        raise ValueError(f"bad address or network {quoted(key)} ({clip(str(exc))})") from None
     return TcpRule(kind="cidr", network=net, networks=(net,), host="", **common)

@@ -73,3 +73,28 @@ def leading_int(text: str) -> int | None:
     while n < len(text) and text[n] in _DIGITS:
         n += 1
     return int(text[:n]) if n else None
+
+
+# ---------------------------------------------------------------- diagnostics
+# How much of an entry, pattern or value a message quotes
+# (docs/behaviour/control-files.md#limits): enough to find the line, never
+# the whole of a long one (a message is one log or terminal line).
+MAX_SHOWN = 100
+
+
+def _left_out(text: str, limit: int) -> str:
+    return f"... ({len(text) - limit} more characters left out)"
+
+
+def clip(text: str, limit: int = MAX_SHOWN) -> str:
+    """`text` cut to `limit` characters, with a note of how many were left out."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + _left_out(text, limit)
+
+
+def quoted(text: str, limit: int = MAX_SHOWN) -> str:
+    """repr() of `text` cut to `limit` characters, the note outside the quotes."""
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[:limit]) + _left_out(text, limit)

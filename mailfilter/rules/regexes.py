@@ -27,6 +27,7 @@ import re._constants as _c
 
 import re2
 
+from mailfilter.rules.format import MAX_SHOWN, clip
 from mailfilter.rules.re2syntax import analysis
 
 # pyre2 keeps a module-level switch; set it once for the whole process.
@@ -47,8 +48,11 @@ _COUNT = re.compile(r"\{(\d*)(?:,(\d*))?\}")
 
 def _shown(pattern: str) -> str:
     """The pattern for a message: control and 8-bit characters as \\xNN, so a
-    diagnostic cannot carry a CR or an escape sequence to the terminal."""
-    return "".join(c if " " <= c <= "~" else f"\\x{ord(c):02x}" for c in pattern)
+    diagnostic cannot carry a CR or an escape sequence to the terminal; cut
+    to MAX_SHOWN characters (docs/behaviour/control-files.md#limits)."""
+    head = pattern[:MAX_SHOWN]
+    shown = "".join(c if " " <= c <= "~" else f"\\x{ord(c):02x}" for c in head)
+    return shown + clip(pattern, MAX_SHOWN)[len(head):]
 
 
 def _expanded(items) -> int:

@@ -86,7 +86,6 @@ def rule(text):
     ("10.:deny", "10.0.0.0/8"),
     ("192.168.1.:allow", "192.168.1.0/24"),
     ("10.0.0.0/8:allow", "10.0.0.0/8"),
-    ("10.1.2.3/8:allow", "10.0.0.0/8"),          # host bits ignored
     ("2001:db8::/32:allow", "2001:db8::/32"),
     ("::1:allow", "::1/128"),
     ("2001:db8::ad:allow", "2001:db8::ad/128"),   # ':ad' is not an action
@@ -133,3 +132,90 @@ def test_tcp_rule_errors_name_file_and_line(tmp_path):
     src = cf.read_rules_dir(str(tmp_path))
     assert len(src.tcp_rules) == 1
     assert str(src.diagnostics[0]) == f"{tmp_path}/tcp.smtp:3: expected KEY:allow or KEY:deny: rule skipped"
+
+
+@pytest.mark.parametrize("key,meant", [
+    ("1.2.3.4/8", "1.0.0.0/8"),
+    ("10.1.2.3/31", "10.1.2.2/31"),
+    ("2001:db8::1/32", "2001:db8::/32"),
+    ("::ffff:10.1.2.3/104", "::ffff:a00:0/104"),
+])
+def test_cidr_with_host_bits_is_refused_not_widened(tmp_path, key, meant):
+    """docs/behaviour/tcp-smtp.md#syntax: `1.2.3.4/8` was silently read as
+    1.0.0.0/8 (relaying for a /8 where one host was meant); Postfix's cidr
+    tables refuse it, and so do we, naming file:line and the network meant."""
+    write(tmp_path, "tcp.smtp", f'10.0.0.0/8:deny\n{key}:allow,RELAYCLIENT=""\n'.encode())
+    src = cf.read_rules_dir(str(tmp_path))
+    assert [r.source.line for r in src.tcp_rules] == [1]
+    assert [str(d) for d in src.diagnostics] == [
+        f"{tmp_path}/tcp.smtp:2: {key} has host bits set; did you mean {meant}?: rule skipped"]
+
+
+def _long(n: int) -> str:
+    return "/" + "a" * (n - 2) + "/"
+
+
+def test_line_at_the_limit_is_read_one_over_is_refused(tmp_path):
+    at, over = _long(cf.MAX_LINE), _long(cf.MAX_LINE + 1)
+    write(tmp_path, "badmailfrom", f"{at}\n{over}\nok@example.org\n".encode())
+    src = cf.read_rules_dir(str(tmp_path))
+    assert [ln.line for ln in src.lists["badmailfrom"]] == [1, 3]
+    assert [str(d) for d in src.diagnostics] == [
+        f"{tmp_path}/badmailfrom:2: line of {cf.MAX_LINE + 1} bytes, over the {cf.MAX_LINE}-byte "
+        "limit (docs/behaviour/control-files.md#limits): rule skipped"]
+
+
+def _python_calls(fn):
+    """How many Python function calls `fn()` makes: a count of work that does
+    not depend on how busy the machine is."""
+    import sys
+    calls = 0
+
+    def count(frame, event, arg):
+        nonlocal calls
+        if event == "call":
+            calls += 1
+    sys.setprofile(count)
+    try:
+        result = fn()
+    finally:
+        sys.setprofile(None)
+    return result, calls
+
+
+@pytest.mark.parametrize("name,line", [
+    ("badmailfrom", "/(" + "a|" * 1_000_000 + "b)/"),        # a 2 MB regex
+    ("tcp.smtp", "1.2.3.4:allow,X=" + "v" * 2_000_000),     # a 2 MB setting
+    ("smtpgreeting", "mx.example " + "g" * 2_000_000),
+    ("databytes", "1" * 2_000_000),
+])
+def test_oversized_line_is_refused_before_it_is_parsed(tmp_path, name, line):
+    """docs/behaviour/control-files.md#limits: a 100 MB regex line used to cost
+    minutes and gigabytes before RE2 refused it, and the diagnostic repeated
+    it whole. Now it is refused unread: the compile makes about as many calls
+    as for an empty directory, and the message is one short line."""
+    from mailfilter.rules import compiler
+    _, baseline = _python_calls(lambda: compiler.compile_dir(str(tmp_path)))
+    first_line_file = name in ("smtpgreeting", "databytes")
+    write(tmp_path, name, f"{'' if first_line_file else '# a comment' + chr(10)}{line}\n".encode())
+    number = 1 if first_line_file else 2
+    compiled, calls = _python_calls(lambda: compiler.compile_dir(str(tmp_path)))
+    assert [str(d) for d in compiled.diagnostics] == [
+        f"{tmp_path}/{name}:{number}: line of {len(line)} bytes, over the {cf.MAX_LINE}-byte "
+        "limit (docs/behaviour/control-files.md#limits): rule skipped"]
+    assert compiled.n_rules == 0
+    assert calls < baseline + 200, (calls, baseline)
+
+
+@pytest.mark.parametrize("name,line,shown", [
+    ("badmailfrom", "/(?=" + "x" * 3000 + ")/", "/(?=" + "x" * 97 + "... (2904 more characters left out)/"),
+    ("rcpthosts", "*" * 3000, "'" + "*" * 100 + "'... (2900 more characters left out)"),
+    ("tcp.smtp", "1.2.3.4:allow,HELOCHECK=" + "h" * 3000, "'" + "h" * 100 + "'... (2900 more characters left out)"),
+    ("tcp.smtp", "9" * 3000 + ":allow", "'" + "9" * 100 + "'... (2900 more characters left out)"),
+])
+def test_diagnostics_quote_a_bounded_part_of_the_line(tmp_path, name, line, shown):
+    from mailfilter.rules import compiler
+    write(tmp_path, name, f"{line}\n".encode())
+    (diag,) = compiler.compile_dir(str(tmp_path)).diagnostics
+    assert shown in str(diag)
+    assert len(str(diag)) < len(str(tmp_path)) + cf.MAX_PROBLEM + 40
