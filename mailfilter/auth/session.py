@@ -29,22 +29,32 @@ the ``max_session_failures``-th failure in one session 421 and close. The
 engine itself answers a second AUTH (503) and AUTH in a transaction (503);
 ``MAIL FROM:<..> AUTH=`` is never looked at here.
 
-Failure accounting: a failure (535) counts for the client IP and for the user
-name in sliding windows of ``window`` seconds; ``max_fail_ip`` /
-``max_fail_user`` failures lock that key for ``lockout`` seconds. A success
-clears the user's count (not the IP's). The tables are bounded (LRU).
-An attempt is counted as in flight for its IP and its user from before it is
-verified until its result is counted, and one is only started while failures
-in the window + attempts in flight stay below both limits; the others get
-the lockout's 454 at once. So 100 parallel guesses from one address get at
-most ``max_fail_user`` verifications for one user (and at most
-``max_fail_ip`` per address, which also bounds the checkpassword processes
-one client can have running). The tables are per process: with ``serve
---workers N`` each worker counts for itself (README.md).
+Failure accounting (docs/behaviour/auth.md#failures-and-lockout): a failure
+(535) counts in sliding windows of ``window`` seconds for the client IP
+(``by_ip``), for the user from the client's network (``by_user``, keyed by
+lockout.user_net_key: IPv4 /24, IPv6 /64) and for the user across all
+networks (``user_budget``). ``max_fail_ip`` / ``max_fail_user`` failures lock
+that IP / that user-from-that-network for ``lockout`` seconds; a guesser
+thus locks the user out of its own network only. A network that
+authenticated the user in the last ``known_ttl`` seconds (``known``) is
+never locked for that user. Past ``max_fail_user_total`` failures of a user
+across networks, attempts for it from unknown networks are spaced out
+(``pacer``: one per ``user_pace`` seconds, each waiting at most
+``user_pace_max``) -- a delay, never a refusal. A success clears the
+user-from-network count (not the IP's, not the budget). The tables are
+bounded (LRU). An attempt is counted as in flight for its IP and its
+user-from-network from before it is verified (and paced) until its result
+is counted, and one is only started while failures in the window + attempts
+in flight stay below both limits; the others get the lockout's 454 at once.
+So 100 parallel guesses from one network get at most ``max_fail_user``
+verifications for one user (and at most ``max_fail_ip`` per address, which
+also bounds the checkpassword processes one client can have running). The
+tables are per process: with ``serve --workers N`` each worker counts for
+itself (README.md).
 
 Every attempt is logged as one key=value line: ``action=auth result=ok|fail|
-temp|locked|cancel|malformed|unavailable|unknown_mech mech= user= client=
-reason=``.
+temp|locked|cancel|malformed|unavailable|unknown_mech|paced mech= user=
+client= reason=`` (``paced``: the attempt waits before it is verified).
 Never a password, digest, challenge or raw AUTH line.
 """
 from __future__ import annotations
@@ -60,6 +70,7 @@ from dataclasses import dataclass
 
 from mailfilter import log
 from mailfilter.smtp.replies import Reply, reply
+from mailfilter.auth.lockout import KnownNetworks, Pacer, user_net_key
 from mailfilter.auth.sasl import Challenge, Credentials, Failure, new_exchange
 from mailfilter.smtp.engine import AuthStart
 from mailfilter.auth.verify import ClientEnv, Result
@@ -102,7 +113,11 @@ class AuthConfig:
     fail_delay: float = 2.0            # before every 535 (qmail add-ons sleep 5 s)
     window: float = 600.0              # failure counting window, seconds
     max_fail_ip: int = 20              # failures per client IP in the window -> lockout
-    max_fail_user: int = 10            # failures per user name in the window -> lockout
+    max_fail_user: int = 10            # failures per user from one network in the window -> lockout
+    max_fail_user_total: int = 30      # failures per user over all networks -> pacing
+    user_pace: float = 5.0             # seconds between paced attempts for one user
+    user_pace_max: float = 60.0        # the longest one attempt is paced
+    known_ttl: float = 30 * 86400.0    # a network that authenticated a user stays exempt
     lockout: float = 900.0             # seconds a locked key stays locked
     max_session_failures: int = 3      # this many failures in one session -> 421
     table_size: int = 100_000          # keys kept per tracker (LRU)
@@ -251,6 +266,11 @@ class AuthService:
         self._factory = verifier_factory
         self.by_ip = FailureTracker(cfg.window, cfg.max_fail_ip, cfg.lockout, cfg.table_size)
         self.by_user = FailureTracker(cfg.window, cfg.max_fail_user, cfg.lockout, cfg.table_size)
+        # over budget = "locked" in this tracker; it only ever paces, never refuses
+        self.user_budget = FailureTracker(cfg.window, cfg.max_fail_user_total, cfg.window,
+                                          cfg.table_size)
+        self.known = KnownNetworks(cfg.known_ttl, cfg.table_size)
+        self.pacer = Pacer(cfg.user_pace, cfg.user_pace_max, cfg.table_size)
 
     @property
     def verifier(self):
@@ -350,26 +370,35 @@ class AuthSession:
     async def _verify(self, creds: Credentials) -> Reply:
         svc = self.service
         ip, user = ip_key(self.client.ip), creds.user
+        unet = tracker_key(user_net_key(user, self.client.ip))
+        # a network that authenticated this user lately is its owner's: never
+        # locked for the user, never paced (docs/behaviour/auth.md#failures-and-lockout)
+        known = unet in svc.known
         # reserve the attempt BEFORE verifying: failures + attempts in flight
         # stay within the limits however many arrive at once
         if not svc.by_ip.admit(ip):
             return self._refused(creds, "client ip", svc.by_ip, ip)
-        if not svc.by_user.admit(user):
+        if not known and not svc.by_user.admit(unet):
             svc.by_ip.release(ip)
-            return self._refused(creds, "user", svc.by_user, user)
+            return self._refused(creds, "user", svc.by_user, unet)
         try:
+            if not known:
+                await self._pace(creds)
             result, reason = await self._check(creds)
             if result is Result.FAIL:        # counted before the attempt is released
                 self.failures += 1
                 locked_ip = svc.by_ip.failure(ip)
-                locked_user = svc.by_user.failure(user)
+                locked_user = not known and svc.by_user.failure(unet)
+                svc.user_budget.failure(user)
                 if locked_ip or locked_user:
                     reason = f"{reason}; now locked ({'ip' if locked_ip else 'user'})"
         finally:
             svc.by_ip.release(ip)
-            svc.by_user.release(user)
+            if not known:
+                svc.by_user.release(unet)
         if result is Result.OK:
-            svc.by_user.clear(user)
+            svc.by_user.clear(unet)
+            svc.known.remember(unet)
             self.sp.auth_success(user)
             self._log("ok", creds.mechanism, user, reason)
             return reply("auth_ok")
@@ -383,6 +412,19 @@ class AuthSession:
         if cfg.max_session_failures and self.failures >= cfg.max_session_failures:
             return reply("auth_too_many", host=self.host)
         return reply("auth_failed")
+
+    async def _pace(self, creds: Credentials) -> None:
+        """Past the user's failure budget over all networks, wait for the
+        user's next slot: spreading guesses over many networks slows them
+        down instead of locking the owner out."""
+        svc = self.service
+        if not svc.user_budget.locked(creds.user):
+            return
+        wait = svc.pacer.wait(tracker_key(creds.user))
+        if wait > 0:
+            self._log("paced", creds.mechanism, creds.user,
+                      f"user over its failure budget: waiting {wait:.1f}s")
+            await asyncio.sleep(wait)
 
     def _refused(self, creds: Credentials, what: str, tracker: FailureTracker, key: str) -> Reply:
         why = (f"{what} locked" if tracker.locked(key)

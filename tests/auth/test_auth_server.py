@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from mailfilter.auth.lockout import user_net_key
 from mailfilter.auth.sasl import Credentials
 from mailfilter.auth.verify import (
     CheckpasswordVerifier, ClientEnv, Result, exit_result, fd3_payload,
@@ -307,7 +308,8 @@ def test_parallel_attempts_cannot_overrun_the_failure_limits(start, tmp_path, lo
     assert codes == [535] * 3 + [454] * (n - 3), codes
     assert replies[n - 1].startswith(b"454 4.7.0")                 # right password: never tried
     tracker = srv.state.auth.by_user if per == "user" else srv.state.auth.by_ip
-    assert tracker.locked("tim" if per == "user" else "127.0.0.1")
+    # the user is locked for the attackers' network only (user_net_key)
+    assert tracker.locked(user_net_key("tim", "127.0.0.1") if per == "user" else "127.0.0.1")
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -357,7 +359,9 @@ def test_missing_or_bad_userdb_is_454_and_never_created(start, tmp_path, what):
     if what == "not-a-db":
         assert path.read_bytes() == b"garbage" * 1000
     assert not (tmp_path / "typo").exists()
-    assert srv.state.auth.by_user.count("tim") == 0 and srv.state.auth.by_ip.count("127.0.0.1") == 0
+    auth = srv.state.auth
+    assert auth.by_user.count(user_net_key("tim", "127.0.0.1")) == 0
+    assert auth.user_budget.count("tim") == 0 and auth.by_ip.count("127.0.0.1") == 0
 
 
 def _replace_db(userdb, users):

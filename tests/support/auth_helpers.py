@@ -122,3 +122,18 @@ class SyslogSink:
 
     def close(self):
         self.sock.close()
+
+
+def auth_plain_from(port: int, source: str, user: str, pw: str, tries: int = 1) -> list[int]:
+    """`tries` AUTH PLAIN attempts in one session from the client address
+    `source` (any of 127.0.0.0/8 on loopback, so tests can act from several
+    client networks); the reply codes."""
+    import base64
+    import smtplib
+    s = smtplib.SMTP("127.0.0.1", port, timeout=30, source_address=(source, 0))
+    try:
+        s.ehlo("client.test")
+        arg = "PLAIN " + base64.b64encode(f"\0{user}\0{pw}".encode()).decode()
+        return [s.docmd("AUTH", arg)[0] for _ in range(tries)]
+    finally:
+        s.close()
