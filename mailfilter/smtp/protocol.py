@@ -35,8 +35,10 @@ Invariants:
   exception anywhere in a session is logged with its traceback and answered
   421 4.3.0 on that connection only (docs/architecture.md#errors-and-logging);
 - limits: global and per-IP connection caps (421 4.7.0 at connect), an idle
-  timeout per read, a total session deadline, the engine's line and
-  bad-command limits, databytes while streaming.
+  timeout per read, a command line complete within the idle timeout from its
+  first byte, DATA at a minimum rate and within a data deadline, a total
+  session deadline, the engine's line and bad-command limits, databytes while
+  streaming (docs/behaviour/smtp.md#limits).
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ from mailfilter import log
 from mailfilter.auth.session import AuthService
 from mailfilter.delivery import Delivery
 from mailfilter.policy.engine import Client, PolicyEngine
-from mailfilter.smtp.engine import SMTPConnection
+from mailfilter.smtp.engine import DATA, SMTPConnection
 from mailfilter.smtp.replies import reply
 from mailfilter.smtp.session import (
     AwaitLookups, AuthStep, Commit, Delay, Handshake, Lookup, Session, SessionConfig,
@@ -65,11 +67,21 @@ EARLY_MAX = 64 * 1024       # bytes kept from a client that talks before the gre
 
 @dataclasses.dataclass
 class Limits:
+    """Connection caps and timers (docs/operations.md#limits-and-timeouts,
+    docs/behaviour/smtp.md#limits)."""
     max_connections: int = 10_000
     max_per_ip: int = 100
-    idle_timeout: float = 300.0        # per read; RFC 5321 §4.5.3.2 wants >= 5 min
+    # per read, and for a whole command line from its first byte (a client
+    # dribbling one byte per second never goes idle); RFC 5321 §4.5.3.2 wants >= 5 min
+    idle_timeout: float = 300.0
     session_deadline: float = 3600.0
     max_bad_commands: int = 10
+    # DATA: at least data_min_rate bytes/s averaged over each data_rate_window
+    # seconds (Postfix smtpd_min_data_rate is 500), and the whole message within
+    # data_deadline: 25 MB passes at >= 14.6 KB/s (docs/behaviour/smtp.md#limits)
+    data_min_rate: float = 500.0
+    data_rate_window: float = 60.0
+    data_deadline: float = 1800.0
 
 
 class ServerState:
@@ -136,7 +148,8 @@ class SMTPProtocol(asyncio.Protocol):
         "state", "transport", "session", "engine", "client", "client_label", "loop",
         "last_read", "timer", "deadline_at", "waiting", "task", "lookups",
         "counted", "reading_paused", "limits", "early", "write_paused",
-        "implicit_tls", "tls", "handshake_timer",
+        "implicit_tls", "tls", "handshake_timer", "timer_at",
+        "line_start", "data_start", "window_start", "window_bytes",
     )
 
     def __init__(self, state: ServerState, implicit_tls: bool = False):
@@ -153,8 +166,13 @@ class SMTPProtocol(asyncio.Protocol):
         self.counted = False
         self.reading_paused = False
         self.write_paused = False   # the transport's buffer is full (pause_writing)
-        self.timer = None               # one timer per connection: idle and deadline
+        self.timer = None               # one timer per connection: idle and deadlines
+        self.timer_at = 0.0             # when it is due
         self.deadline_at = 0.0
+        self.line_start: float | None = None    # first byte of an incomplete command line
+        self.data_start: float | None = None    # the message began (354 sent)
+        self.window_start = 0.0         # the DATA rate window began
+        self.window_bytes = 0           # bytes read in it
         self.limits: Limits | None = None   # the state's Limits when the session began
         self.early: bytearray | None = None  # input before the greeting (host lookup)
 
@@ -248,8 +266,7 @@ class SMTPProtocol(asyncio.Protocol):
             return
         now = self.loop.time()
         self.last_read = now
-        self.timer = self.loop.call_at(min(now + self.limits.idle_timeout, self.deadline_at),
-                                       self._timer_due)
+        self._arm(now + self.limits.idle_timeout)
 
     def connection_lost(self, exc) -> None:
         if self.session is not None:
@@ -301,24 +318,98 @@ class SMTPProtocol(asyncio.Protocol):
             self.transport.resume_reading()
 
     # ------------------------------------------------------------ timers
+    def _arm(self, due: float) -> None:
+        """(Re)schedule the connection's one timer at `due`, never past the
+        session deadline."""
+        if self.timer is not None:
+            self.timer.cancel()
+        due = min(due, self.deadline_at)
+        self.timer_at = due
+        self.timer = self.loop.call_at(due, self._timer_due)
+
     def _timer_due(self) -> None:
-        """The connection's one timer: the session deadline, else the idle
-        timeout. Re-armed lazily (not one timer per read) at the earlier of
-        the two real due times (a fixed minimum here made every timeout late:
-        --timeout 1 behaved like 2); while a request is in flight the client
-        is not idle, so the idle clock restarts."""
+        """The connection's one timer: the session deadline, else the idle,
+        command-line and DATA limits. Re-armed lazily (not one timer per
+        read) at the earliest real due time (a fixed minimum here made every
+        timeout late: --timeout 1 behaved like 2); while a request is in
+        flight the client is not idle, so the clocks restart."""
         now = self.loop.time()
         if now >= self.deadline_at:
-            log.event(action="close", reason="session_deadline", client=self.client_label)
-            self.abort(reply("session_deadline", host=self.session.host))
+            self._expire("session_deadline")
             return
-        idle = self.limits.idle_timeout
-        due = now + idle if self.waiting else self.last_read + idle
+        if self.waiting:
+            self._arm(now + self.limits.idle_timeout)
+            return
+        if self.data_start is not None:
+            due, reason = self._data_due(now)
+        else:
+            due, reason = self._command_due()
         if now < due:
-            self.timer = self.loop.call_at(min(due, self.deadline_at), self._timer_due)
+            self._arm(due)
             return
-        log.event(action="close", reason="timeout", client=self.client_label)
-        self.abort(reply("timeout", host=self.session.host))
+        self._expire(reason)
+
+    def _command_due(self) -> tuple[float, str]:
+        """Between commands: idle_timeout after the last read, and a command
+        line must be complete idle_timeout after its first byte (qmail's
+        timeoutsmtpd is per read, which a client sending a byte every few
+        seconds never meets: docs/behaviour/smtp.md#limits)."""
+        idle = self.limits.idle_timeout
+        if self.line_start is not None:
+            return self.line_start + idle, "command_timeout"
+        return self.last_read + idle, "timeout"
+
+    def _data_due(self, now: float) -> tuple[float, str]:
+        """In DATA: the idle timeout per read, the data deadline, and at the
+        end of each rate window at least data_min_rate bytes/s over it
+        (averaged over the window, so a pause for a slow disk or a TCP stall
+        is forgiven: docs/behaviour/smtp.md#limits)."""
+        lim = self.limits
+        window_end = self.window_start + lim.data_rate_window
+        if now >= window_end:
+            if self.window_bytes < lim.data_min_rate * (now - self.window_start):
+                return now, "data_too_slow"
+            self.window_start = now
+            self.window_bytes = 0
+            window_end = now + lim.data_rate_window
+        data_end = self.data_start + lim.data_deadline
+        if now >= data_end:
+            return now, "data_deadline"
+        idle_end = self.last_read + lim.idle_timeout
+        if now >= idle_end:
+            return now, "timeout"
+        return min(window_end, data_end, idle_end), ""      # nothing due yet
+
+    def _expire(self, reason: str) -> None:
+        """A limit fired: one decision line, its 421 4.4.2, the close."""
+        log.event(action="close", reason=reason, client=self.client_label)
+        self.abort(reply(reason, host=self.session.host))
+
+    def _track(self, data: bytes, now: float) -> None:
+        """After the session has taken a read: when the current command line
+        began, or DATA's clocks (the rate window counts message bytes)."""
+        if self.engine.state is DATA:
+            if self.data_start is None:
+                self.data_start = self.window_start = now
+                self.window_bytes = 0
+                lim = self.limits
+                # the DATA limits may be shorter than the idle timeout armed now
+                due = min(now + lim.data_rate_window, now + lim.data_deadline)
+                if due < self.timer_at and not self.transport.is_closing():
+                    self._arm(due)
+            else:
+                self.window_bytes += len(data)
+            self.line_start = None
+            return
+        self.data_start = None
+        if not data:
+            return
+        # bulk: the last LF of the read ends every line begun before it
+        lf = data.rfind(b"\n")
+        if lf == len(data) - 1:
+            self.line_start = None
+        elif lf >= 0 or self.line_start is None:
+            self.line_start = now
 
     def abort(self, r) -> None:
         """End the session now with `r` (timeout, shutdown, internal error)."""
@@ -348,10 +439,11 @@ class SMTPProtocol(asyncio.Protocol):
         if engine is None:
             self._early_data(data)
             return
-        self.last_read = self.loop.time()
+        now = self.last_read = self.loop.time()
         engine.receive_data(data)
         if not self.waiting:
             self._drain()
+        self._track(data, now)
 
     def _early_data(self, data: bytes) -> None:
         """Input before the greeting (host lookup in flight): kept, and reading
@@ -482,9 +574,12 @@ class SMTPProtocol(asyncio.Protocol):
         self.task = None
         if self.transport.is_closing():
             return
-        self.last_read = self.loop.time()
+        now = self.last_read = self.loop.time()
+        if self.line_start is not None:
+            self.line_start = now       # the client waited for us: its line's clock restarts
         self._resume_reading()
         self._drain(after)
+        self._track(b"", now)
 
     def _flush(self) -> None:
         engine = self.engine        # Session.data_to_send / .closing, without the extra calls
