@@ -79,9 +79,9 @@ class Limits:
     # DATA: at least data_min_rate bytes/s averaged over each data_rate_window
     # seconds (Postfix smtpd_min_data_rate is 500), and the whole message within
     # data_deadline: 25 MB passes at >= 14.6 KB/s (docs/behaviour/smtp.md#limits)
-    data_min_rate: float = 500.0
+    data_min_rate: float = 500.0       # 0 = no minimum rate
     data_rate_window: float = 60.0
-    data_deadline: float = 1800.0
+    data_deadline: float = 1800.0      # 0 = no data deadline
 
 
 class ServerState:
@@ -365,16 +365,19 @@ class SMTPProtocol(asyncio.Protocol):
         (averaged over the window, so a pause for a slow disk or a TCP stall
         is forgiven: docs/behaviour/smtp.md#limits)."""
         lim = self.limits
-        window_end = self.window_start + lim.data_rate_window
-        if now >= window_end:
-            if self.window_bytes < lim.data_min_rate * (now - self.window_start):
-                return now, "data_too_slow"
-            self.window_start = now
-            self.window_bytes = 0
-            window_end = now + lim.data_rate_window
-        data_end = self.data_start + lim.data_deadline
-        if now >= data_end:
-            return now, "data_deadline"
+        window_end = data_end = _NEVER
+        if lim.data_min_rate > 0 and lim.data_rate_window > 0:
+            window_end = self.window_start + lim.data_rate_window
+            if now >= window_end:
+                if self.window_bytes < lim.data_min_rate * (now - self.window_start):
+                    return now, "data_too_slow"
+                self.window_start = now
+                self.window_bytes = 0
+                window_end = now + lim.data_rate_window
+        if lim.data_deadline > 0:
+            data_end = self.data_start + lim.data_deadline
+            if now >= data_end:
+                return now, "data_deadline"
         idle_end = self.last_read + lim.idle_timeout
         if now >= idle_end:
             return now, "timeout"
@@ -392,9 +395,8 @@ class SMTPProtocol(asyncio.Protocol):
             if self.data_start is None:
                 self.data_start = self.window_start = now
                 self.window_bytes = 0
-                lim = self.limits
                 # the DATA limits may be shorter than the idle timeout armed now
-                due = min(now + lim.data_rate_window, now + lim.data_deadline)
+                due = self._data_due(now)[0]
                 if due < self.timer_at and not self.transport.is_closing():
                     self._arm(due)
             else:
@@ -679,3 +681,4 @@ class SMTPProtocol(asyncio.Protocol):
 
 
 _TASK = object()    # _fulfil: a Task answers the request and drains again
+_NEVER = float("inf")   # a DATA limit set to 0 (off)
