@@ -171,6 +171,16 @@ class DataReader:
         """What is kept of `out` (stored form) under the header cap: header
         octets beyond header_limit are dropped up to the empty line that ends
         the block; a cut line gets its LF back (docs/behaviour/smtp.md#data)."""
+        left = self._hleft
+        if len(out) <= left:
+            # the common case, without a search: all of it fits (the hop count
+            # has just told whether the block ended in it)
+            if self._in_headers:
+                self._hleft = left - len(out)
+                self._hlf = self._hkept_lf = out[-1:] == _LF
+            else:
+                self._hleft = None
+            return out
         if self._hlf and out[:1] == _LF:
             end = 0                     # the empty line starts this region
         else:
@@ -179,7 +189,6 @@ class DataReader:
                 end += 1                # the last header line keeps its LF
         self._hlf = out[-1:] == _LF
         head = out if end < 0 else out[:end]
-        left = self._hleft
         if len(head) > left:
             head = head[:left]
             self.header_cut = True

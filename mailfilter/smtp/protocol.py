@@ -148,7 +148,7 @@ class SMTPProtocol(asyncio.Protocol):
         "state", "transport", "session", "engine", "client", "client_label", "loop",
         "last_read", "timer", "deadline_at", "waiting", "task", "lookups",
         "counted", "reading_paused", "limits", "early", "write_paused",
-        "implicit_tls", "tls", "handshake_timer", "timer_at",
+        "implicit_tls", "tls", "handshake_timer",
         "line_start", "data_start", "window_start", "window_bytes",
     )
 
@@ -167,7 +167,6 @@ class SMTPProtocol(asyncio.Protocol):
         self.reading_paused = False
         self.write_paused = False   # the transport's buffer is full (pause_writing)
         self.timer = None               # one timer per connection: idle and deadlines
-        self.timer_at = 0.0             # when it is due
         self.deadline_at = 0.0
         self.line_start: float | None = None    # first byte of an incomplete command line
         self.data_start: float | None = None    # the message began (354 sent)
@@ -323,16 +322,15 @@ class SMTPProtocol(asyncio.Protocol):
         session deadline."""
         if self.timer is not None:
             self.timer.cancel()
-        due = min(due, self.deadline_at)
-        self.timer_at = due
-        self.timer = self.loop.call_at(due, self._timer_due)
+        self.timer = self.loop.call_at(min(due, self.deadline_at), self._timer_due)
 
     def _timer_due(self) -> None:
-        """The connection's one timer: the session deadline, else the idle,
-        command-line and DATA limits. Re-armed lazily (not one timer per
-        read) at the earliest real due time (a fixed minimum here made every
-        timeout late: --timeout 1 behaved like 2); while a request is in
-        flight the client is not idle, so the clocks restart."""
+        """The connection's one timer: the session deadline, else the idle
+        and command-line timeouts (DATA's rate and deadline are checked per
+        read, see _data_read). Re-armed lazily (not one timer per read) at
+        the earliest real due time (a fixed minimum here made every timeout
+        late: --timeout 1 behaved like 2); while a request is in flight the
+        client is not idle, so the clocks restart."""
         now = self.loop.time()
         if now >= self.deadline_at:
             self._expire("session_deadline")
@@ -340,77 +338,63 @@ class SMTPProtocol(asyncio.Protocol):
         if self.waiting:
             self._arm(now + self.limits.idle_timeout)
             return
-        if self.data_start is not None:
-            due, reason = self._data_due(now)
+        idle = self.limits.idle_timeout
+        if self.line_start is not None:
+            # a command line must be complete idle_timeout after its first byte
+            # (qmail's timeoutsmtpd is per read, which a client sending a byte
+            # every few seconds never meets: docs/behaviour/smtp.md#limits)
+            due, reason = self.line_start + idle, "command_timeout"
         else:
-            due, reason = self._command_due()
+            due, reason = self.last_read + idle, "timeout"
         if now < due:
             self._arm(due)
             return
         self._expire(reason)
-
-    def _command_due(self) -> tuple[float, str]:
-        """Between commands: idle_timeout after the last read, and a command
-        line must be complete idle_timeout after its first byte (qmail's
-        timeoutsmtpd is per read, which a client sending a byte every few
-        seconds never meets: docs/behaviour/smtp.md#limits)."""
-        idle = self.limits.idle_timeout
-        if self.line_start is not None:
-            return self.line_start + idle, "command_timeout"
-        return self.last_read + idle, "timeout"
-
-    def _data_due(self, now: float) -> tuple[float, str]:
-        """In DATA: the idle timeout per read, the data deadline, and at the
-        end of each rate window at least data_min_rate bytes/s over it
-        (averaged over the window, so a pause for a slow disk or a TCP stall
-        is forgiven: docs/behaviour/smtp.md#limits)."""
-        lim = self.limits
-        window_end = data_end = _NEVER
-        if lim.data_min_rate > 0 and lim.data_rate_window > 0:
-            window_end = self.window_start + lim.data_rate_window
-            if now >= window_end:
-                if self.window_bytes < lim.data_min_rate * (now - self.window_start):
-                    return now, "data_too_slow"
-                self.window_start = now
-                self.window_bytes = 0
-                window_end = now + lim.data_rate_window
-        if lim.data_deadline > 0:
-            data_end = self.data_start + lim.data_deadline
-            if now >= data_end:
-                return now, "data_deadline"
-        idle_end = self.last_read + lim.idle_timeout
-        if now >= idle_end:
-            return now, "timeout"
-        return min(window_end, data_end, idle_end), ""      # nothing due yet
 
     def _expire(self, reason: str) -> None:
         """A limit fired: one decision line, its 421 4.4.2, the close."""
         log.event(action="close", reason=reason, client=self.client_label)
         self.abort(reply(reason, host=self.session.host))
 
-    def _track(self, data: bytes, now: float) -> None:
-        """After the session has taken a read: when the current command line
-        began, or DATA's clocks (the rate window counts message bytes)."""
-        if self.engine.state is DATA:
-            if self.data_start is None:
-                self.data_start = self.window_start = now
-                self.window_bytes = 0
-                # the DATA limits may be shorter than the idle timeout armed now
-                due = self._data_due(now)[0]
-                if due < self.timer_at and not self.transport.is_closing():
-                    self._arm(due)
-            else:
-                self.window_bytes += len(data)
+    def _data_read(self, data: bytes, now: float) -> None:
+        """A read while a message is (or was, until this read) coming in.
+        DATA must keep data_min_rate bytes/s averaged over each
+        data_rate_window (a short stall is forgiven) and end within
+        data_deadline. Checked here, per read, not by a timer: a client that
+        sends nothing meets the idle timeout, and any other client is checked
+        at its next read, which costs no timer per message
+        (docs/behaviour/smtp.md#limits)."""
+        if self.engine.state is not DATA:
+            self.data_start = None          # the message ended in this read
+            self._line_read(data, now)
+            return
+        if self.data_start is None:         # the 354 was sent in this read
+            self.data_start = self.window_start = now
+            self.window_bytes = 0
             self.line_start = None
             return
-        self.data_start = None
+        self.window_bytes += len(data)
+        lim = self.limits
+        if 0 < lim.data_deadline <= now - self.data_start:
+            self._expire("data_deadline")
+            return
+        span = now - self.window_start
+        if span >= lim.data_rate_window > 0:
+            if self.window_bytes < lim.data_min_rate * span:
+                self._expire("data_too_slow")
+                return
+            self.window_start = now
+            self.window_bytes = 0
+
+    def _line_read(self, data: bytes, now: float) -> None:
+        """A read between commands: when the incomplete command line, if
+        any, began (bulk: the read's last LF ends every line begun before it)."""
+        if data[-1:] == b"\n":
+            self.line_start = None
+            return
         if not data:
             return
-        # bulk: the last LF of the read ends every line begun before it
-        lf = data.rfind(b"\n")
-        if lf == len(data) - 1:
-            self.line_start = None
-        elif lf >= 0 or self.line_start is None:
+        if self.line_start is None or b"\n" in data:
             self.line_start = now
 
     def abort(self, r) -> None:
@@ -445,7 +429,12 @@ class SMTPProtocol(asyncio.Protocol):
         engine.receive_data(data)
         if not self.waiting:
             self._drain()
-        self._track(data, now)
+        if self.data_start is not None or engine.state is DATA:
+            self._data_read(data, now)
+        elif data[-1:] == b"\n":
+            self.line_start = None          # the common case: whole lines
+        else:
+            self._line_read(data, now)
 
     def _early_data(self, data: bytes) -> None:
         """Input before the greeting (host lookup in flight): kept, and reading
@@ -581,7 +570,8 @@ class SMTPProtocol(asyncio.Protocol):
             self.line_start = now       # the client waited for us: its line's clock restarts
         self._resume_reading()
         self._drain(after)
-        self._track(b"", now)
+        if self.data_start is not None or self.engine.state is DATA:
+            self._data_read(b"", now)       # DATA began (or ended) after the wait
 
     def _flush(self) -> None:
         engine = self.engine        # Session.data_to_send / .closing, without the extra calls
@@ -681,4 +671,3 @@ class SMTPProtocol(asyncio.Protocol):
 
 
 _TASK = object()    # _fulfil: a Task answers the request and drains again
-_NEVER = float("inf")   # a DATA limit set to 0 (off)
