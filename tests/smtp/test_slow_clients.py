@@ -13,7 +13,9 @@ import select
 import pytest
 
 from mailfilter.smtp.protocol import Limits
-from tests.support.server_harness import LOOPS, RawClient, first, maildir_files, start_server, write_rules
+from tests.support.server_harness import (
+    LOOPS, TARPIT, RawClient, first, maildir_files, start_server, write_rules,
+)
 
 
 @pytest.fixture(params=LOOPS)
@@ -139,3 +141,22 @@ def test_data_past_its_deadline_is_closed(start, decisions):
     srv.wait_lost()
     assert maildir_files(srv.maildir) == []
     assert any("action=close reason=data_deadline" in l for l in decisions())
+
+
+def test_a_line_begun_while_the_server_is_slow_gets_its_time_again(start, decisions):
+    """A 2 s tarpit with a 1 s command timeout: the client pipelines half a
+    NOOP behind the tarpitted RCPT. The server was the slow one, so the
+    line's clock starts again when the tarpit ends: finishing it then is
+    answered, not closed (it was begun 2 s before)."""
+    srv = start(Limits(idle_timeout=1.0, session_deadline=60))
+    c = RawClient(srv.port, TARPIT)
+    assert c.reply()[0] == 220
+    assert c.cmd("EHLO client.test")[0] == 250
+    assert first(c.cmd("MAIL FROM:<a@sender.test>")) == "250 2.1.0 ok"
+    assert first(c.cmd("RCPT TO:<user@example.com>")) == "250 2.1.5 ok"   # count 1: no delay
+    c.send(b"RCPT TO:<u2@example.com>\r\nNOO")
+    assert first(c.reply()) == "250 2.1.5 ok"                          # after the 2 s tarpit
+    assert first(c.cmd("P")) == "250 2.0.0 ok"
+    assert c.cmd("QUIT")[0] == 221
+    c.close()
+    assert not any("reason=command_timeout" in l for l in decisions())
