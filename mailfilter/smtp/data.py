@@ -25,6 +25,12 @@ region, all bulk operations:
 * size: length as stored; over ``databytes`` the chunks stop (the stored prefix
   up to exactly ``databytes`` octets is delivered), the input is consumed up to
   the end of data and ``DataEnd(oversized=True)`` reports the full stored size;
+* header size: the header block (the stored form up to the first empty
+  line) is kept up to ``header_limit`` octets (Postfix's header_size_limit,
+  102,400 by default); the excess is discarded up to the empty line, a cut
+  line gets its LF back, the body is kept (docs/behaviour/smtp.md#data). Per
+  region: one ``find(b"\n\n")`` and slices; the size and the hops still count
+  what the client sent;
 * hops: in the header block (up to the first empty line) lines starting with
   ``received`` or ``delivered`` (ASCII case-insensitive) are counted over the
   stored form; only complete lines are counted, an incomplete line's first 10
@@ -40,7 +46,9 @@ from collections import deque
 
 from mailfilter.smtp.events import DataChunk, DataEnd
 
-__all__ = ["DataReader"]
+__all__ = ["DataReader", "HEADER_SIZE_LIMIT"]
+
+HEADER_SIZE_LIMIT = 102_400     # Postfix header_size_limit default (docs/behaviour/smtp.md#limits)
 
 _END = b"\r\n.\r\n"
 _CRLF = b"\r\n"
@@ -56,12 +64,15 @@ class DataReader:
     queue; ``reset()`` before each message, ``step()`` whenever bytes arrived."""
 
     __slots__ = ("_buf", "_events", "_databytes", "_size", "_oversized", "_hops",
-                 "_in_headers", "_hcarry", "_hskip", "_first")
+                 "_in_headers", "_hcarry", "_hskip", "_first",
+                 "_header_limit", "_hleft", "_hlf", "_hkept_lf", "header_cut")
 
-    def __init__(self, buf: bytearray, events: deque, databytes: int) -> None:
+    def __init__(self, buf: bytearray, events: deque, databytes: int,
+                 header_limit: int = HEADER_SIZE_LIMIT) -> None:
         self._buf = buf
         self._events = events
         self._databytes = databytes     # 0 = unlimited
+        self._header_limit = header_limit   # 0 = unlimited
         self.reset()
 
     def reset(self) -> None:
@@ -73,6 +84,11 @@ class DataReader:
         self._hcarry = b""
         self._hskip = False
         self._first = True
+        # the header cap: octets still allowed (None once the header block ended)
+        self._hleft: int | None = self._header_limit or None
+        self._hlf = True            # the stream so far ends at a line start
+        self._hkept_lf = True       # so does what was kept of it
+        self.header_cut = False     # this message's header block was cut
 
     def step(self) -> DataEnd | None:
         """Consume what is buffered; queue its chunks. Returns the DataEnd
@@ -124,6 +140,9 @@ class DataReader:
         return None
 
     def _end(self, bare_lf: bool) -> DataEnd:
+        if self.header_cut and self._hleft is not None and not self._hkept_lf \
+                and not self._oversized:
+            self._events.append(DataChunk(_LF))     # a cut header with no body: its last LF
         ev = DataEnd(self._size, self._oversized, self._hops, bare_lf)
         self._events.append(ev)
         return ev
@@ -143,8 +162,45 @@ class DataReader:
         if db and self._size > db:
             self._oversized = True
             out = out[:db - before]
+        if self._hleft is not None and out:
+            out = self._cap_header(out)
         if out:
             self._events.append(DataChunk(out))
+
+    def _cap_header(self, out: bytes) -> bytes:
+        """What is kept of `out` (stored form) under the header cap: header
+        octets beyond header_limit are dropped up to the empty line that ends
+        the block; a cut line gets its LF back (docs/behaviour/smtp.md#data)."""
+        left = self._hleft
+        if len(out) <= left:
+            # the common case, without a search: all of it fits (the hop count
+            # has just told whether the block ended in it)
+            if self._in_headers:
+                self._hleft = left - len(out)
+                self._hlf = self._hkept_lf = out[-1:] == _LF
+            else:
+                self._hleft = None
+            return out
+        if self._hlf and out[:1] == _LF:
+            end = 0                     # the empty line starts this region
+        else:
+            end = out.find(_HDR_END)
+            if end >= 0:
+                end += 1                # the last header line keeps its LF
+        self._hlf = out[-1:] == _LF
+        head = out if end < 0 else out[:end]
+        if len(head) > left:
+            head = head[:left]
+            self.header_cut = True
+        if head:
+            self._hkept_lf = head[-1:] == _LF
+        self._hleft = left - len(head)
+        if end < 0:
+            return head
+        self._hleft = None              # the block ended: the body passes whole
+        if not self._hkept_lf:
+            head += _LF
+        return head + out[end:]
 
     def _count_hops(self, out: bytes) -> None:
         """Count Received/Delivered lines of the header block (docs/behaviour/smtp.md#data)."""

@@ -35,8 +35,10 @@ Invariants:
   exception anywhere in a session is logged with its traceback and answered
   421 4.3.0 on that connection only (docs/architecture.md#errors-and-logging);
 - limits: global and per-IP connection caps (421 4.7.0 at connect), an idle
-  timeout per read, a total session deadline, the engine's line and
-  bad-command limits, databytes while streaming.
+  timeout per read, a command line complete within the idle timeout from its
+  first byte, DATA at a minimum rate and within a data deadline, a total
+  session deadline, the engine's line and bad-command limits, databytes while
+  streaming (docs/behaviour/smtp.md#limits).
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ from mailfilter import log
 from mailfilter.auth.session import AuthService
 from mailfilter.delivery import Delivery
 from mailfilter.policy.engine import Client, PolicyEngine
-from mailfilter.smtp.engine import SMTPConnection
+from mailfilter.smtp.engine import DATA, SMTPConnection
 from mailfilter.smtp.replies import reply
 from mailfilter.smtp.session import (
     AwaitLookups, AuthStep, Commit, Delay, Handshake, Lookup, Session, SessionConfig,
@@ -65,11 +67,21 @@ EARLY_MAX = 64 * 1024       # bytes kept from a client that talks before the gre
 
 @dataclasses.dataclass
 class Limits:
+    """Connection caps and timers (docs/operations.md#limits-and-timeouts,
+    docs/behaviour/smtp.md#limits)."""
     max_connections: int = 10_000
     max_per_ip: int = 100
-    idle_timeout: float = 300.0        # per read; RFC 5321 §4.5.3.2 wants >= 5 min
+    # per read, and for a whole command line from its first byte (a client
+    # dribbling one byte per second never goes idle); RFC 5321 §4.5.3.2 wants >= 5 min
+    idle_timeout: float = 300.0
     session_deadline: float = 3600.0
     max_bad_commands: int = 10
+    # DATA: at least data_min_rate bytes/s averaged over each data_rate_window
+    # seconds (Postfix smtpd_min_data_rate is 500), and the whole message within
+    # data_deadline: 25 MB passes at >= 14.6 KB/s (docs/behaviour/smtp.md#limits)
+    data_min_rate: float = 500.0       # 0 = no minimum rate
+    data_rate_window: float = 60.0
+    data_deadline: float = 1800.0      # 0 = no data deadline
 
 
 class ServerState:
@@ -137,6 +149,7 @@ class SMTPProtocol(asyncio.Protocol):
         "last_read", "timer", "deadline_at", "waiting", "task", "lookups",
         "counted", "reading_paused", "limits", "early", "write_paused",
         "implicit_tls", "tls", "handshake_timer",
+        "line_start", "data_start", "window_start", "window_bytes",
     )
 
     def __init__(self, state: ServerState, implicit_tls: bool = False):
@@ -153,8 +166,12 @@ class SMTPProtocol(asyncio.Protocol):
         self.counted = False
         self.reading_paused = False
         self.write_paused = False   # the transport's buffer is full (pause_writing)
-        self.timer = None               # one timer per connection: idle and deadline
+        self.timer = None               # one timer per connection: idle and deadlines
         self.deadline_at = 0.0
+        self.line_start: float | None = None    # first byte of an incomplete command line
+        self.data_start: float | None = None    # the message began (354 sent)
+        self.window_start = 0.0         # the DATA rate window began
+        self.window_bytes = 0           # bytes read in it
         self.limits: Limits | None = None   # the state's Limits when the session began
         self.early: bytearray | None = None  # input before the greeting (host lookup)
 
@@ -248,8 +265,7 @@ class SMTPProtocol(asyncio.Protocol):
             return
         now = self.loop.time()
         self.last_read = now
-        self.timer = self.loop.call_at(min(now + self.limits.idle_timeout, self.deadline_at),
-                                       self._timer_due)
+        self._arm(now + self.limits.idle_timeout)
 
     def connection_lost(self, exc) -> None:
         if self.session is not None:
@@ -301,24 +317,85 @@ class SMTPProtocol(asyncio.Protocol):
             self.transport.resume_reading()
 
     # ------------------------------------------------------------ timers
+    def _arm(self, due: float) -> None:
+        """(Re)schedule the connection's one timer at `due`, never past the
+        session deadline."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_at(min(due, self.deadline_at), self._timer_due)
+
     def _timer_due(self) -> None:
         """The connection's one timer: the session deadline, else the idle
-        timeout. Re-armed lazily (not one timer per read) at the earlier of
-        the two real due times (a fixed minimum here made every timeout late:
-        --timeout 1 behaved like 2); while a request is in flight the client
-        is not idle, so the idle clock restarts."""
+        and command-line timeouts (DATA's rate and deadline are checked per
+        read, see _data_read). Re-armed lazily (not one timer per read) at
+        the earliest real due time (a fixed minimum here made every timeout
+        late: --timeout 1 behaved like 2); while a request is in flight the
+        client is not idle, so the clocks restart."""
         now = self.loop.time()
         if now >= self.deadline_at:
-            log.event(action="close", reason="session_deadline", client=self.client_label)
-            self.abort(reply("session_deadline", host=self.session.host))
+            self._expire("session_deadline")
+            return
+        if self.waiting:
+            self._arm(now + self.limits.idle_timeout)
             return
         idle = self.limits.idle_timeout
-        due = now + idle if self.waiting else self.last_read + idle
+        if self.line_start is not None:
+            # a command line must be complete idle_timeout after its first byte
+            # (qmail's timeoutsmtpd is per read, which a client sending a byte
+            # every few seconds never meets: docs/behaviour/smtp.md#limits)
+            due, reason = self.line_start + idle, "command_timeout"
+        else:
+            due, reason = self.last_read + idle, "timeout"
         if now < due:
-            self.timer = self.loop.call_at(min(due, self.deadline_at), self._timer_due)
+            self._arm(due)
             return
-        log.event(action="close", reason="timeout", client=self.client_label)
-        self.abort(reply("timeout", host=self.session.host))
+        self._expire(reason)
+
+    def _expire(self, reason: str) -> None:
+        """A limit fired: one decision line, its 421 4.4.2, the close."""
+        log.event(action="close", reason=reason, client=self.client_label)
+        self.abort(reply(reason, host=self.session.host))
+
+    def _data_read(self, data: bytes, now: float) -> None:
+        """A read while a message is (or was, until this read) coming in.
+        DATA must keep data_min_rate bytes/s averaged over each
+        data_rate_window (a short stall is forgiven) and end within
+        data_deadline. Checked here, per read, not by a timer: a client that
+        sends nothing meets the idle timeout, and any other client is checked
+        at its next read, which costs no timer per message
+        (docs/behaviour/smtp.md#limits)."""
+        if self.engine.state is not DATA:
+            self.data_start = None          # the message ended in this read
+            self._line_read(data, now)
+            return
+        if self.data_start is None:         # the 354 was sent in this read
+            self.data_start = self.window_start = now
+            self.window_bytes = 0
+            self.line_start = None
+            return
+        self.window_bytes += len(data)
+        lim = self.limits
+        if 0 < lim.data_deadline <= now - self.data_start:
+            self._expire("data_deadline")
+            return
+        span = now - self.window_start
+        if span >= lim.data_rate_window > 0:
+            if self.window_bytes < lim.data_min_rate * span:
+                self._expire("data_too_slow")
+                return
+            self.window_start = now
+            self.window_bytes = 0
+
+    def _line_read(self, data: bytes, now: float) -> None:
+        """A read between commands: when the incomplete command line, if
+        any, began (bulk: the read's last LF ends every line begun before it)."""
+        if data[-1:] == b"\n":
+            self.line_start = None
+            return
+        if not data:
+            return
+        if self.line_start is None or b"\n" in data:
+            self.line_start = now
 
     def abort(self, r) -> None:
         """End the session now with `r` (timeout, shutdown, internal error)."""
@@ -348,10 +425,16 @@ class SMTPProtocol(asyncio.Protocol):
         if engine is None:
             self._early_data(data)
             return
-        self.last_read = self.loop.time()
+        now = self.last_read = self.loop.time()
         engine.receive_data(data)
         if not self.waiting:
             self._drain()
+        if self.data_start is not None or engine.state is DATA:
+            self._data_read(data, now)
+        elif data[-1:] == b"\n":
+            self.line_start = None          # the common case: whole lines
+        else:
+            self._line_read(data, now)
 
     def _early_data(self, data: bytes) -> None:
         """Input before the greeting (host lookup in flight): kept, and reading
@@ -482,9 +565,13 @@ class SMTPProtocol(asyncio.Protocol):
         self.task = None
         if self.transport.is_closing():
             return
-        self.last_read = self.loop.time()
+        now = self.last_read = self.loop.time()
+        if self.line_start is not None:
+            self.line_start = now       # the client waited for us: its line's clock restarts
         self._resume_reading()
         self._drain(after)
+        if self.data_start is not None or self.engine.state is DATA:
+            self._data_read(b"", now)       # DATA began (or ended) after the wait
 
     def _flush(self) -> None:
         engine = self.engine        # Session.data_to_send / .closing, without the extra calls

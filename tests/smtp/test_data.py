@@ -11,17 +11,17 @@ from collections import deque
 
 import pytest
 
-from mailfilter.smtp.data import DataReader
+from mailfilter.smtp.data import HEADER_SIZE_LIMIT, DataReader
 from mailfilter.smtp.events import DataChunk, DataEnd
 
 
 class Fed:
     """A DataReader with its own buffer and queue, fed in fragments."""
 
-    def __init__(self, databytes: int = 0) -> None:
+    def __init__(self, databytes: int = 0, header_limit: int = HEADER_SIZE_LIMIT) -> None:
         self.buf = bytearray()
         self.events: deque = deque()
-        self.reader = DataReader(self.buf, self.events, databytes)
+        self.reader = DataReader(self.buf, self.events, databytes, header_limit)
         self.ends: list = []
 
     def feed(self, data: bytes) -> DataEnd | None:
@@ -105,3 +105,80 @@ def test_bare_lf_ends_at_once_and_discards_the_input():
     assert end == DataEnd(8, False, 0, True)
     assert fed.stored() == b"good\nbad"
     assert fed.buf == b""
+
+
+# --- the header cap (docs/behaviour/smtp.md#data, Postfix header_size_limit) -------------
+def split_header(stored: bytes) -> tuple[bytes, bytes]:
+    """The header block (up to and with the LF before the first empty line), the rest."""
+    i = (b"\n" + stored).find(b"\n\n")
+    return (stored, b"") if i < 0 else (stored[:i], stored[i:])
+
+
+def capped(stored: bytes, limit: int) -> bytes:
+    """The reference cut: the header block kept to `limit` octets, a cut
+    line ending in LF, the body whole."""
+    head, body = split_header(stored)
+    if len(head) <= limit:
+        return stored
+    head = head[:limit]
+    return (head if head.endswith(b"\n") else head + b"\n") + body
+
+
+HEADER_PIECES = PIECES + [b"X-Long: " + b"z" * 50, b"\tcontinued " + b"w" * 30, b"Subject: " + b"s" * 9]
+
+
+def feeds(wire: bytes, rnd: random.Random):
+    """The same input whole, byte by byte, and in random fragments."""
+    yield [wire]
+    yield [wire[i:i + 1] for i in range(len(wire))]
+    cuts, i = [], 0
+    while i < len(wire):
+        n = rnd.randint(1, 40)
+        cuts.append(wire[i:i + n])
+        i += n
+    yield cuts
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_header_cap_matches_the_reference_however_fed(seed):
+    rnd = random.Random(seed)
+    lines = [rnd.choice(HEADER_PIECES) for _ in range(rnd.randint(0, 14))]
+    lines = [line for line in lines if line != b"."]
+    wire = b"".join(line + b"\r\n" for line in lines) + b".\r\n"
+    limit = rnd.randint(1, 120)
+    stored, hops = reference(lines)
+    for pieces in feeds(wire, rnd):
+        fed = Fed(header_limit=limit)
+        for piece in pieces:
+            fed.feed(piece)
+        assert fed.stored() == capped(stored, limit), pieces
+        # size and hops count what the client sent, not what was kept
+        assert fed.ends == [DataEnd(len(stored), False, hops, False)]
+        assert fed.reader.header_cut == (len(split_header(stored)[0]) > limit)
+
+
+def test_a_9_mb_header_line_is_cut_to_the_limit_and_the_body_kept():
+    """The 9 MB header line is stored as its first 102,400 octets and a LF;
+    the empty line and the body follow; fed whole, in bulk."""
+    wire = (b"Subject: hi\r\nX-Huge: " + b"h" * (9 << 20) + b"\r\nTo: a@b\r\n\r\nbody\r\n.\r\n")
+    fed = Fed()
+    fed.feed(wire)
+    stored = fed.stored()
+    head, sep, body = stored.partition(b"\n\n")
+    assert sep and body == b"body\n"
+    assert len(head) == HEADER_SIZE_LIMIT and head.startswith(b"Subject: hi\nX-Huge: hhh")
+    assert fed.reader.header_cut
+    assert fed.ends[0].size == len(wire.replace(b"\r\n", b"\n")) - len(b".\n")
+
+
+def test_the_cap_is_per_message_and_zero_means_none():
+    fed = Fed(header_limit=8)
+    fed.feed(b"Subject: long\r\n\r\nSubject: body is not header\r\n.\r\n")
+    assert fed.stored() == b"Subject:\n\nSubject: body is not header\n"
+    fed.reader.reset()
+    fed.events.clear()
+    fed.feed(b"A: 1\r\n\r\nb\r\n.\r\n")
+    assert fed.stored() == b"A: 1\n\nb\n" and not fed.reader.header_cut
+    unlimited = Fed(header_limit=0)
+    unlimited.feed(b"X: " + b"x" * 200_000 + b"\r\n.\r\n")
+    assert unlimited.stored() == b"X: " + b"x" * 200_000 + b"\n"

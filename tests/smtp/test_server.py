@@ -690,6 +690,33 @@ def test_databytes_exceeded_streamed_552(server):
     assert maildir_files(server.maildir, "tmp") == []
 
 
+def test_a_9_mb_header_line_is_cut_at_the_header_limit(server):
+    """docs/behaviour/smtp.md#data header size (Postfix header_size_limit): a
+    9 MB header line over a real socket is stored as the header block's first
+    102,400 octets and a LF; the rest of the header is dropped, the body kept,
+    the message accepted."""
+    c = session(server.port)
+    c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
+    assert [r[0] for r in c.replies(3)] == [250, 250, 354]
+    c.send(b"Subject: huge\r\nX-Huge: ")
+    chunk = b"h" * (1 << 20)
+    for _ in range(9):
+        c.send(chunk)
+    c.send(b"\r\nTo: user@example.com\r\n\r\nthe body\r\n.\r\n")
+    assert c.reply()[0] == 250
+    c.close()
+    [raw] = read_new(server.maildir)
+    head, sep, body = stored_body_from(raw, b"\nSubject: huge").partition(b"\n\n")
+    assert sep and body == b"the body\n"
+    assert len(head) == 102_400 and head.endswith(b"hhh")
+
+
+def stored_body_from(raw: bytes, marker: bytes) -> bytes:
+    """The message as the client sent it: from `marker` (after our headers) on."""
+    i = raw.index(marker)
+    return raw[i + 1:]
+
+
 def test_databytes_exact_limit_accepted(server):
     """docs/behaviour/smtp.md#data: exactly databytes octets (as stored) are accepted."""
     c = session(server.port, SMALL)
