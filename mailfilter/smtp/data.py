@@ -143,7 +143,7 @@ class DataReader:
         if self.header_cut and self._hleft is not None and not self._hkept_lf \
                 and not self._oversized:
             self._events.append(DataChunk(_LF))     # a cut header with no body: its last LF
-        ev = DataEnd(self._size, self._oversized, self._hops, bare_lf)
+        ev = DataEnd(self._size, self._oversized, self._hops, bare_lf, self.header_cut)
         self._events.append(ev)
         return ev
 

@@ -105,14 +105,16 @@ class DataChunk(Event):
 
 
 class DataEnd(Event):
-    __slots__ = ("size", "oversized", "hops", "bare_lf")
+    __slots__ = ("size", "oversized", "hops", "bare_lf", "header_cut")
     owes_reply = True
 
-    def __init__(self, size: int, oversized: bool, hops: int, bare_lf: bool) -> None:
+    def __init__(self, size: int, oversized: bool, hops: int, bare_lf: bool,
+                 header_cut: bool = False) -> None:
         self.size = size
         self.oversized = oversized
         self.hops = hops
         self.bare_lf = bare_lf
+        self.header_cut = header_cut    # the header block passed the header size limit: cut
 
 
 class AuthStart(Event):

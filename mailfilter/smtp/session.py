@@ -565,7 +565,8 @@ class Session:
         if who is not None:   # format the line only if someone reads it
             log.event(action="accept" if result.ok else ("tempfail" if result.reply.temporary else "reject"),
                       stage="DATA", client=self.label, **who, size=ev.size,
-                      rcpts=len(self.tx.recipients), ms=f"{(time.monotonic() - t0) * 1000:.1f}",
+                      rcpts=len(self.tx.recipients), header_cut="yes" if ev.header_cut else None,
+                      ms=f"{(time.monotonic() - t0) * 1000:.1f}",
                       detail=result.detail or None, reply=str(result.reply))
         self.tx.clear()
         return result.reply

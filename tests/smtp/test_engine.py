@@ -905,3 +905,31 @@ def test_starttls_454_leaves_the_session_in_clear():
     conn.send(engine.REPLIES["tls_unavailable"])
     assert type(conn.next_event()) is engine.Noop        # input goes on in clear
     assert not conn.tls
+
+
+def test_header_limit_from_the_config_cuts_and_says_so():
+    """EngineConfig.header_limit reaches the DATA byte machine; DataEnd
+    reports the cut (the session's accept line names it)."""
+    conn = engine.SMTPConnection(engine.EngineConfig(greeting="mx.test", header_limit=64))
+    conn.receive_data(b"MAIL FROM:<a@b>\r\n")
+    conn.next_event()
+    conn.send(reply("mail_ok"))
+    conn.receive_data(b"RCPT TO:<c@d>\r\n")
+    conn.next_event()
+    conn.send(reply("rcpt_ok"))
+    conn.receive_data(b"DATA\r\n")
+    conn.next_event()
+    conn.send(reply("data_go"))
+    conn.receive_data(b"Subject: " + b"x" * 200 + b"\r\n\r\nbody\r\n.\r\n")
+    chunks, end = [], None
+    while end is None:
+        ev = conn.next_event()
+        if type(ev) is engine.DataChunk:
+            chunks.append(ev.data)
+        elif type(ev) is engine.DataEnd:
+            end = ev
+    stored = b"".join(chunks)
+    assert end.header_cut and stored.endswith(b"\n\nbody\n")
+    assert len(stored.split(b"\n\n", 1)[0]) <= 64
+    whole = engine.SMTPConnection(engine.EngineConfig(greeting="mx.test"))   # default: 102,400
+    assert whole.config.header_limit == 102_400

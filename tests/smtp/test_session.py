@@ -215,3 +215,19 @@ def test_fed_in_pieces_gives_the_same_replies(policy, size):
     assert [queued.sub("", x) for x in out] == [queued.sub("", x) for x in whole_out]
     assert out[-1].startswith("221")
     assert any(line.startswith("550") or line.startswith("553") for line in out)   # nobody@: unknown
+
+
+def test_accept_line_says_when_the_header_was_cut(policy, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="mailfilter")
+    logging.getLogger("mailfilter").propagate = True
+    s = new_session(policy)
+    feed(s, b"HELO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
+    out, req = feed(s, b"X-Big: " + b"y" * 110_000 + b"\r\n\r\nbody\r\n.\r\n")
+    assert req is None and out[-1].startswith("250")
+    [line] = [r.getMessage() for r in caplog.records if "stage=DATA" in r.getMessage()]
+    assert " header_cut=yes " in line
+    feed(s, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
+    feed(s, b"Subject: small\r\n\r\nbody\r\n.\r\n")
+    lines = [r.getMessage() for r in caplog.records if "stage=DATA" in r.getMessage()]
+    assert len(lines) == 2 and "header_cut" not in lines[1]
