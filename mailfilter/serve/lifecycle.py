@@ -54,8 +54,11 @@ from mailfilter.delivery import Delivery
 from mailfilter.policy.dns import Resolver
 from mailfilter.policy.engine import PolicyEngine, PolicyOptions
 from mailfilter.serve.config import (
-    BY_NAME, DEFAULT_SESSION_DEADLINE, DEFAULT_TIMEOUT, ServeOptions, StartupError, check_options,
+    BY_NAME, DEFAULT_MAX_CONNECTIONS, DEFAULT_SESSION_DEADLINE, DEFAULT_TIMEOUT, ServeOptions, StartupError, check_options,
     check_value, listeners,
+)
+from mailfilter.serve.descriptors import (
+    Acceptor, NoDescriptorLog, fit_max_connections, raise_nofile,
 )
 from mailfilter.smtp.engine import host_of
 from mailfilter.smtp.replies import reply
@@ -100,7 +103,8 @@ def limits_for(opts: ServeOptions, policy: PolicyEngine) -> Limits:
     deadline = opts.session_deadline
     if deadline is None:
         deadline = float(integers.get("timeoutsession", 0)) or DEFAULT_SESSION_DEADLINE
-    return Limits(max_connections=opts.max_connections, max_per_ip=opts.max_per_ip,
+    # None until run_process fits it to the open-file limit (or in a caller's own ServeOptions)
+    return Limits(max_connections=opts.max_connections or DEFAULT_MAX_CONNECTIONS, max_per_ip=opts.max_per_ip,
                   idle_timeout=timeout, session_deadline=deadline)
 
 
@@ -337,6 +341,7 @@ async def serve(opts: ServeOptions, state: ServerState, ready=None, reuse_port: 
     """Listen, answer signals, and on SIGTERM/SIGINT close and drain."""
     loop = asyncio.get_running_loop()
     servers = []
+    no_fd = NoDescriptorLog(loop, state)    # one rate limit for every listener
     for flag, host, port, implicit_tls in listeners(opts):
         sock = _bind(host, port, reuse_port, flag)
         if implicit_tls:        # RFC 8314 §3: TLS from the first byte, then the greeting
@@ -345,7 +350,8 @@ async def serve(opts: ServeOptions, state: ServerState, ready=None, reuse_port: 
         else:
             factory = lambda: SMTPProtocol(state)                       # noqa: E731
             kind = "no TLS" if opts.no_tls else "STARTTLS"
-        servers.append(await loop.create_server(factory, sock=sock))
+        # our accept, not create_server's: see descriptors.py on EMFILE
+        servers.append(Acceptor(loop, sock, factory, no_fd))
         logger.info("listening on %s:%d (pid %d, %s loop, %s)", host, sock.getsockname()[1],
                     os.getpid(), type(loop).__module__.split(".")[0], kind)
     stop = asyncio.Event()
@@ -355,13 +361,14 @@ async def serve(opts: ServeOptions, state: ServerState, ready=None, reuse_port: 
     if early_hup.take():        # the rules may have changed after the start-up compile read them
         loop.create_task(reload(state, opts))
     if ready is not None:
-        ready([s.sockets[0].getsockname() for s in servers])
+        ready([s.getsockname() for s in servers])
     await stop.wait()
     for s in servers:
         s.close()
     await _drain_sessions(state, opts.shutdown_grace)
     for s in servers:
         await s.wait_closed()
+    no_fd.close()
     await state.delivery.close()
     state.auth.close()
 
@@ -420,6 +427,10 @@ def run_process(opts: ServeOptions, reuse_port: bool) -> int:
     error (printed as one line)."""
     try:
         state = build_state(opts)
+        # after the rules and the spool (their errors stay one line), per
+        # process: each worker has its own descriptor table (--workers)
+        opts.max_connections = fit_max_connections(opts, raise_nofile())
+        state.limits = limits_for(opts, state.policy)      # a reload makes them from opts too
         loop = new_loop(opts.loop)
     except StartupError as exc:
         print(f"mailfilter serve: {exc}", file=sys.stderr)
