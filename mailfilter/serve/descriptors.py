@@ -181,16 +181,18 @@ class Acceptor:
                 self.no_fd.note(exc)
                 return
             conn.setblocking(False)
-            task = self.loop.create_task(self.loop.connect_accepted_socket(self.factory, conn))
+            task = self.loop.create_task(self._start(conn))
             self.tasks.add(task)
-            task.add_done_callback(self._started)
+            task.add_done_callback(self.tasks.discard)
 
-    def _started(self, task: asyncio.Task) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            # no descriptor for the transport either (uvloop may dup): counted alike
-            exc = task.exception()
-            if isinstance(exc, OSError) and exc.errno in NO_DESCRIPTORS:
+    async def _start(self, conn: socket.socket) -> None:
+        """The session on an accepted socket (the loop's transport, then
+        the protocol's connection_made)."""
+        try:
+            await self.loop.connect_accepted_socket(self.factory, conn)
+        except OSError as exc:
+            conn.close()
+            if exc.errno in NO_DESCRIPTORS:     # the transport needed one too: counted alike
                 self.no_fd.note(exc)
             else:
                 logger.error("accepting a connection failed: %s", exc)

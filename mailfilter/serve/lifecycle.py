@@ -31,6 +31,12 @@ Limits that come from the rules (`timeoutsmtpd` -> the idle timeout,
 `timeoutsession` -> the session deadline) apply unless `--timeout` /
 `--session-deadline` were given, and are re-read on every reload.
 
+File descriptors (serve/descriptors.py, docs/operations.md#file-descriptors):
+each process raises its open-file limit and fits `--max-connections` to it
+before it serves, and accepts connections itself (descriptors.Acceptor, not
+loop.create_server) so that running out of descriptors pauses accepting and
+is logged, on either loop.
+
 Invariants: a process serving `--bundle` never imports the rules compiler
 (load_policy imports it only to compile `--rules` at start-up; a reload
 compiles in a child process). An AF_INET6 listener takes IPv6 only
@@ -365,9 +371,9 @@ async def serve(opts: ServeOptions, state: ServerState, ready=None, reuse_port: 
     await stop.wait()
     for s in servers:
         s.close()
-    await _drain_sessions(state, opts.shutdown_grace)
-    for s in servers:
+    for s in servers:           # the connections accepted just before: sessions the drain sees
         await s.wait_closed()
+    await _drain_sessions(state, opts.shutdown_grace)
     no_fd.close()
     await state.delivery.close()
     state.auth.close()
