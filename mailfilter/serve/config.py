@@ -41,6 +41,7 @@ DEFAULT_LISTEN = "127.0.0.1:2525"
 DEFAULT_DELIVER = "maildir:var/spool"
 DEFAULT_TIMEOUT = 300.0               # without --timeout and timeoutsmtpd
 DEFAULT_SESSION_DEADLINE = 3600.0     # without --session-deadline and timeoutsession
+DEFAULT_MAX_CONNECTIONS = 10_000      # without --max-connections, if the open-file limit fits it
 LOOPS = ("uvloop", "asyncio")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 CHECKPASSWORD_ORDERS = ("djb", "dabrowski")
@@ -161,7 +162,10 @@ OPTIONS: tuple[Option, ...] = (
            "\"=\", decorated badmailfrom and the Received header): off = always unknown "
            "(tcpserver -H), ptr = first PTR name, confirmed = the PTR name only if it resolves "
            "back to the client address (tcpserver -p, Postfix)", choices=REMOTE_HOST_MODES),
-    Option("max_connections", INT, 10_000, "sessions at once in this process", minimum=1),
+    # None = not given: the default, lowered to fit the open-file limit; a given
+    # value that does not fit is refused (serve/descriptors.py)
+    Option("max_connections", INT, None, "sessions at once in this process", minimum=1,
+           default_help=f"{DEFAULT_MAX_CONNECTIONS}, fewer if the open-file limit cannot fit them"),
     Option("max_per_ip", INT, 100, "sessions at once from one client address", minimum=1),
     Option("timeout", SECONDS, None, "idle seconds per command", minimum=0, strict=True,
            default_help=f"rules' timeoutsmtpd, else {DEFAULT_TIMEOUT:g}"),

@@ -31,6 +31,12 @@ Limits that come from the rules (`timeoutsmtpd` -> the idle timeout,
 `timeoutsession` -> the session deadline) apply unless `--timeout` /
 `--session-deadline` were given, and are re-read on every reload.
 
+File descriptors (serve/descriptors.py, docs/operations.md#file-descriptors):
+each process raises its open-file limit and fits `--max-connections` to it
+before it serves, and accepts connections itself (descriptors.Acceptor, not
+loop.create_server) so that running out of descriptors pauses accepting and
+is logged, on either loop.
+
 Invariants: a process serving `--bundle` never imports the rules compiler
 (load_policy imports it only to compile `--rules` at start-up; a reload
 compiles in a child process). An AF_INET6 listener takes IPv6 only
@@ -54,8 +60,11 @@ from mailfilter.delivery import Delivery
 from mailfilter.policy.dns import Resolver
 from mailfilter.policy.engine import PolicyEngine, PolicyOptions
 from mailfilter.serve.config import (
-    BY_NAME, DEFAULT_SESSION_DEADLINE, DEFAULT_TIMEOUT, ServeOptions, StartupError, check_options,
+    BY_NAME, DEFAULT_MAX_CONNECTIONS, DEFAULT_SESSION_DEADLINE, DEFAULT_TIMEOUT, ServeOptions, StartupError, check_options,
     check_value, listeners,
+)
+from mailfilter.serve.descriptors import (
+    Acceptor, NoDescriptorLog, fit_max_connections, raise_nofile,
 )
 from mailfilter.smtp.engine import host_of
 from mailfilter.smtp.replies import reply
@@ -100,7 +109,8 @@ def limits_for(opts: ServeOptions, policy: PolicyEngine) -> Limits:
     deadline = opts.session_deadline
     if deadline is None:
         deadline = float(integers.get("timeoutsession", 0)) or DEFAULT_SESSION_DEADLINE
-    return Limits(max_connections=opts.max_connections, max_per_ip=opts.max_per_ip,
+    # None until run_process fits it to the open-file limit (or in a caller's own ServeOptions)
+    return Limits(max_connections=opts.max_connections or DEFAULT_MAX_CONNECTIONS, max_per_ip=opts.max_per_ip,
                   idle_timeout=timeout, session_deadline=deadline)
 
 
@@ -337,6 +347,7 @@ async def serve(opts: ServeOptions, state: ServerState, ready=None, reuse_port: 
     """Listen, answer signals, and on SIGTERM/SIGINT close and drain."""
     loop = asyncio.get_running_loop()
     servers = []
+    no_fd = NoDescriptorLog(loop, state)    # one rate limit for every listener
     for flag, host, port, implicit_tls in listeners(opts):
         sock = _bind(host, port, reuse_port, flag)
         if implicit_tls:        # RFC 8314 §3: TLS from the first byte, then the greeting
@@ -345,7 +356,8 @@ async def serve(opts: ServeOptions, state: ServerState, ready=None, reuse_port: 
         else:
             factory = lambda: SMTPProtocol(state)                       # noqa: E731
             kind = "no TLS" if opts.no_tls else "STARTTLS"
-        servers.append(await loop.create_server(factory, sock=sock))
+        # our accept, not create_server's: see descriptors.py on EMFILE
+        servers.append(Acceptor(loop, sock, factory, no_fd))
         logger.info("listening on %s:%d (pid %d, %s loop, %s)", host, sock.getsockname()[1],
                     os.getpid(), type(loop).__module__.split(".")[0], kind)
     stop = asyncio.Event()
@@ -355,13 +367,14 @@ async def serve(opts: ServeOptions, state: ServerState, ready=None, reuse_port: 
     if early_hup.take():        # the rules may have changed after the start-up compile read them
         loop.create_task(reload(state, opts))
     if ready is not None:
-        ready([s.sockets[0].getsockname() for s in servers])
+        ready([s.getsockname() for s in servers])
     await stop.wait()
     for s in servers:
         s.close()
-    await _drain_sessions(state, opts.shutdown_grace)
-    for s in servers:
+    for s in servers:           # the connections accepted just before: sessions the drain sees
         await s.wait_closed()
+    await _drain_sessions(state, opts.shutdown_grace)
+    no_fd.close()
     await state.delivery.close()
     state.auth.close()
 
@@ -420,6 +433,10 @@ def run_process(opts: ServeOptions, reuse_port: bool) -> int:
     error (printed as one line)."""
     try:
         state = build_state(opts)
+        # after the rules and the spool (their errors stay one line), per
+        # process: each worker has its own descriptor table (--workers)
+        opts.max_connections = fit_max_connections(opts, raise_nofile())
+        state.limits = limits_for(opts, state.policy)      # a reload makes them from opts too
         loop = new_loop(opts.loop)
     except StartupError as exc:
         print(f"mailfilter serve: {exc}", file=sys.stderr)
