@@ -171,6 +171,18 @@ OPTIONS: tuple[Option, ...] = (
            default_help=f"rules' timeoutsmtpd, else {DEFAULT_TIMEOUT:g}"),
     Option("session_deadline", SECONDS, None, "seconds per session", minimum=0, strict=True,
            default_help=f"rules' timeoutsession, else {DEFAULT_SESSION_DEADLINE:g}"),
+    # DATA limits (docs/behaviour/smtp.md#limits): a client must keep a minimum
+    # rate and finish within a deadline; the header block is cut past a size
+    Option("data_min_rate", SECONDS, 500.0,
+           "DATA: least bytes per second, averaged over --data-rate-window (Postfix "
+           "smtpd_min_data_rate); 0 = none", minimum=0, metavar="BYTES"),
+    Option("data_rate_window", SECONDS, 60.0, "DATA: seconds the minimum rate is averaged over",
+           minimum=0, strict=True),
+    Option("data_deadline", SECONDS, 1800.0, "DATA: seconds a whole message may take; 0 = none",
+           minimum=0),
+    Option("header_size_limit", INT, 102_400,
+           "octets of a message's header block kept; the rest of the block is cut, the body "
+           "kept (Postfix header_size_limit); 0 = no limit", minimum=0),
     Option("shutdown_grace", SECONDS, 30.0,
            "SIGTERM: seconds a delivery in flight may take to finish", minimum=0),
     Option("syslog", BOOL, False, "log to syslog, facility mail"),

@@ -111,7 +111,9 @@ def limits_for(opts: ServeOptions, policy: PolicyEngine) -> Limits:
         deadline = float(integers.get("timeoutsession", 0)) or DEFAULT_SESSION_DEADLINE
     # None until run_process fits it to the open-file limit (or in a caller's own ServeOptions)
     return Limits(max_connections=opts.max_connections or DEFAULT_MAX_CONNECTIONS, max_per_ip=opts.max_per_ip,
-                  idle_timeout=timeout, session_deadline=deadline)
+                  idle_timeout=timeout, session_deadline=deadline,
+                  data_min_rate=opts.data_min_rate, data_rate_window=opts.data_rate_window,
+                  data_deadline=opts.data_deadline, header_size_limit=opts.header_size_limit)
 
 
 def build_state(opts: ServeOptions) -> ServerState:

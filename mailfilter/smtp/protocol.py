@@ -51,6 +51,7 @@ from mailfilter import log
 from mailfilter.auth.session import AuthService
 from mailfilter.delivery import Delivery
 from mailfilter.policy.engine import Client, PolicyEngine
+from mailfilter.smtp.data import HEADER_SIZE_LIMIT
 from mailfilter.smtp.engine import DATA, SMTPConnection
 from mailfilter.smtp.replies import reply
 from mailfilter.smtp.session import (
@@ -82,6 +83,7 @@ class Limits:
     data_min_rate: float = 500.0       # 0 = no minimum rate
     data_rate_window: float = 60.0
     data_deadline: float = 1800.0      # 0 = no data deadline
+    header_size_limit: int = HEADER_SIZE_LIMIT   # header block octets kept; 0 = all
 
 
 class ServerState:
@@ -119,7 +121,8 @@ class ServerState:
         self.session_config = SessionConfig(
             policy, auth=self.auth, delivery=self.delivery, hostname=self.hostname,
             features=self.features, max_bad_commands=self.limits.max_bad_commands,
-            dns=self.resolver is not None, tls=self.tls)
+            dns=self.resolver is not None, tls=self.tls,
+            header_limit=self.limits.header_size_limit)
         self.engine_config = self.session_config.engine_config
         self.host = self.session_config.host       # for replies before a session exists
 

@@ -63,6 +63,7 @@ from mailfilter import log
 from mailfilter.delivery import Envelope
 from mailfilter.policy.engine import Client, PolicyEngine, Verdict
 from mailfilter.smtp.content import ContentScanner
+from mailfilter.smtp.data import HEADER_SIZE_LIMIT
 from mailfilter.smtp.engine import (
     NEED_DATA, PAUSED, Anomaly, AuthResponse, AuthStart, Closed, DataChunk, DataEnd,
     DataStart, EngineConfig, Helo, Mail, Rcpt, Rset, SMTPConnection, StartTLS, host_of,
@@ -144,7 +145,8 @@ class SessionConfig:
 
     def __init__(self, policy: PolicyEngine, *, auth=None, delivery=None, hostname: str | None = None,
                  features: list[str] | None = None, max_bad_commands: int = 10,
-                 dns: bool = True, tls: TLSSettings = NO_TLS) -> None:
+                 dns: bool = True, tls: TLSSettings = NO_TLS,
+                 header_limit: int = HEADER_SIZE_LIMIT) -> None:
         if auth is None:
             from mailfilter.auth.session import AuthService   # verifier made on first AUTH
             auth = AuthService()
@@ -158,6 +160,7 @@ class SessionConfig:
             greeting=hostname or policy.greeting,
             databytes=policy.bundle.integers.get("databytes", 0),
             max_bad_commands=max_bad_commands,
+            header_limit=header_limit,
             features=[f"rules-dialect={policy.bundle.dialect}", *(features or [])],
         )
         self.host = host_of(self.engine_config.greeting)   # this server's name in replies
