@@ -180,9 +180,10 @@ OPTIONS: tuple[Option, ...] = (
            minimum=0, strict=True),
     Option("data_deadline", SECONDS, 1800.0, "DATA: seconds a whole message may take; 0 = none",
            minimum=0),
-    Option("header_size_limit", INT, 102_400,
-           "octets of a message's header block kept; the rest of the block is cut, the body "
-           "kept (Postfix header_size_limit); 0 = no limit", minimum=0),
+    Option("header_size_limit", INT, 0,
+           "octets of a message's header block kept, the rest of the block cut, the body kept "
+           "(Postfix header_size_limit: 102400); a message without the empty line after its "
+           "header is all header, so this cuts it too; 0 = no limit", minimum=0),
     Option("shutdown_grace", SECONDS, 30.0,
            "SIGTERM: seconds a delivery in flight may take to finish", minimum=0),
     Option("syslog", BOOL, False, "log to syslog, facility mail"),

@@ -25,9 +25,9 @@ region, all bulk operations:
 * size: length as stored; over ``databytes`` the chunks stop (the stored prefix
   up to exactly ``databytes`` octets is delivered), the input is consumed up to
   the end of data and ``DataEnd(oversized=True)`` reports the full stored size;
-* header size: the header block (the stored form up to the first empty
-  line) is kept up to ``header_limit`` octets (Postfix's header_size_limit,
-  102,400 by default); the excess is discarded up to the empty line, a cut
+* header size: when ``header_limit`` is set (0, the default, keeps all;
+  Postfix's header_size_limit is 102,400), the header block (the stored form
+  up to the first empty line) is kept up to ``header_limit`` octets; the excess is discarded up to the empty line, a cut
   line gets its LF back, the body is kept (docs/behaviour/smtp.md#data). Per
   region: one ``find(b"\n\n")`` and slices; the size and the hops still count
   what the client sent;
@@ -48,7 +48,7 @@ from mailfilter.smtp.events import DataChunk, DataEnd
 
 __all__ = ["DataReader", "HEADER_SIZE_LIMIT"]
 
-HEADER_SIZE_LIMIT = 102_400     # Postfix header_size_limit default (docs/behaviour/smtp.md#limits)
+HEADER_SIZE_LIMIT = 102_400     # Postfix's header_size_limit, the usual value of --header-size-limit
 
 _END = b"\r\n.\r\n"
 _CRLF = b"\r\n"
@@ -68,7 +68,7 @@ class DataReader:
                  "_header_limit", "_hleft", "_hlf", "_hkept_lf", "header_cut")
 
     def __init__(self, buf: bytearray, events: deque, databytes: int,
-                 header_limit: int = HEADER_SIZE_LIMIT) -> None:
+                 header_limit: int = 0) -> None:
         self._buf = buf
         self._events = events
         self._databytes = databytes     # 0 = unlimited

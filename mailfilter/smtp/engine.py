@@ -110,7 +110,7 @@ import mailfilter
 from mailfilter.smtp.args import (
     ParseError, decode_address, mail_params, parse_path, rcpt_params,
 )
-from mailfilter.smtp.data import HEADER_SIZE_LIMIT, DataReader
+from mailfilter.smtp.data import DataReader
 from mailfilter.smtp.events import (
     ANOMALY_BARE_NEWLINE, ANOMALY_EIGHTBIT, ANOMALY_LINE_LIMIT, ANOMALY_SEQUENCE,
     ANOMALY_SYNTAX, ANOMALY_UNKNOWN, AUTH, CLOSED, DATA, IDLE, MAIL, NEED_DATA, PAUSED,
@@ -221,7 +221,7 @@ class EngineConfig:
     max_line: int = 512                  # octets incl. CRLF, RFC 5321 §4.5.3.1
     max_auth_line: int = 12288           # SASL continuation lines, RFC 4954 §4
     databytes: int = 0                   # 0 = unlimited; advertised as SIZE n
-    header_limit: int = HEADER_SIZE_LIMIT  # header block octets kept (Postfix header_size_limit); 0 = all
+    header_limit: int = 0                # header block octets kept (docs/behaviour/smtp.md#data); 0 = all
     max_bad_commands: int = 10
     max_recipients: int = 1000           # hard cap; policy may add a lower one
     max_hops: int = 100                  # used by SMTPConnection.data_end_check

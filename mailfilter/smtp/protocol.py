@@ -51,7 +51,6 @@ from mailfilter import log
 from mailfilter.auth.session import AuthService
 from mailfilter.delivery import Delivery
 from mailfilter.policy.engine import Client, PolicyEngine
-from mailfilter.smtp.data import HEADER_SIZE_LIMIT
 from mailfilter.smtp.engine import DATA, SMTPConnection
 from mailfilter.smtp.replies import reply
 from mailfilter.smtp.session import (
@@ -83,7 +82,7 @@ class Limits:
     data_min_rate: float = 500.0       # 0 = no minimum rate
     data_rate_window: float = 60.0
     data_deadline: float = 1800.0      # 0 = no data deadline
-    header_size_limit: int = HEADER_SIZE_LIMIT   # header block octets kept; 0 = all
+    header_size_limit: int = 0         # header block octets kept (--header-size-limit); 0 = all
 
 
 class ServerState:

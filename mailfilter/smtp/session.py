@@ -63,7 +63,6 @@ from mailfilter import log
 from mailfilter.delivery import Envelope
 from mailfilter.policy.engine import Client, PolicyEngine, Verdict
 from mailfilter.smtp.content import ContentScanner
-from mailfilter.smtp.data import HEADER_SIZE_LIMIT
 from mailfilter.smtp.engine import (
     NEED_DATA, PAUSED, Anomaly, AuthResponse, AuthStart, Closed, DataChunk, DataEnd,
     DataStart, EngineConfig, Helo, Mail, Rcpt, Rset, SMTPConnection, StartTLS, host_of,
@@ -146,7 +145,7 @@ class SessionConfig:
     def __init__(self, policy: PolicyEngine, *, auth=None, delivery=None, hostname: str | None = None,
                  features: list[str] | None = None, max_bad_commands: int = 10,
                  dns: bool = True, tls: TLSSettings = NO_TLS,
-                 header_limit: int = HEADER_SIZE_LIMIT) -> None:
+                 header_limit: int = 0) -> None:
         if auth is None:
             from mailfilter.auth.session import AuthService   # verifier made on first AUTH
             auth = AuthService()

@@ -690,11 +690,12 @@ def test_databytes_exceeded_streamed_552(server):
     assert maildir_files(server.maildir, "tmp") == []
 
 
-def test_a_9_mb_header_line_is_cut_at_the_header_limit(server):
+def test_a_9_mb_header_line_is_cut_at_the_header_limit(start):
     """docs/behaviour/smtp.md#data header size (Postfix header_size_limit): a
     9 MB header line over a real socket is stored as the header block's first
     102,400 octets and a LF; the rest of the header is dropped, the body kept,
-    the message accepted."""
+    the message accepted (with --header-size-limit 102400; off by default)."""
+    server = start(limits=Limits(header_size_limit=102_400))
     c = session(server.port)
     c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
     assert [r[0] for r in c.replies(3)] == [250, 250, 354]

@@ -221,7 +221,9 @@ def test_accept_line_says_when_the_header_was_cut(policy, caplog):
     import logging
     caplog.set_level(logging.INFO, logger="mailfilter")
     logging.getLogger("mailfilter").propagate = True
-    s = new_session(policy)
+    s = Session(SessionConfig(policy, delivery=Delivery.from_spec("discard"), header_limit=102_400),
+                Client(ip=PLAIN, port=4000))
+    s.start()
     feed(s, b"HELO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
     out, req = feed(s, b"X-Big: " + b"y" * 110_000 + b"\r\n\r\nbody\r\n.\r\n")
     assert req is None and out[-1].startswith("250")
