@@ -51,7 +51,9 @@ Invariants:
   (a Commit's result), and a commit that raised is a 451, never a 250;
 - a verdict is logged once, where it is given (pending HELO/MAIL verdicts
   when seen, RCPT verdicts when answered, DATA when the message is done);
-- the policy (and so the rule bundle) is the one the session started with.
+- the PolicyEngine (and so the rule bundle) is the one the session started
+  with; after STARTTLS the session starts over with a new SessionPolicy and
+  AUTH dialogue from it (RFC 3207 §4.2: nothing said in clear is kept).
 """
 from __future__ import annotations
 
