@@ -20,7 +20,6 @@ Postfix's log, mailfilter seeing the connection close. Needs root and
 """
 from __future__ import annotations
 
-import logging
 import re
 import ssl
 import time
@@ -30,7 +29,7 @@ import pytest
 from mailfilter.tls import TLSSettings
 from tests.support import postfix
 from tests.support.certs import make_pair
-from tests.support.server_harness import LOOPS, read_new, start_server, write_rules
+from tests.support.server_harness import read_new
 
 pytestmark = pytest.mark.skipif(postfix.unavailable() is not None,
                                 reason=postfix.unavailable() or "")
@@ -54,18 +53,10 @@ def tls_settings(pair) -> TLSSettings:
     return TLSSettings(ctx)
 
 
-@pytest.fixture(params=LOOPS)
-def mailfilter(request, tmp_path):
+@pytest.fixture
+def mailfilter(start):
     """mailfilter on the loop under test; TLS settings given per test."""
-    servers = []
-
-    def _start(tls: TLSSettings):
-        srv = start_server(request.param, write_rules(tmp_path / "rules"), str(tmp_path / "md"), tls=tls)
-        servers.append(srv)
-        return srv
-    yield _start
-    for srv in servers:
-        srv.stop()
+    return lambda tls: start(tls=tls)
 
 
 @pytest.fixture
@@ -81,14 +72,6 @@ def relay():
     yield _start
     for inst in instances:
         inst.stop()
-
-
-@pytest.fixture
-def decisions(caplog):
-    logger = logging.getLogger("mailfilter")
-    logger.propagate = True
-    caplog.set_level(logging.INFO, logger="mailfilter")
-    return caplog
 
 
 def wait_maildir(path, count: int = 1, timeout: float = 20.0) -> list[bytes]:
@@ -129,7 +112,7 @@ def test_encrypt_delivers_over_tls(mailfilter, relay, certs, decisions):
     # both ends name the same protocol version and cipher
     assert f"with ESMTPS ({version} {cipher})" in received, (received, version, cipher)
     assert pf.queue() == []
-    [line] = [r.getMessage() for r in decisions.records if "action=accept stage=DATA" in r.getMessage()]
+    [line] = [m for m in decisions() if "action=accept stage=DATA" in m]
     assert f" tls={version}" in line, line
 
 

@@ -23,53 +23,16 @@ import pytest
 from mailfilter.smtp.protocol import Limits, SMTPProtocol
 from tests.support.dns_responder import DnsResponder
 from tests.support.server_harness import (
-    CONTENT, DENIED, HELO_A, HELO_M, LOOPS, MAXRCPT, MFDNS, PLAIN, RELAY, SMALL, SUFFIX,
+    CONTENT, DENIED, HELO_A, HELO_M, MAXRCPT, MFDNS, PLAIN, RELAY, SMALL, SUFFIX,
     TARPIT, TIMEOUT, RawClient, first, maildir_files, read_new,
-    start_server,
     write_rules,
 )
 from mailfilter.policy.dns import Resolver
 
 
-@pytest.fixture(params=LOOPS)
-def loop_kind(request):
-    return request.param
-
-
-@pytest.fixture
-def rules_dir(tmp_path):
-    return write_rules(tmp_path / "rules")
-
-
-@pytest.fixture
-def start(tmp_path, loop_kind, rules_dir):
-    servers = []
-
-    def _start(*, rules=None, deliver=None, limits=None, resolver=None, open_relay=False,
-               remote_host="off"):
-        srv = start_server(loop_kind, rules or rules_dir, str(tmp_path / f"spool{len(servers)}"),
-                           deliver=deliver, limits=limits, resolver=resolver,
-                           open_relay=open_relay, remote_host=remote_host)
-        servers.append(srv)
-        return srv
-
-    yield _start
-    for srv in servers:
-        srv.stop()
-
-
 @pytest.fixture
 def server(start):
     return start()
-
-
-@pytest.fixture
-def decisions(caplog):
-    """The mailfilter decision log lines (key=value), as they are emitted."""
-    logger = logging.getLogger("mailfilter")
-    logger.propagate = True
-    caplog.set_level(logging.INFO, logger="mailfilter")
-    return lambda: [r.getMessage() for r in caplog.records if r.name == "mailfilter"]
 
 
 def smtp(port: int, source: str = PLAIN) -> smtplib.SMTP:

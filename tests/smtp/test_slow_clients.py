@@ -7,38 +7,14 @@ dribbling client is closed long before its input would have ended.
 """
 from __future__ import annotations
 
-import logging
 import select
 
 import pytest
 
 from mailfilter.smtp.protocol import Limits
 from tests.support.server_harness import (
-    LOOPS, TARPIT, RawClient, first, maildir_files, start_server, write_rules,
+    TARPIT, RawClient, first, maildir_files,
 )
-
-
-@pytest.fixture(params=LOOPS)
-def start(request, tmp_path):
-    servers = []
-    rules = write_rules(tmp_path / "rules")
-
-    def _start(limits: Limits):
-        srv = start_server(request.param, rules, str(tmp_path / f"spool{len(servers)}"),
-                           limits=limits, remote_host="off")
-        servers.append(srv)
-        return srv
-
-    yield _start
-    for srv in servers:
-        srv.stop()
-
-
-@pytest.fixture
-def decisions(caplog):
-    logging.getLogger("mailfilter").propagate = True
-    caplog.set_level(logging.INFO, logger="mailfilter")
-    return lambda: [r.getMessage() for r in caplog.records if r.name == "mailfilter"]
 
 
 def dribble(c: RawClient, pieces, pause: float = 0.1):
@@ -69,7 +45,7 @@ def test_a_dribbled_command_line_is_closed_at_its_deadline(start, decisions):
     """One byte per 0.1 s never leaves the connection idle for 0.5 s, yet the
     line must be complete 0.5 s after its first byte: closed long before the
     200-byte line (20 s at that pace) ends, with 421 4.4.2 and a decision line."""
-    srv = start(Limits(idle_timeout=0.5, session_deadline=60))
+    srv = start(limits=Limits(idle_timeout=0.5, session_deadline=60))
     c = RawClient(srv.port)
     assert c.reply()[0] == 220
     line = b"NOOP " + b"x" * 195
@@ -85,7 +61,7 @@ def test_a_dribbled_command_line_is_closed_at_its_deadline(start, decisions):
 def test_complete_commands_at_a_slow_pace_are_served(start, decisions):
     """Whole lines slower than nothing but faster than the idle timeout: each
     line starts its own clock, the session goes on."""
-    srv = start(Limits(idle_timeout=2.0, session_deadline=60))
+    srv = start(limits=Limits(idle_timeout=2.0, session_deadline=60))
     c = RawClient(srv.port)
     assert c.reply()[0] == 220
     for _ in range(5):
@@ -98,7 +74,7 @@ def test_complete_commands_at_a_slow_pace_are_served(start, decisions):
 def test_steady_slow_data_passes(start, decisions):
     """40 KB/s in 2 KB pieces against a 1,000 bytes/s minimum over 1 s windows:
     stored, however many windows it spans."""
-    srv = start(Limits(idle_timeout=5, session_deadline=60, data_min_rate=1000,
+    srv = start(limits=Limits(idle_timeout=5, session_deadline=60, data_min_rate=1000,
                        data_rate_window=1.0))
     c = in_data(srv)
     pieces = [b"Subject: steady\r\n\r\n"] + [b"y" * 1998 + b"\r\n"] * 40
@@ -113,7 +89,7 @@ def test_steady_slow_data_passes(start, decisions):
 def test_data_below_the_minimum_rate_is_closed(start, decisions):
     """100 bytes/s against a 1,000 bytes/s minimum: closed at the end of the
     first window (the 20 s the message would take never pass), nothing stored."""
-    srv = start(Limits(idle_timeout=5, session_deadline=60, data_min_rate=1000,
+    srv = start(limits=Limits(idle_timeout=5, session_deadline=60, data_min_rate=1000,
                        data_rate_window=1.0))
     c = in_data(srv)
     pieces = [b"x" * 8 + b"\r\n"] * 200
@@ -129,7 +105,7 @@ def test_data_below_the_minimum_rate_is_closed(start, decisions):
 
 def test_data_past_its_deadline_is_closed(start, decisions):
     """A fast enough but endless message ends at the data deadline."""
-    srv = start(Limits(idle_timeout=5, session_deadline=60, data_min_rate=0,
+    srv = start(limits=Limits(idle_timeout=5, session_deadline=60, data_min_rate=0,
                        data_deadline=1.0))
     c = in_data(srv)
     pieces = [b"x" * 98 + b"\r\n"] * 200
@@ -148,7 +124,7 @@ def test_a_line_begun_while_the_server_is_slow_gets_its_time_again(start, decisi
     NOOP behind the tarpitted RCPT. The server was the slow one, so the
     line's clock starts again when the tarpit ends: finishing it then is
     answered, not closed (it was begun 2 s before)."""
-    srv = start(Limits(idle_timeout=1.0, session_deadline=60))
+    srv = start(limits=Limits(idle_timeout=1.0, session_deadline=60))
     c = RawClient(srv.port, TARPIT)
     assert c.reply()[0] == 220
     assert c.cmd("EHLO client.test")[0] == 250

@@ -8,20 +8,18 @@ installed, `openssl s_client -starttls smtp` and swaks.
 """
 from __future__ import annotations
 
-import logging
 import shutil
 import smtplib
 import socket
 import ssl
 import subprocess
-import time
 
 import pytest
 
 from mailfilter.tls import TLSSettings
 from tests.support.certs import make_pair
 from tests.support.server_harness import (
-    LOOPS, PLAIN, TIMEOUT, RawClient, first, read_new, start_server, write_rules,
+    PLAIN, TIMEOUT, RawClient, first, read_new, write_rules,
 )
 
 TLS_ONLY = "127.0.0.20"     # UCSPITLS="!": STARTTLS required before MAIL
@@ -49,34 +47,17 @@ def client_context(**kw) -> ssl.SSLContext:
     return ctx
 
 
-@pytest.fixture(params=LOOPS)
-def loop_kind(request):
-    return request.param
-
-
 @pytest.fixture
-def start(tmp_path, loop_kind, cert):
-    servers = []
-
-    def _start(tls=True, rules=None, **kw):
-        rules_dir = rules or write_rules(tmp_path / "rules", {"tcp.smtp": (
+def tls_start(start, tmp_path, cert):
+    """start() with the test certificate (tls=False: none) and rules with a
+    UCSPITLS="!" and a UCSPITLS="-" client."""
+    def _start(tls=True, rules=None, handshake_timeout=5.0, **kw):
+        rules = rules or write_rules(tmp_path / "tls-rules", {"tcp.smtp": (
             f'{TLS_ONLY}:allow,UCSPITLS="!"\n{NO_TLS_CLIENT}:allow,UCSPITLS="-"\n:allow\n')})
-        settings = TLSSettings(server_context(cert), handshake_timeout=kw.pop("handshake_timeout", 5.0)) \
+        settings = TLSSettings(server_context(cert), handshake_timeout=handshake_timeout) \
             if tls else TLSSettings()
-        srv = start_server(loop_kind, rules_dir, str(tmp_path / "md"), tls=settings, **kw)
-        servers.append(srv)
-        return srv
-    yield _start
-    for srv in servers:
-        srv.stop()
-
-
-@pytest.fixture
-def decisions(caplog):
-    logger = logging.getLogger("mailfilter")
-    logger.propagate = True
-    caplog.set_level(logging.INFO, logger="mailfilter")
-    return caplog
+        return start(rules=rules, tls=settings, **kw)
+    return _start
 
 
 class TLSClient(RawClient):
@@ -99,8 +80,8 @@ def open_client(port, source=PLAIN) -> TLSClient:
     return c
 
 
-def test_starttls_offered_in_clear_and_gone_inside_tls(start):
-    srv = start()
+def test_starttls_offered_in_clear_and_gone_inside_tls(tls_start):
+    srv = tls_start()
     c = open_client(srv.port)
     assert "STARTTLS" in ehlo_keywords(c)
     assert first(c.cmd("STARTTLS")) == "220 2.0.0 Ready to start TLS"
@@ -111,8 +92,8 @@ def test_starttls_offered_in_clear_and_gone_inside_tls(start):
     c.close()
 
 
-def test_smtplib_starttls_delivers_with_esmtps(start, decisions):
-    srv = start()
+def test_smtplib_starttls_delivers_with_esmtps(tls_start, decisions):
+    srv = tls_start()
     with smtplib.SMTP("127.0.0.1", srv.port, timeout=TIMEOUT) as s:
         s.ehlo("client.test")
         assert s.has_extn("starttls")
@@ -122,17 +103,17 @@ def test_smtplib_starttls_delivers_with_esmtps(start, decisions):
     [raw] = read_new(srv.maildir)
     received = raw.split(b"\nReceived: ", 1)[1].split(b";", 1)[0]
     assert b" with ESMTPS (TLSv1.3 TLS_" in received or b" with ESMTPS (TLSv1.2 " in received
-    lines = [r.getMessage() for r in decisions.records if "action=accept stage=DATA" in r.getMessage()]
+    lines = [m for m in decisions() if "action=accept stage=DATA" in m]
     assert len(lines) == 1 and " tls=TLSv1." in lines[0]
 
 
 @pytest.mark.parametrize("after", [b"RSET\r\n", b"MAIL FROM:<a@sender.test>\r\n",
                                    b"NOOP\r\nNOOP\r\nQUIT\r\n"])
-def test_commands_pipelined_after_starttls_are_discarded(start, after):
+def test_commands_pipelined_after_starttls_are_discarded(tls_start, after):
     """RFC 3207 §6 (Postfix CVE-2011-0411, aiosmtpd CVE-2024-34083): what
     follows STARTTLS in the same cleartext write is neither answered in
     clear nor executed inside TLS."""
-    srv = start()
+    srv = tls_start()
     c = open_client(srv.port)
     ehlo_keywords(c)
     c.send(b"STARTTLS\r\n" + after)
@@ -146,8 +127,8 @@ def test_commands_pipelined_after_starttls_are_discarded(start, after):
     c.close()
 
 
-def test_tls_forgets_what_was_said_in_clear(start):
-    srv = start()
+def test_tls_forgets_what_was_said_in_clear(tls_start):
+    srv = tls_start()
     c = open_client(srv.port)
     ehlo_keywords(c, "clear.test")
     assert first(c.cmd("STARTTLS")).startswith("220")
@@ -161,8 +142,8 @@ def test_tls_forgets_what_was_said_in_clear(start):
     c.close()
 
 
-def test_starttls_replies_for_bad_uses(start):
-    srv = start()
+def test_starttls_replies_for_bad_uses(tls_start):
+    srv = tls_start()
     c = open_client(srv.port)
     ehlo_keywords(c)
     assert first(c.cmd("STARTTLS now")).startswith("501 5.5.4")
@@ -175,8 +156,8 @@ def test_starttls_replies_for_bad_uses(start):
     c.close()
 
 
-def test_without_a_certificate_starttls_is_454_and_not_offered(start):
-    srv = start(tls=False)
+def test_without_a_certificate_starttls_is_454_and_not_offered(tls_start):
+    srv = tls_start(tls=False)
     c = open_client(srv.port)
     assert "STARTTLS" not in ehlo_keywords(c)
     assert first(c.cmd("STARTTLS")) == "454 4.7.0 TLS not available due to temporary reason"
@@ -184,16 +165,16 @@ def test_without_a_certificate_starttls_is_454_and_not_offered(start):
     c.close()
 
 
-def test_ucspitls_dash_turns_starttls_off_for_a_client(start):
-    srv = start()
+def test_ucspitls_dash_turns_starttls_off_for_a_client(tls_start):
+    srv = tls_start()
     c = open_client(srv.port, NO_TLS_CLIENT)
     assert "STARTTLS" not in ehlo_keywords(c)
     assert first(c.cmd("STARTTLS")).startswith("454 4.7.0")
     c.close()
 
 
-def test_ucspitls_bang_requires_tls_before_mail(start, decisions):
-    srv = start()
+def test_ucspitls_bang_requires_tls_before_mail(tls_start, decisions):
+    srv = tls_start()
     c = open_client(srv.port, TLS_ONLY)
     ehlo_keywords(c)
     assert first(c.cmd("MAIL FROM:<a@sender.test>")) == "530 5.7.0 Must issue a STARTTLS command first"
@@ -202,12 +183,12 @@ def test_ucspitls_bang_requires_tls_before_mail(start, decisions):
     ehlo_keywords(c)
     assert first(c.cmd("MAIL FROM:<a@sender.test>")) == "250 2.1.0 ok"
     c.close()
-    [line] = [r.getMessage() for r in decisions.records if "reason=tls_required" in r.getMessage()]
+    [line] = [m for m in decisions() if "reason=tls_required" in m]
     assert "rule=tcp.smtp:1" in line and "tls=-" in line
 
 
-def test_require_tls_for_everyone(start):
-    srv = start()
+def test_require_tls_for_everyone(tls_start):
+    srv = tls_start()
     srv.state.swap_tls(TLSSettings(srv.state.tls.context, required=True))
     c = open_client(srv.port)
     ehlo_keywords(c)
@@ -219,8 +200,8 @@ def test_require_tls_for_everyone(start):
     d.close()
 
 
-def test_implicit_tls_greets_inside_tls(start):
-    srv = start(implicit_tls=True)
+def test_implicit_tls_greets_inside_tls(tls_start):
+    srv = tls_start(implicit_tls=True)
     with smtplib.SMTP_SSL("127.0.0.1", srv.tls_port, timeout=TIMEOUT, context=client_context()) as s:
         code, _ = s.ehlo("client.test")
         assert code == 250 and not s.has_extn("starttls")
@@ -230,12 +211,12 @@ def test_implicit_tls_greets_inside_tls(start):
 
 
 def _tls_fails(decisions, reason=None) -> list[str]:
-    return [r.getMessage() for r in decisions.records
-            if "action=tls_fail" in r.getMessage() and (reason is None or f"reason={reason}" in r.getMessage())]
+    return [m for m in decisions()
+            if "action=tls_fail" in m and (reason is None or f"reason={reason}" in m)]
 
 
-def test_garbage_instead_of_a_client_hello_closes_once_logged(start, decisions):
-    srv = start()
+def test_garbage_instead_of_a_client_hello_closes_once_logged(tls_start, decisions):
+    srv = tls_start()
     c = open_client(srv.port)
     assert first(c.cmd("STARTTLS")).startswith("220")
     c.send(b"EHLO this is not TLS\r\n")
@@ -245,8 +226,8 @@ def test_garbage_instead_of_a_client_hello_closes_once_logged(start, decisions):
     assert "stage=STARTTLS" in line
 
 
-def test_half_a_client_hello_then_eof(start, decisions):
-    srv = start()
+def test_half_a_client_hello_then_eof(tls_start, decisions):
+    srv = tls_start()
     c = open_client(srv.port)
     assert first(c.cmd("STARTTLS")).startswith("220")
     c.send(bytes.fromhex("16030100c8010000c40303"))     # a ClientHello's first bytes
@@ -256,8 +237,8 @@ def test_half_a_client_hello_then_eof(start, decisions):
     assert len(_tls_fails(decisions, "eof")) == 1
 
 
-def test_a_stalled_handshake_is_closed_at_its_timeout(start, decisions):
-    srv = start(handshake_timeout=0.3)
+def test_a_stalled_handshake_is_closed_at_its_timeout(tls_start, decisions):
+    srv = tls_start(handshake_timeout=0.3)
     c = open_client(srv.port)
     assert first(c.cmd("STARTTLS")).startswith("220")
     assert c.at_eof()               # the server hung up: no idle timeout (1200 s) waited for
@@ -267,8 +248,8 @@ def test_a_stalled_handshake_is_closed_at_its_timeout(start, decisions):
 
 
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
-def test_tls_1_1_is_refused(start, decisions):
-    srv = start()
+def test_tls_1_1_is_refused(tls_start, decisions):
+    srv = tls_start()
     c = open_client(srv.port)
     assert first(c.cmd("STARTTLS")).startswith("220")
     old = client_context(minimum_version=ssl.TLSVersion.MINIMUM_SUPPORTED,
@@ -284,8 +265,8 @@ def test_tls_1_1_is_refused(start, decisions):
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
-def test_openssl_s_client_starttls_smtp(start):
-    srv = start()
+def test_openssl_s_client_starttls_smtp(tls_start):
+    srv = tls_start()
     p = subprocess.run(
         ["openssl", "s_client", "-starttls", "smtp", "-connect", f"127.0.0.1:{srv.port}",
          "-servername", "mx.test", "-quiet", "-ign_eof"],
@@ -296,8 +277,8 @@ def test_openssl_s_client_starttls_smtp(start):
 
 
 @pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks not installed (apt-get install swaks; see .ci/run)")
-def test_swaks_tls(start):
-    srv = start()
+def test_swaks_tls(tls_start):
+    srv = tls_start()
     p = subprocess.run(["swaks", "--server", f"127.0.0.1:{srv.port}", "--tls", "--to", "user@example.com",
                         "--from", "a@sender.test", "--helo", "client.test", "--timeout", "20"],
                        capture_output=True, timeout=60)
