@@ -60,7 +60,7 @@ def test_no_message_is_smuggled_inside_another(tmp_path, loop, figures):
             assert len(mine) == 1 and f"Subject: smuggled-{i}".encode() in mine[0], end
             one += 1
         else:
-            # bare LF: 451 and the server hangs up (docs/behaviour/smtp.md)
+            # bare LF: 451 and the server hangs up (docs/behaviour/smtp.md#data)
             assert codes == [451] and mine == [], (end, codes)
             refused += 1
     figures.update(forms=len(ENDS), one_message=one, refused_451=refused, smuggled=0)
