@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml $(wildcard _core/*.pyx _core/*.pxi _core/*.pxd _core/*.h)
 
-.PHONY: all build run test test-slow bench compile clean
+.PHONY: all build run test test-slow test-reliability bench compile clean
 
 all: build
 
@@ -30,6 +30,10 @@ test: build
 
 test-slow: build
 	$(VPY) -m pytest -q -m slow
+
+# the attack and crash battery, figures in docs/reliability.md
+test-reliability: build
+	$(VPY) -m pytest -q -m slow tests/reliability
 
 bench: build
 	$(VPY) -m pip install -q -e '.[bench]'

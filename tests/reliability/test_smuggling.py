@@ -1,0 +1,66 @@
+"""SMTP smuggling forms (docs/reliability.md#smuggling-forms).
+
+Each form hides a second transaction behind a non-standard end of data
+(`\\n.\\r\\n`, `\\r.\\r`, ...) inside one DATA over a real socket. The server
+may end the message only at CRLF.CRLF (the smuggled text stays inside the
+one message) or refuse it (451 bare LF, docs/behaviour/smtp.md); it may never
+store the smuggled message as a message of its own.
+"""
+from __future__ import annotations
+
+import pytest
+
+from tests.support.server_harness import LOOPS, PLAIN, RawClient, read_new, start_server, write_rules
+
+pytestmark = pytest.mark.slow
+
+ENDS = [b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\n.\n", b"\r\n.\r", b"\r.\r\n", b"\n.\r",
+        b"\r\n.\r\r\n", b"\r\n.\x00\r\n", b"\r\n. \r\n", b"\r\r\n.\r\r\n", b"\n\r.\r\n",
+        b"\r\n..\r\n", b"\r\n\x00.\r\n"]
+
+
+def payload(i: int, end: bytes) -> bytes:
+    """The outer message, the fake end, the smuggled transaction, CRLF.CRLF."""
+    return (f"Subject: outer-{i}\r\n\r\nA\r\n".encode() + end +
+            f"MAIL FROM:<smuggle{i}@evil.test>\r\nRCPT TO:<u2@example.com>\r\nDATA\r\n"
+            f"Subject: smuggled-{i}\r\n\r\nB\r\n.\r\n".encode())
+
+
+def send(port: int, i: int, end: bytes) -> list[int]:
+    """One transaction with the form; every reply code until the server hangs up."""
+    with RawClient(port, PLAIN) as c:
+        assert c.reply()[0] == 220
+        c.send(b"HELO c.test\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
+        assert [r[0] for r in c.replies(4)] == [250, 250, 250, 354]
+        c.send(payload(i, end) + b"QUIT\r\n")
+        codes = []
+        while (r := c.reply()) is not None:
+            codes.append(r[0])
+            if r[0] == 221:
+                break
+    return codes
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_no_message_is_smuggled_inside_another(tmp_path, loop, figures):
+    srv = start_server(loop, write_rules(tmp_path / "rules"), str(tmp_path / "md"))
+    try:
+        outcome = {end: send(srv.port, i, end) for i, end in enumerate(ENDS)}
+        stored = read_new(srv.maildir)
+    finally:
+        srv.stop()
+    one = refused = 0
+    for i, end in enumerate(ENDS):
+        codes = outcome[end]
+        mine = [m for m in stored if f"Subject: outer-{i}\n".encode() in m]
+        smuggled = [m for m in stored if f"smuggle{i}@evil.test".encode() in m.split(b"\n\n")[0]]
+        assert smuggled == [], f"{end!r}: a smuggled message was stored"
+        if codes[0] == 250:         # one message, ended at CRLF.CRLF, smuggled text inside
+            assert codes == [250, 221], (end, codes)
+            assert len(mine) == 1 and f"Subject: smuggled-{i}".encode() in mine[0], end
+            one += 1
+        else:
+            # bare LF: 451 and the server hangs up (docs/behaviour/smtp.md#data)
+            assert codes == [451] and mine == [], (end, codes)
+            refused += 1
+    figures.update(forms=len(ENDS), one_message=one, refused_451=refused, smuggled=0)
