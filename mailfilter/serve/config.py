@@ -180,7 +180,7 @@ OPTIONS: tuple[Option, ...] = (
            minimum=0, strict=True),
     Option("data_deadline", SECONDS, 1800.0, "DATA: seconds a whole message may take; 0 = none",
            minimum=0),
-    Option("header_size_limit", INT, 0,
+    Option("header_size_limit", INT, 102400,
            "octets of a message's header block kept, the rest of the block cut, the body kept "
            "(Postfix header_size_limit: 102400); a message without the empty line after its "
            "header is all header, so this cuts it too; 0 = no limit", minimum=0),

@@ -26,11 +26,18 @@ region, all bulk operations:
   up to exactly ``databytes`` octets is delivered), the input is consumed up to
   the end of data and ``DataEnd(oversized=True)`` reports the full stored size;
 * header size: when ``header_limit`` is set (0, the default, keeps all;
-  Postfix's header_size_limit is 102,400), the header block (the stored form
-  up to the first empty line) is kept up to ``header_limit`` octets; the excess is discarded up to the empty line, a cut
-  line gets its LF back, the body is kept (docs/behaviour/smtp.md#data). Per
-  region: one ``find(b"\n\n")`` and slices; the size and the hops still count
-  what the client sent;
+  Postfix's header_size_limit is 102,400), the header block is kept up to
+  ``header_limit`` octets. The block ends, as in Postfix, at the first line
+  that is neither a header field (``name:``, RFC 5322 section 3.6.8) nor a
+  continuation (SP or HT first): that line (an empty one included) and all
+  after it are body, never cut; the excess of the block is dropped, a cut line
+  gets its LF back (docs/behaviour/smtp.md#data). Per region, until the block
+  ends: one regex search for a body line start and an ``rfind``; a line start
+  still undecided at the region's end (at most 997 name octets, the longest
+  field name a 998-octet line allows) is carried as a count and, past the
+  limit, its octets are held back until it is decided. When the hop count has
+  just seen the empty line below the limit, nothing is searched. The size and
+  the hops still count what the client sent;
 * hops: in the header block (up to the first empty line) lines starting with
   ``received`` or ``delivered`` (ASCII case-insensitive) are counted over the
   stored form; only complete lines are counted, an incomplete line's first 10
@@ -42,6 +49,7 @@ between passes; the bytes after the end of data stay in the buffer, untouched
 """
 from __future__ import annotations
 
+import re
 from collections import deque
 
 from mailfilter.smtp.events import DataChunk, DataEnd
@@ -55,6 +63,15 @@ _CRLF = b"\r\n"
 _LF = b"\n"
 _LFDOT = b"\n."
 _HDR_END = b"\n\n"
+# RFC 5322 section 3.6.8: a field name is printable ASCII but ':'; section 2.1.1:
+# a line is at most 998 octets, so a name has at most 997 (and its ':')
+_NAME = rb"\x21-\x39\x3b-\x7e"
+_MAX_NAME = 997
+_NAME_RUN = re.compile(rb"[" + _NAME + rb"]*")
+# a LF starting a body line: an empty line, a first octet that neither starts a
+# name nor a continuation, a name not followed by ':', or a name too long
+_BODY_LINE = re.compile(rb"\n(?:[^" + _NAME + rb" \t]|[" + _NAME + rb"]{1,997}+[^" + _NAME
+                        + rb":]|[" + _NAME + rb"]{998})")
 _RECEIVED = b"\nreceived"
 _DELIVERED = b"\ndelivered"
 
@@ -65,7 +82,7 @@ class DataReader:
 
     __slots__ = ("_buf", "_events", "_databytes", "_size", "_oversized", "_hops",
                  "_in_headers", "_hcarry", "_hskip", "_first",
-                 "_header_limit", "_hleft", "_hlf", "_hkept_lf", "header_cut")
+                 "_header_limit", "_hpos", "_hname", "_hheld", "_hkept_lf", "header_cut")
 
     def __init__(self, buf: bytearray, events: deque, databytes: int,
                  header_limit: int = 0) -> None:
@@ -84,10 +101,11 @@ class DataReader:
         self._hcarry = b""
         self._hskip = False
         self._first = True
-        # the header cap: octets still allowed (None once the header block ended)
-        self._hleft: int | None = self._header_limit or None
-        self._hlf = True            # the stream so far ends at a line start
-        self._hkept_lf = True       # so does what was kept of it
+        # the header cap: stored octets seen so far (None once the header block ended)
+        self._hpos: int | None = 0 if self._header_limit else None
+        self._hname: int | None = 0   # name octets of the undecided line start; None: mid-line
+        self._hheld = bytearray()   # that line's octets past the limit, held back
+        self._hkept_lf = True       # what was kept below the limit ends at a line start
         self.header_cut = False     # this message's header block was cut
 
     def step(self) -> DataEnd | None:
@@ -140,7 +158,7 @@ class DataReader:
         return None
 
     def _end(self, bare_lf: bool) -> DataEnd:
-        if self.header_cut and self._hleft is not None and not self._hkept_lf \
+        if self.header_cut and self._hpos is not None and not self._hkept_lf \
                 and not self._oversized:
             self._events.append(DataChunk(_LF))     # a cut header with no body: its last LF
         ev = DataEnd(self._size, self._oversized, self._hops, bare_lf, self.header_cut)
@@ -162,45 +180,81 @@ class DataReader:
         if db and self._size > db:
             self._oversized = True
             out = out[:db - before]
-        if self._hleft is not None and out:
+        if self._hpos is not None and out:
             out = self._cap_header(out)
         if out:
             self._events.append(DataChunk(out))
 
     def _cap_header(self, out: bytes) -> bytes:
         """What is kept of `out` (stored form) under the header cap: header
-        octets beyond header_limit are dropped up to the empty line that ends
-        the block; a cut line gets its LF back (docs/behaviour/smtp.md#data)."""
-        left = self._hleft
-        if len(out) <= left:
-            # the common case, without a search: all of it fits (the hop count
-            # has just told whether the block ended in it)
-            if self._in_headers:
-                self._hleft = left - len(out)
-                self._hlf = self._hkept_lf = out[-1:] == _LF
-            else:
-                self._hleft = None
+        octets beyond header_limit are dropped up to the first body line; a cut
+        line gets its LF back (docs/behaviour/smtp.md#data)."""
+        pos, limit = self._hpos, self._header_limit
+        end = pos + len(out)
+        self._hpos = end
+        if end <= limit and not self._in_headers:
+            # the common case, without a search: the hop count has just seen
+            # the empty line below the limit, so the block ended there or before
+            self._hpos = None
             return out
-        if self._hlf and out[:1] == _LF:
-            end = 0                     # the empty line starts this region
-        else:
-            end = out.find(_HDR_END)
-            if end >= 0:
-                end += 1                # the last header line keeps its LF
-        self._hlf = out[-1:] == _LF
-        head = out if end < 0 else out[:end]
-        if len(head) > left:
-            head = head[:left]
+        body = self._body_start(out, pos)
+        if pos < limit:
+            self._hkept_lf = out[min(limit, end) - pos - 1] == 10
+        if end <= limit:
+            if body is not None:
+                self._hpos = None
+            return out
+        keep = out[:max(0, limit - pos)]
+        held = self._hheld
+        if body is not None:
+            self._hpos = None               # the block ended: the body passes whole
+            if body <= limit:               # below the limit: nothing was cut
+                return bytes(held) + out
             self.header_cut = True
-        if head:
-            self._hkept_lf = head[-1:] == _LF
-        self._hleft = left - len(head)
-        if end < 0:
-            return head
-        self._hleft = None              # the block ended: the body passes whole
-        if not self._hkept_lf:
-            head += _LF
-        return head + out[end:]
+            first = pos - len(held)         # the stream position of held[0]
+            rest = held[body - first:] + out if body < pos else out[body - pos:]
+            return keep + (b"" if self._hkept_lf else _LF) + rest
+        name = self._hname
+        if name is None:
+            held.clear()
+        else:
+            start = end - name              # the undecided line's first octet
+            if start > pos:
+                held.clear()                # it began in this region
+            held += out[max(limit, start, pos) - pos:]
+        if end - limit > len(held):
+            self.header_cut = True          # header octets past the limit were dropped
+        return keep
+
+    def _body_start(self, out: bytes, pos: int) -> int | None:
+        """The stream position where the first body line starts, if `out`
+        (at stream position `pos`) decides it; else None, with the undecided
+        line start at its end noted (RFC 5322 section 3.6.8; Postfix ends the
+        header block at such a line)."""
+        name = self._hname
+        if name is not None:
+            # the line start carried from the region before: decide it first
+            n = _NAME_RUN.match(out, 0, _MAX_NAME + 1 - name).end()
+            total = name + n
+            if total > _MAX_NAME:
+                return pos - name           # too long for a field name
+            if n == len(out):
+                self._hname = total
+                return None
+            c = out[n]
+            if not ((c == 58 and total) or (c in (32, 9) and not total)):
+                return pos - name
+        m = _BODY_LINE.search(out)
+        if m is not None:
+            return pos + m.start() + 1
+        last = out.rfind(_LF)
+        if last < 0:
+            self._hname = None              # inside a header line
+        else:
+            tail = len(out) - last - 1
+            undecided = tail <= _MAX_NAME and _NAME_RUN.match(out, last + 1).end() == len(out)
+            self._hname = tail if undecided else None
+        return None
 
     def _count_hops(self, out: bytes) -> None:
         """Count Received/Delivered lines of the header block (docs/behaviour/smtp.md#data)."""

@@ -46,4 +46,4 @@ def test_data_limits_reach_the_server_state(tmp_path, caplog):
 def test_defaults(tmp_path):
     lim = build_state(opts_for(tmp_path)).limits
     assert (lim.data_min_rate, lim.data_rate_window, lim.data_deadline, lim.header_size_limit) == \
-        (500.0, 60.0, 1800.0, 0)
+        (500.0, 60.0, 1800.0, 102400)

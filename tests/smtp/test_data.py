@@ -7,6 +7,7 @@ with it on random messages cut into random fragments.
 from __future__ import annotations
 
 import random
+import re
 from collections import deque
 
 import pytest
@@ -108,10 +109,21 @@ def test_bare_lf_ends_at_once_and_discards_the_input():
 
 
 # --- the header cap (docs/behaviour/smtp.md#data, Postfix header_size_limit) -------------
+HEADER_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]{1,997}:")   # RFC 5322 3.6.8, a 998-octet line
+
+
 def split_header(stored: bytes) -> tuple[bytes, bytes]:
-    """The header block (up to and with the LF before the first empty line), the rest."""
-    i = (b"\n" + stored).find(b"\n\n")
-    return (stored, b"") if i < 0 else (stored[:i], stored[i:])
+    """The header block and the rest, a line at a time: the block ends at the
+    first line that is neither a header field nor a continuation (an empty
+    line included), as Postfix ends it."""
+    i = 0
+    while i < len(stored):
+        j = stored.find(b"\n", i)
+        line = stored[i:] if j < 0 else stored[i:j]
+        if not (HEADER_LINE.match(line) or line[:1] in (b" ", b"\t")):
+            break
+        i = len(stored) if j < 0 else j + 1
+    return stored[:i], stored[i:]
 
 
 def capped(stored: bytes, limit: int) -> bytes:
@@ -124,7 +136,17 @@ def capped(stored: bytes, limit: int) -> bytes:
     return (head if head.endswith(b"\n") else head + b"\n") + body
 
 
-HEADER_PIECES = PIECES + [b"X-Long: " + b"z" * 50, b"\tcontinued " + b"w" * 30, b"Subject: " + b"s" * 9]
+HEADER_PIECES = [b"Received: x", b"DELIVERED-To: y", b".Received: z", b"X-Long: " + b"z" * 50,
+                 b"\tcontinued " + b"w" * 30, b"Subject: " + b"s" * 9, b" folded", b"..dot: d",
+                 b"a:", b"!~#: x", b"n" * 997 + b":"]
+BODY_PIECES = [b"", b"This is body", b"no colon", b"Bad Name: x", b":x", b"X\x80: y", b"a\rb",
+               b"x\r", b"\r", b"...", b"y" * 40, b"Subject : s", b"delivered", b"n" * 998 + b":"]
+
+
+def random_lines(rnd: random.Random) -> list[bytes]:
+    """Header fields and continuations, with now and then a line that ends the block."""
+    return [rnd.choice(BODY_PIECES if rnd.random() < 0.15 else HEADER_PIECES)
+            for _ in range(rnd.randint(0, 20))]
 
 
 def feeds(wire: bytes, rnd: random.Random):
@@ -139,23 +161,66 @@ def feeds(wire: bytes, rnd: random.Random):
     yield cuts
 
 
-@pytest.mark.parametrize("seed", range(200))
+@pytest.mark.parametrize("seed", range(300))
 def test_header_cap_matches_the_reference_however_fed(seed):
     rnd = random.Random(seed)
-    lines = [rnd.choice(HEADER_PIECES) for _ in range(rnd.randint(0, 14))]
-    lines = [line for line in lines if line != b"."]
+    lines = random_lines(rnd)
     wire = b"".join(line + b"\r\n" for line in lines) + b".\r\n"
-    limit = rnd.randint(1, 120)
+    limit = rnd.choice([rnd.randint(1, 120), rnd.randint(1, 2500)])
     stored, hops = reference(lines)
     for pieces in feeds(wire, rnd):
         fed = Fed(header_limit=limit)
         for piece in pieces:
             fed.feed(piece)
-        assert fed.stored() == capped(stored, limit), pieces
+        assert fed.stored() == capped(stored, limit), (limit, len(pieces))
         # size and hops count what the client sent, not what was kept
         cut = len(split_header(stored)[0]) > limit
         assert fed.ends == [DataEnd(len(stored), False, hops, False, cut)]
         assert fed.reader.header_cut == cut
+
+
+def test_the_header_block_ends_at_the_first_line_that_is_not_a_header_field():
+    """Postfix's rule: a non-header line and all after it are body, never cut."""
+    fed = Fed(header_limit=12)
+    fed.feed(b"Subject: a long subject\r\n folded on\r\nnot a header\r\n"
+             b"X-Later: " + b"x" * 50 + b"\r\n.\r\n")
+    assert fed.stored() == b"Subject: a l\nnot a header\nX-Later: " + b"x" * 50 + b"\n"
+    assert fed.reader.header_cut
+
+
+def test_a_line_start_split_across_reads_is_judged_whole():
+    """"Subj" + "ect: ..." is a header field, "Thi" + "s is body" is body."""
+    for first, second, kept in [(b"Subj", b"ect: " + b"s" * 30, b""),
+                                (b"Thi", b"s is body", b"This is body\n")]:
+        fed = Fed(header_limit=10)
+        fed.feed(b"X: 1234567\r\n" + first)
+        fed.feed(second + b"\r\n.\r\n")
+        assert fed.stored() == b"X: 1234567\n" + kept
+
+
+@pytest.mark.parametrize("limit", [1, 100, HEADER_SIZE_LIMIT, 500_000])
+def test_760_kb_of_body_lines_without_an_empty_line_are_stored_whole(limit):
+    """A script's output submitted as is (no header, no empty line) loses nothing."""
+    body = b"".join(b"line %d of the nightly report, status ok\r\n" % i for i in range(18_000))
+    assert len(body) > 760_000
+    rnd = random.Random(limit)
+    for pieces in list(feeds(body + b".\r\n", rnd))[::2]:      # whole, random fragments
+        fed = Fed(header_limit=limit)
+        for piece in pieces:
+            fed.feed(piece)
+        assert fed.stored() == body.replace(b"\r\n", b"\n")
+        assert not fed.reader.header_cut
+
+
+def test_a_9_mb_header_field_without_an_empty_line_is_cut_and_the_body_kept():
+    wire = b"Subject: hi\r\nX-Huge: " + b"h" * (9 << 20) + b"\r\n\tmore\r\nreport line\r\n.\r\n"
+    fed = Fed()
+    for i in range(0, len(wire), 65536):
+        fed.feed(wire[i:i + 65536])
+    stored = fed.stored()
+    assert len(stored) == HEADER_SIZE_LIMIT + len(b"\nreport line\n")
+    assert stored.startswith(b"Subject: hi\nX-Huge: hhh") and stored.endswith(b"h\nreport line\n")
+    assert fed.reader.header_cut
 
 
 def test_a_9_mb_header_line_is_cut_to_the_limit_and_the_body_kept():
