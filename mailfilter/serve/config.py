@@ -182,8 +182,8 @@ OPTIONS: tuple[Option, ...] = (
            minimum=0),
     Option("header_size_limit", INT, 102400,
            "octets of a message's header block kept, the rest of the block cut, the body kept "
-           "(Postfix header_size_limit: 102400); a message without the empty line after its "
-           "header is all header, so this cuts it too; 0 = no limit", minimum=0),
+           "(Postfix header_size_limit); the block ends at the first line that is not a header "
+           "field, as in Postfix; 0 = no limit", minimum=0),
     Option("shutdown_grace", SECONDS, 30.0,
            "SIGTERM: seconds a delivery in flight may take to finish", minimum=0),
     Option("syslog", BOOL, False, "log to syslog, facility mail"),

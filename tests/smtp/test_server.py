@@ -657,7 +657,7 @@ def test_a_9_mb_header_line_is_cut_at_the_header_limit(start):
     """docs/behaviour/smtp.md#data header size (Postfix header_size_limit): a
     9 MB header line over a real socket is stored as the header block's first
     102,400 octets and a LF; the rest of the header is dropped, the body kept,
-    the message accepted (with --header-size-limit 102400; off by default)."""
+    the message accepted (--header-size-limit 102400, serve's default)."""
     server = start(limits=Limits(header_size_limit=102_400))
     c = session(server.port)
     c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
