@@ -19,9 +19,10 @@ Neither loop's own accept copes with EMFILE/ENFILE (measured, see the docs
 section): asyncio calls the exception handler once per accept attempt, up to
 100 times per wake-up, and schedules as many retries (tens of thousands of
 calls in seconds); uvloop (libuv) accepts the waiting clients and closes them
-at once, unanswered and unlogged. Acceptor stops accepting for RETRY seconds
-instead: the clients wait in the listen backlog and are greeted once
-descriptors free up, and one line `action=refuse reason=no_descriptors` is
+at once, unanswered and unlogged. Acceptor answers each waiting client
+`421 4.3.2` on a spare descriptor kept for that (when even the spare cannot
+be had, it stops accepting for RETRY seconds and the clients wait in the
+listen backlog), and one line `action=refuse reason=no_descriptors` is
 logged at most every LOG_INTERVAL seconds with the count since the last one.
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ import socket
 import time
 
 from mailfilter import log
+from mailfilter.smtp.replies import reply
 from mailfilter.serve.config import DEFAULT_MAX_CONNECTIONS, StartupError, listeners
 
 logger = logging.getLogger("mailfilter")
@@ -150,9 +152,21 @@ class NoDescriptorLog:
         self.flush()
 
 
+def _spare() -> int | None:
+    """A descriptor held back to answer one client when none is left."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
 class Acceptor:
-    """accept() on a listening socket, sessions made by `factory`; on
-    EMFILE/ENFILE a pause of RETRY seconds and a NoDescriptorLog note."""
+    """accept() on a listening socket, sessions made by `factory`. On
+    EMFILE/ENFILE each waiting client is answered `421 4.3.2` on a spare
+    descriptor held for that (closed for one accept, opened again after) and
+    noted in the NoDescriptorLog; without a spare (ENFILE: the system has
+    none either) accepting pauses for RETRY seconds, the clients waiting in
+    the listen backlog."""
 
     BATCH = 64      # accepts per wake-up, so one listener does not starve the loop
 
@@ -164,6 +178,7 @@ class Acceptor:
         self.retry = None
         self.tasks: set[asyncio.Task] = set()
         self.closed = False
+        self.spare = _spare()
         loop.add_reader(sock.fileno(), self._ready)
 
     def _ready(self) -> None:
@@ -177,8 +192,10 @@ class Acceptor:
             except OSError as exc:
                 if exc.errno not in NO_DESCRIPTORS:
                     raise                       # the loop logs it and keeps the reader
-                self._pause()
                 self.no_fd.note(exc)
+                if self._refuse_one():
+                    continue                    # the next waiting client, if any
+                self._pause()
                 return
             conn.setblocking(False)
             task = self.loop.create_task(self._start(conn))
@@ -197,6 +214,29 @@ class Acceptor:
             else:
                 logger.error("accepting a connection failed: %s", exc)
 
+    def _refuse_one(self) -> bool:
+        """Answer one waiting client `421 4.3.2` on the spare descriptor and
+        close it (libuv's reserve-descriptor technique): the client learns to
+        retry instead of waiting unanswered. False without a spare or client."""
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return False
+        os.close(spare)
+        try:
+            try:
+                conn, _addr = self.sock.accept()
+            except OSError:
+                return False
+            with conn:
+                try:
+                    conn.setblocking(False)
+                    conn.send(reply("no_descriptors", host=self.no_fd.state.host).line())
+                except OSError:
+                    pass                        # it left: nothing to answer
+            return True
+        finally:
+            self.spare = _spare()
+
     def _pause(self) -> None:
         """Linux keeps reporting the listener readable: stop watching it."""
         self.loop.remove_reader(self.sock.fileno())
@@ -214,6 +254,9 @@ class Acceptor:
         if self.closed:
             return
         self.closed = True
+        if self.spare is not None:
+            os.close(self.spare)
+            self.spare = None
         if self.retry is not None:
             self.retry.cancel()
         else:

@@ -110,6 +110,8 @@ REPLIES: dict[str, Reply] = {
     "shutdown": R(421, "4.3.2", "{host} service shutting down, closing connection"),
     "too_many_conns": R(421, "4.7.0", "{host} too many connections, try again later"),
     "too_many_conns_ip": R(421, "4.7.0", "{host} too many connections from your address, try again later"),
+    # accept() found no descriptor: the client is answered on a spare one (serve/descriptors.py)
+    "no_descriptors": R(421, "4.3.2", "{host} out of resources, try again later"),
     "internal_error": R(421, "4.3.0", "{host} internal error, closing connection"),
     "bare_lf": R(451, "4.5.2", "See https://cr.yp.to/docs/smtplf.html."),
     "non_ascii_envelope": R(553, "5.6.7", "non-ASCII address needs SMTPUTF8"),
