@@ -103,6 +103,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     ap.add_argument("--profile", help="write a cProfile of one reuse run here")
+    ap.add_argument("--log-level", default="info", choices=("info", "warning"),
+                    help="info (default) = the decision log on, as shipped, written to a "
+                         "temporary file; warning = off (how the restructure table in "
+                         "bench/README.md was taken, for both trees)")
     a = ap.parse_args(argv)
     import logging
 
@@ -111,8 +115,11 @@ def main(argv=None) -> int:
     from mailfilter import log
     from mailfilter.serve.config import ServeOptions
     from mailfilter.serve.lifecycle import build_state
-    log.setup("warning")
-    logging.getLogger("mailfilter").setLevel(logging.WARNING)
+    log.setup(a.log_level)
+    root = logging.getLogger("mailfilter")
+    sink = tempfile.TemporaryFile(mode="w")          # a real file, as a log file would be
+    for handler in root.handlers:
+        handler.setStream(sink)
     rules = a.rules or servers.norelay_rules(tempfile.mkdtemp())
     opts = ServeOptions(rules=rules, deliver="discard", max_per_ip=10**9, max_connections=10**9,
                         remote_host="off")      # no reverse DNS, as in bench/servers.py

@@ -327,8 +327,10 @@ def _mailfilter(name: str, rules: str, deliver: str, loop: str, tmp=None, note="
     port = free_port()
     argv = [PY, "-m", "mailfilter", "serve", "--rules", rules,
             "--listen", f"127.0.0.1:{port}", "--deliver", deliver,
-            "--log-level", "warning", "--loop", loop,
-            "--max-connections", "20000", "--max-per-ip", "20000",
+            "--loop", loop,     # decision log on (the default): the shipped configuration
+            # --max-connections: serve's default, fitted to the open-file limit
+            # (a given value that does not fit is a start-up error)
+            "--max-per-ip", "20000",
             "--remote-host", "off"]      # no reverse DNS: aiosmtpd and smtp-sink do none either
     return Server(name, argv, port, tmp=tmp, note=note)
 
@@ -498,7 +500,8 @@ def _postfix(name: str, pair: "tlscerts.CertPair", maxproc: int) -> Server:
 
 
 TLS_NOTES = {
-    "mf-tls": "mailfilter, uvloop, 1 worker, discard, full rule checks (non-relay), no reverse DNS, "
+    "mf-tls": "mailfilter, uvloop, 1 worker, discard, full rule checks (non-relay), decision log on "
+              "(to a file), no reverse DNS, "
               "--tls-cert/--tls-key/--listen-tls",
     "aiosmtpd-tls": "aiosmtpd + uvloop with TLS (STARTTLS over asyncio's SSLProtocol, implicit TLS over "
                     "uvloop's), handle_DATA -> 250 OK",

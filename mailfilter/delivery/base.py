@@ -143,7 +143,14 @@ class FixedResultSink(Sink):
 
 
 class Delivery(ABC):
-    """A configured next hop. open(env) -> Sink per message."""
+    """A configured next hop. open(env) -> Sink per message.
+
+    A hop class registers its spec kind in its class line
+    (`class MaildirDelivery(Delivery, kind="maildir", form="maildir:DIR")`)
+    and then must have a classmethod `parse(arg, **options)`: the hop for the
+    text after `kind:` ("" for a kind without one), ValueError when that text
+    is malformed. Registration checks it, so from_spec never meets a kind
+    it cannot parse."""
 
     spec: str = ""
     form: ClassVar[str] = ""     # the spec's shape, for errors: `maildir:DIR`
@@ -155,6 +162,8 @@ class Delivery(ABC):
         if kind is not None:
             if kind in Delivery._kinds:
                 raise TypeError(f"delivery kind {kind!r} registered twice")
+            if not callable(getattr(cls, "parse", None)):
+                raise TypeError(f"delivery kind {kind!r}: {cls.__name__} has no parse()")
             cls.form = form
             Delivery._kinds[kind] = cls
 
@@ -186,12 +195,6 @@ class Delivery(ABC):
         forms = [c.form for c in Delivery._kinds.values()]
         raise ValueError(f"bad delivery spec {spec!r}: expected "
                          + ", ".join(forms[:-1]) + " or " + forms[-1])
-
-    @classmethod
-    def parse(cls, arg: str, **options) -> Delivery:
-        """The hop for the text after `kind:` ("" for a kind without one);
-        ValueError when the text is malformed."""
-        raise NotImplementedError(f"{cls.__name__} has no spec kind")
 
     @abstractmethod
     def open(self, env: Envelope) -> Sink: ...

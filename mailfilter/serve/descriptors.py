@@ -119,9 +119,10 @@ class NoDescriptorLog:
     the first failure at once, the ones after it counted and logged when the
     interval is over (a flood logs one line per interval, not one per try)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, state):
+    def __init__(self, loop: asyncio.AbstractEventLoop, state, clock=time.monotonic):
         self.loop = loop
         self.state = state
+        self.clock = clock
         self.count = 0
         self.error: OSError | None = None
         self.last = -LOG_INTERVAL
@@ -130,7 +131,7 @@ class NoDescriptorLog:
     def note(self, exc: OSError) -> None:
         self.count += 1
         self.error = exc
-        wait = self.last + LOG_INTERVAL - time.monotonic()
+        wait = self.last + LOG_INTERVAL - self.clock()
         if wait <= 0:
             self.flush()
         elif self.timer is None:
@@ -144,7 +145,7 @@ class NoDescriptorLog:
                               count=self.count, sessions=self.state.connections,
                               error=errno.errorcode.get(self.error.errno, self.error.errno)))
         self.count = 0
-        self.last = time.monotonic()
+        self.last = self.clock()
 
     def close(self) -> None:
         if self.timer is not None:

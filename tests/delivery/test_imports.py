@@ -78,3 +78,17 @@ def test_from_spec_is_the_class_method():
     from mailfilter import delivery
     assert delivery.from_spec("discard").spec == "discard"
     assert delivery.from_spec is delivery.Delivery.from_spec
+
+
+def test_a_kind_without_parse_cannot_register():
+    """Delivery.from_spec calls the kind's parse(): a hop that registers a
+    kind without one is refused when its class is made, not at the first
+    message."""
+    import pytest
+    from mailfilter.delivery import Delivery
+
+    with pytest.raises(TypeError, match="'nothing-here'.*no parse"):
+        class Broken(Delivery, kind="nothing-here", form="nothing-here:X"):
+            def open(self, env):
+                raise AssertionError("never made")
+    assert "nothing-here" not in Delivery._kinds

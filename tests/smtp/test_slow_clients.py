@@ -75,7 +75,7 @@ def test_steady_slow_data_passes(start, decisions):
     """40 KB/s in 2 KB pieces against a 1,000 bytes/s minimum over 1 s windows:
     stored, however many windows it spans."""
     srv = start(limits=Limits(idle_timeout=5, session_deadline=60, data_min_rate=1000,
-                       data_rate_window=1.0))
+                              data_rate_window=1.0))
     c = in_data(srv)
     pieces = [b"Subject: steady\r\n\r\n"] + [b"y" * 1998 + b"\r\n"] * 40
     assert dribble(c, pieces, pause=0.05) == (len(pieces), None)
@@ -86,37 +86,27 @@ def test_steady_slow_data_passes(start, decisions):
     assert not any("reason=data_too_slow" in l for l in decisions())
 
 
-def test_data_below_the_minimum_rate_is_closed(start, decisions):
-    """100 bytes/s against a 1,000 bytes/s minimum: closed at the end of the
-    first window (the 20 s the message would take never pass), nothing stored."""
-    srv = start(limits=Limits(idle_timeout=5, session_deadline=60, data_min_rate=1000,
-                       data_rate_window=1.0))
+@pytest.mark.parametrize("limits,piece,reply,reason", [
+    # 100 bytes/s against a 1,000 bytes/s minimum: closed at the end of the
+    # first window (the 20 s the message would take never pass)
+    (dict(data_min_rate=1000, data_rate_window=1.0), b"x" * 8 + b"\r\n",
+     "421 4.4.2 mx.test message data too slow, closing connection", "data_too_slow"),
+    # fast enough but endless: ends at the data deadline
+    (dict(data_min_rate=0, data_deadline=1.0), b"x" * 98 + b"\r\n",
+     "421 4.4.2 mx.test message data took too long, closing connection", "data_deadline"),
+], ids=["below-minimum-rate", "past-data-deadline"])
+def test_slow_data_is_closed_and_nothing_stored(start, decisions, limits, piece, reply, reason):
+    srv = start(limits=Limits(idle_timeout=5, session_deadline=60, **limits))
     c = in_data(srv)
-    pieces = [b"x" * 8 + b"\r\n"] * 200
+    pieces = [piece] * 200
     sent, r = dribble(c, pieces)
     assert sent < len(pieces)
-    assert first(r) == "421 4.4.2 mx.test message data too slow, closing connection"
+    assert first(r) == reply
     assert c.at_eof()
     c.close()
     srv.wait_lost()
     assert maildir_files(srv.maildir) == [] and maildir_files(srv.maildir, "tmp") == []
-    assert any("action=close reason=data_too_slow" in l for l in decisions())
-
-
-def test_data_past_its_deadline_is_closed(start, decisions):
-    """A fast enough but endless message ends at the data deadline."""
-    srv = start(limits=Limits(idle_timeout=5, session_deadline=60, data_min_rate=0,
-                       data_deadline=1.0))
-    c = in_data(srv)
-    pieces = [b"x" * 98 + b"\r\n"] * 200
-    sent, r = dribble(c, pieces)
-    assert sent < len(pieces)
-    assert first(r) == "421 4.4.2 mx.test message data took too long, closing connection"
-    assert c.at_eof()
-    c.close()
-    srv.wait_lost()
-    assert maildir_files(srv.maildir) == []
-    assert any("action=close reason=data_deadline" in l for l in decisions())
+    assert any(f"action=close reason={reason}" in line for line in decisions())
 
 
 def test_a_line_begun_while_the_server_is_slow_gets_its_time_again(start, decisions):
