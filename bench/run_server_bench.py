@@ -1,8 +1,16 @@
-"""Side-by-side SMTP server benchmark: mailfilter vs aiosmtpd+uvloop vs smtp-sink.
+"""Side-by-side SMTP server benchmark: mailfilter as shipped vs its peers.
 
 usage: .venv/bin/python bench/run_server_bench.py [--seconds 2] [--repeat 3]
-          [--servers mf-uvloop,mf-maildir,mf-asyncio,aiosmtpd,smtp-sink,uvloop-floor]
+          [--servers mf-uvloop,mf-syslog,mf-confirmed,mf-maildir,postfix,aiosmtpd,smtp-sink,uvloop-floor]
           [--idle 5000,10000] [--out bench/SERVER.md] [--quick]
+
+mf-uvloop is `mailfilter serve` as an operator runs it (decision log on, to a
+file; rule checks on; only --remote-host off and --deliver discard chosen);
+mf-syslog logs to a syslog socket instead, mf-confirmed looks client names
+up (--remote-host confirmed) against a local DNS responder, mf-maildir
+stores durably; postfix is Postfix smtpd with its queue on disk (the durable
+peer), smtp-sink the C sink, uvloop-floor the Python floor (bench/servers.py).
+The first table is issue 13's targets as ratios measured in this run.
 
 Every server runs in its own process (bench/servers.py); the load generator
 (bench/loadgen.py) runs in another. Cells: concurrency 1/10/100 x 1 KB/100 KB
@@ -56,14 +64,22 @@ def loadgen(port: int, pid: int, args: list[str], timeout: float = 300) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def smtp_source(port: int, c: int, n: int, size: int) -> dict:
-    cmd = [srv.SMTP_SOURCE, "-c", "-s", str(c), "-m", str(n), "-l", str(size), "-M", HELO,
-           "-f", FROM, "-t", TO, f"127.0.0.1:{port}"]
+def smtp_source(port: int, c: int, n: int, size: int, reuse: bool = False,
+                server_pid: int | None = None) -> dict:
+    """Postfix smtp-source: `-d` keeps each session's connection for its next
+    message (reused), else one connection per message. The server's CPU
+    (utime+stime of its process tree, loadgen.server_cpu) per message beside."""
+    import loadgen as lg
+    cmd = [srv.SMTP_SOURCE, "-c", *(["-d"] if reuse else []), "-s", str(c), "-m", str(n),
+           "-l", str(size), "-M", HELO, "-f", FROM, "-t", TO, f"127.0.0.1:{port}"]
+    cpu0 = lg.server_cpu(server_pid) if server_pid else None
     t = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     dt = time.perf_counter() - t
+    cpu = lg.server_cpu(server_pid) - cpu0 if server_pid else None
     err_lines = [l for l in out.stderr.splitlines() if l.strip() and not l.strip().isdigit()]
     return {"msgs_per_s": round(n / dt, 1), "n": n, "elapsed_s": round(dt, 3),
+            "server_us_per_msg": round(cpu / n * 1e6, 1) if cpu is not None else None,
             "rc": out.returncode, "errors": len(err_lines) + (out.returncode != 0),
             "error_samples": err_lines[:3]}
 
@@ -79,6 +95,11 @@ CELLS_FULL = [
       for sz in (1024, 102400) for mode in ("new-conn", "reuse") for c in (1, 10, 100)],
     ("c=100 1 KB reuse+pipelining", 100, 1024, ["--reuse", "--pipelining"]),
 ]
+# mf-uvloop is mailfilter as shipped (decision log on, to a file; rule
+# checks on); the others each change one thing, or are the peers
+DEFAULT_SERVERS = ("mf-uvloop,mf-syslog,mf-confirmed,mf-maildir,postfix,aiosmtpd,smtp-sink,"
+                   "uvloop-floor")
+
 CELLS_QUICK = [
     ("c=1 1 KB new-conn", 1, 1024, []),
     ("c=10 1 KB reuse", 10, 1024, ["--reuse"]),
@@ -98,15 +119,23 @@ def run_matrix(servers, cells, seconds, repeat, log):
     return results
 
 
+# (label, sessions, reuse, the loadgen cell whose rate sizes the run)
+SOURCE_CELLS = [
+    ("smtp-source c=1 1 KB new-conn", 1, False, "c=1 1 KB new-conn"),
+    ("smtp-source c=100 1 KB new-conn", 100, False, "c=100 1 KB new-conn"),
+    ("smtp-source c=100 1 KB reuse", 100, True, "c=100 1 KB reuse"),
+]
+
+
 def run_smtp_source(servers, matrix, seconds, repeat, log):
     results = {}
-    for label, c in (("smtp-source c=1 1 KB new-conn", 1), ("smtp-source c=100 1 KB new-conn", 100)):
+    for label, c, reuse, sized_by in SOURCE_CELLS:
         for rep in range(repeat):
             order = servers[rep % len(servers):] + servers[:rep % len(servers)]
             for s in order:
-                est = med([r.get("msgs_per_s") for r in matrix.get((f"c={c} 1 KB new-conn", s.name), [])])
+                est = med([r.get("msgs_per_s") for r in matrix.get((sized_by, s.name), [])])
                 n = max(200, int((est or 500) * seconds))
-                r = smtp_source(s.port, c, n, 1024)
+                r = smtp_source(s.port, c, n, 1024, reuse=reuse, server_pid=s.pid)
                 results.setdefault((label, s.name), []).append(r)
                 log(f"{label:32} {s.name:11} rep{rep} {r['msgs_per_s']} msg/s (n={n}) err {r['errors']}")
     return results
@@ -143,6 +172,54 @@ def fmt(v, nd=0):
     return f"{v:.{nd}f}"
 
 
+# issue 13's targets: (what, numerator (table, cell, server), denominator, goal)
+TARGETS = [
+    ("new connection, c=100 (smtp-source)", ("source", "smtp-source c=100 1 KB new-conn", "mf-uvloop"),
+     ("source", "smtp-source c=100 1 KB new-conn", "smtp-sink"), ">= 0.6x smtp-sink"),
+    ("new connection, c=100 (loadgen)", ("matrix", "c=100 1 KB new-conn", "mf-uvloop"),
+     ("matrix", "c=100 1 KB new-conn", "smtp-sink"), ">= 0.6x smtp-sink"),
+    ("reused, c=100 (smtp-source -d)", ("source", "smtp-source c=100 1 KB reuse", "mf-uvloop"),
+     ("source", "smtp-source c=100 1 KB reuse", "smtp-sink"), ">= 0.5x smtp-sink"),
+    ("reused, c=100 (loadgen)", ("matrix", "c=100 1 KB reuse", "mf-uvloop"),
+     ("matrix", "c=100 1 KB reuse", "smtp-sink"), ">= 0.5x smtp-sink"),
+    ("reused, c=100 (loadgen)", ("matrix", "c=100 1 KB reuse", "mf-uvloop"),
+     ("matrix", "c=100 1 KB reuse", "aiosmtpd"), ">= 4x aiosmtpd"),
+    ("new connection, c=1 (smtp-source)", ("source", "smtp-source c=1 1 KB new-conn", "mf-uvloop"),
+     ("source", "smtp-source c=1 1 KB new-conn", "smtp-sink"), ">= 0.5x smtp-sink"),
+    ("durable, new connection, c=100 (smtp-source)",
+     ("source", "smtp-source c=100 1 KB new-conn", "mf-maildir"),
+     ("source", "smtp-source c=100 1 KB new-conn", "postfix"), ">= 2.5x Postfix smtpd -> queue"),
+    ("durable, new connection, c=100 (loadgen)", ("matrix", "c=100 1 KB new-conn", "mf-maildir"),
+     ("matrix", "c=100 1 KB new-conn", "postfix"), ">= 2.5x Postfix smtpd -> queue"),
+    ("100 KB, new connection, c=100", ("matrix", "c=100 100 KB new-conn", "mf-uvloop"),
+     ("matrix", "c=100 100 KB new-conn", "smtp-sink"), ">= 0.9x smtp-sink"),
+    ("100 KB, reused, c=100", ("matrix", "c=100 100 KB reuse", "mf-uvloop"),
+     ("matrix", "c=100 100 KB reuse", "smtp-sink"), ">= 0.9x smtp-sink"),
+]
+
+
+def render_targets(matrix, source, idle) -> list[str]:
+    """The issue's targets as measured in this run: ratios of medians."""
+    tables = {"matrix": matrix, "source": source}
+
+    def rate(where):
+        table, label, name = where
+        return med([r.get("msgs_per_s") for r in tables[table].get((label, name), [])])
+
+    L = ["### Targets (issue 13), this run", "",
+         "| target | mailfilter msgs/s | peer msgs/s | ratio | goal |", "|---|---|---|---|---|"]
+    for what, num, den, goal in TARGETS:
+        a, b = rate(num), rate(den)
+        L.append(f"| {what}: {num[2]} vs {den[2]} | {fmt(a)} | {fmt(b)} | "
+                 f"{f'{a / b:.2f}x' if a and b else '–'} | {goal} |")
+    for (name, n), r in idle.items():
+        if name == "mf-uvloop":
+            L.append(f"| {n} idle sessions: RSS per connection | {fmt(r.get('rss_kb_per_conn'), 2)} KB "
+                     "| | | <= 4 KB |")
+    L.append("")
+    return L
+
+
 def render(meta, servers, cells, matrix, source, idle, idle_levels) -> str:
     names = [s.name for s in servers]
     notes = {s.name: s.note for s in servers}
@@ -155,6 +232,7 @@ def render(meta, servers, cells, matrix, source, idle, idle_levels) -> str:
     L.append("Servers: " + "; ".join(f"**{n}** = {notes[n]}" for n in names) + ".")
     L.append("")
     has_ratio = "mf-uvloop" in names and "aiosmtpd" in names
+    L.extend(render_targets(matrix, source, idle))
 
     def ratio_col(label, key="msgs_per_s"):
         a = med([r.get(key) for r in matrix.get((label, "mf-uvloop"), [])])
@@ -171,8 +249,8 @@ def render(meta, servers, cells, matrix, source, idle, idle_levels) -> str:
         L.append(f"| {label} | " + " | ".join(row) + (f" | {ratio_col(label)} |" if has_ratio else " |"))
     L.append("")
     if source:
-        L.append("### Throughput, msgs/s, Postfix smtp-source (`-c -s C -m N -l 1024 -M "
-                 f"{HELO} -f {FROM} -t {TO}`, new connection per message)")
+        L.append("### Throughput, msgs/s, Postfix smtp-source (`-c [-d] -s C -m N -l 1024 -M "
+                 f"{HELO} -f {FROM} -t {TO}`; `-d` = reuse: each session keeps its connection)")
         L.append("")
         L.append("| cell | " + " | ".join(names) + (" | mf-uvloop ÷ aiosmtpd |" if has_ratio else " |"))
         L.append("|---" * (len(names) + 1 + has_ratio) + "|")
@@ -190,8 +268,10 @@ def render(meta, servers, cells, matrix, source, idle, idle_levels) -> str:
     L.append("")
     L.append("| cell | " + " | ".join(names) + (" | aiosmtpd ÷ mf-uvloop |" if has_ratio else " |"))
     L.append("|---" * (len(names) + 1 + has_ratio) + "|")
-    for label, *_ in cells:
-        vals = {n: med([r.get("server_us_per_msg") for r in matrix.get((label, n), [])]) for n in names}
+    rows = [(label, matrix) for label, *_ in cells] + [(label, source) for label, *_ in SOURCE_CELLS
+                                                        if any(k[0] == label for k in source)]
+    for label, table in rows:
+        vals = {n: med([r.get("server_us_per_msg") for r in table.get((label, n), [])]) for n in names}
         rt = "–"
         if has_ratio and vals.get("mf-uvloop") and vals.get("aiosmtpd"):
             rt = f"{vals['aiosmtpd'] / vals['mf-uvloop']:.2f}×"
@@ -274,12 +354,12 @@ def write_out(path: str, table: str, begin: str = BEGIN, end: str = END,
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--servers", default="mf-uvloop,mf-maildir,mf-asyncio,aiosmtpd,smtp-sink,uvloop-floor")
+    p.add_argument("--servers", default=DEFAULT_SERVERS)
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--idle", default="5000,10000", help="idle levels, comma separated ('' for none)")
     p.add_argument("--idle-servers", default=None,
-                   help="default: all --servers but uvloop-floor (it holds no session state)")
+                   help="default: those of --servers among mf-uvloop, mf-maildir, aiosmtpd, smtp-sink")
     p.add_argument("--serial", type=int, default=300, help="fresh transactions per idle measurement")
     p.add_argument("--no-smtp-source", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny run: 2 cells, 1 repeat, 500 idle")
@@ -316,8 +396,11 @@ def main(argv=None) -> int:
     finally:
         for s in running:
             s.stop()
+    # by default not the floor (no session state), not the mf-* variants
+    # that hold the same per-connection state as mf-uvloop, and not Postfix
+    # (a process per connection: 10,000 idle sessions would be 10,000 smtpd)
     idle_names = (srv.available(a.idle_servers.split(",")) if a.idle_servers
-                  else [n for n in names if n != "uvloop-floor"])
+                  else [n for n in names if n in ("mf-uvloop", "mf-maildir", "aiosmtpd", "smtp-sink")])
     idle = run_idle(idle_names, workdir, idle_levels, a.serial, log) if idle_levels else {}
     meta["load_end"] = uptime()
     meta["duration_s"] = time.monotonic() - t0

@@ -10,6 +10,19 @@ Servers (name -> what runs):
 - mf-asyncio:  same as mf-uvloop with --loop asyncio
 - mf-relay:    mailfilter, uvloop, discard, the default rules/ (127.0.0.1 is a
                RELAYCLIENT there, so most per-recipient checks are skipped)
+- mf-syslog:   mf-uvloop with the decision log to syslog instead of a file:
+               `--syslog --syslog-socket PATH`, PATH a unix datagram socket
+               read by a companion process (`servers.py syslog-sink PATH`,
+               counts the datagrams: what /dev/log's reader would do cheaply)
+- mf-confirmed: mf-uvloop with `--remote-host confirmed` (the default: PTR,
+               then A/AAAA of the name must give the address back) against a
+               companion DNS responder on 127.0.0.1 (`servers.py dns PORT`,
+               tests/support/dns_responder.py: 127.0.0.1 -> bench.client.example
+               -> 127.0.0.1), `--resolver 127.0.0.1:PORT`
+- postfix:     a throwaway Postfix (as postfix-tls below, without TLS): smtpd
+               -> cleanup -> a queue ON DISK (BENCH_QUEUE_DIR, default /var/tmp:
+               durable, as mf-maildir is) -> qmgr -> the discard transport;
+               no reverse DNS. The durable peer of mf-maildir.
 - aiosmtpd:    aiosmtpd.smtp.SMTP + uvloop, handle_DATA returns "250 OK"
                (discard sink; `python bench/servers.py aiosmtpd-sink PORT`)
 - smtp-sink:   Postfix /usr/sbin/smtp-sink (C, discards), when installed
@@ -74,6 +87,7 @@ SMTP_SOURCE = "/usr/sbin/smtp-source"
 POSTFIX = "/usr/sbin/postfix"
 POSTFIX_MASTER = "/usr/lib/postfix/sbin/master"
 TLS_SERVERS = ("mf-tls", "postfix-tls", "aiosmtpd-tls")
+MF_SERVERS = ("mf-uvloop", "mf-asyncio", "mf-maildir", "mf-relay", "mf-syslog", "mf-confirmed")
 
 NORELAY_TCP_SMTP = """\
 # bench: 127.0.0.1 is NOT a relay client; full spamcontrol checks on every message
@@ -251,7 +265,7 @@ class Server:
     def __init__(self, name: str, argv: list[str], port: int, tmp: str | None = None,
                  note: str = "", tls_port: int | None = None, kind: str = "",
                  prepare=None, new_session: bool = False, per_process: str = "",
-                 log_file: str | None = None):
+                 log_file: str | None = None, companions: list[list[str]] | None = None):
         self.name = name
         self.argv = argv
         self.port = port
@@ -263,6 +277,8 @@ class Server:
         self.new_session = new_session  # own session: Postfix's master signals its process group
         self.per_process = per_process  # the process name that holds one connection (Postfix: smtpd)
         self.log_file = log_file        # where the server logs besides stdout/stderr
+        self.companions = companions or []  # argv of helper processes started first (DNS, syslog)
+        self.helpers: list[subprocess.Popen] = []
         self.proc: subprocess.Popen | None = None
         self.log = None
 
@@ -275,6 +291,13 @@ class Server:
         try:
             if self.prepare is not None:
                 self.prepare()
+            for argv in self.companions:
+                helper = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log,
+                                          stdin=subprocess.DEVNULL)
+                self.helpers.append(helper)
+                # each companion prints one line once it is ready
+                if not helper.stdout.readline():
+                    raise RuntimeError(f"companion {argv} did not start")
             self.proc = subprocess.Popen(self.argv, cwd=ROOT, stdout=self.log, stderr=self.log,
                                          stdin=subprocess.DEVNULL, preexec_fn=_raise_nofile,
                                          start_new_session=self.new_session)
@@ -312,6 +335,15 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        for helper in self.helpers:
+            if helper.poll() is None:
+                helper.terminate()
+                try:
+                    helper.wait(10)
+                except subprocess.TimeoutExpired:
+                    helper.kill()
+                    helper.wait()
+        self.helpers = []
         if self.tmp and os.path.isdir(self.tmp):
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
@@ -323,7 +355,8 @@ class Server:
         self.stop()
 
 
-def _mailfilter(name: str, rules: str, deliver: str, loop: str, tmp=None, note="") -> Server:
+def _mailfilter(name: str, rules: str, deliver: str, loop: str, tmp=None, note="",
+                remote_host: str = "off", extra: tuple = (), companions=None) -> Server:
     port = free_port()
     argv = [PY, "-m", "mailfilter", "serve", "--rules", rules,
             "--listen", f"127.0.0.1:{port}", "--deliver", deliver,
@@ -331,8 +364,20 @@ def _mailfilter(name: str, rules: str, deliver: str, loop: str, tmp=None, note="
             # --max-connections: serve's default, fitted to the open-file limit
             # (a given value that does not fit is a start-up error)
             "--max-per-ip", "20000",
-            "--remote-host", "off"]      # no reverse DNS: aiosmtpd and smtp-sink do none either
-    return Server(name, argv, port, tmp=tmp, note=note)
+            # off unless stated: no reverse DNS, as aiosmtpd and smtp-sink do none
+            "--remote-host", remote_host, *extra]
+    return Server(name, argv, port, tmp=tmp, note=note, companions=companions)
+
+
+# the companion DNS responder's zone: the bench client's address and name
+# confirm each other (docs/behaviour/tcp-smtp.md: TCPREMOTEHOST)
+BENCH_DNS = {("1.0.0.127.in-addr.arpa", "PTR"): ["bench.client.example."],
+             ("bench.client.example", "A"): ["127.0.0.1"],
+             ("bench.client.example", "AAAA"): [],
+             ("bench.client.example", "MX"): ["10 bench.client.example."],
+             ("sender.example", "MX"): ["10 mx.sender.example."],
+             ("sender.example", "A"): ["192.0.2.25"],
+             ("mx.sender.example", "A"): ["192.0.2.25"]}
 
 
 def make(name: str, workdir: str) -> Server:
@@ -348,6 +393,24 @@ def make(name: str, workdir: str) -> Server:
         return _mailfilter(name, rules, "discard", loop,
                            note=f"{loop}, discard, full rule checks (non-relay), "
                                 "no reverse DNS (--remote-host off)")
+    if name == "mf-syslog":
+        tmp = tempfile.mkdtemp(prefix="mf-syslog-")
+        sock = os.path.join(tmp, "log.sock")
+        return _mailfilter(name, norelay_rules(workdir), "discard", "uvloop", tmp=tmp,
+                           extra=("--syslog", "--syslog-socket", sock),
+                           companions=[[PY, os.path.abspath(__file__), "syslog-sink", sock]],
+                           note="as mf-uvloop, the decision log to syslog (a unix datagram socket "
+                                "read by a counting process) instead of a file")
+    if name == "mf-confirmed":
+        dns_port = free_port()
+        return _mailfilter(name, norelay_rules(workdir), "discard", "uvloop",
+                           remote_host="confirmed",
+                           extra=("--resolver", f"127.0.0.1:{dns_port}"),
+                           companions=[[PY, os.path.abspath(__file__), "dns", str(dns_port)]],
+                           note="as mf-uvloop with --remote-host confirmed (PTR + A per client, "
+                                "cached by TTL) against a local DNS responder")
+    if name == "postfix":
+        return _postfix(name, None, 15000)
     if name == "mf-relay":
         return _mailfilter(name, os.path.join(ROOT, "rules"), "discard", "uvloop",
                            note="uvloop, discard, default rules/ (127.0.0.1 = RELAYCLIENT), "
@@ -387,7 +450,7 @@ def available(names: list[str]) -> list[str]:
     for n in names:
         if n == "smtp-sink" and not os.access(SMTP_SINK, os.X_OK):
             continue
-        if n == "postfix-tls" and not postfix_usable():
+        if n in ("postfix", "postfix-tls") and not postfix_usable():
             continue
         if n in ("aiosmtpd", "aiosmtpd-tls"):
             try:
@@ -471,9 +534,13 @@ postlog unix-dgram n - n - 1 postlogd
 """
 
 
-def _postfix(name: str, pair: "tlscerts.CertPair", maxproc: int) -> Server:
-    port, tls_port = free_port(), free_port()
-    d = tempfile.mkdtemp(prefix="bench-postfix-", dir=bench_dir())
+def _postfix(name: str, pair: "tlscerts.CertPair | None", maxproc: int) -> Server:
+    """postfix-tls with `pair`; without one, `postfix`: no TLS, the queue on
+    disk (BENCH_QUEUE_DIR, default /var/tmp), as durable as mf-maildir."""
+    port = free_port()
+    tls_port = free_port() if pair is not None else None
+    where = bench_dir() if pair is not None else os.environ.get("BENCH_QUEUE_DIR", "/var/tmp")
+    d = tempfile.mkdtemp(prefix="bench-postfix-", dir=where)
     os.chmod(d, 0o755)       # the postfix user reaches queue/ and data/ through it
     etc = os.path.join(d, "etc")
 
@@ -483,10 +550,16 @@ def _postfix(name: str, pair: "tlscerts.CertPair", maxproc: int) -> Server:
         os.makedirs(os.path.join(d, "data"))
         import pwd
         os.chown(os.path.join(d, "data"), pwd.getpwnam("postfix").pw_uid, -1)
+        main_cf = POSTFIX_MAIN_CF.format(d=d, key=pair.key if pair else "", cert=pair.cert if pair else "")
+        master_cf = POSTFIX_MASTER_CF.format(port=port, tls_port=tls_port, maxproc=maxproc)
+        if pair is None:        # no TLS: neither the certificate lines nor the wrapper-mode listener
+            main_cf = "\n".join(l for l in main_cf.splitlines() if not l.startswith("smtpd_tls_")) + "\n"
+            master_cf = "\n".join(l for l in master_cf.splitlines()
+                                   if "smtpd_tls_wrappermode" not in l and not l.startswith("tlsmgr")) + "\n"
         with open(os.path.join(etc, "main.cf"), "w") as fh:
-            fh.write(POSTFIX_MAIN_CF.format(d=d, key=pair.key, cert=pair.cert))
+            fh.write(main_cf)
         with open(os.path.join(etc, "master.cf"), "w") as fh:
-            fh.write(POSTFIX_MASTER_CF.format(port=port, tls_port=tls_port, maxproc=maxproc))
+            fh.write(master_cf)
         # creates the queue's subdirectories with their owners and modes
         out = subprocess.run([POSTFIX, "-c", etc, "check"], capture_output=True, text=True, timeout=60)
         if out.returncode != 0:
@@ -494,9 +567,9 @@ def _postfix(name: str, pair: "tlscerts.CertPair", maxproc: int) -> Server:
 
     # -d: stay in the foreground (our child); -s: keep stdout/stderr
     argv = [POSTFIX_MASTER, "-c", etc, "-d", "-s"]
-    return Server(name, argv, port, tmp=d, tls_port=tls_port, kind=pair.kind, prepare=prepare,
-                  new_session=True, per_process="smtpd", log_file=os.path.join(d, "maillog"),
-                  note=TLS_NOTES[name])
+    return Server(name, argv, port, tmp=d, tls_port=tls_port, kind=pair.kind if pair else "",
+                  prepare=prepare, new_session=True, per_process="smtpd",
+                  log_file=os.path.join(d, "maillog"), note=TLS_NOTES[name])
 
 
 TLS_NOTES = {
@@ -507,6 +580,8 @@ TLS_NOTES = {
                     "uvloop's), handle_DATA -> 250 OK",
     "postfix-tls": "Postfix smtpd with TLS (throwaway instance; queue on tmpfs, discard transport, "
                    "no reverse DNS)",
+    "postfix": "Postfix smtpd -> cleanup -> queue on disk (fsync) -> discard transport (throwaway "
+               "instance, no reverse DNS): durable, the peer of mf-maildir",
 }
 
 
@@ -533,8 +608,42 @@ def make_tls(name: str, workdir: str, pair: "tlscerts.CertPair", max_conns: int 
     raise ValueError(f"unknown TLS server {name!r} (one of {TLS_SERVERS})")
 
 
+SYSLOG_SINK = r"""
+import os, signal, socket, sys
+path = sys.argv[-1]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(path)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+n = 0
+def bye(*_):
+    sys.stderr.write(f"syslog-sink: {n} datagrams\n")
+    os._exit(0)
+signal.signal(signal.SIGTERM, bye)
+print("ready", flush=True)
+while True:
+    s.recv(65536)
+    n += 1
+"""
+
+DNS_SERVER = r"""
+import signal, sys, threading
+sys.path.insert(0, sys.argv[-2])
+from tests.support.dns_responder import DnsResponder
+import servers
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+with DnsResponder(servers.BENCH_DNS, port=int(sys.argv[-1])) as dns:
+    print("ready", flush=True)
+    threading.Event().wait()
+"""
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "aiosmtpd-tls-sink":
+    if len(sys.argv) == 3 and sys.argv[1] == "syslog-sink":
+        exec(compile(SYSLOG_SINK, "syslog_sink", "exec"), {"__name__": "syslog_sink"})
+    elif len(sys.argv) == 3 and sys.argv[1] == "dns":
+        sys.argv.insert(-1, ROOT)
+        exec(compile(DNS_SERVER, "dns_server", "exec"), {"__name__": "dns_server"})
+    elif len(sys.argv) == 6 and sys.argv[1] == "aiosmtpd-tls-sink":
         _raise_nofile()
         exec(compile(AIOSMTPD_TLS_SINK, "aiosmtpd_tls_sink", "exec"), {"__name__": "aiosmtpd_tls_sink"})
     elif len(sys.argv) == 3 and sys.argv[1] == "aiosmtpd-sink":

@@ -35,7 +35,7 @@ _RCODES = {"NXDOMAIN": dns.rcode.NXDOMAIN, "SERVFAIL": dns.rcode.SERVFAIL,
 
 
 class DnsResponder:
-    def __init__(self, table: dict, ttl: int = 60):
+    def __init__(self, table: dict, ttl: int = 60, port: int = 0):
         self.table = {}
         for key, value in table.items():
             if isinstance(key, tuple):
@@ -48,7 +48,7 @@ class DnsResponder:
         self.queries: list[tuple[str, str]] = []
         self._arrived = threading.Condition()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))    # 0: any free port (the tests)
         self.port = self.sock.getsockname()[1]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="dns-responder", daemon=True)
