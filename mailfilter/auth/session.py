@@ -287,8 +287,8 @@ class AuthService:
             self._verifier.close()
 
     def session(self, sp, client, host: str, *, tls: bool = False,
-                plaintext_ok: bool = True) -> "AuthSession":
-        return AuthSession(self, sp, client, host, tls=tls, plaintext_ok=plaintext_ok)
+                plaintext_ok: bool = True, label: str | None = None) -> "AuthSession":
+        return AuthSession(self, sp, client, host, tls=tls, plaintext_ok=plaintext_ok, label=label)
 
 
 class AuthSession:
@@ -298,7 +298,7 @@ class AuthSession:
                  "cleartext_ok")
 
     def __init__(self, service: AuthService, sp, client, host: str, *, tls: bool = False,
-                 plaintext_ok: bool = True):
+                 plaintext_ok: bool = True, label: str | None = None):
         # PLAIN and LOGIN send the password itself: inside TLS only, unless
         # TLS cannot be had or the operator allows them in clear
         # (--auth-plaintext); CRAM-MD5 never shows the password (RFC 4954 §4)
@@ -310,7 +310,7 @@ class AuthSession:
         self.mode = parse_mode(sp.setting("SMTPAUTH"))
         self.exchange = None
         self.failures = 0
-        self.label = f"{client.host}[{client.ip}]:{client.port}"
+        self.label = label or f"{client.host}[{client.ip}]:{client.port}"
 
     def mechanisms(self) -> tuple[str, ...]:
         """The mechanisms offered now: the SMTPAUTH mode's, less PLAIN and

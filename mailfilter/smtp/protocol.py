@@ -51,6 +51,7 @@ from mailfilter import log
 from mailfilter.auth.session import AuthService
 from mailfilter.delivery import Delivery
 from mailfilter.policy.engine import Client, PolicyEngine
+from mailfilter.smtp.clock import TimerWheel
 from mailfilter.smtp.engine import DATA, SMTPConnection
 from mailfilter.smtp.replies import reply
 from mailfilter.smtp.session import (
@@ -107,6 +108,7 @@ class ServerState:
         self.per_ip: dict[str, int] = defaultdict(int)
         self.sessions: set["SMTPProtocol"] = set()
         self.loop: asyncio.AbstractEventLoop | None = None    # cached: get_running_loop() costs a getpid()
+        self.clock: TimerWheel | None = None    # every session's idle/deadline clock, on self.loop
         self.tls = tls
         self.swap_policy(policy)
 
@@ -150,7 +152,7 @@ class SMTPProtocol(asyncio.Protocol):
         "state", "transport", "session", "engine", "client", "client_label", "loop",
         "last_read", "timer", "deadline_at", "waiting", "task", "lookups",
         "counted", "reading_paused", "limits", "early", "write_paused",
-        "implicit_tls", "tls", "handshake_timer",
+        "implicit_tls", "tls", "handshake_timer", "slot",
         "line_start", "data_start", "window_start", "window_bytes",
     )
 
@@ -168,7 +170,8 @@ class SMTPProtocol(asyncio.Protocol):
         self.counted = False
         self.reading_paused = False
         self.write_paused = False   # the transport's buffer is full (pause_writing)
-        self.timer = None               # one timer per connection: idle and deadlines
+        self.slot = None                # the connection's one clock: its slot in state.clock
+        self.timer = None               # the close-after-drain timer (_close), rare
         self.deadline_at = 0.0
         self.line_start: float | None = None    # first byte of an incomplete command line
         self.data_start: float | None = None    # the message began (354 sent)
@@ -203,6 +206,7 @@ class SMTPProtocol(asyncio.Protocol):
         loop = st.loop
         if loop is None or loop.is_closed():
             loop = st.loop = asyncio.get_running_loop()
+            st.clock = TimerWheel(loop)
         self.loop = loop
         self.limits = lim
         self.deadline_at = loop.time() + lim.session_deadline
@@ -251,10 +255,12 @@ class SMTPProtocol(asyncio.Protocol):
         """The Session for self.client (its policy, engine, AUTH) and the greeting."""
         st = self.state
         client = self.client
-        self.client_label = f"{client.host}[{client.ip}]:{client.port}"
+        if client.host != "unknown":    # the host lookup named it: the label made at connect is stale
+            self.client_label = f"{client.host}[{client.ip}]:{client.port}"
         try:
             session = Session(st.session_config, client,
-                              tls=self.tls.info if self.tls is not None else None)
+                              tls=self.tls.info if self.tls is not None else None,
+                              label=self.client_label)
             session.start()
             self.session = session
             self.engine = session.engine
@@ -272,6 +278,8 @@ class SMTPProtocol(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         if self.session is not None:
             self.session.lost()
+        if self.slot is not None:
+            self.state.clock.cancel(self)
         if self.timer is not None:
             self.timer.cancel()
         if self.handshake_timer is not None:
@@ -320,11 +328,10 @@ class SMTPProtocol(asyncio.Protocol):
 
     # ------------------------------------------------------------ timers
     def _arm(self, due: float) -> None:
-        """(Re)schedule the connection's one timer at `due`, never past the
-        session deadline."""
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.loop.call_at(min(due, self.deadline_at), self._timer_due)
+        """(Re)schedule the connection's one clock at `due`, never past the
+        session deadline: one slot in the server's TimerWheel (smtp/clock.py:
+        no event-loop timer per connection; at most clock.RESOLUTION late)."""
+        self.state.clock.set(self, min(due, self.deadline_at))
 
     def _timer_due(self) -> None:
         """The connection's one timer: the session deadline, else the idle
@@ -666,6 +673,8 @@ class SMTPProtocol(asyncio.Protocol):
         aborted."""
         transport = self.transport
         transport.close()
+        if self.slot is not None:
+            self.state.clock.cancel(self)
         if transport.get_write_buffer_size():
             if self.timer is not None:
                 self.timer.cancel()

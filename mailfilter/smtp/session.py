@@ -209,12 +209,15 @@ class Session:
     __slots__ = ("config", "client", "label", "engine", "policy", "auth", "tx", "sink", "scanner",
                  "scan_choice", "lookups", "last_verdict", "_then", "tls", "tls_mode")
 
-    def __init__(self, config: SessionConfig, client: Client, tls: str | None = None) -> None:
+    def __init__(self, config: SessionConfig, client: Client, tls: str | None = None,
+                 label: str | None = None) -> None:
         """`tls`: the "version/cipher" of an implicit-TLS connection (RFC 8314),
-        whose session starts inside TLS; None for a connection in clear."""
+        whose session starts inside TLS; None for a connection in clear.
+        `label`: the shell's host[ip]:port string for `client`, shared rather
+        than made again (one string per connection, not three)."""
         self.config = config
         self.client = client
-        self.label = f"{client.host}[{client.ip}]:{client.port}"
+        self.label = label or f"{client.host}[{client.ip}]:{client.port}"
         self.tx = Transaction()
         self.sink = None
         self.scanner: ContentScanner | None = None
@@ -235,7 +238,8 @@ class Session:
         # PLAIN and LOGIN only inside TLS when TLS can be had (RFC 4954 §4, 538)
         plaintext_ok = not config.tls.available or config.tls.plaintext_auth
         self.auth = config.auth.session(sp, client, config.host, tls=tls is not None,
-                                        plaintext_ok=plaintext_ok)   # SMTPAUTH per client
+                                        plaintext_ok=plaintext_ok,   # SMTPAUTH per client
+                                        label=self.label)
         if tls is not None:
             engine.tls_started()
         self._offer()
@@ -611,7 +615,8 @@ class Session:
         # the transaction are gone; the client's tcp.smtp profile is the same
         config = self.config
         self.policy = sp = config.policy.session(self.client)
-        self.auth = config.auth.session(sp, self.client, config.host, tls=True, plaintext_ok=True)
+        self.auth = config.auth.session(sp, self.client, config.host, tls=True, plaintext_ok=True,
+                                        label=self.label)
         self.scan_choice = None
         self.lookups = _NO_LOOKUPS
         self.tx.clear()
