@@ -15,7 +15,9 @@ checkpassword PROG [ARGS]   (DJB interface against the user database)
     MAILDIR when the record has one) are set, the working directory becomes
     HOME (when set), and -- when running as root and the record has uid/gid --
     supplementary groups, gid and uid are changed to the user's; then PROG is
-    exec'ed. Records without uid/gid keep the caller's ids (virtual users).
+    exec'ed. Records without uid/gid keep the caller's ids (virtual users),
+    except root's: run as root, a record without a uid is refused (exit 111,
+    a syslog line) unless ``--allow-root`` says PROG may run as root.
 
 cmd5checkpw PROG [ARGS]     (docs/behaviour/checkpassword.md#mailfilter-cmd5checkpw: cmd5checkpw 0.30 compatible)
     With a challenge: CRAM-MD5 (RFC 2195) -- the response is verified from the
@@ -87,9 +89,29 @@ def split_fields(data: bytes) -> tuple[bytes, bytes, bytes]:
     return parts[0], parts[1], parts[2] if len(parts) > 3 else b""
 
 
+_EPILOG = {
+    "checkpassword": "fd 3: login NUL password NUL [timestamp NUL], at most 512 bytes (the "
+                     "timestamp is ignored).\n"
+                     "on success: USER, HOME, SHELL (and MAILDIR) are set, the directory becomes "
+                     "HOME, and as root the record's gid/uid are taken; then PROG runs.",
+    "cmd5checkpw": "fd 3, at most 512 bytes: login NUL digest NUL challenge NUL (CRAM-MD5, order "
+                   "djb) or login NUL challenge NUL digest NUL (order dabrowski); login NUL "
+                   "password NUL NUL (empty third field): a plain password.\n"
+                   "on success PROG runs, nothing else is changed.",
+}
+_EXITS = ("exit codes: 0 PROG ran and exited 0 (it replaces this process), 1 wrong login, "
+          "2 misuse (no PROG, bad fd 3), 111 temporary trouble (user database unreadable, "
+          "cannot become the user, PROG cannot run, a root run refused). every attempt is "
+          "logged to syslog (facility authpriv, or mail with MAILFILTER_SYSLOG_FACILITY=mail); "
+          "never a password.")
+
+
 def _parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"mailfilter {prog}", description=doc)
-    p.add_argument("--db", help="user database (default $MAILFILTER_USERDB or var/users.db)")
+    p = argparse.ArgumentParser(prog=f"mailfilter {prog}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=_EPILOG[prog] + "\n" + _EXITS)
+    p.add_argument("--db", help="user database, opened read-only (default $MAILFILTER_USERDB, "
+                                "else var/users.db relative to the working directory)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="PROG [ARGS]: run on success")
     return p
 
@@ -147,7 +169,7 @@ def checkpassword_main(argv: list[str] | None = None) -> int:
 
     mech = "PLAIN/LOGIN"
     args, tool, command, fields = _start("checkpassword", "DJB checkpassword against the user database",
-                                         argv)
+                                         argv, _checkpassword_options)
     if command is None:
         return EXIT_MISUSE
     if isinstance(fields, _Misuse):
@@ -169,6 +191,12 @@ def checkpassword_main(argv: list[str] | None = None) -> int:
     if not check.check_password(password) or rec is None:
         tool.note("fail", mech, user, "unknown user" if rec is None else "bad password")
         return EXIT_FAIL
+    if os.geteuid() == 0 and rec.uid is None and not args.allow_root:
+        # a virtual user keeps the caller's ids; for root that would run PROG
+        # as root on a password alone (docs/behaviour/checkpassword.md)
+        tool.note("error", mech, user, "refusing to run the next program as root: the user has "
+                                       "no uid (--allow-root allows it)")
+        return EXIT_TEMP
     # DJB: set $USER $HOME $SHELL, groups, gid, uid, cwd, then run prog.
     os.environ["USER"] = rec.name
     os.environ["SHELL"] = rec.shell or "/usr/sbin/nologin"
@@ -188,6 +216,12 @@ def checkpassword_main(argv: list[str] | None = None) -> int:
         tool.note("error", mech, user, f"cannot become the user: {exc.strerror}")
         return EXIT_TEMP
     return tool.exec_next(command, mech, user)
+
+
+def _checkpassword_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-root", action="store_true",
+                   help="run as root, let PROG run as root for a user without a uid "
+                        "(default: refused, exit 111)")
 
 
 def _cmd5_options(p: argparse.ArgumentParser) -> None:

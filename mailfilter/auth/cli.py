@@ -10,27 +10,35 @@ one line from standard input; they are never taken from the command line
     passwd [--db PATH] set USER [--stdin | --keep-password] [same attributes]
     passwd [--db PATH] del USER
     passwd [--db PATH] list
-    passwd [--db PATH] import FILE [--records]    (FILE "-" = stdin)
+    passwd [--db PATH] import FILE [--records] [--no-replace]   (FILE "-" = stdin)
     passwd [--db PATH] export [-o FILE]
 
 ``import FILE`` reads a cmd5checkpw/poppasswd file (``login:password`` in
 clear text, ``#`` comments and blank lines allowed,
 docs/behaviour/auth.md#user-database) and upserts every user in ONE transaction: any bad line is
-reported as ``FILE:LINE: problem`` and nothing at all is imported (exit 1). ``export`` writes the
+reported as ``FILE:LINE: problem`` and nothing at all is imported (exit 1).
+It says how many users were added and how many existing ones got the new
+password; ``--no-replace`` leaves existing users as they are. ``export`` writes the
 records -- CRAM states and scrypt hashes, never a clear password (there is
 none) -- as ``# mailfilter-userdb-export v1`` followed by one JSON object per
 user; ``import --records`` reads that back (moving a database between
 hosts). An export can answer CRAM-MD5 challenges: it is written mode 0600,
 also over an existing file (a temporary 0600 file renamed over it).
 
+Without ``--stdin`` the password is asked on the terminal (/dev/tty);
+with no terminal at all it is read as one line from standard input, as
+``--stdin`` does (no getpass warning).
+
 Exit codes: 0 ok, 1 refused (bad import, unknown/existing user), 2 usage or
 database error.
 """
 from __future__ import annotations
 
+import argparse
 import getpass
 import os
 import sys
+import warnings
 
 __all__ = ["add_parser"]
 
@@ -38,7 +46,13 @@ __all__ = ["add_parser"]
 def add_parser(sub) -> None:
     from mailfilter.auth.userdb import DEFAULT_PATH
 
-    p = sub.add_parser("passwd", help="manage the SMTP AUTH user database")
+    p = sub.add_parser("passwd", help="manage the SMTP AUTH user database",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="passwords are never taken from the command line: they are asked on the "
+                              "terminal (twice), or read as one line from stdin with --stdin or when "
+                              "there is no terminal.\n"
+                              "exit codes: 0 ok, 1 refused (bad import line, unknown or existing "
+                              "user), 2 usage or database error")
     p.add_argument("--db", default=None, help=f"database file (default $MAILFILTER_USERDB or {DEFAULT_PATH})")
     p.add_argument("--cost", type=int, default=None,
                    help="scrypt cost as log2(N) for new hashes (default 14)")
@@ -67,20 +81,31 @@ def add_parser(sub) -> None:
     i = ps.add_parser("import", help="import a poppasswd file (login:password), all or nothing")
     i.add_argument("file")
     i.add_argument("--records", action="store_true", help="FILE is a `passwd export` file")
+    i.add_argument("--no-replace", action="store_true",
+                   help="leave users that exist as they are (default: they get the file's password)")
     e = ps.add_parser("export", help="export the records (hashes, never clear passwords)")
     e.add_argument("-o", "--output", default="-")
     p.set_defaults(func=cmd_passwd)
 
 
+def _stdin_line() -> bytes:
+    return sys.stdin.buffer.readline().rstrip(b"\n").rstrip(b"\r")
+
+
 def _read_password(args) -> bytes:
     if args.stdin:
-        line = sys.stdin.buffer.readline()
-        pw = line.rstrip(b"\n").rstrip(b"\r")
+        pw = _stdin_line()
     else:
-        first = getpass.getpass("Password: ")
-        if sys.stdin.isatty() and getpass.getpass("Again: ") != first:
-            raise ValueError("passwords differ")
-        pw = first.encode("utf-8")
+        try:
+            with warnings.catch_warnings():
+                # no terminal: getpass would warn and echo; read stdin as --stdin does
+                warnings.simplefilter("error", getpass.GetPassWarning)
+                first = getpass.getpass("Password: ")
+                if getpass.getpass("Again: ") != first:
+                    raise ValueError("passwords differ")
+            pw = first.encode("utf-8")
+        except getpass.GetPassWarning:
+            pw = _stdin_line()
     if not pw:
         raise ValueError("empty password")
     return pw
@@ -142,6 +167,8 @@ def cmd_passwd(args) -> int:
         return 2
     try:
         if cmd == "add":
+            if db.get(args.user) is not None:      # before asking a password for nothing
+                raise UserDBError(f"user {args.user!r} exists (`passwd set` changes it)")
             pw = _read_password(args)
             db.add(db.make_user(args.user, pw, cram=not args.no_cram, **_attrs(args)))
             print(f"added {args.user}")
@@ -176,9 +203,13 @@ def cmd_passwd(args) -> int:
             else:
                 users = [db.make_user(login, pw.encode("utf-8", "surrogateescape"))
                          for login, pw in parse_poppasswd(text, name)]
-            # poppasswd: new users are added, existing ones get the new password only
-            db.put_many(users, replace=True, passwords_only=not args.records)
-            print(f"imported {len(users)} user(s) from {name}")
+            # poppasswd: new users are added, existing ones get the new password
+            # only (--no-replace: are left alone); --records replaces whole records
+            added, replaced = db.put_many(users, replace=True, passwords_only=not args.records,
+                                          keep_existing=args.no_replace)
+            kept = len({u.name for u in users}) - added - replaced
+            print(f"imported {name}: {added} user(s) added, {replaced} replaced"
+                  + (f", {kept} existing left as they were" if args.no_replace else ""))
         elif cmd == "export":
             text = db.export_records()
             if args.output == "-":

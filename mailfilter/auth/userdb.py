@@ -376,22 +376,46 @@ class UserDB:
         self.put_many([user], replace=replace)
 
     def put_many(self, users: list[User], *, replace: bool = True,
-                 passwords_only: bool = False) -> None:
-        """Insert all records in ONE transaction (all or nothing). An existing
-        name is an error, unless `replace` (the whole record is replaced) or
-        `passwords_only` (only its secrets change; home/uid/... are kept)."""
+                 passwords_only: bool = False, keep_existing: bool = False) -> tuple[int, int]:
+        """Insert all records in ONE transaction (all or nothing); returns
+        (added, replaced). An existing name is an error (UserDBError naming
+        it), unless `replace` (the whole record is replaced), `passwords_only`
+        (only its secrets change; home/uid/... are kept) or `keep_existing`
+        (it is left as it is and not counted)."""
         verb = "INSERT OR REPLACE" if replace and not passwords_only else "INSERT"
         tail = (" ON CONFLICT(name) DO UPDATE SET cram = excluded.cram, hash = excluded.hash, "
                 "changed = excluded.changed") if passwords_only else ""
         try:
             with self._tx():
+                existing = self._existing([u.name for u in users])
+                if keep_existing:
+                    users = [u for u in users if u.name not in existing]
+                elif existing and not (replace or passwords_only):
+                    first = sorted(existing)[0]
+                    more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+                    raise UserDBError(f"user {first!r} exists{more}")
                 self.db.executemany(
                     f"{verb} INTO users (name, cram, hash, home, uid, gid, maildir, shell, changed) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)" + tail,
                     [(u.name, u.cram, u.hash, u.home, u.uid, u.gid, u.maildir, u.shell,
                       u.changed or int(time.time())) for u in users])
         except sqlite3.IntegrityError as exc:
-            raise UserDBError(f"user exists or bad record: {exc}") from None
+            raise UserDBError(f"bad record: {exc}") from None
+        names = {u.name for u in users}
+        replaced = len(names & existing)
+        return len(names) - replaced, replaced
+
+    def _existing(self, names: list[str]) -> set[str]:
+        """Which of `names` have a record (in chunks: SQLite binds at most
+        999 parameters per statement in older builds)."""
+        found: set[str] = set()
+        unique = list(dict.fromkeys(names))
+        for i in range(0, len(unique), 500):
+            chunk = unique[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(r[0] for r in self.db.execute(
+                f"SELECT name FROM users WHERE name IN ({marks})", chunk))
+        return found
 
     def update(self, name: str, **fields) -> None:
         allowed = {"cram", "hash", "home", "uid", "gid", "maildir", "shell"}

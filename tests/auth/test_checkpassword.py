@@ -13,6 +13,10 @@ from mailfilter.auth.userdb import UserDB
 
 from auth_helpers import PY, TOOL, SyslogSink, make_userdb
 
+# tim has no uid (a virtual user): run as root, checkpassword refuses to run
+# the next program as root unless told it may (test_root_... below)
+ALLOW_ROOT = ("--allow-root",) if os.geteuid() == 0 else ()
+
 RFC_CH = b"<1896.697170952@postoffice.reston.mci.net>"
 RFC_DIGEST = b"b913a602c7eda7a495b4e6e7334d3890"
 
@@ -63,7 +67,7 @@ def _to_fd3(fd):
 
 # --- checkpassword -----------------------------------------------------------------------
 def test_checkpassword_success_execs_next_program(env):
-    r = run_tool("checkpassword", b"tim\0tanstaaftanstaaf\0<ts>\0", SHOW, env["env"])
+    r = run_tool("checkpassword", b"tim\0tanstaaftanstaaf\0<ts>\0", SHOW, env["env"], ALLOW_ROOT)
     assert r.returncode == 0, r.stderr
     home = env["home"]
     assert r.stdout.split() == ["tim", home, "/bin/sh", f"{home}/Maildir", home]
@@ -113,8 +117,35 @@ def test_checkpassword_db_unreadable_exit_111(env):
 
 
 def test_checkpassword_exec_failure_is_111(env):
-    r = run_tool("checkpassword", b"tim\0tanstaaftanstaaf\0\0", ["/nonexistent/prog"], env["env"])
+    r = run_tool("checkpassword", b"tim\0tanstaaftanstaaf\0\0", ["/nonexistent/prog"], env["env"],
+                 ALLOW_ROOT)
     assert r.returncode == 111
+    assert "cannot run /nonexistent/prog" in env["sink"].lines()[-1]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the refusal is about running as root")
+def test_root_without_a_uid_is_refused_unless_allowed(env):
+    """A user without a uid keeps the caller's ids; for root that would run
+    PROG as root on a password alone: exit 111 and a syslog line instead."""
+    marker = env["tmp"] / "ran"
+    prog = ["/bin/sh", "-c", f"id -u > {marker}"]
+    r = run_tool("checkpassword", b"tim\0tanstaaftanstaaf\0\0", prog, env["env"])
+    assert r.returncode == 111 and not marker.exists()
+    (line,) = env["sink"].lines()
+    assert "auth error" in line and "user=tim" in line
+    assert "refusing to run the next program as root: the user has no uid" in line
+    r = run_tool("checkpassword", b"tim\0tanstaaftanstaaf\0\0", prog, env["env"], ("--allow-root",))
+    assert r.returncode == 0 and marker.read_text().strip() == "0"
+
+
+def test_help_names_defaults_exit_codes_and_fd3(env):
+    for tool, fd3 in (("checkpassword", "login NUL password NUL [timestamp NUL]"),
+                      ("cmd5checkpw", "login NUL digest NUL challenge NUL")):
+        out = subprocess.run([*TOOL, tool, "--help"], capture_output=True, text=True,
+                             timeout=60).stdout
+        flat = " ".join(out.split())
+        assert fd3 in flat and "exit codes: 0" in flat and "111 temporary" in flat, out
+        assert "default $MAILFILTER_USERDB, else var/users.db" in flat
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping to the user's uid needs root")
@@ -135,7 +166,7 @@ def test_console_entry_point(env):
     r, w = os.pipe()
     os.write(w, b"tim\0tanstaaftanstaaf\0\0")
     os.close(w)
-    p = subprocess.run([exe, "true"], env=env["env"], close_fds=False,
+    p = subprocess.run([exe, *ALLOW_ROOT, "true"], env=env["env"], close_fds=False,
                        preexec_fn=lambda: _to_fd3(r), timeout=60)
     os.close(r)
     assert p.returncode == 0

@@ -252,7 +252,10 @@ def passwd(tmp_path, *args, input=None):
 def test_passwd_cli_add_set_list_del(tmp_path):
     r = passwd(tmp_path, "add", "tim", "--stdin", "--home", "/home/tim", "--uid", "7", input="s3cret\n")
     assert r.returncode == 0, r.stderr
-    assert passwd(tmp_path, "add", "tim", "--stdin", input="x\n").returncode == 1
+    again = passwd(tmp_path, "add", "tim", "--stdin", input="x\n")
+    # one line naming the user, before any password is read; not SQLite's words
+    assert again.returncode == 1
+    assert again.stderr == "mailfilter passwd: user 'tim' exists (`passwd set` changes it)\n"
     assert passwd(tmp_path, "add", "empty", "--stdin", input="\n").returncode == 1
     out = passwd(tmp_path, "list").stdout
     assert out.startswith("tim\tcram=yes\tuid=7") and "s3cret" not in out
@@ -270,7 +273,8 @@ def test_passwd_cli_import_export_round_trip(tmp_path):
     pp = tmp_path / "poppasswd"
     pp.write_text("# users\ntim:tanstaaftanstaaf\n\nalice:wonder:land\n")
     r = passwd(tmp_path, "import", str(pp))
-    assert r.returncode == 0 and "imported 2" in r.stdout, r.stderr
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"imported {pp}: 2 user(s) added, 0 replaced\n"
     exp = tmp_path / "export.txt"
     assert passwd(tmp_path, "export", "-o", str(exp)).returncode == 0
     assert (exp.stat().st_mode & 0o777) == 0o600
@@ -320,7 +324,43 @@ def test_passwd_cli_bad_import_reports_file_line_imports_nothing(tmp_path):
 
 def test_passwd_cli_import_from_stdin(tmp_path):
     r = passwd(tmp_path, "import", "-", input="a:1\nb:2\n")
-    assert r.returncode == 0 and "imported 2 user(s) from <stdin>" in r.stdout
+    assert r.returncode == 0 and r.stdout == "imported <stdin>: 2 user(s) added, 0 replaced\n"
+
+
+def test_passwd_cli_import_counts_added_and_replaced_and_no_replace_keeps(tmp_path):
+    assert passwd(tmp_path, "import", "-", input="a:1\nb:2\n").returncode == 0
+    r = passwd(tmp_path, "import", "-", input="b:new\nc:3\n")
+    assert r.returncode == 0 and r.stdout == "imported <stdin>: 1 user(s) added, 1 replaced\n"
+    r = passwd(tmp_path, "import", "--no-replace", "-", input="a:other\nc:other\nd:4\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ("imported <stdin>: 1 user(s) added, 0 replaced, "
+                        "2 existing left as they were\n")
+    with UserDB(str(tmp_path / "u.db"), readonly=True) as db:
+        assert db.get("a").check_password(b"1") and db.get("c").check_password(b"3")
+        assert db.get("b").check_password(b"new") and db.get("d").check_password(b"4")
+
+
+def test_passwd_add_without_a_terminal_reads_stdin_without_a_warning(tmp_path):
+    """No controlling terminal at all (a new session, stdin a pipe): the
+    password is the first line of stdin, and no GetPassWarning is printed."""
+    r = subprocess.run([*TOOL, "passwd", "--db", str(tmp_path / "u.db"), "--cost", "10",
+                        "add", "tim"], input="s3cret\n", capture_output=True, text=True,
+                       timeout=60, start_new_session=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "" and r.stdout == "added tim\n"
+    with UserDB(str(tmp_path / "u.db"), readonly=True) as db:
+        assert db.get("tim").check_password(b"s3cret")
+
+
+def test_put_many_names_an_existing_user(tmp_path):
+    with UserDB(str(tmp_path / "u.db"), scrypt_n=1 << 10) as db:
+        db.add(db.make_user("tim", b"pw"))
+        with pytest.raises(userdb.UserDBError, match="user 'tim' exists$"):
+            db.add(db.make_user("tim", b"other"))
+        assert db.get("tim").check_password(b"pw")
+        assert db.put_many([db.make_user("tim", b"x"), db.make_user("ann", b"y")],
+                           keep_existing=True, replace=False) == (1, 0)
+        assert db.get("tim").check_password(b"pw")
 
 
 def test_passwd_cli_reads_password_from_a_terminal_without_echo(tmp_path):
