@@ -170,17 +170,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"{PRODUCT} {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compile", help="compile a rules directory into a bundle")
-    c.add_argument("rules_dir", nargs="?", default=DEFAULT_RULES)
-    c.add_argument("-o", "--output", default=DEFAULT_BUNDLE)
+    c = sub.add_parser("compile", help="compile a rules directory into a bundle",
+                       epilog="paths are relative to the working directory. exit codes: 0 compiled, "
+                              "1 compiled but some lines were skipped (each named FILE:LINE on "
+                              "stderr), 2 nothing written (unreadable directory, bad setting, "
+                              "cannot write OUTPUT)")
+    c.add_argument("rules_dir", nargs="?", default=DEFAULT_RULES, metavar="RULES_DIR",
+                   help=f"spamcontrol control files and tcp.smtp (default: {DEFAULT_RULES})")
+    c.add_argument("-o", "--output", default=DEFAULT_BUNDLE, metavar="FILE",
+                   help=f"the bundle to write (default: {DEFAULT_BUNDLE})")
     c.set_defaults(func=cmd_compile)
 
-    k = sub.add_parser("check", help="what the server would answer to an envelope")
+    k = sub.add_parser("check", help="what the server would answer to an envelope",
+                       epilog="exit codes: 0 every recipient accepted, 1 something refused (the "
+                              "report says what and which rule), 2 usage error, unreadable "
+                              "rules/bundle, or rule lines skipped")
     src = k.add_mutually_exclusive_group(required=True)
     src.add_argument("--rules", help="rules directory (compiled in memory)")
     src.add_argument("--bundle", help="compiled bundle file")
-    k.add_argument("--ip", default="127.0.0.1", type=_ip_address, help="client IP address")
-    k.add_argument("--host", default="unknown", help="client host name (TCPREMOTEHOST)")
+    k.add_argument("--ip", default="127.0.0.1", type=_ip_address,
+                   help="client IP address (default: 127.0.0.1)")
+    k.add_argument("--host", default="unknown",
+                   help="client host name (TCPREMOTEHOST; default: unknown)")
     k.add_argument("--helo", default=None, help="HELO/EHLO name (omit: no HELO sent)")
     k.add_argument("--from", dest="sender", default=None, help="envelope sender ('' for <>)")
     k.add_argument("--rcpt", action="append", default=[], help="envelope recipient (repeatable)")
@@ -200,10 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     from mailfilter.serve.config import add_arguments
 
-    s = sub.add_parser("serve", help="run the SMTP server")
+    serve_epilog = ("relative paths (rules, var/...) are taken from the working directory. "
+                    "exit codes: 0 stopped cleanly (SIGTERM/SIGINT), 2 could not start (a bad "
+                    "option or TOML key, unreadable rules, a port in use, a certificate or "
+                    "descriptor problem: one line on stderr says which). SIGHUP reloads the "
+                    "rules and certificates.")
+    s = sub.add_parser("serve", help="run the SMTP server", epilog=serve_epilog)
     add_arguments(s)
     s.set_defaults(func=cmd_serve)
-    r = sub.add_parser("run", help="what `make run` starts: serve on the embedded defaults")
+    r = sub.add_parser("run", help="what `make run` starts: serve on the embedded defaults",
+                       epilog=serve_epilog)
     add_arguments(r)
     r.set_defaults(func=cmd_serve)
 

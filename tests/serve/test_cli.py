@@ -313,3 +313,20 @@ def test_version_is_the_package_version():
     except importlib.metadata.PackageNotFoundError:     # run from a checkout, not installed
         installed = None
     assert installed in (None, mailfilter.__version__)
+
+
+@pytest.mark.parametrize("cmd,needles", [
+    ("compile", ["(default: rules)", "(default: var/rules.mfb)", "exit codes: 0 compiled", "1 compiled but"]),
+    ("check", ["(default: 127.0.0.1)", "exit codes: 0 every recipient accepted", "1 something refused"]),
+    ("serve", ["(default: 127.0.0.1:2525)", "exit codes: 0 stopped cleanly", "2 could not start",
+               "relative paths"]),
+    ("run", ["exit codes: 0 stopped cleanly"]),
+    ("passwd", ["(default 14)", "exit codes: 0 ok, 1 refused"]),
+])
+def test_every_subcommand_help_names_defaults_and_exit_codes(cmd, needles):
+    out = subprocess.run([sys.executable, "-m", "mailfilter", cmd, "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0
+    flat = " ".join(out.stdout.split())
+    for needle in needles:
+        assert needle in flat, (needle, out.stdout)
