@@ -4,8 +4,9 @@
 `run` is `serve` on the embedded defaults: rules/ compiled at start, listen
 127.0.0.1:2525, deliver to maildir:var/spool.
 
-Exit codes: compile 0 ok / 1 diagnostics printed / 2 error; check 0 every
-recipient accepted / 1 something rejected / 2 error or diagnostics; passwd
+Exit codes: compile 0 ok (ignored tcp.smtp settings warned about) / 1 lines
+skipped / 2 error; check 0 every recipient accepted / 1 something rejected
+/ 2 error or lines skipped; passwd
 0 / 1 refused / 2 error (auth/cli.py); checkpassword and cmd5checkpw follow
 the DJB interface: exec PROG on success, 1 bad login, 2 misuse, 111
 temporary (auth/checkpassword.py). Those two take their arguments verbatim (PROG may
@@ -82,8 +83,12 @@ def cmd_compile(args) -> int:
     for kind, count in sorted(compiled.counts.items()):
         if count:
             print(f"  {kind:<12} {count}")
-    if compiled.diagnostics:
-        print(f"{len(compiled.diagnostics)} line(s) skipped", file=sys.stderr)
+    skipped = sum(1 for d in compiled.diagnostics if not d.kept)
+    ignored = len(compiled.diagnostics) - skipped
+    if ignored:
+        print(f"{ignored} setting(s) ignored", file=sys.stderr)
+    if skipped:
+        print(f"{skipped} line(s) skipped", file=sys.stderr)
         return 1
     return 0
 
@@ -148,7 +153,7 @@ def cmd_check(args) -> int:
         print(json.dumps(report.as_dict(), indent=2))
     else:
         print(report.as_text())
-    if diags:
+    if any(not d.kept for d in diags):     # the answers above are without those lines
         return 2
     return 0 if report.all_accepted else 1
 
@@ -171,10 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compile", help="compile a rules directory into a bundle",
-                       epilog="paths are relative to the working directory. exit codes: 0 compiled, "
-                              "1 compiled but some lines were skipped (each named FILE:LINE on "
-                              "stderr), 2 nothing written (unreadable directory, bad setting, "
-                              "cannot write OUTPUT)")
+                       epilog="paths are relative to the working directory. exit codes: 0 compiled "
+                              "(ignored tcp.smtp settings are warned about), 1 compiled but some "
+                              "lines were skipped (each named FILE:LINE on stderr), 2 nothing "
+                              "written (unreadable directory, bad setting, cannot write OUTPUT)")
     c.add_argument("rules_dir", nargs="?", default=DEFAULT_RULES, metavar="RULES_DIR",
                    help=f"spamcontrol control files and tcp.smtp (default: {DEFAULT_RULES})")
     c.add_argument("-o", "--output", default=DEFAULT_BUNDLE, metavar="FILE",

@@ -23,6 +23,8 @@ Invariants:
 from __future__ import annotations
 
 import array
+import dataclasses
+import difflib
 import hashlib
 import ipaddress
 import os
@@ -199,8 +201,9 @@ class _Compiler:
             yield line
         self.progress(name, total, total)
 
-    def diag(self, line: cf.Line, problem: str) -> None:
-        self.diagnostics.append(cf.Diagnostic(os.path.join(self.src.root, line.file), line.line, problem))
+    def diag(self, line: cf.Line, problem: str, kept: bool = False) -> None:
+        self.diagnostics.append(cf.Diagnostic(os.path.join(self.src.root, line.file), line.line,
+                                              problem, kept))
 
     def add_rule(self, line: cf.Line, kind: str, flags: int = 0, aux: int = 0) -> int:
         idx = self.file_index.get(line.file)
@@ -499,10 +502,18 @@ class _Compiler:
         # a later line with the same key is dead, so it is a diagnostic.
         seen: dict[tuple, cf.Line] = {}
         for rule in self.src.tcp_rules:
+            # real tcp.smtp files carry variables for other programs (RBLSMTPD,
+            # QMAILQUEUE, SIMSCAN*, CHKUSER_*...): the rule stays, each such
+            # variable is ignored with a warning (docs/behaviour/tcp-smtp.md#syntax)
             unknown = [n for n, _ in rule.env if n not in KNOWN_SETTINGS]
             if unknown:
-                self.diag(rule.source, f"unknown setting {unknown[0]} (known: {', '.join(sorted(KNOWN_SETTINGS))})")
-                continue
+                for name in dict.fromkeys(unknown):
+                    near = difflib.get_close_matches(name, KNOWN_SETTINGS, n=1, cutoff=0.8)
+                    hint = f" (did you mean {near[0]}?)" if near else ""
+                    self.diag(rule.source, f"setting {name} is not one of mailfilter's{hint}",
+                              kept=True)
+                rule = dataclasses.replace(
+                    rule, env=tuple((n, v) for n, v in rule.env if n in KNOWN_SETTINGS))
             problem = next((p for p in (setting_problem(n, v) for n, v in rule.env) if p), None)
             if problem:
                 self.diag(rule.source, problem)

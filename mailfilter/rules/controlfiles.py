@@ -65,9 +65,13 @@ class Line(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Diagnostic:
+    """A line that is not what it says: skipped (the default), or kept with
+    part of it ignored (`kept`: an unknown tcp.smtp setting). Either way a
+    warning naming FILE:LINE, never fatal (docs/operations.md#reloading)."""
     path: str
     line: int
     problem: str
+    kept: bool = False
 
     def __post_init__(self) -> None:
         # each message quotes with format.quoted; this bounds the rest (a
@@ -75,7 +79,8 @@ class Diagnostic:
         object.__setattr__(self, "problem", clip(self.problem, MAX_PROBLEM))
 
     def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.problem}: rule skipped"
+        what = "ignored, rule kept" if self.kept else "rule skipped"
+        return f"{self.path}:{self.line}: {self.problem}: {what}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,10 +9,13 @@ processes sharing the port (`--workers`) are supervise.py's.
 SIGHUP recompiles (with `--rules`: in a child process, `mailfilter
 compile`, since compiling in a thread would hold the GIL and stall every
 session for seconds on a big rule set) or reloads (with `--bundle`, in a
-worker thread); a failure keeps the old rules and logs why, and so does a
-rule set with diagnostics (a skipped line may be the rule the operator just
-added: README "a broken rule set is logged and the old one kept"; at
-start-up there is no old set, so the diagnostics are warnings); a success
+worker thread); a rule set that cannot be built keeps the old rules and
+logs "reload refused" and why. Start and reload agree on what is fatal
+(docs/operations.md#reloading): a line that does not compile is a warning
+naming FILE:LINE at both, and the rest of the rules take effect, as
+Postfix does with a bad map entry; only a rule set that cannot be built
+at all (unreadable, no rcpthosts without --open-relay, a corrupt bundle)
+refuses. A success
 swaps them for new sessions (sessions in flight finish on the rules they
 started with). A SIGHUP that arrives while the rules are still compiling at
 start-up is kept (`early_hup`) and answered by one reload once the
@@ -233,9 +236,10 @@ def _package_env() -> dict:
     return dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""))
 
 
-async def _recompile(opts: ServeOptions) -> PolicyEngine:
+async def _recompile(opts: ServeOptions) -> tuple[PolicyEngine, int]:
     """--rules on SIGHUP: `mailfilter compile` in a child process into a
-    temporary bundle, then load it here (mmap-sized work, not a compile)."""
+    temporary bundle, then load it here (mmap-sized work, not a compile).
+    Returns the policy and how many lines were skipped (each logged)."""
     fd, tmp = tempfile.mkstemp(prefix="mailfilter-reload-", suffix=".mfb")
     os.close(fd)
     try:
@@ -251,17 +255,21 @@ async def _recompile(opts: ServeOptions) -> PolicyEngine:
             await proc.wait()
             raise StartupError(f"compiling {opts.rules} took over {RELOAD_COMPILE_TIMEOUT:g} s") from None
         lines = err.decode("utf-8", "replace").strip().splitlines()
-        if proc.returncode == 1:        # diagnostics: the last line counts them
-            shown = "; ".join(lines[:3]) + ("; ..." if len(lines) > 4 else "")
-            raise StartupError(f"{lines[-1]} in {opts.rules} (run `mailfilter check --rules "
-                               f"{opts.rules}`): {shown}")
-        if proc.returncode != 0:
+        skipped = 0
+        if proc.returncode in (0, 1):
+            # 1: lines skipped. Each diagnostic is a warning, as at start-up
+            # (the child's summary lines, "N line(s) skipped", are not repeated)
+            for line in lines:
+                if line.endswith(": rule skipped") or line.endswith(": ignored, rule kept"):
+                    logger.warning("%s", line)
+                    skipped += line.endswith(": rule skipped")
+        else:
             raise StartupError("; ".join(lines[-3:]) or f"compile exited with {proc.returncode}")
         loop = asyncio.get_running_loop()
         policy = await loop.run_in_executor(
             None, load_policy, dataclasses.replace(opts, bundle=tmp, rules=None))
         policy.bundle.source = opts.rules
-        return policy
+        return policy, skipped
     finally:
         try:
             os.unlink(tmp)
@@ -281,13 +289,14 @@ async def reload(state: ServerState, opts: ServeOptions) -> bool:
 async def reload_rules(state: ServerState, opts: ServeOptions) -> bool:
     """Build new rules off the loop; keep the old ones on failure."""
     loop = asyncio.get_running_loop()
+    skipped = 0
     try:
         if opts.bundle:
             policy = await loop.run_in_executor(None, load_policy, opts)
         else:
-            policy = await _recompile(opts)
+            policy, skipped = await _recompile(opts)
     except StartupError as exc:
-        logger.error("reload failed, keeping the current rules: %s", exc)
+        logger.error("reload refused, keeping the current rules: %s", exc)
         return False
     state.swap_policy(policy, limits_for(opts, policy))
     # The old rules hold reference cycles (each lazy regex and its matcher),
@@ -295,7 +304,8 @@ async def reload_rules(state: ServerState, opts: ServeOptions) -> bool:
     # 100k-rule set kept 8 old copies (+74 MB) until the collector came by.
     # Sessions in flight still reference the old set; it goes with them.
     gc.collect()
-    logger.info("reload ok: %d rules from %s", policy.bundle.n_rules, policy.bundle.source)
+    logger.info("reload ok: %d rules from %s%s", policy.bundle.n_rules, policy.bundle.source,
+                f" ({skipped} line(s) skipped: the warnings above name them)" if skipped else "")
     return True
 
 

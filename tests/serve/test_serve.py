@@ -85,7 +85,7 @@ def test_sighup_broken_rules_keep_old_rules(served, rules):
     with open(os.path.join(rules, "badmailfrom"), "a") as fh:
         fh.write("new-spammer@evil.test\n")
     sp.signal(signal.SIGHUP)
-    [m] = sp.log.wait_for(r"reload failed, keeping the current rules: (.*)")
+    [m] = sp.log.wait_for(r"reload refused, keeping the current rules: (.*)")
     assert "no rcpthosts" in m.group(1)
     # old rules still in force: example.com accepted, others refused, the new line unknown
     assert rcpt_verdict(sp.port, "a@sender.test") == "250 2.1.5 ok"
@@ -102,27 +102,55 @@ def test_sighup_broken_rules_keep_old_rules(served, rules):
 BANNED_RULES = "new-spammer@evil.test\n"
 
 
-def test_sighup_rules_with_a_diagnostic_keep_old_rules(served, rules, tmp_path):
-    """README: a broken rule set is logged and the old one kept. A skipped
-    line may be the very rule the operator added, so a reload whose compile
-    reports a diagnostic changes nothing (the compile runs as `mailfilter
-    compile` in a child process, off the event loop and its GIL)."""
+def test_sighup_rules_with_a_skipped_line_apply_the_rest_as_at_start(served, rules, tmp_path):
+    """Start and reload agree on what is fatal (docs/operations.md#reloading):
+    a line that does not compile is a warning naming FILE:LINE, and the rest
+    of the rules take effect, at start as at SIGHUP (the compile runs as
+    `mailfilter compile` in a child process, off the event loop and its GIL)."""
     tmp = tmp_path / "tmp"                   # the server's own TMPDIR: its temporary bundles
     tmp.mkdir()
-    sp = served(env={"TMPDIR": str(tmp)})
     with open(os.path.join(rules, "badmailfrom"), "a") as fh:
-        fh.write("new-spammer@evil.test\n/unclosed(regex/\n")
+        fh.write("/unclosed(regex/\n")
+    sp = served(env={"TMPDIR": str(tmp)})
+    [start] = sp.log.wait_for(r"WARNING (\S+badmailfrom:\d+: .*: rule skipped)")
+    assert rcpt_verdict(sp.port, "spammer@example.org") == BANNED       # the rest is served
+    with open(os.path.join(rules, "badmailfrom"), "a") as fh:
+        fh.write("new-spammer@evil.test\n")
     sp.signal(signal.SIGHUP)
-    [m] = sp.log.wait_for(r"reload failed, keeping the current rules: (.*)")
-    assert m.group(1).startswith(f"1 line(s) skipped in {rules} (run `mailfilter check --rules {rules}`): ")
-    assert "badmailfrom:" in m.group(1)
-    assert rcpt_verdict(sp.port, "new-spammer@evil.test") == "250 2.1.5 ok"
-    write_rules(rules, {"badmailfrom": BANNED_RULES})           # fixed: the reload goes through
-    sp.signal(signal.SIGHUP)
-    [m] = sp.log.wait_for(r"reload ok: \d+ rules from (\S+)")
-    assert m.group(1) == rules
-    assert rcpt_verdict(sp.port, "new-spammer@evil.test") == BANNED
+    again = sp.log.wait_for(r"WARNING (\S+badmailfrom:\d+: .*: rule skipped)", count=2)[1]
+    assert again.group(1) == start.group(1)                            # the same warning
+    [m] = sp.log.wait_for(r"reload ok: \d+ rules from (\S+) \(1 line\(s\) skipped")
+    assert m.group(1) == rules                                          # the directory itself
+    assert rcpt_verdict(sp.port, "new-spammer@evil.test") == BANNED     # the new line took effect
+    assert "reload refused" not in sp.log.text()
     assert os.listdir(tmp) == []              # the temporary bundles are gone
+
+
+def test_tcp_smtp_with_other_programs_variables_keeps_its_rules(served, rules):
+    """A real tcp.smtp carries variables for other programs (rblsmtpd,
+    qmail-queue wrappers, simscan, chkuser): each is ignored with one warning
+    naming FILE:LINE, the rule itself (here a relay client's) stays, at start
+    and at reload alike."""
+    with open(os.path.join(rules, "tcp.smtp")) as fh:
+        base = fh.read()
+    extra = ('127.0.0.12:allow,RELAYCLIENT="",RBLSMTPD="",QMAILQUEUE="/var/qmail/bin/simscan",'
+             'SIMSCAN_DEBUG="0",CHKUSER_WRONGRCPTLIMIT="3"\n')
+    with open(os.path.join(rules, "tcp.smtp"), "w") as fh:
+        fh.write(extra + base)
+    sp = served()
+    warned = sp.log.wait_for(r"WARNING \S+tcp\.smtp:1: setting (\w+) is not one of mailfilter's: "
+                             r"ignored, rule kept", count=4)
+    assert [m.group(1) for m in warned] == ["RBLSMTPD", "QMAILQUEUE", "SIMSCAN_DEBUG",
+                                           "CHKUSER_WRONGRCPTLIMIT"]
+    with session(sp.port, "127.0.0.12") as c:          # still a relay client
+        assert first(c.cmd("MAIL FROM:<a@sender.test>")) == "250 2.1.0 ok"
+        assert first(c.cmd("RCPT TO:<x@elsewhere.test>")).startswith("250 ")
+    sp.signal(signal.SIGHUP)
+    sp.log.wait_for(r"reload ok: \d+ rules from \S+$")            # no line skipped
+    sp.log.wait_for(r"WARNING \S+tcp\.smtp:1: setting RBLSMTPD is not one of", count=2)
+    with session(sp.port, "127.0.0.12") as c:
+        assert first(c.cmd("MAIL FROM:<a@sender.test>")) == "250 2.1.0 ok"
+        assert first(c.cmd("RCPT TO:<x@elsewhere.test>")).startswith("250 ")
 
 
 def test_sighup_reload_picks_up_timeoutsmtpd(served, rules):
@@ -638,7 +666,7 @@ def test_sighup_reloads_a_bundle_and_refuses_a_broken_one(tmp_path, rules):
         with open(bundle, "wb") as fh:
             fh.write(data[: len(data) // 2])
         sp.signal(signal.SIGHUP)
-        [m] = sp.log.wait_for(r"reload failed, keeping the current rules: (.*)")
+        [m] = sp.log.wait_for(r"reload refused, keeping the current rules: (.*)")
         assert "truncated" in m.group(1)
         assert rcpt_verdict(sp.port, "new-spammer@evil.test") == BANNED
     finally:
