@@ -156,7 +156,7 @@ def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | Non
               open_relay: bool = False, auth_user: str | None = None,
               resolver=None, auth_mode: str | None = None,
               hostname: str | None = None, tls: bool = False,
-              tls_settings: TLSSettings | None = None) -> CheckReport:
+              tls_settings: TLSSettings | None = None, deny: str = "close") -> CheckReport:
     """One envelope through the server's own Session (smtp/session.py): the
     same engine, policy and replies the server uses. With a
     policy/dns.py Resolver the DNS checks are made with the server's own two
@@ -166,17 +166,22 @@ def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | Non
     TLS (after STARTTLS, or on the implicit-TLS listener), so the CONNECT
     stage names what such a session is offered (EHLO keywords, AUTH
     mechanisms); `tls_settings` are the server's (default: TLS available,
-    as with the embedded certificate)."""
+    as with the embedded certificate); `deny` is the server's --deny."""
     defaults = {} if auth_mode is None else {"SMTPAUTH": auth_mode}
     engine = PolicyEngine(bundle, PolicyOptions(open_relay=open_relay, defaults=defaults))
     if tls_settings is None:      # the server's default: a certificate, so STARTTLS
         tls_settings = TLSSettings(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
-    session = Session(SessionConfig(engine, hostname=hostname, tls=tls_settings),
+    session = Session(SessionConfig(engine, hostname=hostname, tls=tls_settings, deny=deny),
                       Client(ip=ip, host=host), tls="TLS" if tls else None)
     sp = session.policy
     drive = _Driver(session, resolver)
     report = CheckReport()
-    session.start()
+    if not session.start():         # a deny client, --deny close: no session at all
+        res = _result(session.last_verdict, f"{host}[{ip}]")
+        res.reply = "(none: the connection is closed at once)"
+        res.note = "tcp.smtp deny, as tcpserver: no greeting, no session"
+        report.stages.append(res)
+        return report
     res = _result(session.last_verdict, f"{host}[{ip}]")
     res.reply = session.data_to_send().decode("utf-8", "replace").rstrip("\r\n")
     if not sp.profile.allowed:

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailfilter.smtp.protocol import REMOTE_HOST_MODES    # the server checks them too
+from mailfilter.smtp.session import DENY_MODES
 from mailfilter.tls import selfsigned
 from mailfilter.tls.context import MIN_VERSIONS
 
@@ -153,6 +154,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("workers", INT, 1, "processes sharing the port with SO_REUSEPORT", minimum=1),
     Option("loop", TEXT, "uvloop", "event loop", choices=LOOPS),
     Option("open_relay", BOOL, False, "allow running without rcpthosts (docs/behaviour/control-files.md#rcpthosts)"),
+    Option("deny", TEXT, "close", "what a tcp.smtp `deny` client gets: close = the connection is "
+           "closed at once, no session (as tcpserver does); rcpt = 220, then 553 at every RCPT "
+           "(its envelopes logged)", choices=DENY_MODES),
     Option("resolver", TEXT, None,
            "DNS server for the client host name, HELOCHECK A/M and MFDNSCHECK: IP, IP:PORT, "
            "[IPV6]:PORT or a bare IPv6 address; several separated by commas are asked in order",

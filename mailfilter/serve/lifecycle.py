@@ -140,7 +140,7 @@ def build_state(opts: ServeOptions) -> ServerState:
     tls = build_tls(opts, policy)
     return ServerState(policy, delivery, limits=limits_for(opts, policy), resolver=resolver,
                        hostname=opts.hostname, auth=build_auth(opts), remote_host=opts.remote_host,
-                       tls=tls)
+                       tls=tls, deny=opts.deny)
 
 
 def build_delivery(opts: ServeOptions) -> Delivery:

@@ -93,7 +93,7 @@ class ServerState:
     def __init__(self, policy: PolicyEngine, delivery: Delivery, *, limits: Limits | None = None,
                  resolver=None, hostname: str | None = None, features: list[str] | None = None,
                  auth: AuthService | None = None, remote_host: str = "confirmed",
-                 tls: TLSSettings = NO_TLS):
+                 tls: TLSSettings = NO_TLS, deny: str = "close"):
         if remote_host not in REMOTE_HOST_MODES:
             raise ValueError(f"remote_host must be one of {', '.join(REMOTE_HOST_MODES)}, "
                              f"not {remote_host!r}")
@@ -110,6 +110,7 @@ class ServerState:
         self.loop: asyncio.AbstractEventLoop | None = None    # cached: get_running_loop() costs a getpid()
         self.clock: TimerWheel | None = None    # every session's idle/deadline clock, on self.loop
         self.tls = tls
+        self.deny = deny            # what a tcp.smtp deny client gets (SessionConfig.deny)
         self.swap_policy(policy)
 
     def swap_policy(self, policy: PolicyEngine, limits: Limits | None = None) -> None:
@@ -123,7 +124,7 @@ class ServerState:
             policy, auth=self.auth, delivery=self.delivery, hostname=self.hostname,
             features=self.features, max_bad_commands=self.limits.max_bad_commands,
             dns=self.resolver is not None, tls=self.tls,
-            header_limit=self.limits.header_size_limit)
+            header_limit=self.limits.header_size_limit, deny=self.deny)
         self.engine_config = self.session_config.engine_config
         self.host = self.session_config.host       # for replies before a session exists
 
@@ -261,9 +262,12 @@ class SMTPProtocol(asyncio.Protocol):
             session = Session(st.session_config, client,
                               tls=self.tls.info if self.tls is not None else None,
                               label=self.client_label)
-            session.start()
+            greeted = session.start()
             self.session = session
             self.engine = session.engine
+            if not greeted:             # a denied client: closed without a word (tcpserver)
+                self._close()
+                return
             self._flush()
         except Exception:
             logger.exception("session setup failed client=%s", self.client_label)

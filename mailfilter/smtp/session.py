@@ -137,17 +137,24 @@ HANDSHAKE = Handshake()
 
 
 # --- configuration shared by the sessions of one policy ------------------------
+# what a tcp.smtp `deny` client gets (docs/behaviour/tcp-smtp.md#denied-clients)
+DENY_MODES = ("close", "rcpt")
+
+
 class SessionConfig:
     """What every new session starts from: the policy (one rule bundle), the
     AUTH service, the delivery, the engine configuration. A SIGHUP reload
     makes a new SessionConfig; sessions in flight keep theirs."""
 
-    __slots__ = ("policy", "auth", "delivery", "engine_config", "host", "dns", "tls", "offers")
+    __slots__ = ("policy", "auth", "delivery", "engine_config", "host", "dns", "tls", "offers",
+                 "deny")
 
     def __init__(self, policy: PolicyEngine, *, auth=None, delivery=None, hostname: str | None = None,
                  features: list[str] | None = None, max_bad_commands: int = 10,
                  dns: bool = True, tls: TLSSettings = NO_TLS,
-                 header_limit: int = 0) -> None:
+                 header_limit: int = 0, deny: str = "close") -> None:
+        if deny not in DENY_MODES:
+            raise ValueError(f"deny must be one of {', '.join(DENY_MODES)}, not {deny!r}")
         if auth is None:
             from mailfilter.auth.session import AuthService   # verifier made on first AUTH
             auth = AuthService()
@@ -156,6 +163,7 @@ class SessionConfig:
         self.delivery = delivery
         self.dns = dns      # the shell can answer Lookups (it has a resolver)
         self.tls = tls      # STARTTLS offered when tls.available; --require-tls; --auth-plaintext
+        self.deny = deny    # a tcp.smtp deny client: "close" (tcpserver) or "rcpt" (553 per RCPT)
         self.offers: dict = {}  # (STARTTLS?, AUTH mechanisms) -> the extra EHLO keywords
         self.engine_config = EngineConfig(
             greeting=hostname or policy.greeting,
@@ -262,13 +270,22 @@ class Session:
         engine.auth_offered = bool(mechs)
 
     # --- the shell's API ----------------------------------------------------
-    def start(self) -> None:
-        """Queue the greeting (a denied client gets its 220 too, and 553 at
-        every RCPT: the refusal is logged once, here)."""
+    def start(self) -> bool:
+        """Queue the greeting; False when there is no session: a tcp.smtp
+        `deny` client with deny "close" is closed at once without a word, as
+        tcpserver does (one decision line). With deny "rcpt" it gets its 220
+        and 553 at every RCPT; the refusal is logged once, here."""
         v = self.last_verdict = self.policy.connect()
         if not self.policy.profile.allowed:
+            if self.config.deny == "close":
+                v = self.last_verdict = Verdict("CONNECT", False, REPLIES["client_denied"],
+                                                "client_denied", v.rule)
+                log.event(action="refuse", stage="CONNECT", reason="client_denied", rule=v.rule,
+                          client=self.label, detail="closed")
+                return False
             self._log(v)
         self.engine.greet()
+        return True
 
     def receive_data(self, data: bytes) -> None:
         """Bytes from the client; b"" is EOF."""

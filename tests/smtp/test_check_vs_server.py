@@ -63,10 +63,16 @@ def _random_envelopes(n: int, seed: int = 7):
              rng.sample(RCPTS, rng.randint(1, 3))) for _ in range(n)]
 
 
+CLOSED = "(none: the connection is closed at once)"     # what check says for deny + close
+
+
 def _server_replies(port: int, ip: str, helo, sender, rcpts) -> list[str]:
     c = RawClient(port, ip)
     try:
-        out = [first(c.reply())]
+        greeting = c.reply()
+        if greeting is None:            # a deny client with --deny close: no session
+            return [CLOSED]
+        out = [first(greeting)]
         if helo is not None:
             out.append(first(c.cmd(f"HELO {helo}")))
         out.append(first(c.cmd(f"MAIL FROM:<{sender}>")))
@@ -77,21 +83,23 @@ def _server_replies(port: int, ip: str, helo, sender, rcpts) -> list[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def rules_and_server(tmp_path_factory):
+@pytest.fixture(scope="module", params=["close", "rcpt"])
+def rules_and_server(tmp_path_factory, request):
+    """The server with each --deny mode: a deny client closed at once, or
+    greeted and refused at every RCPT."""
     d = tmp_path_factory.mktemp("check_vs_server")
     rules = write_rules(str(d / "rules"), RULES)
-    srv = start_server("uvloop", rules, str(d / "spool"))
+    srv = start_server("uvloop", rules, str(d / "spool"), deny=request.param)
     compiled = compiler.compile_dir(rules)
     assert not compiled.diagnostics, compiled.diagnostics
-    yield bundle_mod.from_compiled(compiled), srv
+    yield bundle_mod.from_compiled(compiled), srv, request.param
     srv.stop()
 
 
 @pytest.mark.parametrize("envelope", FIXED + _random_envelopes(60),
                          ids=lambda e: f"{e[0]}|{e[1]!r}|{e[2]}|{','.join(e[3])}")
 def test_check_gives_the_servers_replies(rules_and_server, envelope):
-    b, srv = rules_and_server
+    b, srv, deny = rules_and_server
     ip, helo, sender, rcpts = envelope
-    report = run_check(b, ip=ip, helo=helo, sender=sender, recipients=rcpts)
+    report = run_check(b, ip=ip, helo=helo, sender=sender, recipients=rcpts, deny=deny)
     assert [s.reply for s in report.stages] == _server_replies(srv.port, ip, helo, sender, rcpts)

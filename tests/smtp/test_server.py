@@ -216,10 +216,29 @@ def test_server_closes_are_logged(server, decisions):
     assert closes[0].endswith('reply="421 4.7.0 mx.test too many errors, closing connection"')
 
 
-def test_denied_client_connect_line_names_the_reply_sent(server, decisions):
-    """A `deny` client gets 220 and 553 at every RCPT
+def test_denied_client_is_closed_at_once_with_one_line(server, decisions):
+    """docs/behaviour/tcp-smtp.md#denied-clients: a `deny` client is closed at
+    once, without a byte, as tcpserver does (the default, --deny close); the
+    refusal is one decision line naming the rule."""
+    c = RawClient(server.port, DENIED)
+    assert c.reply() is None            # EOF before any greeting
+    c.close()
+    server.wait_lost()
+    lines = [l for l in decisions() if "stage=CONNECT" in l]
+    assert len(lines) == 1
+    assert lines[0].startswith("action=refuse stage=CONNECT reason=client_denied rule=tcp.smtp:2 "
+                               "client=unknown[127.0.0.3]:")
+    assert lines[0].endswith(" detail=closed")
+    # the other clients are served as before
+    with session(server.port, PLAIN) as ok:
+        assert first(ok.cmd("MAIL FROM:<a@sender.test>")) == "250 2.1.0 ok"
+
+
+def test_denied_client_connect_line_names_the_reply_sent(start, decisions):
+    """With --deny rcpt a `deny` client gets 220 and 553 at every RCPT
     (docs/behaviour/tcp-smtp.md#denied-clients): its CONNECT line said reply="553 ..." although
     220 was sent."""
+    server = start(deny="rcpt")
     c = RawClient(server.port, DENIED)
     assert c.reply()[0] == 220
     c.close()
@@ -373,9 +392,10 @@ def test_anomalies_in_the_log(server, decisions, send, reply, tag):
     assert any(l.startswith(f'anomaly="{tag}" client=unknown[127.0.0.1]:') for l in lines), lines
 
 
-def test_tcp_smtp_deny_553_at_rcpt(server, decisions):
-    """docs/behaviour/tcp-smtp.md#denied-clients / rules README: a `deny` client is refused at
-    every RCPT, 553 5.7.1."""
+def test_tcp_smtp_deny_553_at_rcpt(start, decisions):
+    """docs/behaviour/tcp-smtp.md#denied-clients: with --deny rcpt a `deny` client is refused
+    at every RCPT, 553 5.7.1."""
+    server = start(deny="rcpt")
     c = session(server.port, DENIED)
     assert first(c.cmd("MAIL FROM:<a@sender.test>")) == "250 2.1.0 ok"
     assert first(c.cmd("RCPT TO:<user@example.com>")) == "553 5.7.1 sorry, your client address is not allowed here"
