@@ -66,6 +66,7 @@ from mailfilter.serve.config import (
     BY_NAME, DEFAULT_MAX_CONNECTIONS, DEFAULT_SESSION_DEADLINE, DEFAULT_TIMEOUT, ServeOptions, StartupError, check_options,
     check_value, listeners,
 )
+from mailfilter.serve import summary
 from mailfilter.serve.descriptors import (
     Acceptor, NoDescriptorLog, fit_max_connections, raise_nofile,
 )
@@ -372,6 +373,7 @@ async def serve(opts: ServeOptions, state: ServerState, ready=None, reuse_port: 
         servers.append(Acceptor(loop, sock, factory, no_fd))
         logger.info("listening on %s:%d (pid %d, %s loop, %s)", host, sock.getsockname()[1],
                     os.getpid(), type(loop).__module__.split(".")[0], kind)
+    summary.log_in_force(state, opts)      # what is in force, from what serves
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)

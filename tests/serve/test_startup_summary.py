@@ -1,0 +1,64 @@
+"""docs/operations.md#start-up: once it listens, `serve` logs what is in
+force (rules and their fingerprint, the next hop, AUTH and its user
+database, the limits, the pid to signal), from the objects that serve."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from mailfilter.rules import bundle as bundle_mod
+
+from tests.support.auth_helpers import make_userdb
+from tests.support.server_harness import run_cli, spawn_serve, write_rules
+
+
+@pytest.fixture
+def rules(tmp_path):
+    return write_rules(tmp_path / "rules")
+
+
+def test_single_process_lines(tmp_path, rules):
+    out = tmp_path / "rules.mfb"
+    assert run_cli("compile", rules, "-o", str(out)).returncode == 0
+    fingerprint = bundle_mod.load(str(out)).fingerprint.hex()[:16]
+    sp = spawn_serve("--bundle", str(out), "--deliver", f"maildir:{tmp_path}/spool",
+                     "--max-per-ip", "7", "--timeout", "40", "--deny", "rcpt")
+    try:
+        [rules_line] = sp.log.wait_for(r"INFO rules: (\d+) rules from bundle (\S+) \(dialect "
+                                       r"spamcontrol, fingerprint (\w+), tcp\.smtp present\)")
+        assert rules_line.group(2) == str(out) and rules_line.group(3) == fingerprint
+        sp.log.wait_for(rf"INFO deliver: maildir:{tmp_path}/spool$")
+        sp.log.wait_for(r"INFO auth: off \(per tcp\.smtp SMTPAUTH only\)$")
+        [limits] = sp.log.wait_for(r"INFO limits: (\d+) sessions, 7 per client address, idle "
+                                   r"timeout 40 s, .*tcp\.smtp deny: rcpt$")
+        sp.log.wait_for(rf"INFO signals: pid {sp.proc.pid}: HUP reloads rules and certificates, "
+                        r"TERM stops$")
+    finally:
+        sp.stop()
+
+
+def test_a_missing_user_database_is_a_start_up_warning(tmp_path, rules):
+    missing = tmp_path / "nope" / "users.db"
+    sp = spawn_serve("--rules", rules, "--deliver", "discard", "--auth", "", "--userdb", str(missing))
+    try:
+        sp.log.wait_for(rf"WARNING auth: --auth '' for every client; the user database {missing} "
+                        r"does not exist: every AUTH will be answered 454")
+    finally:
+        sp.stop()
+    db = make_userdb(tmp_path / "users.db")
+    sp = spawn_serve("--rules", rules, "--deliver", "discard", "--auth", "", "--userdb", str(db))
+    try:
+        sp.log.wait_for(rf"INFO auth: --auth '' for every client; user database {db}$")
+        assert "does not exist" not in sp.log.text()
+    finally:
+        sp.stop()
+
+
+def test_workers_name_the_parent_to_signal(tmp_path, rules):
+    sp = spawn_serve("--rules", rules, "--deliver", "discard", "--workers", "2", listening=2)
+    try:
+        lines = sp.log.wait_for(r"INFO signals: 2 workers; signal the parent, pid (\d+):", count=2)
+        assert {int(m.group(1)) for m in lines} == {sp.proc.pid}
+    finally:
+        sp.stop()
