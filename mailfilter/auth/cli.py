@@ -53,7 +53,8 @@ def add_parser(sub) -> None:
                               "there is no terminal.\n"
                               "exit codes: 0 ok, 1 refused (bad import line, unknown or existing "
                               "user), 2 usage or database error")
-    p.add_argument("--db", default=None, help=f"database file (default $MAILFILTER_USERDB or {DEFAULT_PATH})")
+    p.add_argument("--db", default=None, help=f"database file (default $MAILFILTER_USERDB, else {DEFAULT_PATH} "
+                                                  "relative to the working directory)")
     p.add_argument("--cost", type=int, default=None,
                    help="scrypt cost as log2(N) for new hashes (default 14)")
     ps = p.add_subparsers(dest="passwd_command", required=True)
