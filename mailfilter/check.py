@@ -16,6 +16,7 @@ import ssl
 from dataclasses import dataclass, field
 
 from mailfilter.policy.dns import literal_status
+from mailfilter.policy.dnsbl import Dnsbl
 from mailfilter.policy.engine import Client, PolicyEngine, PolicyOptions, Verdict
 from mailfilter.rules.bundle import Bundle
 from mailfilter.smtp.replies import REPLIES
@@ -176,7 +177,10 @@ def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | Non
     sp = session.policy
     drive = _Driver(session, resolver)
     report = CheckReport()
-    if not session.start():         # a deny client, --deny close: no session at all
+    # the DNSBL score, as the server makes it before the greeting (--dns)
+    dnsbl = Dnsbl.from_bundle(bundle)
+    score = asyncio.run(dnsbl.check(resolver, ip)) if dnsbl and resolver is not None else None
+    if not session.start(dnsbl=score):     # a deny client, --deny close: no session at all
         res = _result(session.last_verdict, f"{host}[{ip}]")
         res.reply = "(none: the connection is closed at once)"
         res.note = "tcp.smtp deny, as tcpserver: no greeting, no session"
@@ -184,6 +188,15 @@ def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | Non
         return report
     res = _result(session.last_verdict, f"{host}[{ip}]")
     res.reply = session.data_to_send().decode("utf-8", "replace").rstrip("\r\n")
+    if dnsbl and score is None:
+        _add_note(res, f"DNSBL ({len(dnsbl.sites)} site(s)): not performed (use --dns)")
+    elif score is not None:
+        _add_note(res, f"DNSBL score {score.score} (threshold {score.threshold})"
+                       + (f", listed by {score.rules}" if score.listed else "")
+                       + (f", no answer from {', '.join(score.temp)}" if score.temp else ""))
+    if session.closing:             # refused at connect (DNSBL): nothing more is asked
+        report.stages.append(res)
+        return report
     if not sp.profile.allowed:
         res.verdict = "pending-reject"
         res.reason = "client_denied"

@@ -139,6 +139,15 @@ class Resolver:
         except dns.exception.DNSException:
             return "temp", None
 
+    async def a_records(self, name: str) -> tuple[str, list[str]]:
+        """The A records of `name` as dotted quads: ("ok", [...]), or
+        ("none", []) for NXDOMAIN / no data, ("temp", []) for trouble (a DNSBL
+        query, policy/dnsbl.py). Cached like every answer."""
+        status, answer = await self._query(name, "A")
+        if status == "ok":
+            return "ok", [r.address for r in answer]
+        return ("temp" if status == "temp" else "none"), []
+
     async def has_address(self, name: str) -> str:
         literal = literal_status(name)
         if literal is not None:

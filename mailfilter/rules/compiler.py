@@ -38,6 +38,7 @@ from mailfilter.rules import controlfiles as cf
 from mailfilter.rules.format import (
     BADMIMETYPE_MODES, FLAG_ALLOW, FLAG_EXCEPTION, FLAG_NEGATED, HELOCHECK_MODES, HOST_LISTS, KIND_CODE,
     KINDS, KNOWN_SETTINGS, NUMERIC_SETTINGS, QREGEX_LISTS, SIGNATURE_LISTS, UCSPITLS_MODES, Compiled, quoted,
+    parse_dnsbl_site,
 )
 from mailfilter.rules.prefilters import regex_filter, required_literal
 from mailfilter.rules.regexes import RegexError, compile_re2
@@ -546,6 +547,30 @@ class _Compiler:
             self.sections["C:tcp.smtp"] = core.cidr_build(cidr)
         self.put_table("tcp.smtp.hosts", host_keys, host_ids)
 
+    # -- dnsbl (docs/behaviour/control-files.md#dnsbl): sites go into the
+    # bundle's meta as written (zone, filter text, weight, line); the policy
+    # parses them again with the same function when it loads the bundle
+    def compile_dnsbl(self, lines: list[cf.Line]) -> None:
+        sites = []
+        seen: dict[tuple, cf.Line] = {}
+        for line in lines:
+            try:
+                zone, flt, weight = parse_dnsbl_site(line.text)
+            except ValueError as exc:
+                self.diag(line, str(exc))
+                continue
+            if weight == 0:
+                self.diag(line, "weight 0 counts for nothing")
+                continue
+            key = (zone, flt)
+            if key in seen:
+                self.diag(line, f"same zone and filter as {seen[key].where}")
+                continue
+            seen[key] = line
+            sites.append({"site": line.text.strip(), "line": line.line})
+        if sites:
+            self.meta["dnsbl"] = sites
+
     def run(self) -> Compiled:
         src = self.src
         dialect = src.dialect
@@ -574,6 +599,7 @@ class _Compiler:
             if name in lists:
                 self.compile_signatures(name, width, lists[name])
         self.compile_tcp_rules()
+        self.compile_dnsbl(lists.get("dnsbl", []))
 
         if self.rows.itemsize != 4:
             raise RuntimeError("array('I') is not 32-bit on this platform")

@@ -35,9 +35,10 @@ LIST_FILES = (
     "relaymailfrom", "recipients", "badmimetypes", "badloadertypes",
     # qregex dialect split-horizon files (docs/behaviour/control-files.md#qregex-dialect)
     "badmailfromnorelay", "badrcpttonorelay", "badhelonorelay",
+    "dnsbl",    # zone[=filter][*weight] (docs/behaviour/control-files.md#dnsbl)
 )
 FIRST_LINE_FILES = ("me", "smtpgreeting", "localiphost", "dialect")
-INT_FILES = ("databytes", "timeoutsmtpd", "maxrecipients", "timeoutsession")
+INT_FILES = ("databytes", "timeoutsmtpd", "maxrecipients", "timeoutsession", "dnsblthreshold")
 TCP_RULES_FILE = "tcp.smtp"
 # The longest line any control file may have, in bytes (docs/behaviour/
 # control-files.md#limits). The longest real entries are an RFC 5321 path

@@ -98,3 +98,93 @@ def quoted(text: str, limit: int = MAX_SHOWN) -> str:
     if len(text) <= limit:
         return repr(text)
     return repr(text[:limit]) + _left_out(text, limit)
+
+
+# ---------------------------------------------------------------- dnsbl sites
+# docs/behaviour/control-files.md#dnsbl: one `zone[=filter][*weight]` per
+# line, postscreen_dnsbl_sites syntax. The filter is four dot-separated
+# octet patterns: a number, or [list] of numbers and n..m ranges separated
+# by `;` (127.0.0.[2..11], 127.0.[0..255].[2;3;9]).
+DNSBL_DEFAULT_THRESHOLD = 1
+MAX_DNSBL_WEIGHT = 1000
+
+
+def _octet_pattern(text: str) -> tuple[tuple[int, int], ...]:
+    """One octet pattern -> its ranges (lo, hi) inclusive; ValueError if bad."""
+    if text.startswith("[") and text.endswith("]"):
+        parts = text[1:-1].split(";")
+    else:
+        parts = [text]
+    out = []
+    for part in parts:
+        lo, sep, hi = part.partition("..")
+        if not sep:
+            hi = lo
+        if not (lo.isascii() and lo.isdigit() and hi.isascii() and hi.isdigit()):
+            raise ValueError(f"octet pattern {quoted(text)}: expected a number, [n..m] or [a;b;c]")
+        a, b = int(lo), int(hi)
+        if not 0 <= a <= b <= 255:
+            raise ValueError(f"octet pattern {quoted(text)}: numbers 0..255, low before high")
+        out.append((a, b))
+    return tuple(out)
+
+
+def _split_octets(text: str) -> list[str]:
+    """Split at the dots outside [...] (a range's `..` is inside)."""
+    out, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        if c == "[":
+            depth += 1
+        elif c == "]":
+            depth -= 1
+        elif c == "." and depth == 0:
+            out.append(text[start:i])
+            start = i + 1
+    out.append(text[start:])
+    return out
+
+
+def parse_dnsbl_site(text: str) -> tuple[str, tuple | None, int]:
+    """`zone[=filter][*weight]` -> (zone, filter or None, weight). The zone is
+    lower-cased without a trailing dot; the filter is four octet patterns
+    (tuples of ranges); the weight an int (negative: an allowlist).
+    ValueError with the problem when the line is not one of those."""
+    site = text.strip()
+    weight = 1
+    star = site.rfind("*")
+    if star >= 0:
+        w = site[star + 1:]
+        sign = -1 if w.startswith("-") else 1
+        digits = w[1:] if w[:1] in "+-" else w
+        if not (digits.isascii() and digits.isdigit()) or int(digits) > MAX_DNSBL_WEIGHT:
+            raise ValueError(f"weight {quoted(w)}: expected an integer from "
+                             f"-{MAX_DNSBL_WEIGHT} to {MAX_DNSBL_WEIGHT}")
+        weight = sign * int(digits)
+        site = site[:star]
+    zone, eq, flt = site.partition("=")
+    zone = zone.strip().lower().rstrip(".")
+    labels = zone.split(".")
+    if (len(labels) < 2 or len(zone) > 200 or
+            not all(lab and len(lab) <= 63 and lab.isascii() and
+                    all(c.isalnum() or c in "-_" for c in lab) for lab in labels)):
+        raise ValueError(f"{quoted(zone)} is not a DNS zone name (zone[=filter][*weight])")
+    if not eq:
+        return zone, None, weight
+    octets = _split_octets(flt.strip())
+    if len(octets) != 4:
+        raise ValueError(f"filter {quoted(flt)}: expected four octet patterns, as 127.0.0.[2..11]")
+    return zone, tuple(_octet_pattern(o) for o in octets), weight
+
+
+def dnsbl_filter_matches(flt: tuple | None, address: str) -> bool:
+    """Does the IPv4 reply `address` (dotted quad) match `flt` (None: any)?"""
+    if flt is None:
+        return True
+    parts = address.split(".")
+    if len(parts) != 4:
+        return False
+    for ranges, part in zip(flt, parts):
+        n = int(part)
+        if not any(lo <= n <= hi for lo, hi in ranges):
+            return False
+    return True

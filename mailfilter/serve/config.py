@@ -154,6 +154,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("workers", INT, 1, "processes sharing the port with SO_REUSEPORT", minimum=1),
     Option("loop", TEXT, "uvloop", "event loop", choices=LOOPS),
     Option("open_relay", BOOL, False, "allow running without rcpthosts (docs/behaviour/control-files.md#rcpthosts)"),
+    Option("greet_wait", SECONDS, 0.0, "seconds to wait before the greeting (postscreen's "
+           "greet wait): a client that talks first is a pregreeter; DNSBL lookups run meanwhile",
+           minimum=0),
+    Option("pregreet", TEXT, "log", "a client that talks before the greeting: log = one line, "
+           "the session goes on; refuse = 554 5.5.1 and close", choices=("log", "refuse")),
     Option("deny", TEXT, "close", "what a tcp.smtp `deny` client gets: close = the connection is "
            "closed at once, no session (as tcpserver does); rcpt = 220, then 553 at every RCPT "
            "(its envelopes logged)", choices=DENY_MODES),

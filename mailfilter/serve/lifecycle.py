@@ -117,7 +117,8 @@ def limits_for(opts: ServeOptions, policy: PolicyEngine) -> Limits:
     return Limits(max_connections=opts.max_connections or DEFAULT_MAX_CONNECTIONS, max_per_ip=opts.max_per_ip,
                   idle_timeout=timeout, session_deadline=deadline,
                   data_min_rate=opts.data_min_rate, data_rate_window=opts.data_rate_window,
-                  data_deadline=opts.data_deadline, header_size_limit=opts.header_size_limit)
+                  data_deadline=opts.data_deadline, header_size_limit=opts.header_size_limit,
+                  greet_wait=opts.greet_wait)
 
 
 def build_state(opts: ServeOptions) -> ServerState:
@@ -141,7 +142,7 @@ def build_state(opts: ServeOptions) -> ServerState:
     tls = build_tls(opts, policy)
     return ServerState(policy, delivery, limits=limits_for(opts, policy), resolver=resolver,
                        hostname=opts.hostname, auth=build_auth(opts), remote_host=opts.remote_host,
-                       tls=tls, deny=opts.deny)
+                       tls=tls, deny=opts.deny, pregreet=opts.pregreet)
 
 
 def build_delivery(opts: ServeOptions) -> Delivery:

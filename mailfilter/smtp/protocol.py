@@ -50,6 +50,7 @@ from collections import defaultdict
 from mailfilter import log
 from mailfilter.auth.session import AuthService
 from mailfilter.delivery import Delivery
+from mailfilter.policy.dnsbl import Dnsbl, DnsblResult
 from mailfilter.policy.engine import Client, PolicyEngine
 from mailfilter.smtp.clock import TimerWheel
 from mailfilter.smtp.engine import DATA, SMTPConnection
@@ -84,6 +85,9 @@ class Limits:
     data_rate_window: float = 60.0
     data_deadline: float = 1800.0      # 0 = no data deadline
     header_size_limit: int = 0         # header block octets kept (--header-size-limit); 0 = all
+    # seconds before the greeting (postscreen_greet_wait): a client that talks
+    # before it is a pregreeter (docs/behaviour/control-files.md#pregreet)
+    greet_wait: float = 0.0
 
 
 class ServerState:
@@ -93,7 +97,7 @@ class ServerState:
     def __init__(self, policy: PolicyEngine, delivery: Delivery, *, limits: Limits | None = None,
                  resolver=None, hostname: str | None = None, features: list[str] | None = None,
                  auth: AuthService | None = None, remote_host: str = "confirmed",
-                 tls: TLSSettings = NO_TLS, deny: str = "close"):
+                 tls: TLSSettings = NO_TLS, deny: str = "close", pregreet: str = "log"):
         if remote_host not in REMOTE_HOST_MODES:
             raise ValueError(f"remote_host must be one of {', '.join(REMOTE_HOST_MODES)}, "
                              f"not {remote_host!r}")
@@ -111,6 +115,7 @@ class ServerState:
         self.clock: TimerWheel | None = None    # every session's idle/deadline clock, on self.loop
         self.tls = tls
         self.deny = deny            # what a tcp.smtp deny client gets (SessionConfig.deny)
+        self.pregreet = pregreet    # a client that talks before the greeting: "log" or "refuse"
         self.swap_policy(policy)
 
     def swap_policy(self, policy: PolicyEngine, limits: Limits | None = None) -> None:
@@ -127,6 +132,8 @@ class ServerState:
             header_limit=self.limits.header_size_limit, deny=self.deny)
         self.engine_config = self.session_config.engine_config
         self.host = self.session_config.host       # for replies before a session exists
+        # the bundle's DNS blocklists (none without a resolver to ask them)
+        self.dnsbl = Dnsbl.from_bundle(policy.bundle) if self.resolver is not None else Dnsbl([])
 
     def swap_tls(self, tls: TLSSettings) -> None:
         """New certificates or TLS options (SIGHUP) for new sessions; a
@@ -153,7 +160,7 @@ class SMTPProtocol(asyncio.Protocol):
         "state", "transport", "session", "engine", "client", "client_label", "loop",
         "last_read", "timer", "deadline_at", "waiting", "task", "lookups",
         "counted", "reading_paused", "limits", "early", "write_paused",
-        "implicit_tls", "tls", "handshake_timer", "slot",
+        "implicit_tls", "tls", "handshake_timer", "slot", "dnsbl_score",
         "line_start", "data_start", "window_start", "window_bytes",
     )
 
@@ -172,6 +179,7 @@ class SMTPProtocol(asyncio.Protocol):
         self.reading_paused = False
         self.write_paused = False   # the transport's buffer is full (pause_writing)
         self.slot = None                # the connection's one clock: its slot in state.clock
+        self.dnsbl_score: DnsblResult | None = None     # the client's DNSBL score, once known
         self.timer = None               # the close-after-drain timer (_close), rare
         self.deadline_at = 0.0
         self.line_start: float | None = None    # first byte of an incomplete command line
@@ -213,36 +221,64 @@ class SMTPProtocol(asyncio.Protocol):
         self.deadline_at = loop.time() + lim.session_deadline
         self.client = Client(ip=ip, port=peer[1], local_ip=local[0], local_port=local[1])
         self.client_label = f"{self.client.host}[{ip}]:{peer[1]}"
+        waits = st.looks_up_hosts or bool(st.dnsbl) or lim.greet_wait > 0
         if self.implicit_tls:
             # RFC 8314: the handshake first, the greeting inside TLS; the host
-            # name lookup runs meanwhile
+            # name and DNSBL lookups run meanwhile
             if not st.tls.available:
                 log.event(action="tls_fail", stage="CONNECT", reason="no_certificate",
                           client=self.client_label)
                 transport.close()
                 return
             self._start_tls(st.tls)
-            if not st.looks_up_hosts:
+            if not waits:
                 return
-        elif not st.looks_up_hosts:
+        elif not waits:
             self._start_session()
             return
         self.early = bytearray()
-        self.task = loop.create_task(self._resolve_host())
+        self.task = loop.create_task(self._before_greeting())
 
-    async def _resolve_host(self) -> None:
-        """TCPREMOTEHOST first (tcpserver resolves before qmail-smtpd runs:
-        tcp.smtp `=host` rules decide allow/deny and settings), then the
-        session; input that came meanwhile is processed after the greeting."""
-        try:
-            host = await self.state.host_name(self.client.ip)
-        except Exception:
-            logger.exception("host name lookup failed client=[%s]", self.client.ip)
-            host = "unknown"
+    async def _before_greeting(self) -> None:
+        """What comes before the greeting, at once: TCPREMOTEHOST (tcpserver
+        resolves before qmail-smtpd runs: tcp.smtp `=host` rules decide
+        allow/deny and settings), the DNSBL score, the greet wait; then the
+        session. Input that came meanwhile is a pregreet (logged; refused
+        with --pregreet refuse), else processed after the greeting."""
+        st = self.state
+        ip = self.client.ip
+        host, score, _ = await asyncio.gather(
+            st.host_name(ip) if st.looks_up_hosts else _none(),
+            st.dnsbl.check(st.resolver, ip) if st.dnsbl else _none(),
+            asyncio.sleep(self.limits.greet_wait) if self.limits.greet_wait > 0 else _none(),
+            return_exceptions=True)
+        if isinstance(host, BaseException):
+            if isinstance(host, asyncio.CancelledError):
+                raise host
+            logger.error("host name lookup failed client=[%s]: %r", ip, host)
+            host = None
+        if isinstance(score, BaseException):
+            if isinstance(score, asyncio.CancelledError):
+                raise score
+            logger.error("DNSBL lookup failed client=[%s]: %r", ip, score)   # never a rejection
+            score = None
         self.task = None
         if self.transport.is_closing():
             return
-        self.client.host = host or "unknown"
+        if host is not None:
+            self.client.host = host or "unknown"
+        self.dnsbl_score = score
+        early = self.early
+        if early and self.tls is None:      # in TLS a pregreet is the handshake's business
+            label = f"{self.client.host}[{ip}]:{self.client.port}"
+            log.anomaly("pregreet", client=label, detail=f"{len(early)} bytes")
+            if st.pregreet == "refuse":
+                log.event(action="refuse", stage="CONNECT", reason="pregreet", client=label,
+                          reply=str(reply("pregreet")))
+                self.early = None
+                self.transport.write(reply("pregreet").line())
+                self._close()
+                return
         if self.tls is not None and not self.tls.handshaken:
             return                      # implicit TLS: the session starts after the handshake
         self._start_session()
@@ -262,7 +298,7 @@ class SMTPProtocol(asyncio.Protocol):
             session = Session(st.session_config, client,
                               tls=self.tls.info if self.tls is not None else None,
                               label=self.client_label)
-            greeted = session.start()
+            greeted = session.start(dnsbl=self.dnsbl_score)
             self.session = session
             self.engine = session.engine
             if not greeted:             # a denied client: closed without a word (tcpserver)
@@ -686,3 +722,7 @@ class SMTPProtocol(asyncio.Protocol):
 
 
 _TASK = object()    # _fulfil: a Task answers the request and drains again
+
+
+async def _none():
+    return None

@@ -270,13 +270,24 @@ class Session:
         engine.auth_offered = bool(mechs)
 
     # --- the shell's API ----------------------------------------------------
-    def start(self) -> bool:
+    def start(self, dnsbl=None) -> bool:
         """Queue the greeting; False when there is no session: a tcp.smtp
         `deny` client with deny "close" is closed at once without a word, as
         tcpserver does (one decision line). With deny "rcpt" it gets its 220
-        and 553 at every RCPT; the refusal is logged once, here."""
+        and 553 at every RCPT; the refusal is logged once, here.
+        `dnsbl`: the client's policy/dnsbl.py score, when the rules have
+        sites; a listed client that is not a relay client gets 554 5.7.1
+        naming the zones instead of the greeting, and the session closes
+        (docs/behaviour/control-files.md#dnsbl)."""
         v = self.last_verdict = self.policy.connect()
-        if not self.policy.profile.allowed:
+        profile = self.policy.profile
+        if dnsbl is not None and dnsbl.blocked and profile.allowed and not profile.relay:
+            r = REPLIES["dnsbl_listed"].format(ip=self.client.ip, zones=dnsbl.zones)
+            v = self.last_verdict = Verdict("CONNECT", False, r, "dnsbl", dnsbl.rules)
+            log.decision(v, client=self.label, tls=self.tls or "-", score=dnsbl.score)
+            self.engine.abort(r)
+            return True
+        if not profile.allowed:
             if self.config.deny == "close":
                 v = self.last_verdict = Verdict("CONNECT", False, REPLIES["client_denied"],
                                                 "client_denied", v.rule)

@@ -1,9 +1,7 @@
 """Fixtures the SMTP server tests share: the event loop under test (both
 loops: asyncio and uvloop), servers started on it and stopped after the
-test, and the decision log as the test sees it."""
+test (the decision log fixture, `decisions`, is tests/conftest.py's)."""
 from __future__ import annotations
-
-import logging
 
 import pytest
 
@@ -37,10 +35,3 @@ def start(tmp_path, loop_kind, rules_dir):
     for srv in servers:
         srv.stop()
 
-
-@pytest.fixture
-def decisions(caplog):
-    """decisions() -> the mailfilter log lines (key=value) emitted so far."""
-    logging.getLogger("mailfilter").propagate = True
-    caplog.set_level(logging.INFO, logger="mailfilter")
-    return lambda: [r.getMessage() for r in caplog.records if r.name == "mailfilter"]
