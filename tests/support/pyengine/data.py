@@ -52,7 +52,7 @@ from __future__ import annotations
 import re
 from collections import deque
 
-from mailfilter.smtp.events import DataChunk, DataEnd
+from .events import DataChunk, DataEnd
 
 __all__ = ["DataReader", "HEADER_SIZE_LIMIT"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from mailfilter.smtp.events import ANOMALY_EIGHTBIT, ANOMALY_SYNTAX
+from .events import ANOMALY_EIGHTBIT, ANOMALY_SYNTAX
 from mailfilter.smtp.replies import REPLIES, Reply
 
 __all__ = [

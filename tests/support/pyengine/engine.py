@@ -107,11 +107,11 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import mailfilter
-from mailfilter.smtp.args import (
+from .args import (
     ParseError, decode_address, mail_params, parse_path, rcpt_params,
 )
-from mailfilter.smtp.data import DataReader
-from mailfilter.smtp.events import (
+from .data import DataReader
+from .events import (
     ANOMALY_BARE_NEWLINE, ANOMALY_EIGHTBIT, ANOMALY_LINE_LIMIT, ANOMALY_SEQUENCE,
     ANOMALY_SYNTAX, ANOMALY_UNKNOWN, AUTH, CLOSED, DATA, IDLE, MAIL, NEED_DATA, PAUSED,
     RCPT, Anomaly, AuthResponse, AuthStart, Closed, DataChunk, DataEnd, DataStart, Event,
