@@ -1,0 +1,34 @@
+"""The vocabulary of the sans-IO SMTP engine: session states, events, sentinels.
+
+``SMTPConnection.next_event()`` returns an ``Event``, ``NEED_DATA`` (feed more
+bytes) or ``PAUSED`` (a reply is still owed). Events whose ``owes_reply`` is
+true must be answered with ``send()``; the others are informational.
+
+Invariants: events are plain values (equality and hash over their slots, so
+tests and logs compare them by content); states are the interned strings
+below and are compared by identity on the hot path; an ``Anomaly`` never
+carries client bytes (its ``detail`` is a verb, a length or a fixed word:
+a line may hold a secret).
+
+The classes are Cython ``cdef class``es in ``mailfilter._core``
+(_core/smtp_events.pxi, fields in _core/smtp.pxd): readonly fields, equality
+and hash by content, ``isinstance`` and ``type(ev)`` dispatch as before.
+"""
+from __future__ import annotations
+
+from mailfilter._core import (  # noqa: F401  (re-exported)
+    ANOMALY_BARE_NEWLINE, ANOMALY_EIGHTBIT, ANOMALY_LINE_LIMIT, ANOMALY_SEQUENCE,
+    ANOMALY_SYNTAX, ANOMALY_UNKNOWN, AUTH, CLOSED, DATA, IDLE, MAIL, NEED_DATA, PAUSED,
+    RCPT, STATES, Anomaly, AuthResponse, AuthStart, Closed, DataChunk, DataEnd, DataStart,
+    Event, Help, Helo, Mail, Noop, Quit, Rcpt, Rset, StartTLS, Vrfy,
+)
+
+__all__ = [
+    "IDLE", "MAIL", "RCPT", "DATA", "AUTH", "CLOSED", "STATES",
+    "NEED_DATA", "PAUSED",
+    "Event", "Helo", "Mail", "Rcpt", "DataStart", "DataChunk", "DataEnd",
+    "AuthStart", "AuthResponse", "StartTLS", "Rset", "Quit", "Noop", "Vrfy", "Help",
+    "Anomaly", "Closed",
+    "ANOMALY_BARE_NEWLINE", "ANOMALY_LINE_LIMIT", "ANOMALY_UNKNOWN",
+    "ANOMALY_SEQUENCE", "ANOMALY_SYNTAX", "ANOMALY_EIGHTBIT",
+]
