@@ -257,3 +257,59 @@ def test_streams_exercise_the_engine():
                  "oversized", "hops", "bare_lf", "header_cut", "Closed quit", "Closed eof",
                  "Closed too many errors", "Closed bare lf"):
         assert name in seen, name
+
+
+# --- the DATA byte machine alone, on header blocks near the header limit ---------------
+
+def _header_message(rng: random.Random) -> bytes:
+    """Header lines of every kind the Postfix header-end rule tells apart
+    (names of 1 to 999 octets, continuations, lines with no colon, an empty
+    line or none), then a short body, dot-stuffed, CRLF.CRLF-terminated."""
+    lines = []
+    for _ in range(rng.randint(0, 12)):
+        k = rng.random()
+        if k < 0.5:
+            name = b"N" * rng.choice([1, 5, 40, 996, 997, 998, 999])
+            lines.append(name + b":" + b"v" * rng.choice([0, 3, 50, 300]))
+        elif k < 0.65:
+            lines.append(rng.choice([b" ", b"\t"]) + b"c" * rng.choice([0, 10, 200]))
+        elif k < 0.75:
+            lines.append(rng.choice([b"Received: a", b"delivered-to: b", b"RECEIVEDX"]))
+        elif k < 0.85:
+            lines.append(b"x" * rng.choice([1, 30, 997, 998]))
+        else:
+            lines.append(rng.choice([b":colon first", b".dotted: v", b"\xe9: v", b"a b: v"]))
+    if rng.random() < 0.7:
+        lines.append(b"")
+    lines += [rng.choice([b"body", b"..x", b"", b"y" * 100]) for _ in range(rng.randint(0, 4))]
+    body = b"".join((b"." + ln if ln[:1] == b"." else ln) + b"\r\n" for ln in lines)
+    if rng.random() < 0.05:
+        body += b"bare\nlf"
+    return body + b".\r\nNOOP\r\n"
+
+
+def _read(mod, data_mod, msg: bytes, frags: list, databytes: int, limit: int) -> list:
+    from collections import deque
+    buf, events = bytearray(), deque()
+    reader = data_mod.DataReader(buf, events, databytes, limit)
+    out = []
+    for frag in frags:
+        buf += frag
+        if reader.step() is not None:
+            break
+    out = [_value(ev) for ev in events]
+    return out + [bytes(buf), reader.header_cut]
+
+
+def test_data_reader_header_limit():
+    from mailfilter.smtp import data as cy_data
+    from pyengine import data as py_data
+    for seed in range(1500):
+        rng = random.Random(seed)
+        msg = _header_message(rng)
+        limit = rng.choice([0, 1, 2, 10, 50, 300, 1000, 1100, 2000])
+        databytes = rng.choice([0, 0, 0, 100, 1500])
+        frags = fragments(msg, rng) if seed % 3 else [msg[i:i + 1] for i in range(len(msg))]
+        got = _read(cy, cy_data, msg, frags, databytes, limit)
+        want = _read(py, py_data, msg, frags, databytes, limit)
+        assert got == want, (seed, limit, databytes, msg[:200])
