@@ -58,8 +58,17 @@ TRANSITIONS = {(state, event, cls): (new, effect)
                for state, event, classes, new, effect in _TRANSITION_ROWS
                for cls in classes}
 
-# the event types that owe a reply, in the order of their C kind index
+# the event types that owe a reply, in the order of their C kind index (K_*)
 _KINDS = (Helo, Mail, Rcpt, DataStart, DataEnd, AuthStart, AuthResponse, StartTLS)
+cdef enum:
+    K_HELO = 0
+    K_MAIL = 1
+    K_RCPT = 2
+    K_DATASTART = 3
+    K_DATAEND = 4
+    K_AUTHSTART = 5
+    K_AUTHRESPONSE = 6
+    K_STARTTLS = 7
 cdef dict _KIND_OF = {t: i for i, t in enumerate(_KINDS)}
 # _STEP[state][kind][reply class]: new state | effect << 4, or -1 (no transition)
 cdef int _STEP[N_STATES][N_KINDS][6]
@@ -67,6 +76,7 @@ cdef int _STEP[N_STATES][N_KINDS][6]
 
 cdef void _compile_transitions() except *:
     cdef int s, k, c
+    assert EFFECTS.index("tls") == E_TLS and _KINDS.index(StartTLS) == K_STARTTLS
     for s in range(N_STATES):
         for k in range(N_KINDS):
             for c in range(6):
@@ -432,7 +442,7 @@ cdef class SMTPConnection:
             end = self._data.step()
             if end is not None:
                 self._pending = end
-                self._kind = 4          # DataEnd
+                self._kind = K_DATAEND
         else:
             self._command_step()
         if events:
@@ -535,7 +545,7 @@ cdef class SMTPConnection:
             if self._state == S_AUTH:
                 line = PyBytes_FromStringAndSize(<const char*>p, end)
                 del buf[:i + 1]
-                self._emit(AuthResponse(line), 6)
+                self._emit(AuthResponse(line), K_AUTHRESPONSE)
                 return
             e = <const unsigned char*>memchr(p, 0x20, end)
             if e == NULL:
@@ -601,7 +611,7 @@ cdef class SMTPConnection:
         # the transaction ends at the command, whatever the reply (RFC 5321 §4.1.4)
         self._state = S_IDLE
         self._forget_transaction()
-        self._emit(Helo(verb, name.decode("latin-1")), 0)
+        self._emit(Helo(verb, name.decode("latin-1")), K_HELO)
 
     cdef void _cmd_mail(self, bytes arg) except *:
         cdef Py_ssize_t db
@@ -619,7 +629,7 @@ cdef class SMTPConnection:
         except ParseError as e:
             self._reject(e, "MAIL")
             return
-        self._emit(Mail(address, params), 1)
+        self._emit(Mail(address, params), K_MAIL)
 
     cdef void _cmd_rcpt(self, bytes arg) except *:
         if self._state != S_MAIL and self._state != S_RCPT:
@@ -637,7 +647,7 @@ cdef class SMTPConnection:
         if self.rcpt_count >= self._max_rcpts:
             self._answer(_REPLIES["too_many_rcpts"])
             return
-        self._emit(Rcpt(address, params), 2)
+        self._emit(Rcpt(address, params), K_RCPT)
 
     cdef void _cmd_data(self, bint blank) except *:
         if self._state == S_IDLE:
@@ -647,7 +657,7 @@ cdef class SMTPConnection:
         elif not blank:
             self._bad(_REPLIES["syntax_args"], ANOMALY_SYNTAX, "DATA")
         else:
-            self._emit(DataStart(), 3)
+            self._emit(DataStart(), K_DATASTART)
 
     cdef void _cmd_rset(self) except *:
         self._state = S_IDLE
@@ -689,7 +699,7 @@ cdef class SMTPConnection:
         parts = arg.split()
         if self.auth_offered is False:     # RFC 4954 §4: not advertised -> 503, however malformed
             self._emit(AuthStart(parts[0].upper().decode("ascii", "replace") if parts else "",
-                                 None), 5)
+                                 None), K_AUTHSTART)
             return
         if not parts or len(parts) > 2 or not _is_ascii(arg, len(arg)):
             self._bad(_REPLIES["syntax_args"], ANOMALY_SYNTAX, "AUTH")
@@ -698,7 +708,7 @@ cdef class SMTPConnection:
         initial = None
         if len(parts) == 2:
             initial = "" if parts[1] == b"=" else parts[1].decode("ascii")
-        self._emit(AuthStart(mech, initial), 5)
+        self._emit(AuthStart(mech, initial), K_AUTHSTART)
 
     cdef void _cmd_starttls(self, bint blank) except *:
         if self.tls:
@@ -708,7 +718,7 @@ cdef class SMTPConnection:
         elif not blank:
             self._bad(_REPLIES["syntax_args"], ANOMALY_SYNTAX, "STARTTLS")
         else:
-            self._emit(StartTLS(), 7)
+            self._emit(StartTLS(), K_STARTTLS)
 
     cdef void _reject(self, e, str verb) except *:
         if e.bad:
