@@ -24,16 +24,18 @@ characters are refused. ``decode_xtext``: RFC 3461 §4. ``unknown_param``:
 """
 from __future__ import annotations
 
-from mailfilter import _core
-from mailfilter._core import (  # noqa: F401  (re-exported)
-    MAX_ADDRESS, ParseError, decode_address, decode_xtext, mail_params, parse_path,
-    rcpt_params, unknown_param,
-)
+from mailfilter.core import core
 from mailfilter.smtp.replies import REPLIES, multiline, reply
+
+(MAX_ADDRESS, ParseError, decode_address, decode_xtext, mail_params, parse_path,
+ rcpt_params, unknown_param) = (
+    core.MAX_ADDRESS, core.ParseError, core.decode_address, core.decode_xtext,
+    core.mail_params, core.parse_path, core.rcpt_params, core.unknown_param,
+)
 
 __all__ = [
     "ParseError", "MAX_ADDRESS", "parse_path", "mail_params", "rcpt_params",
     "decode_address", "decode_xtext", "unknown_param",
 ]
 
-_core.smtp_install(REPLIES, multiline, reply)
+core.smtp_install(REPLIES, multiline, reply)

@@ -54,6 +54,10 @@ its oracle.
 """
 from __future__ import annotations
 
-from mailfilter._core import HEADER_SIZE_LIMIT, DataReader  # noqa: F401  (re-exported)
+from mailfilter.core import core
+
+(HEADER_SIZE_LIMIT, DataReader) = (
+    core.HEADER_SIZE_LIMIT, core.DataReader,
+)
 
 __all__ = ["DataReader", "HEADER_SIZE_LIMIT"]

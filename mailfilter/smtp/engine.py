@@ -114,10 +114,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import mailfilter
-from mailfilter import _core
-from mailfilter._core import (  # noqa: F401  (re-exported)
-    EFFECTS, TRANSITIONS, EngineError, MultiReply, SMTPConnection, host_of,
-)
+from mailfilter.core import core
 from mailfilter.smtp.events import (  # noqa: F401  (re-exported)
     ANOMALY_BARE_NEWLINE, ANOMALY_EIGHTBIT, ANOMALY_LINE_LIMIT, ANOMALY_SEQUENCE,
     ANOMALY_SYNTAX, ANOMALY_UNKNOWN, AUTH, CLOSED, DATA, IDLE, MAIL, NEED_DATA, PAUSED,
@@ -125,6 +122,12 @@ from mailfilter.smtp.events import (  # noqa: F401  (re-exported)
     Help, Helo, Mail, Noop, Quit, Rcpt, Rset, StartTLS, Vrfy,
 )
 from mailfilter.smtp.replies import REPLIES, multiline, reply
+
+# re-exported from the one door to mailfilter._core
+(EFFECTS, TRANSITIONS, EngineError, MultiReply, SMTPConnection, host_of) = (
+    core.EFFECTS, core.TRANSITIONS, core.EngineError, core.MultiReply, core.SMTPConnection,
+    core.host_of,
+)
 
 __all__ = [
     "EngineConfig", "SMTPConnection", "EngineError", "MultiReply",
@@ -158,4 +161,4 @@ class EngineConfig:
     smtputf8: bool = False
 
 
-_core.smtp_install(REPLIES, multiline, reply, EngineConfig)
+core.smtp_install(REPLIES, multiline, reply, EngineConfig)

@@ -16,11 +16,18 @@ and hash by content, ``isinstance`` and ``type(ev)`` dispatch as before.
 """
 from __future__ import annotations
 
-from mailfilter._core import (  # noqa: F401  (re-exported)
-    ANOMALY_BARE_NEWLINE, ANOMALY_EIGHTBIT, ANOMALY_LINE_LIMIT, ANOMALY_SEQUENCE,
-    ANOMALY_SYNTAX, ANOMALY_UNKNOWN, AUTH, CLOSED, DATA, IDLE, MAIL, NEED_DATA, PAUSED,
-    RCPT, STATES, Anomaly, AuthResponse, AuthStart, Closed, DataChunk, DataEnd, DataStart,
-    Event, Help, Helo, Mail, Noop, Quit, Rcpt, Rset, StartTLS, Vrfy,
+from mailfilter.core import core
+
+(ANOMALY_BARE_NEWLINE, ANOMALY_EIGHTBIT, ANOMALY_LINE_LIMIT, ANOMALY_SEQUENCE,
+ ANOMALY_SYNTAX, ANOMALY_UNKNOWN, AUTH, CLOSED, DATA, IDLE, MAIL, NEED_DATA, PAUSED,
+ RCPT, STATES, Anomaly, AuthResponse, AuthStart, Closed, DataChunk, DataEnd, DataStart,
+ Event, Help, Helo, Mail, Noop, Quit, Rcpt, Rset, StartTLS, Vrfy) = (
+    core.ANOMALY_BARE_NEWLINE, core.ANOMALY_EIGHTBIT, core.ANOMALY_LINE_LIMIT,
+    core.ANOMALY_SEQUENCE, core.ANOMALY_SYNTAX, core.ANOMALY_UNKNOWN, core.AUTH,
+    core.CLOSED, core.DATA, core.IDLE, core.MAIL, core.NEED_DATA, core.PAUSED, core.RCPT,
+    core.STATES, core.Anomaly, core.AuthResponse, core.AuthStart, core.Closed,
+    core.DataChunk, core.DataEnd, core.DataStart, core.Event, core.Help, core.Helo,
+    core.Mail, core.Noop, core.Quit, core.Rcpt, core.Rset, core.StartTLS, core.Vrfy,
 )
 
 __all__ = [
