@@ -42,7 +42,7 @@ cdef class DataReader:
     """One DATA byte machine, bound to the engine's input buffer and event
     queue; ``reset()`` before each message, ``step()`` whenever bytes arrived."""
 
-    def __init__(self, bytearray buf, events, Py_ssize_t databytes,
+    def __init__(self, bytearray buf not None, events, Py_ssize_t databytes,
                  Py_ssize_t header_limit=0):
         self._buf = buf
         self._events = events

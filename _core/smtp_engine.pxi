@@ -324,7 +324,7 @@ cdef class SMTPConnection:
         """Queue the 220 greeting."""
         self._out.append(_named_line("greeting", self._greeting))
 
-    def data_end_refusal(self, DataEnd ev):
+    def data_end_refusal(self, DataEnd ev not None):
         """Why the engine refuses a DataEnd, as the name of its reply (qmail
         order, docs/behaviour/smtp.md#end-of-data); None when it does not."""
         if ev.bare_lf:
@@ -335,7 +335,7 @@ cdef class SMTPConnection:
             return "size_exceeded"
         return None
 
-    def data_end_check(self, DataEnd ev):
+    def data_end_check(self, DataEnd ev not None):
         """The engine-level verdict for a DataEnd (data_end_refusal's reply), or None."""
         name = self.data_end_refusal(ev)
         return None if name is None else _REPLIES[name]
