@@ -197,39 +197,47 @@ cdef inline bint _verb_is(const unsigned char* p, const char* verb, Py_ssize_t n
     return True
 
 
+# The command table (qmail-smtpd smtpcommands[], docs/behaviour/smtp.md#commands):
+# a verb's index + 1 is its V_* code, which _command_step hands to the one
+# method of that verb; anything else is 500 unimplemented. Most frequent first.
+COMMANDS = (b"MAIL", b"RCPT", b"DATA", b"RSET", b"EHLO", b"HELO", b"QUIT", b"NOOP",
+            b"AUTH", b"STARTTLS", b"VRFY", b"HELP")
 cdef enum:
     V_NONE = 0
-    V_HELO = 1
-    V_EHLO = 2
-    V_MAIL = 3
-    V_RCPT = 4
-    V_DATA = 5
-    V_RSET = 6
-    V_NOOP = 7
-    V_VRFY = 8
-    V_HELP = 9
-    V_QUIT = 10
-    V_AUTH = 11
-    V_STARTTLS = 12
+    V_MAIL = 1
+    V_RCPT = 2
+    V_DATA = 3
+    V_RSET = 4
+    V_EHLO = 5
+    V_HELO = 6
+    V_QUIT = 7
+    V_NOOP = 8
+    V_AUTH = 9
+    V_STARTTLS = 10
+    V_VRFY = 11
+    V_HELP = 12
+    N_VERBS = 12
+cdef const char* _VERB_TEXT[N_VERBS]        # COMMANDS' bytes (the tuple keeps them alive)
+cdef Py_ssize_t _VERB_LEN[N_VERBS]
+
+
+cdef void _compile_commands() except *:
+    cdef int i
+    assert len(COMMANDS) == N_VERBS and COMMANDS.index(b"HELP") + 1 == V_HELP
+    for i in range(N_VERBS):
+        _VERB_TEXT[i] = COMMANDS[i]
+        _VERB_LEN[i] = len(COMMANDS[i])
+
+
+_compile_commands()
 
 
 cdef int _verb(const unsigned char* p, Py_ssize_t n) nogil:
-    """The command table (qmail-smtpd smtpcommands[]): the verb's index, V_NONE
-    for anything else (500 unimplemented; docs/behaviour/smtp.md#commands)."""
-    if n == 4:
-        if _verb_is(p, "MAIL", 4): return V_MAIL
-        if _verb_is(p, "RCPT", 4): return V_RCPT
-        if _verb_is(p, "DATA", 4): return V_DATA
-        if _verb_is(p, "EHLO", 4): return V_EHLO
-        if _verb_is(p, "HELO", 4): return V_HELO
-        if _verb_is(p, "RSET", 4): return V_RSET
-        if _verb_is(p, "QUIT", 4): return V_QUIT
-        if _verb_is(p, "NOOP", 4): return V_NOOP
-        if _verb_is(p, "AUTH", 4): return V_AUTH
-        if _verb_is(p, "VRFY", 4): return V_VRFY
-        if _verb_is(p, "HELP", 4): return V_HELP
-    elif n == 8 and _verb_is(p, "STARTTLS", 8):
-        return V_STARTTLS
+    """The V_* code of the verb p[:n] (ASCII case-insensitive), V_NONE if unknown."""
+    cdef int i
+    for i in range(N_VERBS):
+        if _VERB_LEN[i] == n and _verb_is(p, _VERB_TEXT[i], n):
+            return i + 1
     return V_NONE
 
 
