@@ -4,10 +4,12 @@
 # docstring describes (its reference text, with the transition table the
 # tests hold equal to TRANSITIONS): command lines framed on the input
 # buffer's bytes (memchr, RFC 5321 §4.5.3.1 limits, a bare LF reported),
-# the verb dispatched by its length and case-folded octets (one method per
-# verb, qmail-smtpd's smtpcommands[], docs/behaviour/smtp.md#commands), the
-# reply to the pending event moving the state through a C table compiled from
-# _TRANSITION_ROWS at module init, and the DATA bytes handed to DataReader.
+# the verb looked up in COMMANDS (qmail-smtpd's smtpcommands[],
+# docs/behaviour/smtp.md#commands) and handed to the one method of that verb,
+# the reply to the pending event moving the state through a C table compiled
+# from _TRANSITION_ROWS at module init, and the DATA bytes handed to DataReader.
+# Tables as data: COMMANDS and TRANSITIONS are Python values the C arrays are
+# built from, so the documented order is the executed order.
 # Invariants: reply text comes only from mailfilter/smtp/replies.py (handed
 # in once by smtp_install(); fixed lines are kept as their wire bytes); while
 # a reply is owed nothing is parsed, so replies leave in command order
