@@ -30,5 +30,5 @@ ext = Extension(
 
 setup(
     ext_modules=cythonize([ext], compiler_directives=directives,
-                          include_path=["_core"]),
+                          include_path=["_core", "."]),
 )

@@ -9,6 +9,14 @@ Each concept lives in its own .pxi, included here in dependency order:
   listmatch.pxi  one control file's matcher: hash + wildmat + RE2, last-match-wins
   cidr.pxi       longest-prefix trie for IPv4 and IPv6
   crammd5.pxi    HMAC-MD5 (RFC 2104) from stored inner/outer MD5 states
+  smtp_events.pxi  the SMTP engine's states and events (fields in smtp.pxd)
+  smtp_args.pxi    MAIL/RCPT argument syntax (path, parameters, xtext)
+  smtp_data.pxi    the DATA byte machine (dot-unstuffing, end of data, header cap)
+  smtp_engine.pxi  the sans-IO SMTP engine: framing, commands, transitions
+
+The SMTP engine (smtp_*.pxi) is the exception to the blob rule below: it is
+a set of cdef classes over the connection's input buffer, its fields typed in
+smtp.pxd, its reply bytes handed in from mailfilter/smtp/replies.py.
 
 Invariants: every builder returns one flat `bytes` blob; every runtime class is
 constructed from a read-only buffer (bytes or a memoryview over an mmap) and
@@ -24,3 +32,7 @@ include "wildmat.pxi"
 include "listmatch.pxi"
 include "cidr.pxi"
 include "crammd5.pxi"
+include "smtp_events.pxi"
+include "smtp_args.pxi"
+include "smtp_data.pxi"
+include "smtp_engine.pxi"

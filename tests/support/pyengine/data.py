@@ -1,0 +1,288 @@
+"""The DATA byte machine: the message from the wire to its stored form.
+
+``DataReader`` consumes the engine's input buffer while the session is in the
+DATA state and queues ``DataChunk`` events (the stored form: LF line ends,
+dot-unstuffed) and, at the end of data, one ``DataEnd`` (docs/behaviour/smtp.md#data).
+
+Theory of operation
+-------------------
+
+The first region gets a virtual CRLF in front (dropped again from the stored
+form), which turns the "first line is '.'" case into the general
+``CRLF . CRLF`` search and makes the first line's dot-stuffing regular. Each
+pass takes everything buffered except a suffix that may begin an end marker
+(``\\r``, ``\\r\\n``, ``\\r\\n.``, ``\\r\\n.\\r``: at most 4 bytes carried over),
+so a region never ends inside a CRLF pair and never ends at a line start. Per
+region, all bulk operations:
+
+* end: ``find(b"\\r\\n.\\r\\n")``;
+* bare LF: ``count(b"\\n") != count(b"\\r\\n")`` (the smuggling forms
+  ``\\n.\\r\\n`` and ``\\r\\n.\\n`` are bare LFs); on a hit the data before the
+  first bare LF is delivered, the rest of the input is discarded (the session
+  ends) and ``DataEnd(bare_lf=True)`` is emitted at once;
+* storage form: ``replace(b"\\r\\n", b"\\n").replace(b"\\n.", b"\\n")`` (CRLF ->
+  LF, dot-unstuffing; a CR not followed by LF stays);
+* size: length as stored; over ``databytes`` the chunks stop (the stored prefix
+  up to exactly ``databytes`` octets is delivered), the input is consumed up to
+  the end of data and ``DataEnd(oversized=True)`` reports the full stored size;
+* header size: when ``header_limit`` is set (0, the default, keeps all;
+  Postfix's header_size_limit is 102,400), the header block is kept up to
+  ``header_limit`` octets. The block ends, as in Postfix, at the first line
+  that is neither a header field (``name:``, RFC 5322 section 3.6.8) nor a
+  continuation (SP or HT first): that line (an empty one included) and all
+  after it are body, never cut; the excess of the block is dropped, a cut line
+  gets its LF back (docs/behaviour/smtp.md#data). Per region, until the block
+  ends: one regex search for a body line start and an ``rfind``; a line start
+  still undecided at the region's end (at most 997 name octets, the longest
+  field name a 998-octet line allows) is carried as a count and, past the
+  limit, its octets are held back until it is decided. When the hop count has
+  just seen the empty line below the limit, nothing is searched. The size and
+  the hops still count what the client sent;
+* hops: in the header block (up to the first empty line) lines starting with
+  ``received`` or ``delivered`` (ASCII case-insensitive) are counted over the
+  stored form; only complete lines are counted, an incomplete line's first 10
+  bytes are carried to the next region.
+
+Invariants: the engine's buffer never holds more than 4 bytes of the message
+between passes; the bytes after the end of data stay in the buffer, untouched
+(pipelined commands wait for the reply to DataEnd).
+"""
+from __future__ import annotations
+
+import re
+from collections import deque
+
+from .events import DataChunk, DataEnd
+
+__all__ = ["DataReader", "HEADER_SIZE_LIMIT"]
+
+HEADER_SIZE_LIMIT = 102_400     # Postfix's header_size_limit, the usual value of --header-size-limit
+
+_END = b"\r\n.\r\n"
+_CRLF = b"\r\n"
+_LF = b"\n"
+_LFDOT = b"\n."
+_HDR_END = b"\n\n"
+# RFC 5322 section 3.6.8: a field name is printable ASCII but ':'; section 2.1.1:
+# a line is at most 998 octets, so a name has at most 997 (and its ':')
+_NAME = rb"\x21-\x39\x3b-\x7e"
+_MAX_NAME = 997
+_NAME_RUN = re.compile(rb"[" + _NAME + rb"]*")
+# a LF starting a body line: an empty line, a first octet that neither starts a
+# name nor a continuation, a name not followed by ':', or a name too long
+_BODY_LINE = re.compile(rb"\n(?:[^" + _NAME + rb" \t]|[" + _NAME + rb"]{1,997}+[^" + _NAME
+                        + rb":]|[" + _NAME + rb"]{998})")
+_RECEIVED = b"\nreceived"
+_DELIVERED = b"\ndelivered"
+
+
+class DataReader:
+    """One DATA byte machine, bound to the engine's input buffer and event
+    queue; ``reset()`` before each message, ``step()`` whenever bytes arrived."""
+
+    __slots__ = ("_buf", "_events", "_databytes", "_size", "_oversized", "_hops",
+                 "_in_headers", "_hcarry", "_hskip", "_first",
+                 "_header_limit", "_hpos", "_hname", "_hheld", "_hkept_lf", "header_cut")
+
+    def __init__(self, buf: bytearray, events: deque, databytes: int,
+                 header_limit: int = 0) -> None:
+        self._buf = buf
+        self._events = events
+        self._databytes = databytes     # 0 = unlimited
+        self._header_limit = header_limit   # 0 = unlimited
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new message (the 354 was sent)."""
+        self._size = 0
+        self._oversized = False
+        self._hops = 0
+        self._in_headers = True
+        self._hcarry = b""
+        self._hskip = False
+        self._first = True
+        # the header cap: stored octets seen so far (None once the header block ended)
+        self._hpos: int | None = 0 if self._header_limit else None
+        self._hname: int | None = 0   # name octets of the undecided line start; None: mid-line
+        self._hheld = bytearray()   # that line's octets past the limit, held back
+        self._hkept_lf = True       # what was kept below the limit ends at a line start
+        self.header_cut = False     # this message's header block was cut
+
+    def step(self) -> DataEnd | None:
+        """Consume what is buffered; queue its chunks. Returns the DataEnd
+        (also queued, after the chunks) when the message ended, else None."""
+        buf = self._buf
+        first = self._first
+        if first:
+            # the virtual CRLF before the first line: "." alone is an empty message
+            head = bytes(buf[:3])
+            if head == b".\r\n":
+                del buf[:3]
+                self._store(_LF)
+                return self._end(False)
+            if head in (b"", b".", b".\r"):
+                return None
+        end = buf.find(_END)
+        if end >= 0:
+            cut, consume, final = end + 2, end + 5, True
+        else:
+            if buf.endswith(b"\r"):
+                hold = 4 if buf.endswith(b"\r\n.\r") else 1
+            elif buf.endswith(b"\r\n"):
+                hold = 2
+            elif buf.endswith(b"\r\n."):
+                hold = 3
+            else:
+                hold = 0
+            cut = consume = len(buf) - hold
+            if cut <= 0:
+                return None
+            final = False
+        with memoryview(buf) as mv:
+            region = mv[:cut].tobytes()
+        del buf[:consume]
+        if first:
+            region = _CRLF + region
+        out = region.replace(_CRLF, _LF)
+        # every LF came from a CRLF iff the LF count equals the CRLFs replaced
+        bare = region.count(_LF) != len(region) - len(out)
+        if bare:
+            region = region[:_first_bare_lf(region)]
+            out = region.replace(_CRLF, _LF)
+        self._store(out.replace(_LFDOT, _LF))
+        if bare:
+            buf.clear()
+            return self._end(True)
+        if final:
+            return self._end(False)
+        return None
+
+    def _end(self, bare_lf: bool) -> DataEnd:
+        if self.header_cut and self._hpos is not None and not self._hkept_lf \
+                and not self._oversized:
+            self._events.append(DataChunk(_LF))     # a cut header with no body: its last LF
+        ev = DataEnd(self._size, self._oversized, self._hops, bare_lf, self.header_cut)
+        self._events.append(ev)
+        return ev
+
+    def _store(self, out: bytes) -> None:
+        """Count a region in stored form and queue it as a DataChunk."""
+        if self._in_headers:
+            self._count_hops(out)
+        if self._first:
+            self._first = False
+            out = out[1:]              # the virtual line start
+        before = self._size
+        self._size = before + len(out)
+        if self._oversized:
+            return
+        db = self._databytes
+        if db and self._size > db:
+            self._oversized = True
+            out = out[:db - before]
+        if self._hpos is not None and out:
+            out = self._cap_header(out)
+        if out:
+            self._events.append(DataChunk(out))
+
+    def _cap_header(self, out: bytes) -> bytes:
+        """What is kept of `out` (stored form) under the header cap: header
+        octets beyond header_limit are dropped up to the first body line; a cut
+        line gets its LF back (docs/behaviour/smtp.md#data)."""
+        pos, limit = self._hpos, self._header_limit
+        end = pos + len(out)
+        self._hpos = end
+        if end <= limit and not self._in_headers:
+            # the common case, without a search: the hop count has just seen
+            # the empty line below the limit, so the block ended there or before
+            self._hpos = None
+            return out
+        body = self._body_start(out, pos)
+        if pos < limit:
+            self._hkept_lf = out[min(limit, end) - pos - 1] == 10
+        if end <= limit:
+            if body is not None:
+                self._hpos = None
+            return out
+        keep = out[:max(0, limit - pos)]
+        held = self._hheld
+        if body is not None:
+            self._hpos = None               # the block ended: the body passes whole
+            if body <= limit:               # below the limit: nothing was cut
+                return bytes(held) + out
+            self.header_cut = True
+            first = pos - len(held)         # the stream position of held[0]
+            rest = held[body - first:] + out if body < pos else out[body - pos:]
+            return keep + (b"" if self._hkept_lf else _LF) + rest
+        name = self._hname
+        if name is None:
+            held.clear()
+        else:
+            start = end - name              # the undecided line's first octet
+            if start > pos:
+                held.clear()                # it began in this region
+            held += out[max(limit, start, pos) - pos:]
+        if end - limit > len(held):
+            self.header_cut = True          # header octets past the limit were dropped
+        return keep
+
+    def _body_start(self, out: bytes, pos: int) -> int | None:
+        """The stream position where the first body line starts, if `out`
+        (at stream position `pos`) decides it; else None, with the undecided
+        line start at its end noted (RFC 5322 section 3.6.8; Postfix ends the
+        header block at such a line)."""
+        name = self._hname
+        if name is not None:
+            # the line start carried from the region before: decide it first
+            n = _NAME_RUN.match(out, 0, _MAX_NAME + 1 - name).end()
+            total = name + n
+            if total > _MAX_NAME:
+                return pos - name           # too long for a field name
+            if n == len(out):
+                self._hname = total
+                return None
+            c = out[n]
+            if not ((c == 58 and total) or (c in (32, 9) and not total)):
+                return pos - name
+        m = _BODY_LINE.search(out)
+        if m is not None:
+            return pos + m.start() + 1
+        last = out.rfind(_LF)
+        if last < 0:
+            self._hname = None              # inside a header line
+        else:
+            tail = len(out) - last - 1
+            undecided = tail <= _MAX_NAME and _NAME_RUN.match(out, last + 1).end() == len(out)
+            self._hname = tail if undecided else None
+        return None
+
+    def _count_hops(self, out: bytes) -> None:
+        """Count Received/Delivered lines of the header block (docs/behaviour/smtp.md#data)."""
+        if self._hskip:
+            i = out.find(_LF)
+            if i < 0:
+                return
+            out = out[i:]
+            self._hskip = False
+        s = self._hcarry + out
+        end = s.find(_HDR_END)
+        if end >= 0:
+            block = s[:end + 1]
+            self._in_headers = False
+            self._hcarry = b""
+        else:
+            last = s.rfind(_LF)      # s always starts with a line start LF
+            block = s[:last]
+            self._hcarry = s[last:last + 10]
+            self._hskip = len(s) - last > 10
+        if block:
+            low = block.lower()
+            self._hops += low.count(_RECEIVED) + low.count(_DELIVERED)
+
+
+def _first_bare_lf(region: bytes) -> int:
+    """Index of the first LF not preceded by CR (caller knows there is one)."""
+    i = region.find(_LF)
+    while i > 0 and region[i - 1] == 13:
+        i = region.find(_LF, i + 1)
+    return i
