@@ -65,6 +65,11 @@ class Sink:
         self._loop = None               # the loop a flush is scheduled on
         self._lock = threading.Lock()
 
+    @property
+    def pending(self) -> int:
+        """Lines buffered, not yet written."""
+        return len(self._lines)
+
     # --- the hot path -------------------------------------------------------------
     def write(self, levelno: int, message: str, now: float | None = None) -> None:
         line = self.format(levelno, message, time.time() if now is None else now)
@@ -228,6 +233,8 @@ class SyslogSink(Sink):
                     break
                 self._backoff = 0.0
                 sent += 1
+                if sent == len(lines) and self.dropped:
+                    self._add_gap()         # taking lines again: the gap is told, after them
         finally:
             if sent:
                 del lines[:sent]
