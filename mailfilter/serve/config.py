@@ -32,6 +32,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mailfilter.log.sink import DEFAULT_CAP as DEFAULT_LOG_BUFFER
 from mailfilter.smtp.protocol import REMOTE_HOST_MODES    # the server checks them too
 from mailfilter.tls import selfsigned
 from mailfilter.tls.context import MIN_VERSIONS
@@ -45,7 +46,6 @@ DEFAULT_MAX_CONNECTIONS = 10_000      # without --max-connections, if the open-f
 LOOPS = ("uvloop", "asyncio")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SYSLOG_FORMATS = ("rfc3164", "rfc5424")
-DEFAULT_LOG_BUFFER = 256 * 1024       # mailfilter.log.sink.DEFAULT_CAP
 CHECKPASSWORD_ORDERS = ("djb", "dabrowski")
 TLS_VERSIONS = tuple(MIN_VERSIONS)
 
@@ -199,7 +199,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_level", TEXT, "info", "least severe level logged", choices=LOG_LEVELS),
     Option("log_buffer", INT, DEFAULT_LOG_BUFFER, "characters of log lines held between writes; "
            "full: stderr waits for the write, syslog drops lines and logs action=log_gap "
-           "dropped=N when it takes them again", minimum=4096, metavar="CHARS"),
+           "dropped=N when it takes them again", minimum=1, metavar="CHARS"),
     # `auth` is the global SMTPAUTH; tcp.smtp SMTPAUTH overrides it per client
     Option("auth", TEXT, None,
            'global SMTPAUTH: "" = LOGIN PLAIN, "+cram" = LOGIN PLAIN CRAM-MD5, "cram" = CRAM-MD5, '
