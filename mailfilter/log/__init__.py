@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import socket
 import sys
 
 from mailfilter.log.quoting import MAX_VALUE, kv, quote
@@ -114,7 +115,8 @@ def setup(level: str = "info", use_syslog: bool = False, syslog_address: str = "
             what = getattr(exc, "strerror", None) or exc
             raise LogSetupError(f"--syslog-socket {syslog_address}: {what}"
                                 + (" (is a syslog daemon listening there?)"
-                                   if isinstance(exc, OSError) else "")) from None
+                                   if isinstance(exc, OSError) and not isinstance(exc, socket.gaierror)
+                                   else "")) from None
     else:
         new = StreamSink((stream or sys.stderr).fileno(), levelno, buffer_size)
     close()

@@ -182,10 +182,11 @@ class SyslogSink(Sink):
                  facility: str = "mail", ident: str = "mailfilter"):
         super().__init__(level, cap)
         self.address = address
-        self.family, self._target = syslog_mod.parse_address(address)
+        # OSError or ValueError here: a start-up error
+        self.family, self._target = syslog_mod.resolve(*syslog_mod.parse_address(address))
         self.framer = syslog_mod.Framer(fmt, facility, ident,
                                         remote=self.family != socket.AF_UNIX)
-        self.sock = syslog_mod.open_socket(self.family, self._target)    # OSError: a start-up error
+        self.sock = syslog_mod.open_socket(self.family, self._target)
         self._backoff = 0.0
         self._next_try = 0.0            # monotonic time of the next re-open
         self._timer = None              # (loop, call_later handle) of a retry
@@ -196,8 +197,7 @@ class SyslogSink(Sink):
 
     def after_fork(self) -> None:
         super().after_fork()
-        if hasattr(self, "framer"):
-            self.framer.after_fork()
+        self.framer.after_fork()
         self._timer = None
 
     def close(self) -> None:

@@ -52,23 +52,29 @@ def parse_address(spec: str) -> tuple[int, object]:
     return (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, int(port))
 
 
+def resolve(family: int, address) -> tuple[int, object]:
+    """A UDP HOST:PORT as (family, socket address), looked up once at start
+    (a name lookup at each re-open would block the event loop); a unix path
+    as it is. OSError (socket.gaierror) when the host has no address."""
+    if family == socket.AF_UNIX:
+        return family, address
+    try:
+        info = socket.getaddrinfo(address[0], address[1], family, socket.SOCK_DGRAM)
+    except UnicodeError as exc:
+        raise OSError(str(exc)) from None
+    return info[0][0], info[0][4]
+
+
 def open_socket(family: int, address) -> socket.socket:
-    """A connected, non-blocking datagram socket; OSError when the address
-    cannot be reached (no such socket, nobody listening on it, a bad host)."""
+    """A connected, non-blocking datagram socket to a resolved address;
+    OSError when it cannot be reached (no such socket, nobody bound to it)."""
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        if family == socket.AF_UNIX:
-            sock.connect(address)
-        else:
-            # resolved once here: a name lookup per reconnect could block the loop
-            info = socket.getaddrinfo(address[0], address[1], family, socket.SOCK_DGRAM)
-            sock.connect(info[0][4])
+        sock.connect(address)
         sock.setblocking(False)
-    except (OSError, UnicodeError) as exc:
+    except OSError:
         sock.close()
-        if isinstance(exc, OSError):
-            raise
-        raise OSError(str(exc)) from None
+        raise
     return sock
 
 
