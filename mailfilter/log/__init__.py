@@ -27,7 +27,7 @@ import os
 import socket
 import sys
 
-from mailfilter.log.quoting import MAX_VALUE, kv, quote
+from mailfilter.log.quoting import MAX_VALUE, kv, kv_line, quote
 from mailfilter.log.sink import DEFAULT_CAP, StreamSink, SyslogSink
 
 __all__ = ["MAX_VALUE", "quote", "kv", "decision", "event", "anomaly", "setup", "flush", "close",
@@ -51,11 +51,14 @@ def decision(verdict, *, client: str, tls=None, helo=None, sender=None, rcpt=Non
     elif sink.level > INFO:
         return
     r = verdict.reply
-    line = kv(action="accept" if verdict.accept else ("tempfail" if r.temporary else "reject"),
-              stage=verdict.stage, reason=verdict.reason, rule=verdict.rule, client=client, tls=tls,
-              helo=None if helo is None else f"<{helo}>",
-              **{"from": None if sender is None else f"<{sender}>"},
-              to=None if rcpt is None else f"<{rcpt}>", reply=str(r), **extra)
+    line = kv_line({
+        "action": "accept" if verdict.accept else ("tempfail" if r.temporary else "reject"),
+        "stage": verdict.stage, "reason": verdict.reason, "rule": verdict.rule,
+        "client": client, "tls": tls,
+        "helo": None if helo is None else f"<{helo}>",
+        "from": None if sender is None else f"<{sender}>",
+        "to": None if rcpt is None else f"<{rcpt}>",
+        "reply": str(r), **extra})
     if sink is None:
         logger.info(line)
     else:
@@ -67,9 +70,9 @@ def event(**fields) -> None:
     sink = _sink
     if sink is None:
         if logger.isEnabledFor(INFO):
-            logger.info(kv(**fields))
+            logger.info(kv_line(fields))
     elif sink.level <= INFO:
-        sink.write(INFO, kv(**fields))
+        sink.write(INFO, kv_line(fields))
 
 
 def anomaly(tag: str, *, client: str, detail=None) -> None:

@@ -74,6 +74,11 @@ def quote(value) -> str:
 
 def kv(**fields) -> str:
     """`key=value` pairs (values quoted) in the order given; None leaves a key out."""
+    return kv_line(fields)
+
+
+def kv_line(fields: dict) -> str:
+    """kv() of a dict the caller already has (no second one made per line)."""
     parts = []
     for k, v in fields.items():
         if v is None:
