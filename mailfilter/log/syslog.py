@@ -105,12 +105,14 @@ class Framer:
         if second != self._second:
             t = time.localtime(second)
             if self.fmt == "rfc3164":
-                stamp = f"{_MONTHS[t.tm_mon - 1]} {t.tm_mday:2d} {t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+                stamp = (f"{_MONTHS[t.tm_mon - 1]} {t.tm_mday:2d} "
+                         f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}")
                 host = f" {self.hostname}" if self.remote else ""
                 self._stamp = f"{stamp}{host} {self.ident}[{self.pid}]: "
             else:
                 off = t.tm_gmtoff // 60
-                zone = "Z" if off == 0 else f"{'+' if off > 0 else '-'}{abs(off) // 60:02d}:{abs(off) % 60:02d}"
+                sign = "+" if off > 0 else "-"
+                zone = "Z" if off == 0 else f"{sign}{abs(off) // 60:02d}:{abs(off) % 60:02d}"
                 # the fraction goes between the seconds and the zone: kept apart
                 self._stamp = (time.strftime("%Y-%m-%dT%H:%M:%S", t),
                                f"{zone} {self.hostname} {self.ident} {self.pid} - - ")

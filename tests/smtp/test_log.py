@@ -1,6 +1,17 @@
 """mailfilter.log: one line per record whatever a client sends
-(docs/architecture.md#errors-and-logging): quoting, escaping by code point, the value cap."""
+(docs/architecture.md#errors-and-logging): quoting, escaping by code point, the
+value cap; the sink (one write per loop turn, syslog framing, the counted gap)."""
+import asyncio
+import logging
+import os
+import re
+import socket
+import types
+
+import pytest
+
 from mailfilter import log
+from mailfilter.log.sink import SyslogSink
 
 
 def test_plain_values_stand_as_they_are():
@@ -36,16 +47,6 @@ def test_long_values_are_cut_and_say_how_much():
 # ------------------------------------------------------------------ the fast sink
 # (docs/operations.md#logs): real files and real datagram sockets; the loop
 # turn is a real asyncio loop turn; nothing waits on time.
-import asyncio
-import logging
-import os
-import re
-import socket
-import types
-
-import pytest
-
-from mailfilter.log.sink import StreamSink, SyslogSink
 
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
 
@@ -57,10 +58,17 @@ def installed():
     log.close()
 
 
-def _verdict(accept=True, temporary=False, text="250 2.1.5 ok"):
-    reply = types.SimpleNamespace(temporary=temporary, __str__=None)
-    return types.SimpleNamespace(accept=accept, stage="RCPT", reason="ok", rule="rcpthosts:1",
-                                 reply=type("R", (), {"temporary": temporary, "__str__": lambda s: text})())
+class _Reply:
+    temporary = False
+
+    def __str__(self):
+        return "250 2.1.5 ok"
+
+
+def _verdict():
+    """What log.decision reads of a policy.Verdict."""
+    return types.SimpleNamespace(accept=True, stage="RCPT", reason="ok", rule="rcpthosts:1",
+                                 reply=_Reply())
 
 
 def test_decision_line_is_the_kv_line():
