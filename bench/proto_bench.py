@@ -108,18 +108,13 @@ def main(argv=None) -> int:
                          "temporary file; warning = off (how the restructure table in "
                          "bench/README.md was taken, for both trees)")
     a = ap.parse_args(argv)
-    import logging
-
     import loadgen
     import servers
     from mailfilter import log
     from mailfilter.serve.config import ServeOptions
     from mailfilter.serve.lifecycle import build_state
-    log.setup(a.log_level)
-    root = logging.getLogger("mailfilter")
     sink = tempfile.TemporaryFile(mode="w")          # a real file, as a log file would be
-    for handler in root.handlers:
-        handler.setStream(sink)
+    log.setup(a.log_level, stream=sink)              # as serve sets it up, to that file
     rules = a.rules or servers.norelay_rules(tempfile.mkdtemp())
     opts = ServeOptions(rules=rules, deliver="discard", max_per_ip=10**9, max_connections=10**9,
                         remote_host="off")      # no reverse DNS, as in bench/servers.py

@@ -32,6 +32,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mailfilter.log.sink import DEFAULT_CAP as DEFAULT_LOG_BUFFER
 from mailfilter.smtp.protocol import REMOTE_HOST_MODES    # the server checks them too
 from mailfilter.smtp.session import DENY_MODES
 from mailfilter.tls import selfsigned
@@ -45,6 +46,7 @@ DEFAULT_SESSION_DEADLINE = 3600.0     # without --session-deadline and timeoutse
 DEFAULT_MAX_CONNECTIONS = 10_000      # without --max-connections, if the open-file limit fits it
 LOOPS = ("uvloop", "asyncio")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+SYSLOG_FORMATS = ("rfc3164", "rfc5424")
 CHECKPASSWORD_ORDERS = ("djb", "dabrowski")
 TLS_VERSIONS = tuple(MIN_VERSIONS)
 
@@ -195,9 +197,18 @@ OPTIONS: tuple[Option, ...] = (
            "field, as in Postfix; 0 = no limit", minimum=0),
     Option("shutdown_grace", SECONDS, 30.0,
            "SIGTERM: seconds a delivery in flight may take to finish", minimum=0),
-    Option("syslog", BOOL, False, "log to syslog, facility mail"),
-    Option("syslog_socket", TEXT, "/dev/log", "syslog socket", metavar="PATH"),
+    # the log (docs/operations.md#logs): one buffer, written once per event-loop turn
+    Option("syslog", BOOL, False, "log to syslog, facility mail, instead of stderr; a socket "
+           "that cannot be opened at start is a start-up error"),
+    Option("syslog_socket", TEXT, "/dev/log", "syslog socket: a unix datagram socket path "
+           "(a value with a /), or HOST:PORT / [IPV6]:PORT for UDP", metavar="PATH|HOST:PORT"),
+    Option("syslog_format", TEXT, "rfc3164", "syslog framing: rfc3164 = <PRI>Mmm dd hh:mm:ss "
+           "ident[pid]: as glibc's syslog() (the host name too over UDP); rfc5424 = <PRI>1 "
+           "TIMESTAMP HOST ident PID - -", choices=SYSLOG_FORMATS),
     Option("log_level", TEXT, "info", "least severe level logged", choices=LOG_LEVELS),
+    Option("log_buffer", INT, DEFAULT_LOG_BUFFER, "characters of log lines held between writes; "
+           "full: stderr waits for the write, syslog drops lines and logs action=log_gap "
+           "dropped=N when it takes them again", minimum=1, metavar="CHARS"),
     # `auth` is the global SMTPAUTH; tcp.smtp SMTPAUTH overrides it per client
     Option("auth", TEXT, None,
            'global SMTPAUTH: "" = LOGIN PLAIN, "+cram" = LOGIN PLAIN CRAM-MD5, "cram" = CRAM-MD5, '

@@ -58,6 +58,7 @@ import socket
 import sys
 import tempfile
 
+from mailfilter import log
 from mailfilter.rules import bundle as bundle_mod
 from mailfilter.delivery import Delivery
 from mailfilter.policy.dns import Resolver
@@ -459,8 +460,12 @@ def run_process(opts: ServeOptions, reuse_port: bool) -> int:
     try:
         loop.run_until_complete(serve(opts, state, reuse_port=reuse_port))
     except (OSError, StartupError) as exc:
+        log.flush()             # the lines before it, then the error
         print(f"mailfilter serve: {exc}", file=sys.stderr)
         return 2
     finally:
+        # the last loop turn's lines ("shutdown: done"): its scheduled flush
+        # would run on a loop that no longer turns
+        log.flush()
         loop.close()
     return 0

@@ -1,6 +1,7 @@
 """`mailfilter serve`'s process tree: one serving process, or `--workers N`.
 
-Job: `run(opts)` checks the options, sets up logging and either serves in
+Job: `run(opts)` checks the options, sets up the log (a syslog socket that
+cannot be opened is a start-up error, exit 2) and either serves in
 this process (lifecycle.run_process) or forks N workers that each bind the
 same ports with SO_REUSEPORT and supervises them.
 
@@ -14,7 +15,9 @@ Invariants of the supervisor:
   - a worker that cannot start (exit 2: bad rules, port taken) stops them
     all with exit 2: the others would fail the same way;
   - a worker exits with its parent (PR_SET_PDEATHSIG), so a killed parent
-    leaves no orphan serving old rules.
+    leaves no orphan serving old rules;
+  - every process writes out its buffered log lines before it exits
+    (docs/operations.md#when-the-log-cannot-keep-up).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from mailfilter.serve.lifecycle import bound_socket, early_hup, run_process
 logger = logging.getLogger("mailfilter")
 
 RESTART_MIN_INTERVAL = 1.0      # a worker that keeps dying is restarted at most once a second
+STOP_LOG_WAIT = 2.0             # seconds a clean stop may wait for syslog to take the last lines
 
 
 def run(opts: ServeOptions) -> int:
@@ -42,11 +46,19 @@ def run(opts: ServeOptions) -> int:
     except StartupError as exc:
         print(f"mailfilter serve: {exc}", file=sys.stderr)
         return 2
+    try:
+        log.setup(opts.log_level, use_syslog=opts.syslog, syslog_address=opts.syslog_socket,
+                  syslog_format=opts.syslog_format, buffer_size=opts.log_buffer)
+    except log.LogSetupError as exc:    # no syslog daemon there: one line, not a traceback per line
+        print(f"mailfilter serve: {exc}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGHUP, early_hup.note)   # inherited by the workers until their loop runs
-    log.setup(opts.log_level, use_syslog=opts.syslog, syslog_address=opts.syslog_socket)
-    if opts.workers <= 1:
-        return run_process(opts, reuse_port=False)
-    return supervise(opts)
+    try:
+        if opts.workers <= 1:
+            return run_process(opts, reuse_port=False)
+        return supervise(opts)
+    finally:
+        log.flush(wait=STOP_LOG_WAIT)
 
 
 def check_ports_free(opts: ServeOptions) -> None:
@@ -84,6 +96,7 @@ def _spawn_worker(opts: ServeOptions) -> int:
             _die_with_parent(parent)
             code = run_process(opts, reuse_port=True)
         finally:
+            log.flush(wait=STOP_LOG_WAIT)   # os._exit skips atexit
             os._exit(code)
     return pid
 

@@ -6,6 +6,7 @@ what it logs (stderr) or answers; every wait is bounded, nothing sleeps.
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import smtplib
@@ -631,14 +632,16 @@ def test_syslog_facility_mail(tmp_path, rules):
             return next(line for line in lines if pattern in line)
 
         listening = until("listening on 127.0.0.1")
-        # facility mail (2), info (6); ident with the pid, as openlog(LOG_PID)
-        assert listening.startswith(f"<22>mailfilter[{proc.pid}]: ")
+        # facility mail (2), info (6); RFC 3164 time stamp; ident with the pid,
+        # as glibc's syslog() after openlog(LOG_PID)
+        head = re.compile(rf"<22>[A-Z][a-z]{{2}} [ \d]\d \d\d:\d\d:\d\d mailfilter\[{proc.pid}\]: ")
+        assert head.match(listening), listening
         with session(port) as c:
             assert first(c.cmd("MAIL FROM:<spammer@example.org>"))[:3] == "250"
             assert first(c.cmd("RCPT TO:<user@example.com>")).startswith("553 5.7.1")
         line = until("stage=RCPT")
-        assert line.startswith(f"<22>mailfilter[{proc.pid}]: action=reject stage=RCPT "
-                               "reason=badmailfrom rule=badmailfrom:")
+        assert head.match(line) and line[head.match(line).end():].startswith(
+            "action=reject stage=RCPT reason=badmailfrom rule=badmailfrom:"), line
         assert "from=<spammer@example.org>" in line and "to=<user@example.com>" in line
     finally:
         proc.send_signal(signal.SIGTERM)
