@@ -6,6 +6,7 @@ Each concept lives in its own .pxi, included here in dependency order:
   hashtab.pxi    open-addressing hash table over folded byte keys -> int
   aho.pxi        Aho-Corasick automaton over bytes -> int pattern ids
   wildmat.pxi    INN/spamcontrol wildmat matcher (case-insensitive)
+  litindex.pxi   which of many literals occur in a text: 8-byte window index
   listmatch.pxi  one control file's matcher: hash + wildmat + RE2, last-match-wins
   cidr.pxi       longest-prefix trie for IPv4 and IPv6
   crammd5.pxi    HMAC-MD5 (RFC 2104) from stored inner/outer MD5 states
@@ -21,6 +22,7 @@ include "fold.pxi"
 include "hashtab.pxi"
 include "aho.pxi"
 include "wildmat.pxi"
+include "litindex.pxi"
 include "listmatch.pxi"
 include "cidr.pxi"
 include "crammd5.pxi"

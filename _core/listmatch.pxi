@@ -5,9 +5,10 @@
 #   - exact / @domain / .suffix / host keys: one HTAB hash table, a handful of
 #     probes chosen by the lookup mode (docs/behaviour/control-files.md#which-match-wins stage 2,
 #     docs/behaviour/control-files.md#rcpthosts);
-#   - wildmat and regex entries ("pattern entries"): one AHOC automaton over
-#     their required literals yields the candidates; entries without a literal
-#     are always candidates; only candidates are evaluated.
+#   - wildmat and regex entries ("pattern entries"): one LIDX literal index
+#     (litindex.pxi) over their required literals yields the candidates;
+#     entries without a literal are always candidates; only candidates are
+#     evaluated.
 # Two dialects:
 #   - last_match (spamcontrol, docs/behaviour/control-files.md#which-match-wins "last matching
 #     line decides"): the
@@ -20,13 +21,14 @@
 #     fires when its regex does NOT match, and an absent required literal
 #     proves "no match" without running the regex.
 #
-# Blob layout ("LMAT", version 3; little-endian, sections 8-byte aligned;
-# 2 added the regex filter records, 3 the required-byte bitmap):
+# Blob layout ("LMAT", version 4; little-endian, sections 8-byte aligned;
+# 2 added the regex filter records, 3 the required-byte bitmap, 4 replaced
+# the AHOC automaton by an LIDX literal index, same place in the header):
 #   0   char[4] tag "LMAT"      4   u32 version
 #   8   u32 n_wild              12  u32 n_regex
 #   16  u32 n_nolit             20  u32 n_neglit
 #   24  u64 htab_off, 32 u64 htab_len       embedded HTAB blob
-#   40  u64 aho_off,  48 u64 aho_len        embedded AHOC blob (ids = entry index)
+#   40  u64 lidx_off, 48 u64 lidx_len       embedded LIDX blob (ids = entry index)
 #   56  u64 ent_off                         entry[n_wild + n_regex], 16 bytes:
 #         i32 rule_id, u32 kind_index (bit 31 regex, bit 30 negated,
 #         bits 0-29 index into wild patterns / regexes), u32 pat_off, u32 pat_len
@@ -41,7 +43,7 @@
 #
 # Invariants: everything above is validated at construction (offsets and
 # lengths against len(buf), entry indices and pattern ranges, automaton
-# output ids < number of entries); lookups never allocate unless the text is
+# literal ids < number of entries); lookups never allocate unless the text is
 # longer than the stack buffer or yields very many distinct candidates.
 # Regex entries are run on the ORIGINAL text (compiled case-insensitive);
 # literals and wildmat run on the ASCII-folded text. Required regex literals
@@ -155,14 +157,14 @@ def listmatch_build(hash_keys, hash_ids, wild_patterns, wild_ids,
             pool_len += len(pat)
     if pool_len >= 0xFFFFFFFF:
         raise ValueError("listmatch_build: patterns exceed 4 GiB")
-    aho = aho_build(lits, lit_ids, True)
+    lidx = litindex_build(lits, lit_ids)
     pool = b"".join(pool_parts)
 
     cdef uint64_t off = _LM_HEADER
     cdef uint64_t htab_off = off
     off = _mf_align8(off + len(htab))
-    cdef uint64_t aho_off = off
-    off = _mf_align8(off + len(aho))
+    cdef uint64_t lidx_off = off
+    off = _mf_align8(off + len(lidx))
     cdef uint64_t ent_off = off
     off = _mf_align8(off + <uint64_t>npat * sizeof(_LmEntry))
     cdef uint64_t nolit_off = off
@@ -175,20 +177,20 @@ def listmatch_build(hash_keys, hash_ids, wild_patterns, wild_ids,
     blob = _mf_new_blob(off)
     cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(blob)
     memcpy(p, b"LMAT", 4)
-    _mf_wr32(p + 4, 3)
+    _mf_wr32(p + 4, 4)
     _mf_wr32(p + 8, <uint32_t>nw)
     _mf_wr32(p + 12, <uint32_t>nr)
     _mf_wr32(p + 16, <uint32_t>len(nolit))
     _mf_wr32(p + 20, <uint32_t>len(neglit))
     _mf_wr64(p + 24, htab_off); _mf_wr64(p + 32, len(htab))
-    _mf_wr64(p + 40, aho_off); _mf_wr64(p + 48, len(aho))
+    _mf_wr64(p + 40, lidx_off); _mf_wr64(p + 48, len(lidx))
     _mf_wr64(p + 56, ent_off)
     _mf_wr64(p + 64, nolit_off)
     _mf_wr64(p + 72, neglit_off)
     _mf_wr64(p + 80, pool_off); _mf_wr64(p + 88, pool_len)
     _mf_wr64(p + 96, off)
     memcpy(p + htab_off, PyBytes_AS_STRING(htab), len(htab))
-    memcpy(p + aho_off, PyBytes_AS_STRING(aho), len(aho))
+    memcpy(p + lidx_off, PyBytes_AS_STRING(lidx), len(lidx))
     memcpy(p + pool_off, PyBytes_AS_STRING(pool), pool_len)
     cdef _LmEntry* ent = <_LmEntry*>(p + ent_off)
     cdef uint32_t* u32
@@ -247,7 +249,7 @@ cdef inline int _lm_hash_plan(const _HtView* ht, const unsigned char* t, Py_ssiz
     """The keys `mode` derives from the folded t, as ListMatcher._hash_best
     probes them: each is a suffix t[starts[k]:] (the text, `@domain`,
     `.suffix`...), hashes[k] its hash; their first slots start loading now
-    (_ht_prefetch), so the probes after the automaton scan rarely wait for
+    (_ht_prefetch), so the probes after the literal scan rarely wait for
     memory. Returns the count, or -1 if there are more than _LM_MAX_KEYS
     (then ListMatcher._hash_best probes them one by one)."""
     cdef int k = 0
@@ -302,7 +304,7 @@ cdef class ListMatcher:
     """
     cdef _MfBlob _blob
     cdef _HtView ht
-    cdef _AhoView aho
+    cdef _LiView lidx
     cdef const _LmEntry* ent
     cdef const uint32_t* nolit
     cdef const uint32_t* neglit
@@ -315,7 +317,7 @@ cdef class ListMatcher:
         self._blob = _MfBlob(buf)
         cdef const unsigned char* p = self._blob.p
         cdef Py_ssize_t n = self._blob.n
-        _mf_check_header(p, n, b"LMAT", 3, _LM_HEADER, "ListMatcher")
+        _mf_check_header(p, n, b"LMAT", 4, _LM_HEADER, "ListMatcher")
         if _mf_rd64(p + 96) > <uint64_t>n:
             raise ValueError(f"ListMatcher: blob truncated: {n} bytes, "
                              f"header declares {_mf_rd64(p + 96)}")
@@ -327,14 +329,14 @@ cdef class ListMatcher:
             raise ValueError("ListMatcher: bad entry counts")
         self.n_pat = self.n_wild + self.n_regex
         cdef uint64_t htab_off = _lm_section(p, n, 24, 32, 0, "hash table")
-        cdef uint64_t aho_off = _lm_section(p, n, 40, 48, 0, "automaton")
+        cdef uint64_t lidx_off = _lm_section(p, n, 40, 48, 0, "literal index")
         cdef uint64_t ent_off = _lm_section(p, n, 56, 0, <uint64_t>self.n_pat * sizeof(_LmEntry), "entries")
         cdef uint64_t nolit_off = _lm_section(p, n, 64, 0, <uint64_t>self.n_nolit * 4, "no-literal list")
         cdef uint64_t neglit_off = _lm_section(p, n, 72, 0, <uint64_t>self.n_neglit * 4, "negated list")
         cdef uint64_t pool_off = _lm_section(p, n, 80, 88, 0, "pattern pool")
         cdef uint64_t pool_len = _mf_rd64(p + 88)
         _ht_view_init(&self.ht, p + htab_off, <Py_ssize_t>_mf_rd64(p + 32))
-        _aho_view_init(&self.aho, p + aho_off, <Py_ssize_t>_mf_rd64(p + 48))
+        _li_view_init(&self.lidx, p + lidx_off, <Py_ssize_t>_mf_rd64(p + 48))
         self.ent = <const _LmEntry*>(p + ent_off)
         self.nolit = <const uint32_t*>(p + nolit_off)
         self.neglit = <const uint32_t*>(p + neglit_off)
@@ -364,9 +366,12 @@ cdef class ListMatcher:
             if (self.neglit[i] >= self.n_pat or (i > 0 and self.neglit[i] <= self.neglit[i - 1])
                     or (self.ent[self.neglit[i]].kind_index & _LM_NEG) == 0):
                 raise ValueError("ListMatcher: bad negated-literal list")
-        for i in range(self.aho.nout):
-            if <uint32_t>self.aho.outs[i].id >= self.n_pat:
-                raise ValueError("ListMatcher: automaton output outside the entries")
+        for i in range(self.lidx.aho.nout):
+            if <uint32_t>self.lidx.aho.outs[i].id >= self.n_pat:
+                raise ValueError("ListMatcher: literal id outside the entries")
+        for i in range(self.lidx.nrec):
+            if <uint32_t>self.lidx.recs[i].id >= self.n_pat:
+                raise ValueError("ListMatcher: literal id outside the entries")
         if len(regexes) != self.n_regex:
             raise ValueError(f"ListMatcher: blob has {self.n_regex} regex entries, "
                              f"{len(regexes)} regexes given")
@@ -458,10 +463,10 @@ cdef class ListMatcher:
         _idbuf_init(&hits, stack_ids, _LM_STACK_IDS)
         try:
             fold_into(t, <const unsigned char*>PyBytes_AS_STRING(text), n)
-            # hash slots load while the automaton scans (same answer as
+            # hash slots load while the literal index scans (same answer as
             # _hash_best first, fewer stalls on a large table)
             nkeys = _lm_hash_plan(&self.ht, t, n, mode, key_starts, key_hashes)
-            if self.n_pat != 0 and _aho_scan_into(&self.aho, t, n, &hits) < 0:
+            if self.n_pat != 0 and _li_scan_into(&self.lidx, t, n, &hits) < 0:
                 raise MemoryError()
             if nkeys >= 0:
                 best = _lm_hash_planned(&self.ht, t, n, key_starts, key_hashes, nkeys)
@@ -527,7 +532,7 @@ cdef class ListMatcher:
         _idbuf_init(&hits, stack_ids, _LM_STACK_IDS)
         try:
             fold_into(t, <const unsigned char*>PyBytes_AS_STRING(text), n)
-            if _aho_scan_into(&self.aho, t, n, &hits) < 0:
+            if _li_scan_into(&self.lidx, t, n, &hits) < 0:
                 raise MemoryError()
             hits.n = _sort_unique_i32(hits.data, hits.n)
             # The first negated entry whose literal is absent fires for sure.
@@ -574,9 +579,11 @@ cdef class ListMatcher:
                 free(t)
 
     def counts(self):
-        """Sizes: distinct hash keys, wildmat and regex entries, automaton states."""
+        """Sizes: distinct hash keys, wildmat and regex entries, literals
+        indexed by a window, states of the short-literal automaton."""
         return {"hash": self.ht.nentries, "wildmat": self.n_wild,
-                "regex": self.n_regex, "aho_states": self.aho.nstates}
+                "regex": self.n_regex, "literals_indexed": self.lidx.nrec,
+                "aho_states": self.lidx.aho.nstates}
 
 
 cdef int64_t _lm_section(const unsigned char* p, Py_ssize_t n, int off_at, int len_at,

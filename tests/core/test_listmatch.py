@@ -88,7 +88,8 @@ def test_wildmat_without_literal_is_always_a_candidate():
     m, _ = make(wild=[b"*", b"?*?"], wild_ids=[0, 3])
     assert m.last_match(b"", MODE_EXACT) == 0
     assert m.last_match(b"ab", MODE_EXACT) == 3
-    assert m.counts() == {"hash": 0, "wildmat": 2, "regex": 0, "aho_states": 1}
+    assert m.counts() == {"hash": 0, "wildmat": 2, "regex": 0, "literals_indexed": 0,
+                          "aho_states": 1}
 
 
 def test_negated_regexes_ignored_by_last_match():
