@@ -10,6 +10,7 @@ Each concept lives in its own .pxi, included here in dependency order:
   listmatch.pxi  one control file's matcher: hash + wildmat + RE2, last-match-wins
   cidr.pxi       longest-prefix trie for IPv4 and IPv6
   crammd5.pxi    HMAC-MD5 (RFC 2104) from stored inner/outer MD5 states
+  client.pxi     the policy's Client value (built once per connection)
 
 Invariants: every builder returns one flat `bytes` blob; every runtime class is
 constructed from a read-only buffer (bytes or a memoryview over an mmap) and
@@ -26,3 +27,4 @@ include "litindex.pxi"
 include "listmatch.pxi"
 include "cidr.pxi"
 include "crammd5.pxi"
+include "client.pxi"

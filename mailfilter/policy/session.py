@@ -61,7 +61,9 @@ class SessionPolicy:
     def __init__(self, engine: PolicyEngine, client: Client):
         self.engine = engine
         self.client = client
-        self.profile = engine.client_profile(client)
+        rid = engine.client_rule(client)        # = engine.client_profile(client), a call less
+        prof = engine._profiles.get(rid)
+        self.profile = prof if prof is not None else engine.profile(rid)
         # False while the transaction fields below hold their initial values
         # (set by every method that changes one): resetting is then a no-op.
         self._in_transaction = False
@@ -83,6 +85,12 @@ class SessionPolicy:
         # it in, the tarpit delay of its answer (set by rcpt(), then its checks)
         self.rcpt_rule = NO_RULE
         self.rcpt_delay = 0.0
+
+    # PolicyEngine.session() starts a session as object.__new__ + _start:
+    # calling a Python class costs CPython 3.11 a C-level call chain
+    # (type_call, slot_tp_init, a fresh evaluation loop) that a method call
+    # from Python code does not; same state as SessionPolicy(engine, client).
+    _start = __init__
 
     # -- settings
     @property
