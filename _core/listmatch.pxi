@@ -49,6 +49,12 @@
 # literals and wildmat run on the ASCII-folded text. Required regex literals
 # must be ASCII-safe under the regex's case folding (the compiler's job).
 
+from cpython.unicode cimport (PyUnicode_GET_LENGTH, PyUnicode_KIND, PyUnicode_1BYTE_KIND,
+                              PyUnicode_DATA)
+
+cdef extern from "Python.h":
+    bint PyUnicode_IS_ASCII(object o)
+
 cdef extern from *:
     """
     #define MF_LM_HEADER 104
@@ -312,6 +318,10 @@ cdef class ListMatcher:
     cdef uint32_t n_wild, n_regex, n_pat, n_nolit, n_neglit
     cdef list _contains        # per regex entry: contains(text) -> bool
     cdef object _gate          # contains of one RE2 alternation of the gated regexes, or None
+    cdef object _words_ref     # keeps the rule words of set_rule_flags alive
+    cdef const uint32_t* _words
+    cdef Py_ssize_t _nwords
+    cdef uint32_t _exc_mask
 
     def __cinit__(self, buf, regexes):
         self._blob = _MfBlob(buf)
@@ -441,7 +451,80 @@ cdef class ListMatcher:
         -1 if none."""
         if mode < 0 or mode > 2:
             raise ValueError(f"last_match: unknown mode {mode}")
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(text)
+        return self._last(<const unsigned char*>PyBytes_AS_STRING(text), PyBytes_GET_SIZE(text),
+                          mode, text)
+
+    def set_rule_flags(self, words, uint32_t exception_mask):
+        """The bundle's rule words (3 u32 per rule id, the first holding the
+        flags; any buffer of them) and the flag bit of an `!` exception line:
+        what listed() needs to tell an exception from a listing."""
+        cdef const unsigned char[::1] mv = memoryview(words).cast("B")
+        self._words_ref = mv
+        self._words = <const uint32_t*>&mv[0] if mv.shape[0] else NULL
+        self._nwords = mv.shape[0] // 4
+        self._exc_mask = exception_mask
+
+    def last_match_str(self, str text not None, int mode, Py_ssize_t start=0):
+        """last_match(text[start:].encode("latin-1", "replace"), mode)
+        without building the slice or the bytes when every character of
+        `text` is Latin-1 (the bytes are then the string's own)."""
+        if mode < 0 or mode > 2:
+            raise ValueError(f"last_match_str: unknown mode {mode}")
+        cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text)
+        if start < 0 or start > n:
+            raise IndexError("last_match_str: start outside the text")
+        if PyUnicode_KIND(text) != PyUnicode_1BYTE_KIND:
+            return self.last_match(text[start:].encode("latin-1", "replace"), mode)
+        return self._last(<const unsigned char*>PyUnicode_DATA(text) + start, n - start, mode,
+                          None)
+
+    def listed(self, str text not None, int mode, bint lower=False):
+        """spamcontrol's "is it listed" (docs/behaviour/control-files.md#which-match-wins: the
+        last matching line decides, an `!` line is an exception): last_match of
+        `text` (lower-cased first if `lower`) as Latin-1 bytes ("replace": one
+        `?` per other character), -1 if that rule is an exception. Same answer
+        as last_match((text.lower() if lower else text).encode("latin-1",
+        "replace"), mode) followed by the rule's exception flag
+        (set_rule_flags), in one call and without the bytes when `text` is
+        Latin-1 (ASCII when lower-casing: str.lower() of ASCII is the fold)."""
+        if mode < 0 or mode > 2:
+            raise ValueError(f"listed: unknown mode {mode}")
+        if self._words_ref is None:
+            raise ValueError("listed: set_rule_flags() was not called")
+        cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text)
+        cdef int32_t rid
+        cdef unsigned char stack_text[_LM_STACK_TEXT]
+        cdef unsigned char* low
+        cdef const unsigned char* raw
+        if PyUnicode_KIND(text) != PyUnicode_1BYTE_KIND or (lower and not PyUnicode_IS_ASCII(text)):
+            b = (text.lower() if lower else text).encode("latin-1", "replace")
+            rid = self._last(<const unsigned char*>PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b),
+                             mode, b)
+        elif lower:
+            raw = <const unsigned char*>PyUnicode_DATA(text)
+            low = stack_text
+            if n > _LM_STACK_TEXT:
+                low = <unsigned char*>malloc(n)
+                if low == NULL:
+                    raise MemoryError()
+            try:
+                fold_into(low, raw, n)
+                rid = self._last(low, n, mode, None)
+            finally:
+                if low != stack_text:
+                    free(low)
+        else:
+            rid = self._last(<const unsigned char*>PyUnicode_DATA(text), n, mode, None)
+        if rid < 0:
+            return -1
+        if <uint64_t>3 * <uint64_t>rid >= <uint64_t>self._nwords:
+            raise IndexError(f"listed: rule id {rid} outside the rule words")
+        return -1 if self._words[3 * rid] & self._exc_mask else rid
+
+    cdef int32_t _last(self, const unsigned char* raw, Py_ssize_t n, int mode,
+                       bytes text) except -2:
+        """last_match over raw[0:n]; `text` is those bytes as an object, or
+        None: built only if a regex has to run."""
         cdef unsigned char stack_text[_LM_STACK_TEXT]
         cdef int32_t stack_ids[_LM_STACK_IDS]
         cdef unsigned char* t = stack_text
@@ -452,7 +535,6 @@ cdef class ListMatcher:
         cdef const _LmEntry* en
         cdef int gate = -1
         cdef bint from_nolit
-        cdef const unsigned char* raw = <const unsigned char*>PyBytes_AS_STRING(text)
         cdef Py_ssize_t key_starts[_LM_MAX_KEYS]
         cdef uint64_t key_hashes[_LM_MAX_KEYS]
         cdef int nkeys
@@ -462,7 +544,7 @@ cdef class ListMatcher:
                 raise MemoryError()
         _idbuf_init(&hits, stack_ids, _LM_STACK_IDS)
         try:
-            fold_into(t, <const unsigned char*>PyBytes_AS_STRING(text), n)
+            fold_into(t, raw, n)
             # hash slots load while the literal index scans (same answer as
             # _hash_best first, fewer stalls on a large table)
             nkeys = _lm_hash_plan(&self.ht, t, n, mode, key_starts, key_hashes)
@@ -495,6 +577,8 @@ cdef class ListMatcher:
                         continue
                     if not _lm_may_match(self.pool + en.pat_off, en.pat_len, raw, n):
                         continue            # cannot match: no RE2 call
+                    if text is None:
+                        text = PyBytes_FromStringAndSize(<const char*>raw, n)
                     if from_nolit and not self._gate_open(text, &gate):
                         continue
                     if self._contains[en.kind_index & _LM_INDEX](text):

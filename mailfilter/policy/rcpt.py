@@ -50,7 +50,7 @@ from collections.abc import Callable
 from functools import cache
 from typing import TYPE_CHECKING, NamedTuple
 
-from mailfilter.rules.format import FLAG_EXCEPTION, MODE_ADDRESS, MODE_HOST
+from mailfilter.rules.format import MODE_ADDRESS, MODE_HOST
 from mailfilter.policy.verdict import DNS_FAIL, DNS_NULLMX, DNS_TEMP, NO_RULE, Verdict
 
 if TYPE_CHECKING:
@@ -130,12 +130,13 @@ def _rcpthosts(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> Ve
     """Sets rcpt_rule to the rcpthosts line naming the domain."""
     eng = s.engine
     if eng.rcpthosts_present:
-        at = data.rfind(b"@")    # the recipient's last "@" (latin-1: same position)
+        at = recipient.rfind("@")   # the recipient's last "@" (same position in `data`)
         if at < 0:
             return None          # docs/behaviour/control-files.md#rcpthosts step 2: addresses
                                  # without @ are local
-        matcher = eng.rcpthosts  # None: an existing but empty rcpthosts names no domain
-        rid = matcher.last_match(data[at + 1:], MODE_HOST) if matcher is not None else NO_RULE
+        # the domain: data[at + 1:], read in place (an absent list: an
+        # existing but empty rcpthosts names no domain)
+        rid = eng.rcpthosts_last(recipient, MODE_HOST, at + 1)
         if rid >= 0:
             s.rcpt_rule = rid
             return None
@@ -194,9 +195,7 @@ def _badrcptto(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> Ve
         rid = eng.listed(eng.badrcptto, data, MODE_ADDRESS)
     else:                                        # last match decides, `!` = exception
                                                  # (docs/behaviour/control-files.md#which-match-wins)
-        rid = eng.badrcptto_last(data, MODE_ADDRESS)
-        if rid >= 0 and eng.rule_words[3 * rid] & FLAG_EXCEPTION:
-            rid = NO_RULE
+        rid = eng.badrcptto_listed(recipient, MODE_ADDRESS)
     if rid < 0 and eng.badrcpttonorelay is not None and not relay:
         rid = eng.listed(eng.badrcpttonorelay, data, MODE_ADDRESS)
     if rid >= 0:

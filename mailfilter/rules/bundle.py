@@ -296,6 +296,8 @@ class Bundle:
             matcher = core.ListMatcher(self._sections["L:" + name], stubs)
             for stub in stubs:
                 stub.matcher = matcher
+        # listed() tells an `!` exception line from a listing by its flags
+        matcher.set_rule_flags(self.rule_words, FLAG_EXCEPTION)
         gated = matcher.gated_regexes()
         parts = [gate_part(sources[i]) for i in gated]
         if len(parts) >= 2 and None not in parts:    # else no gate: every regex runs
