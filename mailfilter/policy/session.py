@@ -303,7 +303,6 @@ class SessionPolicy:
         given = recipient
         if recipient and recipient[-1] == "]":
             recipient = self.engine.local_literal(recipient)
-        data = recipient.encode("latin-1", "replace")   # one byte per character
         self.rcpt_rule = NO_RULE
         self.rcpt_delay = 0.0
         # the state bits of rcpt.py: which rows can fire at all
@@ -318,7 +317,7 @@ class SessionPolicy:
             state |= HISTORY
         checks = (prof.relay_rcpt_plans if relay else prof.rcpt_plans)[state]
         for check in checks:
-            verdict = check(self, recipient, data, relay)
+            verdict = check(self, recipient, relay)
             if verdict is not None:
                 return verdict
         self.accepted += 1
