@@ -11,7 +11,8 @@
 #   - each literal of at least 8 bytes is indexed by ONE of its 8-byte
 #     windows ("gram"), the one fewest other literals share (fewer false
 #     candidates), with its offset in the literal;
-#   - a filter bitmap (about 16 bits per indexed literal, small enough to
+#   - a filter bitmap (about 16 bits per indexed literal, two bits set per
+#     gram: a Bloom filter, about 1.4 % false positives, small enough to
 #     stay in cache) answers "no indexed gram here" for nearly every text
 #     position; only positions it passes look in the bucketed records, and a
 #     record reports its id only after the whole literal compared equal at
@@ -28,8 +29,9 @@
 #   24 u64 filter_off   32 u64 bucket_off   40 u64 rec_off
 #   48 u64 pool_off     56 u64 pool_len     64 u64 aho_off   72 u64 aho_len
 #   80 u64 total_size
-#   filter   u64[2^filter_bits / 64]: bit (h >> (64 - filter_bits)) set for
-#            each record, h = gram * _LI_MULT (mod 2^64)
+#   filter   u64[2^filter_bits / 64]: bits (h >> (64 - filter_bits)) and
+#            (h2 >> (64 - filter_bits)) set for each record, h = gram *
+#            _LI_MULT, h2 = (h ^ (h >> 29)) * _LI_MULT2 (mod 2^64)
 #   buckets  u32[2^bucket_bits + 1]: records of bucket b (h >> (64 -
 #            bucket_bits)) are rec[buckets[b] .. buckets[b+1])
 #   rec[nrec], 24 bytes: u64 gram (the window's 8 bytes, little-endian),
@@ -49,10 +51,12 @@ cdef extern from *:
     #define MF_LI_HEADER 88
     #define MF_LI_GRAM 8
     #define MF_LI_MULT 0x9E3779B97F4A7C15ULL
+    #define MF_LI_MULT2 0xBF58476D1CE4E5B9ULL
     """
     const uint32_t _LI_HEADER "MF_LI_HEADER"
     enum: _LI_GRAM "MF_LI_GRAM"
     const uint64_t _LI_MULT "MF_LI_MULT"
+    const uint64_t _LI_MULT2 "MF_LI_MULT2"
 
 ctypedef struct _LiRec:
     uint64_t gram
@@ -71,6 +75,11 @@ ctypedef struct _LiView:
     int bshift              # 64 - bucket_bits
     _AhoView aho            # the short literals
     bint has_short          # aho has a pattern (more than the root state)
+
+
+cdef inline uint64_t _li_h2(uint64_t h) noexcept nogil:
+    """The filter's second bit position (from the top bits of the result)."""
+    return (h ^ (h >> 29)) * _LI_MULT2
 
 
 cdef inline uint32_t _li_bits(uint64_t n) noexcept nogil:
@@ -180,7 +189,10 @@ def litindex_build(literals, ids):
         rec[r].win = <uint32_t>win
         rec[r].lit_off = <uint32_t>off
         rec[r].lit_len = <uint32_t>ln
-        fi = (gram * _LI_MULT) >> (64 - filter_bits)
+        h = gram * _LI_MULT
+        fi = h >> (64 - filter_bits)
+        filt[fi >> 6] |= <uint64_t>1 << (fi & 63)
+        fi = _li_h2(h) >> (64 - filter_bits)
         filt[fi >> 6] |= <uint64_t>1 << (fi & 63)
     while b <= nbuckets:
         buckets[b] = nrec
@@ -256,6 +268,9 @@ cdef int _li_scan_into(const _LiView* v, const unsigned char* t, Py_ssize_t n,
         g = _mf_le64(t + pos)
         h = g * _LI_MULT
         fi = h >> v.fshift
+        if not (v.filter[fi >> 6] >> (fi & 63)) & 1:
+            continue
+        fi = _li_h2(h) >> v.fshift
         if not (v.filter[fi >> 6] >> (fi & 63)) & 1:
             continue
         r = v.buckets[h >> v.bshift]
