@@ -5,9 +5,10 @@
 #   - exact / @domain / .suffix / host keys: one HTAB hash table, a handful of
 #     probes chosen by the lookup mode (docs/behaviour/control-files.md#which-match-wins stage 2,
 #     docs/behaviour/control-files.md#rcpthosts);
-#   - wildmat and regex entries ("pattern entries"): one AHOC automaton over
-#     their required literals yields the candidates; entries without a literal
-#     are always candidates; only candidates are evaluated.
+#   - wildmat and regex entries ("pattern entries"): one LIDX literal index
+#     (litindex.pxi) over their required literals yields the candidates;
+#     entries without a literal are always candidates; only candidates are
+#     evaluated.
 # Two dialects:
 #   - last_match (spamcontrol, docs/behaviour/control-files.md#which-match-wins "last matching
 #     line decides"): the
@@ -20,13 +21,14 @@
 #     fires when its regex does NOT match, and an absent required literal
 #     proves "no match" without running the regex.
 #
-# Blob layout ("LMAT", version 3; little-endian, sections 8-byte aligned;
-# 2 added the regex filter records, 3 the required-byte bitmap):
+# Blob layout ("LMAT", version 4; little-endian, sections 8-byte aligned;
+# 2 added the regex filter records, 3 the required-byte bitmap, 4 replaced
+# the AHOC automaton by an LIDX literal index, same place in the header):
 #   0   char[4] tag "LMAT"      4   u32 version
 #   8   u32 n_wild              12  u32 n_regex
 #   16  u32 n_nolit             20  u32 n_neglit
 #   24  u64 htab_off, 32 u64 htab_len       embedded HTAB blob
-#   40  u64 aho_off,  48 u64 aho_len        embedded AHOC blob (ids = entry index)
+#   40  u64 lidx_off, 48 u64 lidx_len       embedded LIDX blob (ids = entry index)
 #   56  u64 ent_off                         entry[n_wild + n_regex], 16 bytes:
 #         i32 rule_id, u32 kind_index (bit 31 regex, bit 30 negated,
 #         bits 0-29 index into wild patterns / regexes), u32 pat_off, u32 pat_len
@@ -41,11 +43,17 @@
 #
 # Invariants: everything above is validated at construction (offsets and
 # lengths against len(buf), entry indices and pattern ranges, automaton
-# output ids < number of entries); lookups never allocate unless the text is
+# literal ids < number of entries); lookups never allocate unless the text is
 # longer than the stack buffer or yields very many distinct candidates.
 # Regex entries are run on the ORIGINAL text (compiled case-insensitive);
 # literals and wildmat run on the ASCII-folded text. Required regex literals
 # must be ASCII-safe under the regex's case folding (the compiler's job).
+
+from cpython.unicode cimport (PyUnicode_GET_LENGTH, PyUnicode_KIND, PyUnicode_1BYTE_KIND,
+                              PyUnicode_DATA)
+
+cdef extern from "Python.h":
+    bint PyUnicode_IS_ASCII(object o)
 
 cdef extern from *:
     """
@@ -155,14 +163,14 @@ def listmatch_build(hash_keys, hash_ids, wild_patterns, wild_ids,
             pool_len += len(pat)
     if pool_len >= 0xFFFFFFFF:
         raise ValueError("listmatch_build: patterns exceed 4 GiB")
-    aho = aho_build(lits, lit_ids, True)
+    lidx = litindex_build(lits, lit_ids)
     pool = b"".join(pool_parts)
 
     cdef uint64_t off = _LM_HEADER
     cdef uint64_t htab_off = off
     off = _mf_align8(off + len(htab))
-    cdef uint64_t aho_off = off
-    off = _mf_align8(off + len(aho))
+    cdef uint64_t lidx_off = off
+    off = _mf_align8(off + len(lidx))
     cdef uint64_t ent_off = off
     off = _mf_align8(off + <uint64_t>npat * sizeof(_LmEntry))
     cdef uint64_t nolit_off = off
@@ -175,20 +183,20 @@ def listmatch_build(hash_keys, hash_ids, wild_patterns, wild_ids,
     blob = _mf_new_blob(off)
     cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(blob)
     memcpy(p, b"LMAT", 4)
-    _mf_wr32(p + 4, 3)
+    _mf_wr32(p + 4, 4)
     _mf_wr32(p + 8, <uint32_t>nw)
     _mf_wr32(p + 12, <uint32_t>nr)
     _mf_wr32(p + 16, <uint32_t>len(nolit))
     _mf_wr32(p + 20, <uint32_t>len(neglit))
     _mf_wr64(p + 24, htab_off); _mf_wr64(p + 32, len(htab))
-    _mf_wr64(p + 40, aho_off); _mf_wr64(p + 48, len(aho))
+    _mf_wr64(p + 40, lidx_off); _mf_wr64(p + 48, len(lidx))
     _mf_wr64(p + 56, ent_off)
     _mf_wr64(p + 64, nolit_off)
     _mf_wr64(p + 72, neglit_off)
     _mf_wr64(p + 80, pool_off); _mf_wr64(p + 88, pool_len)
     _mf_wr64(p + 96, off)
     memcpy(p + htab_off, PyBytes_AS_STRING(htab), len(htab))
-    memcpy(p + aho_off, PyBytes_AS_STRING(aho), len(aho))
+    memcpy(p + lidx_off, PyBytes_AS_STRING(lidx), len(lidx))
     memcpy(p + pool_off, PyBytes_AS_STRING(pool), pool_len)
     cdef _LmEntry* ent = <_LmEntry*>(p + ent_off)
     cdef uint32_t* u32
@@ -247,7 +255,7 @@ cdef inline int _lm_hash_plan(const _HtView* ht, const unsigned char* t, Py_ssiz
     """The keys `mode` derives from the folded t, as ListMatcher._hash_best
     probes them: each is a suffix t[starts[k]:] (the text, `@domain`,
     `.suffix`...), hashes[k] its hash; their first slots start loading now
-    (_ht_prefetch), so the probes after the automaton scan rarely wait for
+    (_ht_prefetch), so the probes after the literal scan rarely wait for
     memory. Returns the count, or -1 if there are more than _LM_MAX_KEYS
     (then ListMatcher._hash_best probes them one by one)."""
     cdef int k = 0
@@ -302,7 +310,7 @@ cdef class ListMatcher:
     """
     cdef _MfBlob _blob
     cdef _HtView ht
-    cdef _AhoView aho
+    cdef _LiView lidx
     cdef const _LmEntry* ent
     cdef const uint32_t* nolit
     cdef const uint32_t* neglit
@@ -310,12 +318,16 @@ cdef class ListMatcher:
     cdef uint32_t n_wild, n_regex, n_pat, n_nolit, n_neglit
     cdef list _contains        # per regex entry: contains(text) -> bool
     cdef object _gate          # contains of one RE2 alternation of the gated regexes, or None
+    cdef object _words_ref     # keeps the rule words of set_rule_flags alive
+    cdef const uint32_t* _words
+    cdef Py_ssize_t _nwords
+    cdef uint32_t _exc_mask
 
     def __cinit__(self, buf, regexes):
         self._blob = _MfBlob(buf)
         cdef const unsigned char* p = self._blob.p
         cdef Py_ssize_t n = self._blob.n
-        _mf_check_header(p, n, b"LMAT", 3, _LM_HEADER, "ListMatcher")
+        _mf_check_header(p, n, b"LMAT", 4, _LM_HEADER, "ListMatcher")
         if _mf_rd64(p + 96) > <uint64_t>n:
             raise ValueError(f"ListMatcher: blob truncated: {n} bytes, "
                              f"header declares {_mf_rd64(p + 96)}")
@@ -327,14 +339,14 @@ cdef class ListMatcher:
             raise ValueError("ListMatcher: bad entry counts")
         self.n_pat = self.n_wild + self.n_regex
         cdef uint64_t htab_off = _lm_section(p, n, 24, 32, 0, "hash table")
-        cdef uint64_t aho_off = _lm_section(p, n, 40, 48, 0, "automaton")
+        cdef uint64_t lidx_off = _lm_section(p, n, 40, 48, 0, "literal index")
         cdef uint64_t ent_off = _lm_section(p, n, 56, 0, <uint64_t>self.n_pat * sizeof(_LmEntry), "entries")
         cdef uint64_t nolit_off = _lm_section(p, n, 64, 0, <uint64_t>self.n_nolit * 4, "no-literal list")
         cdef uint64_t neglit_off = _lm_section(p, n, 72, 0, <uint64_t>self.n_neglit * 4, "negated list")
         cdef uint64_t pool_off = _lm_section(p, n, 80, 88, 0, "pattern pool")
         cdef uint64_t pool_len = _mf_rd64(p + 88)
         _ht_view_init(&self.ht, p + htab_off, <Py_ssize_t>_mf_rd64(p + 32))
-        _aho_view_init(&self.aho, p + aho_off, <Py_ssize_t>_mf_rd64(p + 48))
+        _li_view_init(&self.lidx, p + lidx_off, <Py_ssize_t>_mf_rd64(p + 48))
         self.ent = <const _LmEntry*>(p + ent_off)
         self.nolit = <const uint32_t*>(p + nolit_off)
         self.neglit = <const uint32_t*>(p + neglit_off)
@@ -364,9 +376,12 @@ cdef class ListMatcher:
             if (self.neglit[i] >= self.n_pat or (i > 0 and self.neglit[i] <= self.neglit[i - 1])
                     or (self.ent[self.neglit[i]].kind_index & _LM_NEG) == 0):
                 raise ValueError("ListMatcher: bad negated-literal list")
-        for i in range(self.aho.nout):
-            if <uint32_t>self.aho.outs[i].id >= self.n_pat:
-                raise ValueError("ListMatcher: automaton output outside the entries")
+        for i in range(self.lidx.aho.nout):
+            if <uint32_t>self.lidx.aho.outs[i].id >= self.n_pat:
+                raise ValueError("ListMatcher: literal id outside the entries")
+        for i in range(self.lidx.nrec):
+            if <uint32_t>self.lidx.recs[i].id >= self.n_pat:
+                raise ValueError("ListMatcher: literal id outside the entries")
         if len(regexes) != self.n_regex:
             raise ValueError(f"ListMatcher: blob has {self.n_regex} regex entries, "
                              f"{len(regexes)} regexes given")
@@ -436,7 +451,80 @@ cdef class ListMatcher:
         -1 if none."""
         if mode < 0 or mode > 2:
             raise ValueError(f"last_match: unknown mode {mode}")
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(text)
+        return self._last(<const unsigned char*>PyBytes_AS_STRING(text), PyBytes_GET_SIZE(text),
+                          mode, text)
+
+    def set_rule_flags(self, words, uint32_t exception_mask):
+        """The bundle's rule words (3 u32 per rule id, the first holding the
+        flags; any buffer of them) and the flag bit of an `!` exception line:
+        what listed() needs to tell an exception from a listing."""
+        cdef const unsigned char[::1] mv = memoryview(words).cast("B")
+        self._words_ref = mv
+        self._words = <const uint32_t*>&mv[0] if mv.shape[0] else NULL
+        self._nwords = mv.shape[0] // 4
+        self._exc_mask = exception_mask
+
+    def last_match_str(self, str text not None, int mode, Py_ssize_t start=0):
+        """last_match(text[start:].encode("latin-1", "replace"), mode)
+        without building the slice or the bytes when every character of
+        `text` is Latin-1 (the bytes are then the string's own)."""
+        if mode < 0 or mode > 2:
+            raise ValueError(f"last_match_str: unknown mode {mode}")
+        cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text)
+        if start < 0 or start > n:
+            raise IndexError("last_match_str: start outside the text")
+        if PyUnicode_KIND(text) != PyUnicode_1BYTE_KIND:
+            return self.last_match(text[start:].encode("latin-1", "replace"), mode)
+        return self._last(<const unsigned char*>PyUnicode_DATA(text) + start, n - start, mode,
+                          None)
+
+    def listed(self, str text not None, int mode, bint lower=False):
+        """spamcontrol's "is it listed" (docs/behaviour/control-files.md#which-match-wins: the
+        last matching line decides, an `!` line is an exception): last_match of
+        `text` (lower-cased first if `lower`) as Latin-1 bytes ("replace": one
+        `?` per other character), -1 if that rule is an exception. Same answer
+        as last_match((text.lower() if lower else text).encode("latin-1",
+        "replace"), mode) followed by the rule's exception flag
+        (set_rule_flags), in one call and without the bytes when `text` is
+        Latin-1 (ASCII when lower-casing: str.lower() of ASCII is the fold)."""
+        if mode < 0 or mode > 2:
+            raise ValueError(f"listed: unknown mode {mode}")
+        if self._words_ref is None:
+            raise ValueError("listed: set_rule_flags() was not called")
+        cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text)
+        cdef int32_t rid
+        cdef unsigned char stack_text[_LM_STACK_TEXT]
+        cdef unsigned char* low
+        cdef const unsigned char* raw
+        if PyUnicode_KIND(text) != PyUnicode_1BYTE_KIND or (lower and not PyUnicode_IS_ASCII(text)):
+            b = (text.lower() if lower else text).encode("latin-1", "replace")
+            rid = self._last(<const unsigned char*>PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b),
+                             mode, b)
+        elif lower:
+            raw = <const unsigned char*>PyUnicode_DATA(text)
+            low = stack_text
+            if n > _LM_STACK_TEXT:
+                low = <unsigned char*>malloc(n)
+                if low == NULL:
+                    raise MemoryError()
+            try:
+                fold_into(low, raw, n)
+                rid = self._last(low, n, mode, None)
+            finally:
+                if low != stack_text:
+                    free(low)
+        else:
+            rid = self._last(<const unsigned char*>PyUnicode_DATA(text), n, mode, None)
+        if rid < 0:
+            return -1
+        if <uint64_t>3 * <uint64_t>rid >= <uint64_t>self._nwords:
+            raise IndexError(f"listed: rule id {rid} outside the rule words")
+        return -1 if self._words[3 * rid] & self._exc_mask else rid
+
+    cdef int32_t _last(self, const unsigned char* raw, Py_ssize_t n, int mode,
+                       bytes text) except -2:
+        """last_match over raw[0:n]; `text` is those bytes as an object, or
+        None: built only if a regex has to run."""
         cdef unsigned char stack_text[_LM_STACK_TEXT]
         cdef int32_t stack_ids[_LM_STACK_IDS]
         cdef unsigned char* t = stack_text
@@ -447,7 +535,6 @@ cdef class ListMatcher:
         cdef const _LmEntry* en
         cdef int gate = -1
         cdef bint from_nolit
-        cdef const unsigned char* raw = <const unsigned char*>PyBytes_AS_STRING(text)
         cdef Py_ssize_t key_starts[_LM_MAX_KEYS]
         cdef uint64_t key_hashes[_LM_MAX_KEYS]
         cdef int nkeys
@@ -457,11 +544,11 @@ cdef class ListMatcher:
                 raise MemoryError()
         _idbuf_init(&hits, stack_ids, _LM_STACK_IDS)
         try:
-            fold_into(t, <const unsigned char*>PyBytes_AS_STRING(text), n)
-            # hash slots load while the automaton scans (same answer as
+            fold_into(t, raw, n)
+            # hash slots load while the literal index scans (same answer as
             # _hash_best first, fewer stalls on a large table)
             nkeys = _lm_hash_plan(&self.ht, t, n, mode, key_starts, key_hashes)
-            if self.n_pat != 0 and _aho_scan_into(&self.aho, t, n, &hits) < 0:
+            if self.n_pat != 0 and _li_scan_into(&self.lidx, t, n, &hits) < 0:
                 raise MemoryError()
             if nkeys >= 0:
                 best = _lm_hash_planned(&self.ht, t, n, key_starts, key_hashes, nkeys)
@@ -490,6 +577,8 @@ cdef class ListMatcher:
                         continue
                     if not _lm_may_match(self.pool + en.pat_off, en.pat_len, raw, n):
                         continue            # cannot match: no RE2 call
+                    if text is None:
+                        text = PyBytes_FromStringAndSize(<const char*>raw, n)
                     if from_nolit and not self._gate_open(text, &gate):
                         continue
                     if self._contains[en.kind_index & _LM_INDEX](text):
@@ -527,7 +616,7 @@ cdef class ListMatcher:
         _idbuf_init(&hits, stack_ids, _LM_STACK_IDS)
         try:
             fold_into(t, <const unsigned char*>PyBytes_AS_STRING(text), n)
-            if _aho_scan_into(&self.aho, t, n, &hits) < 0:
+            if _li_scan_into(&self.lidx, t, n, &hits) < 0:
                 raise MemoryError()
             hits.n = _sort_unique_i32(hits.data, hits.n)
             # The first negated entry whose literal is absent fires for sure.
@@ -574,9 +663,11 @@ cdef class ListMatcher:
                 free(t)
 
     def counts(self):
-        """Sizes: distinct hash keys, wildmat and regex entries, automaton states."""
+        """Sizes: distinct hash keys, wildmat and regex entries, literals
+        indexed by a window, states of the short-literal automaton."""
         return {"hash": self.ht.nentries, "wildmat": self.n_wild,
-                "regex": self.n_regex, "aho_states": self.aho.nstates}
+                "regex": self.n_regex, "literals_indexed": self.lidx.nrec,
+                "aho_states": self.lidx.aho.nstates}
 
 
 cdef int64_t _lm_section(const unsigned char* p, Py_ssize_t n, int off_at, int len_at,

@@ -119,6 +119,29 @@ def test_envelope_core_lookups(benchmark, n):
     record(benchmark, f"core/{n}")
 
 
+@pytest.mark.benchmark(group="envelope core only: cidr + 4 list lookups, no policy objects")
+@pytest.mark.parametrize("n", sizes(1_000, 10_000, 100_000, 1_000_000))
+def test_envelope_core_str_lookups(benchmark, n):
+    """The same lookups through the calls the policy makes since issue 13:
+    CidrTrie.lookup_text and ListMatcher.listed / last_match_str on the str
+    as given (no encode, `!` exceptions tested in C)."""
+    b = loaded(n)
+    cidr, bh, bmf, rh, brt = (b.cidr, b.lists["badhelo"], b.lists["badmailfrom"],
+                              b.lists["rcpthosts"], b.lists["badrcptto"])
+    envs = itertools.cycle(envelopes(n))
+
+    def one():
+        ip, helo, sender, rcpt = next(envs)
+        cidr.lookup_text(ip)
+        bh.listed(helo, 2, True)
+        bmf.listed(sender, 1)
+        rh.last_match_str(rcpt, 2, rcpt.rfind("@") + 1)
+        return brt.listed(rcpt, 1)
+
+    benchmark(one)
+    record(benchmark, f"core_str/{n}")
+
+
 # ------------------------------------------------------- one list, no policy
 
 @pytest.mark.benchmark(group="list: badmailfrom last_match, per lookup")

@@ -50,6 +50,9 @@ _SHARED_VERDICTS_MAX = 1 << 16
 _PROFILES_MAX = 1 << 14
 
 
+_new_object = object.__new__
+
+
 def _remember(cache: dict, key, verdict: Verdict) -> Verdict:
     if len(cache) >= _SHARED_VERDICTS_MAX:
         cache.clear()
@@ -57,8 +60,8 @@ def _remember(cache: dict, key, verdict: Verdict) -> Verdict:
     return verdict
 
 
-def _no_match(data: bytes, mode: int) -> int:
-    """last_match of a list that is not there."""
+def _no_match(text: str, mode: int, *flags) -> int:
+    """listed / last_match_str of a list that is not there."""
     return NO_RULE
 
 
@@ -104,19 +107,25 @@ class PolicyEngine:
         self.v_helo = Verdict("HELO", True, reply("helo", greeting=greeting), "ok")
         self._profiles: dict[int, ClientProfile] = {}
         self.rule_words = b.rule_words
-        # spamcontrol last_match of the lists every envelope consults, bound
-        # once (an absent list matches nothing)
-        self.badhelo_last = self.badhelo.last_match if self.badhelo is not None else _no_match
-        self.badmailfrom_last = (self.badmailfrom.last_match if self.badmailfrom is not None
+        # spamcontrol "listed" (last match decides, `!` = exception) of the
+        # lists every envelope consults, on the str as given, bound once (an
+        # absent list lists nothing): ListMatcher.listed, one C call per list
+        self.badhelo_listed = self.badhelo.listed if self.badhelo is not None else _no_match
+        self.badmailfrom_listed = (self.badmailfrom.listed if self.badmailfrom is not None
+                                   else _no_match)
+        self.badrcptto_listed = (self.badrcptto.listed if self.badrcptto is not None
                                  else _no_match)
-        self.badrcptto_last = self.badrcptto.last_match if self.badrcptto is not None else _no_match
+        self.rcpthosts_last = (self.rcpthosts.last_match_str if self.rcpthosts is not None
+                               else _no_match)
         self._pending: dict[tuple[str, str, int], Verdict] = {}
         self._rejects: dict[tuple, Verdict] = {}
         self._accepts: dict[str, dict[int, Verdict]] = {}
         self.rcpt_ok_by_rule: dict[int, Verdict] = {NO_RULE: V_RCPT_OK}
 
     def session(self, client: Client) -> SessionPolicy:
-        return SessionPolicy(self, client)
+        s = _new_object(SessionPolicy)      # = SessionPolicy(self, client), cheaper (_start)
+        s._start(self, client)
+        return s
 
     def profile(self, rule_id: int) -> ClientProfile:
         """The client profile of tcp.smtp rule `rule_id`, built once; the

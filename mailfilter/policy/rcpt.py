@@ -32,9 +32,10 @@ horizon. Differences from spamcontrol 2.7's smtp_rcpt: no STARTTLS and no
 LOCALMFCHECK rows (not implemented), SIZE is refused at MAIL, and
 MAXRECIPIENTS counts accepted recipients only.
 
-Invariants: a check is a function (session, recipient, data, relay) ->
-Verdict or None, where `recipient` is the address after the literal rewrite,
-`data` its latin-1 bytes and `relay` whether the client may relay; it
+Invariants: a check is a function (session, recipient, relay) -> Verdict
+or None, where `recipient` is the address after the literal rewrite (a list
+reads it as Latin-1 bytes, "replace": one byte per character) and `relay`
+whether the client may relay; it
 decides from these and the session alone, whatever ran before it (a refusal
 after tarpit_delay carries the rcpt_delay it set). Only tarpit_delay
 (rcpt_delay), rcpthosts and recipients (rcpt_rule, the line that let the
@@ -50,7 +51,7 @@ from collections.abc import Callable
 from functools import cache
 from typing import TYPE_CHECKING, NamedTuple
 
-from mailfilter.rules.format import FLAG_EXCEPTION, MODE_ADDRESS, MODE_HOST
+from mailfilter.rules.format import MODE_ADDRESS, MODE_HOST
 from mailfilter.policy.verdict import DNS_FAIL, DNS_NULLMX, DNS_TEMP, NO_RULE, Verdict
 
 if TYPE_CHECKING:
@@ -58,21 +59,25 @@ if TYPE_CHECKING:
     from mailfilter.policy.profile import ClientProfile
     from mailfilter.policy.session import SessionPolicy
 
-Check = Callable[["SessionPolicy", str, bytes, bool], "Verdict | None"]
+Check = Callable[["SessionPolicy", str, bool], "Verdict | None"]
 
 # recipient_rule() answers a rule id, or one of these
 NOT_CHECKED = NO_RULE   # the recipients check does not apply to the address
 NOT_LISTED = -2         # it applies, and no line names the address: refuse
 
 
+def _latin1(text: str) -> bytes:
+    return text.encode("latin-1", "replace")
+
+
 # -- the checks, in table order
 
-def _client_denied(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> Verdict | None:
+def _client_denied(s: SessionPolicy, recipient: str, relay: bool) -> Verdict | None:
     return s.profile.denied_verdict     # 220 at connect, 553 at every RCPT
                                         # (docs/behaviour/tcp-smtp.md#denied-clients)
 
 
-def _auth_required(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> Verdict | None:
+def _auth_required(s: SessionPolicy, recipient: str, relay: bool) -> Verdict | None:
     prof = s.profile
     if prof.auth_required and s.authenticated is None:
         return s.engine.reject_verdict("auth_required", "auth_required",
@@ -80,7 +85,7 @@ def _auth_required(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -
     return None
 
 
-def _helo_missing(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> Verdict | None:
+def _helo_missing(s: SessionPolicy, recipient: str, relay: bool) -> Verdict | None:
     mode = s.profile.helocheck
     if mode is not None and len(mode) == 1 and s.helo_name is None:
         return s.engine.reject_verdict("helo_missing", "bad_helo",
@@ -88,7 +93,7 @@ def _helo_missing(s: SessionPolicy, recipient: str, data: bytes, relay: bool) ->
     return None
 
 
-def _bad_helo(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> Verdict | None:
+def _bad_helo(s: SessionPolicy, recipient: str, relay: bool) -> Verdict | None:
     hv = s.helo_verdict
     if hv is None:
         return None
@@ -100,7 +105,7 @@ def _bad_helo(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> Ver
     return s.engine.reject_verdict(hv[0], "bad_helo", hv[1])
 
 
-def _helo_dns(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> Verdict | None:
+def _helo_dns(s: SessionPolicy, recipient: str, relay: bool) -> Verdict | None:
     status = s.helo_dns
     if status is None:
         return None
@@ -112,7 +117,7 @@ def _helo_dns(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> Ver
     return None
 
 
-def _sender_dns(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> Verdict | None:
+def _sender_dns(s: SessionPolicy, recipient: str, relay: bool) -> Verdict | None:
     status = s.mail_dns
     if status is None:
         return None
@@ -126,16 +131,17 @@ def _sender_dns(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> V
     return None
 
 
-def _rcpthosts(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> Verdict | None:
+def _rcpthosts(s: SessionPolicy, recipient: str, relay: bool) -> Verdict | None:
     """Sets rcpt_rule to the rcpthosts line naming the domain."""
     eng = s.engine
     if eng.rcpthosts_present:
-        at = data.rfind(b"@")    # the recipient's last "@" (latin-1: same position)
+        at = recipient.rfind("@")   # the recipient's last "@" (one byte per character)
         if at < 0:
             return None          # docs/behaviour/control-files.md#rcpthosts step 2: addresses
                                  # without @ are local
-        matcher = eng.rcpthosts  # None: an existing but empty rcpthosts names no domain
-        rid = matcher.last_match(data[at + 1:], MODE_HOST) if matcher is not None else NO_RULE
+        # the domain: recipient[at + 1:], read in place (an absent list:
+        # an existing but empty rcpthosts names no domain)
+        rid = eng.rcpthosts_last(recipient, MODE_HOST, at + 1)
         if rid >= 0:
             s.rcpt_rule = rid
             return None
@@ -144,7 +150,7 @@ def _rcpthosts(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> Ve
     return eng.reject_verdict("rcpthosts", "rcpthosts", NO_RULE, "rcpthosts")
 
 
-def _tarpit_limit(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> Verdict | None:
+def _tarpit_limit(s: SessionPolicy, recipient: str, relay: bool) -> Verdict | None:
     prof = s.profile
     count = prof.tarpit_count
     if count and s.engine.recipients_present and s.failed_recipients >= count:
@@ -155,7 +161,7 @@ def _tarpit_limit(s: SessionPolicy, recipient: str, data: bytes, relay: bool) ->
     return None
 
 
-def _tarpit_delay(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> None:
+def _tarpit_delay(s: SessionPolicy, recipient: str, relay: bool) -> None:
     # "after tarpitcount RCPTs, sleep tarpitdelay seconds before answering
     # each further RCPT" (docs/behaviour/tcp-smtp.md#settings); 999 means notorious, not a delay
     prof = s.profile
@@ -165,7 +171,7 @@ def _tarpit_delay(s: SessionPolicy, recipient: str, data: bytes, relay: bool) ->
     return None
 
 
-def _recipients(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> Verdict | None:
+def _recipients(s: SessionPolicy, recipient: str, relay: bool) -> Verdict | None:
     """Sets rcpt_rule to the recipients line that let the address in."""
     eng = s.engine
     if not eng.recipients_present:
@@ -181,30 +187,30 @@ def _recipients(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> V
     return None
 
 
-def _badmailfrom(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> Verdict | None:
+def _badmailfrom(s: SessionPolicy, recipient: str, relay: bool) -> Verdict | None:
     sv = s.sender_verdict
     if sv is not None and not s.sender_bypass:
         return s.engine.reject_verdict(sv[0], "badmailfrom", sv[1], None, s.rcpt_delay)
     return None
 
 
-def _badrcptto(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> Verdict | None:
+def _badrcptto(s: SessionPolicy, recipient: str, relay: bool) -> Verdict | None:
     eng = s.engine
+    data = None
     if eng.qregex:
+        data = _latin1(recipient)
         rid = eng.listed(eng.badrcptto, data, MODE_ADDRESS)
     else:                                        # last match decides, `!` = exception
                                                  # (docs/behaviour/control-files.md#which-match-wins)
-        rid = eng.badrcptto_last(data, MODE_ADDRESS)
-        if rid >= 0 and eng.rule_words[3 * rid] & FLAG_EXCEPTION:
-            rid = NO_RULE
+        rid = eng.badrcptto_listed(recipient, MODE_ADDRESS)
     if rid < 0 and eng.badrcpttonorelay is not None and not relay:
-        rid = eng.listed(eng.badrcpttonorelay, data, MODE_ADDRESS)
+        rid = eng.listed(eng.badrcpttonorelay, data or _latin1(recipient), MODE_ADDRESS)
     if rid >= 0:
         return eng.reject_verdict("badrcptto", "badrcptto", rid, None, s.rcpt_delay)
     return None
 
 
-def _max_recipients(s: SessionPolicy, recipient: str, data: bytes, relay: bool) -> Verdict | None:
+def _max_recipients(s: SessionPolicy, recipient: str, relay: bool) -> Verdict | None:
     prof = s.profile
     limit = prof.max_recipients
     if limit and s.accepted >= limit:

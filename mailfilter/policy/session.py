@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mailfilter.rules.format import FLAG_EXCEPTION, MODE_ADDRESS, MODE_HOST
+from mailfilter.rules.format import MODE_ADDRESS, MODE_HOST
 from mailfilter.policy.rcpt import HISTORY, KEPT_HELO, KEPT_MAIL
 from mailfilter.policy.verdict import (DNS_OK, NO_RULE, RCPT_OK, V_DATA_OK, V_MAIL_OK, V_NOTORIOUS,
                                        V_RCPT_AUTH, Client, Verdict)
@@ -61,7 +61,9 @@ class SessionPolicy:
     def __init__(self, engine: PolicyEngine, client: Client):
         self.engine = engine
         self.client = client
-        self.profile = engine.client_profile(client)
+        rid = engine.client_rule(client)        # = engine.client_profile(client), a call less
+        prof = engine._profiles.get(rid)
+        self.profile = prof if prof is not None else engine.profile(rid)
         # False while the transaction fields below hold their initial values
         # (set by every method that changes one): resetting is then a no-op.
         self._in_transaction = False
@@ -83,6 +85,12 @@ class SessionPolicy:
         # it in, the tarpit delay of its answer (set by rcpt(), then its checks)
         self.rcpt_rule = NO_RULE
         self.rcpt_delay = 0.0
+
+    # PolicyEngine.session() starts a session as object.__new__ + _start:
+    # calling a Python class costs CPython 3.11 a C-level call chain
+    # (type_call, slot_tp_init, a fresh evaluation loop) that a method call
+    # from Python code does not; same state as SessionPolicy(engine, client).
+    _start = __init__
 
     # -- settings
     @property
@@ -171,16 +179,15 @@ class SessionPolicy:
             return ("helo_empty", self.profile.setting_rule("HELOCHECK"))
         if mode == "!":
             return None
-        key = name.lower().encode("latin-1", "replace")
         if eng.helo_accept is not None:
-            rid = eng.helo_accept.get(key)
+            rid = eng.helo_accept.get(name.lower().encode("latin-1", "replace"))
             if rid >= 0:                       # name!: acceptable, no DNS test
                 self.helo_skip_dns = True
                 return None
-        rid = eng.badhelo_last(key, MODE_HOST)     # last match decides, `!` = exception
-                                                   # (docs/behaviour/control-files.md#which-match-wins)
-        if rid >= 0 and not eng.rule_words[3 * rid] & FLAG_EXCEPTION:
-            return ("bad_helo", rid)
+        rid = eng.badhelo_listed(name, MODE_HOST, True)    # lower-cased, last match decides,
+        if rid >= 0:                                       # `!` = exception
+            return ("bad_helo", rid)                       # (docs/behaviour/control-files.md
+                                                           # #which-match-wins)
         return self._helocheck_name(name, mode) if mode == "=" else None
 
     def helo_dns_query(self) -> tuple[str, str] | None:
@@ -208,23 +215,24 @@ class SessionPolicy:
         self.sender = sender
         if not sender:
             return V_MAIL_OK
-        data = sender.encode("latin-1", "replace")
         if prof.relaymailfrom and eng.relaymailfrom is not None:
-            rid = eng.listed(eng.relaymailfrom, data, MODE_ADDRESS, qregex=False)
+            rid = eng.listed(eng.relaymailfrom, sender.encode("latin-1", "replace"), MODE_ADDRESS,
+                             qregex=False)
             if rid >= 0:
                 self.sender_relay = eng.accept_verdict("relay_sender", rid)
         if prof.disable_badmailfrom:
             return V_MAIL_OK
-        sv = self.sender_verdict = self._sender_verdict(sender, data)
+        sv = self.sender_verdict = self._sender_verdict(sender)
         if sv is None:
             return V_MAIL_OK
         # 250 now, the rejection is reported at every RCPT
         # (docs/behaviour/smtp.md#pending-verdicts)
         return eng.pending_verdict("MAIL", sv[0], sv[1])
 
-    def _sender_verdict(self, sender: str, data: bytes) -> tuple[str, int] | None:
+    def _sender_verdict(self, sender: str) -> tuple[str, int] | None:
         eng = self.engine
         if eng.qregex:
+            data = sender.encode("latin-1", "replace")
             rid = eng.listed(eng.badmailfrom, data, MODE_ADDRESS)
             if rid < 0 and not self.relay_client:
                 rid = eng.listed(eng.badmailfromnorelay, data, MODE_ADDRESS)
@@ -233,11 +241,10 @@ class SessionPolicy:
             verdict = self._decorated(sender)
             if verdict is not None or self.sender_bypass:
                 return verdict
-        rid = eng.badmailfrom_last(data, MODE_ADDRESS)   # last match decides, `!` = exception
-                                                         # (docs/behaviour/control-files.md#which-match-wins)
-        if rid >= 0 and not eng.rule_words[3 * rid] & FLAG_EXCEPTION:
-            return ("badmailfrom", rid)
-        return None
+        rid = eng.badmailfrom_listed(sender, MODE_ADDRESS)   # last match decides, `!` = exception
+                                                             # (docs/behaviour/control-files.md
+                                                             # #which-match-wins)
+        return ("badmailfrom", rid) if rid >= 0 else None
 
     def _decorated(self, sender: str) -> tuple[str, int] | None:
         """Decorated badmailfrom entries, in spamcontrol's order
@@ -296,7 +303,6 @@ class SessionPolicy:
         given = recipient
         if recipient and recipient[-1] == "]":
             recipient = self.engine.local_literal(recipient)
-        data = recipient.encode("latin-1", "replace")   # one byte per character
         self.rcpt_rule = NO_RULE
         self.rcpt_delay = 0.0
         # the state bits of rcpt.py: which rows can fire at all
@@ -311,7 +317,7 @@ class SessionPolicy:
             state |= HISTORY
         checks = (prof.relay_rcpt_plans if relay else prof.rcpt_plans)[state]
         for check in checks:
-            verdict = check(self, recipient, data, relay)
+            verdict = check(self, recipient, relay)
             if verdict is not None:
                 return verdict
         self.accepted += 1

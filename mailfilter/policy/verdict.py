@@ -10,8 +10,7 @@ stands for a decision no rule made.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from mailfilter.core import core
 from mailfilter.smtp.replies import Reply, reply
 
 # A DNS answer handed in by the caller (set_helo_dns / set_mail_dns)
@@ -44,13 +43,11 @@ class Verdict:
                 f"{self.reply} {self.reason} {self.rule})")
 
 
-@dataclass(slots=True)
-class Client:
-    ip: str
-    port: int = 0
-    host: str = "unknown"       # TCPREMOTEHOST
-    local_ip: str = ""
-    local_port: int = 0
+# Client(ip, port=0, host="unknown", local_ip="", local_port=0): who
+# connected (host: TCPREMOTEHOST, "unknown" when not known). A C type
+# (_core/client.pxi) with a dataclass's fields, equality and repr: it is
+# built once per connection and a Python class costs 5x more to call.
+Client = core.Client
 
 
 RCPT_OK = reply("rcpt_ok")

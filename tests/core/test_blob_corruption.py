@@ -1,6 +1,6 @@
 """Every compiled structure refuses a blob it cannot trust; none crashes.
 
-The loaders (HTAB, AHOC, CIDR, LMAT: _core/README.md) read blobs from bundle
+The loaders (HTAB, AHOC, LIDX, CIDR, LMAT: _core/README.md) read blobs from bundle
 files, which may be truncated or damaged on disk. One table (STRUCTURES)
 names each loader with its blobs and queries; each check below runs for every
 structure as its own test case:
@@ -52,6 +52,15 @@ def _aho_probe(a) -> None:
         a.search(t)
 
 
+_LI_LITS = [b"abcdefghij", b"cdefghijkl", b"zzzzzzzzz", b"%", b"@x", b"0123456789abc"]
+_LI_TEXTS = (b"xxabcdefghijklmn", b"0123456789ABCzzzzzzzzzz", b"a%b@x", b"\xff" * 9, b"")
+
+
+def _litindex_probe(a) -> None:
+    for t in _LI_TEXTS:
+        assert all(i >= 0 for i in a.find_all(t))
+
+
 def _hashtab_probe(t) -> None:
     for i in range(0, 50, 7):
         assert t.get(b"key%d" % i) in range(-1, 2 ** 31)
@@ -98,6 +107,14 @@ STRUCTURES = {
         flip_blob=C.aho_build([b"he", b"she", b"hers", b"his", b"abc", b"bcd"],
                               [1, 2, 3, 4, 5, 6], True),
         flip_load=C.AhoCorasick, flip_seed=9, flip_runs=3000, max_flips=3, probe=_aho_probe),
+    "litindex": Structure(
+        load=C.LiteralIndex,
+        blob=C.litindex_build([b"abcdefghij", b"%"], [1, 2]),
+        intact=lambda a: a.find_all(b"xABCDEFGHIJ%") == [1, 2],
+        bad_tag=b"LIDY", bad_version=2,
+        flip_blob=C.litindex_build(_LI_LITS, list(range(len(_LI_LITS)))),
+        flip_load=C.LiteralIndex, flip_seed=11, flip_runs=3000, max_flips=3,
+        probe=_litindex_probe),
     "hashtab": Structure(
         load=C.HashTable,
         blob=C.hashtab_build([b"alpha", b"beta", b"gamma"], [1, 2, 3]),
@@ -117,7 +134,8 @@ STRUCTURES = {
         blob=C.listmatch_build([b"a@b.c"], [1], [b"*@x*"], [2], [3], [b"zz"], [True]),
         intact=lambda m: m.last_match(b"q@xy", MODE_ADDRESS) == 2,
         bad_tag=b"LMAX", bad_version=0,
-        flip_blob=C.listmatch_build([b"a@b.c", b".d"], [1, 5], [b"*@x*", b"y?z"], [2, 4],
+        flip_blob=C.listmatch_build([b"a@b.c", b".d"], [1, 5],
+                                    [b"*@x*", b"y?z", b"*q@xyzlongliteral*"], [2, 4, 7],
                                     [3, 6], [b"zz", b""], [True, False]),
         flip_load=lambda b: C.ListMatcher(b, _LM_FLIP),
         flip_seed=3, flip_runs=2000, max_flips=3, probe=_listmatch_probe),

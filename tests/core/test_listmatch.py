@@ -88,7 +88,8 @@ def test_wildmat_without_literal_is_always_a_candidate():
     m, _ = make(wild=[b"*", b"?*?"], wild_ids=[0, 3])
     assert m.last_match(b"", MODE_EXACT) == 0
     assert m.last_match(b"ab", MODE_EXACT) == 3
-    assert m.counts() == {"hash": 0, "wildmat": 2, "regex": 0, "aho_states": 1}
+    assert m.counts() == {"hash": 0, "wildmat": 2, "regex": 0, "literals_indexed": 0,
+                          "aho_states": 1}
 
 
 def test_negated_regexes_ignored_by_last_match():
@@ -285,3 +286,93 @@ def test_many_dots_past_the_prefetch_plan(with_patterns):
             assert m.last_match(text, mode) == o.last_match(text, mode), (text, mode)
     assert m.last_match(b"x@" + b".".join(labels[30:]), MODE_ADDRESS) == 300
     assert m.last_match(b".".join(labels), MODE_HOST) == 139
+
+
+# -- the str entry points: listed() and last_match_str() against last_match
+# on the bytes the policy used to build (the Python path is the oracle)
+
+EXC = 0x40      # the exception flag bit used by these tests (set_rule_flags takes any)
+
+
+def _words(r, n_rules, exc_share=0.3):
+    """Rule words, 3 per rule id, the first holding flags; about exc_share of
+    the rules are `!` exceptions."""
+    words = []
+    for _ in range(n_rules):
+        words += [EXC if r.random() < exc_share else 0, 0, 0]
+    return struct.pack(f"<{len(words)}I", *words)
+
+
+def _spice(r, b: bytes) -> str:
+    """A str from address bytes with upper case, Latin-1 letters (whose
+    lower() is not the ASCII fold) and characters beyond Latin-1 (encoded
+    as `?`), including some whose lower() is ASCII (KELVIN SIGN -> k)."""
+    s = b.decode("latin-1")
+    out = []
+    for ch in s:
+        x = r.random()
+        if x < 0.15:
+            out.append(ch.upper())
+        elif x < 0.18:
+            out.append(r.choice("ÄÉÖÜßàé×"))
+        elif x < 0.20:
+            out.append(r.choice("ΩK€İ"))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+@pytest.mark.parametrize("seed", range(1, 7))
+def test_listed_and_last_match_str_against_the_bytes_path(seed):
+    r = random.Random(seed)
+    nh, nw, nr = r.randint(5, 60), r.randint(0, 30), r.randint(0, 25)
+    ids = r.sample(range(1000), nw + nr)
+    hash_keys = []
+    for _ in range(nh):
+        a = rand_address(r)
+        hash_keys.append(r.choice([a, b"@" + a.rsplit(b"@", 1)[-1], b"." + a.rsplit(b".", 1)[-1]]))
+    hash_ids = [r.randrange(1000) for _ in hash_keys]
+    wild = [rand_wildmat(r, False) for _ in range(nw)]
+    regs = [rand_regex(r) for _ in range(nr)]
+    m, _ = make(hash_keys, hash_ids, wild, ids[:nw], [p for p, _ in regs], ids[nw:],
+                [l for _, l in regs], [False] * nr)
+    words = _words(r, 1000)
+    m.set_rule_flags(memoryview(words).cast("I"), EXC)
+    flags = memoryview(words).cast("I")
+    texts = ([_spice(r, rand_address(r)) for _ in range(400)]
+             + [k.decode("latin-1").upper() for k in hash_keys[:30]]
+             + ["", "@", ".", "x" * 700 + "@" + "Y" * 300])    # past the stack buffers
+    listed_hits = 0
+    for text in texts:
+        for mode in (MODE_EXACT, MODE_ADDRESS, MODE_HOST):
+            for lower in (False, True):
+                data = (text.lower() if lower else text).encode("latin-1", "replace")
+                rid = m.last_match(data, mode)
+                want = -1 if rid < 0 or flags[3 * rid] & EXC else rid
+                assert m.listed(text, mode, lower) == want, (text, mode, lower)
+                listed_hits += want >= 0
+            start = r.randrange(len(text) + 1)
+            assert (m.last_match_str(text, mode, start)
+                    == m.last_match(text[start:].encode("latin-1", "replace"), mode)), (text, start)
+    assert listed_hits > 20
+
+
+def test_listed_needs_rule_flags_and_checks_its_arguments():
+    m, _ = make([b"a@b.c"], [2])
+    with pytest.raises(ValueError):
+        m.listed("a@b.c", MODE_ADDRESS)               # no set_rule_flags yet
+    m.set_rule_flags(struct.pack("<6I", 0, 0, 0, 0, 0, 0), EXC)
+    with pytest.raises(IndexError):
+        m.listed("a@b.c", MODE_ADDRESS)               # rule 2 has no words
+    m.set_rule_flags(struct.pack("<9I", 0, 0, 0, 0, 0, 0, EXC, 0, 0), EXC)
+    assert m.listed("A@B.C", MODE_ADDRESS) == -1      # rule 2 is an exception
+    m.set_rule_flags(struct.pack("<9I", 0, 0, 0, 0, 0, 0, 0, 0, 0), EXC)
+    assert m.listed("A@B.C", MODE_ADDRESS) == 2
+    for bad in (-1, 3):
+        with pytest.raises(ValueError):
+            m.listed("a@b.c", bad)
+        with pytest.raises(ValueError):
+            m.last_match_str("a@b.c", bad)
+    with pytest.raises(IndexError):
+        m.last_match_str("a@b.c", MODE_HOST, 6)
+    assert m.last_match_str("a@b.c", MODE_ADDRESS, 0) == 2
