@@ -26,6 +26,7 @@ cdef class Mail(Event):
 cdef class Rcpt(Event):
     cdef readonly str address       # the forward-path
     cdef readonly dict params       # always empty: no RCPT parameter is known
+    cdef readonly bint routed       # the path had a source route (@a,@b:), dropped from address
     cdef tuple _values(self)
 
 

@@ -657,7 +657,11 @@ cdef class SMTPConnection:
         if self.rcpt_count >= self._max_rcpts:
             self._answer(_REPLIES["too_many_rcpts"])
             return
-        self._emit(Rcpt(address, params), K_RCPT)
+        # a source route (RFC 5321 §3.6.1, dropped from the address): the
+        # policy refuses it for a client that may not relay
+        # (docs/behaviour/smtp.md#addresses step 3)
+        lt = arg.find(b"<")
+        self._emit(Rcpt(address, params, lt >= 0 and arg[lt + 1:lt + 2] == b"@"), K_RCPT)
 
     cdef void _cmd_data(self, bint blank) except *:
         if self._state == S_IDLE:

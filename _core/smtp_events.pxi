@@ -100,14 +100,15 @@ cdef class Mail(Event):
 
 cdef class Rcpt(Event):
     owes_reply = True
-    _fields = ("address", "params")
+    _fields = ("address", "params", "routed")
 
-    def __init__(self, str address, dict params):
+    def __init__(self, str address, dict params, bint routed=False):
         self.address = address
         self.params = params
+        self.routed = routed
 
     cdef tuple _values(self):
-        return (self.address, self.params)
+        return (self.address, self.params, self.routed)
 
 
 cdef class DataStart(Event):

@@ -157,7 +157,8 @@ def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | Non
               open_relay: bool = False, auth_user: str | None = None,
               resolver=None, auth_mode: str | None = None,
               hostname: str | None = None, tls: bool = False,
-              tls_settings: TLSSettings | None = None, deny: str = "close") -> CheckReport:
+              tls_settings: TLSSettings | None = None, deny: str = "close",
+              allow_routing: bool = False) -> CheckReport:
     """One envelope through the server's own Session (smtp/session.py): the
     same engine, policy and replies the server uses. With a
     policy/dns.py Resolver the DNS checks are made with the server's own two
@@ -169,7 +170,8 @@ def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | Non
     mechanisms); `tls_settings` are the server's (default: TLS available,
     as with the embedded certificate); `deny` is the server's --deny."""
     defaults = {} if auth_mode is None else {"SMTPAUTH": auth_mode}
-    engine = PolicyEngine(bundle, PolicyOptions(open_relay=open_relay, defaults=defaults))
+    engine = PolicyEngine(bundle, PolicyOptions(open_relay=open_relay, defaults=defaults,
+                                                allow_routing=allow_routing))
     if tls_settings is None:      # the server's default: a certificate, so STARTTLS
         tls_settings = TLSSettings(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     session = Session(SessionConfig(engine, hostname=hostname, tls=tls_settings, deny=deny),

@@ -128,7 +128,7 @@ def cmd_check(args) -> int:
         # the server's settings that change its answers: --config, then the flags
         server = options_from(argparse.Namespace(
             config=args.config, auth=args.auth, hostname=args.hostname, open_relay=args.open_relay,
-            deny=args.deny))
+            deny=args.deny, allow_untrusted_routing=args.allow_untrusted_routing))
     except StartupError as exc:
         print(f"mailfilter check: {exc}", file=sys.stderr)
         return 2
@@ -150,7 +150,7 @@ def cmd_check(args) -> int:
                        sender=args.sender, recipients=args.rcpt,
                        open_relay=server.open_relay, auth_user=args.auth_user, resolver=resolver,
                        auth_mode=server.auth, hostname=server.hostname, tls=args.tls,
-                       deny=server.deny)
+                       deny=server.deny, allow_routing=server.allow_untrusted_routing)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
@@ -206,10 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--open-relay", action="store_true", help="allow relaying without rcpthosts (docs/behaviour/control-files.md#rcpthosts)")
     k.add_argument("--auth", metavar="MODE", help="the server's --auth (every client's default SMTPAUTH)")
     k.add_argument("--hostname", help="the server's --hostname (name in the greeting)")
+    k.add_argument("--allow-untrusted-routing", action="store_true", default=None,
+                   help="the server's --allow-untrusted-routing")
     k.add_argument("--deny", choices=("close", "rcpt"),
                    help="the server's --deny: what a tcp.smtp deny client gets (default: close)")
-    k.add_argument("--config", help="the server's TOML file: its open_relay, auth, hostname and "
-                                    "deny apply")
+    k.add_argument("--config", help="the server's TOML file: its open_relay, auth, hostname, "
+                                    "deny and allow_untrusted_routing apply")
     k.add_argument("--dns", nargs="?", const="", default=None, metavar="HOST:PORT",
                    help="perform the HELOCHECK A/M and MFDNSCHECK lookups the server would "
                         "(system resolver, or the one given)")

@@ -39,6 +39,10 @@ class PolicyOptions:
     open_relay: bool = False    # docs/behaviour/control-files.md#rcpthosts: only when the
                                 # operator says so
     defaults: dict[str, str] = field(default_factory=dict)  # global settings (env names)
+    # a client that may not relay may still send % ! @ in a local part or a
+    # source route (docs/behaviour/control-files.md#routing); Postfix's
+    # allow_untrusted_routing
+    allow_routing: bool = False
     is_local_ip: Callable[[str], bool] = is_local_ipv4      # for localiphost
                                                             # (docs/behaviour/control-files.md#localiphost)
 

@@ -14,12 +14,13 @@ and otherwise accepts:
 | 5  | helo_dns       | non-relay | HELO    | HELOCHECK A/M: no such name; DNS failing: 451      |
 | 6  | sender_dns     | non-relay | MAIL    | MFDNSCHECK: no such domain, a null MX; failing: 451 |
 | 7  | rcpthosts      | non-relay | -       | no rcpthosts line names the recipient's domain     |
-| 8  | tarpit_limit   | non-relay | history | TARPITCOUNT unknown recipients so far (452)        |
-| 9  | tarpit_delay   | non-relay | history | never: past TARPITCOUNT RCPTs, answers are delayed |
-| 10 | recipients     | non-relay | -       | no recipients line names the address (550 or 450)  |
-| 11 | badmailfrom    | all       | MAIL    | MAIL found the sender listed (and answered 250)    |
-| 12 | badrcptto      | all       | -       | badrcptto (non-relay: or badrcpttonorelay) has it  |
-| 13 | max_recipients | all       | history | MAXRECIPIENTS recipients accepted already (452)    |
+| 8  | routing        | non-relay | -       | % ! or @ in the local part, or a source route      |
+| 9  | tarpit_limit   | non-relay | history | TARPITCOUNT unknown recipients so far (452)        |
+| 10 | tarpit_delay   | non-relay | history | never: past TARPITCOUNT RCPTs, answers are delayed |
+| 11 | recipients     | non-relay | -       | no recipients line names the address (550 or 450)  |
+| 12 | badmailfrom    | all       | MAIL    | MAIL found the sender listed (and answered 250)    |
+| 13 | badrcptto      | all       | -       | badrcptto (non-relay: or badrcpttonorelay) has it  |
+| 14 | max_recipients | all       | history | MAXRECIPIENTS recipients accepted already (452)    |
 
 * bad_helo binds relay clients in the qregex dialect only, and only for a
   badhelo listing: badhelonorelay and HELOCHECK spare them.
@@ -28,7 +29,11 @@ Accepted: a relay client's recipient gets the RELAYCLIENT value appended and
 the verdict says why it may relay; anyone else's names the rcpthosts or
 recipients line that let it in. Relay clients (RELAYCLIENT, AUTH, or a
 relaymailfrom sender with RELAYMAILFROM) skip the non-relay rows: the split
-horizon. Differences from spamcontrol 2.7's smtp_rcpt: no STARTTLS and no
+horizon. The routing row is not spamcontrol's (qmail hands such addresses
+on as they are): a downstream MTA may route `u%other@local`, `other!u@local`
+or `"u@other"@local` to another host, so a client that may not relay cannot
+send them (docs/behaviour/control-files.md#routing; PolicyOptions.allow_routing
+lifts it). Differences from spamcontrol 2.7's smtp_rcpt: no STARTTLS and no
 LOCALMFCHECK rows (not implemented), SIZE is refused at MAIL, and
 MAXRECIPIENTS counts accepted recipients only.
 
@@ -150,6 +155,17 @@ def _rcpthosts(s: SessionPolicy, recipient: str, relay: bool) -> Verdict | None:
     return eng.reject_verdict("rcpthosts", "rcpthosts", NO_RULE, "rcpthosts")
 
 
+def _routing(s: SessionPolicy, recipient: str, relay: bool) -> Verdict | None:
+    """Sender-specified routing through a local domain: `%` (the percent
+    hack), `!` (a UUCP bang path) or `@` (a quoted or escaped second @) in the
+    local part, or a source route the engine dropped from the path."""
+    at = recipient.rfind("@")
+    local = recipient[:at] if at >= 0 else recipient
+    if s.rcpt_routed or "%" in local or "!" in local or "@" in local:
+        return s.engine.reject_verdict("routing", "routing", NO_RULE, "routing")
+    return None
+
+
 def _tarpit_limit(s: SessionPolicy, recipient: str, relay: bool) -> Verdict | None:
     prof = s.profile
     count = prof.tarpit_count
@@ -251,6 +267,7 @@ RCPT_CHECKS: tuple[RcptCheck, ...] = (
     RcptCheck("helo_dns", _helo_dns, False, KEPT_HELO, _always),
     RcptCheck("sender_dns", _sender_dns, False, KEPT_MAIL, _always),
     RcptCheck("rcpthosts", _rcpthosts, False, 0, _always),
+    RcptCheck("routing", _routing, False, 0, lambda p, e, relay: not e.options.allow_routing),
     # the counts are unsigned, so tarpit_limit needs a failed recipient,
     # tarpit_delay a second RCPT, max_recipients an accepted one
     RcptCheck("tarpit_limit", _tarpit_limit, False, HISTORY,

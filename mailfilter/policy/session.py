@@ -56,7 +56,7 @@ class SessionPolicy:
     __slots__ = ("engine", "client", "profile", "authenticated", "helo_name", "helo_verdict",
                  "helo_skip_dns", "helo_dns", "notorious", "failed_recipients", "sender",
                  "sender_verdict", "sender_bypass", "sender_relay", "mail_dns", "rcpt_count",
-                 "accepted", "rcpt_rule", "rcpt_delay", "_in_transaction")
+                 "accepted", "rcpt_rule", "rcpt_delay", "rcpt_routed", "_in_transaction")
 
     def __init__(self, engine: PolicyEngine, client: Client):
         self.engine = engine
@@ -85,6 +85,7 @@ class SessionPolicy:
         # it in, the tarpit delay of its answer (set by rcpt(), then its checks)
         self.rcpt_rule = NO_RULE
         self.rcpt_delay = 0.0
+        self.rcpt_routed = False    # its path had a source route (the engine dropped it)
 
     # PolicyEngine.session() starts a session as object.__new__ + _start:
     # calling a Python class costs CPython 3.11 a C-level call chain
@@ -293,9 +294,10 @@ class SessionPolicy:
         self.mail_dns = status
 
     # -- RCPT: the checks of policy/rcpt.py, then the accept
-    def rcpt(self, recipient: str) -> Verdict:
+    def rcpt(self, recipient: str, routed: bool = False) -> Verdict:
         """The first refusal of the rows of rcpt.RCPT_CHECKS that can fire
-        (the profile's plan for this state), else the accept."""
+        (the profile's plan for this state), else the accept. `routed`: the
+        path carried a source route (@a,@b:), which the engine dropped."""
         self._in_transaction = True
         self.rcpt_count += 1
         prof = self.profile
@@ -305,6 +307,7 @@ class SessionPolicy:
             recipient = self.engine.local_literal(recipient)
         self.rcpt_rule = NO_RULE
         self.rcpt_delay = 0.0
+        self.rcpt_routed = routed
         # the state bits of rcpt.py: which rows can fire at all
         state = 0
         if self.helo_verdict is not None or (self.helo_dns is not None

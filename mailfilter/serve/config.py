@@ -156,6 +156,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("workers", INT, 1, "processes sharing the port with SO_REUSEPORT", minimum=1),
     Option("loop", TEXT, "uvloop", "event loop", choices=LOOPS),
     Option("open_relay", BOOL, False, "allow running without rcpthosts (docs/behaviour/control-files.md#rcpthosts)"),
+    Option("allow_untrusted_routing", BOOL, False, "let clients that may not relay send % ! @ "
+           "in a local part or a source route (Postfix's allow_untrusted_routing; "
+           "docs/behaviour/control-files.md#routing)"),
     Option("greet_wait", SECONDS, 0.0, "seconds to wait before the greeting (postscreen's "
            "greet wait): a client that talks first is a pregreeter; DNSBL lookups run meanwhile",
            minimum=0),

@@ -95,7 +95,8 @@ def load_policy(opts: ServeOptions) -> PolicyEngine:
     except (OSError, ValueError, bundle_mod.BundleError) as exc:
         raise StartupError(str(exc)) from None
     defaults = {} if opts.auth is None else {"SMTPAUTH": opts.auth}
-    engine = PolicyEngine(loaded, PolicyOptions(open_relay=opts.open_relay, defaults=defaults))
+    engine = PolicyEngine(loaded, PolicyOptions(open_relay=opts.open_relay, defaults=defaults,
+                                                allow_routing=opts.allow_untrusted_routing))
     if not engine.rcpthosts_present and not opts.open_relay:
         raise StartupError(
             "no rcpthosts in the rules: every recipient of non-relay clients would be refused; "

@@ -117,6 +117,8 @@ REPLIES: dict[str, Reply] = {
     "non_ascii_envelope": R(553, "5.6.7", "non-ASCII address needs SMTPUTF8"),
     # --- policy (docs/behaviour/smtp.md#rcpt-checks, #replies) -----------------------------------
     "client_denied": R(553, "5.7.1", "sorry, your client address is not allowed here"),
+    # % ! @ in the local part or a source route, from a client that may not relay
+    "routing": R(553, "5.7.1", "sorry, no routing through this host (% ! @ or a source route)"),
     # at connect, instead of the greeting (docs/behaviour/control-files.md#dnsbl, RFC 5321 §3.1)
     "dnsbl_listed": R(554, "5.7.1", "Service unavailable; client [{ip}] blocked using {zones}"),
     "pregreet": R(554, "5.5.1", "protocol error: talking before the greeting"),

@@ -440,7 +440,7 @@ class Session:
     def _rcpt(self, ev: Rcpt, error):
         if error is not None:
             raise error
-        v = self.last_verdict = self.policy.rcpt(ev.address)
+        v = self.last_verdict = self.policy.rcpt(ev.address, ev.routed)
         if v.delay:
             return self._wait(Delay(v.delay), lambda _r, err: self._rcpt_answer(ev, v, err))
         return self._rcpt_answer(ev, v, None)

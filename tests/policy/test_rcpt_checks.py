@@ -132,6 +132,11 @@ FIRES = {
                    [HELO, MAIL, ("mail_dns", DNS_NULLMX), ("rcpt", "u@example.com")],
                    "mf_dns_null_mx"),
     "rcpthosts": ({}, "203.0.113.5", [HELO, MAIL, ("rcpt", "u@far.example")], "rcpthosts"),
+    "routing": ({}, "203.0.113.5", [HELO, MAIL, ("rcpt", "u%far.example@example.com")], "routing"),
+    "routing/bang": ({}, "203.0.113.5", [HELO, MAIL, ("rcpt", "far.example!u@example.com")],
+                     "routing"),
+    "routing/at": ({}, "203.0.113.5", [HELO, MAIL, ("rcpt", "u@far.example@example.com")],
+                   "routing"),
     "tarpit_limit": ({"recipients": "u@example.com\n",
                       "tcp.smtp": ':allow,TARPITCOUNT="1",TARPITDELAY="0"\n'}, "203.0.113.5",
                      [HELO, MAIL, ("rcpt", "nobody@example.com"), ("rcpt", "u@example.com")],
@@ -296,9 +301,14 @@ def test_plans_skip_what_cannot_fire(tmp_path):
     eng = PolicyEngine(b, options())
     names = {c.run: c.name for c in rcpt.RCPT_CHECKS}
     other = eng.session(Client(ip="203.0.113.5")).profile
-    assert [names[f] for f in other.rcpt_plans[0]] == ["rcpthosts"]        # no badrcptto file
+    assert [names[f] for f in other.rcpt_plans[0]] == ["rcpthosts", "routing"]   # no badrcptto file
     assert [names[f] for f in other.rcpt_plans[rcpt.STATES - 1]] == [
-        "bad_helo", "helo_dns", "sender_dns", "rcpthosts", "badmailfrom", "max_recipients"]
+        "bad_helo", "helo_dns", "sender_dns", "rcpthosts", "routing", "badmailfrom",
+        "max_recipients"]
+    # --allow-untrusted-routing: the row is not in the plans at all
+    lax = PolicyEngine(b, PolicyOptions(is_local_ip=lambda ip: ip == "192.0.2.1", allow_routing=True))
+    assert [names[f] for f in lax.session(Client(ip="203.0.113.5")).profile.rcpt_plans[0]] == [
+        "rcpthosts"]
     relay = eng.session(Client(ip="127.0.0.1")).profile
     assert [names[f] for f in relay.relay_rcpt_plans[rcpt.STATES - 1]] == ["badmailfrom"]
     assert relay.relay_rcpt_plans[0] == ()
@@ -357,3 +367,29 @@ def test_no_magic_sentinels_left():
         hits = [line for line in code if re.search(r"(return|[=<>]|\{)\s*-[12]\b", line)
                 and not re.match(r"[A-Z_]+ = ", line)]          # the constants' definitions
         assert hits == [], (name, hits)
+
+
+def test_routing_source_route_relay_clients_and_the_option(tmp_path):
+    """docs/behaviour/control-files.md#routing: a source route the engine
+    dropped counts like % ! @ in the local part; relay clients may route;
+    allow_routing lets everyone."""
+    b = compiled(tmp_path, {"tcp.smtp": '127.0.0.1:allow,RELAYCLIENT=""\n:allow\n'})
+    eng = PolicyEngine(b, options())
+    s = eng.session(Client(ip="203.0.113.5"))
+    s.helo("mx.far.example")
+    s.mail("a@far.example")
+    assert s.rcpt("u@example.com").accept
+    v = s.rcpt("u@example.com", routed=True)
+    assert (v.accept, v.reason, v.rule, v.reply.code) == (False, "routing", "routing", 553)
+    for form in ("u%far.example@example.com", "far.example!u@example.com", "far.example!u",
+                 "u@far.example@example.com"):
+        assert s.rcpt(form).reason == "routing", form
+    relay = eng.session(Client(ip="127.0.0.1"))
+    relay.mail("a@far.example")
+    assert relay.rcpt("u%far.example@example.com").accept
+    assert relay.rcpt("u@example.com", routed=True).accept
+    lax = PolicyEngine(b, PolicyOptions(is_local_ip=lambda ip: ip == "192.0.2.1", allow_routing=True))
+    s = lax.session(Client(ip="203.0.113.5"))
+    s.mail("a@far.example")
+    assert s.rcpt("u%far.example@example.com").accept
+    assert s.rcpt("u@example.com", routed=True).accept

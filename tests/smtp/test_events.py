@@ -16,7 +16,7 @@ from pyengine import events as py_events
 SAMPLES = [
     ("Helo", ("EHLO", "client.example")),
     ("Mail", ("a@b.example", {"SIZE": 10})),
-    ("Rcpt", ("r@b.example", {})),
+    ("Rcpt", ("r@b.example", {}, True)),
     ("DataStart", ()),
     ("DataChunk", (b"x\n",)),
     ("DataEnd", (10, False, 2, False, True)),

@@ -310,9 +310,9 @@ def test_received_8bit_helo_one_question_mark_per_byte(server):
     ("a@sender.test", "noreply@example.net",
      "553 5.7.1 sorry, your envelope recipient is in my badrcptto list",
      "action=reject stage=RCPT reason=badrcptto rule=badrcptto:3 "),
-    ("a@sender.test", "a%b@example.net",
-     "553 5.7.1 sorry, your envelope recipient is in my badrcptto list",
-     "action=reject stage=RCPT reason=badrcptto rule=badrcptto:2 "),
+    ("a@sender.test", "a%b@example.net",       # routing (the percent hack), before badrcptto
+     "553 5.7.1 sorry, no routing through this host (% ! @ or a source route)",
+     "action=reject stage=RCPT reason=routing rule=routing "),
     ("a@sender.test", "user@elsewhere.test",
      "553 5.7.1 sorry, that domain isn't in my list of allowed rcpthosts",
      "action=reject stage=RCPT reason=rcpthosts "),

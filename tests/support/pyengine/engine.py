@@ -609,7 +609,8 @@ class SMTPConnection:
         if self.rcpt_count >= self.config.max_recipients:
             self._answer(REPLIES["too_many_rcpts"])
             return
-        self._emit(Rcpt(address, params))
+        lt = arg.find(b"<")
+        self._emit(Rcpt(address, params, lt >= 0 and arg[lt + 1:lt + 2] == b"@"))
 
     def _cmd_data(self, arg: bytes) -> None:
         state = self._state

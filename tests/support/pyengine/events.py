@@ -84,12 +84,13 @@ class Mail(Event):
 
 
 class Rcpt(Event):
-    __slots__ = ("address", "params")
+    __slots__ = ("address", "params", "routed")
     owes_reply = True
 
-    def __init__(self, address: str, params: dict) -> None:
+    def __init__(self, address: str, params: dict, routed: bool = False) -> None:
         self.address = address
         self.params = params
+        self.routed = routed        # a source route was dropped from the path
 
 
 class DataStart(Event):
