@@ -30,8 +30,8 @@ import sys
 from mailfilter.log.quoting import MAX_VALUE, kv, kv_line, quote
 from mailfilter.log.sink import DEFAULT_CAP, StreamSink, SyslogSink
 
-__all__ = ["MAX_VALUE", "quote", "kv", "decision", "event", "anomaly", "setup", "flush", "close",
-           "logger", "LogSetupError"]
+__all__ = ["MAX_VALUE", "quote", "kv", "kv_line", "decision", "decision_in", "event", "event_in",
+           "enabled", "anomaly", "setup", "flush", "close", "logger", "LogSetupError"]
 
 logger = logging.getLogger("mailfilter")
 INFO, WARNING = logging.INFO, logging.WARNING
@@ -62,6 +62,39 @@ def decision(verdict, *, client: str, tls=None, helo=None, sender=None, rcpt=Non
     if sink is None:
         logger.info(line)
     else:
+        sink.write(INFO, line)
+
+
+def enabled() -> bool:
+    """Will an info line be written? (a caller skips building one otherwise)"""
+    sink = _sink
+    return logger.isEnabledFor(INFO) if sink is None else sink.level <= INFO
+
+
+def decision_in(verdict, ctx: str, rcpt=None, tail: dict | None = None) -> None:
+    """decision() with its client=, tls=, helo=, from= fields already made
+    (`ctx`, from kv_line: a session quotes them once, not once per line);
+    the same line, field for field."""
+    r = verdict.reply
+    head = kv_line({
+        "action": "accept" if verdict.accept else ("tempfail" if r.temporary else "reject"),
+        "stage": verdict.stage, "reason": verdict.reason, "rule": verdict.rule})
+    rest = kv_line({"to": None if rcpt is None else f"<{rcpt}>", "reply": str(r), **(tail or {})})
+    _info(f"{head} {ctx} {rest}")
+
+
+def event_in(head: dict, ctx: str, tail: dict) -> None:
+    """event(**head, client=.., tls=.., helo=.., from=.., **tail) with the
+    middle fields already made (`ctx`): the same line, field for field."""
+    _info(f"{kv_line(head)} {ctx} {kv_line(tail)}")
+
+
+def _info(line: str) -> None:
+    sink = _sink
+    if sink is None:
+        if logger.isEnabledFor(INFO):
+            logger.info(line)
+    elif sink.level <= INFO:
         sink.write(INFO, line)
 
 

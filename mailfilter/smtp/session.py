@@ -215,7 +215,8 @@ class Session:
     """One SMTP session, sans-IO. See the module docstring."""
 
     __slots__ = ("config", "client", "label", "engine", "policy", "auth", "tx", "sink", "scanner",
-                 "scan_choice", "lookups", "last_verdict", "_then", "tls", "tls_mode")
+                 "scan_choice", "lookups", "last_verdict", "_then", "tls", "tls_mode",
+                 "_ctx_key", "_ctx_text")
 
     def __init__(self, config: SessionConfig, client: Client, tls: str | None = None,
                  label: str | None = None) -> None:
@@ -234,6 +235,8 @@ class Session:
         self.last_verdict: Verdict | None = None   # the latest policy verdict (`check` shows it)
         self._then = None                          # continuation of the outstanding request
         self.tls = tls                             # "TLSv1.3/CIPHER" once in TLS, else None
+        self._ctx_key = None                       # (helo, sender, tls) _ctx_text was made for
+        self._ctx_text = ""
         self.policy = sp = config.policy.session(client)
         # UCSPITLS (s/qmail's tcp.smtp setting): "-" no STARTTLS for this
         # client, "!" STARTTLS required before MAIL; --require-tls for all
@@ -368,9 +371,23 @@ class Session:
 
     # --- helpers --------------------------------------------------------------
     def _log(self, v: Verdict, rcpt: str | None = None) -> None:
+        if log.enabled():
+            auth = self.policy.authenticated
+            log.decision_in(v, self._ctx(), rcpt, None if auth is None else {"auth": auth})
+
+    def _ctx(self) -> str:
+        """The client=, tls=, helo=, from= fields of this session's decision
+        lines, quoted once while they stay the same (two lines per message
+        share them: the RCPT's and the DATA's)."""
         sp = self.policy
-        log.decision(v, client=self.label, helo=sp.helo_name, sender=sp.sender, rcpt=rcpt,
-                     auth=sp.authenticated, tls=self.tls or "-")
+        key = (sp.helo_name, sp.sender, self.tls)
+        if key != self._ctx_key:
+            self._ctx_key = key
+            self._ctx_text = log.kv_line({
+                "client": self.label, "tls": self.tls or "-",
+                "helo": None if sp.helo_name is None else f"<{sp.helo_name}>",
+                "from": None if sp.sender is None else f"<{sp.sender}>"})
+        return self._ctx_text
 
     def _drop_message(self) -> None:
         if self.sink is not None:
@@ -533,15 +550,17 @@ class Session:
                 sink.abort()
             if rule is None:
                 rule = self._data_end_rule(reason)
-            if log.logger.isEnabledFor(logging.INFO):
-                log.event(action="tempfail" if r.temporary else "reject", stage="DATA",
-                          rule=rule, reason=reason, client=self.label,
-                          **self._who(), size=ev.size, hops=ev.hops, reply=str(r))
+            if log.enabled():
+                ctx, to, auth = self._who()
+                log.event_in({"action": "tempfail" if r.temporary else "reject", "stage": "DATA",
+                              "rule": rule, "reason": reason}, ctx,
+                             {"to": to, "auth": auth, "size": ev.size, "hops": ev.hops,
+                              "reply": str(r)})
             self.tx.clear()
             engine.send(r)
             return None
         # the transaction as the decision line names it, taken before any await
-        who = self._who() if log.logger.isEnabledFor(logging.INFO) else None
+        who = self._who() if log.enabled() else None
         t0 = time.monotonic()
         try:
             result = sink.commit_now()
@@ -561,15 +580,12 @@ class Session:
         if self.engine.pending is not None:
             self.engine.send(r)
 
-    def _who(self) -> dict:
-        """helo=, from= and to= (every accepted recipient, comma separated)
-        for a DATA-stage decision line."""
-        sp = self.policy
-        return {"tls": self.tls or "-",
-                "helo": None if sp.helo_name is None else f"<{sp.helo_name}>",
-                "from": None if sp.sender is None else f"<{sp.sender}>",
-                "to": ",".join(f"<{r}>" for r in self.tx.recipients) or None,
-                "auth": sp.authenticated}
+    def _who(self) -> tuple[str, str | None, str | None]:
+        """(client= tls= helo= from= as _ctx makes them, to= (every accepted
+        recipient, comma separated), auth=) for a DATA-stage decision line."""
+        rcpts = self.tx.recipients
+        to = f"<{rcpts[0]}>" if len(rcpts) == 1 else (",".join(f"<{r}>" for r in rcpts) or None)
+        return self._ctx(), to, self.policy.authenticated
 
     def _data_end_rule(self, reason: str) -> str | None:
         """What decided an engine refusal at the end of data: the size limit
@@ -583,7 +599,7 @@ class Session:
             return "maxhops"
         return None
 
-    def _commit_failed(self, sink, who: dict | None, error: BaseException | None = None) -> Reply:
+    def _commit_failed(self, sink, who: tuple | None, error: BaseException | None = None) -> Reply:
         """A commit that raised: the message is dropped, the client retries (451)."""
         if error is None:
             logger.exception("delivery failed client=%s", self.label)
@@ -591,19 +607,25 @@ class Session:
             logger.error("delivery failed client=%s", self.label, exc_info=error)
         sink.abort()
         r = reply("store_failed")
-        log.event(action="tempfail", stage="DATA", reason="delivery_error",
-                  client=self.label, **(who or {}), reply=str(r))
+        if who is not None:
+            ctx, to, auth = who
+            log.event_in({"action": "tempfail", "stage": "DATA", "reason": "delivery_error"}, ctx,
+                         {"to": to, "auth": auth, "reply": str(r)})
         self.tx.clear()
         return r
 
-    def _committed(self, result, ev: DataEnd, t0: float, who: dict | None) -> Reply:
+    def _committed(self, result, ev: DataEnd, t0: float, who: tuple | None) -> Reply:
         """The reply to a finished commit; its decision line."""
         if who is not None:   # format the line only if someone reads it
-            log.event(action="accept" if result.ok else ("tempfail" if result.reply.temporary else "reject"),
-                      stage="DATA", client=self.label, **who, size=ev.size,
-                      rcpts=len(self.tx.recipients), header_cut="yes" if ev.header_cut else None,
-                      ms=f"{(time.monotonic() - t0) * 1000:.1f}",
-                      detail=result.detail or None, reply=str(result.reply))
+            ctx, to, auth = who
+            r = result.reply
+            log.event_in(
+                {"action": "accept" if result.ok else ("tempfail" if r.temporary else "reject"),
+                 "stage": "DATA"}, ctx,
+                {"to": to, "auth": auth, "size": ev.size, "rcpts": len(self.tx.recipients),
+                 "header_cut": "yes" if ev.header_cut else None,
+                 "ms": f"{(time.monotonic() - t0) * 1000:.1f}",
+                 "detail": result.detail or None, "reply": str(r)})
         self.tx.clear()
         return result.reply
 
