@@ -11,6 +11,7 @@ Each concept lives in its own .pxi, included here in dependency order:
   cidr.pxi       longest-prefix trie for IPv4 and IPv6
   crammd5.pxi    HMAC-MD5 (RFC 2104) from stored inner/outer MD5 states
   client.pxi     the policy's Client value (built once per connection)
+  logline.pxi    the decision log's key=value line, bare values checked in C
   smtp_events.pxi  the SMTP engine's states and events (fields in smtp.pxd)
   smtp_args.pxi    MAIL/RCPT argument syntax (path, parameters, xtext)
   smtp_data.pxi    the DATA byte machine (dot-unstuffing, end of data, header cap)
@@ -37,6 +38,7 @@ include "listmatch.pxi"
 include "cidr.pxi"
 include "crammd5.pxi"
 include "client.pxi"
+include "logline.pxi"
 include "smtp_events.pxi"
 include "smtp_args.pxi"
 include "smtp_data.pxi"

@@ -261,3 +261,26 @@ def test_full_buffer_drops_with_a_counted_gap(unix_receiver):
     kept = [int(m.split()[0][2:]) for m in lines if m.startswith("n=") and m != "n=after"]
     assert dropped > 0 and len(kept) + dropped == total
     assert kept == sorted(kept) and lines[-1] == "n=after" and gaps[0] == len(lines) - 2
+
+
+def test_kv_line_in_c_equals_the_python_reference():
+    """log/quoting.py's kv_line is _core's (logline.pxi); kv_line_py is its
+    reference: the same line for random values of every kind."""
+    import random
+    from mailfilter.log.quoting import MAX_VALUE, kv_line, kv_line_py
+    rng = random.Random(5)
+    alphabet = ("abcXYZ019.-_@:[]<>+/=%!" + ' "\\\t\r\n\x00\x7f\x80\xe9\xff' + "\u20ac\U0001f600")
+    for _ in range(3000):
+        fields = {}
+        for i in range(rng.randint(0, 6)):
+            kind = rng.random()
+            if kind < 0.1:
+                value = None
+            elif kind < 0.2:
+                value = rng.randint(-5, 10**6)
+            elif kind < 0.25:
+                value = "a" * rng.choice((MAX_VALUE - 1, MAX_VALUE, MAX_VALUE + 1, 3 * MAX_VALUE))
+            else:
+                value = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+            fields[f"k{i}"] = value
+        assert kv_line(fields) == kv_line_py(fields), fields
