@@ -74,6 +74,19 @@ def literal_status(name: str) -> str | None:
     except ValueError:
         return None
     return DNS_OK
+def client_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The client's address as the DNS knows it: a scope id dropped, and a
+    dual-stack socket's ::ffff:a.b.c.d as the IPv4 address; None when `ip`
+    is not an address."""
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return None
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 _FORMS = "HOST, HOST:PORT, [IPV6], [IPV6]:PORT or a bare IPv6 address"
 
 
@@ -194,12 +207,9 @@ class Resolver:
             return UNKNOWN
 
     async def _remote_host(self, ip: str, confirm: bool) -> str:
-        try:
-            address = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
+        address = client_address(ip)
+        if address is None:
             return UNKNOWN
-        if address.version == 6 and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped          # a dual-stack socket's ::ffff:a.b.c.d
         status, answer = await self._query(dns.reversename.from_address(str(address)), "PTR")
         if status != "ok":
             return UNKNOWN

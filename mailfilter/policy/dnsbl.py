@@ -24,9 +24,9 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 from dataclasses import dataclass, field
 
+from mailfilter.policy.dns import client_address
 from mailfilter.rules.format import DNSBL_DEFAULT_THRESHOLD, dnsbl_filter_matches, parse_dnsbl_site
 
 MAX_IN_FLIGHT = 256     # DNSBL queries at once, per process
@@ -65,12 +65,9 @@ class DnsblResult:
 def query_name(ip: str, zone: str) -> str | None:
     """The name to look up for `ip` in `zone`; None for an address no list
     has (not an IP address at all)."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
+    addr = client_address(ip)
+    if addr is None:
         return None
-    if addr.version == 6 and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped             # a dual-stack socket's ::ffff:a.b.c.d
     if addr.version == 4:
         return ".".join(reversed(str(addr).split("."))) + "." + zone
     return ".".join(reversed(addr.exploded.replace(":", ""))) + "." + zone

@@ -1,13 +1,6 @@
-"""Arguments of MAIL and RCPT: the path, the ESMTP parameters, xtext, the address.
-
-Pure functions from the bytes after the verb to Python values; every refusal
-is a ``ParseError`` carrying the reply that answers it (from the reply table)
-and what the log may say about it. The engine decides the sequence, these
-functions only the syntax.
-
-Invariants: an address that passes is free of control characters and is
-ASCII unless the transaction announced SMTPUTF8 (RFC 6531 §3.4); no client
-byte is echoed in a reply unless it is an esmtp-keyword (RFC 5321 §4.1.2).
+"""The pure-Python MAIL/RCPT argument syntax: the test oracle of
+_core/smtp_args.pxi. Its contract is mailfilter/smtp/args.py's docstring;
+never imported by the package.
 """
 from __future__ import annotations
 

@@ -1,14 +1,6 @@
-"""The vocabulary of the sans-IO SMTP engine: session states, events, sentinels.
-
-``SMTPConnection.next_event()`` returns an ``Event``, ``NEED_DATA`` (feed more
-bytes) or ``PAUSED`` (a reply is still owed). Events whose ``owes_reply`` is
-true must be answered with ``send()``; the others are informational.
-
-Invariants: events are plain values (equality and hash over their slots, so
-tests and logs compare them by content); states are the interned strings
-below and are compared by identity on the hot path; an ``Anomaly`` never
-carries client bytes (its ``detail`` is a verb, a length or a fixed word:
-a line may hold a secret).
+"""The pure-Python events and states: the test oracle of _core/smtp_events.pxi
+(tests/smtp/test_events.py, test_engine_diff.py). Their contract is
+mailfilter/smtp/events.py's docstring; never imported by the package.
 """
 from __future__ import annotations
 
