@@ -30,6 +30,9 @@ class Envelope:
     tls: str | bool | None      # "TLSv1.3/CIPHER" when received over TLS; falsy in clear
     local_host: str
     esmtp: bool = True          # the session greeted with EHLO (False: HELO)
+    # the client's tcp.smtp QMAILQUEUE: its qmail-queue program, used instead of
+    # the hop's when the next hop is qmail-queue: (docs/behaviour/tcp-smtp.md#settings)
+    qmailqueue: str | None = None
 
 
 def text_bytes(s: str) -> bytes:

@@ -128,14 +128,16 @@ class QmailQueueDelivery(SpoolingDelivery, kind="qmail-queue", form="qmail-queue
 
     async def _deliver(self, env: Envelope, spool, facts=None) -> DeliveryResult:
         loop = asyncio.get_running_loop()
+        # the client's QMAILQUEUE (tcp.smtp) replaces the program, as in qmail
+        argv = [env.qmailqueue] if env.qmailqueue else self.argv
         rfd, wfd = os.pipe()   # envelope pipe: the child's fd 1 is rfd
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self.argv, stdin=asyncio.subprocess.PIPE, stdout=rfd)
+                *argv, stdin=asyncio.subprocess.PIPE, stdout=rfd)
         except OSError as exc:
             os.close(wfd)
             return DeliveryResult(False, reply("queue_temp", text="unable to exec qq"),
-                                  None, f"qmail-queue spawn {self.argv[0]}: {os_error_text(exc)}")
+                                  None, f"qmail-queue spawn {argv[0]}: {os_error_text(exc)}")
         finally:
             os.close(rfd)
         wfile = open(wfd, "wb", buffering=0)
@@ -175,7 +177,8 @@ class QmailQueueDelivery(SpoolingDelivery, kind="qmail-queue", form="qmail-queue
                 proc.kill()
             _drop_envelope(transport)
             raise
-        detail = f"qmail-queue pid={proc.pid} exit={status}"
+        detail = f"qmail-queue pid={proc.pid} exit={status}" + (
+            f" prog={env.qmailqueue}" if env.qmailqueue else "")
         if status == 0:
             if write_error is None and env_error is None:
                 return queued(proc.pid, detail)

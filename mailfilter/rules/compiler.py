@@ -58,6 +58,9 @@ def setting_problem(name: str, value: str) -> str | None:
     if name == "BADMIMETYPE" and value not in BADMIMETYPE_MODES:
         return (f"BADMIMETYPE={quoted(value)} is not one of "
                 + ", ".join(repr(m) for m in BADMIMETYPE_MODES))
+    if name == "QMAILQUEUE" and not value.startswith("/"):
+        # qmail execs it as given (qmail.c: execv of $QMAILQUEUE, no PATH search)
+        return f"QMAILQUEUE={quoted(value)} is not an absolute path to a program"
     if name == "BADLOADERTYPE" and not (value in ("+", "-") or (len(value) == 1 and value in _BASE64)):
         return (f"BADLOADERTYPE={quoted(value)} is not one base64 character (the first character "
                 "of the loader signatures), '+' or '-'")

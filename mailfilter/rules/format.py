@@ -38,6 +38,7 @@ KNOWN_SETTINGS = frozenset({
     "TARPITCOUNT", "TARPITDELAY", "SMTPAUTH", "RECIPIENTS450", "BADMIMETYPE",
     "BADLOADERTYPE", "RELAYMAILFROM", "NOBADHELO", "DISABLE_BADMAILFROM",
     "UCSPITLS",     # s/qmail: "" STARTTLS offered, "-" not offered, "!" required before MAIL
+    "QMAILQUEUE",   # qmail: the qmail-queue program for this client (next hop qmail-queue: only)
 })
 HELOCHECK_MODES = ("", "!", ".", "=", "A", "M")
 BADMIMETYPE_MODES = ("", "!", "+", "-")

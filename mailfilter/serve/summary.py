@@ -3,7 +3,7 @@
 Job: once a serving process listens, log one line per subject, each from
 the objects that are actually serving (not from the options alone):
   rules   where they came from, how many, the dialect, the fingerprint
-  deliver the next hop
+  deliver the next hop (and the tcp.smtp QMAILQUEUE programs, checked)
   auth    who is offered AUTH and what verifies it; a missing user database
           is a WARNING now, not a silent 454 at the first AUTH
   limits  connections, timeouts, DATA limits, --deny
@@ -51,6 +51,26 @@ def auth_lines(state, opts) -> list[tuple[int, str]]:
     return [(logging.INFO, f"auth: {who}; user database {os.path.abspath(path)}")]
 
 
+def qmailqueue_lines(state, opts) -> list[tuple[int, str]]:
+    """tcp.smtp QMAILQUEUE programs: used only with a qmail-queue: next hop,
+    and each must be an executable file (else its clients' messages would
+    get 451 one by one)."""
+    progs = sorted({s["QMAILQUEUE"] for s in state.policy.bundle.tcp_settings if "QMAILQUEUE" in s})
+    if not progs:
+        return []
+    if not opts.deliver.startswith("qmail-queue:"):
+        return [(logging.WARNING, f"deliver: tcp.smtp QMAILQUEUE ({', '.join(progs)}) is used only "
+                                  f"with a qmail-queue: next hop, not {opts.deliver}")]
+    out = []
+    for prog in progs:
+        if os.path.isfile(prog) and os.access(prog, os.X_OK):
+            out.append((logging.INFO, f"deliver: tcp.smtp QMAILQUEUE {prog} for its clients"))
+        else:
+            out.append((logging.WARNING, f"deliver: tcp.smtp QMAILQUEUE {prog} is not an "
+                                         "executable file: its clients' messages will get 451"))
+    return out
+
+
 def limits_line(state, opts) -> str:
     lim = state.limits
     return (f"limits: {lim.max_connections} sessions, {lim.max_per_ip} per client address, "
@@ -73,6 +93,7 @@ def log_in_force(state, opts) -> None:
     lines: list[tuple[int, str]] = []
     for make in (lambda: [(logging.INFO, rules_line(state, opts))],
                  lambda: [(logging.INFO, f"deliver: {opts.deliver}")],
+                 lambda: qmailqueue_lines(state, opts),
                  lambda: auth_lines(state, opts),
                  lambda: [(logging.INFO, limits_line(state, opts))],
                  lambda: [(logging.INFO, signals_line(opts))]):

@@ -854,3 +854,40 @@ def test_reload_frees_the_replaced_rules(tmp_path, rules):
         assert stubs() - before == one_set, "replaced rule sets are still alive after the reload"
     finally:
         gc.enable()
+
+
+def test_qmailqueue_per_client_with_a_qmail_queue_next_hop(tmp_path):
+    """docs/behaviour/tcp-smtp.md#settings QMAILQUEUE: as qmail-smtpd does, a
+    client's QMAILQUEUE replaces the qmail-queue program (next hop
+    qmail-queue: only); the others use the hop's own."""
+    fakeqq = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support",
+                          "fake_qmail_queue.py")
+    special = tmp_path / "special-qq"
+    special.write_text(f"#!/bin/sh\nFAKEQQ_OUT={tmp_path}/special exec {sys.executable} {fakeqq}\n")
+    special.chmod(0o755)
+    rules = write_rules(tmp_path / "rules", {"tcp.smtp": (
+        f'127.0.0.2:allow,RELAYCLIENT="",QMAILQUEUE="{special}"\n'
+        '127.0.0.3:allow,RELAYCLIENT=""\n:allow\n')})
+    sp = spawn_serve("--rules", rules, "--deliver", f"qmail-queue:{sys.executable} {fakeqq}",
+                     env={"FAKEQQ_OUT": str(tmp_path / "default")})
+    try:
+        sp.log.wait_for(rf"INFO deliver: tcp\.smtp QMAILQUEUE {special} for its clients")
+        for source, subject in (("127.0.0.2", "special"), ("127.0.0.3", "default")):
+            c = session(sp.port, source)
+            c.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
+            assert [r[0] for r in c.replies(3)] == [250, 250, 354]
+            c.send(f"Subject: {subject}\r\n\r\nbody\r\n.\r\n".encode())
+            assert first(c.reply()).startswith("250 2.0.0 ok")
+            c.close()
+        assert open(tmp_path / "special.msg", "rb").read().endswith(b"Subject: special\n\nbody\n")
+        assert open(tmp_path / "default.msg", "rb").read().endswith(b"Subject: default\n\nbody\n")
+        sp.log.wait_for(rf"action=accept stage=DATA .* detail=\"qmail-queue pid=\d+ exit=0 prog={special}\"")
+    finally:
+        sp.stop()
+
+
+def test_qmailqueue_must_be_an_absolute_path(tmp_path):
+    rules = write_rules(tmp_path / "rules", {"tcp.smtp": '127.0.0.2:allow,QMAILQUEUE="qq"\n:allow\n'})
+    r = run_cli("compile", rules, "-o", str(tmp_path / "b.mfb"))
+    assert r.returncode == 1
+    assert "tcp.smtp:1: QMAILQUEUE='qq' is not an absolute path to a program: rule skipped" in r.stderr
