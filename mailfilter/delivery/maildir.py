@@ -73,14 +73,20 @@ def _write_parts(fd: int, parts: list, size: int) -> None:
 class _Job:
     """One maildir message: filled on the event loop, committed by the
     committer. The message bytes are held as the parts the server wrote
-    (no copy) until CHUNK bytes or _MAX_PARTS parts are pending, then
-    written with one writev; the rest goes at commit, on the committer's
-    threads."""
-    __slots__ = ("fd", "parts", "pending", "size", "name", "qid", "error", "loop", "fut",
+    (no copy) until CHUNK bytes or _MAX_PARTS parts are pending; only then
+    is the tmp/ file created and the parts written with one writev, so a
+    large message streams into tmp/. A message that ends before that (most
+    mail) is created, written, fsync'ed and closed at commit, on the
+    committer's threads: the event loop makes no system call for it. That
+    matters beyond the call's CPU: on ext4 creating a file (and writing one:
+    its mtime) joins the running journal transaction, and waits while the
+    fsyncs of the batch before are committing it."""
+    __slots__ = ("d", "fd", "parts", "pending", "size", "name", "qid", "error", "loop", "fut",
                  "result")
 
-    def __init__(self, fd: int, name: str, qid: str) -> None:
-        self.fd = fd
+    def __init__(self, d: "MaildirDelivery", name: str, qid: str) -> None:
+        self.d = d
+        self.fd = -1                 # the tmp/ file once created, until closed
         self.parts: list[bytes] = []
         self.pending = 0             # bytes in parts
         self.size = 0                # bytes written or pending
@@ -91,14 +97,17 @@ class _Job:
         self.fut: asyncio.Future | None = None
         self.result: DeliveryResult | None = None
 
-    def flush(self) -> None:
-        """Write what is pending; an OSError is kept as the job's error."""
+    def write_pending(self) -> None:
+        """Create the tmp/ file if not yet done, write what is pending.
+        Raises OSError (ENOENT for a tmp/ removed meanwhile, EFBIG, ENOSPC...)."""
+        if self.fd < 0:
+            self.fd = os.open(self.d._tmp_slash + self.name,
+                              os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                              self.d.file_mode)
         parts, size = self.parts, self.pending
         self.parts, self.pending = [], 0
-        try:
+        if size:
             _write_parts(self.fd, parts, size)
-        except OSError as exc:      # EFBIG, ENOSPC, EIO ...
-            self.error = exc
 
     def close(self) -> None:
         """Close the file, once; a failed close of a file being discarded
@@ -159,17 +168,16 @@ class _Committer:
         file is removed."""
         if job.error is None:
             try:
-                if job.parts:
-                    _write_parts(job.fd, job.parts, job.pending)
-                    job.parts = []
+                job.write_pending()
                 os.fsync(job.fd)
                 fd, job.fd = job.fd, -1
                 os.close(fd)
             except OSError as exc:
                 job.error = exc
         if job.error is not None:
+            job.parts = []
             job.close()
-            _unlink_quietly(self.tmpdir + job.name)
+            _unlink_quietly(self.tmpdir + job.name)   # if it was created at all
 
     def _sync_slice(self, jobs: list[_Job]) -> None:
         for job in jobs:
@@ -347,7 +355,10 @@ class _MaildirSink(Sink):
         job.pending += len(chunk)
         job.size += len(chunk)
         if job.pending >= CHUNK or len(job.parts) >= _MAX_PARTS:
-            job.flush()         # a large message streams into tmp/
+            try:
+                job.write_pending()     # a large message streams into tmp/
+            except OSError as exc:      # ENOENT (tmp/ gone), EFBIG, ENOSPC, EIO ...
+                job.error = exc
 
     async def commit(self) -> DeliveryResult:
         if self._state != "open":
@@ -371,8 +382,9 @@ class _MaildirSink(Sink):
         self._state = "aborted"
         job = self._job
         job.parts = []
-        job.close()
-        _unlink_quietly(self._d._tmp_slash + job.name)
+        if job.fd >= 0:             # the file was created (a large message)
+            job.close()
+            _unlink_quietly(self._d._tmp_slash + job.name)
         self._d._live.discard(job.name)
 
 
@@ -473,26 +485,22 @@ class MaildirDelivery(Delivery, kind="maildir", form="maildir:DIR"):
         return self._committer
 
     def open(self, env: Envelope) -> Sink:
+        """A sink for one message. Only a name is chosen here: the tmp/
+        file is created once CHUNK bytes are pending or at commit (_Job)."""
         check_envelope(env)
-        name = ""
-        try:
-            if not self._dirs_ok:
+        if not self._dirs_ok:
+            try:
                 self._ensure_dirs()
-            now = time.time()
-            sec = int(now)
-            qid = f"M{int((now - sec) * 1e6)}{local_id()}"     # M<usec>P<pid>Q<n>
-            name = f"{sec}.{qid}.{self._host}"
-            self._live.add(name)    # before the file exists: the sweep must never see it unclaimed
-            fd = os.open(self._tmp_slash + name,
-                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.file_mode)
-        except OSError as exc:
-            self._dirs_ok = False  # re-check the layout next time
-            if name:
-                self._live.discard(name)
-            return _failed_sink(f"maildir {os_error_text(exc)}")
+            except OSError as exc:
+                return _failed_sink(f"maildir {os_error_text(exc)}")   # re-checked next time
+        now = time.time()
+        sec = int(now)
+        qid = f"M{int((now - sec) * 1e6)}{local_id()}"     # M<usec>P<pid>Q<n>
+        name = f"{sec}.{qid}.{self._host}"
+        self._live.add(name)    # before the file exists: the sweep must never see it unclaimed
         if self.sweeper.due():
             self._committer_for().run_aside(self.sweeper.sweep)
-        sink = _MaildirSink(self, _Job(fd, name, qid))
+        sink = _MaildirSink(self, _Job(self, name, qid))
         sink.write(envelope_headers(env))
         return sink
 
