@@ -97,13 +97,17 @@ class _Job:
         self.fut: asyncio.Future | None = None
         self.result: DeliveryResult | None = None
 
+    def create(self) -> None:
+        """Create the tmp/ file (OSError: ENOENT for a tmp/ removed
+        meanwhile, ENOSPC, EACCES ...)."""
+        self.fd = os.open(self.d._tmp_slash + self.name,
+                          os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.d.file_mode)
+
     def write_pending(self) -> None:
         """Create the tmp/ file if not yet done, write what is pending.
-        Raises OSError (ENOENT for a tmp/ removed meanwhile, EFBIG, ENOSPC...)."""
+        Raises OSError (see create(); EFBIG, ENOSPC, EIO ...)."""
         if self.fd < 0:
-            self.fd = os.open(self.d._tmp_slash + self.name,
-                              os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                              self.d.file_mode)
+            self.create()
         parts, size = self.parts, self.pending
         self.parts, self.pending = [], 0
         if size:
@@ -231,6 +235,16 @@ class _Committer:
         if n == 1:
             self._sync_file(batch[0])
         else:
+            # Files are created here, one after the other: creates in one
+            # directory take its lock in turn anyway, and from many threads
+            # at once they spin on it (CPU for nothing). Writing, fsync and
+            # close then run in parallel.
+            for job in batch:
+                if job.fd < 0 and job.error is None:
+                    try:
+                        job.create()
+                    except OSError as exc:
+                        job.error = exc
             k = min(n, self.sync_threads)
             slices = [batch[i::k] for i in range(k)]
             futures = [self._pool.submit(self._sync_slice, sl) for sl in slices[1:]]
