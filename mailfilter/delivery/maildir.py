@@ -128,10 +128,12 @@ class _Committer:
     """Group commit for one maildir, off the event loop.
 
     One committer thread loops: take ALL commits submitted so far (the batch),
-    write their pending bytes, fsync and close their files in parallel (the
-    batch cut into at most `sync_threads` slices: the committer syncs one
-    slice itself, the thread pool the others; concurrent fsyncs share
-    ext4/xfs journal commits; a batch of one is synced inline, no extra hop),
+    create the tmp/ files not made yet (one after the other: see
+    _commit_batch), write their pending bytes, fsync and close them in
+    parallel (the batch cut into at most `sync_threads` slices: the committer
+    syncs one slice itself, the thread pool the others; concurrent fsyncs
+    share ext4/xfs journal commits; a batch of one is synced inline, no
+    extra hop),
     rename each durable tmp/X into new/X, fsync new/ ONCE for the whole
     batch, then resolve every future of the batch with ONE wake-up of its
     event loop (call_soon_threadsafe per batch, not per message). So a
@@ -146,7 +148,7 @@ class _Committer:
 
     def __init__(self, d: "MaildirDelivery", sync_threads: int) -> None:
         self._d = d
-        self.tmpdir = d._tmp + "/"
+        self.tmpdir = d._tmp_slash
         self.newdir = d._new
         self._newdir_slash = d._new + "/"
         self.sync_threads = max(1, sync_threads)
