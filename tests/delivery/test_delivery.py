@@ -429,6 +429,39 @@ def test_maildir_group_commit_one_batch(tmp_path):
     assert len(listing(md)["new"]) == 40 and listing(md)["tmp"] == []
 
 
+def test_maildir_batch_wakes_the_loop_once(tmp_path, monkeypatch):
+    """A batch of 40 commits is handed back to the event loop with ONE
+    call_soon_threadsafe (one wake-up), not one per message; a commit whose
+    caller was cancelled meanwhile is skipped there and still stored."""
+    from mailfilter.delivery import maildir
+    md = str(tmp_path / "m")
+    wakes = []
+    real = maildir._resolve_all
+
+    def counting(jobs):
+        wakes.append(len(jobs))
+        real(jobs)
+    monkeypatch.setattr(maildir, "_resolve_all", counting)
+
+    async def go():
+        d = Delivery.from_spec("maildir:" + md)
+        committer = d._committer_for()
+        committer.pause()
+        tasks = [asyncio.ensure_future(deliver(d, env(), b"n=%d\n" % i)) for i in range(40)]
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, committer.wait_ready, 40, 20)
+        tasks[7].cancel()
+        committer.resume()
+        res = await asyncio.gather(*tasks, return_exceptions=True)
+        await d.close()
+        return res
+    res = run(go())
+    assert isinstance(res[7], asyncio.CancelledError)
+    assert all(r.ok for i, r in enumerate(res) if i != 7)
+    assert wakes == [40]
+    assert len(listing(md)["new"]) == 40 and listing(md)["tmp"] == []
+
+
 def test_maildir_cancelled_commit_still_completes(tmp_path):
     # The client vanished while its commit was in the batch: the commit is
     # finished (a retry may duplicate, never lose) and close() drains it.
