@@ -24,7 +24,8 @@ Never a silent accept, never a silently dropped recipient.
 Message bytes arrive in qmail storage format
 (docs/behaviour/delivery.md#storage-format): LF line ends, already dot-unstuffed; the caller writes
 the Received header first (mailfilter.smtp.received, docs/behaviour/smtp.md#received-header).
-Bodies are never held whole in memory: maildir writes straight into tmp/, the other
+Bodies are never held whole in memory: maildir holds at most CHUNK (64 KB), then
+writes straight into tmp/ (a smaller message's file is made at commit), the other
 sinks spool to a SpooledTemporaryFile (1 MB in memory, then disk). So qmail-queue starts
 after the end of data, not before the 354 as in qmail-smtpd
 (docs/behaviour/delivery.md#storage-format): the message is checked (size, hops, content) before
@@ -34,7 +35,8 @@ Specs (`Delivery.from_spec`):
 
 maildir:DIR
     DIR/{tmp,new,cur} are created on first use. Each message is written to
-    tmp/<time>.M<usec>P<pid>Q<n>.<host> (cr.yp.to/proto/maildir.html), fsync'ed,
+    tmp/<time>.M<usec>P<pid>Q<n>.<host> (cr.yp.to/proto/maildir.html; the file
+    is made once CHUNK bytes are pending, else at commit by the committer), fsync'ed,
     renamed into new/, then new/ is fsync'ed. The envelope is kept in the file
     as prepended headers: `Return-Path: <sender>` and one
     `X-Envelope-To: <rcpt>` per recipient, before the Received header; each
@@ -45,7 +47,7 @@ maildir:DIR
     Group commit (see maildir.py's `_Committer`): one committer thread takes every pending
     commit, fsyncs their files in parallel on a small thread pool, renames
     each into new/ and fsyncs new/ ONCE for the batch; each commit resolves
-    only after its batch's directory fsync. Any OSError
+    only after its batch's directory fsync (one event-loop wake-up per batch). Any OSError
     (ENOSPC, EFBIG, EACCES, ENOTDIR, ...) -> the tmp file is removed, nothing
     is in new/, 451 store_failed, and the next message first re-checks (and
     remakes) tmp/, new/, cur/. A new/ that vanished under a message in flight

@@ -238,9 +238,9 @@ def test_maildir_layout_and_envelope_headers(tmp_path):
         await d.close()
         return hdr, before, res
     hdr, before, res = run(go())
-    assert before["new"] == [] and len(before["tmp"]) == 1
+    assert before == {"tmp": [], "new": [], "cur": []}
     after = listing(md)
-    assert after["tmp"] == [] and after["cur"] == [] and after["new"] == before["tmp"]
+    assert after["tmp"] == [] and after["cur"] == [] and len(after["new"]) == 1
     name = after["new"][0]
     sec, uniq, host = name.split(".", 2)
     assert sec.isdigit() and uniq.startswith("M") and "P%d" % os.getpid() in uniq
@@ -429,6 +429,39 @@ def test_maildir_group_commit_one_batch(tmp_path):
     assert len(listing(md)["new"]) == 40 and listing(md)["tmp"] == []
 
 
+def test_maildir_batch_wakes_the_loop_once(tmp_path, monkeypatch):
+    """A batch of 40 commits is handed back to the event loop with ONE
+    call_soon_threadsafe (one wake-up), not one per message; a commit whose
+    caller was cancelled meanwhile is skipped there and still stored."""
+    from mailfilter.delivery import maildir
+    md = str(tmp_path / "m")
+    wakes = []
+    real = maildir._resolve_all
+
+    def counting(jobs):
+        wakes.append(len(jobs))
+        real(jobs)
+    monkeypatch.setattr(maildir, "_resolve_all", counting)
+
+    async def go():
+        d = Delivery.from_spec("maildir:" + md)
+        committer = d._committer_for()
+        committer.pause()
+        tasks = [asyncio.ensure_future(deliver(d, env(), b"n=%d\n" % i)) for i in range(40)]
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, committer.wait_ready, 40, 20)
+        tasks[7].cancel()
+        committer.resume()
+        res = await asyncio.gather(*tasks, return_exceptions=True)
+        await d.close()
+        return res
+    res = run(go())
+    assert isinstance(res[7], asyncio.CancelledError)
+    assert all(r.ok for i, r in enumerate(res) if i != 7)
+    assert wakes == [40]
+    assert len(listing(md)["new"]) == 40 and listing(md)["tmp"] == []
+
+
 def test_maildir_cancelled_commit_still_completes(tmp_path):
     # The client vanished while its commit was in the batch: the commit is
     # finished (a retry may duplicate, never lose) and close() drains it.
@@ -575,14 +608,20 @@ def test_maildir_sigkill_mid_message_leaves_nothing_in_new(tmp_path):
     assert run(_one(md, env(), MSG)).ok and len(listing(md)["new"]) == 1
 
 
-def test_maildir_abort_removes_tmp_and_is_idempotent(tmp_path):
+# a body that makes the sink create its tmp/ file before commit (CHUNK pending)
+LARGE = b"Subject: big\n\n" + b"z" * 1023 + b"\n" + (b"y" * 1023 + b"\n") * 64
+
+
+@pytest.mark.parametrize("body,in_tmp", [(MSG, 0), (LARGE, 1)], ids=["small", "large"])
+def test_maildir_abort_removes_tmp_and_is_idempotent(tmp_path, body, in_tmp):
     md = str(tmp_path / "m")
 
     async def go():
         d = Delivery.from_spec("maildir:" + md)
         sink = d.open(env())
-        sink.write(MSG)
+        sink.write(body)
         mid = listing(md)
+        claimed = d._live.snapshot()
         sink.abort()
         sink.abort()
         with pytest.raises(RuntimeError):
@@ -590,10 +629,108 @@ def test_maildir_abort_removes_tmp_and_is_idempotent(tmp_path):
         with pytest.raises(RuntimeError):
             await sink.commit()
         await d.close()
-        return mid
-    mid = run(go())
-    assert len(mid["tmp"]) == 1
+        return mid, claimed, d._live.snapshot()
+    mid, claimed, after = run(go())
+    assert len(mid["tmp"]) == in_tmp and mid["new"] == []
+    assert len(claimed) == 1 and after == set()     # the name is claimed until the abort
     assert listing(md) == {"tmp": [], "new": [], "cur": []}
+
+
+def test_maildir_small_message_touches_no_file_from_the_loop(tmp_path, monkeypatch):
+    """A message under CHUNK is created, written, fsync'ed and renamed on the
+    committer's threads at commit: the event loop makes no file system call
+    for it (on ext4 a create on the loop would wait for the journal commit of
+    the batch before). The file is still fsync'ed before its rename and new/
+    after it (docs/behaviour/delivery.md#250-means-stored)."""
+    md = str(tmp_path / "m")
+    calls = []
+    for fn in ("open", "writev", "write", "fsync", "rename"):
+        real = getattr(os, fn)
+
+        def spy(*a, _real=real, _fn=fn, **kw):
+            calls.append((_fn, threading.current_thread() is threading.main_thread()))
+            return _real(*a, **kw)
+        monkeypatch.setattr(os, fn, spy)
+
+    async def go():
+        d = Delivery.from_spec("maildir:" + md)
+        d._committer_for()
+        sink = d.open(env())            # the maildir's directories are made here
+        calls.clear()
+        sink.write(MSG)
+        res = await sink.commit()
+        await d.close()
+        return res
+    res = run(go())
+    assert res.ok
+    assert [c for c, on_loop in calls if on_loop] == [], calls
+    assert [c for c, _ in calls] == ["open", "writev", "fsync", "rename", "open", "fsync"], calls
+    [name] = listing(md)["new"]
+    with open(os.path.join(md, "new", name), "rb") as f:
+        assert f.read() == b"Return-Path: <a@example.com>\nX-Envelope-To: <b@example.org>\n" + MSG
+
+
+def test_maildir_large_message_streams_into_tmp_before_commit(tmp_path):
+    """Bodies are never held whole in memory: once CHUNK bytes are pending the
+    tmp/ file is made and written, and every further CHUNK follows."""
+    md = str(tmp_path / "m")
+    chunk = b"w" * 1023 + b"\n"
+
+    async def go():
+        d = Delivery.from_spec("maildir:" + md)
+        sink = d.open(env())
+        sizes = []
+        for i in range(3 * 64):
+            sink.write(chunk)
+            if i % 64 == 63:
+                [name] = listing(md)["tmp"]
+                sizes.append(os.path.getsize(os.path.join(md, "tmp", name)))
+        res = await sink.commit()
+        await d.close()
+        return sizes, res
+    sizes, res = run(go())
+    assert res.ok
+    head = len(b"Return-Path: <a@example.com>\nX-Envelope-To: <b@example.org>\n")
+    # at most CHUNK (64 KiB) of it is ever held: the rest is in the file
+    assert [s >= head + (i + 1) * 64 * 1024 - 65536 for i, s in enumerate(sizes)] == [True] * 3
+    assert sizes[0] > 0 and sizes == sorted(sizes) and sizes[-1] > sizes[0]
+    [name] = listing(md)["new"]
+    assert os.path.getsize(os.path.join(md, "new", name)) == head + 3 * 64 * 1024
+
+
+def test_maildir_many_small_parts_are_written_in_bounded_writevs(tmp_path, monkeypatch):
+    """A sink holds at most 64 parts (writev takes at most IOV_MAX iovecs):
+    5000 one-byte writes land intact, in writevs of at most 64 parts."""
+    md = str(tmp_path / "m")
+    widths = []
+    real = os.writev
+
+    def writev(fd, parts):
+        widths.append(len(parts))
+        return real(fd, parts)
+    monkeypatch.setattr(os, "writev", writev)
+    data = bytes(range(256)) * 20
+    res = run(_one(md, env(), data, bytewise=True))
+    assert res.ok and max(widths) <= 64 and sum(widths) == len(data) + 1   # + the envelope headers
+    [name] = listing(md)["new"]
+    with open(os.path.join(md, "new", name), "rb") as f:
+        assert f.read().endswith(data)
+
+
+def test_maildir_short_writev_is_finished(tmp_path, monkeypatch):
+    """writev(2) may write less than asked (a signal, the file size limit):
+    the rest is written, nothing lost or doubled."""
+    md = str(tmp_path / "m")
+    real = os.writev
+
+    def short(fd, parts):
+        return real(fd, [b"".join(parts)[:7]])
+    monkeypatch.setattr(os, "writev", short)
+    res = run(_one(md, env(), MSG))
+    assert res.ok
+    [name] = listing(md)["new"]
+    with open(os.path.join(md, "new", name), "rb") as f:
+        assert f.read() == b"Return-Path: <a@example.com>\nX-Envelope-To: <b@example.org>\n" + MSG
 
 
 def test_maildir_abort_after_commit_keeps_message(tmp_path):

@@ -26,6 +26,8 @@ HOUR = 3600.0
 ENV = Envelope("a@example.com", ["b@example.org"], "client.test", "192.0.2.1",
                "client.test", None, False, "mx.test")
 MSG = b"Subject: hi\n\nbody\n"
+# a message whose tmp/ file exists before its commit (a small one is made at commit)
+LARGE = b"Subject: big\n\n" + (b"y" * 1023 + b"\n") * 65
 
 
 class Clock:
@@ -119,7 +121,7 @@ def test_a_delivery_in_flight_is_never_removed(tmp_path, records):
     async def go():
         d = MaildirDelivery(md, clock=clock)
         sink = d.open(ENV)
-        sink.write(MSG)
+        sink.write(LARGE)
         [mine] = tmp_names(md)
         os.utime(os.path.join(md, "tmp", mine), (0, 0))        # looks as old as can be
         dead = put(os.path.join(md, "tmp", "1.M1P1Q1.host"), 0)  # a dead writer's
