@@ -52,7 +52,8 @@ def targets() -> list[tuple[str, str, str]]:
         out.append((name, measured, "met" if ok else "NOT met"))
 
     if "envelope/1000000" in R:
-        add("envelope median at 1M <= 2 µs", _fmt_t(R["envelope/1000000"]), R["envelope/1000000"] <= 2e-6)
+        # issue 13's target (the rule-compiler issue's was 2 µs)
+        add("envelope median at 1M <= 3 µs", _fmt_t(R["envelope/1000000"]), R["envelope/1000000"] <= 3e-6)
     sizes_run = sorted(int(k.split("/")[1]) for k in R if k.startswith("envelope/"))
     if len(sizes_run) >= 2 and sizes_run[0] == 1000:
         hi = sizes_run[-1]
