@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 from collections import deque
-from dataclasses import dataclass, field
 
 import mailfilter
 from .args import (
@@ -21,6 +20,7 @@ from .events import (
     RCPT, Anomaly, AuthResponse, AuthStart, Closed, DataChunk, DataEnd, DataStart, Event,
     Help, Helo, Mail, Noop, Quit, Rcpt, Rset, StartTLS, Vrfy,
 )
+from mailfilter.smtp.engine import EngineConfig
 from mailfilter.smtp.replies import REPLIES, Reply, multiline, reply
 
 __all__ = [
@@ -118,23 +118,7 @@ def _named_line(name: str, greeting: str) -> bytes:
     return reply(name, greeting=greeting).line()
 
 
-# --- configuration ------------------------------------------------------------
-@dataclass
-class EngineConfig:
-    greeting: str = "localhost"          # first word = host name
-    max_line: int = 512                  # octets incl. CRLF, RFC 5321 §4.5.3.1
-    max_auth_line: int = 12288           # SASL continuation lines, RFC 4954 §4
-    databytes: int = 0                   # 0 = unlimited; advertised as SIZE n
-    header_limit: int = 0                # header block octets kept (docs/behaviour/smtp.md#data); 0 = all
-    max_bad_commands: int = 10
-    max_recipients: int = 1000           # hard cap; policy may add a lower one
-    max_hops: int = 100                  # used by SMTPConnection.data_end_check
-    product: str = mailfilter.PRODUCT
-    version: str = mailfilter.__version__
-    features: list[str] = field(default_factory=list)   # HELP, e.g. "spamcontrol-compat"
-    help_url: str = ""
-    extra_ehlo: list[str] = field(default_factory=list)  # e.g. ["AUTH PLAIN LOGIN"]
-    smtputf8: bool = False
+# --- configuration: the package's own (the oracle and the core read the same)
 
 
 # --- constants for the hot path -----------------------------------------------

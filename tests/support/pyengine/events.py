@@ -14,14 +14,8 @@ __all__ = [
     "ANOMALY_SEQUENCE", "ANOMALY_SYNTAX", "ANOMALY_EIGHTBIT",
 ]
 
-# --- states -------------------------------------------------------------------
-IDLE = "IDLE"        # no mail transaction
-MAIL = "MAIL"        # MAIL accepted, no recipient yet
-RCPT = "RCPT"        # at least one recipient accepted
-DATA = "DATA"        # reading the message
-AUTH = "AUTH"        # inside an AUTH exchange
-CLOSED = "CLOSED"    # 221/421 sent or EOF: input ignored
-STATES = (IDLE, MAIL, RCPT, DATA, AUTH, CLOSED)
+# --- states: the package's own strings (compared by identity on both sides)
+from mailfilter.smtp.events import AUTH, CLOSED, DATA, IDLE, MAIL, RCPT, STATES  # noqa: E402
 
 
 class _Sentinel:
