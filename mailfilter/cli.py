@@ -1,4 +1,4 @@
-"""Command line: `mailfilter compile | check | serve | run | passwd | checkpassword | cmd5checkpw`
+"""Command line: `mailfilter compile | check | serve | run | policyd | passwd | checkpassword | cmd5checkpw`
 (also `python -m mailfilter`); `mailfilter --version` prints the version.
 
 `run` is `serve` on the embedded defaults: rules/ compiled at start, listen
@@ -235,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=serve_epilog)
     add_arguments(r)
     r.set_defaults(func=cmd_serve)
+
+    from mailfilter.serve.policyd import add_parser as add_policyd
+
+    add_policyd(sub)
 
     from mailfilter.auth.cli import add_parser as add_passwd
 

@@ -321,6 +321,7 @@ def test_version_is_the_package_version():
     ("serve", ["(default: 127.0.0.1:2525)", "exit codes: 0 stopped cleanly", "2 could not start",
                "relative paths"]),
     ("run", ["exit codes: 0 stopped cleanly"]),
+    ("policyd", ["(default: 127.0.0.1:10040)", "exit codes: 0 stopped", "2 could not start"]),
     ("passwd", ["(default 14)", "exit codes: 0 ok, 1 refused"]),
 ])
 def test_every_subcommand_help_names_defaults_and_exit_codes(cmd, needles):
