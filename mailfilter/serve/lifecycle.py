@@ -68,6 +68,7 @@ from mailfilter.serve.config import (
     check_value, listeners,
 )
 from mailfilter.serve import summary
+from mailfilter.serve.bundlewatch import BundleWatch
 from mailfilter.serve.descriptors import (
     Acceptor, NoDescriptorLog, fit_max_connections, raise_nofile,
 )
@@ -383,9 +384,14 @@ async def serve(opts: ServeOptions, state: ServerState, ready=None, reuse_port: 
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload(state, opts)))
     if early_hup.take():        # the rules may have changed after the start-up compile read them
         loop.create_task(reload(state, opts))
+    # --bundle FILE replaced on disk (shipped to this node): reloaded as SIGHUP does
+    watch = (BundleWatch(loop, opts.bundle, lambda: loop.create_task(reload(state, opts)))
+             if opts.bundle else None)
     if ready is not None:
         ready([s.getsockname() for s in servers])
     await stop.wait()
+    if watch is not None:
+        watch.close()
     for s in servers:
         s.close()
     for s in servers:           # the connections accepted just before: sessions the drain sees

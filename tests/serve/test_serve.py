@@ -893,3 +893,30 @@ def test_qmailqueue_must_be_an_absolute_path(tmp_path):
     r = run_cli("compile", rules, "-o", str(tmp_path / "b.mfb"))
     assert r.returncode == 1
     assert "tcp.smtp:1: QMAILQUEUE='qq' is not an absolute path to a program: rule skipped" in r.stderr
+
+
+def test_a_bundle_renamed_over_is_reloaded_without_a_signal(tmp_path, rules):
+    """docs/operations.md#shipping-rules: compile once, ship, rename over
+    --bundle FILE: the node notices and reloads as SIGHUP does; a truncated
+    file written in place is refused and the rules in force stay."""
+    bundle = str(tmp_path / "rules.mfb")
+    assert run_cli("compile", rules, "-o", bundle).returncode == 0
+    sp = spawn_serve("--bundle", bundle, "--deliver", f"maildir:{tmp_path}/spool")
+    try:
+        assert rcpt_verdict(sp.port, "shipped@spam.test") == "250 2.1.5 ok"
+        with open(os.path.join(rules, "badmailfrom"), "a") as fh:
+            fh.write("shipped@spam.test\n")
+        new = str(tmp_path / "rules.mfb.new")
+        assert run_cli("compile", rules, "-o", new).returncode == 0
+        os.rename(new, bundle)                          # the way a bundle is shipped
+        sp.log.wait_for(rf"bundle {re.escape(bundle)} replaced: reloading")
+        sp.log.wait_for(rf"reload ok: \d+ rules from {re.escape(bundle)}")
+        assert rcpt_verdict(sp.port, "shipped@spam.test") == BANNED
+        data = open(bundle, "rb").read()
+        with open(bundle, "r+b") as fh:                 # a broken copy in place
+            fh.truncate(len(data) // 2)
+        sp.log.wait_for(r"reload refused, keeping the current rules: .*truncated")
+        assert rcpt_verdict(sp.port, "shipped@spam.test") == BANNED
+        assert sp.proc.poll() is None
+    finally:
+        sp.stop()
