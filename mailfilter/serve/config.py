@@ -27,6 +27,7 @@ Reading an option touches no file but the TOML one: what a value names
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import tomllib
 from collections.abc import Callable
@@ -139,6 +140,7 @@ class Option:
 AUTH = "SMTP AUTH (docs/behaviour/auth.md#modes)"
 RULE_SOURCE = "rule source"
 TLS = "TLS (RFC 3207 STARTTLS, RFC 8314 implicit TLS)"
+PROXY = "behind a load balancer (PROXY protocol, docs/operations.md#behind-a-load-balancer)"
 
 OPTIONS: tuple[Option, ...] = (
     Option("rules", TEXT, DEFAULT_RULES, "rules directory, compiled at start", metavar="DIR",
@@ -248,6 +250,16 @@ OPTIONS: tuple[Option, ...] = (
            repeatable=True, metavar="FILE", group=TLS),
     Option("no_tls", BOOL, False, "no TLS at all: no STARTTLS, no --listen-tls, no self-signed "
            "certificate", group=TLS),
+    Option("proxy_listen", TEXT, None, "address a load balancer connects to: a PROXY protocol "
+           "header (v1 or v2) names the client before anything else, from a --proxy-protocol "
+           "source only; repeatable, forms as --listen", default_help="none", repeatable=True,
+           metavar="HOST:PORT", group=PROXY),
+    Option("proxy_listen_tls", TEXT, None, "as --proxy-listen, then implicit TLS (the header "
+           "comes before the ClientHello)", default_help="none", repeatable=True,
+           metavar="HOST:PORT", group=PROXY),
+    Option("proxy_protocol", TEXT, None, "CIDR[,CIDR...]: the load balancers that may send "
+           "PROXY headers on the proxy listeners (anyone else is closed at once)",
+           default_help="none", metavar="CIDRS", group=PROXY),
     Option("listen_tls", TEXT, None, "address for implicit TLS, the client speaks TLS first: "
            "RFC 8314, port 465 submission; repeatable, forms as --listen",
            default_help="none", repeatable=True, metavar="HOST:PORT", group=TLS),
@@ -329,7 +341,25 @@ def listeners(opts) -> list[tuple[str, str, int, bool]]:
     found = [("--listen", *parse_listen(spec), False) for spec in opts.listen]
     found += [("--listen-tls", *parse_listen(spec, "--listen-tls"), True)
               for spec in opts.listen_tls or ()]
+    found += [("--proxy-listen", *parse_listen(spec, "--proxy-listen"), False)
+              for spec in opts.proxy_listen or ()]
+    found += [("--proxy-listen-tls", *parse_listen(spec, "--proxy-listen-tls"), True)
+              for spec in opts.proxy_listen_tls or ()]
     return found
+
+
+def proxy_networks(opts) -> tuple | None:
+    """--proxy-protocol as networks (StartupError when one is not a CIDR);
+    None when it is not given."""
+    if not opts.proxy_protocol:
+        return None
+    nets = []
+    for part in opts.proxy_protocol.split(","):
+        try:
+            nets.append(ipaddress.ip_network(part.strip(), strict=False))
+        except ValueError:
+            raise StartupError(f"--proxy-protocol {part.strip()!r}: not an address or CIDR") from None
+    return tuple(nets)
 
 
 def check_options(opts) -> None:
@@ -349,6 +379,10 @@ def check_options(opts) -> None:
             raise StartupError(f"{flag} {where}: given twice (also {seen[host, port]})")
         seen[host, port] = flag
     _check_tls(opts)
+    nets = proxy_networks(opts)
+    if (opts.proxy_listen or opts.proxy_listen_tls) and nets is None:
+        raise StartupError("--proxy-listen needs --proxy-protocol CIDR[,CIDR...]: the load "
+                           "balancers that may send PROXY headers")
 
 
 def _check_tls(opts) -> None:

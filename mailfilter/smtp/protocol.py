@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 from collections import defaultdict
 
@@ -52,6 +53,7 @@ from mailfilter.auth.session import AuthService
 from mailfilter.delivery import Delivery
 from mailfilter.policy.dnsbl import Dnsbl, DnsblResult
 from mailfilter.policy.engine import Client, PolicyEngine
+from mailfilter.smtp import proxy
 from mailfilter.smtp.clock import TimerWheel
 from mailfilter.smtp.engine import DATA, SMTPConnection
 from mailfilter.smtp.replies import reply
@@ -64,6 +66,7 @@ from mailfilter.tls import NO_TLS, TLSSettings
 logger = logging.getLogger("mailfilter")
 
 REMOTE_HOST_MODES = ("off", "ptr", "confirmed")
+PROXY_TIMEOUT = 10.0        # seconds for a load balancer's whole PROXY header
 EARLY_MAX = 64 * 1024       # bytes kept from a client that talks before the greeting
 
 
@@ -161,12 +164,20 @@ class SMTPProtocol(asyncio.Protocol):
         "last_read", "timer", "deadline_at", "waiting", "task", "lookups",
         "counted", "reading_paused", "limits", "early", "write_paused",
         "implicit_tls", "tls", "handshake_timer", "slot", "dnsbl_score",
+        "proxy_from", "proxy_buf", "proxy_timer", "proxy_peer", "proxy_local",
         "line_start", "data_start", "window_start", "window_bytes",
     )
 
-    def __init__(self, state: ServerState, implicit_tls: bool = False):
+    def __init__(self, state: ServerState, implicit_tls: bool = False, proxy_from=None):
         self.state = state
         self.implicit_tls = implicit_tls    # a --listen-tls connection: TLS from the first byte
+        # a --proxy-listen connection: the networks its PROXY header may come from
+        # (smtp/proxy.py); the header, read first, names the client
+        self.proxy_from = proxy_from
+        self.proxy_buf: bytearray | None = None     # the header so far
+        self.proxy_timer = None
+        self.proxy_peer = ""            # the load balancer's address, for the log
+        self.proxy_local = None
         self.tls: TLSLayer | None = None    # the record layer once TLS starts
         self.handshake_timer = None
         self.session: Session | None = None
@@ -192,10 +203,20 @@ class SMTPProtocol(asyncio.Protocol):
     # ------------------------------------------------------------ connection
     def connection_made(self, transport) -> None:
         self.transport = transport
-        st = self.state
-        lim = st.limits
         peer = transport.get_extra_info("peername") or ("unknown", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
+        if self.proxy_from is not None:
+            self._proxy_start(peer, local)
+            return
+        self._begin(peer, local)
+
+    def _begin(self, peer, local) -> None:
+        """The connection of the client at `peer` (from the socket, or from
+        the PROXY header): limits, counting, then the TLS handshake, the
+        lookups before the greeting, or the session."""
+        transport = self.transport
+        st = self.state
+        lim = st.limits
         ip = peer[0]
         host = st.host
         if st.connections >= lim.max_connections:
@@ -238,6 +259,66 @@ class SMTPProtocol(asyncio.Protocol):
             return
         self.early = bytearray()
         self.task = loop.create_task(self._before_greeting())
+
+    # ------------------------------------------------------------ PROXY protocol
+    def _proxy_start(self, peer, local) -> None:
+        """A --proxy-listen connection: only a --proxy-protocol source may
+        open it, and its PROXY header comes before anything else (the server
+        speaks first in SMTP, so it waits for the whole header, at most
+        PROXY_TIMEOUT seconds). Nothing is guessed: a connection from
+        elsewhere, or bytes that are not a header, are closed with one line."""
+        self.proxy_peer = peer[0]
+        try:
+            addr = ipaddress.ip_address(peer[0].split("%", 1)[0])
+        except ValueError:
+            addr = None
+        if addr is None or not any(addr in net for net in self.proxy_from):
+            log.event(action="refuse", stage="CONNECT", reason="proxy_source", client=f"[{peer[0]}]")
+            self.transport.close()
+            return
+        self.proxy_buf = bytearray()
+        self.proxy_local = local
+        self.proxy_timer = asyncio.get_running_loop().call_later(PROXY_TIMEOUT, self._proxy_timeout)
+
+    def _proxy_data(self, data: bytes) -> None:
+        buf = self.proxy_buf
+        buf += data
+        try:
+            found = proxy.parse(buf)
+        except proxy.ProxyError as exc:
+            self._proxy_failed(str(exc))
+            return
+        if found is None:
+            return
+        header, n = found
+        rest = bytes(buf[n:])
+        self.proxy_buf = None
+        self.proxy_timer.cancel()
+        self.proxy_timer = None
+        peer = header.src if header.src is not None else (self.proxy_peer, 0)
+        local = header.dst if header.dst is not None else self.proxy_local
+        log.event(action="proxy", client=f"[{peer[0]}]:{peer[1]}", via=self.proxy_peer,
+                  version=header.version, command=header.command, authority=header.authority,
+                  unique_id=header.unique_id,
+                  ssl=(f"{header.ssl.get('version', '?')}/{header.ssl.get('cipher', '?')}"
+                       if header.ssl else None))
+        self._begin(peer, local)
+        if rest and not self.transport.is_closing():
+            self.data_received(rest)
+
+    def _proxy_failed(self, why: str) -> None:
+        log.event(action="refuse", stage="CONNECT", reason="proxy_header", client=f"[{self.proxy_peer}]",
+                  detail=why)
+        self.proxy_buf = None
+        if self.proxy_timer is not None:
+            self.proxy_timer.cancel()
+            self.proxy_timer = None
+        self.transport.close()
+
+    def _proxy_timeout(self) -> None:
+        self.proxy_timer = None
+        if self.proxy_buf is not None:
+            self._proxy_failed(f"no whole header in {PROXY_TIMEOUT:g} s")
 
     async def _before_greeting(self) -> None:
         """What comes before the greeting, at once: TCPREMOTEHOST (tcpserver
@@ -316,6 +397,9 @@ class SMTPProtocol(asyncio.Protocol):
         self._arm(now + self.limits.idle_timeout)
 
     def connection_lost(self, exc) -> None:
+        if self.proxy_timer is not None:
+            self.proxy_timer.cancel()
+            self.proxy_timer = None
         if self.session is not None:
             self.session.lost()
         if self.slot is not None:
@@ -458,6 +542,9 @@ class SMTPProtocol(asyncio.Protocol):
 
     # ------------------------------------------------------------ input
     def data_received(self, data: bytes) -> None:
+        if self.proxy_buf is not None:      # the PROXY header first (before any TLS)
+            self._proxy_data(data)
+            return
         tls = self.tls
         if tls is not None:
             data = self._decrypt(data)      # may finish the handshake first

@@ -36,11 +36,15 @@ def good_value(o):
     if o.repeatable:
         return {"HOST:PORT": ["127.0.0.1:25", "[::1]:2525"],
                 "FILE": [f"{o.name}-ec.pem", f"{o.name}-rsa.pem"]}[o.metavar]
+    if o.metavar == "CIDRS":
+        return "10.0.0.0/8,192.0.2.1"
     return {BOOL: True, INT: 7, SECONDS: 7.5, TEXT: "x.example"}[o.kind]
 
 
-# an option whose value needs another's: --tls-cert and --tls-key pair in order
-PAIRED = {"tls_cert": "tls_key", "tls_key": "tls_cert"}
+# an option whose value needs another's: --tls-cert and --tls-key pair in order;
+# a proxy listener needs the sources its headers may come from
+PAIRED = {"tls_cert": "tls_key", "tls_key": "tls_cert",
+          "proxy_listen": "proxy_protocol", "proxy_listen_tls": "proxy_protocol"}
 
 
 def good_values(o) -> dict:
