@@ -164,7 +164,7 @@ class SMTPProtocol(asyncio.Protocol):
         "last_read", "timer", "deadline_at", "waiting", "task", "lookups",
         "counted", "reading_paused", "limits", "early", "write_paused",
         "implicit_tls", "tls", "handshake_timer", "slot", "dnsbl_score",
-        "proxy_from", "proxy_buf", "proxy_timer", "proxy_peer", "proxy_local",
+        "proxy_from", "proxy_buf", "proxy_peer", "proxy_local",
         "line_start", "data_start", "window_start", "window_bytes",
     )
 
@@ -175,7 +175,6 @@ class SMTPProtocol(asyncio.Protocol):
         # (smtp/proxy.py); the header, read first, names the client
         self.proxy_from = proxy_from
         self.proxy_buf: bytearray | None = None     # the header so far
-        self.proxy_timer = None
         self.proxy_peer = ""            # the load balancer's address, for the log
         self.proxy_local = None
         self.tls: TLSLayer | None = None    # the record layer once TLS starts
@@ -233,11 +232,7 @@ class SMTPProtocol(asyncio.Protocol):
         st.per_ip[ip] += 1
         st.sessions.add(self)
         self.counted = True
-        loop = st.loop
-        if loop is None or loop.is_closed():
-            loop = st.loop = asyncio.get_running_loop()
-            st.clock = TimerWheel(loop)
-        self.loop = loop
+        loop = self._loop()
         self.limits = lim
         self.deadline_at = loop.time() + lim.session_deadline
         self.client = Client(ip=ip, port=peer[1], local_ip=local[0], local_port=local[1])
@@ -268,17 +263,15 @@ class SMTPProtocol(asyncio.Protocol):
         PROXY_TIMEOUT seconds). Nothing is guessed: a connection from
         elsewhere, or bytes that are not a header, are closed with one line."""
         self.proxy_peer = peer[0]
-        try:
-            addr = ipaddress.ip_address(peer[0].split("%", 1)[0])
-        except ValueError:
-            addr = None
-        if addr is None or not any(addr in net for net in self.proxy_from):
+        if not _proxy_source(self.proxy_from, peer[0]):
             log.event(action="refuse", stage="CONNECT", reason="proxy_source", client=f"[{peer[0]}]")
             self.transport.close()
             return
         self.proxy_buf = bytearray()
         self.proxy_local = local
-        self.proxy_timer = asyncio.get_running_loop().call_later(PROXY_TIMEOUT, self._proxy_timeout)
+        # the connection's one clock (smtp/clock.py) is free until the session: its deadline
+        loop = self._loop()
+        self.state.clock.set(self, loop.time() + PROXY_TIMEOUT)
 
     def _proxy_data(self, data: bytes) -> None:
         buf = self.proxy_buf
@@ -293,8 +286,7 @@ class SMTPProtocol(asyncio.Protocol):
         header, n = found
         rest = bytes(buf[n:])
         self.proxy_buf = None
-        self.proxy_timer.cancel()
-        self.proxy_timer = None
+        self.state.clock.cancel(self)           # the session arms the clock for itself
         peer = header.src if header.src is not None else (self.proxy_peer, 0)
         local = header.dst if header.dst is not None else self.proxy_local
         log.event(action="proxy", client=f"[{peer[0]}]:{peer[1]}", via=self.proxy_peer,
@@ -310,15 +302,19 @@ class SMTPProtocol(asyncio.Protocol):
         log.event(action="refuse", stage="CONNECT", reason="proxy_header", client=f"[{self.proxy_peer}]",
                   detail=why)
         self.proxy_buf = None
-        if self.proxy_timer is not None:
-            self.proxy_timer.cancel()
-            self.proxy_timer = None
+        self.state.clock.cancel(self)
         self.transport.close()
 
-    def _proxy_timeout(self) -> None:
-        self.proxy_timer = None
-        if self.proxy_buf is not None:
-            self._proxy_failed(f"no whole header in {PROXY_TIMEOUT:g} s")
+    def _loop(self):
+        """The running loop, cached with its TimerWheel on the state (a
+        get_running_loop() costs a getpid())."""
+        st = self.state
+        loop = st.loop
+        if loop is None or loop.is_closed():
+            loop = st.loop = asyncio.get_running_loop()
+            st.clock = TimerWheel(loop)
+        self.loop = loop
+        return loop
 
     async def _before_greeting(self) -> None:
         """What comes before the greeting, at once: TCPREMOTEHOST (tcpserver
@@ -397,9 +393,6 @@ class SMTPProtocol(asyncio.Protocol):
         self._arm(now + self.limits.idle_timeout)
 
     def connection_lost(self, exc) -> None:
-        if self.proxy_timer is not None:
-            self.proxy_timer.cancel()
-            self.proxy_timer = None
         if self.session is not None:
             self.session.lost()
         if self.slot is not None:
@@ -464,6 +457,9 @@ class SMTPProtocol(asyncio.Protocol):
         the earliest real due time (a fixed minimum here made every timeout
         late: --timeout 1 behaved like 2); while a request is in flight the
         client is not idle, so the clocks restart."""
+        if self.proxy_buf is not None:      # still waiting for the PROXY header
+            self._proxy_failed(f"no whole header in {PROXY_TIMEOUT:g} s")
+            return
         now = self.loop.time()
         if now >= self.deadline_at:
             self._expire("session_deadline")
@@ -813,3 +809,23 @@ _TASK = object()    # _fulfil: a Task answers the request and drains again
 
 async def _none():
     return None
+
+
+_PROXY_SOURCES: dict[tuple, bool] = {}     # (networks, peer address) -> may send a header
+
+
+def _proxy_source(nets: tuple, ip: str) -> bool:
+    """Is `ip` in one of `nets`? Remembered: a listener sees the same few
+    balancers again and again (bounded: a flood of others starts it over)."""
+    key = (nets, ip)
+    ok = _PROXY_SOURCES.get(key)
+    if ok is None:
+        try:
+            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            addr = None
+        ok = addr is not None and any(addr in net for net in nets)
+        if len(_PROXY_SOURCES) >= 4096:
+            _PROXY_SOURCES.clear()
+        _PROXY_SOURCES[key] = ok
+    return ok

@@ -254,3 +254,48 @@ def test_behind_a_real_haproxy_send_proxy_v2(served, tmp_path):
     finally:
         proc.terminate()
         proc.wait(TIMEOUT)
+
+
+def test_a_header_that_never_completes_is_closed_at_the_deadline(tmp_path, monkeypatch, decisions):
+    """The connection's clock (smtp/clock.py) runs for the header: half a
+    header and silence is closed with one line when PROXY_TIMEOUT passes
+    (0.2 s here; 10 s as shipped)."""
+    import asyncio
+    import ipaddress
+
+    from mailfilter.smtp import protocol
+    from tests.support.server_harness import make_state
+
+    monkeypatch.setattr(protocol, "PROXY_TIMEOUT", 0.2)
+    state = make_state(write_rules(tmp_path / "rules"), "discard")
+
+    class Transport(asyncio.Transport):
+        def __init__(self):
+            super().__init__()
+            self.closed = asyncio.get_running_loop().create_future()
+
+        def get_extra_info(self, name, default=None):
+            return {"peername": (LB, 40000), "sockname": ("127.0.0.1", 2525)}.get(name, default)
+
+        def write(self, data):
+            raise AssertionError(f"nothing is said before the header: {data!r}")
+
+        def close(self):
+            if not self.closed.done():
+                self.closed.set_result(True)
+
+        def is_closing(self):
+            return self.closed.done()
+
+    async def run():
+        t = Transport()
+        p = protocol.SMTPProtocol(state, proxy_from=(ipaddress.ip_network(f"{LB}/32"),))
+        p.connection_made(t)
+        p.data_received(b"PROXY TCP4 192.0.2.7 ")
+        await asyncio.wait_for(t.closed, 5)
+        p.connection_lost(None)
+
+    asyncio.run(run())
+    [line] = [l for l in decisions() if "proxy_header" in l]
+    assert line == (f'action=refuse stage=CONNECT reason=proxy_header client=[{LB}] '
+                    'detail="no whole header in 0.2 s"')
