@@ -175,7 +175,7 @@ class SMTPProtocol(asyncio.Protocol):
         # (smtp/proxy.py); the header, read first, names the client
         self.proxy_from = proxy_from
         self.proxy_buf: bytearray | None = None     # the header so far
-        self.proxy_peer = ""            # the load balancer's address, for the log
+        self.proxy_peer = ("", 0)       # the load balancer's address and port
         self.proxy_local = None
         self.tls: TLSLayer | None = None    # the record layer once TLS starts
         self.handshake_timer = None
@@ -262,7 +262,7 @@ class SMTPProtocol(asyncio.Protocol):
         speaks first in SMTP, so it waits for the whole header, at most
         PROXY_TIMEOUT seconds). Nothing is guessed: a connection from
         elsewhere, or bytes that are not a header, are closed with one line."""
-        self.proxy_peer = peer[0]
+        self.proxy_peer = peer
         if not _proxy_source(self.proxy_from, peer[0]):
             log.event(action="refuse", stage="CONNECT", reason="proxy_source", client=f"[{peer[0]}]")
             self.transport.close()
@@ -287,9 +287,9 @@ class SMTPProtocol(asyncio.Protocol):
         rest = bytes(buf[n:])
         self.proxy_buf = None
         self.state.clock.cancel(self)           # the session arms the clock for itself
-        peer = header.src if header.src is not None else (self.proxy_peer, 0)
+        peer = header.src if header.src is not None else self.proxy_peer     # LOCAL: the balancer's
         local = header.dst if header.dst is not None else self.proxy_local
-        log.event(action="proxy", client=f"[{peer[0]}]:{peer[1]}", via=self.proxy_peer,
+        log.event(action="proxy", client=f"[{peer[0]}]:{peer[1]}", via=self.proxy_peer[0],
                   version=header.version, command=header.command, authority=header.authority,
                   unique_id=header.unique_id,
                   ssl=(f"{header.ssl.get('version', '?')}/{header.ssl.get('cipher', '?')}"
@@ -299,7 +299,7 @@ class SMTPProtocol(asyncio.Protocol):
             self.data_received(rest)
 
     def _proxy_failed(self, why: str) -> None:
-        log.event(action="refuse", stage="CONNECT", reason="proxy_header", client=f"[{self.proxy_peer}]",
+        log.event(action="refuse", stage="CONNECT", reason="proxy_header", client=f"[{self.proxy_peer[0]}]",
                   detail=why)
         self.proxy_buf = None
         self.state.clock.cancel(self)

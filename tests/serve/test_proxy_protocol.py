@@ -135,7 +135,7 @@ def test_a_health_check_is_greeted(served):
         assert r.cmd(b"QUIT").startswith("221 ")
     finally:
         s.close()
-    sp.log.wait_for(rf"action=proxy client=\[{LB}\]:0 via={LB} version=2 command=LOCAL")
+    sp.log.wait_for(rf"action=proxy client=\[{LB}\]:\d+ via={LB} version=2 command=LOCAL")
 
 
 @pytest.mark.parametrize("header,why", [
