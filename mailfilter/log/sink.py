@@ -40,6 +40,7 @@ import socket
 import sys
 import threading
 import time
+from abc import ABC, abstractmethod
 from asyncio import _get_running_loop
 
 from mailfilter.log import syslog as syslog_mod
@@ -53,7 +54,7 @@ _LEVEL_NAMES = {10: "DEBUG", 20: "INFO", 30: "WARNING", 40: "ERROR", 50: "CRITIC
 GAP_LEVEL = 30
 
 
-class Sink:
+class Sink(ABC):
     """The buffer and its flush schedule; subclasses format and send."""
 
     def __init__(self, level: int, cap: int = DEFAULT_CAP):
@@ -113,11 +114,13 @@ class Sink:
     def close(self) -> None:
         pass
 
+    @abstractmethod
     def format(self, levelno: int, message: str, now: float) -> str:
-        raise NotImplementedError
+        """One line as this sink writes it (time stamp, pid, level, or a syslog frame)."""
 
+    @abstractmethod
     def _flush_locked(self, wait: float) -> None:
-        raise NotImplementedError
+        """Write the buffered lines out (the lock is held)."""
 
 
 class StreamSink(Sink):

@@ -40,7 +40,7 @@ import signal
 import sys
 
 from mailfilter import log
-from mailfilter.policy.engine import Client, PolicyEngine, PolicyOptions
+from mailfilter.policy.engine import Client, PolicyEngine
 
 logger = logging.getLogger("mailfilter")
 
@@ -159,16 +159,12 @@ class PolicyProtocol(asyncio.Protocol):
 
 
 def load_engine(rules: str | None, bundle: str | None, open_relay: bool) -> PolicyEngine:
-    from mailfilter.rules import bundle as bundle_mod
-    if bundle:
-        loaded = bundle_mod.load(bundle)
-    else:
-        from mailfilter.rules import compiler
-        compiled = compiler.compile_dir(rules)
-        for d in compiled.diagnostics:
-            logger.warning("%s", d)
-        loaded = bundle_mod.from_compiled(compiled)
-    return PolicyEngine(loaded, PolicyOptions(open_relay=open_relay))
+    """The rules as `serve` loads them (serve/lifecycle.py load_policy: the
+    bundle, or the directory compiled with its diagnostics as warnings, and
+    the rcpthosts check); StartupError with one line on any problem."""
+    from mailfilter.serve.config import ServeOptions
+    from mailfilter.serve.lifecycle import load_policy
+    return load_policy(ServeOptions(rules=rules, bundle=bundle, open_relay=open_relay))
 
 
 async def serve(listen: str, service: PolicyService, reload, ready=None) -> None:
@@ -216,16 +212,11 @@ def add_parser(sub) -> None:
 
 def cmd_policyd(args) -> int:
     log.setup(args.log_level)
-    from mailfilter.rules.bundle import BundleError
+    from mailfilter.serve.config import StartupError
     try:
         engine = load_engine(args.rules, args.bundle, args.open_relay)
-    except (OSError, ValueError, BundleError) as exc:
+    except StartupError as exc:
         print(f"mailfilter policyd: {exc}", file=sys.stderr)
-        return 2
-    if not engine.rcpthosts_present and not args.open_relay:
-        print("mailfilter policyd: no rcpthosts in the rules: every recipient of non-relay "
-              "clients would be refused; add rules/rcpthosts, or --open-relay",
-              file=sys.stderr)
         return 2
     service = PolicyService(engine)
 

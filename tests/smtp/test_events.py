@@ -74,7 +74,7 @@ def test_the_modules_export_the_core_objects():
         assert getattr(engine, name) is getattr(events, name), name
     assert events.STATES == py_events.STATES
     assert repr(events.NEED_DATA) == "NEED_DATA" and repr(events.PAUSED) == "PAUSED"
-    for name in [n for n in py_events.__all__ if n.startswith("ANOMALY_")]:
+    for name in [n for n in events.__all__ if n.startswith("ANOMALY_")]:
         assert getattr(events, name) == getattr(py_events, name)
 
 

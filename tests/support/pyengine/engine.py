@@ -23,17 +23,6 @@ from .events import (
 from mailfilter.smtp.engine import EngineConfig
 from mailfilter.smtp.replies import REPLIES, Reply, multiline, reply
 
-__all__ = [
-    "EngineConfig", "SMTPConnection", "EngineError", "MultiReply",
-    "NEED_DATA", "PAUSED",
-    "IDLE", "MAIL", "RCPT", "DATA", "AUTH", "CLOSED",
-    "Event", "Helo", "Mail", "Rcpt", "DataStart", "DataChunk", "DataEnd",
-    "AuthStart", "AuthResponse", "StartTLS", "Rset", "Quit", "Noop", "Vrfy", "Help",
-    "Anomaly", "Closed",
-    "ANOMALY_BARE_NEWLINE", "ANOMALY_LINE_LIMIT", "ANOMALY_UNKNOWN",
-    "ANOMALY_SEQUENCE", "ANOMALY_SYNTAX", "ANOMALY_EIGHTBIT",
-    "TRANSITIONS", "EFFECTS", "host_of",
-]
 
 
 class EngineError(RuntimeError):

@@ -4,15 +4,6 @@ mailfilter/smtp/events.py's docstring; never imported by the package.
 """
 from __future__ import annotations
 
-__all__ = [
-    "IDLE", "MAIL", "RCPT", "DATA", "AUTH", "CLOSED", "STATES",
-    "NEED_DATA", "PAUSED",
-    "Event", "Helo", "Mail", "Rcpt", "DataStart", "DataChunk", "DataEnd",
-    "AuthStart", "AuthResponse", "StartTLS", "Rset", "Quit", "Noop", "Vrfy", "Help",
-    "Anomaly", "Closed",
-    "ANOMALY_BARE_NEWLINE", "ANOMALY_LINE_LIMIT", "ANOMALY_UNKNOWN",
-    "ANOMALY_SEQUENCE", "ANOMALY_SYNTAX", "ANOMALY_EIGHTBIT",
-]
 
 # --- states: the package's own strings (compared by identity on both sides)
 from mailfilter.smtp.events import AUTH, CLOSED, DATA, IDLE, MAIL, RCPT, STATES  # noqa: E402
