@@ -77,6 +77,9 @@ INT = Kind(int, "an integer", _is_int, cli_type=int, metavar="N")
 SECONDS = Kind(float, "a number of seconds", lambda v: _is_int(v) or isinstance(v, float),
                convert=float, cli_type=float, metavar="SECONDS")
 TEXT = Kind(str, "a string", lambda v: isinstance(v, str))
+# TOML only: an array of tables, checked key by key by its reader (listeners())
+TABLES = Kind(list, "an array of tables",
+              lambda v: isinstance(v, list) and all(isinstance(t, dict) for t in v))
 
 
 @dataclass(frozen=True)
@@ -101,9 +104,14 @@ class Option:
     metavar: str | None = None
     group: str | None = None            # argparse argument group (help layout)
     exclusive: str | None = None        # members replace each other (the rule source)
+    cli: bool = True                    # False: a TOML key only, no flag (a table)
 
     @property
     def flag(self) -> str:
+        """The operator's word for it: the long option, or for a TOML-only
+        table its [[section]] name."""
+        if not self.cli:
+            return f"[[{self.name}]]"
         return "--" + self.name.replace("_", "-")
 
     @property
@@ -260,6 +268,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("proxy_protocol", TEXT, None, "CIDR[,CIDR...]: the load balancers that may send "
            "PROXY headers on the proxy listeners (anyone else is closed at once)",
            default_help="none", metavar="CIDRS", group=PROXY),
+    Option("listener", TABLES, None, "[[listener]] tables in the --config file, one per "
+           "address: listen = \"HOST:PORT\", tls = \"starttls\" or \"implicit\", "
+           "proxy_protocol = CIDRs of the load balancers that send a PROXY header there; with "
+           "them, listen has no default", default_help="none", group=PROXY, cli=False),
     Option("listen_tls", TEXT, None, "address for implicit TLS, the client speaks TLS first: "
            "RFC 8314, port 465 submission; repeatable, forms as --listen",
            default_help="none", repeatable=True, metavar="HOST:PORT", group=TLS),
@@ -335,54 +347,109 @@ def parse_listen(spec: str, flag: str = "--listen") -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def listeners(opts) -> list[tuple[str, str, int, bool]]:
-    """(flag, host, port, implicit TLS) of every address to listen on:
-    --listen (STARTTLS unless --no-tls), then --listen-tls."""
-    found = [("--listen", *parse_listen(spec), False) for spec in opts.listen]
-    found += [("--listen-tls", *parse_listen(spec, "--listen-tls"), True)
-              for spec in opts.listen_tls or ()]
-    found += [("--proxy-listen", *parse_listen(spec, "--proxy-listen"), False)
-              for spec in opts.proxy_listen or ()]
-    found += [("--proxy-listen-tls", *parse_listen(spec, "--proxy-listen-tls"), True)
-              for spec in opts.proxy_listen_tls or ()]
-    return found
+@dataclass(frozen=True)
+class Listener:
+    """One address to listen on, as the operator named it (`where`: the
+    flag, or the [[listener]] table) and what it speaks first: a PROXY
+    header from `proxy_from` networks only (None: no header), then TLS when
+    `implicit_tls`, else SMTP with STARTTLS (docs/operations.md#listener-tables)."""
+    where: str
+    host: str
+    port: int
+    implicit_tls: bool = False
+    proxy_from: tuple | None = None
+    proxy_text: str = ""                # the networks as given, for the listening line
 
 
-def proxy_networks(opts) -> tuple | None:
-    """--proxy-protocol as networks (StartupError when one is not a CIDR);
-    None when it is not given."""
-    if not opts.proxy_protocol:
-        return None
+LISTENER_KEYS = ("listen", "tls", "proxy_protocol")
+LISTENER_TLS = ("starttls", "implicit")
+
+
+def parse_networks(text, where: str) -> tuple:
+    """CIDRs (a comma-separated string, or a TOML list of them) as
+    networks; StartupError naming `where` for one that is not a CIDR."""
+    parts = text.split(",") if isinstance(text, str) else text
     nets = []
-    for part in opts.proxy_protocol.split(","):
+    for part in parts:
         try:
-            nets.append(ipaddress.ip_network(part.strip(), strict=False))
+            nets.append(ipaddress.ip_network(str(part).strip(), strict=False))
         except ValueError:
-            raise StartupError(f"--proxy-protocol {part.strip()!r}: not an address or CIDR") from None
+            raise StartupError(f"{where} {str(part).strip()!r}: not an address or CIDR") from None
+    if not nets:
+        raise StartupError(f"{where}: no network given")
     return tuple(nets)
+
+
+def _table_listener(n: int, table: dict) -> Listener:
+    """[[listener]] table number `n` (1-based) as a Listener; StartupError
+    naming the table for an unknown key or a bad value."""
+    where = f"[[listener]] #{n}"
+    for key in table:
+        if key.replace("-", "_") not in LISTENER_KEYS:
+            raise StartupError(f"{where}: unknown key {key!r} (keys: {', '.join(LISTENER_KEYS)})")
+    get = {k.replace("-", "_"): v for k, v in table.items()}.get
+    spec = get("listen")
+    if not isinstance(spec, str):
+        raise StartupError(f'{where}: listen = "HOST:PORT" is required')
+    tls = get("tls", "starttls")
+    if tls not in LISTENER_TLS:
+        raise StartupError(f"{where}: tls must be {' or '.join(LISTENER_TLS)}, not {tls!r}")
+    proxy = get("proxy_protocol")
+    nets = text = None
+    if proxy is not None:
+        if not (isinstance(proxy, str) or (isinstance(proxy, list)
+                                           and all(isinstance(p, str) for p in proxy))):
+            raise StartupError(f"{where}: proxy_protocol must be CIDRs, a string or a list")
+        nets = parse_networks(proxy, f"{where} proxy_protocol")
+        text = proxy if isinstance(proxy, str) else ",".join(proxy)
+    return Listener(where, *parse_listen(spec, where), implicit_tls=tls == "implicit",
+                    proxy_from=nets, proxy_text=text or "")
+
+
+def listeners(opts) -> list[Listener]:
+    """Every address to listen on, in this order: --listen (STARTTLS unless
+    --no-tls), --listen-tls, --proxy-listen, --proxy-listen-tls (from the
+    --proxy-protocol networks), then the [[listener]] tables."""
+    text = opts.proxy_protocol or ""
+    nets = parse_networks(text, "--proxy-protocol") if text else None
+    found = [Listener("--listen", *parse_listen(spec)) for spec in opts.listen or ()]
+    found += [Listener("--listen-tls", *parse_listen(spec, "--listen-tls"), implicit_tls=True)
+              for spec in opts.listen_tls or ()]
+    found += [Listener("--proxy-listen", *parse_listen(spec, "--proxy-listen"),
+                       proxy_from=nets, proxy_text=text)
+              for spec in opts.proxy_listen or ()]
+    found += [Listener("--proxy-listen-tls", *parse_listen(spec, "--proxy-listen-tls"),
+                       implicit_tls=True, proxy_from=nets, proxy_text=text)
+              for spec in opts.proxy_listen_tls or ()]
+    found += [_table_listener(n, t) for n, t in enumerate(opts.listener or (), 1)]
+    return found
 
 
 def check_options(opts) -> None:
     """Every value against its option, then the rules between options."""
     for o in OPTIONS:
-        check_value(o, getattr(opts, o.name))
+        value = getattr(opts, o.name)
+        if o.name == "listen" and value == [] and opts.listener:
+            continue                    # [[listener]] tables name every address
+        check_value(o, value)
     if opts.rules is None and opts.bundle is None:
         raise StartupError("give --rules DIR or --bundle FILE")
+    if (opts.proxy_listen or opts.proxy_listen_tls) and not opts.proxy_protocol:
+        raise StartupError("--proxy-listen needs --proxy-protocol CIDR[,CIDR...]: the load "
+                           "balancers that may send PROXY headers")
     seen: dict[tuple[str, int], str] = {}
-    for flag, host, port, _ in listeners(opts):
+    for ls in listeners(opts):
+        host, port = ls.host, ls.port
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         if port == 0 and opts.workers > 1:
-            raise StartupError(f"{flag} {where}: --workers needs a fixed port (0 picks one per worker)")
+            raise StartupError(f"{ls.where} {where}: --workers needs a fixed port (0 picks one "
+                               "per worker)")
         if port and (host, port) in seen:
             # with --workers every listener sets SO_REUSEPORT: two of ours on one
             # address would bind both and split its connections between them
-            raise StartupError(f"{flag} {where}: given twice (also {seen[host, port]})")
-        seen[host, port] = flag
+            raise StartupError(f"{ls.where} {where}: given twice (also {seen[host, port]})")
+        seen[host, port] = ls.where
     _check_tls(opts)
-    nets = proxy_networks(opts)
-    if (opts.proxy_listen or opts.proxy_listen_tls) and nets is None:
-        raise StartupError("--proxy-listen needs --proxy-protocol CIDR[,CIDR...]: the load "
-                           "balancers that may send PROXY headers")
 
 
 def _check_tls(opts) -> None:
@@ -391,7 +458,8 @@ def _check_tls(opts) -> None:
         raise StartupError(f"--tls-cert and --tls-key pair in order: {len(certs)} --tls-cert "
                            f"and {len(keys)} --tls-key given")
     if opts.no_tls:
-        for flag, given in (("--tls-cert", certs), ("--listen-tls", opts.listen_tls),
+        implicit = [ls.where for ls in listeners(opts) if ls.implicit_tls]
+        for flag, given in (("--tls-cert", certs), (implicit[0] if implicit else "", implicit),
                             ("--require-tls", opts.require_tls)):
             if given:
                 raise StartupError(f"--no-tls and {flag}: one turns TLS off, the other needs it")
@@ -450,6 +518,9 @@ def options_from(args) -> ServeOptions:
     path = getattr(args, "config", None)
     layers = [read_config(path) if path else {},
               {o.name: v for o in OPTIONS if (v := _from_command_line(args, o)) is not None}]
+    if any("listener" in layer for layer in layers) and not any("listen" in layer
+                                                                for layer in layers):
+        opts.listen = []                # the tables name every address
     for layer in layers:
         for name, value in layer.items():
             setattr(opts, name, value)
@@ -470,6 +541,8 @@ def add_arguments(p) -> None:
     groups: dict[str | None, object] = {None: p}
     exclusive: dict[str, object] = {}
     for o in OPTIONS:
+        if not o.cli:
+            continue
         if o.group not in groups:
             groups[o.group] = p.add_argument_group(o.group)
         where = groups[o.group]

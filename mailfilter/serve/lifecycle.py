@@ -65,7 +65,7 @@ from mailfilter.policy.dns import Resolver
 from mailfilter.policy.engine import PolicyEngine, PolicyOptions
 from mailfilter.serve.config import (
     BY_NAME, DEFAULT_MAX_CONNECTIONS, DEFAULT_SESSION_DEADLINE, DEFAULT_TIMEOUT, ServeOptions, StartupError, check_options,
-    check_value, listeners, proxy_networks,
+    check_value, listeners,
 )
 from mailfilter.serve import summary
 from mailfilter.serve.bundlewatch import BundleWatch
@@ -365,23 +365,21 @@ async def serve(opts: ServeOptions, state: ServerState, ready=None, reuse_port: 
     loop = asyncio.get_running_loop()
     servers = []
     no_fd = NoDescriptorLog(loop, state)    # one rate limit for every listener
-    proxy_nets = proxy_networks(opts)
-    for flag, host, port, implicit_tls in listeners(opts):
-        sock = _bind(host, port, reuse_port, flag)
-        # --proxy-listen[-tls]: a PROXY header from a --proxy-protocol source first
-        via = proxy_nets if flag.startswith("--proxy-") else None
-        if implicit_tls:        # RFC 8314 §3: TLS from the first byte, then the greeting
-            factory = (lambda via=via: SMTPProtocol(state, implicit_tls=True,     # noqa: E731
-                                                    proxy_from=via))
+    for ls in listeners(opts):
+        sock = _bind(ls.host, ls.port, reuse_port, ls.where)
+        # a proxy listener: a PROXY header from one of its networks first
+        if ls.implicit_tls:        # RFC 8314 §3: TLS from the first byte, then the greeting
+            factory = (lambda via=ls.proxy_from: SMTPProtocol(     # noqa: E731
+                state, implicit_tls=True, proxy_from=via))
             kind = "implicit TLS"
         else:
-            factory = lambda via=via: SMTPProtocol(state, proxy_from=via)       # noqa: E731
+            factory = lambda via=ls.proxy_from: SMTPProtocol(state, proxy_from=via)  # noqa: E731
             kind = "no TLS" if opts.no_tls else "STARTTLS"
-        if via is not None:
-            kind += ", PROXY header from " + opts.proxy_protocol
+        if ls.proxy_from is not None:
+            kind += ", PROXY header from " + ls.proxy_text
         # our accept, not create_server's: see descriptors.py on EMFILE
         servers.append(Acceptor(loop, sock, factory, no_fd))
-        logger.info("listening on %s:%d (pid %d, %s loop, %s)", host, sock.getsockname()[1],
+        logger.info("listening on %s:%d (pid %d, %s loop, %s)", ls.host, sock.getsockname()[1],
                     os.getpid(), type(loop).__module__.split(".")[0], kind)
     summary.log_in_force(state, opts)      # what is in force, from what serves
     stop = asyncio.Event()

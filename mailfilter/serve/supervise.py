@@ -66,8 +66,8 @@ def check_ports_free(opts: ServeOptions) -> None:
     WITHOUT SO_REUSEPORT (and without listening), which fails when anybody
     holds the port, including another instance whose workers set
     SO_REUSEPORT and would otherwise share it silently."""
-    for flag, host, port, _ in listeners(opts):
-        bound_socket(host, port, reuse_port=False, flag=flag).close()
+    for ls in listeners(opts):
+        bound_socket(ls.host, ls.port, reuse_port=False, flag=ls.where).close()
 
 
 def _die_with_parent(parent: int) -> None:

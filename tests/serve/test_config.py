@@ -12,11 +12,12 @@ import pytest
 
 from mailfilter.cli import build_parser
 from mailfilter.serve.config import (
-    BOOL, BY_NAME, INT, OPTIONS, SECONDS, TEXT, ServeOptions, StartupError, check_options,
-    listeners, options_from,
+    BOOL, BY_NAME, INT, OPTIONS, SECONDS, TABLES, TEXT, Listener, ServeOptions, StartupError,
+    check_options, listeners, options_from,
 )
 
 IDS = [o.name for o in OPTIONS]
+CLI = [o for o in OPTIONS if o.cli]         # the options with a flag ([[listener]] is TOML only)
 
 
 def parse(*argv, command="serve"):
@@ -38,6 +39,8 @@ def good_value(o):
                 "FILE": [f"{o.name}-ec.pem", f"{o.name}-rsa.pem"]}[o.metavar]
     if o.metavar == "CIDRS":
         return "10.0.0.0/8,192.0.2.1"
+    if o.kind is TABLES:
+        return [{"listen": "127.0.0.1:2526", "tls": "implicit", "proxy_protocol": ["10.0.0.0/8"]}]
     return {BOOL: True, INT: 7, SECONDS: 7.5, TEXT: "x.example"}[o.kind]
 
 
@@ -59,7 +62,7 @@ def wrong_value(o):
     """A TOML value of another type (a string "false" for a boolean: true in Python)."""
     if o.repeatable:
         return 2525
-    return {BOOL: "false", INT: "7", SECONDS: "30", TEXT: 1}[o.kind]
+    return {BOOL: "false", INT: "7", SECONDS: "30", TEXT: 1, TABLES: "x"}[o.kind]
 
 
 def argv_for(o, value) -> list[str]:
@@ -70,7 +73,11 @@ def argv_for(o, value) -> list[str]:
 
 
 def toml_line(key, value) -> str:
-    # JSON's true/false, numbers, strings and arrays of them are valid TOML
+    # JSON's true/false, numbers, strings and arrays of them are valid TOML;
+    # an array of tables is [[key]] sections (they come last in a file)
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return "".join(f"[[{key}]]\n" + "".join(toml_line(k, v) for k, v in t.items())
+                       for t in value)
     return f"{key} = {json.dumps(value)}\n"
 
 
@@ -91,7 +98,7 @@ def test_every_flag_has_help_naming_its_default(command):
             continue
         m = re.search(r"\(default: ([^()]*)\)$", action.help or "")
         assert m, f"{flag}: no default in its help: {action.help!r}"
-    for o in OPTIONS:
+    for o in CLI:
         shown = re.search(r"\(default: ([^()]*)\)$", actions[o.flag].help).group(1)
         default = getattr(defaults, o.name)
         if o.default_help is not None:
@@ -110,12 +117,12 @@ def test_flags_toml_keys_and_fields_are_the_table():
     """Nothing is declared beside the table: serve's flags are the table's
     (plus --config and --help), ServeOptions' fields are its names."""
     flags = {s for a in subparser("serve")._actions for s in a.option_strings}
-    assert flags == {o.flag for o in OPTIONS} | {"--config", "-h", "--help"}
+    assert flags == {o.flag for o in CLI} | {"--config", "-h", "--help"}
     assert [f.name for f in dataclasses.fields(ServeOptions)] == [o.name for o in OPTIONS]
-    assert {o.flag for o in OPTIONS} == {"--" + o.name.replace("_", "-") for o in OPTIONS}
+    assert {o.flag for o in CLI} == {"--" + o.name.replace("_", "-") for o in CLI}
 
 
-@pytest.mark.parametrize("o", OPTIONS, ids=IDS)
+@pytest.mark.parametrize("o", CLI, ids=[o.name for o in CLI])
 def test_each_option_from_the_command_line(o):
     value = good_value(o)
     opts = options_from(parse(*[a for name, v in good_values(o).items()
@@ -268,10 +275,73 @@ def test_tls_options_that_go_together():
 def test_listeners_in_order_with_their_kind():
     opts = options_from(parse("--listen", "127.0.0.1:25", "--listen", "[::]:25",
                               "--listen-tls", ":465", "--listen-tls", "[::1]:465"))
-    assert listeners(opts) == [("--listen", "127.0.0.1", 25, False), ("--listen", "::", 25, False),
-                               ("--listen-tls", "0.0.0.0", 465, True),
-                               ("--listen-tls", "::1", 465, True)]
-    assert listeners(ServeOptions()) == [("--listen", "127.0.0.1", 2525, False)]
+    assert [(ls.where, ls.host, ls.port, ls.implicit_tls, ls.proxy_from) for ls in listeners(opts)] == [
+        ("--listen", "127.0.0.1", 25, False, None), ("--listen", "::", 25, False, None),
+        ("--listen-tls", "0.0.0.0", 465, True, None), ("--listen-tls", "::1", 465, True, None)]
+    assert listeners(ServeOptions()) == [Listener("--listen", "127.0.0.1", 2525)]
+
+
+LISTENER_TABLES = """
+[[listener]]
+listen = "0.0.0.0:25"
+
+[[listener]]
+listen = "10.0.1.1:2525"
+proxy_protocol = ["10.0.0.10", "10.0.0.11/32"]
+
+[[listener]]
+listen = "[::]:4650"
+tls = "implicit"
+proxy-protocol = "10.0.0.0/24,2001:db8::/64"
+"""
+
+
+def test_listener_tables_each_with_its_own_balancers(tmp_path):
+    """[[listener]] tables (TOML only): each address says what it speaks
+    first; with tables and no `listen` the default address is not used."""
+    import ipaddress
+    opts = from_file(tmp_path, LISTENER_TABLES)
+    check_options(opts)
+    assert opts.listen == []
+    got = listeners(opts)
+    assert [(ls.where, ls.host, ls.port, ls.implicit_tls) for ls in got] == [
+        ("[[listener]] #1", "0.0.0.0", 25, False), ("[[listener]] #2", "10.0.1.1", 2525, False),
+        ("[[listener]] #3", "::", 4650, True)]
+    assert got[0].proxy_from is None
+    assert got[1].proxy_from == (ipaddress.ip_network("10.0.0.10/32"), ipaddress.ip_network("10.0.0.11/32"))
+    assert got[1].proxy_text == "10.0.0.10,10.0.0.11/32"
+    assert got[2].proxy_from == (ipaddress.ip_network("10.0.0.0/24"), ipaddress.ip_network("2001:db8::/64"))
+    # `listen` given as well (in the file or on the command line): both are served
+    opts = from_file(tmp_path, 'listen = "127.0.0.1:2500"\n' + LISTENER_TABLES)
+    assert [ls.port for ls in listeners(opts)] == [2500, 25, 2525, 4650]
+    opts = from_file(tmp_path, LISTENER_TABLES, "--listen", "127.0.0.1:2501")
+    assert [ls.port for ls in listeners(opts)] == [2501, 25, 2525, 4650]
+
+
+@pytest.mark.parametrize("table,message", [
+    ('port = "0.0.0.0:25"', "[[listener]] #1: unknown key 'port' (keys: listen, tls, proxy_protocol)"),
+    ('tls = "implicit"', '[[listener]] #1: listen = "HOST:PORT" is required'),
+    ('listen = "0.0.0.0"', "[[listener]] #1 wants HOST:PORT with PORT 0-65535, got '0.0.0.0'"),
+    ('listen = ":25"\ntls = "starttls-maybe"', "[[listener]] #1: tls must be starttls or implicit, "
+                                               "not 'starttls-maybe'"),
+    ('listen = ":25"\nproxy_protocol = "10.0.0.0/33"',
+     "[[listener]] #1 proxy_protocol '10.0.0.0/33': not an address or CIDR"),
+    ('listen = ":25"\nproxy_protocol = []', "[[listener]] #1 proxy_protocol: no network given"),
+    ('listen = ":25"\nproxy_protocol = 10', "[[listener]] #1: proxy_protocol must be CIDRs, a "
+                                            "string or a list"),
+])
+def test_a_bad_listener_table_names_itself(tmp_path, table, message):
+    with pytest.raises(StartupError) as err:
+        check_options(from_file(tmp_path, "[[listener]]\n" + table + "\n"))
+    assert str(err.value) == message
+
+
+def test_listener_tables_against_the_other_options(tmp_path):
+    with pytest.raises(StartupError, match=r"^\[\[listener\]\] #2 0.0.0.0:25: given twice "
+                                           r"\(also \[\[listener\]\] #1\)$"):
+        check_options(from_file(tmp_path, '[[listener]]\nlisten = ":25"\n[[listener]]\nlisten = ":25"\n'))
+    with pytest.raises(StartupError, match=r"^--no-tls and \[\[listener\]\] #1: one turns TLS off"):
+        check_options(from_file(tmp_path, 'no_tls = true\n[[listener]]\nlisten = ":465"\ntls = "implicit"\n'))
 
 
 def test_tls_defaults():

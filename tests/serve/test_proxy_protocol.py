@@ -219,6 +219,41 @@ def test_proxy_listen_needs_its_sources(tmp_path):
     assert r.returncode == 2 and "--proxy-protocol '10.0.0.0/33': not an address or CIDR" in r.stderr
 
 
+def test_listener_tables_each_with_its_balancers(tmp_path):
+    """[[listener]] tables in --config: the plain table serves clients
+    directly; the proxy table takes only its own balancer, and its header
+    names the client (docs/operations.md#listener-tables)."""
+    rules = write_rules(tmp_path / "rules")
+    port, pport, other_lb = free_port(), free_port(), "127.0.0.10"
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(f'[[listener]]\nlisten = "127.0.0.1:{port}"\n\n'
+                   f'[[listener]]\nlisten = "127.0.0.1:{pport}"\nproxy_protocol = ["{LB}/32"]\n')
+    sp = spawn_serve("--config", str(cfg), "--rules", rules, "--deliver", f"maildir:{tmp_path}/spool",
+                     port=port, listen=False)
+    try:
+        sp.log.wait_for(rf"listening on 127\.0\.0\.1:{pport} \(.*STARTTLS, PROXY header from {LB}/32\)")
+        s = via_lb(pport, v2(RELAY, 40123))
+        try:
+            r = Reader(s)
+            assert r.reply().startswith("220 ")
+            assert r.cmd(b"QUIT").startswith("221 ")
+        finally:
+            s.close()
+        sp.log.wait_for(rf"action=proxy client=\[{RELAY}\]:40123 via={LB} version=2")
+        # another balancer is not one of this listener's
+        s = socket.create_connection(("127.0.0.1", pport), source_address=(other_lb, 0), timeout=TIMEOUT)
+        try:
+            assert s.recv(100) == b""
+        finally:
+            s.close()
+        sp.log.wait_for(rf"action=refuse stage=CONNECT reason=proxy_source client=\[{other_lb}\]")
+        c = RawClient(port, RELAY)          # the plain table: no header expected
+        assert c.reply()[0] == 220
+        c.close()
+    finally:
+        sp.stop()
+
+
 @pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (Debian package haproxy)")
 def test_behind_a_real_haproxy_send_proxy_v2(served, tmp_path):
     """HAProxy (mode tcp, send-proxy-v2) in front: the client's own address
