@@ -47,11 +47,36 @@ import time
 CRLF = b"\r\n"
 
 
-def raise_nofile() -> int:
+def raise_nofile(need: int | None = None) -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit, or to at least `need` (the
+    hard limit too if we may); the soft limit now."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    want = hard if need is None else max(soft, need)
+    if want > hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+        except (ValueError, OSError):
+            want = hard
+    if want > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def new_loop(kind: str):
+    """A fresh event loop of `kind` (uvloop or asyncio)."""
+    if kind == "uvloop":
+        import uvloop
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def report(res: dict, as_json: bool) -> None:
+    """The result on stdout: one JSON object, or one aligned line per key."""
+    if as_json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            print(f"{k:>18}: {v}")
 
 
 def make_message(size: int, sender: str, rcpt: str) -> bytes:
@@ -483,21 +508,13 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     cfg.nofile = raise_nofile()
-    if cfg.loop == "uvloop":
-        import uvloop
-        loop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
+    loop = new_loop(cfg.loop)
     try:
         res = loop.run_until_complete(run_idle(cfg) if cfg.idle else run_load(cfg))
     finally:
         loop.close()
     res["nofile"] = cfg.nofile
-    if cfg.json:
-        print(json.dumps(res))
-    else:
-        for k, v in res.items():
-            print(f"{k:>18}: {v}")
+    report(res, cfg.json)
     return 0
 
 

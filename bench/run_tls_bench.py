@@ -47,14 +47,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import servers as srv  # noqa: E402
 import tlscerts  # noqa: E402
-from run_server_bench import fmt, med, uptime, write_out  # noqa: E402
+from run_server_bench import FROM, HELO, TO, fmt, med, uptime, write_out  # noqa: E402
 
 TLSLOAD = os.path.join(HERE, "tlsload.py")
 BEGIN = "<!-- results:begin (written by bench/run_tls_bench.py) -->"
 END = "<!-- results:end -->"
-FROM = "bench@sender.example"
-TO = "bench@example.net"
-HELO = "bench.client.example"
 
 # a skip for one of these reasons is "not there yet", anything else a failure
 NOT_YET = ("no TLS options", "STARTTLS not offered")

@@ -55,10 +55,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import multiprocessing
 import os
-import resource
 import ssl
 import sys
 import time
@@ -86,20 +84,6 @@ def client_context(version: str = "auto") -> ssl.SSLContext:
     elif version == "1.3":
         ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     return ctx
-
-
-def raise_nofile(need: int) -> int:
-    """Soft RLIMIT_NOFILE to at least `need` (the hard limit too if we may)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = max(soft, need)
-    if want > hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
-        except (ValueError, OSError):
-            want = hard
-    if want > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 class TLSClientProtocol(lg.ClientProtocol):
@@ -318,16 +302,9 @@ async def _worker_async(cfg, concurrency: int, budget_n: int) -> dict:
             "cpu": time.process_time() - cpu0, "sample": sample}
 
 
-def _new_loop(kind: str):
-    if kind == "uvloop":
-        import uvloop
-        return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
-
-
 def _worker_main(cfg, concurrency, budget_n, go, conn) -> None:
     try:
-        loop = _new_loop(cfg.loop)
+        loop = lg.new_loop(cfg.loop)
         conn.send(("ready", os.getpid()))
         if not go.wait(cfg.seconds + 120):
             conn.send(("error", "no go signal"))
@@ -579,9 +556,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    cfg.nofile = raise_nofile(max(cfg.idle, cfg.concurrency) + 256)
+    cfg.nofile = lg.raise_nofile(max(cfg.idle, cfg.concurrency) + 256)
     if cfg.probe or cfg.idle:
-        loop = _new_loop(cfg.loop)
+        loop = lg.new_loop(cfg.loop)
         try:
             res = loop.run_until_complete(probe(cfg) if cfg.probe else run_idle(cfg))
         finally:
@@ -589,11 +566,7 @@ def main(argv=None) -> int:
     else:
         res = run_load(cfg)
     res["nofile"] = cfg.nofile
-    if cfg.json:
-        print(json.dumps(res))
-    else:
-        for k, v in res.items():
-            print(f"{k:>18}: {v}")
+    lg.report(res, cfg.json)
     return 0
 
 
