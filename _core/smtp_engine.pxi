@@ -447,6 +447,7 @@ cdef class SMTPConnection:
         elif effect == E_OPEN:
             self.rcpt_count = 0
             self.mail_smtputf8 = "SMTPUTF8" in (<Mail>ev).params
+            self.bdat_failed = False
         elif effect == E_DATA:
             self._data.reset()
         elif effect == E_CHUNK:

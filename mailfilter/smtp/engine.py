@@ -67,7 +67,7 @@ Effects:
 
 * helo: ``helo`` := the name, ``esmtp`` := the verb was EHLO;
 * open: a transaction opens: ``rcpt_count`` := 0, ``mail_smtputf8`` := the MAIL
-  carried SMTPUTF8;
+  carried SMTPUTF8, ``bdat_failed`` := False;
 * count: ``rcpt_count`` += 1;
 * data: the byte machine starts a message (3 = the 354);
 * drop: the transaction is forgotten (qmail ends it when DATA is refused);

@@ -323,6 +323,7 @@ class SMTPConnection:
         elif effect == "open":
             self.rcpt_count = 0
             self.mail_smtputf8 = "SMTPUTF8" in ev.params
+            self.bdat_failed = False
         elif effect == "data":
             self._data.reset()
         elif effect == "chunk":
