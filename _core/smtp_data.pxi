@@ -21,9 +21,13 @@
 #     continuation lines; a name of at most 997 octets) decides where the
 #     header block ends; header octets past header_limit are dropped, a cut
 #     line gets its LF back, a line still undecided at a region's end is held.
+#   - BDAT chunks (RFC 3030): step_chunk() takes at most chunk_left octets,
+#     CRLF -> LF without unstuffing, a CR last held here (the buffer then
+#     holds the next command), the same size, hops, header cap and bare LF
+#     rules through _store.
 # Invariants: one bytes object per region (the chunk), none per line; the
 # engine's buffer holds at most 4 octets of the message between passes; the
-# bytes after the end of data stay in the buffer, untouched.
+# bytes after the end of data (or of the chunk) stay in the buffer, untouched.
 
 HEADER_SIZE_LIMIT = 102_400     # Postfix's header_size_limit, the usual --header-size-limit
 
