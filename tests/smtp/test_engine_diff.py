@@ -286,11 +286,17 @@ def test_streams_exercise_the_engine():
     seen = set()
     for seed in range(300):
         rng, data, cfg_seed, auth_offered = _case(seed)
+        bdat = False
         for item in drive(cy, config(cy, random.Random(cfg_seed)), auth_offered, [data], seed):
+            if item[0] in ("DataStart", "BdatStart"):
+                bdat = item[0] == "BdatStart"
             if item[0] == "DataEnd":
                 seen.add("DataEnd")
-                seen.update(k for k, v in zip(("oversized", "hops", "bare_lf", "header_cut",
-                                                "bad_bdat"), item[2:]) if v)
+                flags = {k for k, v in zip(("oversized", "hops", "bare_lf", "header_cut",
+                                            "bad_bdat"), item[2:]) if v}
+                seen.update(flags)
+                if bdat:
+                    seen.update("BDAT " + k for k in flags)
             elif item[0] == "out":
                 seen.update(w for w in (b"octets received", b"BDAT after a failed",
                                         b"DATA after BDAT", b"BDAT without a chunk")
@@ -304,7 +310,8 @@ def test_streams_exercise_the_engine():
                  "oversized", "hops", "bare_lf", "header_cut", "Closed quit", "Closed eof",
                  "Closed too many errors", "Closed bare lf", "BdatStart", "bad_bdat",
                  "Closed bdat count", b"octets received", b"BDAT after a failed",
-                 b"DATA after BDAT", b"BDAT without a chunk"):
+                 b"DATA after BDAT", b"BDAT without a chunk", "BDAT oversized", "BDAT hops",
+                 "BDAT bare_lf", "BDAT header_cut"):
         assert name in seen, name
 
 
