@@ -83,9 +83,11 @@ def test_a_1mb_message_in_chunks_is_stored_as_data_stores_it(start):
 
 def test_pipelined_bdat_stream_answered_in_order(start, decisions):
     """RFC 2920 / RFC 3030 §4.2: envelope and every chunk in one write, the
-    replies in order; a second transaction behind the first."""
+    replies in order and in one write up to the first delivery; a second
+    transaction behind the first."""
     srv = start()
     c = connect(srv.port)
+    proto = srv.connections[-1]
     one = b"Subject: p\r\n\r\nline one\r\n"
     c.send(ENVELOPE + b"BDAT 5\r\n" + one[:5] + b"BDAT %d\r\n" % (len(one) - 5) + one[5:]
            + b"BDAT 0 LAST\r\n" + ENVELOPE + b"BDAT 8 LAST\r\nx: y\r\n\r\nNOOP\r\n")
@@ -95,6 +97,8 @@ def test_pipelined_bdat_stream_answered_in_order(start, decisions):
     assert replies[4].startswith("250 2.0.0 ok ") and replies[7].startswith("250 2.0.0 ok ")
     assert replies[8] == "250 2.0.0 ok"         # the NOOP
     assert replies[5:7] == ["250 2.1.0 ok", "250 2.1.5 ok"]
+    # the replies before the first delivery's wait left in one write
+    assert ("\r\n".join(replies[:4]) + "\r\n").encode() in proto.writes
     c.close()
     srv.wait_lost()
     stored = read_new(srv.maildir)
