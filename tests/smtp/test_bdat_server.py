@@ -3,7 +3,8 @@
 smtplib has no BDAT, so the client is tests/support/server_harness.py's
 RawClient on a blocking socket: chunks written as raw bytes, replies read
 line by line, each wait bounded by the client's timeout. The server runs
-in-process (the `start` fixture) with a real maildir.
+in-process (the `start` fixture, both event loops) with a real maildir, and
+once as a spawned `mailfilter serve`.
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import random
 
 from mailfilter.smtp.protocol import Limits
 from tests.smtp.test_slow_clients import dribble
-from tests.support.server_harness import PLAIN, SMALL, RawClient, first, maildir_files, read_new
+from tests.support.server_harness import (
+    PLAIN, SMALL, RawClient, first, maildir_files, read_new, spawn_serve, write_rules,
+)
 
 ENVELOPE = b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\n"
 
@@ -161,3 +164,27 @@ def test_a_slow_chunk_meets_the_data_rate_minimum(start, decisions):
     srv.wait_lost()
     assert maildir_files(srv.maildir) == [] and maildir_files(srv.maildir, "tmp") == []
     assert any("action=close reason=data_too_slow" in line for line in decisions())
+
+
+def test_spawned_serve_takes_a_chunked_message(tmp_path):
+    """`mailfilter serve` as an operator starts it: CHUNKING offered, a
+    message in pipelined chunks (one cut between CR and LF) stored, one
+    DATA-stage decision line with body=bdat."""
+    rules = write_rules(tmp_path / "rules")
+    sp = spawn_serve("--rules", rules, "--deliver", f"maildir:{tmp_path}/spool")
+    try:
+        c = connect(sp.port)
+        msg = b"Subject: spawned\r\n\r\n.first\r\nsecond\r\n"
+        cut = msg.index(b"\r\nsecond") + 1
+        c.send(ENVELOPE + b"BDAT %d\r\n" % cut + msg[:cut]
+               + b"BDAT %d LAST\r\n" % (len(msg) - cut) + msg[cut:] + b"QUIT\r\n")
+        replies = [first(c.reply()) for _ in range(5)]
+        assert replies[:3] == ["250 2.1.0 ok", "250 2.1.5 ok", f"250 2.0.0 {cut} octets received"]
+        assert replies[3].startswith("250 2.0.0 ok ") and replies[4].startswith("221 ")
+        c.close()
+        [line] = [m.group(0) for m in sp.log.wait_for(r"action=accept stage=DATA .*")]
+        assert " body=bdat " in line and f" size={len(msg) - 4} " in line, line
+        [raw] = read_new(tmp_path / "spool")
+        assert raw.endswith(b"Subject: spawned\n\n.first\nsecond\n")
+    finally:
+        assert sp.stop() == 0
