@@ -7,7 +7,8 @@
 # the verb looked up in COMMANDS (qmail-smtpd's smtpcommands[],
 # docs/behaviour/smtp.md#commands) and handed to the one method of that verb,
 # the reply to the pending event moving the state through a C table compiled
-# from _TRANSITION_ROWS at module init, and the DATA bytes handed to DataReader.
+# from _TRANSITION_ROWS at module init, and the DATA bytes and BDAT chunks
+# (RFC 3030, exactly their counts) handed to DataReader.
 # Tables as data: COMMANDS and TRANSITIONS are Python values the C arrays are
 # built from, so the documented order is the executed order.
 # Invariants: reply text comes only from mailfilter/smtp/replies.py (handed
@@ -680,8 +681,8 @@ cdef class SMTPConnection:
                     self._cmd_bdat(arg)
 
     # --- internals: commands ------------------------------------------------
-    # Parsed in IDLE, MAIL and RCPT only (AUTH lines are AuthResponses, DATA
-    # bytes go to the byte machine, CLOSED reads nothing).
+    # Parsed in IDLE, MAIL, RCPT and BDAT only (AUTH lines are AuthResponses,
+    # DATA bytes and BDAT chunks go to the byte machine, CLOSED reads nothing).
     cdef void _cmd_helo(self, bytes arg, str verb) except *:
         name = arg.strip(b" ")
         if not name:
