@@ -188,3 +188,42 @@ def test_spawned_serve_takes_a_chunked_message(tmp_path):
         assert raw.endswith(b"Subject: spawned\n\n.first\nsecond\n")
     finally:
         assert sp.stop() == 0
+
+
+def test_notorious_session_first_bdat_is_503_and_closed(start, tmp_path, decisions):
+    """TARPITDELAY=999: the first BDAT is answered as DATA would be, 503 and
+    the session ends; its chunk and what follows are never run."""
+    rules = write_rules(tmp_path / "notorious",
+                        {"tcp.smtp": '127.0.0.1:allow,TARPITCOUNT="1",TARPITDELAY="999"\n:allow\n'})
+    srv = start(rules=rules)
+    c = connect(srv.port)
+    c.send(ENVELOPE + b"RCPT TO:<nobody@example.com>\r\nRCPT TO:<x@example.com>\r\n"
+           b"BDAT 4 LAST\r\nab\r\nMAIL FROM:<after-close@example.org>\r\n")
+    replies = [first(c.reply()) for _ in range(5)]
+    assert replies[-1] == "503 5.5.1 DATA command not accepted at this time"
+    assert c.at_eof()
+    c.close()
+    srv.wait_lost()
+    assert read_new(srv.maildir) == []
+    assert not [line for line in decisions() if "after-close" in line]
+
+
+def test_content_checks_see_a_chunked_attachment(start, decisions):
+    """BADMIMETYPE: an MZ attachment sent in 3-octet chunks is refused at
+    LAST as it is after DATA, 554 5.3.2, nothing stored."""
+    from tests.smtp.test_server import EXE_B64, mime_message
+    from tests.support.server_harness import CONTENT
+    srv = start()
+    c = connect(srv.port, CONTENT)
+    msg = mime_message(EXE_B64).removesuffix(b".\r\n")
+    parts = [msg[i:i + 3] for i in range(0, len(msg), 3)]
+    c.send(ENVELOPE + b"".join(b"BDAT %d\r\n" % len(p) + p for p in parts) + b"BDAT 0 LAST\r\n")
+    replies = [first(c.reply()) for _ in range(len(parts) + 3)]
+    assert replies[2:-1] == ["250 2.0.0 3 octets received"] * (len(parts) - 1) \
+        + [f"250 2.0.0 {len(parts[-1])} octets received"]
+    assert replies[-1] == "554 5.3.2 sorry, invalid message content"
+    c.close()
+    srv.wait_lost()
+    assert read_new(srv.maildir) == [] and maildir_files(srv.maildir, "tmp") == []
+    [line] = [line for line in decisions() if "stage=DATA" in line]
+    assert "rule=badmimetypes:1 " in line and " body=bdat " in line
