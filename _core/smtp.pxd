@@ -34,6 +34,12 @@ cdef class DataStart(Event):
     pass
 
 
+cdef class BdatStart(Event):
+    cdef readonly Py_ssize_t size   # the first chunk's octets
+    cdef readonly bint last         # it is the LAST chunk
+    cdef tuple _values(self)
+
+
 cdef class DataChunk(Event):
     cdef readonly bytes data        # stored form: LF line ends, dot-unstuffed
     cdef tuple _values(self)
@@ -45,6 +51,7 @@ cdef class DataEnd(Event):
     cdef readonly Py_ssize_t hops   # Received/Delivered lines of the header block
     cdef readonly bint bare_lf      # a bare LF ended the message (the session ends)
     cdef readonly bint header_cut   # the header block passed the header size limit: cut
+    cdef readonly bint bad_bdat     # a malformed BDAT inside the message: its chunk discarded
     cdef tuple _values(self)
 
 
@@ -122,8 +129,17 @@ cdef class DataReader:
     cdef readonly bint header_cut   # this message's header block was cut
     cdef unsigned char* _scratch    # the stored form of the region being cut (grows)
     cdef Py_ssize_t _scap           # _scratch's capacity
+    # BDAT (RFC 3030): the message comes in counted chunks, read by step_chunk()
+    cdef readonly Py_ssize_t chunk_size  # octets of the current chunk
+    cdef readonly Py_ssize_t chunk_left  # of them not yet read
+    cdef bint _last                 # the current chunk is the LAST one
+    cdef bint _cr                   # a CR ended the chunk before: stored once the next octet is known
+    cdef bint _discard              # a bare LF or a malformed BDAT: the rest is read, not stored
+    cdef bint _bad                  # a malformed BDAT's chunk was discarded
     cpdef reset(self)
     cpdef step(self)
+    cpdef chunk(self, Py_ssize_t size, bint last, bint bad=*)
+    cpdef step_chunk(self)
     cdef inline void _queue(self, ev) except *
     cdef unsigned char* _room(self, Py_ssize_t n) except NULL
     cdef DataEnd _end(self, bint bare_lf)
@@ -167,10 +183,13 @@ cdef class SMTPConnection:
     cdef bint _smtputf8             # SMTPUTF8 offered
     cdef DataReader _data           # the DATA byte machine on _buf
     cdef bint _tls_wait             # 220 to STARTTLS sent: no input until tls_started
+    cdef public bint bdat_failed    # a BDAT of this transaction was refused: further BDATs 503
+    cdef Py_ssize_t _skip           # octets of a refused BDAT chunk still to discard
     cdef object _pop(self)
     cdef Closed _closed_event(self)
     cdef void _close(self, str reason, r) except *
     cdef inline void _forget_transaction(self)
+    cdef void _chunk_step(self) except *
     cdef void _emit(self, Event ev, int kind) except *
     cdef void _answer(self, r) except *
     cdef void _bad(self, r, str tag, detail) except *
@@ -186,4 +205,5 @@ cdef class SMTPConnection:
     cdef void _cmd_quit(self) except *
     cdef void _cmd_auth(self, bytes arg) except *
     cdef void _cmd_starttls(self, bint blank) except *
+    cdef void _cmd_bdat(self, bytes arg) except *
     cdef void _reject(self, e, str verb) except *

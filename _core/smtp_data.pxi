@@ -21,9 +21,13 @@
 #     continuation lines; a name of at most 997 octets) decides where the
 #     header block ends; header octets past header_limit are dropped, a cut
 #     line gets its LF back, a line still undecided at a region's end is held.
+#   - BDAT chunks (RFC 3030): step_chunk() takes at most chunk_left octets,
+#     CRLF -> LF without unstuffing, a CR last held here (the buffer then
+#     holds the next command), the same size, hops, header cap and bare LF
+#     rules through _store.
 # Invariants: one bytes object per region (the chunk), none per line; the
 # engine's buffer holds at most 4 octets of the message between passes; the
-# bytes after the end of data stay in the buffer, untouched.
+# bytes after the end of data (or of the chunk) stay in the buffer, untouched.
 
 HEADER_SIZE_LIMIT = 102_400     # Postfix's header_size_limit, the usual --header-size-limit
 
@@ -68,6 +72,77 @@ cdef class DataReader:
         self._hheld = bytearray()
         self._hkept_lf = True
         self.header_cut = False
+        self.chunk_size = 0
+        self.chunk_left = 0
+        self._last = False
+        self._cr = False
+        self._discard = False
+        self._bad = False
+
+    cpdef chunk(self, Py_ssize_t size, bint last, bint bad=False):
+        """The next BDAT chunk: `size` octets follow in the buffer (RFC 3030
+        §2). The first chunk of a message comes after reset(); `bad`: the
+        BDAT was malformed, its octets are read and discarded and the message
+        ends with it (DataEnd.bad_bdat)."""
+        self._first = False             # no virtual line start: nothing is unstuffed
+        self.chunk_size = self.chunk_left = size
+        self._last = last or bad
+        if bad:
+            self._bad = self._discard = True
+
+    cpdef step_chunk(self):
+        """Consume what is buffered of the current chunk, never past it; queue
+        its chunks in stored form (CRLF -> LF, nothing unstuffed; a CR at a
+        chunk's end waits for the next chunk's first octet). Returns the
+        DataEnd when the message ended (the LAST chunk read, or a chunk that
+        failed: a bare LF, the size limit, a malformed BDAT), else None;
+        chunk_left says whether the chunk was read whole."""
+        cdef bytearray buf = self._buf
+        cdef Py_ssize_t n = min(self.chunk_left, PyByteArray_GET_SIZE(buf))
+        cdef const unsigned char* p = <const unsigned char*>PyByteArray_AS_STRING(buf)
+        cdef const unsigned char* e
+        cdef Py_ssize_t i = 0, j, o = 0
+        cdef bint end = n == self.chunk_left, final
+        cdef unsigned char* out
+        if not end and n == 0:
+            return None
+        final = end and self._last
+        if not self._discard:
+            out = self._room(n + 1)
+            if self._cr:
+                self._cr = False
+                out[0] = 0x0a if n and p[0] == 0x0a else 0x0d
+                o = 1
+                i = 1 if out[0] == 0x0a else 0
+            while i < n:
+                e = <const unsigned char*>memchr(p + i, 0x0a, n - i)
+                if e == NULL:
+                    memcpy(out + o, p + i, n - i)
+                    o += n - i
+                    break
+                j = e - p
+                if j == 0 or p[j - 1] != 0x0d:
+                    memcpy(out + o, p + i, j - i)     # a bare LF: what is before it is kept
+                    o += j - i
+                    self._discard = True
+                    break
+                memcpy(out + o, p + i, j - 1 - i)
+                o += j - 1 - i
+                out[o] = 0x0a
+                o += 1
+                i = j + 1
+            if not self._discard and not final and o and out[o - 1] == 0x0d:
+                o -= 1                  # a CR last: the next chunk may begin with its LF
+                self._cr = True
+            if o:
+                self._store(out, o)
+        del buf[:n]
+        self.chunk_left -= n
+        if not end:
+            return None
+        if final or self._discard or self._oversized:
+            return self._end(self._discard and not self._bad)
+        return None
 
     cdef inline void _queue(self, ev) except *:
         if self._list:
@@ -164,7 +239,7 @@ cdef class DataReader:
     cdef DataEnd _end(self, bint bare_lf):
         if self.header_cut and self._hpos >= 0 and not self._hkept_lf and not self._oversized:
             self._queue(DataChunk(_B_LF))     # a cut header with no body: its last LF
-        ev = DataEnd(self._size, self._oversized, self._hops, bare_lf, self.header_cut)
+        ev = DataEnd(self._size, self._oversized, self._hops, bare_lf, self.header_cut, self._bad)
         self._queue(ev)
         return ev
 

@@ -7,7 +7,8 @@
 # the verb looked up in COMMANDS (qmail-smtpd's smtpcommands[],
 # docs/behaviour/smtp.md#commands) and handed to the one method of that verb,
 # the reply to the pending event moving the state through a C table compiled
-# from _TRANSITION_ROWS at module init, and the DATA bytes handed to DataReader.
+# from _TRANSITION_ROWS at module init, and the DATA bytes and BDAT chunks
+# (RFC 3030, exactly their counts) handed to DataReader.
 # Tables as data: COMMANDS and TRANSITIONS are Python values the C arrays are
 # built from, so the documented order is the executed order.
 # Invariants: reply text comes only from mailfilter/smtp/replies.py (handed
@@ -19,8 +20,12 @@
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
+cdef enum:
+    MAX_BDAT_DIGITS = 18    # a chunk size below 10**18 octets fits a Py_ssize_t
+
 # --- the transition table (mailfilter/smtp/engine.py's docstring) ------------
-EFFECTS = ("helo", "open", "count", "data", "drop", "done", "auth", "tls")
+EFFECTS = ("helo", "open", "count", "data", "drop", "done", "auth", "tls", "chunk", "skip",
+           "fail")
 cdef enum:
     E_HELO = 0
     E_OPEN = 1
@@ -30,8 +35,11 @@ cdef enum:
     E_DONE = 5
     E_AUTH = 6
     E_TLS = 7
+    E_CHUNK = 8
+    E_SKIP = 9
+    E_FAIL = 10
     E_NONE = 15
-    N_KINDS = 8             # event types that owe a reply
+    N_KINDS = 9             # event types that owe a reply
 
 _TRANSITION_ROWS = (
     # state  event         reply classes  -> state  effect
@@ -54,6 +62,10 @@ _TRANSITION_ROWS = (
     (AUTH, AuthResponse, (4, 5),         IDLE, None),
     (IDLE, StartTLS,     (2,),           IDLE, "tls"),
     (IDLE, StartTLS,     (3, 4, 5),      IDLE, None),
+    (RCPT, BdatStart,    (3,),           CHUNK, "chunk"),
+    (RCPT, BdatStart,    (2, 4, 5),      IDLE, "skip"),
+    (CHUNK, DataEnd,     (2, 3),         IDLE, "done"),
+    (CHUNK, DataEnd,     (4, 5),         IDLE, "fail"),
 )
 
 TRANSITIONS = {(state, event, cls): (new, effect)
@@ -61,7 +73,7 @@ TRANSITIONS = {(state, event, cls): (new, effect)
                for cls in classes}
 
 # the event types that owe a reply, in the order of their C kind index (K_*)
-_KINDS = (Helo, Mail, Rcpt, DataStart, DataEnd, AuthStart, AuthResponse, StartTLS)
+_KINDS = (Helo, Mail, Rcpt, DataStart, DataEnd, AuthStart, AuthResponse, StartTLS, BdatStart)
 cdef enum:
     K_HELO = 0
     K_MAIL = 1
@@ -71,6 +83,7 @@ cdef enum:
     K_AUTHSTART = 5
     K_AUTHRESPONSE = 6
     K_STARTTLS = 7
+    K_BDATSTART = 8
 cdef dict _KIND_OF = {t: i for i, t in enumerate(_KINDS)}
 # _STEP[state][kind][reply class]: new state | effect << 4, or -1 (no transition)
 cdef int _STEP[N_STATES][N_KINDS][6]
@@ -78,7 +91,7 @@ cdef int _STEP[N_STATES][N_KINDS][6]
 
 cdef void _compile_transitions() except *:
     cdef int s, k, c
-    assert EFFECTS.index("tls") == E_TLS and _KINDS.index(StartTLS) == K_STARTTLS
+    assert EFFECTS.index("fail") == E_FAIL and _KINDS.index(BdatStart) == K_BDATSTART
     for s in range(N_STATES):
         for k in range(N_KINDS):
             for c in range(6):
@@ -203,7 +216,7 @@ cdef inline bint _verb_is(const unsigned char* p, const char* verb, Py_ssize_t n
 # a verb's index + 1 is its V_* code, which _command_step hands to the one
 # method of that verb; anything else is 500 unimplemented. Most frequent first.
 COMMANDS = (b"MAIL", b"RCPT", b"DATA", b"RSET", b"EHLO", b"HELO", b"QUIT", b"NOOP",
-            b"AUTH", b"STARTTLS", b"VRFY", b"HELP")
+            b"AUTH", b"STARTTLS", b"VRFY", b"HELP", b"BDAT")
 cdef enum:
     V_NONE = 0
     V_MAIL = 1
@@ -218,14 +231,15 @@ cdef enum:
     V_STARTTLS = 10
     V_VRFY = 11
     V_HELP = 12
-    N_VERBS = 12
+    V_BDAT = 13
+    N_VERBS = 13
 cdef const char* _VERB_TEXT[N_VERBS]        # COMMANDS' bytes (the tuple keeps them alive)
 cdef Py_ssize_t _VERB_LEN[N_VERBS]
 
 
 cdef void _compile_commands() except *:
     cdef int i
-    assert len(COMMANDS) == N_VERBS and COMMANDS.index(b"HELP") + 1 == V_HELP
+    assert len(COMMANDS) == N_VERBS and COMMANDS.index(b"BDAT") + 1 == V_BDAT
     for i in range(N_VERBS):
         _VERB_TEXT[i] = COMMANDS[i]
         _VERB_LEN[i] = len(COMMANDS[i])
@@ -281,6 +295,8 @@ cdef class SMTPConnection:
         self.mail_smtputf8 = False
         self.tls = False
         self._tls_wait = False
+        self.bdat_failed = False
+        self._skip = 0
 
     # --- public API ---------------------------------------------------------
     @property
@@ -297,6 +313,12 @@ cdef class SMTPConnection:
         return self._state == S_CLOSED
 
     @property
+    def receiving(self):
+        """A message is coming in: DATA, or a BDAT message from its first
+        chunk to its LAST (the shell's data-rate limits apply)."""
+        return self._state == S_DATA or self._state == S_CHUNK or self._state == S_BDAT
+
+    @property
     def pending(self):
         """The event a reply is owed for, if any."""
         return self._pending
@@ -307,7 +329,7 @@ cdef class SMTPConnection:
 
     def ehlo_keywords(self):
         cfg = self.config
-        kw = ["PIPELINING", f"SIZE {cfg.databytes}", "8BITMIME", "ENHANCEDSTATUSCODES"]
+        kw = ["PIPELINING", "CHUNKING", f"SIZE {cfg.databytes}", "8BITMIME", "ENHANCEDSTATUSCODES"]
         if cfg.smtputf8:
             kw.append("SMTPUTF8")
         kw.extend(self._extra_ehlo)
@@ -337,6 +359,8 @@ cdef class SMTPConnection:
     def data_end_refusal(self, DataEnd ev not None):
         """Why the engine refuses a DataEnd, as the name of its reply (qmail
         order, docs/behaviour/smtp.md#end-of-data); None when it does not."""
+        if ev.bad_bdat:
+            return "bdat_syntax"
         if ev.bare_lf:
             return "bare_lf"
         if ev.hops >= self._max_hops:
@@ -357,6 +381,7 @@ cdef class SMTPConnection:
         self.tls = True
         del self._buf[:]
         self._skipping = False
+        self._skip = 0
         if self._state != S_CLOSED:
             self._state = S_IDLE
         self._forget_transaction()
@@ -402,9 +427,12 @@ cdef class SMTPConnection:
         if ev is None:
             raise EngineError("send() without a pending event")
         self._pending = None
-        line = _LINES.get(r)
-        self._out.append(line if line is not None else r.line())
         code = r.code
+        if code // 100 != 3 or self._kind != K_BDATSTART:
+            # BDAT has no intermediate reply (RFC 3030 §2): the 354 that lets
+            # a BDAT message begin is not sent
+            line = _LINES.get(r)
+            self._out.append(line if line is not None else r.line())
         if code == 421 or code == 221 or close:
             self._close("quit" if code == 221 else str(code), r)
             return
@@ -420,8 +448,19 @@ cdef class SMTPConnection:
         elif effect == E_OPEN:
             self.rcpt_count = 0
             self.mail_smtputf8 = "SMTPUTF8" in (<Mail>ev).params
+            self.bdat_failed = False
         elif effect == E_DATA:
             self._data.reset()
+        elif effect == E_CHUNK:
+            self._data.reset()
+            self._data.chunk((<BdatStart>ev).size, (<BdatStart>ev).last)
+        elif effect == E_SKIP:
+            self._skip = (<BdatStart>ev).size
+            self._forget_transaction()
+            self.bdat_failed = True
+        elif effect == E_FAIL:
+            self._forget_transaction()
+            self.bdat_failed = True
         elif effect == E_DONE:
             self._forget_transaction()
             if (<DataEnd>ev).bare_lf:
@@ -446,7 +485,7 @@ cdef class SMTPConnection:
             return PAUSED
         if self._state == S_CLOSED:
             return self._closed_event()
-        if not self._buf and not self._eof:
+        if not self._buf and not self._eof and self._state != S_CHUNK:
             return NEED_DATA            # fast path: the common second call per read
         if self._state == S_DATA:
             end = self._data.step()
@@ -454,7 +493,7 @@ cdef class SMTPConnection:
                 self._pending = end
                 self._kind = K_DATAEND
         else:
-            self._command_step()
+            self._chunk_step()
         if events:
             return self._pop()
         if self._state == S_CLOSED:
@@ -489,6 +528,29 @@ cdef class SMTPConnection:
     cdef inline void _forget_transaction(self):
         self.rcpt_count = 0
         self.mail_smtputf8 = False
+        self.bdat_failed = False
+
+    cdef void _chunk_step(self) except *:
+        """Commands and BDAT chunks, in turn, until an event is queued or the
+        input runs out: a chunk read whole that ends nothing is answered
+        here (250, RFC 3030 §2) and the commands after it are read."""
+        cdef DataReader data = self._data
+        while True:
+            if self._state == S_CHUNK:
+                end = data.step_chunk()
+                if end is not None:
+                    self._pending = end
+                    self._kind = K_DATAEND
+                    return
+                if data.chunk_left:
+                    return
+                self._out.append(_reply("bdat_ok", octets=data.chunk_size).line())
+                self._state = S_BDAT
+                if self._events:
+                    return
+            self._command_step()
+            if self._state != S_CHUNK or self._events:
+                return
 
     cdef void _emit(self, Event ev, int kind) except *:
         # an event that owes a reply (kind: its index in _KINDS)
@@ -520,9 +582,17 @@ cdef class SMTPConnection:
         cdef Py_ssize_t n, limit, i, end, sp, a
         cdef int verb
         # every path that closes the session also queues an event, ending the loop
-        while not events:
+        while not events and self._state != S_CHUNK:
             p = <const unsigned char*>PyByteArray_AS_STRING(buf)
             n = PyByteArray_GET_SIZE(buf)
+            if self._skip:
+                # the octets of a refused BDAT chunk (RFC 3030 §2), never parsed
+                i = min(self._skip, n)
+                del buf[:i]
+                self._skip -= i
+                if self._skip:
+                    return
+                continue
             if self._skipping:
                 e = <const unsigned char*>memchr(p, 0x0a, n)
                 if e == NULL:
@@ -607,10 +677,12 @@ cdef class SMTPConnection:
                     self._cmd_auth(arg)
                 elif verb == V_VRFY:
                     self._cmd_vrfy(arg)
+                elif verb == V_BDAT:
+                    self._cmd_bdat(arg)
 
     # --- internals: commands ------------------------------------------------
-    # Parsed in IDLE, MAIL and RCPT only (AUTH lines are AuthResponses, DATA
-    # bytes go to the byte machine, CLOSED reads nothing).
+    # Parsed in IDLE, MAIL, RCPT and BDAT only (AUTH lines are AuthResponses,
+    # DATA bytes and BDAT chunks go to the byte machine, CLOSED reads nothing).
     cdef void _cmd_helo(self, bytes arg, str verb) except *:
         name = arg.strip(b" ")
         if not name:
@@ -625,7 +697,7 @@ cdef class SMTPConnection:
 
     cdef void _cmd_mail(self, bytes arg) except *:
         cdef Py_ssize_t db
-        if self._state == S_MAIL or self._state == S_RCPT:
+        if self._state == S_MAIL or self._state == S_RCPT or self._state == S_BDAT:
             self._bad(_REPLIES["nested_mail"], ANOMALY_SEQUENCE, "MAIL")
             return
         try:
@@ -642,6 +714,9 @@ cdef class SMTPConnection:
         self._emit(Mail(address, params), K_MAIL)
 
     cdef void _cmd_rcpt(self, bytes arg) except *:
+        if self._state == S_BDAT:
+            self._bad(_REPLIES["rcpt_after_bdat"], ANOMALY_SEQUENCE, "RCPT")
+            return
         if self._state != S_MAIL and self._state != S_RCPT:
             self._bad(_REPLIES["mail_first"], ANOMALY_SEQUENCE, "RCPT")
             return
@@ -668,6 +743,8 @@ cdef class SMTPConnection:
             self._bad(_REPLIES["mail_first"], ANOMALY_SEQUENCE, "DATA")
         elif self._state == S_MAIL:
             self._bad(_REPLIES["rcpt_first"], ANOMALY_SEQUENCE, "DATA")
+        elif self._state == S_BDAT:
+            self._bad(_REPLIES["data_after_bdat"], ANOMALY_SEQUENCE, "DATA")
         elif not blank:
             self._bad(_REPLIES["syntax_args"], ANOMALY_SYNTAX, "DATA")
         else:
@@ -707,7 +784,7 @@ cdef class SMTPConnection:
         if self.authenticated:
             self._bad(_REPLIES["auth_already"], ANOMALY_SEQUENCE, "AUTH")
             return
-        if self._state == S_MAIL or self._state == S_RCPT:
+        if self._state == S_MAIL or self._state == S_RCPT or self._state == S_BDAT:
             self._bad(_REPLIES["auth_in_mail"], ANOMALY_SEQUENCE, "AUTH")
             return
         parts = arg.split()
@@ -727,12 +804,53 @@ cdef class SMTPConnection:
     cdef void _cmd_starttls(self, bint blank) except *:
         if self.tls:
             self._bad(_REPLIES["tls_active"], ANOMALY_SEQUENCE, "STARTTLS")
-        elif self._state == S_MAIL or self._state == S_RCPT:
+        elif self._state == S_MAIL or self._state == S_RCPT or self._state == S_BDAT:
             self._bad(_REPLIES["tls_in_mail"], ANOMALY_SEQUENCE, "STARTTLS")
         elif not blank:
             self._bad(_REPLIES["syntax_args"], ANOMALY_SYNTAX, "STARTTLS")
         else:
             self._emit(StartTLS(), K_STARTTLS)
+
+    cdef void _cmd_bdat(self, bytes arg) except *:
+        """BDAT count [LAST] (RFC 3030 §2, docs/behaviour/smtp.md#chunking)."""
+        cdef Py_ssize_t size
+        parts = arg.split()
+        if not parts or not parts[0].isdigit() or len(parts[0]) > MAX_BDAT_DIGITS:
+            # where the chunk ends is unknown: its octets would be read as commands
+            self._bad(_REPLIES["bdat_syntax"], ANOMALY_SYNTAX, "BDAT")
+            if self._state != S_CLOSED:
+                r = _reply("bdat_lost", host=self._host)
+                self._out.append(r.line())
+                self._close("bdat count", r)
+            return
+        size = int(parts[0])
+        if len(parts) > 2 or (len(parts) == 2 and parts[1].upper() != b"LAST"):
+            if self._state == S_BDAT:
+                # inside a message: its chunk is discarded and the message ends
+                # with it, refused (DataEnd.bad_bdat)
+                self._events.append(Anomaly(ANOMALY_SYNTAX, "BDAT"))
+                self._data.chunk(size, True, True)
+                self._state = S_CHUNK
+                return
+            self._bad(_REPLIES["bdat_syntax"], ANOMALY_SYNTAX, "BDAT")
+            self._skip = size
+            if self._state == S_MAIL or self._state == S_RCPT:
+                self._state = S_IDLE        # the transaction failed (RFC 3030 §2)
+                self._forget_transaction()
+                self.bdat_failed = True
+            return
+        if self.bdat_failed:
+            self._skip = size
+            self._answer(_REPLIES["bdat_failed"])
+        elif self._state == S_BDAT:
+            self._data.chunk(size, len(parts) == 2)
+            self._state = S_CHUNK
+        elif self._state == S_RCPT:
+            self._emit(BdatStart(size, len(parts) == 2), K_BDATSTART)
+        else:
+            self._skip = size
+            self._bad(_REPLIES["mail_first" if self._state == S_IDLE else "rcpt_first"],
+                      ANOMALY_SEQUENCE, "BDAT")
 
     cdef void _reject(self, e, str verb) except *:
         if e.bad:

@@ -17,7 +17,9 @@ RCPT = "RCPT"        # at least one recipient accepted
 DATA = "DATA"        # reading the message
 AUTH = "AUTH"        # inside an AUTH exchange
 CLOSED = "CLOSED"    # 221/421 sent or EOF: input ignored
-STATES = (IDLE, MAIL, RCPT, DATA, AUTH, CLOSED)
+BDAT = "BDAT"        # a BDAT message: chunks taken, the LAST one not yet (RFC 3030)
+CHUNK = "CHUNK"      # reading the octets of a BDAT chunk
+STATES = (IDLE, MAIL, RCPT, DATA, AUTH, CLOSED, BDAT, CHUNK)
 
 # the engine's state as a C int: the index into STATES
 cdef enum:
@@ -27,7 +29,9 @@ cdef enum:
     S_DATA = 3
     S_AUTH = 4
     S_CLOSED = 5
-    N_STATES = 6
+    S_BDAT = 6
+    S_CHUNK = 7
+    N_STATES = 8
 
 ANOMALY_BARE_NEWLINE = "BARE NEWLINE"
 ANOMALY_LINE_LIMIT = "COMMAND LENGTH LIMIT"
@@ -115,6 +119,21 @@ cdef class DataStart(Event):
     owes_reply = True
 
 
+cdef class BdatStart(Event):
+    """The first BDAT of a transaction (RFC 3030 §2): the application answers
+    as to DATA (354 to go on, which is not sent: BDAT has no intermediate
+    reply), then the chunk's octets arrive as DataChunks."""
+    owes_reply = True
+    _fields = ("size", "last")
+
+    def __init__(self, Py_ssize_t size, bint last):
+        self.size = size
+        self.last = last
+
+    cdef tuple _values(self):
+        return (self.size, self.last)
+
+
 cdef class DataChunk(Event):
     _fields = ("data",)
 
@@ -127,18 +146,20 @@ cdef class DataChunk(Event):
 
 cdef class DataEnd(Event):
     owes_reply = True
-    _fields = ("size", "oversized", "hops", "bare_lf", "header_cut")
+    _fields = ("size", "oversized", "hops", "bare_lf", "header_cut", "bad_bdat")
 
     def __init__(self, Py_ssize_t size, bint oversized, Py_ssize_t hops, bint bare_lf,
-                 bint header_cut=False):
+                 bint header_cut=False, bint bad_bdat=False):
         self.size = size
         self.oversized = oversized
         self.hops = hops
         self.bare_lf = bare_lf
         self.header_cut = header_cut
+        self.bad_bdat = bad_bdat
 
     cdef tuple _values(self):
-        return (self.size, self.oversized, self.hops, self.bare_lf, self.header_cut)
+        return (self.size, self.oversized, self.hops, self.bare_lf, self.header_cut,
+                self.bad_bdat)
 
 
 cdef class AuthStart(Event):

@@ -43,9 +43,24 @@ region, all bulk operations:
   stored form; only complete lines are counted, an incomplete line's first 10
   bytes are carried to the next region.
 
+BDAT (RFC 3030, docs/behaviour/smtp.md#chunking). After ``reset()``,
+``chunk(n, last)`` announces each chunk and ``step_chunk()`` consumes at most
+its ``n`` octets from the buffer (``chunk_left`` counts down; the next command
+follows them). There is no end marker, no virtual line start and no
+dot-unstuffing: CRLF -> LF, a CR not before LF kept; a CR that is a chunk's
+last octet is held in the reader (not in the buffer, which holds the next
+command) until the next chunk's first octet says whether it is a line end.
+Size, hops, header cap and the bare LF check are those above, so a message
+stores and counts the same by DATA and by BDAT. A bare LF stores what came
+before it and discards the rest; the message ends at the chunk's end
+(``DataEnd(bare_lf=True)``), as it does past databytes and at the LAST
+chunk. ``chunk(n, last, bad=True)``: a malformed BDAT inside a message, its
+octets discarded, the message ends with ``DataEnd(bad_bdat=True)``.
+
 Invariants: the engine's buffer never holds more than 4 bytes of the message
-between passes; the bytes after the end of data stay in the buffer, untouched
-(pipelined commands wait for the reply to DataEnd).
+between passes (BDAT: none; at most one CR is held in the reader); the bytes
+after the end of data (the chunk) stay in the buffer, untouched (pipelined
+commands wait for the reply to DataEnd).
 
 The machine is compiled in ``mailfilter._core`` (_core/smtp_data.pxi), on the
 buffer's bytes (memmem, memchr, one pass per region) rather than the bytes

@@ -28,8 +28,11 @@ Input is framed in one of three modes:
   ending in a bare LF is accepted and reported as ``Anomaly("BARE NEWLINE")``.
 * auth mode: every line (up to ``max_auth_line`` octets) is an ``AuthResponse``.
 * data mode: the byte machine of ``smtp/data.py``.
+* chunk mode: the octets of a BDAT chunk (RFC 3030 §2), exactly as many as
+  its count, to the same byte machine's ``step_chunk()``; then command mode again.
 
-Session states (``conn.state``): IDLE, MAIL, RCPT, DATA, AUTH, CLOSED. The
+Session states (``conn.state``): IDLE, MAIL, RCPT, DATA, AUTH, CLOSED, and for
+CHUNKING BDAT (a BDAT message between its chunks) and CHUNK (reading a chunk). The
 application's reply to the pending event moves the state by this table,
 ``TRANSITIONS``, keyed by (state, event, reply class = code // 100), which
 ``send()`` executes (tests/smtp/test_engine.py holds the two equal)::
@@ -55,15 +58,26 @@ application's reply to the pending event moves the state by this table,
     AUTH   AuthResponse  4 5      -> IDLE
     IDLE   StartTLS      2        -> IDLE   tls
     IDLE   StartTLS      3 4 5    -> IDLE
+    RCPT   BdatStart     3        -> CHUNK  chunk
+    RCPT   BdatStart     2 4 5    -> IDLE   skip
+    CHUNK  DataEnd       2 3      -> IDLE   done
+    CHUNK  DataEnd       4 5      -> IDLE   fail
 
 Effects:
 
 * helo: ``helo`` := the name, ``esmtp`` := the verb was EHLO;
 * open: a transaction opens: ``rcpt_count`` := 0, ``mail_smtputf8`` := the MAIL
-  carried SMTPUTF8;
+  carried SMTPUTF8, ``bdat_failed`` := False;
 * count: ``rcpt_count`` += 1;
 * data: the byte machine starts a message (3 = the 354);
 * drop: the transaction is forgotten (qmail ends it when DATA is refused);
+* chunk: the byte machine starts a BDAT message and reads the first chunk (3 =
+  go on, as the 354 to DATA; nothing is sent: BDAT has no intermediate reply);
+* skip: the BDAT was refused: its chunk's octets are read and discarded, the
+  transaction is forgotten and ``bdat_failed`` set;
+* fail: the BDAT message was refused: the transaction is forgotten and
+  ``bdat_failed`` set (every BDAT until the next MAIL, RSET or HELO is
+  ``503 5.5.1``, its octets discarded, RFC 3030 §2);
 * done: the transaction is forgotten; after ``DataEnd(bare_lf=True)`` the session
   closes (qmail drops it);
 * auth: ``authenticated`` := True (3 = a 334 challenge: the next line is an
@@ -80,12 +94,23 @@ the session (CLOSED, then ``Closed``). The engine moves the state itself only
 here: HELO/EHLO and RSET end any transaction at once (IDLE; RFC 5321 §4.1.4), QUIT
 (221), too many bad commands (421 4.7.0 after the error), ``abort()`` and EOF
 close, and an over-long AUTH line ends the exchange (AUTH -> IDLE, 500 5.5.6).
+CHUNKING (docs/behaviour/smtp.md#chunking): a chunk read whole that is not the
+LAST and did not fail is answered ``250 2.0.0 <n> octets received`` (CHUNK ->
+BDAT); a BDAT in BDAT reads the next chunk (BDAT -> CHUNK); a chunk that ends the
+message (LAST, a bare LF, past databytes, a malformed BDAT inside the message)
+queues a ``DataEnd``. A BDAT without a readable count is 501 then 421 and
+closes (its octets cannot be told from commands); one with a count but other
+bad arguments is 501, its octets discarded, and an open transaction fails
+(MAIL/RCPT -> IDLE, ``bdat_failed``). A BDAT in IDLE or MAIL is 503 (MAIL
+first, RCPT first), after a failed BDAT 503 5.5.1 (not a bad command: RFC 3030
+§2 lets a pipelining client send them); the octets of each are discarded.
 
 Sequence guards (503, the state decides; nothing changes): MAIL in MAIL or RCPT
 (nested MAIL); RCPT in IDLE (MAIL first); DATA in IDLE (MAIL first) or MAIL (RCPT
 first); AUTH once authenticated, then AUTH in MAIL or RCPT (no auth during mail
 transaction); STARTTLS in MAIL or RCPT (no STARTTLS during mail transaction)
-or once in TLS (TLS already active); STARTTLS with arguments is 501. While a reply is owed ``next_event()`` returns ``PAUSED`` and
+or once in TLS (TLS already active); STARTTLS with arguments is 501; in BDAT,
+MAIL, AUTH and STARTTLS as in RCPT, DATA and RCPT are 503 (DATA/RCPT after BDAT). While a reply is owed ``next_event()`` returns ``PAUSED`` and
 nothing further is parsed, so replies always leave in command order; commands
 pipelined after the end of data stay buffered until the application has replied
 to ``DataEnd``.
@@ -94,10 +119,11 @@ Who answers what. The engine answers, from the reply table, everything that need
 no policy: unknown verbs (500 unimplemented), over-long lines (500), syntax errors (555/501),
 bad sequence (503), ``SIZE=`` above databytes (552), unknown parameters (555),
 8-bit addresses without SMTPUTF8 (553 5.6.7), the recipient hard cap (452), NOOP,
-VRFY (252), HELP (214), RSET (250), QUIT (221), too many bad commands (421).
-Informational events (Rset, Noop, Vrfy, Help, Quit, Anomaly, DataChunk) owe
-nothing. The application answers Helo (``helo_reply()`` / ``ehlo_reply()``), Mail,
-Rcpt, DataStart (354 to go on), DataEnd (``data_end_check()`` gives the bare LF /
+VRFY (252), HELP (214), RSET (250), QUIT (221), too many bad commands (421), a BDAT
+chunk that ends nothing (250). Informational events (Rset, Noop, Vrfy, Help, Quit,
+Anomaly, DataChunk) owe nothing. The application answers Helo (``helo_reply()`` /
+``ehlo_reply()``), Mail, Rcpt, DataStart (354 to go on), BdatStart (the same; the
+354 is not sent), DataEnd (``data_end_check()`` gives the malformed BDAT / bare LF /
 hop / size verdict in qmail order), AuthStart and AuthResponse (334 to go on).
 
 Implementation. ``SMTPConnection``, the events, ``MultiReply`` and the table
@@ -117,9 +143,9 @@ import mailfilter
 from mailfilter.core import core
 from mailfilter.smtp.events import (  # noqa: F401  (re-exported)
     ANOMALY_BARE_NEWLINE, ANOMALY_EIGHTBIT, ANOMALY_LINE_LIMIT, ANOMALY_SEQUENCE,
-    ANOMALY_SYNTAX, ANOMALY_UNKNOWN, AUTH, CLOSED, DATA, IDLE, MAIL, NEED_DATA, PAUSED,
-    RCPT, Anomaly, AuthResponse, AuthStart, Closed, DataChunk, DataEnd, DataStart, Event,
-    Help, Helo, Mail, Noop, Quit, Rcpt, Rset, StartTLS, Vrfy,
+    ANOMALY_SYNTAX, ANOMALY_UNKNOWN, AUTH, BDAT, CHUNK, CLOSED, DATA, IDLE, MAIL, NEED_DATA,
+    PAUSED, RCPT, Anomaly, AuthResponse, AuthStart, BdatStart, Closed, DataChunk, DataEnd,
+    DataStart, Event, Help, Helo, Mail, Noop, Quit, Rcpt, Rset, StartTLS, Vrfy,
 )
 from mailfilter.smtp.replies import REPLIES, multiline, reply
 
@@ -132,8 +158,8 @@ from mailfilter.smtp.replies import REPLIES, multiline, reply
 __all__ = [
     "EngineConfig", "SMTPConnection", "EngineError", "MultiReply",
     "NEED_DATA", "PAUSED",
-    "IDLE", "MAIL", "RCPT", "DATA", "AUTH", "CLOSED",
-    "Event", "Helo", "Mail", "Rcpt", "DataStart", "DataChunk", "DataEnd",
+    "IDLE", "MAIL", "RCPT", "DATA", "AUTH", "CLOSED", "BDAT", "CHUNK",
+    "Event", "Helo", "Mail", "Rcpt", "DataStart", "BdatStart", "DataChunk", "DataEnd",
     "AuthStart", "AuthResponse", "StartTLS", "Rset", "Quit", "Noop", "Vrfy", "Help",
     "Anomaly", "Closed",
     "ANOMALY_BARE_NEWLINE", "ANOMALY_LINE_LIMIT", "ANOMALY_UNKNOWN",

@@ -19,21 +19,21 @@ from __future__ import annotations
 from mailfilter.core import core
 
 (ANOMALY_BARE_NEWLINE, ANOMALY_EIGHTBIT, ANOMALY_LINE_LIMIT, ANOMALY_SEQUENCE,
- ANOMALY_SYNTAX, ANOMALY_UNKNOWN, AUTH, CLOSED, DATA, IDLE, MAIL, NEED_DATA, PAUSED,
- RCPT, STATES, Anomaly, AuthResponse, AuthStart, Closed, DataChunk, DataEnd, DataStart,
- Event, Help, Helo, Mail, Noop, Quit, Rcpt, Rset, StartTLS, Vrfy) = (
+ ANOMALY_SYNTAX, ANOMALY_UNKNOWN, AUTH, BDAT, CHUNK, CLOSED, DATA, IDLE, MAIL, NEED_DATA,
+ PAUSED, RCPT, STATES, Anomaly, AuthResponse, AuthStart, BdatStart, Closed, DataChunk,
+ DataEnd, DataStart, Event, Help, Helo, Mail, Noop, Quit, Rcpt, Rset, StartTLS, Vrfy) = (
     core.ANOMALY_BARE_NEWLINE, core.ANOMALY_EIGHTBIT, core.ANOMALY_LINE_LIMIT,
-    core.ANOMALY_SEQUENCE, core.ANOMALY_SYNTAX, core.ANOMALY_UNKNOWN, core.AUTH,
-    core.CLOSED, core.DATA, core.IDLE, core.MAIL, core.NEED_DATA, core.PAUSED, core.RCPT,
-    core.STATES, core.Anomaly, core.AuthResponse, core.AuthStart, core.Closed,
-    core.DataChunk, core.DataEnd, core.DataStart, core.Event, core.Help, core.Helo,
-    core.Mail, core.Noop, core.Quit, core.Rcpt, core.Rset, core.StartTLS, core.Vrfy,
+    core.ANOMALY_SEQUENCE, core.ANOMALY_SYNTAX, core.ANOMALY_UNKNOWN, core.AUTH, core.BDAT,
+    core.CHUNK, core.CLOSED, core.DATA, core.IDLE, core.MAIL, core.NEED_DATA, core.PAUSED,
+    core.RCPT, core.STATES, core.Anomaly, core.AuthResponse, core.AuthStart, core.BdatStart,
+    core.Closed, core.DataChunk, core.DataEnd, core.DataStart, core.Event, core.Help,
+    core.Helo, core.Mail, core.Noop, core.Quit, core.Rcpt, core.Rset, core.StartTLS, core.Vrfy,
 )
 
 __all__ = [
-    "IDLE", "MAIL", "RCPT", "DATA", "AUTH", "CLOSED", "STATES",
+    "IDLE", "MAIL", "RCPT", "DATA", "AUTH", "CLOSED", "BDAT", "CHUNK", "STATES",
     "NEED_DATA", "PAUSED",
-    "Event", "Helo", "Mail", "Rcpt", "DataStart", "DataChunk", "DataEnd",
+    "Event", "Helo", "Mail", "Rcpt", "DataStart", "BdatStart", "DataChunk", "DataEnd",
     "AuthStart", "AuthResponse", "StartTLS", "Rset", "Quit", "Noop", "Vrfy", "Help",
     "Anomaly", "Closed",
     "ANOMALY_BARE_NEWLINE", "ANOMALY_LINE_LIMIT", "ANOMALY_UNKNOWN",

@@ -55,7 +55,7 @@ from mailfilter.policy.dnsbl import Dnsbl, DnsblResult
 from mailfilter.policy.engine import Client, PolicyEngine
 from mailfilter.smtp import proxy
 from mailfilter.smtp.clock import TimerWheel
-from mailfilter.smtp.engine import DATA, SMTPConnection
+from mailfilter.smtp.engine import SMTPConnection
 from mailfilter.smtp.replies import reply
 from mailfilter.smtp.session import (
     AwaitLookups, AuthStep, Commit, Delay, Handshake, Lookup, Session, SessionConfig,
@@ -487,17 +487,18 @@ class SMTPProtocol(asyncio.Protocol):
 
     def _data_read(self, data: bytes, now: float) -> None:
         """A read while a message is (or was, until this read) coming in.
-        DATA must keep data_min_rate bytes/s averaged over each
+        A message (DATA, or BDAT from its first chunk to its LAST) must
+        keep data_min_rate bytes/s averaged over each
         data_rate_window (a short stall is forgiven) and end within
         data_deadline. Checked here, per read, not by a timer: a client that
         sends nothing meets the idle timeout, and any other client is checked
         at its next read, which costs no timer per message
         (docs/behaviour/smtp.md#limits)."""
-        if self.engine.state is not DATA:
+        if not self.engine.receiving:
             self.data_start = None          # the message ended in this read
             self._line_read(data, now)
             return
-        if self.data_start is None:         # the 354 was sent in this read
+        if self.data_start is None:         # the 354 was sent (or a BDAT message began) in this read
             self.data_start = self.window_start = now
             self.window_bytes = 0
             self.line_start = None
@@ -561,7 +562,7 @@ class SMTPProtocol(asyncio.Protocol):
         engine.receive_data(data)
         if not self.waiting:
             self._drain()
-        if self.data_start is not None or engine.state is DATA:
+        if self.data_start is not None or engine.receiving:
             self._data_read(data, now)
         elif data[-1:] == b"\n":
             self.line_start = None          # the common case: whole lines
@@ -702,7 +703,7 @@ class SMTPProtocol(asyncio.Protocol):
             self.line_start = now       # the client waited for us: its line's clock restarts
         self._resume_reading()
         self._drain(after)
-        if self.data_start is not None or self.engine.state is DATA:
+        if self.data_start is not None or self.engine.receiving:
             self._data_read(b"", now)       # DATA began (or ended) after the wait
 
     def _flush(self) -> None:

@@ -137,6 +137,16 @@ REPLIES: dict[str, Reply] = {
     "too_many_hops": R(554, "5.4.6", "too many hops, this message is looping"),
     "bad_content": R(554, "5.3.2", "sorry, invalid message content"),
     "notorious_data": R(503, "5.5.1", "DATA command not accepted at this time"),
+    # --- CHUNKING (RFC 3030, docs/behaviour/smtp.md#chunking) ----------------------------------
+    # a chunk read whole, not the last: the octets as sent (RFC 3030 §2: one 250 per BDAT)
+    "bdat_ok": R(250, "2.0.0", "{octets} octets received"),
+    "bdat_syntax": R(501, "5.5.4", "syntax: BDAT count [LAST]"),
+    # no readable count: where the chunk ends is unknown, its octets cannot be skipped
+    "bdat_lost": R(421, "4.5.2", "{host} BDAT without a chunk size, closing connection"),
+    # RFC 3030 §2: BDATs pipelined after a refused one are read and discarded
+    "bdat_failed": R(503, "5.5.1", "BDAT after a failed BDAT, chunk discarded"),
+    "data_after_bdat": R(503, "5.5.1", "DATA after BDAT"),
+    "rcpt_after_bdat": R(503, "5.5.1", "RCPT after BDAT"),
     # --- delivery (docs/behaviour/delivery.md#250-means-stored, docs/behaviour/smtp.md#data) -----
     "queue_temp": R(451, "4.3.0", "{text}"),
     "queue_perm": R(554, "5.3.0", "{text}"),

@@ -66,8 +66,9 @@ from mailfilter.delivery import Envelope
 from mailfilter.policy.engine import Client, PolicyEngine, Verdict
 from mailfilter.smtp.content import ContentScanner
 from mailfilter.smtp.engine import (
-    NEED_DATA, PAUSED, Anomaly, AuthResponse, AuthStart, Closed, DataChunk, DataEnd,
-    DataStart, EngineConfig, Helo, Mail, Rcpt, Rset, SMTPConnection, StartTLS, host_of,
+    NEED_DATA, PAUSED, Anomaly, AuthResponse, AuthStart, BdatStart, Closed, DataChunk,
+    DataEnd, DataStart, EngineConfig, Helo, Mail, Rcpt, Rset, SMTPConnection, StartTLS,
+    host_of,
 )
 from mailfilter.smtp.received import received_header
 from mailfilter.smtp.replies import REPLIES, Reply, reply
@@ -216,7 +217,7 @@ class Session:
 
     __slots__ = ("config", "client", "label", "engine", "policy", "auth", "tx", "sink", "scanner",
                  "scan_choice", "lookups", "last_verdict", "_then", "tls", "tls_mode",
-                 "_ctx_key", "_ctx_text")
+                 "_ctx_key", "_ctx_text", "body")
 
     def __init__(self, config: SessionConfig, client: Client, tls: str | None = None,
                  label: str | None = None) -> None:
@@ -230,6 +231,7 @@ class Session:
         self.tx = Transaction()
         self.sink = None
         self.scanner: ContentScanner | None = None
+        self.body: str | None = None                # "bdat": the message came by CHUNKING
         self.scan_choice: tuple | None = None      # (relay, mime, loader, strict, first)
         self.lookups = _NO_LOOKUPS                 # kinds asked for and not yet answered
         self.last_verdict: Verdict | None = None   # the latest policy verdict (`check` shows it)
@@ -404,6 +406,7 @@ class Session:
         sp = self.policy
         v = self.last_verdict = sp.helo(ev.name)
         self.tx.clear()
+        self._drop_message()        # a BDAT message in progress ends (RFC 5321 §4.1.4)
         if sp.helo_verdict is not None:
             self._log(v)
         engine = self.engine
@@ -473,8 +476,12 @@ class Session:
         return None
 
     # --- DATA -------------------------------------------------------------------------
-    def on_data_start(self, ev: DataStart):
+    def on_data_start(self, ev: DataStart | BdatStart):
+        """DATA, or the first BDAT of a transaction (RFC 3030): the same
+        policy, envelope, Received header and content scan; the engine sends
+        no 354 to a BDAT (docs/behaviour/smtp.md#chunking)."""
         sp = self.policy
+        self.body = "bdat" if type(ev) is BdatStart else None
         v = self.last_verdict = sp.data()
         if not v.accept:
             self._log(v)
@@ -556,7 +563,7 @@ class Session:
                 log.event_in({"action": "tempfail" if r.temporary else "reject", "stage": "DATA",
                               "rule": rule, "reason": reason}, ctx,
                              {"to": to, "auth": auth, "size": ev.size, "hops": ev.hops,
-                              "reply": str(r)})
+                              "body": self.body, "reply": str(r)})
             self.tx.clear()
             engine.send(r)
             return None
@@ -611,7 +618,7 @@ class Session:
         if who is not None:
             ctx, to, auth = who
             log.event_in({"action": "tempfail", "stage": "DATA", "reason": "delivery_error"}, ctx,
-                         {"to": to, "auth": auth, "reply": str(r)})
+                         {"to": to, "auth": auth, "body": self.body, "reply": str(r)})
         self.tx.clear()
         return r
 
@@ -624,7 +631,7 @@ class Session:
                 {"action": "accept" if result.ok else ("tempfail" if r.temporary else "reject"),
                  "stage": "DATA"}, ctx,
                 {"to": to, "auth": auth, "size": ev.size, "rcpts": len(self.tx.recipients),
-                 "header_cut": "yes" if ev.header_cut else None,
+                 "header_cut": "yes" if ev.header_cut else None, "body": self.body,
                  "ms": f"{(time.monotonic() - t0) * 1000:.1f}",
                  "detail": result.detail or None, "reply": str(r)})
         self.tx.clear()
@@ -676,6 +683,7 @@ class Session:
     def on_rset(self, ev: Rset):
         self.policy.reset()
         self.tx.clear()
+        self._drop_message()        # a BDAT message in progress is dropped (RFC 3030 §2)
         return None
 
     def on_anomaly(self, ev: Anomaly):
@@ -696,6 +704,7 @@ _HANDLERS = {
     Mail: Session.on_mail,
     Rcpt: Session.on_rcpt,
     DataStart: Session.on_data_start,
+    BdatStart: Session.on_data_start,
     DataChunk: Session.on_data_chunk,
     DataEnd: Session.on_data_end,
     AuthStart: Session.on_auth,

@@ -117,7 +117,7 @@ def test_plain_and_login_dialogues_any_fragmentation(tmp_path, feed):
     FEEDS[feed](app, data)
     loop.close()
     assert app.lines[1:] == [
-        "250-mx.example.com", "250-PIPELINING", "250-SIZE 0", "250-8BITMIME",
+        "250-mx.example.com", "250-PIPELINING", "250-CHUNKING", "250-SIZE 0", "250-8BITMIME",
         "250-ENHANCEDSTATUSCODES", "250 AUTH LOGIN PLAIN CRAM-MD5",
         "334 VXNlcm5hbWU6", "334 UGFzc3dvcmQ6", "535 5.7.8 authentication failed",
         "334 ", "501 5.0.0 auth exchange cancelled",

@@ -23,6 +23,7 @@ GREETING = "220 mx.example.com ESMTP"
 EHLO = [
     "250-mx.example.com",
     "250-PIPELINING",
+    "250-CHUNKING",
     "250-SIZE 0",
     "250-8BITMIME",
     "250 ENHANCEDSTATUSCODES",
@@ -63,7 +64,7 @@ def test_greeting_is_first_output():
 
 
 def test_ehlo_lines_exact(feed):
-    """EHLO: greeting, PIPELINING, SIZE n, 8BITMIME, ENHANCEDSTATUSCODES, extras
+    """EHLO: greeting, PIPELINING, CHUNKING, SIZE n, 8BITMIME, ENHANCEDSTATUSCODES, extras
     (docs/behaviour/smtp.md#replies)."""
     c = cfg(databytes=10485760, extra_ehlo=["AUTH PLAIN LOGIN CRAM-MD5"])
     app = run(feed, b"EHLO client.example.org\r\n", c)
@@ -71,6 +72,7 @@ def test_ehlo_lines_exact(feed):
         GREETING,
         "250-mx.example.com",
         "250-PIPELINING",
+        "250-CHUNKING",
         "250-SIZE 10485760",
         "250-8BITMIME",
         "250-ENHANCEDSTATUSCODES",
@@ -87,7 +89,7 @@ def test_ehlo_per_session_extras_and_smtputf8():
     conn = SMTPConnection(cfg(smtputf8=True, extra_ehlo=["AUTH CRAM-MD5"]))
     conn.set_extra_ehlo(["AUTH PLAIN LOGIN"])
     assert conn.ehlo_reply("mx2").line() == (
-        b"250-mx2\r\n250-PIPELINING\r\n250-SIZE 0\r\n250-8BITMIME\r\n"
+        b"250-mx2\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-SIZE 0\r\n250-8BITMIME\r\n"
         b"250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250 AUTH PLAIN LOGIN\r\n")
     other = SMTPConnection(cfg(extra_ehlo=["AUTH CRAM-MD5"]))
     assert other.ehlo_reply().line().endswith(b"250 AUTH CRAM-MD5\r\n")
@@ -528,7 +530,7 @@ def test_noop_vrfy_help(feed):
         "250 2.0.0 ok",
         "252 2.0.0 send some mail, i'll try my best",
         "214-2.0.0 mailfilter 0.1.0",
-        "214-2.0.0 features: PIPELINING SIZE 8BITMIME ENHANCEDSTATUSCODES spamcontrol-compat",
+        "214-2.0.0 features: PIPELINING CHUNKING SIZE 8BITMIME ENHANCEDSTATUSCODES spamcontrol-compat",
         "214 2.0.0 https://example.org/mailfilter",
     ]
     assert app.merged() == [Noop(), Vrfy("postmaster"), Help()]
@@ -692,7 +694,7 @@ def test_auth_login_exchange(feed):
                          reply("auth_challenge", data="UGFzc3dvcmQ6"), reply("auth_ok"))
     app = run(feed, b"EHLO c\r\nAUTH LOGIN\r\ndXNlcg==\r\ncGFzcw==\r\nMAIL FROM:<a@b.c>\r\n",
               cfg(), script)
-    assert app.lines[6:] == ["334 VXNlcm5hbWU6", "334 UGFzc3dvcmQ6", "235 2.7.0 ok, go ahead",
+    assert app.lines[7:] == ["334 VXNlcm5hbWU6", "334 UGFzc3dvcmQ6", "235 2.7.0 ok, go ahead",
                              "250 2.1.0 ok"]
     assert app.merged()[1:] == [AuthStart("LOGIN", None), AuthResponse(b"dXNlcg=="),
                                 AuthResponse(b"cGFzcw=="), Mail("a@b.c", {})]
@@ -861,7 +863,8 @@ def test_every_pending_event_has_a_row_for_every_reply_class():
     """2xx to 5xx all lead somewhere: send() never meets a hole for a reply of the table."""
     pairs = {(state, event) for state, event, _ in engine.TRANSITIONS}
     assert {event for _, event in pairs} == {Helo, Mail, Rcpt, DataStart, DataEnd,
-                                             AuthStart, AuthResponse, engine.StartTLS}
+                                             AuthStart, AuthResponse, engine.StartTLS,
+                                             engine.BdatStart}
     for state, event in pairs:
         assert all((state, event, c) in engine.TRANSITIONS for c in (2, 3, 4, 5)), (state, event)
 

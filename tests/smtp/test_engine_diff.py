@@ -4,7 +4,9 @@
 (the engine as it was in Python) are driven with the same seeded random
 streams: good and bad commands, pipelining, AUTH exchanges, STARTTLS, DATA
 with dot-stuffing, Received headers, bare LF and bare CR, long lines, 8-bit
-bytes, long header blocks under a header limit, sizes past databytes; fed
+bytes, long header blocks under a header limit, sizes past databytes, BDAT
+chunks (cut anywhere, CR and LF apart included; good and bad counts, LAST,
+BDAT 0 LAST, pipelined, mixed with DATA, without MAIL/RCPT, oversized); fed
 whole, in random fragments and one byte at a time. The application's replies
 are drawn from a generator seeded per stream, so both engines get the same
 answers as long as they produced the same events. Compared after every
@@ -69,6 +71,42 @@ def _message(rng: random.Random) -> bytes:
     return msg + rng.choice([b".\r\n"] * 9 + [b""])
 
 
+def _chunks(rng: random.Random, msg: bytes) -> bytes:
+    """`msg` (CRLF lines, not dot-stuffed) as BDAT chunks cut at random
+    places, pipelined; now and then a count that is off, a malformed BDAT, a
+    DATA or RCPT in the middle, or no LAST."""
+    cuts = sorted(rng.sample(range(len(msg) + 1), min(len(msg) + 1, rng.choice([0, 1, 2, 5]))))
+    parts = [msg[a:b] for a, b in zip([0, *cuts], [*cuts, len(msg)])]
+    out = b""
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        r = rng.random()
+        if r < 0.03:
+            out += rng.choice([b"DATA\r\n", b"RCPT TO:<x@y>\r\n", b"MAIL FROM:<a@b>\r\n",
+                               b"NOOP\r\n", b"RSET\r\n"])
+        elif r < 0.05:
+            out += rng.choice([b"BDAT %d X\r\n", b"BDAT %d LAST LAST\r\n", b"BDAT %dx\r\n",
+                               b"BDAT\r\n", b"BDAT -%d\r\n"]).replace(b"%d", b"%d" % len(part)) + part
+            continue
+        n = len(part) + (rng.choice([-1, 1]) if part and rng.random() < 0.03 else 0)
+        verb = rng.choice([b"BDAT", b"BDAT", b"bdat"])
+        end = rng.choice([b" LAST", b" last", b"  LAST "]) if last and rng.random() < 0.95 else b""
+        out += verb + b" %d" % n + end + b"\r\n" + part
+    if rng.random() < 0.1:
+        out += b"BDAT 0 LAST\r\n"
+    return out
+
+
+def _bdat(rng: random.Random) -> bytes:
+    """A BDAT, anywhere: in or out of a transaction; with a stray count."""
+    r = rng.random()
+    if r < 0.7:
+        return _chunks(rng, _message(rng).removesuffix(b".\r\n"))
+    return rng.choice([b"BDAT 0 LAST\r\n", b"BDAT 3\r\nabc", b"BDAT 5 LAST\r\nab\r\nc",
+                       b"BDAT 0000000000000000001\r\nx", b"BDAT 99999999999999999999\r\n",
+                       b"BDAT 2 LAST\r\n\r\n", b"BDAT 4 FOO\r\nNOOP"])
+
+
 def _command(rng: random.Random) -> bytes:
     r = rng.random()
     if r < 0.1:
@@ -92,6 +130,8 @@ def _command(rng: random.Random) -> bytes:
     if r < 0.82:
         return rng.choice([b"RSET", b"NOOP", b"VRFY someone", b"HELP", b"noop x",
                            b"VRFY \xe9"]) + b"\r\n"
+    if r < 0.86:
+        return _bdat(rng)
     if r < 0.9:
         return rng.choice([b"BDAT 10", b"GET / HTTP/1.0", b"XYZZY", b"", b" MAIL FROM:<a@b>",
                            b"MAIL\tFROM:<a@b>", b"\x00\xff", b"PASS secret"]) + b"\r\n"
@@ -107,6 +147,8 @@ def _transaction(rng: random.Random) -> bytes:
     out = b"MAIL FROM:<s@example.org>" + rng.choice([b"", b" SIZE=300", b" BODY=8BITMIME"]) + b"\r\n"
     for i in range(rng.choice([1, 1, 2, 3])):
         out += b"RCPT TO:<r%d@example.com>\r\n" % i
+    if rng.random() < 0.4:      # the message by CHUNKING (RFC 3030)
+        return out + _chunks(rng, _message(rng).removesuffix(b".\r\n"))
     return out + b"DATA\r\n" + _message(rng)
 
 
@@ -143,7 +185,7 @@ def _answer(conn, ev, mod, rng: random.Random):
         return reply("mail_ok") if x < 0.9 else REPLIES["badmailfrom"]
     if t == "Rcpt":
         return reply("rcpt_ok") if x < 0.9 else REPLIES[rng.choice(["no_mailbox", "no_mailbox_450"])]
-    if t == "DataStart":
+    if t in ("DataStart", "BdatStart"):
         return reply("data_go") if x < 0.9 else REPLIES["no_mailbox"]
     if t == "DataEnd":
         return conn.data_end_check(ev) or reply("queued", stamp="1", qid="2")
@@ -164,7 +206,8 @@ def _value(ev):
 def _session(conn):
     return (conn.state, conn.rcpt_count, conn.helo, conn.esmtp, conn.authenticated,
             conn.bad_commands, conn.tls, conn.mail_smtputf8, conn.closing,
-            conn.close_reply and conn.close_reply.line(), len(conn._buf))
+            conn.close_reply and conn.close_reply.line(), len(conn._buf), conn.bdat_failed,
+            conn.receiving)
 
 
 def drive(mod, cfg, auth_offered, fragments, seed: int) -> list:
@@ -243,11 +286,21 @@ def test_streams_exercise_the_engine():
     seen = set()
     for seed in range(300):
         rng, data, cfg_seed, auth_offered = _case(seed)
+        bdat = False
         for item in drive(cy, config(cy, random.Random(cfg_seed)), auth_offered, [data], seed):
+            if item[0] in ("DataStart", "BdatStart"):
+                bdat = item[0] == "BdatStart"
             if item[0] == "DataEnd":
                 seen.add("DataEnd")
-                seen.update(k for k, v in zip(("oversized", "hops", "bare_lf", "header_cut"),
-                                               item[2:]) if v)
+                flags = {k for k, v in zip(("oversized", "hops", "bare_lf", "header_cut",
+                                            "bad_bdat"), item[2:]) if v}
+                seen.update(flags)
+                if bdat:
+                    seen.update("BDAT " + k for k in flags)
+            elif item[0] == "out":
+                seen.update(w for w in (b"octets received", b"BDAT after a failed",
+                                        b"DATA after BDAT", b"BDAT without a chunk")
+                            if w in item[1])
             elif item[0] == "Closed":
                 seen.add("Closed " + item[1])
             elif isinstance(item[0], str) and item[0] not in ("out",) and item[0].isalpha():
@@ -255,7 +308,10 @@ def test_streams_exercise_the_engine():
     for name in ("Helo", "Mail", "Rcpt", "DataStart", "DataChunk", "DataEnd", "AuthStart",
                  "AuthResponse", "StartTLS", "Rset", "Noop", "Vrfy", "Help", "Quit", "Anomaly",
                  "oversized", "hops", "bare_lf", "header_cut", "Closed quit", "Closed eof",
-                 "Closed too many errors", "Closed bare lf"):
+                 "Closed too many errors", "Closed bare lf", "BdatStart", "bad_bdat",
+                 "Closed bdat count", b"octets received", b"BDAT after a failed",
+                 b"DATA after BDAT", b"BDAT without a chunk", "BDAT oversized", "BDAT hops",
+                 "BDAT bare_lf", "BDAT header_cut"):
         assert name in seen, name
 
 

@@ -139,7 +139,7 @@ def test_help_vrfy_noop_rset_quit(server):
     code, lines = c.cmd("HELP")
     assert code == 214 and len(lines) >= 2
     assert lines[0] == "2.0.0 mailfilter 0.1.0"
-    assert lines[1].startswith("2.0.0 features: PIPELINING SIZE 8BITMIME ENHANCEDSTATUSCODES")
+    assert lines[1].startswith("2.0.0 features: PIPELINING CHUNKING SIZE 8BITMIME ENHANCEDSTATUSCODES")
     assert first(c.cmd("VRFY postmaster")) == "252 2.0.0 send some mail, i'll try my best"
     assert first(c.cmd("NOOP")) == "250 2.0.0 ok"
     assert first(c.cmd("MAIL FROM:<a@sender.test>")) == "250 2.1.0 ok"

@@ -14,7 +14,7 @@ import random
 
 from mailfilter.smtp.replies import Reply, reply
 from mailfilter.smtp.engine import (
-    NEED_DATA, PAUSED, AuthResponse, AuthStart, Closed, DataChunk, DataEnd,
+    NEED_DATA, PAUSED, AuthResponse, AuthStart, BdatStart, Closed, DataChunk, DataEnd,
     DataStart, EngineConfig, Helo, Mail, Rcpt, SMTPConnection,
 )
 
@@ -29,7 +29,7 @@ def default_answer(conn: SMTPConnection, ev):
         return reply("mail_ok")
     if t is Rcpt:
         return reply("rcpt_ok")
-    if t is DataStart:
+    if t is DataStart or t is BdatStart:
         return reply("data_go")
     if t is DataEnd:
         return conn.data_end_check(ev) or reply("queued", stamp="1700000000", qid="4711")

@@ -37,7 +37,8 @@ class DataReader:
 
     __slots__ = ("_buf", "_events", "_databytes", "_size", "_oversized", "_hops",
                  "_in_headers", "_hcarry", "_hskip", "_first",
-                 "_header_limit", "_hpos", "_hname", "_hheld", "_hkept_lf", "header_cut")
+                 "_header_limit", "_hpos", "_hname", "_hheld", "_hkept_lf", "header_cut",
+                 "chunk_size", "chunk_left", "_last", "_cr", "_discard", "_bad")
 
     def __init__(self, buf: bytearray, events: deque, databytes: int,
                  header_limit: int = 0) -> None:
@@ -62,6 +63,58 @@ class DataReader:
         self._hheld = bytearray()   # that line's octets past the limit, held back
         self._hkept_lf = True       # what was kept below the limit ends at a line start
         self.header_cut = False     # this message's header block was cut
+        self.chunk_size = 0         # BDAT: octets of the current chunk
+        self.chunk_left = 0         # of them not yet read
+        self._last = False          # the current chunk is the LAST one
+        self._cr = False            # a CR ended the chunk before, not stored yet
+        self._discard = False       # a bare LF or a malformed BDAT: the rest is not stored
+        self._bad = False           # a malformed BDAT's chunk was discarded
+
+    def chunk(self, size: int, last: bool, bad: bool = False) -> None:
+        """The next BDAT chunk: `size` octets follow in the buffer (RFC 3030
+        section 2); `bad`: a malformed BDAT, its octets discarded, the message
+        ends with it."""
+        if self._first:     # the first chunk: the hop count starts at a line start
+            self._first = False
+            self._hcarry = _LF
+        self.chunk_size = self.chunk_left = size
+        self._last = last or bad
+        if bad:
+            self._bad = self._discard = True
+
+    def step_chunk(self) -> DataEnd | None:
+        """Consume what is buffered of the current chunk (never past it) in
+        stored form: CRLF -> LF, nothing unstuffed, a CR last held for the
+        next chunk. The DataEnd when the message ended, else None."""
+        buf = self._buf
+        n = min(self.chunk_left, len(buf))
+        end = n == self.chunk_left
+        if not end and n == 0:
+            return None
+        final = end and self._last
+        region = bytes(buf[:n])
+        del buf[:n]
+        self.chunk_left -= n
+        if not self._discard:
+            if self._cr:
+                region = b"\r" + region
+                self._cr = False
+            if not final and region.endswith(b"\r"):
+                region = region[:-1]
+                self._cr = True
+            out = region.replace(_CRLF, _LF)
+            if region.count(_LF) != len(region) - len(out):
+                self._discard = True
+                self._cr = False
+                region = region[:_first_bare_lf(region)]
+                out = region.replace(_CRLF, _LF)
+            if out:
+                self._store(out)
+        if not end:
+            return None
+        if final or self._discard or self._oversized:
+            return self._end(self._discard and not self._bad)
+        return None
 
     def step(self) -> DataEnd | None:
         """Consume what is buffered; queue its chunks. Returns the DataEnd
@@ -116,7 +169,7 @@ class DataReader:
         if self.header_cut and self._hpos is not None and not self._hkept_lf \
                 and not self._oversized:
             self._events.append(DataChunk(_LF))     # a cut header with no body: its last LF
-        ev = DataEnd(self._size, self._oversized, self._hops, bare_lf, self.header_cut)
+        ev = DataEnd(self._size, self._oversized, self._hops, bare_lf, self.header_cut, self._bad)
         self._events.append(ev)
         return ev
 

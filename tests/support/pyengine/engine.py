@@ -16,9 +16,9 @@ from .args import (
 from .data import DataReader
 from .events import (
     ANOMALY_BARE_NEWLINE, ANOMALY_EIGHTBIT, ANOMALY_LINE_LIMIT, ANOMALY_SEQUENCE,
-    ANOMALY_SYNTAX, ANOMALY_UNKNOWN, AUTH, CLOSED, DATA, IDLE, MAIL, NEED_DATA, PAUSED,
-    RCPT, Anomaly, AuthResponse, AuthStart, Closed, DataChunk, DataEnd, DataStart, Event,
-    Help, Helo, Mail, Noop, Quit, Rcpt, Rset, StartTLS, Vrfy,
+    ANOMALY_SYNTAX, ANOMALY_UNKNOWN, AUTH, BDAT, CHUNK, CLOSED, DATA, IDLE, MAIL, NEED_DATA,
+    PAUSED, RCPT, Anomaly, AuthResponse, AuthStart, BdatStart, Closed, DataChunk, DataEnd,
+    DataStart, Event, Help, Helo, Mail, Noop, Quit, Rcpt, Rset, StartTLS, Vrfy,
 )
 from mailfilter.smtp.engine import EngineConfig
 from mailfilter.smtp.replies import REPLIES, Reply, multiline, reply
@@ -30,7 +30,8 @@ class EngineError(RuntimeError):
 
 
 # --- the transition table (see the module docstring) -----------------------------
-EFFECTS = ("helo", "open", "count", "data", "drop", "done", "auth", "tls")
+EFFECTS = ("helo", "open", "count", "data", "drop", "done", "auth", "tls", "chunk", "skip",
+           "fail")
 
 _TRANSITION_ROWS = (
     # state  event         reply classes  -> state  effect
@@ -53,6 +54,10 @@ _TRANSITION_ROWS = (
     (AUTH, AuthResponse, (4, 5),         IDLE, None),
     (IDLE, StartTLS,     (2,),           IDLE, "tls"),
     (IDLE, StartTLS,     (3, 4, 5),      IDLE, None),
+    (RCPT, BdatStart,    (3,),           CHUNK, "chunk"),
+    (RCPT, BdatStart,    (2, 4, 5),      IDLE, "skip"),
+    (CHUNK, DataEnd,     (2, 3),         IDLE, "done"),
+    (CHUNK, DataEnd,     (4, 5),         IDLE, "fail"),
 )
 
 TRANSITIONS: dict = {(state, event, cls): (new, effect)
@@ -61,7 +66,9 @@ TRANSITIONS: dict = {(state, event, cls): (new, effect)
 """(state, event type, reply class) -> (new state, effect name or None): the
 rows above, one key per reply class, as ``send()`` looks them up."""
 
-_TRANSACTION = (MAIL, RCPT)     # the states of an open mail transaction
+_TRANSACTION = (MAIL, RCPT, BDAT)   # the states of an open mail transaction, between commands
+_RECEIVING = (DATA, CHUNK, BDAT)    # a message is coming in
+_MAX_BDAT_DIGITS = 18               # a chunk size below 10**18 octets
 
 
 class MultiReply:
@@ -173,6 +180,8 @@ class SMTPConnection:
         self.mail_smtputf8 = False      # this transaction's MAIL carried SMTPUTF8
         self.tls = False                # the session runs inside TLS (tls_started)
         self._tls_wait = False          # 220 to STARTTLS sent: no input until tls_started
+        self.bdat_failed = False        # a BDAT of this transaction was refused: further BDATs 503
+        self._skip = 0                  # octets of a refused BDAT chunk still to discard
 
     # --- public API ---------------------------------------------------------
     @property
@@ -189,6 +198,11 @@ class SMTPConnection:
         return self._state is CLOSED
 
     @property
+    def receiving(self) -> bool:
+        """A message is coming in: DATA, or a BDAT message from its first chunk to its LAST."""
+        return self._state in _RECEIVING
+
+    @property
     def pending(self) -> Event | None:
         """The event a reply is owed for, if any."""
         return self._pending
@@ -199,7 +213,7 @@ class SMTPConnection:
 
     def ehlo_keywords(self) -> list[str]:
         cfg = self.config
-        kw = ["PIPELINING", f"SIZE {cfg.databytes}", "8BITMIME", "ENHANCEDSTATUSCODES"]
+        kw = ["PIPELINING", "CHUNKING", f"SIZE {cfg.databytes}", "8BITMIME", "ENHANCEDSTATUSCODES"]
         if cfg.smtputf8:
             kw.append("SMTPUTF8")
         kw.extend(self._extra_ehlo)
@@ -220,7 +234,9 @@ class SMTPConnection:
     def data_end_refusal(self, ev: DataEnd) -> str | None:
         """Why the engine refuses a DataEnd, as the name of its reply (qmail
         order, docs/behaviour/smtp.md#end-of-data): "bare_lf", "too_many_hops",
-        "size_exceeded"; None when it does not."""
+        "size_exceeded" ("bdat_syntax" first); None when it does not."""
+        if ev.bad_bdat:
+            return "bdat_syntax"
         if ev.bare_lf:
             return "bare_lf"
         if ev.hops >= self.config.max_hops:
@@ -242,6 +258,7 @@ class SMTPConnection:
         self.tls = True
         self._buf.clear()
         self._skipping = False
+        self._skip = 0
         if self._state is not CLOSED:
             self._state = IDLE
         self._forget_transaction()
@@ -286,9 +303,11 @@ class SMTPConnection:
         if ev is None:
             raise EngineError("send() without a pending event")
         self._pending = None
-        line = _LINES.get(r)
-        self._out.append(line if line is not None else r.line())
         code = r.code
+        if code // 100 != 3 or type(ev) is not BdatStart:
+            # BDAT has no intermediate reply (RFC 3030 section 2): no 354
+            line = _LINES.get(r)
+            self._out.append(line if line is not None else r.line())
         if code == 421 or code == 221 or close:
             self._close("quit" if code == 221 else str(code), r)
             return
@@ -304,8 +323,19 @@ class SMTPConnection:
         elif effect == "open":
             self.rcpt_count = 0
             self.mail_smtputf8 = "SMTPUTF8" in ev.params
+            self.bdat_failed = False
         elif effect == "data":
             self._data.reset()
+        elif effect == "chunk":
+            self._data.reset()
+            self._data.chunk(ev.size, ev.last)
+        elif effect == "skip":
+            self._skip = ev.size
+            self._forget_transaction()
+            self.bdat_failed = True
+        elif effect == "fail":
+            self._forget_transaction()
+            self.bdat_failed = True
         elif effect == "done":
             self._forget_transaction()
             if ev.bare_lf:
@@ -332,14 +362,14 @@ class SMTPConnection:
             return PAUSED
         if self._state is CLOSED:
             return self._closed_event()
-        if not self._buf and not self._eof:
+        if not self._buf and not self._eof and self._state is not CHUNK:
             return NEED_DATA            # fast path: the common second call per read
         if self._state is DATA:
             end = self._data.step()
             if end is not None:
                 self._pending = end
         else:
-            self._command_step()
+            self._chunk_step()
         if events:
             return events.popleft()
         if self._state is CLOSED:
@@ -365,6 +395,27 @@ class SMTPConnection:
     def _forget_transaction(self) -> None:
         self.rcpt_count = 0
         self.mail_smtputf8 = False
+        self.bdat_failed = False
+
+    def _chunk_step(self) -> None:
+        """Commands and BDAT chunks in turn until an event is queued or the
+        input runs out; a chunk read whole that ends nothing gets its 250."""
+        data = self._data
+        while True:
+            if self._state is CHUNK:
+                end = data.step_chunk()
+                if end is not None:
+                    self._pending = end
+                    return
+                if data.chunk_left:
+                    return
+                self._out.append(reply("bdat_ok", octets=data.chunk_size).line())
+                self._state = BDAT
+                if self._events:
+                    return
+            self._command_step()
+            if self._state is not CHUNK or self._events:
+                return
 
     def _emit(self, ev: Event) -> None:
         self._events.append(ev)
@@ -392,7 +443,15 @@ class SMTPConnection:
         events = self._events
         commands = _COMMANDS
         # every path that closes the session also queues an event, ending the loop
-        while not events:
+        while not events and self._state is not CHUNK:
+            if self._skip:
+                # the octets of a refused BDAT chunk, never parsed
+                n = min(self._skip, len(buf))
+                del buf[:n]
+                self._skip -= n
+                if self._skip:
+                    return
+                continue
             if self._skipping:
                 i = buf.find(_LF)
                 if i < 0:
@@ -471,6 +530,9 @@ class SMTPConnection:
         self._emit(Mail(address, params))
 
     def _cmd_rcpt(self, arg: bytes) -> None:
+        if self._state is BDAT:
+            self._bad(REPLIES["rcpt_after_bdat"], ANOMALY_SEQUENCE, "RCPT")
+            return
         if self._state not in _TRANSACTION:
             self._bad(REPLIES["mail_first"], ANOMALY_SEQUENCE, "RCPT")
             return
@@ -495,6 +557,8 @@ class SMTPConnection:
             self._bad(REPLIES["mail_first"], ANOMALY_SEQUENCE, "DATA")
         elif state is MAIL:
             self._bad(REPLIES["rcpt_first"], ANOMALY_SEQUENCE, "DATA")
+        elif state is BDAT:
+            self._bad(REPLIES["data_after_bdat"], ANOMALY_SEQUENCE, "DATA")
         elif arg.strip(b" "):
             self._bad(REPLIES["syntax_args"], ANOMALY_SYNTAX, "DATA")
         else:
@@ -559,6 +623,44 @@ class SMTPConnection:
         else:
             self._emit(StartTLS())
 
+    def _cmd_bdat(self, arg: bytes) -> None:
+        parts = arg.split()
+        if not parts or not parts[0].isdigit() or len(parts[0]) > _MAX_BDAT_DIGITS:
+            # no chunk size: its octets cannot be told from commands
+            self._bad(REPLIES["bdat_syntax"], ANOMALY_SYNTAX, "BDAT")
+            if self._state is not CLOSED:
+                r = reply("bdat_lost", host=self._host)
+                self._out.append(r.line())
+                self._close("bdat count", r)
+            return
+        size = int(parts[0])
+        last = len(parts) == 2
+        if len(parts) > 2 or (last and parts[1].upper() != b"LAST"):
+            if self._state is BDAT:
+                self._events.append(Anomaly(ANOMALY_SYNTAX, "BDAT"))
+                self._data.chunk(size, True, True)
+                self._state = CHUNK
+                return
+            self._bad(REPLIES["bdat_syntax"], ANOMALY_SYNTAX, "BDAT")
+            self._skip = size
+            if self._state in (MAIL, RCPT):
+                self._state = IDLE
+                self._forget_transaction()
+                self.bdat_failed = True
+            return
+        if self.bdat_failed:
+            self._skip = size
+            self._answer(REPLIES["bdat_failed"])
+        elif self._state is BDAT:
+            self._data.chunk(size, last)
+            self._state = CHUNK
+        elif self._state is RCPT:
+            self._emit(BdatStart(size, last))
+        else:
+            self._skip = size
+            self._bad(REPLIES["mail_first" if self._state is IDLE else "rcpt_first"],
+                      ANOMALY_SEQUENCE, "BDAT")
+
     def _reject(self, e: ParseError, verb: str) -> None:
         if e.bad:
             self._bad(e.reply, e.tag, e.detail if e.detail is not None else verb)
@@ -579,6 +681,7 @@ _COMMANDS = {
     b"QUIT": SMTPConnection._cmd_quit,
     b"AUTH": SMTPConnection._cmd_auth,
     b"STARTTLS": SMTPConnection._cmd_starttls,
+    b"BDAT": SMTPConnection._cmd_bdat,
 }
 """The command table (qmail-smtpd ``smtpcommands[]``); anything else is
 500 unimplemented (docs/behaviour/smtp.md#replies, #commands)."""

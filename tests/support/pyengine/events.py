@@ -6,7 +6,9 @@ from __future__ import annotations
 
 
 # --- states: the package's own strings (compared by identity on both sides)
-from mailfilter.smtp.events import AUTH, CLOSED, DATA, IDLE, MAIL, RCPT, STATES  # noqa: E402
+from mailfilter.smtp.events import (  # noqa: E402
+    AUTH, BDAT, CHUNK, CLOSED, DATA, IDLE, MAIL, RCPT, STATES,
+)
 
 
 class _Sentinel:
@@ -75,6 +77,17 @@ class DataStart(Event):
     owes_reply = True
 
 
+class BdatStart(Event):
+    """The first BDAT of a transaction (RFC 3030 §2): answered as DataStart
+    (354 to go on, not sent), then the chunk's octets arrive as DataChunks."""
+    __slots__ = ("size", "last")
+    owes_reply = True
+
+    def __init__(self, size: int, last: bool) -> None:
+        self.size = size
+        self.last = last
+
+
 class DataChunk(Event):
     __slots__ = ("data",)
 
@@ -83,16 +96,17 @@ class DataChunk(Event):
 
 
 class DataEnd(Event):
-    __slots__ = ("size", "oversized", "hops", "bare_lf", "header_cut")
+    __slots__ = ("size", "oversized", "hops", "bare_lf", "header_cut", "bad_bdat")
     owes_reply = True
 
     def __init__(self, size: int, oversized: bool, hops: int, bare_lf: bool,
-                 header_cut: bool = False) -> None:
+                 header_cut: bool = False, bad_bdat: bool = False) -> None:
         self.size = size
         self.oversized = oversized
         self.hops = hops
         self.bare_lf = bare_lf
         self.header_cut = header_cut    # the header block passed the header size limit: cut
+        self.bad_bdat = bad_bdat        # a malformed BDAT inside the message: its chunk discarded
 
 
 class AuthStart(Event):
