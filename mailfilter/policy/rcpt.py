@@ -38,8 +38,9 @@ LOCALMFCHECK rows (not implemented), SIZE is refused at MAIL, and
 MAXRECIPIENTS counts accepted recipients only.
 
 Invariants: a check is a function (session, recipient, relay) -> Verdict
-or None, where `recipient` is the address after the literal rewrite (a list
-reads it as Latin-1 bytes, "replace": one byte per character) and `relay`
+or None, where `recipient` is the address after the literal rewrite in its
+match form (policy/utf8.py: an SMTPUTF8 address as its UTF-8 bytes, one
+character per byte, which a list reads as Latin-1 bytes) and `relay`
 whether the client may relay; it
 decides from these and the session alone, whatever ran before it (a refusal
 after tarpit_delay carries the rcpt_delay it set). Only tarpit_delay
@@ -57,6 +58,7 @@ from functools import cache
 from typing import TYPE_CHECKING, NamedTuple
 
 from mailfilter.rules.format import MODE_ADDRESS, MODE_HOST
+from mailfilter.policy.utf8 import fold
 from mailfilter.policy.verdict import DNS_FAIL, DNS_NULLMX, DNS_TEMP, NO_RULE, Verdict
 
 if TYPE_CHECKING:
@@ -304,7 +306,7 @@ def recipient_rule(eng: PolicyEngine, recipient: str) -> int:
     """The recipients line accepting `recipient` (or the `!domain` / `!*`
     line that exempts it from the check), NOT_CHECKED, or NOT_LISTED
     (docs/behaviour/control-files.md#recipients)."""
-    addr = recipient.lower()
+    addr = fold(recipient)      # A-Z only: UTF-8 bytes are compared as they are
     if "@" not in addr:
         if addr == "postmaster":
             # RFC 5321 §4.5.1: <postmaster> is always taken, whatever the list says

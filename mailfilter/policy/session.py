@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from mailfilter.rules.format import MODE_ADDRESS, MODE_HOST
 from mailfilter.policy.rcpt import HISTORY, KEPT_HELO, KEPT_MAIL
+from mailfilter.policy.utf8 import fold, match_form
 from mailfilter.policy.verdict import (DNS_OK, NO_RULE, RCPT_OK, V_DATA_OK, V_MAIL_OK, V_NOTORIOUS,
                                        V_RCPT_AUTH, Client, Verdict)
 
@@ -216,14 +217,16 @@ class SessionPolicy:
         self.sender = sender
         if not sender:
             return V_MAIL_OK
+        # the lists read an SMTPUTF8 address as its UTF-8 bytes (policy/utf8.py)
+        key = match_form(sender)
         if prof.relaymailfrom and eng.relaymailfrom is not None:
-            rid = eng.listed(eng.relaymailfrom, sender.encode("latin-1", "replace"), MODE_ADDRESS,
+            rid = eng.listed(eng.relaymailfrom, key.encode("latin-1"), MODE_ADDRESS,
                              qregex=False)
             if rid >= 0:
                 self.sender_relay = eng.accept_verdict("relay_sender", rid)
         if prof.disable_badmailfrom:
             return V_MAIL_OK
-        sv = self.sender_verdict = self._sender_verdict(sender)
+        sv = self.sender_verdict = self._sender_verdict(key)
         if sv is None:
             return V_MAIL_OK
         # 250 now, the rejection is reported at every RCPT
@@ -231,6 +234,7 @@ class SessionPolicy:
         return eng.pending_verdict("MAIL", sv[0], sv[1])
 
     def _sender_verdict(self, sender: str) -> tuple[str, int] | None:
+        """`sender` in its match form (policy/utf8.py)."""
         eng = self.engine
         if eng.qregex:
             data = sender.encode("latin-1", "replace")
@@ -251,7 +255,7 @@ class SessionPolicy:
         """Decorated badmailfrom entries, in spamcontrol's order
         (docs/behaviour/control-files.md#decorated-entries)."""
         eng = self.engine
-        folded = sender.lower()
+        folded = fold(sender)
         dom = _domain(folded)
         at_dom = ("@" + dom).encode("latin-1", "replace")
         full = folded.encode("latin-1", "replace")
@@ -319,8 +323,9 @@ class SessionPolicy:
         if self.rcpt_count > 1 or self.failed_recipients:
             state |= HISTORY
         checks = (prof.relay_rcpt_plans if relay else prof.rcpt_plans)[state]
+        key = match_form(recipient)     # what the lists read (policy/utf8.py)
         for check in checks:
-            verdict = check(self, recipient, relay)
+            verdict = check(self, key, relay)
             if verdict is not None:
                 return verdict
         self.accepted += 1
