@@ -490,7 +490,7 @@ class Session:
             sender=tx.sender or "", recipients=list(tx.recipients), helo=sp.helo_name or "",
             client_ip=client.ip, client_host=client.host, auth_user=sp.authenticated, tls=self.tls,
             local_host=self.engine.host, esmtp=self.engine.esmtp,
-            qmailqueue=sp.profile.settings.get("QMAILQUEUE"))
+            smtputf8="SMTPUTF8" in tx.params, qmailqueue=sp.profile.settings.get("QMAILQUEUE"))
         sink = self.config.delivery.open(env)
         sink.write(received_header(env))
         self.sink = sink
