@@ -37,8 +37,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mailfilter.rules.format import MODE_ADDRESS, MODE_HOST
-from mailfilter.policy.rcpt import HISTORY, KEPT_HELO, KEPT_MAIL
-from mailfilter.policy.utf8 import fold, match_form
+from mailfilter.policy.rcpt import HISTORY, KEPT_HELO, KEPT_MAIL, address_bytes
 from mailfilter.policy.verdict import (DNS_OK, NO_RULE, RCPT_OK, V_DATA_OK, V_MAIL_OK, V_NOTORIOUS,
                                        V_RCPT_AUTH, Client, Verdict)
 
@@ -217,16 +216,15 @@ class SessionPolicy:
         self.sender = sender
         if not sender:
             return V_MAIL_OK
-        # the lists read an SMTPUTF8 address as its UTF-8 bytes (policy/utf8.py)
-        key = match_form(sender)
+        # the lists read an SMTPUTF8 address as its UTF-8 bytes (rcpt.address_bytes)
         if prof.relaymailfrom and eng.relaymailfrom is not None:
-            rid = eng.listed(eng.relaymailfrom, key.encode("latin-1"), MODE_ADDRESS,
+            rid = eng.listed(eng.relaymailfrom, address_bytes(sender), MODE_ADDRESS,
                              qregex=False)
             if rid >= 0:
                 self.sender_relay = eng.accept_verdict("relay_sender", rid)
         if prof.disable_badmailfrom:
             return V_MAIL_OK
-        sv = self.sender_verdict = self._sender_verdict(key)
+        sv = self.sender_verdict = self._sender_verdict(sender)
         if sv is None:
             return V_MAIL_OK
         # 250 now, the rejection is reported at every RCPT
@@ -234,10 +232,9 @@ class SessionPolicy:
         return eng.pending_verdict("MAIL", sv[0], sv[1])
 
     def _sender_verdict(self, sender: str) -> tuple[str, int] | None:
-        """`sender` in its match form (policy/utf8.py)."""
         eng = self.engine
         if eng.qregex:
-            data = sender.encode("latin-1", "replace")
+            data = address_bytes(sender)
             rid = eng.listed(eng.badmailfrom, data, MODE_ADDRESS)
             if rid < 0 and not self.relay_client:
                 rid = eng.listed(eng.badmailfromnorelay, data, MODE_ADDRESS)
@@ -246,7 +243,8 @@ class SessionPolicy:
             verdict = self._decorated(sender)
             if verdict is not None or self.sender_bypass:
                 return verdict
-        rid = eng.badmailfrom_listed(sender, MODE_ADDRESS)   # last match decides, `!` = exception
+        rid = eng.badmailfrom_listed(sender, MODE_ADDRESS, False, True)  # last match decides,
+                                                                         # `!` = exception
                                                              # (docs/behaviour/control-files.md
                                                              # #which-match-wins)
         return ("badmailfrom", rid) if rid >= 0 else None
@@ -255,14 +253,15 @@ class SessionPolicy:
         """Decorated badmailfrom entries, in spamcontrol's order
         (docs/behaviour/control-files.md#decorated-entries)."""
         eng = self.engine
-        folded = fold(sender)
-        dom = _domain(folded)
-        at_dom = ("@" + dom).encode("latin-1", "replace")
-        full = folded.encode("latin-1", "replace")
+        # the UTF-8 bytes, A-Z folded (bytes.lower()), as the tables hold them
+        full = address_bytes(sender).lower()
+        dom = full[full.rfind(b"@") + 1:] if b"@" in full else b""
+        at_dom = b"@" + dom
         if eng.mf_bypass is not None and eng.mf_bypass.get(full) >= 0:
             self.sender_bypass = True
             return None
         host = self.client.host.lower()
+        hostb = address_bytes(host)
         if eng.mf_antispoof is not None and not self.relay_client:
             rid = max(eng.mf_antispoof.get(full), eng.mf_antispoof.get(at_dom))
             if rid >= 0:
@@ -273,10 +272,10 @@ class SessionPolicy:
                 return ("badmailfrom", rid)
         if eng.mf_wellknown is not None and dom:
             rid = eng.mf_wellknown.get(at_dom)
-            if rid >= 0 and not (host == dom or host.endswith("." + dom)):
+            if rid >= 0 and not (hostb == dom or hostb.endswith(b"." + dom)):
                 return ("badmailfrom", rid)
         if eng.mf_mismatch is not None and dom and host != "unknown" \
-                and not (host == dom or host.endswith("." + dom)):
+                and not (hostb == dom or hostb.endswith(b"." + dom)):
             part = host
             while part:
                 rid = eng.mf_mismatch.get(part.encode("latin-1", "replace"))
@@ -323,9 +322,8 @@ class SessionPolicy:
         if self.rcpt_count > 1 or self.failed_recipients:
             state |= HISTORY
         checks = (prof.relay_rcpt_plans if relay else prof.rcpt_plans)[state]
-        key = match_form(recipient)     # what the lists read (policy/utf8.py)
         for check in checks:
-            verdict = check(self, key, relay)
+            verdict = check(self, recipient, relay)
             if verdict is not None:
                 return verdict
         self.accepted += 1
