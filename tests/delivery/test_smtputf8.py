@@ -11,7 +11,6 @@ block's end is found across writes. Both event loops.
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 
@@ -19,16 +18,8 @@ from mailfilter.delivery import Delivery, Envelope
 from mailfilter.delivery.forward import needs_smtputf8
 from mailfilter.delivery.spool import SpoolFacts
 
-controller_mod = pytest.importorskip("aiosmtpd.controller")
-
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - uvloop is a runtime dependency
-    uvloop = None
-
-LOOPS = {"asyncio": asyncio.new_event_loop}
-if uvloop is not None:
-    LOOPS["uvloop"] = uvloop.new_event_loop
+from tests.support import aiosmtpd_hop
+from tests.support.server_harness import LOOPS, new_loop
 
 SENDER = "j\u00f6rg@b\u00fccher.example"
 RCPT = "\u7528\u6237@example.org"
@@ -37,38 +28,19 @@ UTF8_HEAD = "Subject: gr\u00fc\u00dfe\nFrom: j\u00f6rg@b\u00fccher.example\n\n".
 BODY_8BIT = "caf\u00e9 body\n".encode()
 
 
-class Keep:
-    """aiosmtpd handler: every message it takes, with its MAIL parameters."""
-
-    def __init__(self) -> None:
-        self.got: list[tuple] = []
-
-    async def handle_DATA(self, server, session, envelope):
-        self.got.append((envelope.mail_from, envelope.rcpt_tos, envelope.mail_options,
-                         envelope.original_content))
-        return "250 2.0.0 kept"
-
-
 @pytest.fixture(params=[True, False], ids=["smtputf8", "no-smtputf8"])
 def next_hop(request):
-    """(handler, port, offers SMTPUTF8) of an aiosmtpd next hop."""
-    with socket.socket() as s:          # aiosmtpd's Controller takes a port, not 0
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    keep = Keep()
-    ctl = controller_mod.Controller(keep, hostname="127.0.0.1", port=port,
-                                    enable_SMTPUTF8=request.param)
-    ctl.start()
-    yield keep, port, request.param
-    ctl.stop()
+    """(what it took, port, offers SMTPUTF8) of an aiosmtpd next hop."""
+    with aiosmtpd_hop.next_hop(enable_SMTPUTF8=request.param) as (port, got):
+        yield got, port, request.param
 
 
-@pytest.fixture(params=sorted(LOOPS))
+@pytest.fixture(params=LOOPS)
 def run(request):
     def run(coro, timeout: float = 30):
         async def bounded():
             return await asyncio.wait_for(coro, timeout)
-        with asyncio.Runner(loop_factory=LOOPS[request.param]) as runner:
+        with asyncio.Runner(loop_factory=lambda: new_loop(request.param)) as runner:
             return runner.run(bounded())
     return run
 
@@ -89,12 +61,12 @@ async def hand_over(port: int, env: Envelope, data: bytes, bytewise: bool):
 
 @pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "bytewise"])
 def test_utf8_envelope_and_header(run, next_hop, bytewise):
-    keep, port, offered = next_hop
+    got, port, offered = next_hop
     data = UTF8_HEAD + BODY_8BIT
     res = run(hand_over(port, envelope(SENDER, [RCPT]), data, bytewise))
     if offered:
         assert res.ok, (str(res.reply), res.detail)
-        ((sender, rcpts, options, content),) = keep.got
+        ((sender, rcpts, options, content),) = got
         assert (sender, rcpts) == (SENDER, [RCPT])
         assert "SMTPUTF8" in options and "BODY=8BITMIME" in options
         assert content.replace(b"\r\n", b"\n") == data
@@ -102,22 +74,22 @@ def test_utf8_envelope_and_header(run, next_hop, bytewise):
         assert str(res.reply) == ("554 5.6.7 next hop does not offer SMTPUTF8, "
                                   "which this message needs")
         assert f"SMTPUTF8 not offered, <{SENDER}> is not ASCII" in res.detail
-        assert keep.got == []
+        assert got == []
 
 
 @pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "bytewise"])
 def test_ascii_envelope_utf8_header(run, next_hop, bytewise):
     """An ASCII envelope with a UTF-8 header field still needs SMTPUTF8
     (RFC 6532 header fields are what makes the message internationalized)."""
-    keep, port, offered = next_hop
+    got, port, offered = next_hop
     res = run(hand_over(port, envelope("a@example.com", ["b@example.org"]), UTF8_HEAD + b"x\n",
                         bytewise))
     if offered:
-        assert res.ok and "SMTPUTF8" in keep.got[0][2]
+        assert res.ok and "SMTPUTF8" in got[0][2]
     else:
         assert res.reply.code == 554 and res.reply.enhanced == "5.6.7"
         assert "SMTPUTF8 not offered, the header is not ASCII" in res.detail
-        assert keep.got == []
+        assert got == []
 
 
 @pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "bytewise"])
@@ -125,21 +97,21 @@ def test_ascii_envelope_and_header_goes_without_smtputf8(run, next_hop, bytewise
     """Announced SMTPUTF8, but nothing needs it: an 8-bit byte in the body
     only (after the empty line). Sent with the parameter where it is
     offered, without it where not (RFC 6531 §3.4; Postfix does the same)."""
-    keep, port, offered = next_hop
+    got, port, offered = next_hop
     data = ASCII_HEAD + BODY_8BIT
     res = run(hand_over(port, envelope("a@example.com", ["b@example.org"]), data, bytewise))
     assert res.ok, (str(res.reply), res.detail)
-    ((sender, rcpts, options, content),) = keep.got
+    ((sender, rcpts, options, content),) = got
     assert ("SMTPUTF8" in options) is offered
     assert content.replace(b"\r\n", b"\n") == data
 
 
 def test_no_smtputf8_transaction_gets_no_parameter(run, next_hop):
     """A transaction without SMTPUTF8 never gets the parameter downstream."""
-    keep, port, offered = next_hop
+    got, port, offered = next_hop
     res = run(hand_over(port, envelope("a@example.com", ["b@example.org"], smtputf8=False),
                         ASCII_HEAD + b"x\n", False))
-    assert res.ok and "SMTPUTF8" not in keep.got[0][2]
+    assert res.ok and "SMTPUTF8" not in got[0][2]
 
 
 def test_needs_smtputf8_names_the_reason():

@@ -12,10 +12,10 @@ aiosmtpd next hop with and without SMTPUTF8
 from __future__ import annotations
 
 import smtplib
-import socket
 
 import pytest
 
+from tests.support import aiosmtpd_hop
 from tests.support.server_harness import (
     PLAIN, TIMEOUT, RawClient, first, read_new, spawn_serve, write_rules,
 )
@@ -110,27 +110,13 @@ def test_no_smtputf8_option(tmp_path):
 def forwarding(request, tmp_path):
     """A spawned server forwarding to an aiosmtpd next hop that offers
     SMTPUTF8 or not: (server, what the next hop took, offered)."""
-    controller_mod = pytest.importorskip("aiosmtpd.controller")
-    got = []
-
-    class Keep:
-        async def handle_DATA(self, server, session, envelope):
-            got.append((envelope.mail_from, envelope.rcpt_tos, envelope.mail_options))
-            return "250 2.0.0 kept"
-
-    with socket.socket() as s:          # aiosmtpd's Controller takes a port, not 0
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctl = controller_mod.Controller(Keep(), hostname="127.0.0.1", port=port,
-                                    enable_SMTPUTF8=request.param)
-    ctl.start()
     rules = write_rules(tmp_path / "rules", UTF8_RULES)
-    sp = spawn_serve("--rules", rules, "--deliver", f"smtp:127.0.0.1:{port}", "--no-tls")
-    try:
-        yield sp, got, request.param
-    finally:
-        sp.stop()
-        ctl.stop()
+    with aiosmtpd_hop.next_hop(enable_SMTPUTF8=request.param) as (port, got):
+        sp = spawn_serve("--rules", rules, "--deliver", f"smtp:127.0.0.1:{port}", "--no-tls")
+        try:
+            yield sp, got, request.param
+        finally:
+            sp.stop()
 
 
 def test_forward_utf8_message(forwarding):
@@ -149,7 +135,7 @@ def test_forward_utf8_message(forwarding):
             assert (exc.value.smtp_code, exc.value.smtp_error) == (
                 554, b"5.6.7 next hop does not offer SMTPUTF8, which this message needs")
     if offered:
-        ((sender, rcpts, options),) = got
+        ((sender, rcpts, options, _),) = got
         assert (sender, rcpts) == (SENDER, [rcpt]) and "SMTPUTF8" in options
         sp.log.wait_for(r"action=accept stage=DATA .*reply=\"250 ")
     else:
@@ -167,6 +153,6 @@ def test_forward_ascii_message_announced_smtputf8(forwarding):
         s.ehlo("client.test")
         assert s.sendmail("a@example.com", ["u@example.com"],
                           b"Subject: plain\r\n\r\nbody caf\xc3\xa9\r\n", mail_options=["SMTPUTF8"]) == {}
-    ((sender, rcpts, options),) = got
+    ((sender, rcpts, options, _),) = got
     assert (sender, rcpts) == ("a@example.com", ["u@example.com"])
     assert ("SMTPUTF8" in options) is offered
