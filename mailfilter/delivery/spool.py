@@ -78,7 +78,7 @@ class SpoolSink(Sink):
                 if self._header:
                     self._header_eight_bit = not self._header_end(chunk).isascii()
             if self._header:
-                self._header = b"" if b"\n\n" in self._header + chunk else chunk[-1:]
+                self._header = b"" if self._ends_header(chunk) else chunk[-1:]
         except OSError as exc:  # rollover to disk failed: ENOSPC, EFBIG ...
             self._error = exc
 
@@ -100,11 +100,18 @@ class SpoolSink(Sink):
             self._state = "done"
             close_quietly(self._spool)
 
+    def _ends_header(self, chunk: bytes) -> bool:
+        """The header block ends in `chunk`: the stored text has LF line
+        ends, and the block ends at the first empty line (an LF right after
+        an LF, maybe the last byte of the chunk before)."""
+        return b"\n\n" in chunk or (self._header == b"\n" and chunk[:1] == b"\n")
+
     def _header_end(self, chunk: bytes) -> bytes:
-        """The part of `chunk` that is still header block (the stored text
-        has LF line ends: the block ends at the first empty line)."""
-        end = (self._header + chunk).find(b"\n\n")
-        return chunk if end < 0 else chunk[:end]
+        """The part of `chunk` that is still header block."""
+        if self._header == b"\n" and chunk[:1] == b"\n":
+            return b""
+        end = chunk.find(b"\n\n")
+        return chunk if end < 0 else chunk[:end + 1]
 
     def abort(self) -> None:
         if self._state == "open":
