@@ -235,6 +235,8 @@ def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | Non
         else:
             res = _result(v, f"<{sender}>")
             res.reply = line
+            if utf8:
+                _add_note(res, "MAIL carries SMTPUTF8: an address is not ASCII")
             if v.accept and sp.sender_verdict is not None and not sp.sender_bypass:
                 res.verdict = "pending-reject"
                 res.reason = sp.sender_verdict[0]
