@@ -22,9 +22,11 @@ name and a name without 8-bit bytes or `xn--` labels have no other spelling.
 """
 from __future__ import annotations
 
-import encodings.idna  # noqa: F401  (registers the "idna" codec: IDNA 2003)
-
 from mailfilter.rules.format import quoted
+
+# The "idna" codec (IDNA 2003) is the standard library's encodings.idna; the
+# codec registry imports it (and its nameprep tables) on the first name that
+# needs it, so rules without an IDN pay nothing for it.
 
 __all__ = ["other_spellings", "IdnProblem"]
 
