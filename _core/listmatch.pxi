@@ -464,21 +464,26 @@ cdef class ListMatcher:
         self._nwords = mv.shape[0] // 4
         self._exc_mask = exception_mask
 
-    def last_match_str(self, str text not None, int mode, Py_ssize_t start=0):
+    def last_match_str(self, str text not None, int mode, Py_ssize_t start=0, bint utf8=False):
         """last_match(text[start:].encode("latin-1", "replace"), mode)
         without building the slice or the bytes when every character of
-        `text` is Latin-1 (the bytes are then the string's own)."""
+        `text` is Latin-1 (the bytes are then the string's own). `utf8`:
+        `text` is an address, read as its UTF-8 bytes when it is not ASCII
+        (an SMTPUTF8 address meets a rule file's UTF-8 entry byte for byte,
+        docs/behaviour/control-files.md#case); ASCII is the same either way."""
         if mode < 0 or mode > 2:
             raise ValueError(f"last_match_str: unknown mode {mode}")
         cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text)
         if start < 0 or start > n:
             raise IndexError("last_match_str: start outside the text")
+        if utf8 and not PyUnicode_IS_ASCII(text):
+            return self.last_match(text[start:].encode("utf-8", "surrogateescape"), mode)
         if PyUnicode_KIND(text) != PyUnicode_1BYTE_KIND:
             return self.last_match(text[start:].encode("latin-1", "replace"), mode)
         return self._last(<const unsigned char*>PyUnicode_DATA(text) + start, n - start, mode,
                           None)
 
-    def listed(self, str text not None, int mode, bint lower=False):
+    def listed(self, str text not None, int mode, bint lower=False, bint utf8=False):
         """spamcontrol's "is it listed" (docs/behaviour/control-files.md#which-match-wins: the
         last matching line decides, an `!` line is an exception): last_match of
         `text` (lower-cased first if `lower`) as Latin-1 bytes ("replace": one
@@ -486,7 +491,9 @@ cdef class ListMatcher:
         as last_match((text.lower() if lower else text).encode("latin-1",
         "replace"), mode) followed by the rule's exception flag
         (set_rule_flags), in one call and without the bytes when `text` is
-        Latin-1 (ASCII when lower-casing: str.lower() of ASCII is the fold)."""
+        Latin-1 (ASCII when lower-casing: str.lower() of ASCII is the fold).
+        `utf8`: `text` is an address, read as its UTF-8 bytes when it is not
+        ASCII (`lower` then folds A-Z only, bytes.lower()), as last_match_str."""
         if mode < 0 or mode > 2:
             raise ValueError(f"listed: unknown mode {mode}")
         if self._words_ref is None:
@@ -496,7 +503,13 @@ cdef class ListMatcher:
         cdef unsigned char stack_text[_LM_STACK_TEXT]
         cdef unsigned char* low
         cdef const unsigned char* raw
-        if PyUnicode_KIND(text) != PyUnicode_1BYTE_KIND or (lower and not PyUnicode_IS_ASCII(text)):
+        if utf8 and not PyUnicode_IS_ASCII(text):
+            b = text.encode("utf-8", "surrogateescape")
+            if lower:
+                b = b.lower()
+            rid = self._last(<const unsigned char*>PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b),
+                             mode, b)
+        elif PyUnicode_KIND(text) != PyUnicode_1BYTE_KIND or (lower and not PyUnicode_IS_ASCII(text)):
             b = (text.lower() if lower else text).encode("latin-1", "replace")
             rid = self._last(<const unsigned char*>PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b),
                              mode, b)

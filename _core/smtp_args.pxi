@@ -178,10 +178,18 @@ def decode_address(bytes addr, bint smtputf8):
         return addr.decode("ascii")
     if not smtputf8:
         raise ParseError(_REPLIES["non_ascii_envelope"], ANOMALY_EIGHTBIT, "address")
+    # RFC 3629 UTF-8 only (Python's strict decoder refuses overlong forms,
+    # surrogates and code points above U+10FFFF)
     try:
-        return addr.decode("utf-8")
+        text = addr.decode("utf-8")
     except UnicodeDecodeError:
         raise ParseError(_REPLIES["bad_address"], ANOMALY_EIGHTBIT, "utf-8") from None
+    # nor C1 controls (U+0080-U+009F, UTF-8 C2 80..C2 9F): RFC 5198 §2 says
+    # they MUST NOT appear (docs/behaviour/smtp.md#addresses step 8)
+    for i in range(n - 1):
+        if p[i] == 0xc2 and p[i + 1] < 0xa0:
+            raise ParseError(_REPLIES["bad_address"], ANOMALY_EIGHTBIT, "control character")
+    return text
 
 
 cdef inline int _hexval(unsigned char c) nogil:

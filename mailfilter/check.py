@@ -158,7 +158,7 @@ def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | Non
               resolver=None, auth_mode: str | None = None,
               hostname: str | None = None, tls: bool = False,
               tls_settings: TLSSettings | None = None, deny: str = "close",
-              allow_routing: bool = False) -> CheckReport:
+              allow_routing: bool = False, smtputf8: bool = True) -> CheckReport:
     """One envelope through the server's own Session (smtp/session.py): the
     same engine, policy and replies the server uses. With a
     policy/dns.py Resolver the DNS checks are made with the server's own two
@@ -168,13 +168,17 @@ def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | Non
     TLS (after STARTTLS, or on the implicit-TLS listener), so the CONNECT
     stage names what such a session is offered (EHLO keywords, AUTH
     mechanisms); `tls_settings` are the server's (default: TLS available,
-    as with the embedded certificate); `deny` is the server's --deny."""
+    as with the embedded certificate); `deny` is the server's --deny.
+    `smtputf8`: the server offers SMTPUTF8 (not --no-smtputf8); the MAIL
+    then announces it when an address of the envelope is not ASCII, as a
+    client must (RFC 6531 §3.4)."""
     defaults = {} if auth_mode is None else {"SMTPAUTH": auth_mode}
     engine = PolicyEngine(bundle, PolicyOptions(open_relay=open_relay, defaults=defaults,
                                                 allow_routing=allow_routing))
     if tls_settings is None:      # the server's default: a certificate, so STARTTLS
         tls_settings = TLSSettings(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
-    session = Session(SessionConfig(engine, hostname=hostname, tls=tls_settings, deny=deny),
+    session = Session(SessionConfig(engine, hostname=hostname, tls=tls_settings, deny=deny,
+                                    smtputf8=smtputf8),
                       Client(ip=ip, host=host), tls="TLS" if tls else None)
     sp = session.policy
     drive = _Driver(session, resolver)
@@ -224,12 +228,15 @@ def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | Non
             report.stages.append(res)
     why = "give --from to check recipients"
     if sender is not None:
-        v, line = drive.command(f"MAIL FROM:<{sender}>")
+        utf8 = smtputf8 and not all(a.isascii() for a in (sender, *recipients))
+        v, line = drive.command(f"MAIL FROM:<{sender}>" + (" SMTPUTF8" if utf8 else ""))
         if v is None:
             report.stages.append(_refused("MAIL", f"<{sender}>", line))
         else:
             res = _result(v, f"<{sender}>")
             res.reply = line
+            if utf8:
+                _add_note(res, "MAIL carries SMTPUTF8: an address is not ASCII")
             if v.accept and sp.sender_verdict is not None and not sp.sender_bypass:
                 res.verdict = "pending-reject"
                 res.reason = sp.sender_verdict[0]

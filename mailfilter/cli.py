@@ -128,7 +128,8 @@ def cmd_check(args) -> int:
         # the server's settings that change its answers: --config, then the flags
         server = options_from(argparse.Namespace(
             config=args.config, auth=args.auth, hostname=args.hostname, open_relay=args.open_relay,
-            deny=args.deny, allow_untrusted_routing=args.allow_untrusted_routing))
+            deny=args.deny, allow_untrusted_routing=args.allow_untrusted_routing,
+            no_smtputf8=args.no_smtputf8))
     except StartupError as exc:
         print(f"mailfilter check: {exc}", file=sys.stderr)
         return 2
@@ -150,7 +151,8 @@ def cmd_check(args) -> int:
                        sender=args.sender, recipients=args.rcpt,
                        open_relay=server.open_relay, auth_user=args.auth_user, resolver=resolver,
                        auth_mode=server.auth, hostname=server.hostname, tls=args.tls,
-                       deny=server.deny, allow_routing=server.allow_untrusted_routing)
+                       deny=server.deny, allow_routing=server.allow_untrusted_routing,
+                       smtputf8=not server.no_smtputf8)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
@@ -210,8 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the server's --allow-untrusted-routing")
     k.add_argument("--deny", choices=("close", "rcpt"),
                    help="the server's --deny: what a tcp.smtp deny client gets (default: close)")
+    k.add_argument("--no-smtputf8", action="store_true", default=None,
+                   help="the server's --no-smtputf8: SMTPUTF8 not offered, so an 8-bit address "
+                        "is refused (otherwise MAIL announces SMTPUTF8 when an address needs it)")
     k.add_argument("--config", help="the server's TOML file: its open_relay, auth, hostname, "
-                                    "deny and allow_untrusted_routing apply")
+                                    "deny, allow_untrusted_routing and no_smtputf8 apply")
     k.add_argument("--dns", nargs="?", const="", default=None, metavar="HOST:PORT",
                    help="perform the HELOCHECK A/M and MFDNSCHECK lookups the server would "
                         "(system resolver, or the one given)")

@@ -71,7 +71,10 @@ smtp:HOST:PORT, lmtp:HOST:PORT, smtp+tls-required:HOST:PORT, lmtp+tls-required:H
     also makes TLS required), then EHLO/LHLO again; a refused or broken
     STARTTLS is 451 4.7.0, never a fallback to clear; the +tls-required
     kinds refuse a hop without STARTTLS (451 4.7.0). forward.py's docstring
-    has the details.
+    has the details. An SMTPUTF8 transaction (Envelope.smtputf8) carries
+    SMTPUTF8 to a hop that lists it; to one that does not, a message with a
+    UTF-8 address or header is 554 5.6.7 and not sent, an ASCII one goes
+    without the parameter (RFC 6531 §3.4, docs/behaviour/delivery.md#smtputf8).
     One downstream connection per message (EHLO/LHLO, MAIL, RCPT each, DATA;
     LF -> CRLF and dot-stuffing done in bulk). When the next hop's EHLO/LHLO
     lists them, MAIL FROM carries `SIZE=` (RFC 1870: the spooled size with

@@ -30,6 +30,10 @@ class Envelope:
     tls: str | bool | None      # "TLSv1.3/CIPHER" when received over TLS; falsy in clear
     local_host: str
     esmtp: bool = True          # the session greeted with EHLO (False: HELO)
+    # the transaction's MAIL carried SMTPUTF8 (RFC 6531): its addresses may be
+    # UTF-8, and a next hop gets it only if it offers SMTPUTF8
+    # (docs/behaviour/delivery.md#smtputf8)
+    smtputf8: bool = False
     # the client's tcp.smtp QMAILQUEUE: its qmail-queue program, used instead of
     # the hop's when the next hop is qmail-queue: (docs/behaviour/tcp-smtp.md#settings)
     qmailqueue: str | None = None

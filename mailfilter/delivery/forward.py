@@ -27,6 +27,15 @@ TLS to the next hop (RFC 3207):
   garbled record) on a path to a hop that said it speaks TLS. The client
   keeps the message and retries; a 454 is temporary by definition (RFC 3207
   §4), and a broken handshake usually is.
+SMTPUTF8 to the next hop (RFC 6531, docs/behaviour/delivery.md#smtputf8):
+- a transaction whose MAIL carried SMTPUTF8 is forwarded with the parameter
+  when the next hop's EHLO/LHLO reply lists SMTPUTF8;
+- when it does not, a message that needs it (`needs_smtputf8`: a UTF-8
+  address, or an 8-bit byte in the header block) is not sent (§3.4: the
+  client "MUST NOT transmit" it, and rejects it during its own transaction):
+  554 5.6.7, permanent, as Postfix bounces it; the detail names the address
+  or the header. A message that announced SMTPUTF8 with ASCII addresses and
+  header goes without the parameter (§3.4 allows it; Postfix does so).
 - The log detail says how the hand-over went, after the next hop:
   `smtp HOST:PORT TLSv1.3/TLS_AES_256_GCM_SHA384 eod 250 ...` (with
   ` verified` after the cipher when the certificate was checked) or
@@ -48,7 +57,7 @@ from mailfilter.smtp.replies import REPLIES, Reply, reply
 
 __all__ = [
     "SmtpDelivery", "LmtpDelivery", "SmtpTlsRequiredDelivery", "LmtpTlsRequiredDelivery",
-    "ehlo_keywords", "mail_parameters", "smtp_encode",
+    "ehlo_keywords", "mail_parameters", "needs_smtputf8", "smtp_encode",
 ]
 
 # A hand-over that TLS stopped: 451 with RFC 3463 X.7.0 "other or undefined
@@ -85,17 +94,33 @@ def ehlo_keywords(lines: list[bytes]) -> frozenset[bytes]:
     return frozenset(line.split(None, 1)[0].upper() for line in lines[1:] if line.split())
 
 
-def mail_parameters(keywords: frozenset[bytes], facts: SpoolFacts) -> bytes:
+def mail_parameters(keywords: frozenset[bytes], facts: SpoolFacts, smtputf8: bool = False) -> bytes:
     """MAIL FROM parameters the next hop announced it understands: SIZE
-    (RFC 1870 §6: the size with CRLF line ends) and BODY=8BITMIME (RFC 6152
-    §3) for a message holding 8-bit bytes. Nothing unannounced: a strict
+    (RFC 1870 §6: the size with CRLF line ends), BODY=8BITMIME (RFC 6152
+    §3) for a message holding 8-bit bytes, and SMTPUTF8 (RFC 6531 §3.4) for
+    a transaction that carried it (`smtputf8`). Nothing unannounced: a strict
     server answers 555 to it (RFC 5321 §4.1.1.11)."""
     params = b""
     if b"SIZE" in keywords:
         params += b" SIZE=%d" % facts.wire_size
     if facts.eight_bit and b"8BITMIME" in keywords:
         params += b" BODY=8BITMIME"
+    if smtputf8 and b"SMTPUTF8" in keywords:
+        params += b" SMTPUTF8"
     return params
+
+
+def needs_smtputf8(env: Envelope, facts: SpoolFacts) -> str | None:
+    """Why an SMTPUTF8 transaction cannot go to a next hop without
+    SMTPUTF8 (RFC 6531 §3.4: a UTF-8 address, or UTF-8 in the header
+    fields, RFC 6532), as the decision line's detail; None when its
+    addresses and header block are ASCII and it may go without it."""
+    for addr in (env.sender, *env.recipients):
+        if not addr.isascii():
+            return f"<{addr}> is not ASCII"
+    if facts.header_eight_bit:
+        return "the header is not ASCII"
+    return None
 
 
 def _rejected(x: Reply, name: str = "downstream_rejected", **fields) -> Reply:
@@ -252,7 +277,14 @@ class SmtpDelivery(SpoolingDelivery, kind="smtp", form="smtp:HOST:PORT"):
         elif self.tls_required:
             await self._quit(conn)
             return DeliveryResult(False, NO_TLS, None, "STARTTLS not offered, TLS required")
-        params = mail_parameters(ehlo_keywords(conn.lines), facts)
+        keywords = ehlo_keywords(conn.lines)
+        if env.smtputf8 and b"SMTPUTF8" not in keywords:
+            why = needs_smtputf8(env, facts)
+            if why is not None:
+                await self._quit(conn)
+                return DeliveryResult(False, REPLIES["downstream_no_smtputf8"], None,
+                                      f"SMTPUTF8 not offered, {why}")
+        params = mail_parameters(keywords, facts, env.smtputf8)
         r = await conn.command(b"MAIL FROM:" + smtp_path(env.sender) + params + b"\r\n")
         if r.code // 100 != 2:
             await self._quit(conn)

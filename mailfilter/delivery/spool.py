@@ -29,12 +29,16 @@ SPOOL_MEMORY = 1 << 20     # SpooledTemporaryFile: bytes kept in memory
 
 @dataclass(frozen=True)
 class SpoolFacts:
-    """What the spool learnt while the message streamed in (for SIZE= and
-    BODY= downstream): stored bytes, bytes on the wire with CRLF line ends,
-    and whether any byte is 8-bit."""
+    """What the spool learnt while the message streamed in (for SIZE=,
+    BODY= and SMTPUTF8 downstream): stored bytes, bytes on the wire with
+    CRLF line ends, whether any byte is 8-bit, and whether a byte of the
+    header block (up to the first empty line) is: an SMTPUTF8 message with
+    UTF-8 header fields needs a next hop that offers SMTPUTF8 (RFC 6531
+    §3.4, RFC 6532; docs/behaviour/delivery.md#smtputf8)."""
     size: int = 0
     wire_size: int = 0
     eight_bit: bool = False
+    header_eight_bit: bool = False
 
 
 Deliver = Callable[[Envelope, "tempfile.SpooledTemporaryFile", SpoolFacts],
@@ -43,7 +47,8 @@ Deliver = Callable[[Envelope, "tempfile.SpooledTemporaryFile", SpoolFacts],
 
 class SpoolSink(Sink):
     """Spools to memory then disk; commit() hands the spool to `deliver`."""
-    __slots__ = ("_spool", "_error", "_state", "_deliver", "_env", "size", "_lines", "_eight_bit")
+    __slots__ = ("_spool", "_error", "_state", "_deliver", "_env", "size", "_lines", "_eight_bit",
+                 "_header", "_header_eight_bit")
 
     def __init__(self, env: Envelope, deliver: Deliver, max_memory: int,
                  spool_dir: str | None) -> None:
@@ -55,6 +60,8 @@ class SpoolSink(Sink):
         self.size = 0
         self._lines = 0
         self._eight_bit = False
+        self._header = b"\n"       # while in the header block: the last byte stored
+        self._header_eight_bit = False
 
     def write(self, chunk: bytes) -> None:
         if self._state != "open":
@@ -68,6 +75,10 @@ class SpoolSink(Sink):
             self._lines += chunk.count(b"\n") + chunk.count(b"\r")
             if not self._eight_bit and not chunk.isascii():
                 self._eight_bit = True
+                if self._header:
+                    self._header_eight_bit = not self._header_end(chunk).isascii()
+            if self._header:
+                self._header = b"" if self._ends_header(chunk) else chunk[-1:]
         except OSError as exc:  # rollover to disk failed: ENOSPC, EFBIG ...
             self._error = exc
 
@@ -82,11 +93,25 @@ class SpoolSink(Sink):
                 self._spool.seek(0)
             except OSError as exc:
                 return store_failed(f"spool {os_error_text(exc)}")
-            facts = SpoolFacts(self.size, self.size + self._lines, self._eight_bit)
+            facts = SpoolFacts(self.size, self.size + self._lines, self._eight_bit,
+                               self._header_eight_bit)
             return await self._deliver(self._env, self._spool, facts)
         finally:
             self._state = "done"
             close_quietly(self._spool)
+
+    def _ends_header(self, chunk: bytes) -> bool:
+        """The header block ends in `chunk`: the stored text has LF line
+        ends, and the block ends at the first empty line (an LF right after
+        an LF, maybe the last byte of the chunk before)."""
+        return b"\n\n" in chunk or (self._header == b"\n" and chunk[:1] == b"\n")
+
+    def _header_end(self, chunk: bytes) -> bytes:
+        """The part of `chunk` that is still header block."""
+        if self._header == b"\n" and chunk[:1] == b"\n":
+            return b""
+        end = chunk.find(b"\n\n")
+        return chunk if end < 0 else chunk[:end + 1]
 
     def abort(self) -> None:
         if self._state == "open":

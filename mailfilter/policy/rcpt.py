@@ -39,7 +39,9 @@ MAXRECIPIENTS counts accepted recipients only.
 
 Invariants: a check is a function (session, recipient, relay) -> Verdict
 or None, where `recipient` is the address after the literal rewrite (a list
-reads it as Latin-1 bytes, "replace": one byte per character) and `relay`
+reads it as its UTF-8 bytes, `address_bytes`, or through the matchers' `utf8`
+entry points: an SMTPUTF8 address meets a UTF-8 rule entry byte for byte,
+A-Z folded) and `relay`
 whether the client may relay; it
 decides from these and the session alone, whatever ran before it (a refusal
 after tarpit_delay carries the rcpt_delay it set). Only tarpit_delay
@@ -71,8 +73,12 @@ NOT_CHECKED = NO_RULE   # the recipients check does not apply to the address
 NOT_LISTED = -2         # it applies, and no line names the address: refuse
 
 
-def _latin1(text: str) -> bytes:
-    return text.encode("latin-1", "replace")
+def address_bytes(address: str) -> bytes:
+    """An address as the lists read it: its UTF-8 bytes (ASCII as it is).
+    Rule files are read one byte per character, so an SMTPUTF8 address
+    meets a UTF-8 entry byte for byte; the matchers fold A-Z only
+    (docs/behaviour/control-files.md#case)."""
+    return address.encode("utf-8", "surrogateescape")
 
 
 # -- the checks, in table order
@@ -146,7 +152,7 @@ def _rcpthosts(s: SessionPolicy, recipient: str, relay: bool) -> Verdict | None:
                                  # without @ are local
         # the domain: recipient[at + 1:], read in place (an absent list:
         # an existing but empty rcpthosts names no domain)
-        rid = eng.rcpthosts_last(recipient, MODE_HOST, at + 1)
+        rid = eng.rcpthosts_last(recipient, MODE_HOST, at + 1, True)
         if rid >= 0:
             s.rcpt_rule = rid
             return None
@@ -214,13 +220,13 @@ def _badrcptto(s: SessionPolicy, recipient: str, relay: bool) -> Verdict | None:
     eng = s.engine
     data = None
     if eng.qregex:
-        data = _latin1(recipient)
+        data = address_bytes(recipient)
         rid = eng.listed(eng.badrcptto, data, MODE_ADDRESS)
     else:                                        # last match decides, `!` = exception
                                                  # (docs/behaviour/control-files.md#which-match-wins)
-        rid = eng.badrcptto_listed(recipient, MODE_ADDRESS)
+        rid = eng.badrcptto_listed(recipient, MODE_ADDRESS, False, True)
     if rid < 0 and eng.badrcpttonorelay is not None and not relay:
-        rid = eng.listed(eng.badrcpttonorelay, data or _latin1(recipient), MODE_ADDRESS)
+        rid = eng.listed(eng.badrcpttonorelay, data or address_bytes(recipient), MODE_ADDRESS)
     if rid >= 0:
         return eng.reject_verdict("badrcptto", "badrcptto", rid, None, s.rcpt_delay)
     return None
@@ -304,35 +310,36 @@ def recipient_rule(eng: PolicyEngine, recipient: str) -> int:
     """The recipients line accepting `recipient` (or the `!domain` / `!*`
     line that exempts it from the check), NOT_CHECKED, or NOT_LISTED
     (docs/behaviour/control-files.md#recipients)."""
-    addr = recipient.lower()
-    if "@" not in addr:
-        if addr == "postmaster":
+    # the UTF-8 bytes, A-Z folded (bytes.lower()): other bytes compared as they are
+    addr = address_bytes(recipient).lower()
+    if b"@" not in addr:
+        if addr == b"postmaster":
             # RFC 5321 §4.5.1: <postmaster> is always taken, whatever the list says
             return NOT_CHECKED
-        addr += "@localhost"
-    local, _, dom = addr.rpartition("@")
+        addr += b"@localhost"
+    local, _, dom = addr.rpartition(b"@")
     unchecked = eng.recipients_unchecked
     if unchecked is not None:
-        rid = unchecked.get(dom.encode("latin-1", "replace"))
+        rid = unchecked.get(dom)
         if rid >= 0:
             return rid              # `!domain`: not checked, that line let it in
     table = eng.recipients
     if table is not None:
-        rid = table.get(addr.encode("latin-1", "replace"))
+        rid = table.get(addr)
         if rid >= 0:
             return rid
-        dash = local.find("-")
+        dash = local.find(b"-")
         if dash >= 0:
-            rid = table.get(f"{local[:dash + 1]}@{dom}".encode("latin-1", "replace"))
+            rid = table.get(local[:dash + 1] + b"@" + dom)
             if rid >= 0:
                 return rid
-        rid = table.get(("@" + dom).encode("latin-1", "replace"))
+        rid = table.get(b"@" + dom)
         if rid >= 0:
             return rid
     # `!*`: recipients at domains the file does not name are not checked
     if unchecked is not None:
         rid = unchecked.get(b"*")
         if rid >= 0 and not (eng.recipients_domains is not None
-                             and eng.recipients_domains.get(dom.encode("latin-1", "replace")) >= 0):
+                             and eng.recipients_domains.get(dom) >= 0):
             return rid
     return NOT_LISTED

@@ -37,7 +37,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mailfilter.rules.format import MODE_ADDRESS, MODE_HOST
-from mailfilter.policy.rcpt import HISTORY, KEPT_HELO, KEPT_MAIL
+from mailfilter.policy.rcpt import HISTORY, KEPT_HELO, KEPT_MAIL, address_bytes
 from mailfilter.policy.verdict import (DNS_OK, NO_RULE, RCPT_OK, V_DATA_OK, V_MAIL_OK, V_NOTORIOUS,
                                        V_RCPT_AUTH, Client, Verdict)
 
@@ -216,8 +216,9 @@ class SessionPolicy:
         self.sender = sender
         if not sender:
             return V_MAIL_OK
+        # the lists read an SMTPUTF8 address as its UTF-8 bytes (rcpt.address_bytes)
         if prof.relaymailfrom and eng.relaymailfrom is not None:
-            rid = eng.listed(eng.relaymailfrom, sender.encode("latin-1", "replace"), MODE_ADDRESS,
+            rid = eng.listed(eng.relaymailfrom, address_bytes(sender), MODE_ADDRESS,
                              qregex=False)
             if rid >= 0:
                 self.sender_relay = eng.accept_verdict("relay_sender", rid)
@@ -233,7 +234,7 @@ class SessionPolicy:
     def _sender_verdict(self, sender: str) -> tuple[str, int] | None:
         eng = self.engine
         if eng.qregex:
-            data = sender.encode("latin-1", "replace")
+            data = address_bytes(sender)
             rid = eng.listed(eng.badmailfrom, data, MODE_ADDRESS)
             if rid < 0 and not self.relay_client:
                 rid = eng.listed(eng.badmailfromnorelay, data, MODE_ADDRESS)
@@ -242,7 +243,8 @@ class SessionPolicy:
             verdict = self._decorated(sender)
             if verdict is not None or self.sender_bypass:
                 return verdict
-        rid = eng.badmailfrom_listed(sender, MODE_ADDRESS)   # last match decides, `!` = exception
+        rid = eng.badmailfrom_listed(sender, MODE_ADDRESS, False, True)  # last match decides,
+                                                                         # `!` = exception
                                                              # (docs/behaviour/control-files.md
                                                              # #which-match-wins)
         return ("badmailfrom", rid) if rid >= 0 else None
@@ -251,14 +253,15 @@ class SessionPolicy:
         """Decorated badmailfrom entries, in spamcontrol's order
         (docs/behaviour/control-files.md#decorated-entries)."""
         eng = self.engine
-        folded = sender.lower()
-        dom = _domain(folded)
-        at_dom = ("@" + dom).encode("latin-1", "replace")
-        full = folded.encode("latin-1", "replace")
+        # the UTF-8 bytes, A-Z folded (bytes.lower()), as the tables hold them
+        full = address_bytes(sender).lower()
+        dom = full[full.rfind(b"@") + 1:] if b"@" in full else b""
+        at_dom = b"@" + dom
         if eng.mf_bypass is not None and eng.mf_bypass.get(full) >= 0:
             self.sender_bypass = True
             return None
         host = self.client.host.lower()
+        hostb = address_bytes(host)
         if eng.mf_antispoof is not None and not self.relay_client:
             rid = max(eng.mf_antispoof.get(full), eng.mf_antispoof.get(at_dom))
             if rid >= 0:
@@ -269,10 +272,10 @@ class SessionPolicy:
                 return ("badmailfrom", rid)
         if eng.mf_wellknown is not None and dom:
             rid = eng.mf_wellknown.get(at_dom)
-            if rid >= 0 and not (host == dom or host.endswith("." + dom)):
+            if rid >= 0 and not (hostb == dom or hostb.endswith(b"." + dom)):
                 return ("badmailfrom", rid)
         if eng.mf_mismatch is not None and dom and host != "unknown" \
-                and not (host == dom or host.endswith("." + dom)):
+                and not (hostb == dom or hostb.endswith(b"." + dom)):
             part = host
             while part:
                 rid = eng.mf_mismatch.get(part.encode("latin-1", "replace"))

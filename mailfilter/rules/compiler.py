@@ -40,6 +40,7 @@ from mailfilter.rules.format import (
     KINDS, KNOWN_SETTINGS, NUMERIC_SETTINGS, QREGEX_LISTS, SIGNATURE_LISTS, UCSPITLS_MODES, Compiled, quoted,
     parse_dnsbl_site,
 )
+from mailfilter.rules.idn import IdnProblem, other_spellings
 from mailfilter.rules.prefilters import regex_filter, required_literal
 from mailfilter.rules.regexes import RegexError, compile_re2
 
@@ -221,6 +222,45 @@ class _Compiler:
         self.counts[kind] += 1
         return len(rows) // 3 - 1
 
+    def keys(self, line: cf.Line, text: str, host: bool = False) -> list[bytes]:
+        """The hash keys of an exact, @domain or .suffix entry (`host`: the
+        whole entry is a host name): the entry ASCII-folded, then the same
+        with its domain in its other IDN spellings (rules/idn.py,
+        docs/behaviour/control-files.md#international-domain-names)."""
+        key = _fold(text)
+        if text.isascii() and b"xn--" not in key:
+            return [key]
+        at = -1 if host else text.rfind("@")
+        if at < 0 and not host and not text.startswith("."):
+            return [key]        # a local part alone names no domain
+        try:
+            spelled = other_spellings(text[at + 1:])
+        except IdnProblem as exc:
+            self.diag(line, f"{exc}: only the spelling written matches", kept=True)
+            return [key]
+        out = [key]
+        for other in spelled:
+            k = _fold(text[:at + 1] + other)
+            if k not in out:
+                out.append(k)
+        return out
+
+    def not_utf8(self, line: cf.Line, text: str) -> bool:
+        """True, with the diagnostic, when an address list's line has 8-bit
+        bytes that are not UTF-8: an address with 8-bit bytes is UTF-8 (RFC
+        6531 §3.3; docs/behaviour/control-files.md#reading-control-files), so
+        the line could never match."""
+        if text.isascii():
+            return False
+        raw = text.encode("latin-1")
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self.diag(line, f"byte 0x{raw[exc.start]:02x} at column {exc.start + 1} is not "
+                            "UTF-8, and an 8-bit address is (RFC 6531): it can never match")
+            return True
+        return False
+
     def put_table(self, name: str, keys: list[bytes], ids: list[int]) -> None:
         if keys:
             self.sections["H:" + name] = core.hashtab_build(keys, ids)
@@ -254,7 +294,10 @@ class _Compiler:
 
     # -- spamcontrol pattern lists
     # (docs/behaviour/control-files.md#which-match-wins, #decorated-entries)
-    def spamcontrol_entry(self, parts: _ListParts, line: cf.Line, body: str, flags: int) -> None:
+    def spamcontrol_entry(self, parts: _ListParts, line: cf.Line, body: str, flags: int,
+                          host: bool = False) -> None:
+        """One entry of a spamcontrol list; `host`: the list names hosts
+        (badhelo), so an exact entry is a domain."""
         if not body:
             self.diag(line, "empty entry after '!'")
             return
@@ -266,6 +309,8 @@ class _Compiler:
             return
         if body[0] == "/":
             self.diag(line, "regular expression without its closing '/' (write /regex/)")
+            return
+        if not host and self.not_utf8(line, body):
             return
         if _has_wildmat(body) and not literal_entry(body):
             problem = wildmat_problem(body)
@@ -291,8 +336,9 @@ class _Compiler:
             self.diag(line, f"'{body}' alone names no domain")
             return
         rid = self.add_rule(line, kind, flags)
-        parts.hash_keys.append(_fold(body))
-        parts.hash_ids.append(rid)
+        for key in self.keys(line, body, host):
+            parts.hash_keys.append(key)
+            parts.hash_ids.append(rid)
 
     def compile_badmailfrom(self, lines: list[cf.Line]) -> None:
         parts = _ListParts()
@@ -303,9 +349,12 @@ class _Compiler:
             if not key or key in ("@",):
                 self.diag(line, "decorated entry names no address or domain")
                 return
+            if self.not_utf8(line, key):
+                return
             rid = self.add_rule(line, kind)
-            decorated[kind][0].append(_fold(key))
-            decorated[kind][1].append(rid)
+            for k in self.keys(line, key, host=kind == "mismatch"):
+                decorated[kind][0].append(k)
+                decorated[kind][1].append(rid)
 
         marks = {"+": "antispoof", "-": "unknownhost", "=": "wellknown"}
         for line in self.each("badmailfrom", lines):
@@ -367,12 +416,13 @@ class _Compiler:
                     self.diag(line, "'name!' takes a plain HELO name, not a wildmat, .suffix or regex")
                     continue
                 rid = self.add_rule(line, "heloaccept")     # name!: acceptable, no DNS test
-                keys.append(_fold(text[:-1]))
-                ids.append(rid)
+                for key in self.keys(line, name, host=True):
+                    keys.append(key)
+                    ids.append(rid)
             elif text.startswith("!"):
-                self.spamcontrol_entry(parts, line, text[1:], FLAG_EXCEPTION)
+                self.spamcontrol_entry(parts, line, text[1:], FLAG_EXCEPTION, host=True)
             else:
-                self.spamcontrol_entry(parts, line, text, 0)
+                self.spamcontrol_entry(parts, line, text, 0, host=True)
         self.put_list("badhelo", parts)
         self.put_table("badhelo.accept", keys, ids)
 
@@ -417,13 +467,16 @@ class _Compiler:
         for name in present:
             for line in self.each(name, self.src.lists[name]):
                 text = line.text
+                if self.not_utf8(line, text):
+                    continue
                 if not _rcpthost_ok(text):
                     self.diag(line, f"{name} takes a domain or .suffix, not {quoted(text)}")
                     continue
                 kind = "suffix" if text.startswith(".") else "host"
                 rid = self.add_rule(line, kind)
-                parts.hash_keys.append(_fold(text))
-                parts.hash_ids.append(rid)
+                for key in self.keys(line, text, host=True):
+                    parts.hash_keys.append(key)
+                    parts.hash_ids.append(rid)
         self.put_list("rcpthosts", parts)
 
     # -- recipients (docs/behaviour/control-files.md#recipients, text form): addresses,
@@ -436,6 +489,8 @@ class _Compiler:
         named: dict[bytes, int] = {}
         for line in self.each("recipients", lines):
             text = line.text
+            if self.not_utf8(line, text):
+                continue
             if text.startswith("!"):
                 dom = text[1:]
                 if (not dom or "@" in dom or _has_space(dom) or dom.startswith(".")
@@ -443,8 +498,9 @@ class _Compiler:
                     self.diag(line, "'!' takes a domain (exact, no wildcards or .suffix) or '*'")
                     continue
                 rid = self.add_rule(line, "unchecked")
-                ukeys.append(_fold(dom))
-                uids.append(rid)
+                for key in self.keys(line, dom, host=True):
+                    ukeys.append(key)
+                    uids.append(rid)
                 continue
             if text.startswith(":"):                       # fastforward key form
                 text = text[1:]
@@ -469,10 +525,11 @@ class _Compiler:
                 continue
             kind = "catchall" if text.startswith("@") else "recipient"
             rid = self.add_rule(line, kind)
-            keys.append(_fold(text))
-            ids.append(rid)
-            dom = _fold(text[text.rindex("@") + 1:])
-            named.setdefault(dom, rid)
+            spelled = self.keys(line, text)
+            for key in spelled:
+                keys.append(key)
+                ids.append(rid)
+                named.setdefault(key[key.rindex(b"@") + 1:], rid)
         self.meta["recipients_present"] = True
         self.put_table("recipients", keys, ids)
         self.put_table("recipients.unchecked", ukeys, uids)

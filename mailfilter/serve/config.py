@@ -169,6 +169,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("allow_untrusted_routing", BOOL, False, "let clients that may not relay send % ! @ "
            "in a local part or a source route (Postfix's allow_untrusted_routing; "
            "docs/behaviour/control-files.md#routing)"),
+    Option("no_smtputf8", BOOL, False, "do not offer SMTPUTF8 (RFC 6531): an address with "
+           "8-bit bytes is then refused, 553 5.6.7 (docs/behaviour/smtp.md#addresses)"),
     Option("greet_wait", SECONDS, 0.0, "seconds to wait before the greeting (postscreen's "
            "greet wait): a client that talks first is a pregreeter; DNSBL lookups run meanwhile",
            minimum=0),

@@ -145,7 +145,8 @@ def build_state(opts: ServeOptions) -> ServerState:
     tls = build_tls(opts, policy)
     return ServerState(policy, delivery, limits=limits_for(opts, policy), resolver=resolver,
                        hostname=opts.hostname, auth=build_auth(opts), remote_host=opts.remote_host,
-                       tls=tls, deny=opts.deny, pregreet=opts.pregreet)
+                       tls=tls, deny=opts.deny, pregreet=opts.pregreet,
+                       smtputf8=not opts.no_smtputf8)
 
 
 def build_delivery(opts: ServeOptions) -> Delivery:

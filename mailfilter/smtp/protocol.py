@@ -100,7 +100,8 @@ class ServerState:
     def __init__(self, policy: PolicyEngine, delivery: Delivery, *, limits: Limits | None = None,
                  resolver=None, hostname: str | None = None, features: list[str] | None = None,
                  auth: AuthService | None = None, remote_host: str = "confirmed",
-                 tls: TLSSettings = NO_TLS, deny: str = "close", pregreet: str = "log"):
+                 tls: TLSSettings = NO_TLS, deny: str = "close", pregreet: str = "log",
+                 smtputf8: bool = True):
         if remote_host not in REMOTE_HOST_MODES:
             raise ValueError(f"remote_host must be one of {', '.join(REMOTE_HOST_MODES)}, "
                              f"not {remote_host!r}")
@@ -119,6 +120,7 @@ class ServerState:
         self.tls = tls
         self.deny = deny            # what a tcp.smtp deny client gets (SessionConfig.deny)
         self.pregreet = pregreet    # a client that talks before the greeting: "log" or "refuse"
+        self.smtputf8 = smtputf8    # SMTPUTF8 offered (SessionConfig.smtputf8, RFC 6531)
         self.swap_policy(policy)
 
     def swap_policy(self, policy: PolicyEngine, limits: Limits | None = None) -> None:
@@ -132,7 +134,7 @@ class ServerState:
             policy, auth=self.auth, delivery=self.delivery, hostname=self.hostname,
             features=self.features, max_bad_commands=self.limits.max_bad_commands,
             dns=self.resolver is not None, tls=self.tls,
-            header_limit=self.limits.header_size_limit, deny=self.deny)
+            header_limit=self.limits.header_size_limit, deny=self.deny, smtputf8=self.smtputf8)
         self.engine_config = self.session_config.engine_config
         self.host = self.session_config.host       # for replies before a session exists
         # the bundle's DNS blocklists (none without a resolver to ask them)

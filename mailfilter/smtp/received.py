@@ -7,8 +7,9 @@ Job: reproduce qmail-smtpd's two-line trace header (docs/behaviour/smtp.md#recei
       by <LOCAL> with <PROTO> (<TLS version> <cipher>); <d> <Mon> <yyyy> <hh>:<mm>:<ss> -0000
 
 where <PROTO> is SMTP after HELO, ESMTP after EHLO, ESMTPA / ESMTPS /
-ESMTPSA with AUTH and/or TLS (`protocol()`); inside TLS the version and
-cipher follow as a comment.
+ESMTPSA with AUTH and/or TLS, and UTF8SMTP / UTF8SMTPA / UTF8SMTPS /
+UTF8SMTPSA for a transaction whose MAIL carried SMTPUTF8 (RFC 6531 §3.7.3)
+(`protocol()`); inside TLS the version and cipher follow as a comment.
 
 Invariants:
 - LF line ends only: the message is in qmail storage format
@@ -48,6 +49,7 @@ class Trace(Protocol):
     tls: str | bool | None      # "TLSv1.3/TLS_AES_256_GCM_SHA384" in TLS; falsy in clear
     local_host: str
     esmtp: bool                 # EHLO (False: HELO)
+    smtputf8: bool              # the transaction's MAIL carried SMTPUTF8 (RFC 6531)
 
 _SAFE = frozenset(
     b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.@%+/=:-"
@@ -97,10 +99,16 @@ def protocol(env: Trace) -> bytes:
     """The with-protocol (docs/behaviour/smtp.md#received-header): `SMTP` for a
     session that greeted with HELO (RFC 5321 / RFC 3848 §1); after EHLO the RFC 3848 §2 names
     ESMTP, ESMTPA (authenticated), ESMTPS (TLS), ESMTPSA. The S and A forms
-    exist for ESMTP only (AUTH and STARTTLS need EHLO)."""
-    if not env.esmtp:
+    exist for ESMTP only (AUTH and STARTTLS need EHLO). A transaction under
+    SMTPUTF8 is UTF8SMTP, UTF8SMTPA, UTF8SMTPS, UTF8SMTPSA (RFC 6531 §3.7.3,
+    the same table for its extension)."""
+    if env.smtputf8:
+        base = b"UTF8SMTP"
+    elif not env.esmtp:
         return b"SMTP"
-    return b"ESMTP" + (b"S" if env.tls else b"") + (b"A" if env.auth_user else b"")
+    else:
+        base = b"ESMTP"
+    return base + (b"S" if env.tls else b"") + (b"A" if env.auth_user else b"")
 
 
 def received_header(env: Trace, when: float | None = None) -> bytes:

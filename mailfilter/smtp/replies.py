@@ -157,6 +157,11 @@ REPLIES: dict[str, Reply] = {
     # TLS to the next hop (delivery/forward.py): required but not offered, or failed
     "downstream_no_tls": R(451, "4.7.0", "next hop does not offer TLS, which is required"),
     "downstream_tls_failed": R(451, "4.7.0", "TLS to the next hop failed"),
+    # RFC 6531 §3.4: an SMTPUTF8 message with a UTF-8 address or header field
+    # is not sent to a next hop without SMTPUTF8; after the end of data a
+    # permanent refusal is 554 (docs/behaviour/delivery.md#smtputf8)
+    "downstream_no_smtputf8": R(554, "5.6.7", "next hop does not offer SMTPUTF8, "
+                                "which this message needs"),
     # a 2xx/5xx recipient mix: the message went to the accepted ones (delivery.py)
     "downstream_partial": R(554, "5.3.0", "delivered to {delivered} of {total} recipients; "
                                           "next hop rejected <{rcpt}>: {text}"),

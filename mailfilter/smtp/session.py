@@ -153,7 +153,7 @@ class SessionConfig:
     def __init__(self, policy: PolicyEngine, *, auth=None, delivery=None, hostname: str | None = None,
                  features: list[str] | None = None, max_bad_commands: int = 10,
                  dns: bool = True, tls: TLSSettings = NO_TLS,
-                 header_limit: int = 0, deny: str = "close") -> None:
+                 header_limit: int = 0, deny: str = "close", smtputf8: bool = True) -> None:
         if deny not in DENY_MODES:
             raise ValueError(f"deny must be one of {', '.join(DENY_MODES)}, not {deny!r}")
         if auth is None:
@@ -172,6 +172,8 @@ class SessionConfig:
             max_bad_commands=max_bad_commands,
             header_limit=header_limit,
             features=[f"rules-dialect={policy.bundle.dialect}", *(features or [])],
+            # RFC 6531: offered unless `serve --no-smtputf8` (docs/behaviour/smtp.md#addresses)
+            smtputf8=smtputf8,
         )
         self.host = host_of(self.engine_config.greeting)   # this server's name in replies
 
@@ -495,7 +497,7 @@ class Session:
             sender=tx.sender or "", recipients=list(tx.recipients), helo=sp.helo_name or "",
             client_ip=client.ip, client_host=client.host, auth_user=sp.authenticated, tls=self.tls,
             local_host=self.engine.host, esmtp=self.engine.esmtp,
-            qmailqueue=sp.profile.settings.get("QMAILQUEUE"))
+            smtputf8="SMTPUTF8" in tx.params, qmailqueue=sp.profile.settings.get("QMAILQUEUE"))
         sink = self.config.delivery.open(env)
         sink.write(received_header(env))
         self.sink = sink

@@ -351,10 +351,30 @@ def test_listed_and_last_match_str_against_the_bytes_path(seed):
                 want = -1 if rid < 0 or flags[3 * rid] & EXC else rid
                 assert m.listed(text, mode, lower) == want, (text, mode, lower)
                 listed_hits += want >= 0
+                # utf8 (an SMTPUTF8 address): its UTF-8 bytes, A-Z folded only
+                raw = text.encode("utf-8")
+                rid = m.last_match(raw.lower() if lower else raw, mode)
+                want = -1 if rid < 0 or flags[3 * rid] & EXC else rid
+                assert m.listed(text, mode, lower, True) == want, (text, mode, lower)
             start = r.randrange(len(text) + 1)
             assert (m.last_match_str(text, mode, start)
                     == m.last_match(text[start:].encode("latin-1", "replace"), mode)), (text, start)
+            assert (m.last_match_str(text, mode, start, True)
+                    == m.last_match(text[start:].encode("utf-8"), mode)), (text, start)
     assert listed_hits > 20
+
+
+def test_utf8_entry_points_read_the_utf8_bytes():
+    """An SMTPUTF8 address meets a rule file's UTF-8 entry (docs/behaviour/
+    control-files.md#case): ASCII letters fold, Ö is not ö."""
+    m, _ = make(["j\u00f6rg@b\u00fccher.example".encode(), "@\u7528.example".encode()], [1, 2])
+    m.set_rule_flags(struct.pack("<9I", *[0] * 9), EXC)
+    assert m.listed("J\u00f6RG@B\u00fcCHER.example", MODE_ADDRESS, False, True) == 1
+    assert m.listed("J\u00d6RG@b\u00fccher.example", MODE_ADDRESS, False, True) == -1
+    assert m.listed("j\u00f6rg@b\u00fccher.example", MODE_ADDRESS) == -1     # Latin-1 reading
+    assert m.listed("x@\u7528.EXAMPLE", MODE_ADDRESS, True, True) == 2
+    assert m.last_match_str("x@\u7528.example", MODE_ADDRESS, 0, True) == 2
+    assert m.last_match_str("x@\u7528.example", MODE_ADDRESS, 0) == -1        # `?` for 用
 
 
 def test_listed_needs_rule_flags_and_checks_its_arguments():

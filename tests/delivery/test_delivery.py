@@ -180,6 +180,17 @@ def test_received_protocols(esmtp, tls, auth, proto):
     assert h.split(b"\n")[1] == b"  by mx.test with " + proto + b"; 26 Sep 1995 04:46:54 -0000"
 
 
+@pytest.mark.parametrize("tls,auth,proto", [
+    (False, None, b"UTF8SMTP"), (False, "u", b"UTF8SMTPA"),
+    (True, None, b"UTF8SMTPS"), (True, "u", b"UTF8SMTPSA"),
+])
+def test_received_protocols_smtputf8(tls, auth, proto):
+    # RFC 6531 §3.7.3: a transaction whose MAIL carried SMTPUTF8
+    # (docs/behaviour/smtp.md#received-header)
+    h = received_header(env(tls=tls, auth_user=auth, smtputf8=True), WHEN)
+    assert h.split(b"\n")[1] == b"  by mx.test with " + proto + b"; 26 Sep 1995 04:46:54 -0000"
+
+
 def test_received_helo_omitted_when_equal_or_absent():
     # docs/behaviour/smtp.md#received-header: (HELO x) only when it differs case-insensitively.
     same = env(helo="CLIENT.Test", client_host="client.test")
@@ -220,6 +231,24 @@ def test_received_8bit_helo_is_one_question_mark_per_wire_byte():
 
 def listing(md):
     return {sub: sorted(os.listdir(os.path.join(md, sub))) for sub in ("tmp", "new", "cur")}
+
+
+def test_maildir_utf8_envelope_headers(tmp_path):
+    # RFC 6531/6532: Return-Path and X-Envelope-To carry the UTF-8 address
+    # bytes as received; the Received header says UTF8SMTP (RFC 6531 §3.7.3)
+    md = str(tmp_path / "Maildir")
+    e = env(sender="j\u00f6rg@b\u00fccher.example", rcpts=["\u00fc@example.org", "a b\u00e9@x.example"],
+            smtputf8=True)
+    res = run(deliver(Delivery.from_spec("maildir:" + md), e, received_header(e, WHEN) + MSG))
+    assert res.ok
+    (name,) = os.listdir(os.path.join(md, "new"))
+    with open(os.path.join(md, "new", name), "rb") as f:
+        stored = f.read()
+    assert stored == ("Return-Path: <j\u00f6rg@b\u00fccher.example>\n"
+                      "X-Envelope-To: <\u00fc@example.org>\n"
+                      "X-Envelope-To: <\"a b\u00e9\"@x.example>\n").encode() \
+        + received_header(e, WHEN) + MSG
+    assert b" with UTF8SMTP; " in stored
 
 
 def test_maildir_layout_and_envelope_headers(tmp_path):
@@ -794,6 +823,17 @@ def test_qq_exit0_message_and_envelope_exact(monkeypatch, tmp_path):
         assert f.read() == received_header(e, WHEN) + MSG
     with open(out + ".env", "rb") as f:
         assert f.read() == b"Fs@example.com\0Tr1@example.org\0Tr2@example.net\0\0"
+
+
+def test_qq_utf8_envelope_is_raw_utf8(monkeypatch, tmp_path):
+    # an SMTPUTF8 envelope (RFC 6531): qmail-queue takes the address bytes as
+    # they are, UTF-8, NUL-terminated (docs/behaviour/delivery.md#smtputf8)
+    d, out = qq(monkeypatch, tmp_path, "0")
+    e = env(sender="j\u00f6rg@b\u00fccher.example", rcpts=["\u7528\u6237@example.org"], smtputf8=True)
+    res = run(deliver(d, e, MSG))
+    assert res.ok and res.reply.code == 250
+    with open(out + ".env", "rb") as f:
+        assert f.read() == ("Fj\u00f6rg@b\u00fccher.example\0T\u7528\u6237@example.org\0\0").encode()
 
 
 def test_qq_large_message_and_envelope_no_deadlock(monkeypatch, tmp_path):

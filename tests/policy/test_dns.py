@@ -164,3 +164,12 @@ def test_remote_host_answers_are_cached(lookup):
     m = len(lookup.dns.queries)
     assert lookup("192.0.2.3") == "unknown"               # negative answers too
     assert n == len(lookup.dns.queries) - 1 == m - 1
+
+
+def test_utf8_domain_is_asked_as_its_a_label():
+    """MFDNSCHECK of an SMTPUTF8 sender (jörg@bücher.example): the MX query
+    goes out in A-labels (dnspython's IDNA), never as raw UTF-8 bytes."""
+    with DnsResponder({("xn--bcher-kva.example", "MX"): ["10 mx.ok.test."]}) as dns:
+        r = Resolver(dns.address, timeout=3.0)
+        assert asyncio.run(r.has_mx("b\u00fccher.example")) == DNS_OK
+        assert dns.queries == [("xn--bcher-kva.example", "MX")]

@@ -232,10 +232,15 @@ def test_check_refuses_what_the_server_parser_refuses():
     assert [(s["stage"], s["argument"], s["verdict"]) for s in stages[-2:]] == [
         ("RCPT", "<>", "reject"), ("RCPT", "<info@example.com>", "accept")]
     assert stages[-2]["reply"] == "555 5.5.4 syntax error" and stages[-2]["reason"] == "syntax"
+    # an 8-bit address: the server's --no-smtputf8 refuses it at MAIL; by
+    # default MAIL announces SMTPUTF8 (RFC 6531) and the sender is taken
     r = mf("check", "--rules", os.path.join(ROOT, "rules"), "--ip", "203.0.113.9",
-           "--from", "caf\u00e9@sender.example", "--rcpt", "info@example.com")
+           "--from", "caf\u00e9@sender.example", "--rcpt", "info@example.com", "--no-smtputf8")
     assert r.returncode == 1
     assert "MAIL <caf\u00e9@sender.example>: reject \"553 5.6.7" in r.stdout
+    r = mf("check", "--rules", os.path.join(ROOT, "rules"), "--ip", "203.0.113.9",
+           "--from", "caf\u00e9@sender.example", "--rcpt", "info@example.com")
+    assert "MAIL <caf\u00e9@sender.example>: accept \"250 2.1.0 ok\"" in r.stdout, r.stdout
 
 
 def test_check_takes_the_servers_auth_hostname_and_config(tmp_path):

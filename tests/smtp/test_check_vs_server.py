@@ -6,8 +6,10 @@ The same envelopes go through `run_check` and through a real session on
 127.0.0.1 (each client binds its own 127.0.0.x so tcp.smtp gives it its
 profile); the reply lines must be the same, stage by stage. Envelopes are a
 fixed list of the cases that once differed (a padded or empty HELO, an 8-bit
-HELO, a `deny` client's greeting, RCPTs after a refused MAIL) plus a seeded
-random mix.
+HELO, a `deny` client's greeting, RCPTs after a refused MAIL, UTF-8
+addresses) plus a seeded random mix. Both announce SMTPUTF8 at MAIL when an
+address of the envelope is not ASCII and the server offers it; a server
+with smtputf8 off refuses such an address (553 5.6.7) and check says so.
 """
 import random
 
@@ -27,6 +29,9 @@ RELAY = "127.0.0.2"
 
 RULES = {
     "badhelo": "example.com\n?.numeric.example\n",
+    # both spellings of an IDN domain name one entry (docs/behaviour/control-files.md#international-domain-names)
+    "rcpthosts": "example.com\n.example.com\nexample.net\nb\u00fccher.example\nxn--caf-dma.example\n",
+    "recipients": BASE_RULES["recipients"] + "j\u00f6rg@b\u00fccher.example\n@xn--caf-dma.example\n",
     "relaymailfrom": "boss@partner.example\n@trusted.example\n",
     "tcp.smtp": (f'{HELOCHECK_DOT}:allow,HELOCHECK="."\n'
                  f'{AUTH_REQUIRED}:allow,SMTPAUTH="!"\n'
@@ -42,7 +47,10 @@ FIXED = [
     (HELOCHECK_DOT, "x.numeric.example", "a@b.example", ["user@example.com"]),
     (DENIED, "mx.client.example", "a@b.example", ["user@example.com", "postmaster"]),
     (AUTH_REQUIRED, "mx.client.example", "a@b.example", ["user@example.com", "x@far.example"]),
-    (PLAIN, "mx.client.example", "caf\u00e9@b.example", ["user@example.com"]),   # 553 5.6.7 at MAIL
+    (PLAIN, "mx.client.example", "caf\u00e9@b.example", ["user@example.com"]),   # 553 5.6.7 without SMTPUTF8
+    (PLAIN, "mx.client.example", "a@b.example", ["j\u00f6rg@xn--bcher-kva.example",
+                                                 "J\u00f6rg@B\u00fcCHER.example", "x@caf\u00e9.example",
+                                                 "J\u00d6RG@b\u00fccher.example", "x@strasse.example"]),
     (PLAIN, "mx.client.example", "spammer@example.org", ["user@example.com", "nobody@example.com"]),
     (RELAY_MAILFROM, "mx.client.example", "boss@partner.example", ["x@far.example"]),
     (RELAY_MAILFROM, "mx.client.example", "other@partner.example", ["x@far.example"]),
@@ -66,7 +74,7 @@ def _random_envelopes(n: int, seed: int = 7):
 CLOSED = "(none: the connection is closed at once)"     # what check says for deny + close
 
 
-def _server_replies(port: int, ip: str, helo, sender, rcpts) -> list[str]:
+def _server_replies(port: int, ip: str, helo, sender, rcpts, smtputf8: bool) -> list[str]:
     c = RawClient(port, ip)
     try:
         greeting = c.reply()
@@ -75,7 +83,8 @@ def _server_replies(port: int, ip: str, helo, sender, rcpts) -> list[str]:
         out = [first(greeting)]
         if helo is not None:
             out.append(first(c.cmd(f"HELO {helo}")))
-        out.append(first(c.cmd(f"MAIL FROM:<{sender}>")))
+        utf8 = smtputf8 and not all(a.isascii() for a in (sender, *rcpts))
+        out.append(first(c.cmd(f"MAIL FROM:<{sender}>" + (" SMTPUTF8" if utf8 else ""))))
         out.extend(first(c.cmd(f"RCPT TO:<{r}>")) for r in rcpts)
         c.cmd("QUIT")
     finally:
@@ -83,23 +92,45 @@ def _server_replies(port: int, ip: str, helo, sender, rcpts) -> list[str]:
     return out
 
 
-@pytest.fixture(scope="module", params=["close", "rcpt"])
+@pytest.fixture(scope="module", params=[("close", True), ("rcpt", True), ("close", False)],
+                ids=["close", "rcpt", "close-no-smtputf8"])
 def rules_and_server(tmp_path_factory, request):
     """The server with each --deny mode: a deny client closed at once, or
-    greeted and refused at every RCPT."""
+    greeted and refused at every RCPT; and with SMTPUTF8 not offered."""
+    deny, smtputf8 = request.param
     d = tmp_path_factory.mktemp("check_vs_server")
     rules = write_rules(str(d / "rules"), RULES)
-    srv = start_server("uvloop", rules, str(d / "spool"), deny=request.param)
+    srv = start_server("uvloop", rules, str(d / "spool"), deny=deny, smtputf8=smtputf8)
     compiled = compiler.compile_dir(rules)
     assert not compiled.diagnostics, compiled.diagnostics
-    yield bundle_mod.from_compiled(compiled), srv, request.param
+    yield bundle_mod.from_compiled(compiled), srv, deny, smtputf8
     srv.stop()
 
 
 @pytest.mark.parametrize("envelope", FIXED + _random_envelopes(60),
                          ids=lambda e: f"{e[0]}|{e[1]!r}|{e[2]}|{','.join(e[3])}")
 def test_check_gives_the_servers_replies(rules_and_server, envelope):
-    b, srv, deny = rules_and_server
+    b, srv, deny, smtputf8 = rules_and_server
     ip, helo, sender, rcpts = envelope
-    report = run_check(b, ip=ip, helo=helo, sender=sender, recipients=rcpts, deny=deny)
-    assert [s.reply for s in report.stages] == _server_replies(srv.port, ip, helo, sender, rcpts)
+    report = run_check(b, ip=ip, helo=helo, sender=sender, recipients=rcpts, deny=deny,
+                       smtputf8=smtputf8)
+    assert [s.reply for s in report.stages] == _server_replies(srv.port, ip, helo, sender, rcpts,
+                                                               smtputf8)
+
+
+def test_utf8_envelope_replies(rules_and_server):
+    """What the UTF-8 envelope of FIXED gets: with SMTPUTF8 both spellings of
+    bücher.example and café.example pass rcpthosts and find their recipients
+    line; a non-ASCII capital is not folded (JÖRG is not jörg); without
+    SMTPUTF8 every 8-bit address is 553 5.6.7."""
+    b, srv, deny, smtputf8 = rules_and_server
+    rcpts = ["j\u00f6rg@xn--bcher-kva.example", "J\u00f6rg@B\u00fcCHER.example", "x@caf\u00e9.example",
+             "J\u00d6RG@b\u00fccher.example", "x@strasse.example"]
+    replies = _server_replies(srv.port, PLAIN, "mx.client.example", "a@b.example", rcpts, smtputf8)
+    if smtputf8:
+        assert replies[2:] == ["250 2.1.0 ok", "250 2.1.5 ok", "250 2.1.5 ok", "250 2.1.5 ok",
+                               "550 5.1.1 sorry, no mailbox by that name",
+                               "553 5.7.1 sorry, that domain isn't in my list of allowed rcpthosts"]
+    else:
+        assert replies[2:] == ["250 2.1.0 ok"] + ["553 5.6.7 non-ASCII address needs SMTPUTF8"] * 4 \
+            + ["553 5.7.1 sorry, that domain isn't in my list of allowed rcpthosts"]

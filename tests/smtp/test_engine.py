@@ -671,6 +671,31 @@ def test_eightbit_address_with_smtputf8(feed):
     assert app.merged() == [Mail("jö@example.org", {"SMTPUTF8": True}), Rcpt("jö@example.org", {})]
 
 
+@pytest.mark.parametrize("bad", [
+    b"\xc0\xaf",              # overlong "/" (RFC 3629 §3: must not be decoded)
+    b"\xe0\x80\xaf",          # overlong, three bytes
+    b"\xed\xa0\x80",          # a UTF-16 surrogate (U+D800)
+    b"\xf4\x90\x80\x80",      # above U+10FFFF
+    b"\xc3",                  # truncated sequence
+    b"\x80",                  # lone continuation byte
+    b"\xfe",                  # never in UTF-8
+    b"\xc2\x85",              # NEL, a C1 control (RFC 5198 §2: MUST NOT appear)
+    b"\xc2\x9f",              # the last C1 control
+])
+def test_smtputf8_address_must_be_utf8_without_controls(feed, bad):
+    """Under SMTPUTF8 an 8-bit address must be RFC 3629 UTF-8 without C1
+    controls: 553 5.1.3, at MAIL and at RCPT, the session goes on
+    (docs/behaviour/smtp.md#addresses step 8)."""
+    addr = b"j" + bad + b"rg@example.org"
+    app = run(feed, b"MAIL FROM:<" + addr + b"> SMTPUTF8\r\nMAIL FROM:<a@b.c> SMTPUTF8\r\n"
+              b"RCPT TO:<" + addr + b">\r\nRCPT TO:<\xc2\xa0\xf0\x9f\x93\xa7@example.org>\r\n",
+              cfg(smtputf8=True))
+    assert app.lines[1:] == ["553 5.1.3 syntax error in mailbox address", "250 2.1.0 ok",
+                             "553 5.1.3 syntax error in mailbox address", "250 2.1.5 ok"]
+    # U+00A0 (the first character after the C1 block) and a 4-byte character pass
+    assert app.of(Rcpt) == [Rcpt("\u00a0\U0001f4e7@example.org", {})]
+
+
 def test_smtputf8_is_per_transaction(feed):
     """RCPT addresses are decoded by the SMTPUTF8 of the MAIL that opened this
     transaction, not of an earlier one (RFC 6531 §3.4)."""

@@ -35,6 +35,8 @@ def _addr(rng: random.Random) -> bytes:
         b'<"q u"@d.example>', b"<a\\>b@d>", b"<\xc3\xa9t\xc3\xa9@d.example>", b"<\xff@d>",
         b"a@b", b"<a@b", b"<a\x01b@c>", b"<" + b"x" * rng.choice([50, 899, 900]) + b"@d>",
         b"<a@b>x", b"<@nocolon>",
+        # SMTPUTF8: a C1 control, an overlong form, a surrogate, a 4-byte character
+        b"<a\xc2\x85b@d>", b"<\xc0\xaf@d>", b"<\xed\xa0\x80@d>", b"<\xf0\x9f\x93\xa7@d>",
     ])
 
 

@@ -142,9 +142,13 @@ def decode_address(addr: bytes, smtputf8: bool) -> str:
     if not smtputf8:
         raise ParseError(REPLIES["non_ascii_envelope"], ANOMALY_EIGHTBIT, "address")
     try:
-        return addr.decode("utf-8")
+        text = addr.decode("utf-8")
     except UnicodeDecodeError:
         raise ParseError(REPLIES["bad_address"], ANOMALY_EIGHTBIT, "utf-8") from None
+    if any("\x80" <= c <= "\x9f" for c in text):
+        # C1 controls: RFC 5198 §2, they MUST NOT appear
+        raise ParseError(REPLIES["bad_address"], ANOMALY_EIGHTBIT, "control character")
+    return text
 
 
 def decode_xtext(value: bytes) -> str:
