@@ -211,6 +211,9 @@ OPTIONS: tuple[Option, ...] = (
            "ident[pid]: as glibc's syslog() (the host name too over UDP); rfc5424 = <PRI>1 "
            "TIMESTAMP HOST ident PID - -", choices=SYSLOG_FORMATS),
     Option("log_level", TEXT, "info", "least severe level logged", choices=LOG_LEVELS),
+    Option("metrics", TEXT, None, "serve Prometheus metrics at http://HOST:PORT/metrics "
+           "(docs/operations.md#metrics); with --workers the parent serves the sum of the workers",
+           default_help="off", metavar="HOST:PORT"),
     Option("log_buffer", INT, DEFAULT_LOG_BUFFER, "characters of log lines held between writes; "
            "full: stderr waits for the write, syslog drops lines and logs action=log_gap "
            "dropped=N when it takes them again", minimum=1, metavar="CHARS"),
@@ -378,6 +381,8 @@ def check_options(opts) -> None:
             # address would bind both and split its connections between them
             raise StartupError(f"{flag} {where}: given twice (also {seen[host, port]})")
         seen[host, port] = flag
+    if opts.metrics is not None:
+        parse_listen(opts.metrics, "--metrics")
     _check_tls(opts)
     nets = proxy_networks(opts)
     if (opts.proxy_listen or opts.proxy_listen_tls) and nets is None:

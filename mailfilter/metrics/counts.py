@@ -1,0 +1,261 @@
+"""The counts one process keeps: plain numbers, updated where things happen.
+
+Job: the hot path's side of the metrics. A session, the shell, AUTH and
+the reload code call one small method per event (a dict or attribute
+update, no lock, no file, no prometheus_client call: about 0.1 µs, where
+a prometheus_client Counter costs 1 µs and more, and an mmap write per
+event in multiprocess mode); `samples()` turns the numbers into the
+families of families.py when they are read: at scrape time in a single
+process (collector.py), once a second under --workers (mpfiles.py).
+
+Invariants:
+  - only the event loop's thread writes; a reader in another thread (the
+    HTTP endpoint's) copies each table first (a dict copy is atomic under
+    the GIL), so it sees every count once, possibly a turn late;
+  - every label value is taken from a fixed set here (normalised: an
+    unknown AUTH mechanism is `other`, a TLS error `error`) or is a rule
+    FILE name, so a client cannot make a new time series;
+  - values kept elsewhere (open connections, dropped log lines) are read
+    from `sources` at sample time, not copied on every change.
+"""
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+
+from mailfilter.metrics.families import BY_NAME, COUNTER, FAMILIES, HISTOGRAM, LATENCY_BUCKETS
+
+NO_RULE = "-"
+AUTH_MECHANISMS = frozenset(("PLAIN", "LOGIN", "CRAM-MD5"))
+TLS_RESULTS = frozenset(("ok", "timeout", "eof", "no_certificate"))
+POLICYD_STAGES = frozenset(("CONNECT", "EHLO", "HELO", "MAIL", "RCPT", "DATA", "END-OF-MESSAGE",
+                            "VRFY", "ETRN"))
+RAW_MAX = 4096              # (stage, action, file:line) rows kept before they are folded by file
+# a commit's reply action -> its message result and its delivery result
+ACTIONS = ("accept", "reject", "tempfail")
+_MESSAGE_RESULTS = {"accept": "accepted", "reject": "rejected", "tempfail": "tempfailed"}
+_DELIVERY_RESULTS = {"accept": "ok", "reject": "reject", "tempfail": "tempfail"}
+
+
+def rule_file(rule: str | None) -> str:
+    """The file of a `file:line` rule (the label: no line number)."""
+    if not rule:
+        return NO_RULE
+    return rule.partition(":")[0]
+
+
+def session_outcome(reason: str) -> str:
+    """An engine close reason as an outcome: `eof` is the client leaving
+    without QUIT; a reply code (the server closed with a 421, 554, ...) is
+    `reply_NNN`; the rest with `_` for spaces (`too many errors`)."""
+    if reason == "eof":
+        return "disconnect"
+    if reason.isdigit():
+        return f"reply_{reason}"
+    return reason.replace(" ", "_")
+
+
+class Counts:
+    """One process's counts; see the module docstring."""
+
+    __slots__ = ("program", "values", "latency", "sources", "hop", "_raw", "_verdict_tables",
+                 "_commits", "refused", "sessions", "messages", "message_bytes", "deliveries",
+                 "auth_results", "tls", "proxy", "limits", "fallbacks", "reloads",
+                 "policyd", "connections")
+
+    def __init__(self, program: str = "serve", hop: str = "-") -> None:
+        self.program = program
+        self.hop = hop                          # the next hop's kind (one per process)
+        self.values: dict[str, dict[tuple, float]] = {
+            f.name: {} for f in FAMILIES if f.kind != HISTOGRAM and program in f.programs}
+        # the hop's latency: non-cumulative bucket counts, +Inf last, then the sum
+        self.latency = [0] * (len(LATENCY_BUCKETS) + 2)
+        self.sources: dict[str, object] = {}    # family -> zero-argument callable
+        # verdicts: (stage, action, rule as logged) -> n, the rows written now,
+        # and the rows folded by rule file before (never changed once made);
+        # a reader takes the pair at once, so it sees each count once
+        self._raw: dict[tuple, int] = {}
+        self._verdict_tables: tuple[dict, dict] = ({}, self._raw)
+        # commits by their reply's action: [messages, octets]
+        self._commits = {a: [0, 0] for a in ACTIONS}
+        v = self.values.get
+        self.connections = v("mailfilter_connections")
+        self.refused = v("mailfilter_connections_refused")
+        self.sessions = v("mailfilter_sessions")
+        self.messages = v("mailfilter_messages")
+        self.message_bytes = v("mailfilter_message_bytes")
+        self.deliveries = v("mailfilter_deliveries")
+        self.auth_results = v("mailfilter_auth")
+        self.tls = v("mailfilter_tls_handshakes")
+        self.proxy = v("mailfilter_proxy_headers")
+        self.limits = v("mailfilter_limit_hits")
+        self.fallbacks = v("mailfilter_state_store_fallbacks")
+        self.reloads = v("mailfilter_reloads")
+        self.policyd = v("mailfilter_policyd_requests")
+
+    # --- connections and sessions ------------------------------------------------
+    def connection(self) -> None:
+        d = self.connections
+        d[()] = d.get((), 0) + 1
+
+    def refuse(self, reason: str) -> None:
+        """A connection refused at connect (`reason` of its action=refuse line)."""
+        key = (reason,)
+        d = self.refused
+        d[key] = d.get(key, 0) + 1
+
+    def session_end(self, outcome: str) -> None:
+        key = (outcome,)
+        d = self.sessions
+        d[key] = d.get(key, 0) + 1
+
+    def limit_hit(self, limit: str) -> None:
+        """A limit was reached (`limit`: its name, a fixed word: max_per_ip,
+        timeout, ...). The hook for every limit, the shared-store ones too."""
+        key = (limit,)
+        d = self.limits
+        d[key] = d.get(key, 0) + 1
+
+    def state_fallback(self, limit: str) -> None:
+        """A limit decided on this process's own state because the shared
+        state store did not answer."""
+        key = (limit,)
+        d = self.fallbacks
+        d[key] = d.get(key, 0) + 1
+
+    # --- decisions ---------------------------------------------------------------
+    def verdict(self, stage: str, action: str, rule: str | None) -> None:
+        """One decision line: `action` accept, reject or tempfail; `rule`
+        as the line names it (file:line, a file, or None). Counted by the
+        rule as given (no parsing here); the file is taken when read."""
+        key = (stage, action, rule)
+        d = self._raw
+        n = d.get(key)
+        if n is None:
+            if len(d) >= RAW_MAX:
+                d = self._fold()
+            n = 0
+        d[key] = n + 1
+
+    def _fold(self) -> dict:
+        """The rows so far added up by rule file into a new folded table;
+        a new, empty table for the rows to come (bounds the memory: one row
+        per rule line hit would grow with the rules)."""
+        folded = dict(self._verdict_tables[0])
+        for (stage, action, rule), n in self._raw.items():
+            key = (stage, action, rule_file(rule))
+            folded[key] = folded.get(key, 0) + n
+        self._raw = {}
+        self._verdict_tables = (folded, self._raw)
+        return self._raw
+
+    def message(self, result: str, size: int) -> None:
+        """The end of DATA: `result` accepted, rejected or tempfailed."""
+        key = (result,)
+        d = self.messages
+        d[key] = d.get(key, 0) + 1
+        d = self.message_bytes
+        d[key] = d.get(key, 0) + size
+
+    def delivery(self, result: str, seconds: float | None) -> None:
+        """A hand-over to the next hop: `result` ok, tempfail, reject or
+        error (it raised); `seconds` it took (None: not measured)."""
+        key = (self.hop, result)
+        d = self.deliveries
+        d[key] = d.get(key, 0) + 1
+        if seconds is not None:
+            h = self.latency
+            h[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            h[-1] += seconds
+
+    def committed(self, action: str, size: int, seconds: float) -> None:
+        """A commit the next hop answered (its reply's `action`: accept,
+        reject, tempfail) after `seconds`: once per message, so one row and
+        the latency here; the DATA decision, the message and the delivery
+        are made from the row when read."""
+        row = self._commits[action]
+        row[0] += 1
+        row[1] += size
+        h = self.latency
+        h[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        h[-1] += seconds
+
+    # --- AUTH, TLS, PROXY ----------------------------------------------------------
+    def auth(self, mechanism: str | None, result: str) -> None:
+        mech = mechanism if mechanism in AUTH_MECHANISMS else ("-" if mechanism is None else "other")
+        key = (mech, result)
+        d = self.auth_results
+        d[key] = d.get(key, 0) + 1
+
+    def handshake(self, stage: str, result: str) -> None:
+        key = (stage, result if result in TLS_RESULTS else "error")
+        d = self.tls
+        d[key] = d.get(key, 0) + 1
+
+    def proxy_header(self, version: int, command: str) -> None:
+        key = (str(version), command)
+        d = self.proxy
+        d[key] = d.get(key, 0) + 1
+
+    # --- rules and reloads ---------------------------------------------------------
+    def rules_loaded(self, bundle, seconds: float) -> None:
+        """The rules in force are now `bundle`, loaded in `seconds`."""
+        fp = bundle.fingerprint.hex()[:16] if getattr(bundle, "fingerprint", None) else NO_RULE
+        self.values["mailfilter_rules_info"] = {(fp,): 1}
+        self.values["mailfilter_rules"] = {(): bundle.n_rules}
+        self.values["mailfilter_rules_loaded_timestamp_seconds"] = {(): time.time()}
+        self.values["mailfilter_rules_load_seconds"] = {(): seconds}
+
+    def reload(self, what: str, ok: bool) -> None:
+        key = (what, "ok" if ok else "failed")
+        d = self.reloads
+        d[key] = d.get(key, 0) + 1
+
+    def policyd_request(self, stage: str, action: str) -> None:
+        key = (stage if stage in POLICYD_STAGES else "other", action)
+        d = self.policyd
+        d[key] = d.get(key, 0) + 1
+
+    # --- reading ---------------------------------------------------------------------
+    def tables(self) -> dict[str, dict[tuple, float]]:
+        """Every counter and gauge family of the program: {name: {labels:
+        value}}, copied, with the verdict rows by rule file and the commit
+        rows spread over their families."""
+        out = {name: table.copy() for name, table in self.values.items()}
+        for name, source in self.sources.items():
+            out[name] = {(): source()}
+        if self.program not in BY_NAME["mailfilter_verdicts"].programs:
+            return out
+        folded, raw = self._verdict_tables
+        verdicts = out["mailfilter_verdicts"] = dict(folded)
+        for (stage, action, rule), n in raw.copy().items():
+            key = (stage, action, rule_file(rule))
+            verdicts[key] = verdicts.get(key, 0) + n
+        for action, row in self._commits.items():
+            n, size = list(row)
+            if not n:
+                continue
+            for name, key, value in (
+                    ("mailfilter_verdicts", ("DATA", action, NO_RULE), n),
+                    ("mailfilter_messages", (_MESSAGE_RESULTS[action],), n),
+                    ("mailfilter_message_bytes", (_MESSAGE_RESULTS[action],), size),
+                    ("mailfilter_deliveries", (self.hop, _DELIVERY_RESULTS[action]), n)):
+                table = out[name]
+                table[key] = table.get(key, 0) + value
+        return out
+
+    def samples(self):
+        """(family, label values, value) for every counter and gauge series,
+        then (family, (hop,), (bucket counts, +Inf last; sum)) for the
+        latency histogram once a delivery was timed. A label-less counter
+        is there even at 0."""
+        for name, table in self.tables().items():
+            fam = BY_NAME[name]
+            if not table and fam.kind == COUNTER and not fam.labels:
+                table = {(): 0}
+            for labels, value in table.items():
+                yield fam, labels, value
+        fam = BY_NAME["mailfilter_delivery_duration_seconds"]
+        h = list(self.latency)
+        if self.program in fam.programs and any(h[:-1]):
+            yield fam, (self.hop,), (h[:-1], h[-1])
