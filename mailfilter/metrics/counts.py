@@ -28,7 +28,7 @@ from mailfilter.metrics.families import BY_NAME, COUNTER, FAMILIES, HISTOGRAM, L
 NO_RULE = "-"
 AUTH_MECHANISMS = frozenset(("PLAIN", "LOGIN", "CRAM-MD5"))
 TLS_RESULTS = frozenset(("ok", "timeout", "eof", "no_certificate"))
-POLICYD_STAGES = frozenset(("CONNECT", "EHLO", "HELO", "MAIL", "RCPT", "DATA", "END-OF-MESSAGE",
+POLICYD_STAGES = frozenset(("-", "CONNECT", "EHLO", "HELO", "MAIL", "RCPT", "DATA", "END-OF-MESSAGE",
                             "VRFY", "ETRN"))
 RAW_MAX = 4096              # (stage, action, file:line) rows kept before they are folded by file
 # a commit's reply action -> its message result and its delivery result

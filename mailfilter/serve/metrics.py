@@ -18,9 +18,11 @@ from __future__ import annotations
 from mailfilter.serve.config import StartupError, parse_listen
 
 
-def _endpoint(opts, registry):
+def endpoint(spec: str, registry):
+    """The endpoint for `--metrics spec` serving `registry` (policyd's too);
+    StartupError naming --metrics when the address is bad or taken."""
     from mailfilter.metrics.endpoint import Endpoint, EndpointError
-    host, port = parse_listen(opts.metrics, "--metrics")
+    host, port = parse_listen(spec, "--metrics")
     try:
         return Endpoint(host, port, registry)
     except EndpointError as exc:
@@ -36,7 +38,7 @@ def start_process(counts, opts, loop, worker: bool):
         writer.start(loop)
         return writer
     from mailfilter.metrics.collector import registry_for
-    return _endpoint(opts, registry_for(counts))
+    return endpoint(opts.metrics, registry_for(counts))
 
 
 class Parent:
@@ -51,7 +53,7 @@ class Parent:
         try:
             registry = CollectorRegistry(auto_describe=False)
             MultiProcessCollector(registry, path=self.path)
-            self.endpoint = _endpoint(opts, registry)
+            self.endpoint = endpoint(opts.metrics, registry)
         except BaseException:
             mpfiles.remove_dir(self.path)
             raise
