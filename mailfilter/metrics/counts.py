@@ -55,6 +55,10 @@ def session_outcome(reason: str) -> str:
     return reason.replace(" ", "_")
 
 
+def _bump(table: dict, key: tuple, n: int = 1) -> None:
+    table[key] = table.get(key, 0) + n
+
+
 class Counts:
     """One process's counts; see the module docstring."""
 
@@ -95,33 +99,24 @@ class Counts:
 
     # --- connections and sessions ------------------------------------------------
     def connection(self) -> None:
-        d = self.connections
-        d[()] = d.get((), 0) + 1
+        _bump(self.connections, ())
 
     def refuse(self, reason: str) -> None:
         """A connection refused at connect (`reason` of its action=refuse line)."""
-        key = (reason,)
-        d = self.refused
-        d[key] = d.get(key, 0) + 1
+        _bump(self.refused, (reason,))
 
     def session_end(self, outcome: str) -> None:
-        key = (outcome,)
-        d = self.sessions
-        d[key] = d.get(key, 0) + 1
+        _bump(self.sessions, (outcome,))
 
     def limit_hit(self, limit: str) -> None:
         """A limit was reached (`limit`: its name, a fixed word: max_per_ip,
         timeout, ...). The hook for every limit, the shared-store ones too."""
-        key = (limit,)
-        d = self.limits
-        d[key] = d.get(key, 0) + 1
+        _bump(self.limits, (limit,))
 
     def state_fallback(self, limit: str) -> None:
         """A limit decided on this process's own state because the shared
         state store did not answer."""
-        key = (limit,)
-        d = self.fallbacks
-        d[key] = d.get(key, 0) + 1
+        _bump(self.fallbacks, (limit,))
 
     # --- decisions ---------------------------------------------------------------
     def verdict(self, stage: str, action: str, rule: str | None) -> None:
@@ -143,8 +138,7 @@ class Counts:
         per rule line hit would grow with the rules)."""
         folded = dict(self._verdict_tables[0])
         for (stage, action, rule), n in self._raw.items():
-            key = (stage, action, rule_file(rule))
-            folded[key] = folded.get(key, 0) + n
+            _bump(folded, (stage, action, rule_file(rule)), n)
         self._raw = {}
         self._verdict_tables = (folded, self._raw)
         return self._raw
@@ -152,17 +146,13 @@ class Counts:
     def message(self, result: str, size: int) -> None:
         """The end of DATA: `result` accepted, rejected or tempfailed."""
         key = (result,)
-        d = self.messages
-        d[key] = d.get(key, 0) + 1
-        d = self.message_bytes
-        d[key] = d.get(key, 0) + size
+        _bump(self.messages, key)
+        _bump(self.message_bytes, key, size)
 
     def delivery(self, result: str, seconds: float | None) -> None:
         """A hand-over to the next hop: `result` ok, tempfail, reject or
         error (it raised); `seconds` it took (None: not measured)."""
-        key = (self.hop, result)
-        d = self.deliveries
-        d[key] = d.get(key, 0) + 1
+        _bump(self.deliveries, (self.hop, result))
         if seconds is not None:
             h = self.latency
             h[bisect_left(LATENCY_BUCKETS, seconds)] += 1
@@ -183,19 +173,13 @@ class Counts:
     # --- AUTH, TLS, PROXY ----------------------------------------------------------
     def auth(self, mechanism: str | None, result: str) -> None:
         mech = mechanism if mechanism in AUTH_MECHANISMS else ("-" if mechanism is None else "other")
-        key = (mech, result)
-        d = self.auth_results
-        d[key] = d.get(key, 0) + 1
+        _bump(self.auth_results, (mech, result))
 
     def handshake(self, stage: str, result: str) -> None:
-        key = (stage, result if result in TLS_RESULTS else "error")
-        d = self.tls
-        d[key] = d.get(key, 0) + 1
+        _bump(self.tls, (stage, result if result in TLS_RESULTS else "error"))
 
     def proxy_header(self, version: int, command: str) -> None:
-        key = (str(version), command)
-        d = self.proxy
-        d[key] = d.get(key, 0) + 1
+        _bump(self.proxy, (str(version), command))
 
     # --- rules and reloads ---------------------------------------------------------
     def rules_loaded(self, bundle, seconds: float) -> None:
@@ -207,14 +191,10 @@ class Counts:
         self.values["mailfilter_rules_load_seconds"] = {(): seconds}
 
     def reload(self, what: str, ok: bool) -> None:
-        key = (what, "ok" if ok else "failed")
-        d = self.reloads
-        d[key] = d.get(key, 0) + 1
+        _bump(self.reloads, (what, "ok" if ok else "failed"))
 
     def policyd_request(self, stage: str, action: str) -> None:
-        key = (stage if stage in POLICYD_STAGES else "other", action)
-        d = self.policyd
-        d[key] = d.get(key, 0) + 1
+        _bump(self.policyd, (stage if stage in POLICYD_STAGES else "other", action))
 
     # --- reading ---------------------------------------------------------------------
     def tables(self) -> dict[str, dict[tuple, float]]:
@@ -229,8 +209,7 @@ class Counts:
         folded, raw = self._verdict_tables
         verdicts = out["mailfilter_verdicts"] = dict(folded)
         for (stage, action, rule), n in raw.copy().items():
-            key = (stage, action, rule_file(rule))
-            verdicts[key] = verdicts.get(key, 0) + n
+            _bump(verdicts, (stage, action, rule_file(rule)), n)
         for action, row in self._commits.items():
             n, size = list(row)
             if not n:
@@ -240,8 +219,7 @@ class Counts:
                     ("mailfilter_messages", (_MESSAGE_RESULTS[action],), n),
                     ("mailfilter_message_bytes", (_MESSAGE_RESULTS[action],), size),
                     ("mailfilter_deliveries", (self.hop, _DELIVERY_RESULTS[action]), n)):
-                table = out[name]
-                table[key] = table.get(key, 0) + value
+                _bump(out[name], key, value)
         return out
 
     def samples(self):

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 
-from tests.metrics.test_serve_metrics import labels, scrape, wait_for_counts
+from tests.metrics.test_serve_metrics import (
+    labels, run_with_metrics_port_taken, scrape, wait_for_counts,
+)
 from tests.serve.test_policyd import RULES, Policyd, answers, request
-from tests.support.server_harness import child_env, free_port, write_rules
+from tests.support.server_harness import free_port, write_rules
 
 
 def test_policyd_counts_requests_and_reloads(tmp_path):
@@ -48,14 +47,8 @@ def test_policyd_counts_requests_and_reloads(tmp_path):
 
 def test_policyd_metrics_port_in_use_exits_2(tmp_path):
     rules = write_rules(tmp_path / "rules", RULES)
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        held.listen(1)
-        port = held.getsockname()[1]
-        proc = subprocess.run(
-            [sys.executable, "-m", "mailfilter", "policyd", "--rules", rules,
-             "--listen", f"127.0.0.1:{free_port()}", "--metrics", f"127.0.0.1:{port}"],
-            capture_output=True, text=True, timeout=60, env=child_env())
+    proc, port = run_with_metrics_port_taken("policyd", "--rules", rules,
+                                             "--listen", f"127.0.0.1:{free_port()}")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == \
         f"mailfilter policyd: --metrics 127.0.0.1:{port}: Address already in use"

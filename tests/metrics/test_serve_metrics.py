@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import os
-import re
 import signal
 import smtplib
 import socket
@@ -270,23 +269,28 @@ def test_workers_counts_are_summed_by_the_parent(tmp_path, setup):
     assert os.listdir(tmp_path / "tmp") == []      # removed when the parent exits
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_a_metrics_port_in_use_is_a_startup_error(tmp_path, setup, workers):
-    rules, _ = setup
+def run_with_metrics_port_taken(*argv, cwd=None) -> tuple[subprocess.CompletedProcess, int]:
+    """`python -m mailfilter ARGV --metrics 127.0.0.1:PORT` while PORT is
+    held by a listening socket: (the finished process, PORT)."""
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen(1)
         port = held.getsockname()[1]
-        proc = subprocess.run(
-            [sys.executable, "-m", "mailfilter", "serve", "--rules", rules,
-             "--listen", f"127.0.0.1:{free_port()}", "--remote-host", "off",
-             "--deliver", f"maildir:{tmp_path}/spool", "--workers", workers,
-             "--metrics", f"127.0.0.1:{port}"],
-            capture_output=True, text=True, timeout=60, env=child_env(), cwd=tmp_path)
+        return subprocess.run([sys.executable, "-m", "mailfilter", *argv,
+                               "--metrics", f"127.0.0.1:{port}"],
+                              capture_output=True, text=True, timeout=60, env=child_env(),
+                              cwd=cwd), port
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_metrics_port_in_use_is_a_startup_error(tmp_path, setup, workers):
+    rules, _ = setup
+    proc, port = run_with_metrics_port_taken(
+        "serve", "--rules", rules, "--listen", f"127.0.0.1:{free_port()}", "--remote-host", "off",
+        "--deliver", f"maildir:{tmp_path}/spool", "--workers", workers, cwd=tmp_path)
     assert proc.returncode == 2
-    last = proc.stderr.strip().splitlines()[-1]
-    assert re.fullmatch(rf"mailfilter serve: --metrics 127\.0\.0\.1:{port}: Address already in use",
-                        last), proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == \
+        f"mailfilter serve: --metrics 127.0.0.1:{port}: Address already in use", proc.stderr
 
 
 def test_a_bad_metrics_address_is_a_startup_error(tmp_path, setup):
