@@ -329,6 +329,8 @@ def check_value(o: Option, value) -> None:
                                    f"{o.minimum:g}, not {v!r}")
         if o.choices is not None and v not in o.choices:
             raise StartupError(f"{o.flag} must be {_choices_text(o.choices)}, not {v!r}")
+        if o.metavar == "HOST:PORT" and not o.repeatable:   # --metrics (the listeners: listeners())
+            parse_listen(v, o.flag)
 
 
 def parse_listen(spec: str, flag: str = "--listen") -> tuple[str, int]:
@@ -381,8 +383,6 @@ def check_options(opts) -> None:
             # address would bind both and split its connections between them
             raise StartupError(f"{flag} {where}: given twice (also {seen[host, port]})")
         seen[host, port] = flag
-    if opts.metrics is not None:
-        parse_listen(opts.metrics, "--metrics")
     _check_tls(opts)
     nets = proxy_networks(opts)
     if (opts.proxy_listen or opts.proxy_listen_tls) and nets is None:
