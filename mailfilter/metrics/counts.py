@@ -55,6 +55,16 @@ def session_outcome(reason: str) -> str:
     return reason.replace(" ", "_")
 
 
+def _verdict_key(row) -> tuple[str, str, str]:
+    """(stage, action, rule file) of a decided() row: a Verdict or a tuple."""
+    if type(row) is tuple:
+        stage, action, rule = row
+    else:
+        stage, rule = row.stage, row.rule
+        action = "accept" if row.accept else ("tempfail" if row.reply.temporary else "reject")
+    return stage, action, rule_file(rule)
+
+
 def _bump(table: dict, key: tuple, n: int = 1) -> None:
     table[key] = table.get(key, 0) + n
 
@@ -123,22 +133,30 @@ class Counts:
         """One decision line: `action` accept, reject or tempfail; `rule`
         as the line names it (file:line, a file, or None). Counted by the
         rule as given (no parsing here); the file is taken when read."""
-        key = (stage, action, rule)
+        self.decided((stage, action, rule))
+
+    def decided(self, v) -> None:
+        """One decision line for the policy Verdict `v` (policy/verdict.py),
+        or a (stage, action, rule) row. A Verdict is counted by identity:
+        the accepts a session gives most (a recipient accepted by a rule)
+        are shared, read-only objects, so this is one dict update with no
+        tuple made and no string hashed; what it decided is read from it
+        when the counts are read."""
         d = self._raw
-        n = d.get(key)
+        n = d.get(v)
         if n is None:
             if len(d) >= RAW_MAX:
                 d = self._fold()
             n = 0
-        d[key] = n + 1
+        d[v] = n + 1
 
     def _fold(self) -> dict:
         """The rows so far added up by rule file into a new folded table;
-        a new, empty table for the rows to come (bounds the memory: one row
-        per rule line hit would grow with the rules)."""
+        a new, empty table for the rows to come (bounds the memory: a row
+        per fresh Verdict, or per rule line hit, would grow without end)."""
         folded = dict(self._verdict_tables[0])
-        for (stage, action, rule), n in self._raw.items():
-            _bump(folded, (stage, action, rule_file(rule)), n)
+        for row, n in self._raw.items():
+            _bump(folded, _verdict_key(row), n)
         self._raw = {}
         self._verdict_tables = (folded, self._raw)
         return self._raw
@@ -208,8 +226,8 @@ class Counts:
             return out
         folded, raw = self._verdict_tables
         verdicts = out["mailfilter_verdicts"] = dict(folded)
-        for (stage, action, rule), n in raw.copy().items():
-            _bump(verdicts, (stage, action, rule_file(rule)), n)
+        for row, n in raw.copy().items():
+            _bump(verdicts, _verdict_key(row), n)
         for action, row in self._commits.items():
             n, size = list(row)
             if not n:

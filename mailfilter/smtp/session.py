@@ -292,7 +292,7 @@ class Session:
             log.decision(v, client=self.label, tls=self.tls or "-", score=dnsbl.score)
             m = self.config.metrics
             if m is not None:
-                m.verdict("CONNECT", "reject", v.rule)
+                m.decided(v)
                 m.refuse("dnsbl")
             self.engine.abort(r)
             return True
@@ -382,8 +382,7 @@ class Session:
     def _log(self, v: Verdict, rcpt: str | None = None) -> None:
         m = self.config.metrics
         if m is not None:
-            m.verdict(v.stage, "accept" if v.accept else ("tempfail" if v.reply.temporary else "reject"),
-                      v.rule)
+            m.decided(v)
         if log.enabled():
             auth = self.policy.authenticated
             log.decision_in(v, self._ctx(), rcpt, None if auth is None else {"auth": auth})
