@@ -16,6 +16,8 @@ from mailfilter.metrics import mpfiles
 from mailfilter.metrics.collector import registry_for
 from mailfilter.metrics.counts import Counts
 from mailfilter.metrics.families import FAMILIES, LATENCY_BUCKETS
+from mailfilter.policy.verdict import Verdict
+from mailfilter.smtp.replies import reply
 
 
 def read(registry) -> dict[str, dict[tuple, float]]:
@@ -69,6 +71,24 @@ def test_verdict_rows_are_folded_by_file_past_the_bound(monkeypatch):
         assert len(c._raw) <= 8
     tables = c.tables()["mailfilter_verdicts"]
     assert tables == {("RCPT", "reject", "badmailfrom"): 100, ("RCPT", "accept", "recipients"): 100}
+
+
+def test_verdict_objects_are_counted_by_what_they_decided(monkeypatch):
+    """The session hands its policy Verdicts over as they are (a shared
+    accept many times, fresh refusals): each is read back as stage, action
+    and rule file, also after the rows were folded."""
+    monkeypatch.setattr(counts_mod, "RAW_MAX", 16)
+    shared = Verdict("RCPT", True, reply("rcpt_ok"), "ok", "recipients:3")
+    c = Counts("serve")
+    for i in range(50):
+        c.decided(shared)
+        c.decided(Verdict("RCPT", False, reply("badrcptto"), "badrcptto", f"badrcptto:{i}"))
+        c.decided(Verdict("RCPT", False, reply("mf_dns_temp"), "mfdnscheck", None))
+        assert len(c._raw) <= 16
+    got = read(registry_for(c))["mailfilter_verdicts_total"]
+    assert got == {L(stage="RCPT", action="accept", rule_file="recipients"): 50.0,
+                   L(stage="RCPT", action="reject", rule_file="badrcptto"): 50.0,
+                   L(stage="RCPT", action="tempfail", rule_file="-"): 50.0}
 
 
 def test_a_commit_counts_the_decision_the_message_the_delivery_and_its_latency():
