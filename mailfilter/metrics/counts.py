@@ -2,9 +2,10 @@
 
 Job: the hot path's side of the metrics. A session, the shell, AUTH and
 the reload code call one small method per event (a dict or attribute
-update, no lock, no file, no prometheus_client call: about 0.1 µs, where
-a prometheus_client Counter costs 1 µs and more, and an mmap write per
-event in multiprocess mode); `samples()` turns the numbers into the
+update, no lock, no file, no prometheus_client call: a few tenths of a
+µs, where a prometheus_client Counter costs 1 µs and more, and an mmap
+write per event in multiprocess mode; bench/README.md has the figures);
+`samples()` turns the numbers into the
 families of families.py when they are read: at scrape time in a single
 process (collector.py), once a second under --workers (mpfiles.py).
 

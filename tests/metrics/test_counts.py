@@ -291,3 +291,20 @@ def test_make_dir_is_private_and_removed(tmp_path, monkeypatch):
     assert os.stat(path).st_mode & 0o777 == 0o700 and os.listdir(path) == []
     mpfiles.remove_dir(path)
     assert not os.path.exists(path)
+
+
+def test_the_operations_table_lists_every_family_with_its_type_and_labels():
+    """docs/operations.md#the-metrics is the operator's list: one row per
+    family of families.py, its exposed name, type and labels."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "docs", "operations.md")) as fh:
+        text = fh.read()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`mailfilter_"):
+            labels = tuple(x.strip("` ") for x in cells[2].split(",") if x.strip())
+            rows[cells[0].strip("`")] = (cells[1], labels)
+    want = {(f.name + "_total" if f.kind == "counter" else f.name): (f.kind, f.labels)
+            for f in FAMILIES}
+    assert rows == want
