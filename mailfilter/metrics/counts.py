@@ -56,6 +56,18 @@ def session_outcome(reason: str) -> str:
     return reason.replace(" ", "_")
 
 
+# the tables the hooks add to directly: attribute -> family
+_TABLES = (
+    ("connections", "mailfilter_connections"), ("refused", "mailfilter_connections_refused"),
+    ("sessions", "mailfilter_sessions"), ("messages", "mailfilter_messages"),
+    ("message_bytes", "mailfilter_message_bytes"), ("deliveries", "mailfilter_deliveries"),
+    ("auth_results", "mailfilter_auth"), ("tls", "mailfilter_tls_handshakes"),
+    ("proxy", "mailfilter_proxy_headers"), ("limits", "mailfilter_limit_hits"),
+    ("fallbacks", "mailfilter_state_store_fallbacks"), ("reloads", "mailfilter_reloads"),
+    ("policyd", "mailfilter_policyd_requests"),
+)
+
+
 def _verdict_key(row) -> tuple[str, str, str]:
     """(stage, action, rule file) of a decided() row: a Verdict or a tuple."""
     if type(row) is tuple:
@@ -93,20 +105,8 @@ class Counts:
         self._verdict_tables: tuple[dict, dict] = ({}, self._raw)
         # commits by their reply's action: [messages, octets]
         self._commits = {a: [0, 0] for a in ACTIONS}
-        v = self.values.get
-        self.connections = v("mailfilter_connections")
-        self.refused = v("mailfilter_connections_refused")
-        self.sessions = v("mailfilter_sessions")
-        self.messages = v("mailfilter_messages")
-        self.message_bytes = v("mailfilter_message_bytes")
-        self.deliveries = v("mailfilter_deliveries")
-        self.auth_results = v("mailfilter_auth")
-        self.tls = v("mailfilter_tls_handshakes")
-        self.proxy = v("mailfilter_proxy_headers")
-        self.limits = v("mailfilter_limit_hits")
-        self.fallbacks = v("mailfilter_state_store_fallbacks")
-        self.reloads = v("mailfilter_reloads")
-        self.policyd = v("mailfilter_policyd_requests")
+        for slot, family in _TABLES:        # None: not a family of this program
+            setattr(self, slot, self.values.get(family))
 
     # --- connections and sessions ------------------------------------------------
     def connection(self) -> None:
