@@ -1,13 +1,13 @@
 """The counts one process keeps: plain numbers, updated where things happen.
 
 Job: the hot path's side of the metrics. A session, the shell, AUTH and
-the reload code call one small method per event (a dict or attribute
-update, no lock, no file, no prometheus_client call: a few tenths of a
-µs, where a prometheus_client Counter costs 1 µs and more, and an mmap
-write per event in multiprocess mode; bench/README.md has the figures);
-`samples()` turns the numbers into the
-families of families.py when they are read: at scrape time in a single
-process (collector.py), once a second under --workers (mpfiles.py).
+the reload code call one small method per event: a dict or list update, no
+lock, no file, no prometheus_client call (a few tenths of a µs, where a
+prometheus_client Counter costs 1 µs and more, and an mmap write per event
+in multiprocess mode; bench/README.md has the figures). `samples()` turns
+the numbers into the families of families.py when they are read: at
+scrape time in a single process (collector.py), once a second under
+--workers (mpfiles.py).
 
 Invariants:
   - only the event loop's thread writes; a reader in another thread (the
@@ -31,7 +31,7 @@ AUTH_MECHANISMS = frozenset(("PLAIN", "LOGIN", "CRAM-MD5"))
 TLS_RESULTS = frozenset(("ok", "timeout", "eof", "no_certificate"))
 POLICYD_STAGES = frozenset(("-", "CONNECT", "EHLO", "HELO", "MAIL", "RCPT", "DATA", "END-OF-MESSAGE",
                             "VRFY", "ETRN"))
-RAW_MAX = 4096              # (stage, action, file:line) rows kept before they are folded by file
+RAW_MAX = 4096              # decision rows (Verdicts, rule lines) kept before they are folded by file
 # a commit's reply action -> its message result and its delivery result
 ACTIONS = ("accept", "reject", "tempfail")
 _MESSAGE_RESULTS = {"accept": "accepted", "reject": "rejected", "tempfail": "tempfailed"}
