@@ -315,3 +315,46 @@ def test_without_metrics_nothing_listens_and_prometheus_is_not_imported(tmp_path
                          timeout=60, env=child_env(), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_limits_and_proxy_headers_are_counted(tmp_path, setup):
+    """The limits the server has (a second connection past --max-per-ip, an
+    idle client past --timeout) and PROXY headers, good and bad, on a
+    --proxy-listen address."""
+    rules, userdb = setup
+    pport = free_port()
+    sp = start(tmp_path, rules, userdb, "--max-per-ip", "1", "--timeout", "1",
+               "--proxy-listen", f"127.0.0.1:{pport}", "--proxy-protocol", "127.0.0.1/32")
+    try:
+        # spawn_serve's probe has left (its slot for 127.0.0.1 is free again)
+        wait_for_counts(sp.metrics_port, {"mailfilter_sessions_total": {
+            labels(outcome="disconnect"): 1.0}})
+        with RawClient(sp.port) as idle:
+            assert idle.reply()[0] == 220
+            with RawClient(sp.port) as second:
+                assert second.reply()[0] == 421
+            assert idle.reply()[0] == 421             # --timeout 1: the idle one is closed
+            assert idle.at_eof()
+        with RawClient(pport) as c:
+            c.send(b"PROXY TCP4 192.0.2.7 192.0.2.1 40000 25\r\n")
+            assert c.reply()[0] == 220
+            assert c.cmd("QUIT")[0] == 221
+        with RawClient(pport) as c:
+            c.send(b"GET / HTTP/1.0\r\n\r\n")
+            assert c.at_eof()
+        with RawClient(pport, source="127.0.0.2") as c:    # not a --proxy-protocol source
+            assert c.at_eof()
+        wait_for_counts(sp.metrics_port, {
+            "mailfilter_connections_total": {(): 6.0},
+            "mailfilter_connections_refused_total": {labels(reason="max_per_ip"): 1.0,
+                                                     labels(reason="proxy_header"): 1.0,
+                                                     labels(reason="proxy_source"): 1.0},
+            "mailfilter_limit_hits_total": {labels(limit="max_per_ip"): 1.0,
+                                            labels(limit="timeout"): 1.0},
+            "mailfilter_sessions_total": {labels(outcome="disconnect"): 1.0,
+                                          labels(outcome="timeout"): 1.0,
+                                          labels(outcome="quit"): 1.0},
+            "mailfilter_proxy_headers_total": {labels(version="1", command="PROXY"): 1.0},
+            "mailfilter_connections_open": {(): 0.0}})
+    finally:
+        assert sp.stop() == 0
