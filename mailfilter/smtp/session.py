@@ -215,9 +215,10 @@ _QUIET_CLOSES = frozenset(("eof", "quit"))
 class Session:
     """One SMTP session, sans-IO. See the module docstring."""
 
-    __slots__ = ("config", "client", "label", "engine", "policy", "auth", "tx", "sink", "scanner",
+    __slots__ = ("config", "client", "label", "engine", "policy", "auth", "tx", "sink", "end",
+                 "scanner",
                  "scan_choice", "lookups", "last_verdict", "_then", "tls", "tls_mode",
-                 "_ctx_key", "_ctx_text", "end")
+                 "_ctx_key", "_ctx_text")
 
     def __init__(self, config: SessionConfig, client: Client, tls: str | None = None,
                  label: str | None = None) -> None:
@@ -640,19 +641,19 @@ class Session:
     def _committed(self, result, ev: DataEnd, t0: float, who: tuple | None) -> Reply:
         """The reply to a finished commit; its decision line."""
         m = self.config.metrics
-        if who is not None or m is not None:
-            elapsed = time.monotonic() - t0
-            r = result.reply
-            action = "accept" if result.ok else ("tempfail" if r.temporary else "reject")
         if m is not None:
-            m.committed(action, ev.size, elapsed)
+            r = result.reply
+            m.committed("accept" if result.ok else ("tempfail" if r.temporary else "reject"),
+                        ev.size, time.monotonic() - t0)
         if who is not None:   # format the line only if someone reads it
             ctx, to, auth = who
+            r = result.reply
             log.event_in(
-                {"action": action, "stage": "DATA"}, ctx,
+                {"action": "accept" if result.ok else ("tempfail" if r.temporary else "reject"),
+                 "stage": "DATA"}, ctx,
                 {"to": to, "auth": auth, "size": ev.size, "rcpts": len(self.tx.recipients),
                  "header_cut": "yes" if ev.header_cut else None,
-                 "ms": f"{elapsed * 1000:.1f}",
+                 "ms": f"{(time.monotonic() - t0) * 1000:.1f}",
                  "detail": result.detail or None, "reply": str(r)})
         self.tx.clear()
         return result.reply
