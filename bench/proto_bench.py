@@ -134,6 +134,9 @@ def main(argv=None) -> int:
                     help="info (default) = the decision log on, as shipped, written to a "
                          "temporary file; warning = off (how the restructure table in "
                          "bench/README.md was taken, for both trees)")
+    ap.add_argument("--metrics", action="store_true",
+                    help="count for --metrics (mailfilter/metrics/counts.py) as serve --metrics "
+                         "does; the counts are kept, no endpoint is started")
     a = ap.parse_args(argv)
     import loadgen
     import servers
@@ -148,7 +151,8 @@ def main(argv=None) -> int:
         spool = tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp"))
         deliver = f"maildir:{spool.name}/Maildir"
     opts = ServeOptions(rules=rules, deliver=deliver, max_per_ip=10**9, max_connections=10**9,
-                        remote_host="off")      # no reverse DNS, as in bench/servers.py
+                        remote_host="off",      # no reverse DNS, as in bench/servers.py
+                        metrics="127.0.0.1:0" if a.metrics else None)
     state = build_state(opts)
     msg = loadgen.make_message(a.size, "bench@sender.example", "bench@example.net")
     if a.loop == "uvloop":
@@ -166,7 +170,7 @@ def main(argv=None) -> int:
         on_loop = min(t for _, t in both)
         print(f"{mode:9} {a.size} B: best {min(runs):7.1f} µs/msg  median {sorted(runs)[len(runs) // 2]:7.1f}"
               f"  loop thread {on_loop:6.1f}  ({a.repeat} x {n} messages, {a.loop}, {a.deliver}, "
-              f"sessions={c})")
+              f"sessions={c}{', metrics' if a.metrics else ''})")
         if a.deliver == "maildir":
             _empty_new(spool.name)
     if a.profile:

@@ -271,6 +271,7 @@ class AuthService:
                                           cfg.table_size)
         self.known = KnownNetworks(cfg.known_ttl, cfg.table_size)
         self.pacer = Pacer(cfg.user_pace, cfg.user_pace_max, cfg.table_size)
+        self.metrics = None     # the server's metrics Counts (ServerState sets it), None when off
 
     @property
     def verifier(self):
@@ -328,6 +329,9 @@ class AuthSession:
     def _log(self, result: str, mech: str | None, user: str | None, reason: str | None = None) -> None:
         log.event(action="auth", result=result, mech=mech, user=user, client=self.label,
                   reason=reason or None)
+        m = self.service.metrics
+        if m is not None:
+            m.auth(mech, result)
 
     def handle(self, ev):
         """Reply now, or a coroutine that returns the Reply."""

@@ -153,6 +153,7 @@ class Delivery(ABC):
     it cannot parse."""
 
     spec: str = ""
+    kind: ClassVar[str] = ""     # the spec's kind: `maildir`, `smtp+tls-required`, ...
     form: ClassVar[str] = ""     # the spec's shape, for errors: `maildir:DIR`
     speaks_tls: ClassVar[bool] = False   # takes TLS_OPTIONS (smtp:, lmtp: next hops)
     _kinds: ClassVar[dict[str, type[Delivery]]] = {}
@@ -165,6 +166,7 @@ class Delivery(ABC):
             if not callable(getattr(cls, "parse", None)):
                 raise TypeError(f"delivery kind {kind!r}: {cls.__name__} has no parse()")
             cls.form = form
+            cls.kind = kind
             Delivery._kinds[kind] = cls
 
     @staticmethod

@@ -31,7 +31,7 @@ from mailfilter.log.quoting import MAX_VALUE, kv, kv_line, quote
 from mailfilter.log.sink import DEFAULT_CAP, StreamSink, SyslogSink
 
 __all__ = ["MAX_VALUE", "quote", "kv", "kv_line", "decision", "decision_in", "event", "event_in",
-           "enabled", "anomaly", "setup", "flush", "close", "logger", "LogSetupError"]
+           "enabled", "anomaly", "setup", "flush", "close", "dropped_total", "logger", "LogSetupError"]
 
 logger = logging.getLogger("mailfilter")
 INFO, WARNING = logging.INFO, logging.WARNING
@@ -168,6 +168,12 @@ def flush(wait: float = 0.0) -> None:
     """Write out what is buffered now (a clean stop: syslog may wait up to `wait` s)."""
     if _sink is not None:
         _sink.flush(wait)
+
+
+def dropped_total() -> int:
+    """Lines the sink lost since start (0 without setup()): serve's metrics."""
+    sink = _sink
+    return 0 if sink is None else sink.dropped_total
 
 
 def close() -> None:

@@ -61,10 +61,16 @@ class Sink(ABC):
         self.level = level
         self.cap = cap
         self.dropped = 0                # lines lost since the last gap line
+        self.told = 0                   # lines lost and told by gap lines, all added up
         self._lines: list = []
         self._size = 0
         self._loop = None               # the loop a flush is scheduled on
         self._lock = threading.Lock()
+
+    @property
+    def dropped_total(self) -> int:
+        """Lines lost since start (told by a gap line or not yet): the metric."""
+        return self.told + self.dropped
 
     @property
     def pending(self) -> int:
@@ -94,6 +100,7 @@ class Sink(ABC):
 
     def _add_gap(self) -> None:
         gap = self.format(GAP_LEVEL, f"action=log_gap dropped={self.dropped}", time.time())
+        self.told += self.dropped
         self.dropped = 0
         self._lines.append(gap)
         self._size += len(gap)

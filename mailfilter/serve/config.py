@@ -221,6 +221,9 @@ OPTIONS: tuple[Option, ...] = (
            "ident[pid]: as glibc's syslog() (the host name too over UDP); rfc5424 = <PRI>1 "
            "TIMESTAMP HOST ident PID - -", choices=SYSLOG_FORMATS),
     Option("log_level", TEXT, "info", "least severe level logged", choices=LOG_LEVELS),
+    Option("metrics", TEXT, None, "serve Prometheus metrics at http://HOST:PORT/metrics "
+           "(docs/operations.md#metrics); with --workers the parent serves the sum of the workers",
+           default_help="off", metavar="HOST:PORT"),
     Option("log_buffer", INT, DEFAULT_LOG_BUFFER, "characters of log lines held between writes; "
            "full: stderr waits for the write, syslog drops lines and logs action=log_gap "
            "dropped=N when it takes them again", minimum=1, metavar="CHARS"),
@@ -340,6 +343,8 @@ def check_value(o: Option, value) -> None:
                                    f"{o.minimum:g}, not {v!r}")
         if o.choices is not None and v not in o.choices:
             raise StartupError(f"{o.flag} must be {_choices_text(o.choices)}, not {v!r}")
+        if o.metavar == "HOST:PORT" and not o.repeatable:   # --metrics (the listeners: listeners())
+            parse_listen(v, o.flag)
 
 
 def parse_listen(spec: str, flag: str = "--listen") -> tuple[str, int]:

@@ -131,6 +131,9 @@ class NoDescriptorLog:
     def note(self, exc: OSError) -> None:
         self.count += 1
         self.error = exc
+        m = self.state.metrics
+        if m is not None:           # as the line's count=: failed accept attempts
+            m.refuse("no_descriptors")
         wait = self.last + LOG_INTERVAL - self.clock()
         if wait <= 0:
             self.flush()

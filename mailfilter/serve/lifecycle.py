@@ -57,6 +57,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 
 from mailfilter import log
 from mailfilter.rules import bundle as bundle_mod
@@ -67,7 +68,7 @@ from mailfilter.serve.config import (
     BY_NAME, DEFAULT_MAX_CONNECTIONS, DEFAULT_SESSION_DEADLINE, DEFAULT_TIMEOUT, ServeOptions, StartupError, check_options,
     check_value, listeners,
 )
-from mailfilter.serve import summary
+from mailfilter.serve import metrics as metrics_export, summary
 from mailfilter.serve.bundlewatch import BundleWatch
 from mailfilter.serve.descriptors import (
     Acceptor, NoDescriptorLog, fit_max_connections, raise_nofile,
@@ -135,7 +136,9 @@ def build_state(opts: ServeOptions) -> ServerState:
     # after the cheap checks (their errors stay one line), before the slow part
     logger.info("starting (pid %d): %s", os.getpid(),
                 f"loading bundle {opts.bundle}" if opts.bundle else f"compiling rules {opts.rules}")
+    t0 = time.monotonic()
     policy = load_policy(opts)
+    load_seconds = time.monotonic() - t0
     delivery = build_delivery(opts)
     try:
         delivery.check()        # an unusable spool would defer every message with 451
@@ -143,10 +146,16 @@ def build_state(opts: ServeOptions) -> ServerState:
         raise StartupError(f"--deliver {opts.deliver}: {exc.strerror or exc}"
                            + (f": {exc.filename}" if exc.filename else "")) from None
     tls = build_tls(opts, policy)
+    metrics = None
+    if opts.metrics is not None:
+        from mailfilter.metrics import Counts      # prometheus_client only with --metrics
+        metrics = Counts("serve", hop=delivery.kind.split("+")[0])
+        metrics.sources["mailfilter_log_dropped_lines"] = log.dropped_total
+        metrics.rules_loaded(policy.bundle, load_seconds)
     return ServerState(policy, delivery, limits=limits_for(opts, policy), resolver=resolver,
                        hostname=opts.hostname, auth=build_auth(opts), remote_host=opts.remote_host,
                        tls=tls, deny=opts.deny, pregreet=opts.pregreet,
-                       smtputf8=not opts.no_smtputf8)
+                       smtputf8=not opts.no_smtputf8, metrics=metrics)
 
 
 def build_delivery(opts: ServeOptions) -> Delivery:
@@ -208,8 +217,12 @@ async def reload_tls(state: ServerState, opts: ServeOptions) -> TLSSettings | No
             None, load_settings, opts, certificate_host(opts, state.policy))
     except TLSConfigError as exc:
         logger.error("TLS reload refused: %s", exc)
+        if state.metrics is not None:
+            state.metrics.reload("tls", False)
         return None
     state.swap_tls(settings)
+    if state.metrics is not None:
+        state.metrics.reload("tls", True)
     logger.info("TLS reload ok")
     return settings
 
@@ -296,6 +309,8 @@ async def reload_rules(state: ServerState, opts: ServeOptions) -> bool:
     """Build new rules off the loop; keep the old ones on failure."""
     loop = asyncio.get_running_loop()
     skipped = 0
+    m = state.metrics
+    t0 = time.monotonic()
     try:
         if opts.bundle:
             policy = await loop.run_in_executor(None, load_policy, opts)
@@ -303,8 +318,13 @@ async def reload_rules(state: ServerState, opts: ServeOptions) -> bool:
             policy, skipped = await _recompile(opts)
     except StartupError as exc:
         logger.error("reload refused, keeping the current rules: %s", exc)
+        if m is not None:
+            m.reload("rules", False)
         return False
     state.swap_policy(policy, limits_for(opts, policy))
+    if m is not None:
+        m.rules_loaded(policy.bundle, time.monotonic() - t0)
+        m.reload("rules", True)
     # The old rules hold reference cycles (each lazy regex and its matcher),
     # so only a full collection frees them; without one, 20 reloads of a
     # 100k-rule set kept 8 old copies (+74 MB) until the collector came by.
@@ -424,7 +444,7 @@ async def _drain_sessions(state: ServerState, grace: float) -> None:
         if task is not None and not task.done():
             busy.append(task)
         else:
-            session.abort(bye)
+            session.abort(bye, "shutdown")
     if busy:
         logger.info("shutdown: waiting up to %g s for %d session(s) with a reply in flight",
                     grace, len(busy))
@@ -435,7 +455,7 @@ async def _drain_sessions(state: ServerState, grace: float) -> None:
     else:
         late = set()
     for session in list(state.sessions):
-        session.abort(bye)
+        session.abort(bye, "shutdown")
     if late:
         # cut short: each hand-over cleans up before the loop goes (a
         # qmail-queue child is killed before it commits, as when the client
@@ -456,9 +476,11 @@ def new_loop(kind: str) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-def run_process(opts: ServeOptions, reuse_port: bool) -> int:
+def run_process(opts: ServeOptions, reuse_port: bool, worker: bool = False) -> int:
     """One serving process from start to exit: 0, or 2 after a start-up
-    error (printed as one line)."""
+    error (printed as one line). `worker`: one of --workers (its metrics
+    go to the parent's files, serve/metrics.py)."""
+    exporter = None
     try:
         state = build_state(opts)
         # after the rules and the spool (their errors stay one line), per
@@ -466,6 +488,8 @@ def run_process(opts: ServeOptions, reuse_port: bool) -> int:
         opts.max_connections = fit_max_connections(opts, raise_nofile())
         state.limits = limits_for(opts, state.policy)      # a reload makes them from opts too
         loop = new_loop(opts.loop)
+        if state.metrics is not None:
+            exporter = metrics_export.start_process(state.metrics, opts, loop, worker)
     except StartupError as exc:
         print(f"mailfilter serve: {exc}", file=sys.stderr)
         return 2
@@ -476,6 +500,8 @@ def run_process(opts: ServeOptions, reuse_port: bool) -> int:
         print(f"mailfilter serve: {exc}", file=sys.stderr)
         return 2
     finally:
+        if exporter is not None:
+            exporter.close()    # a worker's last counts are written
         # the last loop turn's lines ("shutdown: done"): its scheduled flush
         # would run on a loop that no longer turns
         log.flush()

@@ -24,6 +24,9 @@ DNS checks (HELOCHECK A/M, MFDNSCHECK) are not made here: Postfix has its
 own (reject_unknown_helo_hostname, reject_unknown_sender_domain).
 Every verdict is one decision line naming its rule, as the server's.
 
+`--metrics HOST:PORT` serves Prometheus metrics (docs/operations.md#metrics):
+requests by protocol_state and action, the rules in force, reloads.
+
 Invariants: a request is at most MAX_REQUEST bytes and MAX_ATTRIBUTES lines
 (else the connection is closed with one log line); a malformed line or an
 unknown request type gets `action=DUNNO` and a log line, never a refusal; an
@@ -38,6 +41,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from mailfilter import log
 from mailfilter.policy.engine import Client, PolicyEngine
@@ -70,8 +74,9 @@ def parse_request(block: bytes) -> dict[str, str]:
 class PolicyService:
     """Answers requests from one PolicyEngine (swapped by reload())."""
 
-    def __init__(self, engine: PolicyEngine):
+    def __init__(self, engine: PolicyEngine, metrics=None):
         self.engine = engine
+        self.metrics = metrics      # metrics/counts.py Counts("policyd") with --metrics, else None
 
     def answer(self, attrs: dict[str, str]) -> bytes:
         """The `action=` reply (with its empty line) to one request."""
@@ -114,6 +119,10 @@ class PolicyService:
         return f"action={r.code} {r.enhanced} {r.text}\n\n".encode("utf-8", "backslashreplace")
 
 
+# the first character after `action=`: a 5xx refusal, a 4xx one, else DUNNO
+_ACTIONS = {b"5": "reject", b"4": "defer"}
+
+
 class PolicyProtocol(asyncio.Protocol):
     """One Postfix connection: requests in, answers out, in order."""
 
@@ -145,17 +154,25 @@ class PolicyProtocol(asyncio.Protocol):
     def _one(self, block: bytes) -> bytes:
         if len(block) > MAX_REQUEST or block.count(b"\n") >= MAX_ATTRIBUTES:
             log.event(action="dunno", stage="POLICYD", reason="request_too_long")
-            return DUNNO
+            return self._counted("-", "bad_request", DUNNO)
         try:
             attrs = parse_request(block.replace(b"\r", b""))
         except ValueError as exc:
             log.event(action="dunno", stage="POLICYD", reason="bad_request", detail=str(exc))
-            return DUNNO
+            return self._counted("-", "bad_request", DUNNO)
+        stage = attrs.get("protocol_state", "").upper()
         try:
-            return self.service.answer(attrs)
+            answer = self.service.answer(attrs)
         except Exception:
             logger.exception("policyd: internal error")
-            return INTERNAL
+            return self._counted(stage, "internal_error", INTERNAL)
+        return self._counted(stage, _ACTIONS.get(answer[7:8], "dunno"), answer)
+
+    def _counted(self, stage: str, action: str, answer: bytes) -> bytes:
+        m = self.service.metrics
+        if m is not None:
+            m.policyd_request(stage, action)
+        return answer
 
 
 def load_engine(rules: str | None, bundle: str | None, open_relay: bool) -> PolicyEngine:
@@ -207,28 +224,47 @@ def add_parser(sub) -> None:
                    help="allow rules without rcpthosts (docs/behaviour/control-files.md#rcpthosts)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="least severe level logged (default: info)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
     p.set_defaults(func=cmd_policyd)
 
 
 def cmd_policyd(args) -> int:
     log.setup(args.log_level)
     from mailfilter.serve.config import StartupError
+    metrics = endpoint = None
     try:
+        t0 = time.monotonic()
         engine = load_engine(args.rules, args.bundle, args.open_relay)
+        if args.metrics is not None:
+            from mailfilter.metrics import Counts
+            from mailfilter.metrics.collector import registry_for
+            from mailfilter.serve.metrics import endpoint as metrics_endpoint
+            metrics = Counts("policyd")
+            metrics.sources["mailfilter_log_dropped_lines"] = log.dropped_total
+            metrics.rules_loaded(engine.bundle, time.monotonic() - t0)
+            endpoint = metrics_endpoint(args.metrics, registry_for(metrics))
+            logger.info("policyd: metrics on %s", endpoint.url)
     except StartupError as exc:
         print(f"mailfilter policyd: {exc}", file=sys.stderr)
         return 2
-    service = PolicyService(engine)
+    service = PolicyService(engine, metrics)
 
     async def reload() -> None:
         loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
         try:
             new = await loop.run_in_executor(None, load_engine, args.rules, args.bundle,
                                              args.open_relay)
         except Exception as exc:
             logger.error("policyd: reload refused, keeping the current rules: %s", exc)
+            if metrics is not None:
+                metrics.reload("rules", False)
             return
         service.engine = new
+        if metrics is not None:
+            metrics.rules_loaded(new.bundle, time.monotonic() - t0)
+            metrics.reload("rules", True)
         logger.info("policyd: reload ok: %d rules from %s", new.bundle.n_rules,
                     args.bundle or args.rules)
 
@@ -239,5 +275,7 @@ def cmd_policyd(args) -> int:
               file=sys.stderr)
         return 2
     finally:
+        if endpoint is not None:
+            endpoint.close()
         log.flush()
     return 0

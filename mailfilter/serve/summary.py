@@ -7,6 +7,7 @@ the objects that are actually serving (not from the options alone):
   auth    who is offered AUTH and what verifies it; a missing user database
           is a WARNING now, not a silent 454 at the first AUTH
   limits  connections, timeouts, DATA limits, --deny
+  metrics where Prometheus scrapes (--metrics), and which process serves it
   signals the pid to signal (the parent's under --workers) and what each does
 Invariants: every line starts with its subject and a colon; nothing here
 changes state; a subject that cannot be described is left out, never an
@@ -80,6 +81,17 @@ def limits_line(state, opts) -> str:
             f"tcp.smtp deny: {opts.deny}")
 
 
+def metrics_lines(opts) -> list[tuple[int, str]]:
+    if opts.metrics is None:
+        return []
+    host, _, port = opts.metrics.rpartition(":")
+    url = f"http://{host or '0.0.0.0'}:{port}/metrics"
+    if opts.workers > 1:
+        return [(logging.INFO, f"metrics: {url}, served by the parent, pid {os.getppid()}, "
+                               f"for the {opts.workers} workers (each writes once a second)")]
+    return [(logging.INFO, f"metrics: {url}")]
+
+
 def signals_line(opts) -> str:
     if opts.workers > 1:
         return (f"signals: {opts.workers} workers; signal the parent, pid {os.getppid()}: "
@@ -96,6 +108,7 @@ def log_in_force(state, opts) -> None:
                  lambda: qmailqueue_lines(state, opts),
                  lambda: auth_lines(state, opts),
                  lambda: [(logging.INFO, limits_line(state, opts))],
+                 lambda: metrics_lines(opts),
                  lambda: [(logging.INFO, signals_line(opts))]):
         try:
             lines.extend(make())

@@ -17,7 +17,10 @@ Invariants of the supervisor:
   - a worker exits with its parent (PR_SET_PDEATHSIG), so a killed parent
     leaves no orphan serving old rules;
   - every process writes out its buffered log lines before it exits
-    (docs/operations.md#when-the-log-cannot-keep-up).
+    (docs/operations.md#when-the-log-cannot-keep-up);
+  - with --metrics the parent serves the workers' sum (serve/metrics.py):
+    its endpoint is bound before the first fork, a worker that exits is
+    marked dead there, and the files go when the parent exits.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import time
 from mailfilter import log
 from mailfilter.serve.config import ServeOptions, StartupError, check_options, listeners
 from mailfilter.serve.lifecycle import bound_socket, early_hup, run_process
+from mailfilter.serve.metrics import Parent as MetricsParent
 
 logger = logging.getLogger("mailfilter")
 
@@ -39,10 +43,13 @@ STOP_LOG_WAIT = 2.0             # seconds a clean stop may wait for syslog to ta
 
 def run(opts: ServeOptions) -> int:
     """`mailfilter serve` after its options are read: the exit status."""
+    metrics = None
     try:
         check_options(opts)
         if opts.workers > 1:
             check_ports_free(opts)
+            if opts.metrics is not None:
+                metrics = MetricsParent(opts)
     except StartupError as exc:
         print(f"mailfilter serve: {exc}", file=sys.stderr)
         return 2
@@ -51,13 +58,17 @@ def run(opts: ServeOptions) -> int:
                   syslog_format=opts.syslog_format, buffer_size=opts.log_buffer)
     except log.LogSetupError as exc:    # no syslog daemon there: one line, not a traceback per line
         print(f"mailfilter serve: {exc}", file=sys.stderr)
+        if metrics is not None:
+            metrics.close()
         return 2
     signal.signal(signal.SIGHUP, early_hup.note)   # inherited by the workers until their loop runs
     try:
         if opts.workers <= 1:
             return run_process(opts, reuse_port=False)
-        return supervise(opts)
+        return supervise(opts, metrics)
     finally:
+        if metrics is not None:
+            metrics.close()
         log.flush(wait=STOP_LOG_WAIT)
 
 
@@ -82,26 +93,28 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
-def _spawn_worker(opts: ServeOptions) -> int:
+def _spawn_worker(opts: ServeOptions, metrics: MetricsParent | None) -> int:
     """Fork one worker; the child serves and never returns here."""
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
+            if metrics is not None:
+                metrics.in_child()
             # not the parent's forwarding handlers (a restarted worker inherits them)
             signal.signal(signal.SIGHUP, early_hup.note)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             _die_with_parent(parent)
-            code = run_process(opts, reuse_port=True)
+            code = run_process(opts, reuse_port=True, worker=True)
         finally:
             log.flush(wait=STOP_LOG_WAIT)   # os._exit skips atexit
             os._exit(code)
     return pid
 
 
-def supervise(opts: ServeOptions) -> int:
+def supervise(opts: ServeOptions, metrics: MetricsParent | None = None) -> int:
     """The --workers parent: forward signals, restart dead workers, stop
     when one cannot start (exit 2) or on SIGTERM/SIGINT."""
     children: dict[int, float] = {}     # pid -> start time
@@ -118,7 +131,7 @@ def supervise(opts: ServeOptions) -> int:
                 pass
 
     for _ in range(opts.workers):
-        children[_spawn_worker(opts)] = time.monotonic()
+        children[_spawn_worker(opts, metrics)] = time.monotonic()
     for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)
     if early_hup.take():                # came before `forward` was in place
@@ -131,6 +144,8 @@ def supervise(opts: ServeOptions) -> int:
         started = children.pop(pid, None)
         if started is None:
             continue
+        if metrics is not None:
+            metrics.worker_gone(pid)
         code = os.waitstatus_to_exitcode(wstatus)
         if stopping:
             status = status or code
@@ -145,5 +160,5 @@ def supervise(opts: ServeOptions) -> int:
         if time.monotonic() - started < RESTART_MIN_INTERVAL:
             time.sleep(RESTART_MIN_INTERVAL)
         if not stopping:
-            children[_spawn_worker(opts)] = time.monotonic()
+            children[_spawn_worker(opts, metrics)] = time.monotonic()
     return status

@@ -51,6 +51,7 @@ from collections import defaultdict
 from mailfilter import log
 from mailfilter.auth.session import AuthService
 from mailfilter.delivery import Delivery
+from mailfilter.metrics.counts import Counts, session_outcome
 from mailfilter.policy.dnsbl import Dnsbl, DnsblResult
 from mailfilter.policy.engine import Client, PolicyEngine
 from mailfilter.smtp import proxy
@@ -101,7 +102,7 @@ class ServerState:
                  resolver=None, hostname: str | None = None, features: list[str] | None = None,
                  auth: AuthService | None = None, remote_host: str = "confirmed",
                  tls: TLSSettings = NO_TLS, deny: str = "close", pregreet: str = "log",
-                 smtputf8: bool = True):
+                 smtputf8: bool = True, metrics: Counts | None = None):
         if remote_host not in REMOTE_HOST_MODES:
             raise ValueError(f"remote_host must be one of {', '.join(REMOTE_HOST_MODES)}, "
                              f"not {remote_host!r}")
@@ -121,6 +122,11 @@ class ServerState:
         self.deny = deny            # what a tcp.smtp deny client gets (SessionConfig.deny)
         self.pregreet = pregreet    # a client that talks before the greeting: "log" or "refuse"
         self.smtputf8 = smtputf8    # SMTPUTF8 offered (SessionConfig.smtputf8, RFC 6531)
+        # the process's metrics counts (--metrics), None when off: every hook tests it
+        self.metrics = metrics
+        self.auth.metrics = metrics
+        if metrics is not None:
+            metrics.sources["mailfilter_connections_open"] = lambda: self.connections
         self.swap_policy(policy)
 
     def swap_policy(self, policy: PolicyEngine, limits: Limits | None = None) -> None:
@@ -134,7 +140,8 @@ class ServerState:
             policy, auth=self.auth, delivery=self.delivery, hostname=self.hostname,
             features=self.features, max_bad_commands=self.limits.max_bad_commands,
             dns=self.resolver is not None, tls=self.tls,
-            header_limit=self.limits.header_size_limit, deny=self.deny, smtputf8=self.smtputf8)
+            header_limit=self.limits.header_size_limit, deny=self.deny, smtputf8=self.smtputf8,
+            metrics=self.metrics)
         self.engine_config = self.session_config.engine_config
         self.host = self.session_config.host       # for replies before a session exists
         # the bundle's DNS blocklists (none without a resolver to ask them)
@@ -167,7 +174,7 @@ class SMTPProtocol(asyncio.Protocol):
         "counted", "reading_paused", "limits", "early", "write_paused",
         "implicit_tls", "tls", "handshake_timer", "slot", "dnsbl_score",
         "proxy_from", "proxy_buf", "proxy_peer", "proxy_local",
-        "line_start", "data_start", "window_start", "window_bytes",
+        "line_start", "data_start", "window_start", "window_bytes", "outcome",
     )
 
     def __init__(self, state: ServerState, implicit_tls: bool = False, proxy_from=None):
@@ -200,10 +207,14 @@ class SMTPProtocol(asyncio.Protocol):
         self.window_bytes = 0           # bytes read in it
         self.limits: Limits | None = None   # the state's Limits when the session began
         self.early: bytearray | None = None  # input before the greeting (host lookup)
+        self.outcome: str | None = None     # why the server ended the session (metrics), if it did
 
     # ------------------------------------------------------------ connection
     def connection_made(self, transport) -> None:
         self.transport = transport
+        m = self.state.metrics
+        if m is not None:
+            m.connection()
         peer = transport.get_extra_info("peername") or ("unknown", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
         if self.proxy_from is not None:
@@ -224,11 +235,13 @@ class SMTPProtocol(asyncio.Protocol):
             transport.write(reply("too_many_conns", host=host).line())
             transport.close()
             log.event(action="refuse", stage="CONNECT", reason="max_connections", client=f"[{ip}]")
+            self._refused("max_connections", limit=True)
             return
         if st.per_ip[ip] >= lim.max_per_ip:
             transport.write(reply("too_many_conns_ip", host=host).line())
             transport.close()
             log.event(action="refuse", stage="CONNECT", reason="max_per_ip", client=f"[{ip}]")
+            self._refused("max_per_ip", limit=True)
             return
         st.connections += 1
         st.per_ip[ip] += 1
@@ -246,6 +259,8 @@ class SMTPProtocol(asyncio.Protocol):
             if not st.tls.available:
                 log.event(action="tls_fail", stage="CONNECT", reason="no_certificate",
                           client=self.client_label)
+                if st.metrics is not None:
+                    st.metrics.handshake("CONNECT", "no_certificate")
                 transport.close()
                 return
             self._start_tls(st.tls)
@@ -267,6 +282,7 @@ class SMTPProtocol(asyncio.Protocol):
         self.proxy_peer = peer
         if not _proxy_source(self.proxy_from, peer[0]):
             log.event(action="refuse", stage="CONNECT", reason="proxy_source", client=f"[{peer[0]}]")
+            self._refused("proxy_source")
             self.transport.close()
             return
         self.proxy_buf = bytearray()
@@ -296,6 +312,8 @@ class SMTPProtocol(asyncio.Protocol):
                   unique_id=header.unique_id,
                   ssl=(f"{header.ssl.get('version', '?')}/{header.ssl.get('cipher', '?')}"
                        if header.ssl else None))
+        if self.state.metrics is not None:
+            self.state.metrics.proxy_header(header.version, header.command)
         self._begin(peer, local)
         if rest and not self.transport.is_closing():
             self.data_received(rest)
@@ -303,9 +321,19 @@ class SMTPProtocol(asyncio.Protocol):
     def _proxy_failed(self, why: str) -> None:
         log.event(action="refuse", stage="CONNECT", reason="proxy_header", client=f"[{self.proxy_peer[0]}]",
                   detail=why)
+        self._refused("proxy_header")
         self.proxy_buf = None
         self.state.clock.cancel(self)
         self.transport.close()
+
+    def _refused(self, reason: str, limit: bool = False) -> None:
+        """Metrics: a connection refused at connect (one action=refuse line),
+        a limit reached when `limit`."""
+        m = self.state.metrics
+        if m is not None:
+            m.refuse(reason)
+            if limit:
+                m.limit_hit(reason)
 
     def _loop(self):
         """The running loop, cached with its TimerWheel on the state (a
@@ -354,6 +382,7 @@ class SMTPProtocol(asyncio.Protocol):
             if st.pregreet == "refuse":
                 log.event(action="refuse", stage="CONNECT", reason="pregreet", client=label,
                           reply=str(reply("pregreet")))
+                self._refused("pregreet")
                 self.early = None
                 self.transport.write(reply("pregreet").line())
                 self._close()
@@ -381,6 +410,7 @@ class SMTPProtocol(asyncio.Protocol):
             self.session = session
             self.engine = session.engine
             if not greeted:             # a denied client: closed without a word (tcpserver)
+                self.outcome = "refused"
                 self._close()
                 return
             self._flush()
@@ -395,8 +425,12 @@ class SMTPProtocol(asyncio.Protocol):
         self._arm(now + self.limits.idle_timeout)
 
     def connection_lost(self, exc) -> None:
-        if self.session is not None:
-            self.session.lost()
+        session = self.session
+        if session is not None:
+            session.lost()
+            m = self.state.metrics
+            if m is not None:
+                m.session_end(self.outcome or session_outcome(session.end or "eof"))
         if self.slot is not None:
             self.state.clock.cancel(self)
         if self.timer is not None:
@@ -485,7 +519,10 @@ class SMTPProtocol(asyncio.Protocol):
     def _expire(self, reason: str) -> None:
         """A limit fired: one decision line, its 421 4.4.2, the close."""
         log.event(action="close", reason=reason, client=self.client_label)
-        self.abort(reply(reason, host=self.session.host))
+        m = self.state.metrics
+        if m is not None:
+            m.limit_hit(reason)
+        self.abort(reply(reason, host=self.session.host), reason)
 
     def _data_read(self, data: bytes, now: float) -> None:
         """A read while a message is (or was, until this read) coming in.
@@ -529,10 +566,13 @@ class SMTPProtocol(asyncio.Protocol):
         if self.line_start is None or b"\n" in data:
             self.line_start = now
 
-    def abort(self, r) -> None:
-        """End the session now with `r` (timeout, shutdown, internal error)."""
+    def abort(self, r, outcome: str) -> None:
+        """End the session now with `r` (timeout, shutdown, internal error);
+        `outcome` names it in the metrics (mailfilter_sessions_total)."""
         if self.transport is None or self.transport.is_closing():
             return
+        if self.outcome is None:
+            self.outcome = outcome
         if self.session is None:          # no session yet (host lookup): just hang up
             self._close()
             return
@@ -613,7 +653,7 @@ class SMTPProtocol(asyncio.Protocol):
                     return                  # a Task answers it, then drains again
         except Exception:
             logger.exception("internal error client=%s", self.client_label)
-            self.abort(reply("internal_error", host=session.host))
+            self.abort(reply("internal_error", host=session.host), "internal_error")
             return
         self._flush()
 
@@ -694,7 +734,7 @@ class SMTPProtocol(asyncio.Protocol):
         except Exception:
             logger.exception("internal error client=%s", self.client_label)
             self.waiting = False
-            self.abort(reply("internal_error", host=session.host))
+            self.abort(reply("internal_error", host=session.host), "internal_error")
             return
         self.waiting = False
         self.task = None
@@ -755,6 +795,9 @@ class SMTPProtocol(asyncio.Protocol):
             self.handshake_timer.cancel()
             self.handshake_timer = None
         session = self.session
+        m = self.state.metrics
+        if m is not None:
+            m.handshake("STARTTLS" if session is not None else "CONNECT", "ok")
         if session is None:             # implicit TLS: now the session (unless the lookup runs)
             if self.task is None:
                 self._start_session()
@@ -766,7 +809,7 @@ class SMTPProtocol(asyncio.Protocol):
             after = session.resume(self.tls.info)
         except Exception:
             logger.exception("internal error client=%s", self.client_label)
-            self.abort(reply("internal_error", host=session.host))
+            self.abort(reply("internal_error", host=session.host), "internal_error")
             return
         self._drain(after)
 
@@ -782,8 +825,13 @@ class SMTPProtocol(asyncio.Protocol):
         if self.handshake_timer is not None:
             self.handshake_timer.cancel()
             self.handshake_timer = None
-        log.event(action="tls_fail", stage="STARTTLS" if self.session is not None else "CONNECT",
-                  reason=reason, client=self.client_label)
+        stage = "STARTTLS" if self.session is not None else "CONNECT"
+        log.event(action="tls_fail", stage=stage, reason=reason, client=self.client_label)
+        m = self.state.metrics
+        if m is not None:
+            m.handshake(stage, reason)
+        if self.outcome is None:
+            self.outcome = "tls_fail"
         out = self.tls.data_to_send() if self.tls is not None else b""
         if out:
             self.transport.write(out)

@@ -148,12 +148,13 @@ class SessionConfig:
     makes a new SessionConfig; sessions in flight keep theirs."""
 
     __slots__ = ("policy", "auth", "delivery", "engine_config", "host", "dns", "tls", "offers",
-                 "deny")
+                 "deny", "metrics")
 
     def __init__(self, policy: PolicyEngine, *, auth=None, delivery=None, hostname: str | None = None,
                  features: list[str] | None = None, max_bad_commands: int = 10,
                  dns: bool = True, tls: TLSSettings = NO_TLS,
-                 header_limit: int = 0, deny: str = "close", smtputf8: bool = True) -> None:
+                 header_limit: int = 0, deny: str = "close", smtputf8: bool = True,
+                 metrics=None) -> None:
         if deny not in DENY_MODES:
             raise ValueError(f"deny must be one of {', '.join(DENY_MODES)}, not {deny!r}")
         if auth is None:
@@ -166,6 +167,7 @@ class SessionConfig:
         self.tls = tls      # STARTTLS offered when tls.available; --require-tls; --auth-plaintext
         self.deny = deny    # a tcp.smtp deny client: "close" (tcpserver) or "rcpt" (553 per RCPT)
         self.offers: dict = {}  # (STARTTLS?, AUTH mechanisms) -> the extra EHLO keywords
+        self.metrics = metrics  # metrics/counts.py Counts (serve --metrics), else None
         self.engine_config = EngineConfig(
             greeting=hostname or policy.greeting,
             databytes=policy.bundle.integers.get("databytes", 0),
@@ -217,7 +219,8 @@ _QUIET_CLOSES = frozenset(("eof", "quit"))
 class Session:
     """One SMTP session, sans-IO. See the module docstring."""
 
-    __slots__ = ("config", "client", "label", "engine", "policy", "auth", "tx", "sink", "scanner",
+    __slots__ = ("config", "client", "label", "engine", "policy", "auth", "tx", "sink", "end",
+                 "scanner",
                  "scan_choice", "lookups", "last_verdict", "_then", "tls", "tls_mode",
                  "_ctx_key", "_ctx_text", "body")
 
@@ -241,6 +244,7 @@ class Session:
         self.tls = tls                             # "TLSv1.3/CIPHER" once in TLS, else None
         self._ctx_key = None                       # (helo, sender, tls) _ctx_text was made for
         self._ctx_text = ""
+        self.end: str | None = None                # the engine's close reason, once closed
         self.policy = sp = config.policy.session(client)
         # UCSPITLS (s/qmail's tcp.smtp setting): "-" no STARTTLS for this
         # client, "!" STARTTLS required before MAIL; --require-tls for all
@@ -292,6 +296,10 @@ class Session:
             r = REPLIES["dnsbl_listed"].format(ip=self.client.ip, zones=dnsbl.zones)
             v = self.last_verdict = Verdict("CONNECT", False, r, "dnsbl", dnsbl.rules)
             log.decision(v, client=self.label, tls=self.tls or "-", score=dnsbl.score)
+            m = self.config.metrics
+            if m is not None:
+                m.decided(v)
+                m.refuse("dnsbl")
             self.engine.abort(r)
             return True
         if not profile.allowed:
@@ -300,6 +308,9 @@ class Session:
                                                 "client_denied", v.rule)
                 log.event(action="refuse", stage="CONNECT", reason="client_denied", rule=v.rule,
                           client=self.label, detail="closed")
+                m = self.config.metrics
+                if m is not None:
+                    m.refuse("client_denied")
                 return False
             self._log(v)
         self.engine.greet()
@@ -375,6 +386,9 @@ class Session:
 
     # --- helpers --------------------------------------------------------------
     def _log(self, v: Verdict, rcpt: str | None = None) -> None:
+        m = self.config.metrics
+        if m is not None:
+            m.decided(v)
         if log.enabled():
             auth = self.policy.authenticated
             log.decision_in(v, self._ctx(), rcpt, None if auth is None else {"auth": auth})
@@ -560,6 +574,11 @@ class Session:
                 sink.abort()
             if rule is None:
                 rule = self._data_end_rule(reason)
+            m = self.config.metrics
+            if m is not None:
+                action = "tempfail" if r.temporary else "reject"
+                m.verdict("DATA", action, rule)
+                m.message("tempfailed" if r.temporary else "rejected", ev.size)
             if log.enabled():
                 ctx, to, auth = self._who()
                 log.event_in({"action": "tempfail" if r.temporary else "reject", "stage": "DATA",
@@ -575,7 +594,7 @@ class Session:
         try:
             result = sink.commit_now()
         except Exception:
-            engine.send(self._commit_failed(sink, who))
+            engine.send(self._commit_failed(sink, who, None, ev.size))
             return None
         if result is None:              # the next hop needs I/O: the shell awaits it
             return self._wait(Commit(sink), lambda res, error: self._commit_done(sink, ev, t0, who, res, error))
@@ -584,7 +603,7 @@ class Session:
 
     def _commit_done(self, sink, ev: DataEnd, t0: float, who, result, error) -> None:
         if error is not None:
-            r = self._commit_failed(sink, who, error)
+            r = self._commit_failed(sink, who, error, ev.size)
         else:
             r = self._committed(result, ev, t0, who)
         if self.engine.pending is not None:
@@ -609,7 +628,7 @@ class Session:
             return "maxhops"
         return None
 
-    def _commit_failed(self, sink, who: tuple | None, error: BaseException | None = None) -> Reply:
+    def _commit_failed(self, sink, who: tuple | None, error: BaseException | None, size: int) -> Reply:
         """A commit that raised: the message is dropped, the client retries (451)."""
         if error is None:
             logger.exception("delivery failed client=%s", self.label)
@@ -617,6 +636,11 @@ class Session:
             logger.error("delivery failed client=%s", self.label, exc_info=error)
         sink.abort()
         r = reply("store_failed")
+        m = self.config.metrics
+        if m is not None:
+            m.verdict("DATA", "tempfail", None)
+            m.message("tempfailed", size)
+            m.delivery("error", None)
         if who is not None:
             ctx, to, auth = who
             log.event_in({"action": "tempfail", "stage": "DATA", "reason": "delivery_error"}, ctx,
@@ -626,6 +650,11 @@ class Session:
 
     def _committed(self, result, ev: DataEnd, t0: float, who: tuple | None) -> Reply:
         """The reply to a finished commit; its decision line."""
+        m = self.config.metrics
+        if m is not None:
+            r = result.reply
+            m.committed("accept" if result.ok else ("tempfail" if r.temporary else "reject"),
+                        ev.size, time.monotonic() - t0)
         if who is not None:   # format the line only if someone reads it
             ctx, to, auth = who
             r = result.reply
@@ -694,6 +723,7 @@ class Session:
 
     def on_closed(self, ev: Closed):
         self._drop_message()
+        self.end = ev.reason
         if ev.reason not in _QUIET_CLOSES:     # the server hung up: say why
             r = self.engine.close_reply
             log.event(action="close", reason=ev.reason.replace(" ", "_"), client=self.label,

@@ -34,6 +34,8 @@ def good_value(o):
     """A value of the option's kind, range and choices, never its default."""
     if o.choices:
         return next(c for c in reversed(o.choices) if c != o.default)
+    if o.metavar == "HOST:PORT" and not o.repeatable:     # --metrics
+        return "127.0.0.1:9100"
     if o.repeatable:
         return {"HOST:PORT": ["127.0.0.1:25", "[::1]:2525"],
                 "FILE": [f"{o.name}-ec.pem", f"{o.name}-rsa.pem"]}[o.metavar]

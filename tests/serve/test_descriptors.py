@@ -177,7 +177,7 @@ def test_no_descriptors_log_is_one_line_per_interval(caplog):
     now = [1000.0]
     loop = asyncio.new_event_loop()
     try:
-        nolog = NoDescriptorLog(loop, SimpleNamespace(connections=7), clock=lambda: now[0])
+        nolog = NoDescriptorLog(loop, SimpleNamespace(connections=7, metrics=None), clock=lambda: now[0])
         emfile = OSError(24, "Too many open files")
         lines = lambda: [r.getMessage() for r in caplog.records if "no_descriptors" in r.getMessage()]
         nolog.note(emfile)
