@@ -48,11 +48,10 @@ from redis.exceptions import RedisError
 
 from mailfilter import log
 from mailfilter.limits.local import LocalStore
+from mailfilter.limits.store import DEFAULT_PREFIX, check_spec
 
-__all__ = ["RedisStore", "SCHEMES", "DEFAULT_PREFIX", "redacted"]
+__all__ = ["RedisStore", "redacted"]
 
-SCHEMES = ("redis", "rediss", "unix")       # what redis-py's from_url takes
-DEFAULT_PREFIX = "mailfilter:"
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 5.0
 
 # A Lua number holds an integer exactly up to 2^53: milliseconds are fine.
@@ -167,8 +166,7 @@ class RedisStore:
 
     def __init__(self, url: str, *, prefix: str = DEFAULT_PREFIX, timeout: float = 0.1,
                  window: float = 60.0, size: int = 100_000, clock=time.monotonic):
-        if urlsplit(url).scheme not in SCHEMES:
-            raise ValueError(f"{url!r}: not a redis://, rediss:// or unix:// URL")
+        check_spec(url)
         self.url = redacted(url)
         self.prefix = prefix
         self.timeout = timeout

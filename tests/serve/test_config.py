@@ -38,6 +38,8 @@ def good_value(o):
                 "FILE": [f"{o.name}-ec.pem", f"{o.name}-rsa.pem"]}[o.metavar]
     if o.metavar == "CIDRS":
         return "10.0.0.0/8,192.0.2.1"
+    if o.metavar == "local|URL":        # --state: a store, not any text
+        return "redis://127.0.0.1:6390/2"
     return {BOOL: True, INT: 7, SECONDS: 7.5, TEXT: "x.example"}[o.kind]
 
 
