@@ -187,6 +187,7 @@ class RedisStore:
         self._ids = itertools.count()
         self._node = None
         self._closing: set[asyncio.Task] = set()    # connection releases in flight
+        self.closed = False
 
     # ------------------------------------------------------------ the calls
     async def _run(self, name: str, keys: list, args: list):
@@ -258,6 +259,8 @@ class RedisStore:
         """Give the slot back: locally now, in Redis in the background
         (nothing waits for it; a lost release lapses with the lease)."""
         self.local.disconnect(key)
+        if self.closed:             # shutting down: the member lapses with its lease
+            return
         task = asyncio.get_running_loop().create_task(
             self._run("disconnect", [self.key("conn", key)], [member]))
         self._closing.add(task)
@@ -299,6 +302,7 @@ class RedisStore:
     # ------------------------------------------------------------ end
     async def aclose(self) -> None:
         """At shutdown: the releases in flight, then the pool."""
+        self.closed = True
         if self._closing:
             await asyncio.wait(list(self._closing), timeout=self.timeout * 2)
         try:
