@@ -36,13 +36,19 @@ class Limit(NamedTuple):
     stage: str          # where it is checked
     reply: str          # smtp/replies.py: the refusal
     rate: bool          # counted per window (else: at once)
+    counts: str         # what it counts (the option's help)
+    postfix: str        # Postfix's parameter for the same limit
 
 
 LIMITS: tuple[Limit, ...] = (
-    Limit("conn_count", "MAXCONNIP", "max_per_ip", "CONNECT", "too_many_conns_ip", False),
-    Limit("conn_rate", "MAXCONNRATE", "max_conn_rate", "CONNECT", "too_many_conns_ip", True),
-    Limit("msg_rate", "MAXMSGRATE", "max_msg_rate", "MAIL", "too_many_msgs", True),
-    Limit("rcpt_rate", "MAXRCPTRATE", "max_rcpt_rate", "RCPT", "too_many_rcpts_rate", True),
+    Limit("conn_count", "MAXCONNIP", "max_per_ip", "CONNECT", "too_many_conns_ip", False,
+          "sessions at once", "smtpd_client_connection_count_limit"),
+    Limit("conn_rate", "MAXCONNRATE", "max_conn_rate", "CONNECT", "too_many_conns_ip", True,
+          "connections", "smtpd_client_connection_rate_limit"),
+    Limit("msg_rate", "MAXMSGRATE", "max_msg_rate", "MAIL", "too_many_msgs", True,
+          "MAIL commands", "smtpd_client_message_rate_limit"),
+    Limit("rcpt_rate", "MAXRCPTRATE", "max_rcpt_rate", "RCPT", "too_many_rcpts_rate", True,
+          "RCPT commands", "smtpd_client_recipient_rate_limit"),
 )
 BY_NAME = {lim.name: lim for lim in LIMITS}
 SETTINGS = tuple(lim.setting for lim in LIMITS)
@@ -74,29 +80,39 @@ class ClientLimits(NamedTuple):
 
 
 NO_LIMITS = ClientLimits(0, 0, 0, 0, {})
+PROFILES_KEPT = 1 << 14     # as many as the policy engine keeps (policy/engine.py)
 
 
 class Anvil:
     """The limits' defaults and the store that counts: one per process."""
 
-    __slots__ = ("config", "store")
+    __slots__ = ("config", "store", "shared", "local", "_by_profile")
 
     def __init__(self, config: LimitsConfig, store):
         self.config = config
         self.store = store
-
-    @property
-    def shared(self) -> bool:
-        return self.store.shared
-
-    @property
-    def local(self):
-        """The process's own counts (the store's fallback)."""
-        return self.store if not self.store.shared else self.store.local
+        self.shared = store.shared      # counts shared with other processes (Redis)
+        self.local = store.local if store.shared else store     # this process's own counts
+        # ClientLimits per tcp.smtp profile, made once (a profile is read-only);
+        # forgotten when the rules change (forget()) so old profiles can go
+        self._by_profile: dict = {}
 
     def for_client(self, profile, where) -> ClientLimits:
         """The limits of a client with tcp.smtp `profile`; `where(rule id)`
         names a tcp.smtp line for the decision log."""
+        cache = self._by_profile
+        limits = cache.get(profile)
+        if limits is None:
+            if len(cache) >= PROFILES_KEPT:
+                cache.clear()
+            limits = cache[profile] = self._resolve(profile, where)
+        return limits
+
+    def forget(self) -> None:
+        """New rules (SIGHUP): the profiles of the old ones are not kept."""
+        self._by_profile.clear()
+
+    def _resolve(self, profile, where) -> ClientLimits:
         cfg = self.config
         own = profile.own_settings
         exempt = cfg.relay_exempt and profile.relay
@@ -115,10 +131,10 @@ class Anvil:
         """A new connection of `key`: (reason or None, count) -- a
         coroutine with the Redis store. None: admitted, and disconnect()
         gives its slot back."""
-        store = self.store
-        if store.shared:
+        if self.shared:
             return self._connect_shared(key, limits, member)
-        return _connect_reason(store.connect(key, limits.conn_count, limits.conn_rate), limits)
+        answer = self.store.connect(key, limits.conn_count, limits.conn_rate)
+        return _ADMITTED if answer[0] else _connect_reason(answer, limits)
 
     async def _connect_shared(self, key: str, limits: ClientLimits, member: str):
         answer = await self.store.connect(key, limits.conn_count, limits.conn_rate, member,
@@ -130,23 +146,25 @@ class Anvil:
 
     def member(self) -> str | None:
         """A fleet-unique name for a connection (Redis), else None."""
-        return self.store.member() if self.store.shared else None
+        return self.store.member() if self.shared else None
 
     # ------------------------------------------------------------ MAIL / RCPT
     def over(self, kind: str, key: str, limit: int):
         """Count one `kind` event ("msg", "rcpt") of `key`: is it over `limit`?
         A bool, or with the Redis store a coroutine of one."""
-        store = self.store
-        if store.shared:
+        if self.shared:
             return self._over_shared(kind, key, limit)
-        return store.hit(kind, key) > limit
+        return self.store.hit(kind, key) > limit
 
     async def _over_shared(self, kind: str, key: str, limit: int) -> bool:
         return await self.store.hit(kind, key) > limit
 
     async def aclose(self) -> None:
-        if self.store.shared:
+        if self.shared:
             await self.store.aclose()
+
+
+_ADMITTED = (None, 0)       # connect(): taken (the count is not needed then)
 
 
 def _connect_reason(answer: tuple[bool, int, int], limits: ClientLimits):

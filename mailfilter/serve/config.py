@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailfilter.auth.session import AuthConfig
-from mailfilter.limits.anvil import LimitsConfig
+from mailfilter.limits.anvil import LIMITS as ANVIL_LIMITS, LimitsConfig
 from mailfilter.limits.store import DEFAULT_PREFIX, LOCAL, check_spec
 from mailfilter.log.sink import DEFAULT_CAP as DEFAULT_LOG_BUFFER
 from mailfilter.smtp.protocol import REMOTE_HOST_MODES    # the server checks them too
@@ -189,16 +189,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_per_ip", INT, LimitsConfig.max_per_ip, "sessions at once from one client "
            "address (IPv6: its /64), fleet-wide with a Redis --state; tcp.smtp MAXCONNIP "
            "overrides it per client", minimum=1, group=LIMITS),
-    # the anvil rates (limits/anvil.py); 0 = none, as in Postfix
-    Option("max_conn_rate", INT, LimitsConfig.max_conn_rate, "connections per --rate-window "
-           "from one client address (Postfix smtpd_client_connection_rate_limit); tcp.smtp "
-           "MAXCONNRATE per client; 0 = none", minimum=0, group=LIMITS),
-    Option("max_msg_rate", INT, LimitsConfig.max_msg_rate, "MAIL commands per --rate-window "
-           "from one client address (Postfix smtpd_client_message_rate_limit); tcp.smtp "
-           "MAXMSGRATE per client; 0 = none", minimum=0, group=LIMITS),
-    Option("max_rcpt_rate", INT, LimitsConfig.max_rcpt_rate, "RCPT commands per --rate-window "
-           "from one client address (Postfix smtpd_client_recipient_rate_limit); tcp.smtp "
-           "MAXRCPTRATE per client; 0 = none", minimum=0, group=LIMITS),
+    # the anvil rates, one option each from limits/anvil.py's table; 0 = none, as in Postfix
+    *(Option(lim.option, INT, getattr(LimitsConfig, lim.option),
+             f"{lim.counts} per --rate-window from one client address (Postfix {lim.postfix}); "
+             f"tcp.smtp {lim.setting} per client; 0 = none", minimum=0, group=LIMITS)
+      for lim in ANVIL_LIMITS if lim.rate),
     Option("rate_window", SECONDS, LimitsConfig.window, "seconds each rate is counted over (a "
            "fixed window from the client's first event, as Postfix's anvil_rate_time_unit)",
            minimum=0, strict=True, group=LIMITS),

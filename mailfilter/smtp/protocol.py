@@ -138,6 +138,7 @@ class ServerState:
         if limits is not None:
             self.limits = limits
         self.policy = policy
+        self.anvil.forget()         # the old rules' profiles go with them
         self.session_config = SessionConfig(
             policy, auth=self.auth, delivery=self.delivery, hostname=self.hostname,
             features=self.features, max_bad_commands=self.limits.max_bad_commands,
@@ -382,30 +383,30 @@ class SMTPProtocol(asyncio.Protocol):
             self._resume_reading()
 
     # ------------------------------------------------------------ anvil
-    def _client_limits(self):
-        """The client's anvil limits: its tcp.smtp rule is known now (the
-        host name, which `=host` rules need, came first)."""
-        st = self.state
-        policy = st.policy
-        limits = self.client_limits = st.anvil.for_client(policy.client_profile(self.client),
-                                                          policy.where)
-        return limits
-
-    def _admit(self) -> bool:
-        """The local store's connection check (synchronous); False: refused."""
-        if self.client_limits is not None:      # checked already (the shared store's, awaited)
+    def _admit(self, limits) -> bool:
+        """The local store's connection check (synchronous), with the limits
+        the new session found for the client (its tcp.smtp rule is known
+        now: the host name, which `=host` rules need, came first); False:
+        refused."""
+        if self.anvil_key is not None:      # admitted already (the shared store's check)
             return True
-        limits = self._client_limits()
+        anvil = self.state.anvil
         key = ip_key(self.client.ip)
-        reason, n = self.state.anvil.connect(key, limits, None)
+        reason, n = anvil.connect(key, limits, None)
+        if reason is None:
+            self.anvil_key = key
+            return True
         return self._admitted(key, None, reason, n, limits)
 
     async def _admit_shared(self) -> bool:
         """The shared store's connection check, awaited before the greeting.
         The check runs shielded: a client that leaves meanwhile cancels this
         task, and a slot the check took anyway is given back."""
-        anvil = self.state.anvil
-        limits = self._client_limits()
+        st = self.state
+        anvil = st.anvil
+        policy = st.policy
+        limits = self.client_limits = anvil.for_client(policy.client_profile(self.client),
+                                                       policy.where)
         key = ip_key(self.client.ip)
         member = anvil.member()
         check = asyncio.ensure_future(anvil.connect(key, limits, member))
@@ -441,14 +442,14 @@ class SMTPProtocol(asyncio.Protocol):
         """The Session for self.client (its policy, engine, AUTH) and the greeting."""
         st = self.state
         client = self.client
-        if not self._admit():
-            return
         if client.host != "unknown":    # the host lookup named it: the label made at connect is stale
             self.client_label = f"{client.host}[{client.ip}]:{client.port}"
         try:
             session = Session(st.session_config, client,
                               tls=self.tls.info if self.tls is not None else None,
                               label=self.client_label, limits=self.client_limits)
+            if not self._admit(session.limits):
+                return
             greeted = session.start(dnsbl=self.dnsbl_score)
             self.session = session
             self.engine = session.engine

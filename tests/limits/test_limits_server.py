@@ -60,14 +60,26 @@ def lines_with(decisions, text):
     return [line for line in decisions() if text in line]
 
 
+def check_line(decisions, reason: str, start: str, holds: str) -> None:
+    """There is one decision line of `reason`: it begins with `start` and holds `holds`."""
+    [line] = lines_with(decisions, f"reason={reason}")
+    assert line.startswith(start) and holds in line, line
+
+
+def finish_message(c) -> str:
+    """DATA, a short message, the end of data: its reply."""
+    assert first(c.cmd("DATA")).startswith("354")
+    c.send(b"Subject: t\r\n\r\nhi\r\n.\r\n")
+    return first(c.reply())
+
+
 def test_message_rate_451_at_mail_with_its_decision_line(start, decisions):
     srv = start(max_msg_rate=2)
     c = session(srv.port)
     assert [mail(c) for _ in range(3)] == ["250 2.1.0 ok", "250 2.1.0 ok", TOO_MANY_MSGS]
     c.close()
-    [line] = lines_with(decisions, "reason=msg_rate")
-    assert line.startswith("action=tempfail stage=MAIL reason=msg_rate rule=--max-msg-rate")
-    assert f'reply="{TOO_MANY_MSGS}"' in line
+    check_line(decisions, "msg_rate", "action=tempfail stage=MAIL reason=msg_rate "
+               "rule=--max-msg-rate", f'reply="{TOO_MANY_MSGS}"')
     # another session from the same address: still over, in the same window
     c = session(srv.port)
     assert mail(c) == TOO_MANY_MSGS
@@ -80,13 +92,10 @@ def test_recipient_rate_451_at_rcpt_and_the_others_are_delivered(start, decision
     assert first(c.cmd("MAIL FROM:<a@sender.test>")) == "250 2.1.0 ok"
     got = [first(c.cmd(f"RCPT TO:<{u}@example.com>")) for u in ("user", "u2", "u3")]
     assert got == ["250 2.1.5 ok", "250 2.1.5 ok", TOO_MANY_RCPTS]
-    assert first(c.cmd("DATA")).startswith("354")
-    c.send(b"Subject: t\r\n\r\nhi\r\n.\r\n")
-    assert first(c.reply()).startswith("250 ")
+    assert finish_message(c).startswith("250 ")
     c.close()
-    [line] = lines_with(decisions, "reason=rcpt_rate")
-    assert line.startswith("action=tempfail stage=RCPT reason=rcpt_rate rule=--max-rcpt-rate")
-    assert "to=<u3@example.com>" in line
+    check_line(decisions, "rcpt_rate", "action=tempfail stage=RCPT reason=rcpt_rate "
+               "rule=--max-rcpt-rate", "to=<u3@example.com>")
 
 
 def test_connection_rate_421_at_connect_with_its_decision_line(start, decisions):
@@ -97,9 +106,8 @@ def test_connection_rate_421_at_connect_with_its_decision_line(start, decisions)
     assert first(c.reply()) == TOO_MANY_CONNS
     assert c.at_eof()
     c.close()
-    [line] = lines_with(decisions, "reason=conn_rate")
-    assert line.startswith("action=refuse stage=CONNECT reason=conn_rate rule=--max-conn-rate")
-    assert "limit=2 count=3" in line
+    check_line(decisions, "conn_rate", "action=refuse stage=CONNECT reason=conn_rate "
+               "rule=--max-conn-rate", "limit=2 count=3")
 
 
 def test_tcp_smtp_settings_override_per_client_and_are_named(start, decisions):
@@ -150,9 +158,7 @@ def test_a_redis_that_is_down_never_refuses_mail(start, decisions):
     assert mail(c) == "250 2.1.0 ok"
     assert first(c.cmd("MAIL FROM:<a@sender.test>")) == "250 2.1.0 ok"
     assert first(c.cmd("RCPT TO:<user@example.com>")) == "250 2.1.5 ok"
-    assert first(c.cmd("DATA")).startswith("354")
-    c.send(b"Subject: t\r\n\r\nhi\r\n.\r\n")
-    assert first(c.reply()).startswith("250 ")
+    assert finish_message(c).startswith("250 ")
     assert mail(c) == TOO_MANY_MSGS           # the local limit is in force
     c.close()
     assert len(lines_with(decisions, "action=state_fallback")) == 1
