@@ -3,7 +3,7 @@ stores (two nodes) share, the keys and their TTLs, the lease of a lost
 node's connection, and Redis away -- at start and killed mid-run -- then
 back: local answers, one line each way, the counters."""
 import asyncio
-import logging
+import signal
 
 import pytest
 
@@ -132,6 +132,31 @@ def test_killed_mid_run_then_back(decisions):
     lines = [line for line in decisions() if "action=state_" in line]
     assert [line.split()[0] for line in lines] == ["action=state_fallback", "action=state_restored"]
     assert "fallbacks=2" in lines[1]
+
+
+def test_a_hung_redis_is_answered_locally_within_the_timeout(redis_server, decisions):
+    """SIGSTOP: Redis takes the connection and never answers. The check is
+    answered locally once --state-timeout has passed; SIGCONT: back."""
+    clock = Clock()
+
+    async def go():
+        s = store(redis_server.url, clock=clock, timeout=0.3)
+        assert await s.hit("rcpt", "k") == 1
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            assert await s.hit("rcpt", "k") == 2 and s.down
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        clock.now += BACKOFF_MAX
+        n = await s.hit("rcpt", "k")
+        await s.aclose()
+        return n, s
+    n, s = run(go())
+    # Redis counted 1, then the check it took while stopped (sent, answered
+    # too late: counted there, answered here), then this one
+    assert n == 3 and not s.down and s.outages == 1
+    assert [line.split()[0] for line in decisions() if "action=state_" in line] == \
+        ["action=state_fallback", "action=state_restored"]
 
 
 def test_auth_failures_lock_across_stores_and_a_success_clears_the_user(redis_server):
