@@ -217,8 +217,10 @@ class RedisStore:
             self.down = True
             self.outages += 1
             self._backoff = BACKOFF_FIRST
+            why = str(exc)
             log.event(action="state_fallback", store=self.url,
-                      reason=f"{type(exc).__name__}: {exc}"[:200], detail="local limits in force")
+                      reason=f"{type(exc).__name__}: {why}" if why else type(exc).__name__,
+                      detail="local limits in force")
         self._retry_at = now + self._backoff
 
     def _came_back(self) -> None:
