@@ -105,3 +105,19 @@ def test_the_fleet_shares_limits_and_survives_redis(fleet, redis_server):
     for node in fleet:
         assert node.proc.poll() is None
         assert len(node.log.wait_for("action=state_fallback")) == 1
+
+
+def test_workers_share_the_redis_counts(tmp_path, redis_server):
+    """--workers 2 with one --state: each worker opens its own pool after
+    the fork, and the count is the same whichever worker takes a connection."""
+    node = spawn_serve("--rules", make_rules(tmp_path), "--deliver", "discard", "--no-tls",
+                       "--workers", "2", "--state", redis_server.url, "--state-timeout", "0.5",
+                       "--max-msg-rate", "4", listening=2)
+    try:
+        node.log.wait_for(r"state: Redis ", count=2)
+        replies = [send(node.port, "127.0.25.1")[0] for _ in range(5)]
+        assert replies == ["250 2.1.0 ok"] * 4 + [TOO_MANY_MSGS]
+        assert int(redis_server.client().get("mailfilter:rate:msg:127.0.25.1")) == 5
+        assert "state_fallback" not in node.log.text()
+    finally:
+        node.stop()
