@@ -10,7 +10,7 @@ import pytest
 from mailfilter.limits.redis import BACKOFF_MAX, RedisStore, redacted
 from mailfilter.limits.store import check_spec, open_store
 from mailfilter.limits.local import LocalStore
-from tests.support.redis_server import RedisServer, redis_server  # noqa: F401 (fixture)
+from tests.support.redis_server import redis_server  # noqa: F401 (fixture)
 from tests.support.server_harness import free_port
 
 
@@ -107,28 +107,25 @@ def test_redis_down_at_start_answers_locally_logs_once_and_counts(decisions):
     assert len(lines) == 1 and lines[0].startswith("action=state_fallback store=redis://127.0.0.1:")
 
 
-def test_killed_mid_run_then_back(decisions):
+def test_killed_mid_run_then_back(redis_server, decisions):
     """Redis killed while serving: the next check is answered locally (one
     state_fallback line); once it is back (after the backoff) the checks go
     to Redis again (one state_restored line)."""
-    server = RedisServer().start()
     clock = Clock()
-    try:
-        async def go():
-            s = store(server.url, clock=clock, timeout=0.3)
-            assert await s.hit("msg", "k") == 1 and not s.down
-            server.kill()
-            assert await s.hit("msg", "k") == 2          # the local count: Redis said 1, local 2
-            assert s.down and s.outages == 1
-            server.start()
-            assert await s.hit("msg", "k") == 3          # still in the backoff: not asked
-            clock.now += BACKOFF_MAX
-            assert await s.hit("msg", "k") == 1          # Redis again (it lost its counts)
-            assert not s.down and s.fallbacks == 2
-            await s.aclose()
-        run(go())
-    finally:
-        server.close()
+
+    async def go():
+        s = store(redis_server.url, clock=clock, timeout=0.3)
+        assert await s.hit("msg", "k") == 1 and not s.down
+        redis_server.kill()
+        assert await s.hit("msg", "k") == 2          # the local count: Redis said 1, local 2
+        assert s.down and s.outages == 1
+        redis_server.start()                         # the same port, nothing remembered
+        assert await s.hit("msg", "k") == 3          # still in the backoff: not asked
+        clock.now += BACKOFF_MAX
+        assert await s.hit("msg", "k") == 1          # Redis again (it lost its counts)
+        assert not s.down and s.fallbacks == 2
+        await s.aclose()
+    run(go())
     lines = [line for line in decisions() if "action=state_" in line]
     assert [line.split()[0] for line in lines] == ["action=state_fallback", "action=state_restored"]
     assert "fallbacks=2" in lines[1]
