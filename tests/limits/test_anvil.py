@@ -68,3 +68,16 @@ def test_over_is_synchronous_with_the_local_store():
     assert answers == [False, False, True]
     assert anvil.over("rcpt", "k", 2) is False        # each kind counts apart
     assert anvil.member() is None and not anvil.shared
+
+
+def test_check_names_a_clients_tcp_smtp_limits(tmp_path):
+    from mailfilter.check import run_check
+    from mailfilter.rules import bundle as bundle_mod
+    from mailfilter.rules import compiler
+    rules = write_rules(tmp_path / "rules", {"tcp.smtp": (
+        '127.0.0.20:allow,MAXMSGRATE="3",MAXCONNIP="0"\n:allow\n')})
+    bundle = bundle_mod.from_compiled(compiler.compile_dir(rules))
+    [connect] = run_check(bundle, ip="127.0.0.20").stages
+    assert "limits per client (tcp.smtp:1): MAXCONNIP=0, MAXMSGRATE=3" in connect.note
+    [other] = run_check(bundle, ip="127.0.0.21").stages
+    assert "limits" not in (other.note or "")
