@@ -15,6 +15,7 @@ import asyncio
 import ssl
 from dataclasses import dataclass, field
 
+from mailfilter.limits.anvil import LIMITS as ANVIL_LIMITS
 from mailfilter.policy.dns import literal_status
 from mailfilter.policy.dnsbl import Dnsbl
 from mailfilter.policy.engine import Client, PolicyEngine, PolicyOptions, Verdict
@@ -209,6 +210,11 @@ def run_check(bundle: Bundle, *, ip: str, host: str = "unknown", helo: str | Non
         res.note = "220 now; every RCPT gets 553"
     if tls:
         _add_note(res, "inside TLS; EHLO offers " + " ".join(session.engine.ehlo_keywords()))
+    own = [f"{lim.setting}={sp.profile.settings[lim.setting]}" for lim in ANVIL_LIMITS
+           if lim.setting in sp.profile.own_settings]
+    if own:         # the serve options' defaults are not known here: the tcp.smtp ones only
+        _add_note(res, f"limits per client ({sp.profile.rule}): {', '.join(own)} "
+                       "(docs/behaviour/limits.md)")
     report.stages.append(res)
     if auth_user:
         session.authenticated_as(auth_user)

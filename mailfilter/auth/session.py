@@ -48,9 +48,20 @@ is counted, and one is only started while failures in the window + attempts
 in flight stay below both limits; the others get the lockout's 454 at once.
 So 100 parallel guesses from one network get at most ``max_fail_user``
 verifications for one user (and at most ``max_fail_ip`` per address, which
-also bounds the checkpassword processes one client can have running). The
-tables are per process: with ``serve --workers N`` each worker counts for
-itself (README.md).
+also bounds the checkpassword processes one client can have running).
+
+Where the counts live (docs/behaviour/auth.md#fleet): by default in this
+process (the trackers here; with ``serve --workers N`` each worker counts
+for itself). With a shared store (``--state redis://...``,
+limits/redis.py) the failures, the locks and the known networks are the
+fleet's: before verifying, one round trip reads the fleet's locks and
+counts (a fleet lock is remembered here until it lapses, so the next AUTH
+on this process is refused at once); a failure is counted there too (one
+round trip), and so is a success. The local trackers keep counting
+alongside -- they are what is in force while Redis cannot be reached. The
+attempts in flight and the pacer stay per process: they bound the
+verifications running here, not the guesses. Settings: AuthConfig, the
+``auth_*`` options of ``serve`` (serve/config.py).
 
 Every attempt is logged as one key=value line: ``action=auth result=ok|fail|
 temp|locked|cancel|malformed|unavailable|unknown_mech|paced mech= user=
@@ -215,17 +226,32 @@ class FailureTracker:
             return True
         return False
 
-    def admit(self, key: str) -> bool:
+    def admit(self, key: str, fleet: tuple[int, int] | None = None) -> bool:
         """Reserve one attempt for `key`; False (nothing reserved) when the key is
-        locked or failures in the window + attempts in flight reach the limit."""
+        locked or failures in the window + attempts in flight reach the limit.
+        `fleet`: the shared store's (lock milliseconds left, failures in the
+        window) for `key`, counted instead of this process's when higher."""
         key = tracker_key(key)
+        if fleet is not None and fleet[0] > 0:
+            self.lock_for(key, fleet[0] / 1000)
         if self.locked(key):
             return False
         n = self._inflight.get(key, 0)
-        if self.limit > 0 and self.count(key) + n >= self.limit:
+        count = self.count(key) if fleet is None else max(fleet[1], self.count(key))
+        if self.limit > 0 and count + n >= self.limit:
             return False
         self._inflight[key] = n + 1
         return True
+
+    def lock_for(self, key: str, seconds: float) -> None:
+        """Lock `key` for `seconds` from now (a lock the fleet set), unless it
+        is locked for longer already."""
+        key = tracker_key(key)
+        until = self.clock() + seconds
+        if self._locked.get(key, 0.0) < until:
+            self._locked[key] = until
+            if len(self._locked) > self.size:
+                self._locked.pop(next(iter(self._locked)))
 
     def release(self, key: str) -> None:
         """End an admitted attempt (after its failure, if any, was counted)."""
@@ -258,10 +284,13 @@ class FailureTracker:
 
 
 class AuthService:
-    """Per-process AUTH state: config, the verifier (made on first use), trackers."""
+    """Per-process AUTH state: config, the verifier (made on first use),
+    trackers; `shared`: the fleet's store (limits/redis.py) or None."""
 
-    def __init__(self, config: AuthConfig | None = None, verifier=None, verifier_factory=None):
+    def __init__(self, config: AuthConfig | None = None, verifier=None, verifier_factory=None,
+                 shared=None):
         self.config = cfg = config or AuthConfig()
+        self.shared = shared
         self._verifier = verifier
         self._factory = verifier_factory
         self.by_ip = FailureTracker(cfg.window, cfg.max_fail_ip, cfg.lockout, cfg.table_size)
@@ -375,18 +404,24 @@ class AuthSession:
         svc = self.service
         ip, user = ip_key(self.client.ip), creds.user
         unet = tracker_key(user_net_key(user, self.client.ip))
+        shared = svc.shared
+        # the fleet's locks and counts, one round trip (None: Redis away, local counts only)
+        fleet = (await shared.auth_view(ip, unet, tracker_key(user), svc.config.window)
+                 if shared is not None else None)
         # a network that authenticated this user lately is its owner's: never
         # locked for the user, never paced (docs/behaviour/auth.md#failures-and-lockout)
-        known = unet in svc.known
+        known = unet in svc.known or (fleet is not None and fleet[3])
         # reserve the attempt BEFORE verifying: failures + attempts in flight
         # stay within the limits however many arrive at once
-        if not svc.by_ip.admit(ip):
+        if not svc.by_ip.admit(ip, fleet and fleet[0]):
             return self._refused(creds, "client ip", svc.by_ip, ip)
-        if not known and not svc.by_user.admit(unet):
+        if not known and not svc.by_user.admit(unet, fleet and fleet[1]):
             svc.by_ip.release(ip)
             return self._refused(creds, "user", svc.by_user, unet)
         try:
             if not known:
+                if fleet is not None and fleet[2][0] > 0:     # over budget across the fleet
+                    svc.user_budget.lock_for(user, fleet[2][0] / 1000)
                 await self._pace(creds)
             result, reason = await self._check(creds)
             if result is Result.FAIL:        # counted before the attempt is released
@@ -394,6 +429,9 @@ class AuthSession:
                 locked_ip = svc.by_ip.failure(ip)
                 locked_user = not known and svc.by_user.failure(unet)
                 svc.user_budget.failure(user)
+                if shared is not None:
+                    locked_ip, locked_user = await self._fleet_failure(
+                        ip, unet, user, known, locked_ip, locked_user)
                 if locked_ip or locked_user:
                     reason = f"{reason}; now locked ({'ip' if locked_ip else 'user'})"
         finally:
@@ -403,6 +441,8 @@ class AuthSession:
         if result is Result.OK:
             svc.by_user.clear(unet)
             svc.known.remember(unet)
+            if shared is not None:
+                await shared.auth_success(unet, svc.config.known_ttl)
             self.sp.auth_success(user)
             self._log("ok", creds.mechanism, user, reason)
             return reply("auth_ok")
@@ -416,6 +456,22 @@ class AuthSession:
         if cfg.max_session_failures and self.failures >= cfg.max_session_failures:
             return reply("auth_too_many", host=self.host)
         return reply("auth_failed")
+
+    async def _fleet_failure(self, ip: str, unet: str, user: str, known: bool,
+                             locked_ip: bool, locked_user: bool) -> tuple[bool, bool]:
+        """Count the failure in the shared store too; a lock it sets there is
+        also kept here (the next AUTH on this process is refused at once).
+        Whether the ip / the user-from-network is now locked."""
+        svc = self.service
+        trackers = (svc.by_ip, svc.by_user, svc.user_budget)
+        limits = tuple((0 if t is svc.by_user and known else t.limit, t.lockout) for t in trackers)
+        got = await svc.shared.auth_failure(ip, unet, tracker_key(user), svc.config.window, limits)
+        if got is None:             # Redis away: the local counts decided
+            return locked_ip, locked_user
+        for tracker, key, locked in zip(trackers, (ip, unet, user), got):
+            if locked:
+                tracker.lock_for(key, tracker.lockout)
+        return locked_ip or got[0], locked_user or got[1]
 
     async def _pace(self, creds: Credentials) -> None:
         """Past the user's failure budget over all networks, wait for the

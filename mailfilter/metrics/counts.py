@@ -120,13 +120,15 @@ class Counts:
         _bump(self.sessions, (outcome,))
 
     def limit_hit(self, limit: str) -> None:
-        """A limit was reached (`limit`: its name, a fixed word: max_per_ip,
-        timeout, ...). The hook for every limit, the shared-store ones too."""
+        """A limit was reached (`limit`: its name, a fixed word: conn_count,
+        msg_rate, timeout, ...). The hook for every limit, the shared-store
+        ones too."""
         _bump(self.limits, (limit,))
 
     def state_fallback(self, limit: str) -> None:
         """A limit decided on this process's own state because the shared
-        state store did not answer."""
+        state store did not answer (`limit`: the store's check, a fixed word:
+        connect, disconnect, rate, auth_view, auth_fail, auth_ok)."""
         _bump(self.fallbacks, (limit,))
 
     # --- decisions ---------------------------------------------------------------

@@ -39,11 +39,14 @@ KNOWN_SETTINGS = frozenset({
     "BADLOADERTYPE", "RELAYMAILFROM", "NOBADHELO", "DISABLE_BADMAILFROM",
     "UCSPITLS",     # s/qmail: "" STARTTLS offered, "-" not offered, "!" required before MAIL
     "QMAILQUEUE",   # qmail: the qmail-queue program for this client (next hop qmail-queue: only)
+    # the anvil limits per client (docs/behaviour/limits.md#per-client-settings)
+    "MAXCONNIP", "MAXCONNRATE", "MAXMSGRATE", "MAXRCPTRATE",
 })
 HELOCHECK_MODES = ("", "!", ".", "=", "A", "M")
 BADMIMETYPE_MODES = ("", "!", "+", "-")
 UCSPITLS_MODES = ("", "-", "!")
-NUMERIC_SETTINGS = ("DATABYTES", "MAXRECIPIENTS", "TARPITCOUNT", "TARPITDELAY")
+NUMERIC_SETTINGS = ("DATABYTES", "MAXRECIPIENTS", "TARPITCOUNT", "TARPITDELAY",
+                    "MAXCONNIP", "MAXCONNRATE", "MAXMSGRATE", "MAXRCPTRATE")
 
 # Match modes of ListMatcher.last_match (how a text is cut into candidate keys).
 MODE_EXACT, MODE_ADDRESS, MODE_HOST = 0, 1, 2

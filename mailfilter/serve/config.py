@@ -33,6 +33,9 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mailfilter.auth.session import AuthConfig
+from mailfilter.limits.anvil import LIMITS as ANVIL_LIMITS, LimitsConfig
+from mailfilter.limits.store import DEFAULT_PREFIX, LOCAL, check_spec
 from mailfilter.log.sink import DEFAULT_CAP as DEFAULT_LOG_BUFFER
 from mailfilter.smtp.protocol import REMOTE_HOST_MODES    # the server checks them too
 from mailfilter.smtp.session import DENY_MODES
@@ -148,6 +151,7 @@ class Option:
 AUTH = "SMTP AUTH (docs/behaviour/auth.md#modes)"
 RULE_SOURCE = "rule source"
 TLS = "TLS (RFC 3207 STARTTLS, RFC 8314 implicit TLS)"
+LIMITS = "limits per client and shared state (docs/behaviour/limits.md)"
 PROXY = "behind a load balancer (PROXY protocol, docs/operations.md#behind-a-load-balancer)"
 
 OPTIONS: tuple[Option, ...] = (
@@ -192,7 +196,29 @@ OPTIONS: tuple[Option, ...] = (
     # value that does not fit is refused (serve/descriptors.py)
     Option("max_connections", INT, None, "sessions at once in this process", minimum=1,
            default_help=f"{DEFAULT_MAX_CONNECTIONS}, fewer if the open-file limit cannot fit them"),
-    Option("max_per_ip", INT, 100, "sessions at once from one client address", minimum=1),
+    Option("max_per_ip", INT, LimitsConfig.max_per_ip, "sessions at once from one client "
+           "address (IPv6: its /64), fleet-wide with a Redis --state; tcp.smtp MAXCONNIP "
+           "overrides it per client", minimum=1, group=LIMITS),
+    # the anvil rates, one option each from limits/anvil.py's table; 0 = none, as in Postfix
+    *(Option(lim.option, INT, getattr(LimitsConfig, lim.option),
+             f"{lim.counts} per --rate-window from one client address (Postfix {lim.postfix}); "
+             f"tcp.smtp {lim.setting} per client; 0 = none", minimum=0, group=LIMITS)
+      for lim in ANVIL_LIMITS if lim.rate),
+    Option("rate_window", SECONDS, LimitsConfig.window, "seconds each rate is counted over (a "
+           "fixed window from the client's first event, as Postfix's anvil_rate_time_unit)",
+           minimum=0, strict=True, group=LIMITS),
+    Option("rate_relay_clients", BOOL, False, "count tcp.smtp RELAYCLIENT clients against the "
+           "rate defaults too (without it they are exempt, as Postfix's "
+           "smtpd_client_event_limit_exceptions = $mynetworks; a MAXxxxRATE on their own line "
+           "applies either way)", group=LIMITS),
+    Option("state", TEXT, LOCAL, "where the limits and the AUTH failure counts live: local = "
+           "each process counts for itself; redis://HOST:PORT/DB, rediss://HOST:PORT/DB or "
+           "unix:///PATH?db=N = one Redis shared by every worker and node (local counts when "
+           "it cannot be reached)", metavar="local|URL", group=LIMITS),
+    Option("state_prefix", TEXT, DEFAULT_PREFIX, "prefix of every Redis key (several fleets "
+           "on one Redis)", metavar="PREFIX", group=LIMITS),
+    Option("state_timeout", SECONDS, 0.1, "seconds a Redis check may take before it is "
+           "answered locally", minimum=0, strict=True, group=LIMITS),
     Option("timeout", SECONDS, None, "idle seconds per command", minimum=0, strict=True,
            default_help=f"rules' timeoutsmtpd, else {DEFAULT_TIMEOUT:g}"),
     Option("session_deadline", SECONDS, None, "seconds per session", minimum=0, strict=True,
@@ -242,7 +268,33 @@ OPTIONS: tuple[Option, ...] = (
            group=AUTH),
     Option("checkpassword_timeout", SECONDS, 10.0, "seconds per checkpassword attempt",
            minimum=0, strict=True, group=AUTH),
-    Option("auth_fail_delay", SECONDS, 2.0, "seconds before each 535", minimum=0, group=AUTH),
+    # the failure accounting (docs/behaviour/auth.md#failures-and-lockout): AuthConfig's
+    # fields as auth_<field>, fleet-wide with a Redis --state
+    Option("auth_fail_delay", SECONDS, AuthConfig.fail_delay, "seconds before each 535",
+           minimum=0, group=AUTH),
+    Option("auth_window", SECONDS, AuthConfig.window, "seconds AUTH failures are counted over "
+           "(a sliding window)", minimum=0, strict=True, group=AUTH),
+    Option("auth_max_fail_ip", INT, AuthConfig.max_fail_ip, "failures from one client address "
+           "in the window that lock it for --auth-lockout; 0 = no lock", minimum=0, group=AUTH),
+    Option("auth_max_fail_user", INT, AuthConfig.max_fail_user, "failures of one user from one "
+           "network (IPv4 /24, IPv6 /64) in the window that lock that user from that network; "
+           "0 = no lock", minimum=0, group=AUTH),
+    Option("auth_max_fail_user_total", INT, AuthConfig.max_fail_user_total, "failures of one "
+           "user from every network in the window past which its attempts from unknown "
+           "networks are paced; 0 = no pacing", minimum=0, group=AUTH),
+    Option("auth_user_pace", SECONDS, AuthConfig.user_pace, "seconds between paced attempts "
+           "for one user", minimum=0, group=AUTH),
+    Option("auth_user_pace_max", SECONDS, AuthConfig.user_pace_max, "the longest one attempt "
+           "is paced", minimum=0, group=AUTH),
+    Option("auth_known_ttl", SECONDS, AuthConfig.known_ttl, "seconds a network that "
+           "authenticated a user stays exempt from that user's lock and pacing", minimum=0,
+           group=AUTH),
+    Option("auth_lockout", SECONDS, AuthConfig.lockout, "seconds a locked address or "
+           "user-from-network stays locked", minimum=0, strict=True, group=AUTH),
+    Option("auth_max_session_failures", INT, AuthConfig.max_session_failures, "failures in one "
+           "session that end it with 421; 0 = never", minimum=0, group=AUTH),
+    Option("auth_table_size", INT, AuthConfig.table_size, "keys each AUTH failure table keeps "
+           "in a process (LRU)", minimum=1, group=AUTH),
     Option("auth_plaintext", BOOL, False,
            "offer and accept AUTH PLAIN and LOGIN before TLS too: passwords cross the network "
            "in clear; a warning at start. Without it they wait for STARTTLS: 538 5.7.11, RFC 4954",
@@ -457,6 +509,10 @@ def check_options(opts) -> None:
             raise StartupError(f"{ls.where} {where}: given twice (also {seen[host, port]})")
         seen[host, port] = ls.where
     _check_tls(opts)
+    try:
+        check_spec(opts.state)
+    except ValueError as exc:
+        raise StartupError(f"--state {exc}") from None
 
 
 def _check_tls(opts) -> None:

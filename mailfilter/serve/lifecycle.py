@@ -30,6 +30,10 @@ the rules: the embedded certificate follows the rules' `me`); a bad new
 pair is logged ("TLS reload refused: FILE: why") and the current one kept,
 whatever the rules did.
 
+The anvil limits and the AUTH failure counts live in the store `--state`
+names (limits/store.py): made here, one per process (each worker opens its
+own connection pool after --workers forks), closed at shutdown.
+
 Limits that come from the rules (`timeoutsmtpd` -> the idle timeout,
 `timeoutsession` -> the session deadline) apply unless `--timeout` /
 `--session-deadline` were given, and are re-read on every reload.
@@ -62,6 +66,8 @@ import time
 from mailfilter import log
 from mailfilter.rules import bundle as bundle_mod
 from mailfilter.delivery import Delivery
+from mailfilter.limits.anvil import Anvil, LimitsConfig
+from mailfilter.limits.store import open_store
 from mailfilter.policy.dns import Resolver
 from mailfilter.policy.engine import PolicyEngine, PolicyOptions
 from mailfilter.serve.config import (
@@ -152,10 +158,29 @@ def build_state(opts: ServeOptions) -> ServerState:
         metrics = Counts("serve", hop=delivery.kind.split("+")[0])
         metrics.sources["mailfilter_log_dropped_lines"] = log.dropped_total
         metrics.rules_loaded(policy.bundle, load_seconds)
-    return ServerState(policy, delivery, limits=limits_for(opts, policy), resolver=resolver,
-                       hostname=opts.hostname, auth=build_auth(opts), remote_host=opts.remote_host,
-                       tls=tls, deny=opts.deny, pregreet=opts.pregreet,
-                       smtputf8=not opts.no_smtputf8, metrics=metrics)
+    limits = limits_for(opts, policy)
+    anvil = build_anvil(opts, limits)
+    return ServerState(policy, delivery, limits=limits, resolver=resolver,
+                       hostname=opts.hostname, auth=build_auth(opts, anvil.store),
+                       remote_host=opts.remote_host, tls=tls, deny=opts.deny,
+                       pregreet=opts.pregreet, smtputf8=not opts.no_smtputf8, metrics=metrics,
+                       anvil=anvil)
+
+
+def build_anvil(opts: ServeOptions, limits: Limits) -> Anvil:
+    """The per-client limits and the store they count in (--state)."""
+    config = LimitsConfig(max_per_ip=opts.max_per_ip, max_conn_rate=opts.max_conn_rate,
+                          max_msg_rate=opts.max_msg_rate, max_rcpt_rate=opts.max_rcpt_rate,
+                          window=opts.rate_window, relay_exempt=not opts.rate_relay_clients,
+                          # a connection cannot outlive its session deadline: its
+                          # shared slot lapses then even if this node dies
+                          lease=limits.session_deadline + limits.idle_timeout)
+    try:
+        store = open_store(opts.state, prefix=opts.state_prefix, timeout=opts.state_timeout,
+                           window=opts.rate_window)
+    except ValueError as exc:
+        raise StartupError(f"--state {exc}") from None
+    return Anvil(config, store)
 
 
 def build_delivery(opts: ServeOptions) -> Delivery:
@@ -227,21 +252,25 @@ async def reload_tls(state: ServerState, opts: ServeOptions) -> TLSSettings | No
     return settings
 
 
-def build_auth(opts: ServeOptions):
-    """The AUTH service; its verifier (user DB or checkpassword) is made on first use."""
+def build_auth(opts: ServeOptions, store=None):
+    """The AUTH service; its verifier (user DB or checkpassword) is made on
+    first use. Its settings are the auth_<field> options of AuthConfig's
+    fields; with a shared `store` its failure counts are the fleet's."""
     from mailfilter.auth.session import AuthConfig, AuthService
     from mailfilter.auth.verify import CheckpasswordVerifier, DBVerifier
 
+    config = AuthConfig(**{f.name: getattr(opts, "auth_" + f.name)
+                           for f in dataclasses.fields(AuthConfig)})
+    shared = store if store is not None and store.shared else None
     if opts.checkpassword:
         try:
             verifier = CheckpasswordVerifier(opts.checkpassword, order=opts.checkpassword_order,
                                              timeout=opts.checkpassword_timeout)
         except ValueError as exc:
             raise StartupError(f"--checkpassword: {exc}") from None
-        return AuthService(AuthConfig(fail_delay=opts.auth_fail_delay), verifier=verifier)
+        return AuthService(config, verifier=verifier, shared=shared)
     path = opts.userdb
-    return AuthService(AuthConfig(fail_delay=opts.auth_fail_delay),
-                       verifier_factory=lambda: DBVerifier(path))
+    return AuthService(config, verifier_factory=lambda: DBVerifier(path), shared=shared)
 
 
 RELOAD_COMPILE_TIMEOUT = 600.0      # seconds for the reload's `mailfilter compile`
@@ -425,6 +454,7 @@ async def serve(opts: ServeOptions, state: ServerState, ready=None, reuse_port: 
     no_fd.close()
     await state.delivery.close()
     state.auth.close()
+    await state.anvil.aclose()
 
 
 CANCEL_GRACE = 5.0         # after --shutdown-grace: seconds for the hand-overs cut short to clean up

@@ -7,6 +7,7 @@ the objects that are actually serving (not from the options alone):
   auth    who is offered AUTH and what verifies it; a missing user database
           is a WARNING now, not a silent 454 at the first AUTH
   limits  connections, timeouts, DATA limits, --deny
+  state   where the per-client limits and AUTH failure counts live, the rates
   metrics where Prometheus scrapes (--metrics), and which process serves it
   signals the pid to signal (the parent's under --workers) and what each does
 Invariants: every line starts with its subject and a colon; nothing here
@@ -92,6 +93,22 @@ def metrics_lines(opts) -> list[tuple[int, str]]:
     return [(logging.INFO, f"metrics: {url}")]
 
 
+def state_line(state, opts) -> str:
+    """The store the anvil and AUTH count in (--state), and the rate defaults."""
+    anvil = state.anvil
+    cfg = anvil.config
+    store = anvil.store
+    where = (f"Redis {store.url} (prefix {opts.state_prefix!r}, timeout {store.timeout:g} s; "
+             "shared by every process naming it, local counts while it cannot be reached)"
+             if store.shared else "local (each process counts for itself)")
+    rates = ", ".join(f"{name} {n or 'off'}" for name, n in (
+        ("connections", cfg.max_conn_rate), ("messages", cfg.max_msg_rate),
+        ("recipients", cfg.max_rcpt_rate)))
+    exempt = "RELAYCLIENT clients exempt" if cfg.relay_exempt else "RELAYCLIENT clients counted"
+    return (f"state: {where}; per client address: {cfg.max_per_ip} connections at once, per "
+            f"{cfg.window:g} s: {rates} ({exempt}); AUTH failures counted there too")
+
+
 def signals_line(opts) -> str:
     if opts.workers > 1:
         return (f"signals: {opts.workers} workers; signal the parent, pid {os.getppid()}: "
@@ -108,6 +125,7 @@ def log_in_force(state, opts) -> None:
                  lambda: qmailqueue_lines(state, opts),
                  lambda: auth_lines(state, opts),
                  lambda: [(logging.INFO, limits_line(state, opts))],
+                 lambda: [(logging.INFO, state_line(state, opts))],
                  lambda: metrics_lines(opts),
                  lambda: [(logging.INFO, signals_line(opts))]):
         try:

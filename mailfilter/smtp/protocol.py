@@ -34,7 +34,11 @@ Invariants:
 - "250 means stored": the reply after DATA is the delivery's reply; an
   exception anywhere in a session is logged with its traceback and answered
   421 4.3.0 on that connection only (docs/architecture.md#errors-and-logging);
-- limits: global and per-IP connection caps (421 4.7.0 at connect), an idle
+- limits: the global connection cap (421 4.7.0 at connect); the client's
+  anvil limits (limits/anvil.py: connections at once and per window, 421
+  4.7.0 before the greeting, once the client's tcp.smtp rule is known;
+  with the Redis store the check is awaited before the greeting, as the
+  host name is; the slot is given back when the connection goes); an idle
   timeout per read, a command line complete within the idle timeout from its
   first byte, DATA at a minimum rate and within a data deadline, a total
   session deadline, the engine's line and bad-command limits, databytes while
@@ -46,11 +50,12 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
-from collections import defaultdict
 
 from mailfilter import log
-from mailfilter.auth.session import AuthService
+from mailfilter.auth.session import AuthService, ip_key
 from mailfilter.delivery import Delivery
+from mailfilter.limits.anvil import Anvil, LimitsConfig
+from mailfilter.limits.local import LocalStore
 from mailfilter.metrics.counts import Counts, session_outcome
 from mailfilter.policy.dnsbl import Dnsbl, DnsblResult
 from mailfilter.policy.engine import Client, PolicyEngine
@@ -59,7 +64,7 @@ from mailfilter.smtp.clock import TimerWheel
 from mailfilter.smtp.engine import SMTPConnection
 from mailfilter.smtp.replies import reply
 from mailfilter.smtp.session import (
-    AwaitLookups, AuthStep, Commit, Delay, Handshake, Lookup, Session, SessionConfig,
+    AwaitLookups, AuthStep, Commit, Delay, Handshake, LimitCheck, Lookup, Session, SessionConfig,
 )
 from mailfilter.smtp.tls import TLSFailed, TLSLayer
 from mailfilter.tls import NO_TLS, TLSSettings
@@ -76,7 +81,7 @@ class Limits:
     """Connection caps and timers (docs/operations.md#limits-and-timeouts,
     docs/behaviour/smtp.md#limits)."""
     max_connections: int = 10_000
-    max_per_ip: int = 100
+    max_per_ip: int = 100       # the default of the anvil's conn_count (limits/anvil.py)
     # per read, and for a whole command line from its first byte (a client
     # dribbling one byte per second never goes idle); RFC 5321 §4.5.3.2 wants >= 5 min
     idle_timeout: float = 300.0
@@ -96,13 +101,16 @@ class Limits:
 
 class ServerState:
     """Per-process shared state: the current SessionConfig (policy, AUTH,
-    delivery), the resolver, the limits, the connection counters."""
+    delivery), the resolver, the limits, the connection counters, the
+    anvil (limits/anvil.py: the per-client limits and their store, local
+    or Redis; closed at shutdown by serve/lifecycle.py)."""
 
     def __init__(self, policy: PolicyEngine, delivery: Delivery, *, limits: Limits | None = None,
                  resolver=None, hostname: str | None = None, features: list[str] | None = None,
                  auth: AuthService | None = None, remote_host: str = "confirmed",
                  tls: TLSSettings = NO_TLS, deny: str = "close", pregreet: str = "log",
-                 smtputf8: bool = True, metrics: Counts | None = None):
+                 smtputf8: bool = True, metrics: Counts | None = None,
+                 anvil: Anvil | None = None):
         if remote_host not in REMOTE_HOST_MODES:
             raise ValueError(f"remote_host must be one of {', '.join(REMOTE_HOST_MODES)}, "
                              f"not {remote_host!r}")
@@ -114,7 +122,9 @@ class ServerState:
         self.features = features or []
         self.auth = auth if auth is not None else AuthService()   # verifier made on first AUTH
         self.connections = 0
-        self.per_ip: dict[str, int] = defaultdict(int)
+        # without one given: the local store, --max-per-ip's connections at once, no rates
+        self.anvil = anvil or Anvil(LimitsConfig(max_per_ip=self.limits.max_per_ip,
+                                                 lease=self.limits.session_deadline), LocalStore())
         self.sessions: set["SMTPProtocol"] = set()
         self.loop: asyncio.AbstractEventLoop | None = None    # cached: get_running_loop() costs a getpid()
         self.clock: TimerWheel | None = None    # every session's idle/deadline clock, on self.loop
@@ -127,6 +137,8 @@ class ServerState:
         self.auth.metrics = metrics
         if metrics is not None:
             metrics.sources["mailfilter_connections_open"] = lambda: self.connections
+            if self.anvil.store.shared:     # checks the shared store could not answer
+                self.anvil.store.on_fallback = metrics.state_fallback
         self.swap_policy(policy)
 
     def swap_policy(self, policy: PolicyEngine, limits: Limits | None = None) -> None:
@@ -136,12 +148,13 @@ class ServerState:
         if limits is not None:
             self.limits = limits
         self.policy = policy
+        self.anvil.forget()         # the old rules' profiles go with them
         self.session_config = SessionConfig(
             policy, auth=self.auth, delivery=self.delivery, hostname=self.hostname,
             features=self.features, max_bad_commands=self.limits.max_bad_commands,
             dns=self.resolver is not None, tls=self.tls,
             header_limit=self.limits.header_size_limit, deny=self.deny, smtputf8=self.smtputf8,
-            metrics=self.metrics)
+            metrics=self.metrics, anvil=self.anvil)
         self.engine_config = self.session_config.engine_config
         self.host = self.session_config.host       # for replies before a session exists
         # the bundle's DNS blocklists (none without a resolver to ask them)
@@ -152,6 +165,11 @@ class ServerState:
         session keeps the settings it started with."""
         self.tls = tls
         self.swap_policy(self.policy)
+
+    @property
+    def per_ip(self) -> dict[str, int]:
+        """Connections open per client key in this process (the anvil's local counts)."""
+        return self.anvil.local.conns
 
     @property
     def looks_up_hosts(self) -> bool:
@@ -175,6 +193,7 @@ class SMTPProtocol(asyncio.Protocol):
         "implicit_tls", "tls", "handshake_timer", "slot", "dnsbl_score",
         "proxy_from", "proxy_buf", "proxy_peer", "proxy_local",
         "line_start", "data_start", "window_start", "window_bytes", "outcome",
+        "client_limits", "anvil_key", "anvil_member",
     )
 
     def __init__(self, state: ServerState, implicit_tls: bool = False, proxy_from=None):
@@ -208,6 +227,9 @@ class SMTPProtocol(asyncio.Protocol):
         self.limits: Limits | None = None   # the state's Limits when the session began
         self.early: bytearray | None = None  # input before the greeting (host lookup)
         self.outcome: str | None = None     # why the server ended the session (metrics), if it did
+        self.client_limits = None       # the client's anvil limits, once its rule is known
+        self.anvil_key: str | None = None   # the client key while it holds a connection slot
+        self.anvil_member: str | None = None    # the slot's name in the shared store
 
     # ------------------------------------------------------------ connection
     def connection_made(self, transport) -> None:
@@ -237,14 +259,7 @@ class SMTPProtocol(asyncio.Protocol):
             log.event(action="refuse", stage="CONNECT", reason="max_connections", client=f"[{ip}]")
             self._refused("max_connections", limit=True)
             return
-        if st.per_ip[ip] >= lim.max_per_ip:
-            transport.write(reply("too_many_conns_ip", host=host).line())
-            transport.close()
-            log.event(action="refuse", stage="CONNECT", reason="max_per_ip", client=f"[{ip}]")
-            self._refused("max_per_ip", limit=True)
-            return
         st.connections += 1
-        st.per_ip[ip] += 1
         st.sessions.add(self)
         self.counted = True
         loop = self._loop()
@@ -252,7 +267,8 @@ class SMTPProtocol(asyncio.Protocol):
         self.deadline_at = loop.time() + lim.session_deadline
         self.client = Client(ip=ip, port=peer[1], local_ip=local[0], local_port=local[1])
         self.client_label = f"{self.client.host}[{ip}]:{peer[1]}"
-        waits = st.looks_up_hosts or bool(st.dnsbl) or lim.greet_wait > 0
+        # the shared store's connection check is awaited before the greeting
+        waits = st.looks_up_hosts or bool(st.dnsbl) or lim.greet_wait > 0 or st.anvil.shared
         if self.implicit_tls:
             # RFC 8314: the handshake first, the greeting inside TLS; the host
             # name and DNSBL lookups run meanwhile
@@ -375,6 +391,8 @@ class SMTPProtocol(asyncio.Protocol):
         if host is not None:
             self.client.host = host or "unknown"
         self.dnsbl_score = score
+        if st.anvil.shared and not await self._admit_shared():
+            return
         early = self.early
         if early and self.tls is None:      # in TLS a pregreet is the handshake's business
             label = f"{self.client.host}[{ip}]:{self.client.port}"
@@ -396,6 +414,63 @@ class SMTPProtocol(asyncio.Protocol):
         if not self.waiting:
             self._resume_reading()
 
+    # ------------------------------------------------------------ anvil
+    def _admit(self, limits) -> bool:
+        """The local store's connection check (synchronous), with the limits
+        the new session found for the client (its tcp.smtp rule is known
+        now: the host name, which `=host` rules need, came first); False:
+        refused."""
+        if self.anvil_key is not None:      # admitted already (the shared store's check)
+            return True
+        anvil = self.state.anvil
+        key = ip_key(self.client.ip)
+        reason, n = anvil.connect(key, limits, None)
+        if reason is None:
+            self.anvil_key = key
+            return True
+        return self._admitted(key, None, reason, n, limits)
+
+    async def _admit_shared(self) -> bool:
+        """The shared store's connection check, awaited before the greeting.
+        The check runs shielded: a client that leaves meanwhile cancels this
+        task, and a slot the check took anyway is given back."""
+        st = self.state
+        anvil = st.anvil
+        policy = st.policy
+        limits = self.client_limits = anvil.for_client(policy.client_profile(self.client),
+                                                       policy.where)
+        key = ip_key(self.client.ip)
+        member = anvil.member()
+        check = asyncio.ensure_future(anvil.connect(key, limits, member))
+        try:
+            reason, n = await asyncio.shield(check)
+        except asyncio.CancelledError:
+            check.add_done_callback(lambda f: _give_back(f, anvil, key, member))
+            raise
+        if self.transport.is_closing():
+            if reason is None:
+                anvil.disconnect(key, member)
+            return False
+        return self._admitted(key, member, reason, n, limits)
+
+    def _admitted(self, key: str, member, reason, n: int, limits) -> bool:
+        if reason is None:
+            self.anvil_key, self.anvil_member = key, member
+            return True
+        log.event(action="refuse", stage="CONNECT", reason=reason, rule=limits.rule(reason),
+                  client=f"{self.client.host}[{self.client.ip}]", limit=getattr(limits, reason),
+                  count=n)
+        self._refused(reason, limit=True)
+        line = reply("too_many_conns_ip", host=self.state.host).line()
+        tls = self.tls
+        if tls is None:
+            self.transport.write(line)
+        elif tls.handshaken:            # implicit TLS: the refusal inside it
+            tls.send(line)
+            self.transport.write(tls.data_to_send())
+        self._close()
+        return False
+
     def _start_session(self) -> None:
         """The Session for self.client (its policy, engine, AUTH) and the greeting."""
         st = self.state
@@ -405,7 +480,9 @@ class SMTPProtocol(asyncio.Protocol):
         try:
             session = Session(st.session_config, client,
                               tls=self.tls.info if self.tls is not None else None,
-                              label=self.client_label)
+                              label=self.client_label, limits=self.client_limits)
+            if not self._admit(session.limits):
+                return
             greeted = session.start(dnsbl=self.dnsbl_score)
             self.session = session
             self.engine = session.engine
@@ -445,12 +522,9 @@ class SMTPProtocol(asyncio.Protocol):
         if self.counted:
             st = self.state
             st.connections -= 1
-            ip = self.client.ip
-            left = st.per_ip[ip] - 1
-            if left:
-                st.per_ip[ip] = left
-            else:
-                del st.per_ip[ip]
+            if self.anvil_key is not None:
+                st.anvil.disconnect(self.anvil_key, self.anvil_member)
+                self.anvil_key = None
             st.sessions.discard(self)
             self.counted = False
 
@@ -675,7 +749,7 @@ class SMTPProtocol(asyncio.Protocol):
             coro = self._sleep(request.seconds)
         elif t is Commit:
             coro = request.sink.commit()
-        elif t is AuthStep:
+        elif t is AuthStep or t is LimitCheck:
             coro = request.awaitable
         elif t is Handshake:
             self._flush()           # the 220 leaves in clear; what follows is TLS
@@ -860,6 +934,12 @@ _TASK = object()    # _fulfil: a Task answers the request and drains again
 
 async def _none():
     return None
+
+
+def _give_back(check: asyncio.Future, anvil, key: str, member) -> None:
+    """A connection check whose client left while it ran: the slot it took, back."""
+    if not check.cancelled() and check.exception() is None and check.result()[0] is None:
+        anvil.disconnect(key, member)
 
 
 _PROXY_SOURCES: dict[tuple, bool] = {}     # (networks, peer address) -> may send a header

@@ -110,6 +110,9 @@ REPLIES: dict[str, Reply] = {
     "shutdown": R(421, "4.3.2", "{host} service shutting down, closing connection"),
     "too_many_conns": R(421, "4.7.0", "{host} too many connections, try again later"),
     "too_many_conns_ip": R(421, "4.7.0", "{host} too many connections from your address, try again later"),
+    # anvil rates (docs/behaviour/limits.md#replies): 451 4.7.1, the client may retry later
+    "too_many_msgs": R(451, "4.7.1", "too many messages from your address, try again later"),
+    "too_many_rcpts_rate": R(451, "4.7.1", "too many recipients from your address, try again later"),
     # accept() found no descriptor: the client is answered on a spare one (serve/descriptors.py)
     "no_descriptors": R(421, "4.3.2", "{host} out of resources, try again later"),
     "internal_error": R(421, "4.3.0", "{host} internal error, closing connection"),

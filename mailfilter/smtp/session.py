@@ -33,6 +33,9 @@ request            the shell does                                then
 ``Commit``         awaits ``sink.commit()`` (delivery)           ``resume(result)``
 ``AuthStep``       awaits ``awaitable`` (AUTH verification       ``resume(reply)``
                    and failure delay, auth/session.py)
+``LimitCheck``     awaits ``awaitable``: a rate check in the      ``resume(over)``
+                   shared (Redis) store (limits/anvil.py); with
+                   the local store the check is synchronous
 ``Handshake``      writes the 220 to STARTTLS in clear, then     ``resume(info)``,
                    runs the TLS handshake (smtp/tls.py); a       info = "TLSv1.3/
                    failed one ends the connection (logged)       CIPHER"
@@ -62,7 +65,9 @@ import logging
 import time
 
 from mailfilter import log
+from mailfilter.auth.session import ip_key
 from mailfilter.delivery import Envelope
+from mailfilter.limits.anvil import BY_NAME as ANVIL_LIMITS, NO_LIMITS, ClientLimits
 from mailfilter.policy.engine import Client, PolicyEngine, Verdict
 from mailfilter.smtp.content import ContentScanner
 from mailfilter.smtp.engine import (
@@ -77,7 +82,7 @@ from mailfilter.tls import NO_TLS, TLSSettings
 logger = logging.getLogger("mailfilter")
 
 __all__ = ["SessionConfig", "Session", "Transaction",
-           "Lookup", "AwaitLookups", "Delay", "Commit", "AuthStep", "Handshake",
+           "Lookup", "AwaitLookups", "Delay", "Commit", "AuthStep", "LimitCheck", "Handshake",
            "AWAIT_LOOKUPS", "HANDSHAKE"]
 
 
@@ -128,6 +133,15 @@ class AuthStep:
         self.awaitable = awaitable
 
 
+class LimitCheck:
+    """Await `awaitable`, a rate check of the shared store (limits/anvil.py
+    Anvil.over); resume(over) with its answer."""
+    __slots__ = ("awaitable",)
+
+    def __init__(self, awaitable) -> None:
+        self.awaitable = awaitable
+
+
 class Handshake:
     """The 220 to STARTTLS is queued: write it, run the TLS handshake, then
     resume(info) with the session's "version/cipher" (smtp/tls.describe)."""
@@ -148,13 +162,13 @@ class SessionConfig:
     makes a new SessionConfig; sessions in flight keep theirs."""
 
     __slots__ = ("policy", "auth", "delivery", "engine_config", "host", "dns", "tls", "offers",
-                 "deny", "metrics")
+                 "deny", "metrics", "anvil")
 
     def __init__(self, policy: PolicyEngine, *, auth=None, delivery=None, hostname: str | None = None,
                  features: list[str] | None = None, max_bad_commands: int = 10,
                  dns: bool = True, tls: TLSSettings = NO_TLS,
                  header_limit: int = 0, deny: str = "close", smtputf8: bool = True,
-                 metrics=None) -> None:
+                 metrics=None, anvil=None) -> None:
         if deny not in DENY_MODES:
             raise ValueError(f"deny must be one of {', '.join(DENY_MODES)}, not {deny!r}")
         if auth is None:
@@ -166,6 +180,7 @@ class SessionConfig:
         self.dns = dns      # the shell can answer Lookups (it has a resolver)
         self.tls = tls      # STARTTLS offered when tls.available; --require-tls; --auth-plaintext
         self.deny = deny    # a tcp.smtp deny client: "close" (tcpserver) or "rcpt" (553 per RCPT)
+        self.anvil = anvil  # the rate limits' counts (limits/anvil.py); None: no limits (`check`)
         self.offers: dict = {}  # (STARTTLS?, AUTH mechanisms) -> the extra EHLO keywords
         self.metrics = metrics  # metrics/counts.py Counts (serve --metrics), else None
         self.engine_config = EngineConfig(
@@ -222,14 +237,16 @@ class Session:
     __slots__ = ("config", "client", "label", "engine", "policy", "auth", "tx", "sink", "end",
                  "scanner",
                  "scan_choice", "lookups", "last_verdict", "_then", "tls", "tls_mode",
-                 "_ctx_key", "_ctx_text", "body")
+                 "_ctx_key", "_ctx_text", "body", "limits", "limit_key")
 
     def __init__(self, config: SessionConfig, client: Client, tls: str | None = None,
-                 label: str | None = None) -> None:
+                 label: str | None = None, limits: ClientLimits | None = None) -> None:
         """`tls`: the "version/cipher" of an implicit-TLS connection (RFC 8314),
         whose session starts inside TLS; None for a connection in clear.
         `label`: the shell's host[ip]:port string for `client`, shared rather
-        than made again (one string per connection, not three)."""
+        than made again (one string per connection, not three).
+        `limits`: the client's anvil limits, as the shell checked its
+        connection with (limits/anvil.py); made here when not given."""
         self.config = config
         self.client = client
         self.label = label or f"{client.host}[{client.ip}]:{client.port}"
@@ -246,6 +263,11 @@ class Session:
         self._ctx_text = ""
         self.end: str | None = None                # the engine's close reason, once closed
         self.policy = sp = config.policy.session(client)
+        anvil = config.anvil
+        if limits is None:
+            limits = NO_LIMITS if anvil is None else anvil.for_client(sp.profile, config.policy.where)
+        self.limits = limits
+        self.limit_key = ip_key(client.ip)      # IPv4 address, IPv6 /64 (as AUTH counts)
         # UCSPITLS (s/qmail's tcp.smtp setting): "-" no STARTTLS for this
         # client, "!" STARTTLS required before MAIL; --require-tls for all
         mode = sp.setting("UCSPITLS")
@@ -439,6 +461,11 @@ class Session:
     def on_mail(self, ev: Mail):
         if self.tls_mode == "!" and self.tls is None:
             return self._tls_first()
+        if self.limits.msg_rate:        # 0 (the default): no count, no cost
+            return self._rate("msg", "msg_rate", lambda: self._mail(ev))
+        return self._mail(ev)
+
+    def _mail(self, ev: Mail):
         sp = self.policy
         v = self.last_verdict = sp.mail(ev.address)
         if v.reply.code < 300:
@@ -454,6 +481,40 @@ class Session:
         if domain is not None:
             self.lookups = self.lookups | _MX
             return Lookup("mx", "MX", domain)
+        return None
+
+    # --- anvil rates (docs/behaviour/limits.md) ----------------------------------
+    def _rate(self, kind: str, name: str, go, rcpt: str | None = None):
+        """Count a MAIL ("msg") or RCPT ("rcpt") of the client; over its
+        limit: the limit's 451 and decision line, else `go()` (the command's
+        own checks). The shared store's check is awaited by the shell."""
+        over = self.config.anvil.over(kind, self.limit_key, getattr(self.limits, name))
+        if over is False:
+            return go()
+        if over is True:
+            return self._over_limit(name, rcpt)
+        return self._wait(LimitCheck(over), lambda o, error: self._rate_answer(o, error, name, go, rcpt))
+
+    def _rate_answer(self, over: bool, error, name: str, go, rcpt: str | None):
+        if error is not None:
+            raise error
+        if self.engine.pending is None:     # aborted meanwhile (timeout, shutdown)
+            return None
+        return self._over_limit(name, rcpt) if over else go()
+
+    def _over_limit(self, name: str, rcpt: str | None):
+        """The 451 of a rate limit, one decision line naming it and where
+        its value came from (the client's tcp.smtp line or the option)."""
+        lim = ANVIL_LIMITS[name]
+        v = self.last_verdict = Verdict(lim.stage, False, REPLIES[lim.reply], name,
+                                        self.limits.rule(name))
+        self._log(v, rcpt)
+        m = self.config.metrics
+        if m is not None:
+            m.limit_hit(name)
+        if rcpt is None:
+            self.tx.clear()
+        self.engine.send(v.reply)
         return None
 
     def _tls_first(self):
@@ -476,6 +537,11 @@ class Session:
     def _rcpt(self, ev: Rcpt, error):
         if error is not None:
             raise error
+        if self.limits.rcpt_rate:
+            return self._rate("rcpt", "rcpt_rate", lambda: self._rcpt_policy(ev), ev.address)
+        return self._rcpt_policy(ev)
+
+    def _rcpt_policy(self, ev: Rcpt):
         v = self.last_verdict = self.policy.rcpt(ev.address, ev.routed)
         if v.delay:
             return self._wait(Delay(v.delay), lambda _r, err: self._rcpt_answer(ev, v, err))

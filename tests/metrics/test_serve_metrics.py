@@ -346,15 +346,44 @@ def test_limits_and_proxy_headers_are_counted(tmp_path, setup):
             assert c.at_eof()
         wait_for_counts(sp.metrics_port, {
             "mailfilter_connections_total": {(): 6.0},
-            "mailfilter_connections_refused_total": {labels(reason="max_per_ip"): 1.0,
+            "mailfilter_connections_refused_total": {labels(reason="conn_count"): 1.0,
                                                      labels(reason="proxy_header"): 1.0,
                                                      labels(reason="proxy_source"): 1.0},
-            "mailfilter_limit_hits_total": {labels(limit="max_per_ip"): 1.0,
+            "mailfilter_limit_hits_total": {labels(limit="conn_count"): 1.0,
                                             labels(limit="timeout"): 1.0},
             "mailfilter_sessions_total": {labels(outcome="disconnect"): 1.0,
                                           labels(outcome="timeout"): 1.0,
                                           labels(outcome="quit"): 1.0},
             "mailfilter_proxy_headers_total": {labels(version="1", command="PROXY"): 1.0},
             "mailfilter_connections_open": {(): 0.0}})
+    finally:
+        assert sp.stop() == 0
+
+
+def test_rate_limits_and_state_fallbacks_are_counted(tmp_path, setup):
+    """--max-msg-rate 1 with --state naming a Redis that is not there: the
+    checks are answered from the process's own counts (each one a state
+    store fallback, by check), and the second MAIL's 451 is a msg_rate limit
+    hit and a MAIL tempfail verdict (docs/behaviour/limits.md)."""
+    rules, userdb = setup
+    nobody = free_port()                # nothing listens there: Redis is down
+    sp = start(tmp_path, rules, userdb, "--max-msg-rate", "1", "--state",
+               f"redis://127.0.0.1:{nobody}/0")
+    try:
+        with smtplib.SMTP("127.0.0.1", sp.port, timeout=TIMEOUT) as s:
+            s.ehlo("client.test")
+            assert s.mail("a@sender.test")[0] == 250
+            assert s.rset()[0] == 250
+            code, text = s.mail("b@sender.test")
+            assert (code, text) == (451, b"4.7.1 too many messages from your address, try again later")
+        got = wait_for_counts(sp.metrics_port, {
+            "mailfilter_limit_hits_total": {labels(limit="msg_rate"): 1.0}})
+        assert got["mailfilter_verdicts_total"][
+            labels(stage="MAIL", action="tempfail", rule_file="--max-msg-rate")] == 1.0
+        fallbacks = got["mailfilter_state_store_fallbacks_total"]
+        # spawn_serve's probe and this client: two connects; two MAIL rate checks
+        assert fallbacks[labels(limit="rate")] == 2.0
+        assert fallbacks[labels(limit="connect")] == 2.0
+        sp.log.wait_for(r"action=state_fallback store=redis://127\.0\.0\.1:\d+/0 ")
     finally:
         assert sp.stop() == 0

@@ -43,6 +43,8 @@ def good_value(o):
         return "10.0.0.0/8,192.0.2.1"
     if o.kind is TABLES:
         return [{"listen": "127.0.0.1:2526", "tls": "implicit", "proxy_protocol": ["10.0.0.0/8"]}]
+    if o.metavar == "local|URL":        # --state: a store, not any text
+        return "redis://127.0.0.1:6390/2"
     return {BOOL: True, INT: 7, SECONDS: 7.5, TEXT: "x.example"}[o.kind]
 
 
@@ -353,3 +355,23 @@ def test_tls_defaults():
     assert (opts.tls_min_version, opts.tls_handshake_timeout) == ("TLSv1.2", 30.0)
     assert not (opts.require_tls or opts.auth_plaintext or opts.tls_allow_expired
                 or opts.next_hop_tls_verify or opts.next_hop_tls_ca)
+
+
+def test_the_limit_and_auth_options_reach_what_serves(tmp_path):
+    """Every auth_* option is the AuthConfig field of its name; the anvil's
+    defaults and store are the limit options'."""
+    from mailfilter.auth.session import AuthConfig
+    from mailfilter.serve.lifecycle import build_state
+    from tests.support.server_harness import write_rules
+    values = {f"auth_{f.name}": (7 if f.type == "int" else 7.5) for f in dataclasses.fields(AuthConfig)}
+    opts = ServeOptions(rules=write_rules(tmp_path / "rules"), deliver="discard", no_tls=True,
+                        remote_host="off", max_per_ip=9, max_conn_rate=3, max_msg_rate=4,
+                        max_rcpt_rate=5, rate_window=30.0, rate_relay_clients=True, **values)
+    state = build_state(opts)
+    assert dataclasses.asdict(state.auth.config) == {k[5:]: v for k, v in values.items()}
+    cfg = state.anvil.config
+    assert (cfg.max_per_ip, cfg.max_conn_rate, cfg.max_msg_rate, cfg.max_rcpt_rate, cfg.window,
+            cfg.relay_exempt) == (9, 3, 4, 5, 30.0, False)
+    assert not state.anvil.shared and state.auth.shared is None
+    with pytest.raises(StartupError, match="--state 'memcached://h:1': give local or a redis://"):
+        build_state(dataclasses.replace(opts, state="memcached://h:1"))

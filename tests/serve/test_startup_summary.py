@@ -32,8 +32,26 @@ def test_single_process_lines(tmp_path, rules):
         sp.log.wait_for(r"INFO auth: off \(per tcp\.smtp SMTPAUTH only\)$")
         [limits] = sp.log.wait_for(r"INFO limits: (\d+) sessions, 7 per client address, idle "
                                    r"timeout 40 s, .*tcp\.smtp deny: rcpt$")
+        sp.log.wait_for(r"INFO state: local \(each process counts for itself\); per client "
+                        r"address: 7 connections at once, per 60 s: connections off, messages "
+                        r"off, recipients off \(RELAYCLIENT clients exempt\)")
         sp.log.wait_for(rf"INFO signals: pid {sp.proc.pid}: HUP reloads rules and certificates, "
                         r"TERM stops$")
+    finally:
+        sp.stop()
+
+
+def test_the_state_line_names_a_redis_store_and_the_rates(tmp_path, rules):
+    """A Redis that is not there is no start-up error: the line names it,
+    the server serves (on local counts until it answers)."""
+    sp = spawn_serve("--rules", rules, "--deliver", "discard", "--max-msg-rate", "30",
+                     "--rate-window", "120", "--rate-relay-clients",
+                     "--state", "redis://:secret@127.0.0.1:1/3", "--state-prefix", "mx1:")
+    try:
+        sp.log.wait_for(r"INFO state: Redis redis://:\*\*\*@127\.0\.0\.1:1/3 \(prefix 'mx1:', "
+                        r"timeout 0\.1 s; .*per 120 s: connections off, messages 30, recipients "
+                        r"off \(RELAYCLIENT clients counted\)")
+        assert "secret" not in sp.log.text()
     finally:
         sp.stop()
 

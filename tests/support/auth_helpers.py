@@ -83,6 +83,8 @@ class ServerThread:
             raise RuntimeError("server did not start")
 
     def stop(self):
+        # the state store's connections are the loop's: closed on it, as serve does
+        asyncio.run_coroutine_threadsafe(self.state.anvil.aclose(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.state.auth.close()

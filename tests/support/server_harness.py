@@ -224,13 +224,13 @@ class ServerThread:
 def make_state(rules_dir: str, deliver: str, *, limits: Limits | None = None,
                resolver=None, open_relay: bool = False, remote_host: str = "off",
                tls: TLSSettings = NO_TLS, auth=None, deny: str = "close",
-               pregreet: str = "log", smtputf8: bool = True) -> ServerState:
+               pregreet: str = "log", smtputf8: bool = True, anvil=None) -> ServerState:
     """remote_host is "off" unless a test is about host names: the client
     stays `unknown` whatever /etc/resolv.conf or a test resolver would say,
     and no PTR query reaches a test's DNS responder or delays a connection."""
     return ServerState(policy_for(rules_dir, open_relay), Delivery.from_spec(deliver),
                        limits=limits, resolver=resolver, remote_host=remote_host, tls=tls, auth=auth,
-                       deny=deny, pregreet=pregreet, smtputf8=smtputf8)
+                       deny=deny, pregreet=pregreet, smtputf8=smtputf8, anvil=anvil)
 
 
 def start_server(kind: str, rules_dir: str, maildir: str, *, deliver: str | None = None,
