@@ -53,7 +53,11 @@ MAGIC = b"MFBUNDL\0"
 #    so a format-5 bundle must never meet a format-4 matcher, nor the reverse;
 # 6: list literals found by an 8-byte window index (LMAT 4 embeds an LIDX
 #    blob where LMAT 3 had an AHOC automaton; same answers, fewer cache misses)
-FORMAT_VERSION = 6
+# 7: the tcp.smtp limit settings (MAXCONNIP, MAXCONNRATE, MAXMSGRATE,
+#    MAXRCPTRATE: a format-6 compiler dropped them with a warning) and IDN
+#    domains stored under both spellings (docs/behaviour/control-files.md):
+#    a format-6 bundle would serve the same files with fewer rules
+FORMAT_VERSION = 7
 BYTEORDER = 0x01020304
 HEADER = struct.Struct("<8sIIIIQII32s7I28x")
 TOC_ENTRY = struct.Struct("<32sQQ")
