@@ -89,6 +89,26 @@ class Reader:
         return self.reply()
 
 
+def greeted_then_quit(port: int, header: bytes) -> None:
+    """Through the balancer with `header`: a 220, and QUIT answered."""
+    s = via_lb(port, header)
+    try:
+        r = Reader(s)
+        assert r.reply().startswith("220 ")
+        assert r.cmd(b"QUIT").startswith("221 ")
+    finally:
+        s.close()
+
+
+def closed_at_once(port: int, source: str) -> None:
+    """A connection from `source` is closed without a byte."""
+    s = socket.create_connection(("127.0.0.1", port), source_address=(source, 0), timeout=TIMEOUT)
+    try:
+        assert s.recv(100) == b""
+    finally:
+        s.close()
+
+
 @pytest.mark.parametrize("form", ["v1", "v2", "v1 byte by byte", "v2 byte by byte"])
 def test_the_header_names_the_client_everywhere(served, tmp_path, form):
     """RELAY (127.0.0.2) is a RELAYCLIENT in tcp.smtp: through the balancer
@@ -128,13 +148,7 @@ def test_v2_tlvs_are_logged(served):
 def test_a_health_check_is_greeted(served):
     """v2 LOCAL (the balancer's own check): a session with its address."""
     sp = served()
-    s = via_lb(sp.pport, V2_SIGNATURE + b"\x20\x00\x00\x00")
-    try:
-        r = Reader(s)
-        assert r.reply().startswith("220 ")
-        assert r.cmd(b"QUIT").startswith("221 ")
-    finally:
-        s.close()
+    greeted_then_quit(sp.pport, V2_SIGNATURE + b"\x20\x00\x00\x00")
     sp.log.wait_for(rf"action=proxy client=\[{LB}\]:\d+ via={LB} version=2 command=LOCAL")
 
 
@@ -158,11 +172,7 @@ def test_only_the_balancers_may_connect(served):
     """A client that reaches the proxy listener directly is closed at once:
     its header is never guessed (the plain listener still serves it)."""
     sp = served()
-    s = socket.create_connection(("127.0.0.1", sp.pport), source_address=(RELAY, 0), timeout=TIMEOUT)
-    try:
-        assert s.recv(100) == b""
-    finally:
-        s.close()
+    closed_at_once(sp.pport, RELAY)
     sp.log.wait_for(rf"action=refuse stage=CONNECT reason=proxy_source client=\[{RELAY}\]")
     c = RawClient(sp.port, RELAY)
     assert c.reply()[0] == 220
@@ -232,20 +242,10 @@ def test_listener_tables_each_with_its_balancers(tmp_path):
                      port=port, listen=False)
     try:
         sp.log.wait_for(rf"listening on 127\.0\.0\.1:{pport} \(.*STARTTLS, PROXY header from {LB}/32\)")
-        s = via_lb(pport, v2(RELAY, 40123))
-        try:
-            r = Reader(s)
-            assert r.reply().startswith("220 ")
-            assert r.cmd(b"QUIT").startswith("221 ")
-        finally:
-            s.close()
+        greeted_then_quit(pport, v2(RELAY, 40123))
         sp.log.wait_for(rf"action=proxy client=\[{RELAY}\]:40123 via={LB} version=2")
         # another balancer is not one of this listener's
-        s = socket.create_connection(("127.0.0.1", pport), source_address=(other_lb, 0), timeout=TIMEOUT)
-        try:
-            assert s.recv(100) == b""
-        finally:
-            s.close()
+        closed_at_once(pport, other_lb)
         sp.log.wait_for(rf"action=refuse stage=CONNECT reason=proxy_source client=\[{other_lb}\]")
         c = RawClient(port, RELAY)          # the plain table: no header expected
         assert c.reply()[0] == 220
