@@ -3,10 +3,11 @@ every worker and node that names the same Redis with ``--state``.
 
 Job: answer the anvil checks (connections open per client, the rate
 windows) and AUTH's failure counts, lockouts and known networks from Redis,
-one round trip per check: each check is one Lua script (registered with
-redis-py's ``register_script``: EVALSHA, loaded again after a Redis restart)
-that reads, counts and sets the TTLs atomically, on Redis's own clock
-(TIME), so the nodes' clocks do not have to agree.
+one round trip per check at most: each check is one Lua script (EVALSHA,
+loaded again after a Redis restart) that reads, counts and sets the TTLs
+atomically, on Redis's own clock (TIME), so the nodes' clocks do not have
+to agree; the checks asked in one event-loop turn share one pipeline
+(limits/batch.py).
 
 Key names (``prefix`` is ``--state-prefix``, "mailfilter:" by default;
 KEY is the client key -- IPv4 address, IPv6 /64 -- or a tracker key)::
@@ -47,6 +48,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from mailfilter import log
+from mailfilter.limits.batch import Batch
 from mailfilter.limits.local import LocalStore
 from mailfilter.limits.store import DEFAULT_PREFIX, check_spec
 
@@ -180,7 +182,7 @@ class RedisStore:
         self.client = aioredis.Redis.from_url(
             url, socket_timeout=None, socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0), health_check_interval=0)
-        self.scripts = {name: self.client.register_script(src) for name, src in SCRIPTS.items()}
+        self.batch = Batch(self.client, SCRIPTS)
         self.fallbacks = 0          # checks answered by the local store
         self.outages = 0            # times Redis went away
         # called with the check's script name (a fixed word) for each check
@@ -202,7 +204,7 @@ class RedisStore:
             return self._fell_back(name)
         try:
             async with asyncio.timeout(self.timeout):
-                answer = await self.scripts[name](keys=keys, args=args)
+                answer = await self.batch.call(name, keys, args)
         except (RedisError, OSError, TimeoutError) as exc:
             self._went_away(exc)
             return self._fell_back(name)
@@ -219,7 +221,10 @@ class RedisStore:
 
     def _went_away(self, exc: BaseException) -> None:
         now = self.clock()
-        if self.down:               # a retry after the backoff failed: wait longer
+        if self.down:
+            if now < self._retry_at:    # another check of the same failed batch
+                return
+            # a retry after the backoff failed: wait longer
             self._backoff = min(self._backoff * 2, BACKOFF_MAX)
         else:
             self.down = True
