@@ -64,3 +64,51 @@ def test_no_message_is_smuggled_inside_another(tmp_path, loop, figures):
             assert codes == [451] and mine == [], (end, codes)
             refused += 1
     figures.update(forms=len(ENDS), one_message=one, refused_451=refused, smuggled=0)
+
+
+def send_bdat(port: int, i: int, end: bytes) -> list[int]:
+    """The same payload as the message of BDAT chunks (RFC 3030): cut in
+    two at the fake end, so a chunk boundary falls right on it."""
+    body = payload(i, end)
+    cut = body.index(end) + len(end) // 2
+    with RawClient(port, PLAIN) as c:
+        assert c.reply()[0] == 220
+        c.send(b"EHLO c.test\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.com>\r\n")
+        c.replies(3)
+        c.send(b"BDAT %d\r\n" % cut + body[:cut] +
+               b"BDAT %d LAST\r\n" % (len(body) - cut) + body[cut:] + b"QUIT\r\n")
+        codes = []
+        while (r := c.reply()) is not None:
+            codes.append(r[0])
+            if r[0] == 221:
+                break
+    return codes
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_no_message_is_smuggled_inside_a_bdat_message(tmp_path, loop, figures):
+    """BDAT counts frame the message: whatever end-of-data look-alike the
+    chunks hold stays inside the one message, or the message is refused
+    (451 bare LF); nothing in it is ever read as a command."""
+    srv = start_server(loop, write_rules(tmp_path / "rules"), str(tmp_path / "md"))
+    try:
+        outcome = {end: send_bdat(srv.port, i, end) for i, end in enumerate(ENDS)}
+        stored = read_new(srv.maildir)
+    finally:
+        srv.stop()
+    one = refused = 0
+    for i, end in enumerate(ENDS):
+        codes = outcome[end]
+        mine = [m for m in stored if f"Subject: outer-{i}\n".encode() in m]
+        smuggled = [m for m in stored if f"smuggle{i}@evil.test".encode() in m.split(b"\n\n")[0]]
+        assert smuggled == [], f"{end!r}: a smuggled message was stored"
+        if codes == [250, 250, 221]:        # one message, the smuggled text inside
+            one += 1
+            assert len(mine) == 1 and f"Subject: smuggled-{i}".encode() in mine[0], end
+        else:
+            # a bare LF refuses the chunk that holds it (451; a LAST after a
+            # refused chunk is 503) and the session goes on to QUIT
+            # (docs/behaviour/smtp.md#chunking)
+            assert codes in ([250, 451, 221], [451, 503, 221]) and mine == [], (end, codes)
+            refused += 1
+    figures.update(forms=len(ENDS), one_message=one, refused_451=refused, smuggled=0)
