@@ -6,6 +6,8 @@ the objects that are actually serving (not from the options alone):
   deliver the next hop (and the tcp.smtp QMAILQUEUE programs, checked)
   auth    who is offered AUTH and what verifies it; a missing user database
           is a WARNING now, not a silent 454 at the first AUTH
+  ehlo    the EHLO keywords offered (CHUNKING, SMTPUTF8 or not, SIZE), and
+          which ones depend on the client
   limits  connections, timeouts, DATA limits, --deny
   state   where the per-client limits and AUTH failure counts live, the rates
   metrics where Prometheus scrapes (--metrics), and which process serves it
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import os
+
+from mailfilter.smtp.engine import SMTPConnection
 
 logger = logging.getLogger("mailfilter")
 
@@ -73,6 +77,14 @@ def qmailqueue_lines(state, opts) -> list[tuple[int, str]]:
     return out
 
 
+def ehlo_line(state) -> str:
+    """The keywords every EHLO gets, as the engine builds them (a connection
+    made with the server's engine configuration), then the per-client ones."""
+    keywords = SMTPConnection(state.engine_config).ehlo_keywords()
+    return (f"ehlo: {', '.join(keywords)}; per client: SIZE by tcp.smtp DATABYTES, STARTTLS "
+            "unless --no-tls or UCSPITLS=\"-\", AUTH by SMTPAUTH")
+
+
 def limits_line(state, opts) -> str:
     lim = state.limits
     return (f"limits: {lim.max_connections} sessions, {lim.max_per_ip} per client address, "
@@ -124,6 +136,7 @@ def log_in_force(state, opts) -> None:
                  lambda: [(logging.INFO, f"deliver: {opts.deliver}")],
                  lambda: qmailqueue_lines(state, opts),
                  lambda: auth_lines(state, opts),
+                 lambda: [(logging.INFO, ehlo_line(state))],
                  lambda: [(logging.INFO, limits_line(state, opts))],
                  lambda: [(logging.INFO, state_line(state, opts))],
                  lambda: metrics_lines(opts),

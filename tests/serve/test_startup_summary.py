@@ -30,6 +30,8 @@ def test_single_process_lines(tmp_path, rules):
         assert rules_line.group(2) == str(out) and rules_line.group(3) == fingerprint
         sp.log.wait_for(rf"INFO deliver: maildir:{tmp_path}/spool$")
         sp.log.wait_for(r"INFO auth: off \(per tcp\.smtp SMTPAUTH only\)$")
+        sp.log.wait_for(r"INFO ehlo: PIPELINING, CHUNKING, SIZE \d+, 8BITMIME, "
+                        r"ENHANCEDSTATUSCODES, SMTPUTF8; per client: ")
         [limits] = sp.log.wait_for(r"INFO limits: (\d+) sessions, 7 per client address, idle "
                                    r"timeout 40 s, .*tcp\.smtp deny: rcpt$")
         sp.log.wait_for(r"INFO state: local \(each process counts for itself\); per client "
@@ -37,6 +39,15 @@ def test_single_process_lines(tmp_path, rules):
                         r"off, recipients off \(RELAYCLIENT clients exempt\)")
         sp.log.wait_for(rf"INFO signals: pid {sp.proc.pid}: HUP reloads rules and certificates, "
                         r"TERM stops$")
+    finally:
+        sp.stop()
+
+
+def test_the_ehlo_line_says_smtputf8_is_off(tmp_path, rules):
+    sp = spawn_serve("--rules", rules, "--deliver", "discard", "--no-smtputf8")
+    try:
+        [line] = sp.log.wait_for(r"INFO ehlo: (.*); per client")
+        assert line.group(1).split(", ")[-1] == "ENHANCEDSTATUSCODES"
     finally:
         sp.stop()
 
