@@ -432,18 +432,25 @@ def test_maildir_concurrent_commits_all_land(tmp_path, monkeypatch):
     assert set(new_fsyncs) == {"maildir-commit"}
 
 
+async def paused_batch(md: str, n: int):
+    """A maildir Delivery whose committer is paused, `n` deliveries started
+    on it, and whether all `n` got ready (their files durable, not yet
+    renamed) within 20 s: (delivery, committer, tasks, ready)."""
+    d = Delivery.from_spec("maildir:" + md)
+    committer = d._committer_for()
+    committer.pause()
+    tasks = [asyncio.ensure_future(deliver(d, env(), b"n=%d\n" % i)) for i in range(n)]
+    ready = await asyncio.get_running_loop().run_in_executor(None, committer.wait_ready, n, 20)
+    return d, committer, tasks, ready
+
+
 def test_maildir_group_commit_one_batch(tmp_path):
     """Group commit: 40 commits whose files are durable are renamed and made
     durable with ONE fsync of new/; none resolves before that batch ran."""
     md = str(tmp_path / "m")
 
     async def go():
-        d = Delivery.from_spec("maildir:" + md)
-        committer = d._committer_for()
-        committer.pause()
-        tasks = [asyncio.ensure_future(deliver(d, env(), b"n=%d\n" % i)) for i in range(40)]
-        loop = asyncio.get_running_loop()
-        ready = await loop.run_in_executor(None, committer.wait_ready, 40, 20)
+        d, committer, tasks, ready = await paused_batch(md, 40)
         early = [t.done() for t in tasks]
         in_new = listing(md)["new"]
         committer.resume()
@@ -473,12 +480,8 @@ def test_maildir_batch_wakes_the_loop_once(tmp_path, monkeypatch):
     monkeypatch.setattr(maildir, "_resolve_all", counting)
 
     async def go():
-        d = Delivery.from_spec("maildir:" + md)
-        committer = d._committer_for()
-        committer.pause()
-        tasks = [asyncio.ensure_future(deliver(d, env(), b"n=%d\n" % i)) for i in range(40)]
-        loop = asyncio.get_running_loop()
-        assert await loop.run_in_executor(None, committer.wait_ready, 40, 20)
+        d, committer, tasks, ready = await paused_batch(md, 40)
+        assert ready
         tasks[7].cancel()
         committer.resume()
         res = await asyncio.gather(*tasks, return_exceptions=True)

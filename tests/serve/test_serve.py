@@ -651,14 +651,20 @@ def test_syslog_facility_mail(tmp_path, rules):
         sink.close()
 
 
+def serve_a_bundle(tmp_path, rules):
+    """`rules` compiled to tmp_path/rules.mfb and a server on it (--bundle,
+    maildir under tmp_path): (the bundle's path, the server)."""
+    bundle = str(tmp_path / "rules.mfb")
+    assert run_cli("compile", rules, "-o", bundle).returncode == 0
+    return bundle, spawn_serve("--bundle", bundle, "--deliver", f"maildir:{tmp_path}/spool")
+
+
 def test_sighup_reloads_a_bundle_and_refuses_a_broken_one(tmp_path, rules):
     """Issue 2/3: `serve --bundle FILE` + `mailfilter compile` + SIGHUP swaps
     in the new bundle; a truncated bundle is refused (BundleError) and the
     rules in force stay (docs/operations.md#reloading: a reload that fails keeps
     the old bundle)."""
-    bundle = str(tmp_path / "rules.mfb")
-    assert run_cli("compile", rules, "-o", bundle).returncode == 0
-    sp = spawn_serve("--bundle", bundle, "--deliver", f"maildir:{tmp_path}/spool")
+    bundle, sp = serve_a_bundle(tmp_path, rules)
     try:
         assert rcpt_verdict(sp.port, "new-spammer@evil.test") == "250 2.1.5 ok"
         with open(os.path.join(rules, "badmailfrom"), "a") as fh:
@@ -899,9 +905,7 @@ def test_a_bundle_renamed_over_is_reloaded_without_a_signal(tmp_path, rules):
     """docs/operations.md#shipping-rules: compile once, ship, rename over
     --bundle FILE: the node notices and reloads as SIGHUP does; a truncated
     file written in place is refused and the rules in force stay."""
-    bundle = str(tmp_path / "rules.mfb")
-    assert run_cli("compile", rules, "-o", bundle).returncode == 0
-    sp = spawn_serve("--bundle", bundle, "--deliver", f"maildir:{tmp_path}/spool")
+    bundle, sp = serve_a_bundle(tmp_path, rules)
     try:
         assert rcpt_verdict(sp.port, "shipped@spam.test") == "250 2.1.5 ok"
         with open(os.path.join(rules, "badmailfrom"), "a") as fh:
